@@ -1,0 +1,156 @@
+"""What an agent is: ``async def agent(spec, ctx) -> AgentResult | str``.
+
+An agent receives the :class:`~fleet.AgentStepSpec` and an :class:`AgentContext`:
+the step's token hold (check before every LLM call, charge after it), its deadline
+and an event emitter. It returns an :class:`AgentResult` (or a plain string, short
+for ``AgentResult(output=...)``). To fail with a named kind, raise
+:class:`fleet.errors.AgentError`; anything else raised fails the step as ``crashed``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from ..errors import BudgetExhaustedError
+from ..events import EventSink, emit
+from ..spec import AgentStepSpec, FleetModel, TokenUsage
+
+__all__ = [
+    "AgentContext",
+    "AgentDefinition",
+    "AgentFunction",
+    "AgentResult",
+    "ReserveRule",
+    "estimate_tokens",
+]
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap, deterministic token estimate (about four characters per token)."""
+    return (len(text) + 3) // 4
+
+
+class AgentResult(FleetModel):
+    """What an agent returns."""
+
+    output: str
+    """Final text output."""
+    structured: Any = None
+    """The structured value, when the agent produced one itself (validated by the host)."""
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    """The step's total token usage (the host charges the larger of this and what was
+    charged through the context)."""
+
+
+AgentFunction = Callable[[AgentStepSpec, "AgentContext"], Awaitable["AgentResult | str"]]
+"""The shape of an agent."""
+
+ReserveRule = int | Callable[[AgentStepSpec], int] | None
+"""An agent's default token reservation for a step without ``max_tokens``: a number, a
+function of the spec, or ``None`` for the host's default."""
+
+
+@dataclass(frozen=True)
+class AgentDefinition:
+    """A named agent a host can run."""
+
+    name: str
+    """The registry name (what ``AgentStepSpec.agent`` refers to)."""
+    run: AgentFunction
+    """The agent coroutine function."""
+    reserve_tokens: ReserveRule = None
+    """Default reservation for a step that sets no ``max_tokens``."""
+    kind: str = "python"
+    """Where it came from: ``builtin``, ``python`` or ``openai``."""
+
+    def reservation_for(self, spec: AgentStepSpec, default: int) -> int:
+        """Tokens to reserve for ``spec``.
+
+        Its ``max_tokens``, else this agent's rule, else ``default``.
+        """
+        if spec.max_tokens is not None:
+            return spec.max_tokens
+        if callable(self.reserve_tokens):
+            return max(int(self.reserve_tokens(spec)), 0)
+        if self.reserve_tokens is not None:
+            return self.reserve_tokens
+        return default
+
+
+@dataclass
+class AgentContext:
+    """What an agent receives beside its spec.
+
+    ``held_tokens`` is what the step reserved from the workflow budget (``None`` when
+    there is no cap). Before each LLM call an agent calls :meth:`check_tokens` (which
+    refuses when the hold is spent and caps the call), and after it :meth:`charge`.
+    """
+
+    spec: AgentStepSpec
+    """The step being run."""
+    held_tokens: int | None = None
+    """Tokens this step holds from the budget; ``None`` means uncapped."""
+    deadline: float | None = None
+    """``time.monotonic()`` value past which the step times out, if it has a timeout."""
+    worker: str = "local"
+    """Where the step runs (for humans)."""
+    events: EventSink | None = None
+    """The sink step events go to."""
+    workflow_id: str | None = None
+    """The workflow (journal / budget key) the step belongs to, when known."""
+    used: TokenUsage = field(default_factory=TokenUsage)
+    """Tokens charged so far by this step."""
+
+    def tokens_left(self) -> int | None:
+        """Tokens the step may still spend (``None`` when uncapped)."""
+        if self.held_tokens is None:
+            return None
+        return max(self.held_tokens - self.used.total_tokens, 0)
+
+    def check_tokens(self, wanted: int | None = None, *, prompt_estimate: int = 0) -> int | None:
+        """Check the hold before an LLM call and return the call's token cap.
+
+        Args:
+            wanted: the completion tokens the call would like (``None``: no preference).
+            prompt_estimate: tokens the prompt is expected to take out of the hold.
+
+        Returns:
+            ``min(wanted, left - prompt_estimate)``; ``wanted`` itself when uncapped.
+
+        Raises:
+            BudgetExhaustedError: nothing is left for a completion.
+        """
+        left = self.tokens_left()
+        if left is None:
+            return wanted
+        room = left - prompt_estimate
+        if room <= 0:
+            raise BudgetExhaustedError(
+                f"step {self.spec.task_id!r} has spent its token hold "
+                f"({self.used.total_tokens} / {self.held_tokens} tokens"
+                + (f", next prompt needs about {prompt_estimate}" if prompt_estimate else "")
+                + "); raise the step's max_tokens or the workflow budget",
+                consumed=self.used.total_tokens,
+                limit=self.held_tokens,
+                requested=prompt_estimate,
+            )
+        return room if wanted is None else min(wanted, room)
+
+    def charge(self, usage: TokenUsage) -> None:
+        """Record one call's actual usage against the step."""
+        self.used = self.used + usage
+
+    def remaining_s(self) -> float | None:
+        """Seconds until the step's deadline (``None`` without a timeout)."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def emit(self, event: Any) -> None:
+        """Send an event to the step's sink (never blocks, never raises)."""
+        emit(self.events, event)

@@ -1,0 +1,182 @@
+"""Agents by name: the built-ins, python agents by dotted path, and the agents file.
+
+A host runs only what its registry holds, so a message can never name arbitrary
+code: ``AgentStepSpec.agent`` is a key, not an import path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, UnknownAgentError
+from .base import AgentDefinition, AgentFunction
+from .echo import ECHO
+
+__all__ = ["AgentLike", "AgentRegistry", "load_agents", "resolve_target"]
+
+AgentLike = AgentFunction | str | AgentDefinition
+"""What ``LocalExecutor(agents=...)`` accepts per name: a coroutine function, a dotted
+path ``"package.module:function"``, or a full :class:`AgentDefinition`."""
+
+BUILTINS: dict[str, AgentDefinition] = {ECHO.name: ECHO}
+
+
+def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
+    """Import ``"package.module:attribute"`` and return the attribute.
+
+    Raises:
+        ConfigError: the path is malformed, the module or attribute is missing, or the
+            attribute is not callable.
+    """
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(
+            f"{what} target {target!r} is not of the form 'package.module:function'", key=target
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"{what} target {target!r}: cannot import module {module_name!r} ({error}); "
+            "is it installed and on PYTHONPATH?",
+            key=target,
+        ) from None
+    obj: Any = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"{what} target {target!r}: module {module_name!r} has no attribute {attribute!r}",
+                key=target,
+            ) from None
+    if not callable(obj):
+        raise ConfigError(f"{what} target {target!r} is not callable", key=target)
+    return obj  # type: ignore[no-any-return]
+
+
+def _definition(name: str, agent: AgentLike) -> AgentDefinition:
+    if isinstance(agent, AgentDefinition):
+        return (
+            agent
+            if agent.name == name
+            else AgentDefinition(name, agent.run, agent.reserve_tokens, agent.kind)
+        )
+    if isinstance(agent, str):
+        agent = resolve_target(agent)
+    if not inspect.iscoroutinefunction(agent) and not inspect.iscoroutinefunction(
+        getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
+    ):
+        raise ConfigError(
+            f"agent {name!r} must be an async function "
+            "`async def agent(spec, ctx) -> AgentResult | str`",
+            key=name,
+        )
+    return AgentDefinition(name=name, run=agent)
+
+
+class AgentRegistry(Mapping[str, AgentDefinition]):
+    """An immutable name → :class:`AgentDefinition` mapping, built-ins included."""
+
+    def __init__(self, agents: Mapping[str, AgentLike] | None = None, *, builtins: bool = True):
+        found: dict[str, AgentDefinition] = dict(BUILTINS) if builtins else {}
+        for name, agent in (agents or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"agent names must be non-empty strings, got {name!r}")
+            found[name] = _definition(name, agent)
+        self._agents = found
+
+    def __getitem__(self, name: str) -> AgentDefinition:
+        return self._agents[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._agents)
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def resolve(self, name: str) -> AgentDefinition:
+        """The agent registered as ``name``.
+
+        Raises:
+            UnknownAgentError: nothing is registered under that name (lists what is).
+        """
+        try:
+            return self._agents[name]
+        except KeyError:
+            raise UnknownAgentError(name, list(self._agents)) from None
+
+
+def _python_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefinition:
+    target = table.get("target")
+    if not isinstance(target, str):
+        raise ConfigError(
+            f"{source}: [agents.{name}] of kind 'python' needs target = 'package.module:function'",
+            key=f"agents.{name}.target",
+        )
+    reserve = table.get("reserve_tokens")
+    if reserve is not None and (not isinstance(reserve, int) or reserve < 0):
+        raise ConfigError(
+            f"{source}: [agents.{name}] reserve_tokens must be a non-negative integer, "
+            f"got {reserve!r}",
+            key=f"agents.{name}.reserve_tokens",
+        )
+    base = _definition(name, target)
+    return AgentDefinition(name=name, run=base.run, reserve_tokens=reserve, kind="python")
+
+
+def _openai_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefinition:
+    from .openai import definition_from_config
+
+    return definition_from_config(name, table, source=source)
+
+
+_KINDS: dict[str, Callable[[str, Mapping[str, Any], str], AgentDefinition]] = {
+    "python": _python_agent,
+    "openai": _openai_agent,
+}
+
+
+def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
+    """Read an agents file (TOML, ``[agents.NAME]`` tables) into a name → definition map.
+
+    The result is what ``LocalExecutor(agents=...)`` takes.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a table is invalid (the
+            message names the file and the key).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"agents file {source!r} does not exist; create it or point FLEET_AGENTS_FILE "
+            "at the right file",
+            key=source,
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"agents file {source!r} cannot be read: {error}", key=source) from None
+    tables = document.get("agents", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: 'agents' must be a table of [agents.NAME] tables", key=source)
+    agents: dict[str, AgentDefinition] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: agents.{name} must be a table", key=f"agents.{name}")
+        kind = table.get("kind", "python")
+        builder = _KINDS.get(kind) if isinstance(kind, str) else None
+        if builder is None:
+            raise ConfigError(
+                f"{source}: [agents.{name}] has kind {kind!r}; expected one of "
+                + ", ".join(repr(k) for k in _KINDS),
+                key=f"agents.{name}.kind",
+            )
+        agents[name] = builder(name, table, source)
+    return agents

@@ -1,0 +1,133 @@
+"""Settings: ``config/fleet.toml`` holds the defaults, ``FLEET_*`` environment variables win.
+
+Read once at the edge (CLI, worker start, ``CeleryExecutor(redis_url=None)``) with
+:func:`load_settings` and passed down; nothing in the library reads the environment
+behind your back. A bad value fails at start with the key's name and expected type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_CONFIG_FILE", "FleetSettings", "load_settings", "mask_url"]
+
+DEFAULT_CONFIG_FILE = Path("config/fleet.toml")
+"""Where settings are read from unless ``FLEET_CONFIG`` names another file."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class FleetSettings(BaseSettings):
+    """Every setting fleet reads, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Broker, result backend, journal and budget store of a fleet (``redis://`` or
+    ``rediss://``, password in the URL)."""
+    key_prefix: str = "fleet"
+    """Prefix of every Redis key fleet writes."""
+    agents_file: Path = Path("config/agents.toml")
+    """The agents file (TOML, ``[agents.NAME]`` tables)."""
+    store: str = "sqlite:.fleet/journal.db"
+    """The journal: ``memory``, ``sqlite:PATH`` or a ``redis://`` / ``rediss://`` URL."""
+    default_reserve_tokens: int = Field(default=1000, ge=0)
+    """Reservation for a step with no ``max_tokens`` whose agent names no default."""
+    budget_lease_s: float = Field(default=30.0, gt=0)
+    """A reservation's lease: a dead holder's tokens return to the budget after this."""
+    queue: str = "fleet.steps"
+    """The Celery queue steps are sent to."""
+    max_in_flight: int = Field(default=64, ge=1)
+    """Steps of one workflow queued or running at once on the fleet."""
+    queue_high_water: int = Field(default=1000, ge=1)
+    """Dispatch pauses while the step queue is deeper than this."""
+    claim_timeout_s: float = Field(default=15.0, gt=0)
+    """A step no worker has claimed or finished within this is re-sent under the same id."""
+    step_lease_s: float = Field(default=10.0, gt=0)
+    """A worker's claim on a step; renewed while the step runs."""
+    result_expires_s: int = Field(default=86400, ge=60)
+    """How long Celery keeps task results."""
+    event_stream_maxlen: int = Field(default=10000, ge=100)
+    """Events kept per workflow in its Redis stream."""
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    """Port Flower listens on (loopback)."""
+    flower_user: str = "fleet"
+    """Flower basic-auth user."""
+    flower_password: str | None = None
+    """Flower basic-auth password (``FLEET_FLOWER_PASSWORD``); Flower refuses to start
+    without one."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit arguments, then ``FLEET_*`` variables, then the TOML file."""
+        toml_file = Path(os.environ.get("FLEET_CONFIG", DEFAULT_CONFIG_FILE))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
+
+    def masked_redis_url(self) -> str:
+        """The Redis URL with its password masked."""
+        return mask_url(self.redis_url)
+
+
+def load_settings(**overrides: Any) -> FleetSettings:
+    """Read settings (``overrides`` > ``FLEET_*`` > ``config/fleet.toml`` > defaults).
+
+    Raises:
+        ConfigError: a value has the wrong type or the config file is not valid TOML;
+            the message names the key and what it expects.
+    """
+    config = os.environ.get("FLEET_CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigError(
+            f"FLEET_CONFIG names {config!r}, which does not exist; fix the path or unset it",
+            key="FLEET_CONFIG",
+        )
+    try:
+        return FleetSettings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])} (FLEET_"
+            f"{str(item['loc'][0]).upper()}): {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"invalid fleet settings: {problems}") from None
+    except ValueError as error:  # e.g. the TOML file does not parse
+        raise ConfigError(f"cannot read fleet settings: {error}") from None

@@ -1,0 +1,122 @@
+"""Every exception fleet raises.
+
+Inside a workflow, failures are values (``StepOutcome(success=False)``); these
+exceptions are for misuse and for the edges (configuration, input, services)::
+
+    FleetError
+    ├── ConfigError(FleetError, ValueError)        bad setting or agents file
+    ├── SpecError(FleetError, ValueError)          invalid AgentStepSpec / StepOutcome input
+    ├── UnknownAgentError(FleetError, LookupError)  no agent registered under that name
+    ├── AgentError(FleetError)                      an agent failed in a way it can name (``kind``)
+    │   └── BudgetExhaustedError                    the token budget refused a reservation or call
+    ├── CheckpointError(FleetError)                 a journal cannot be read or trusted
+    └── BrokerError(FleetError, ConnectionError)    Redis / the broker is unreachable
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "BrokerError",
+    "BudgetExhaustedError",
+    "CheckpointError",
+    "ConfigError",
+    "FleetError",
+    "SpecError",
+    "UnknownAgentError",
+]
+
+
+class FleetError(Exception):
+    """Root of every exception fleet raises."""
+
+
+class ConfigError(FleetError, ValueError):
+    """A setting, configuration file or agents file is invalid or missing.
+
+    Attributes:
+        key: the setting or file that is wrong, when known.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class SpecError(FleetError, ValueError):
+    """Input for a spec, outcome or other fleet value does not validate."""
+
+
+class UnknownAgentError(FleetError, LookupError):
+    """No agent is registered under the requested name.
+
+    Attributes:
+        agent: the name that was asked for.
+        known: the names that are registered.
+    """
+
+    def __init__(self, agent: str, known: list[str]) -> None:
+        listing = ", ".join(repr(name) for name in sorted(known)) or "none"
+        super().__init__(
+            f"unknown agent {agent!r}; registered agents: {listing}. "
+            "Register it in the agents file or pass it in LocalExecutor(agents=...)."
+        )
+        self.agent = agent
+        self.known = sorted(known)
+
+
+class AgentError(FleetError):
+    """An agent failed for a reason it can name.
+
+    Raise it from an agent to fail the step with ``error=kind`` and this message
+    as the outcome's output (any other exception fails the step as ``crashed``).
+
+    Attributes:
+        kind: the machine-readable error kind copied into ``StepOutcome.error``.
+    """
+
+    def __init__(self, message: str, *, kind: str = "agent") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class BudgetExhaustedError(AgentError):
+    """The workflow token budget refused a step or an LLM call.
+
+    Attributes:
+        consumed: tokens already charged to the workflow.
+        limit: the workflow's token limit.
+        requested: tokens that were asked for.
+    """
+
+    def __init__(
+        self, message: str, *, consumed: int = 0, limit: int | None = None, requested: int = 0
+    ) -> None:
+        super().__init__(message, kind="budget_exhausted")
+        self.consumed = consumed
+        self.limit = limit
+        self.requested = requested
+
+
+class CheckpointError(FleetError):
+    """A workflow journal cannot be read, or cannot be trusted for these steps.
+
+    Attributes:
+        workflow_id: the journal's key.
+    """
+
+    def __init__(self, message: str, *, workflow_id: str | None = None) -> None:
+        super().__init__(message)
+        self.workflow_id = workflow_id
+
+
+class BrokerError(FleetError, ConnectionError):
+    """Redis or the Celery broker cannot be reached or answered with an error.
+
+    Attributes:
+        url: the broker URL with any password masked.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url

@@ -1,0 +1,121 @@
+"""Workflow events: phase milestones, logs, budget exhaustion and per-step progress.
+
+``WorkflowEvent`` is a discriminated union on ``type`` (JSON tag). Executors emit
+``step_started`` / ``step_finished`` to the ``events`` sink a combinator was given;
+the :class:`fleet.Workflow` facade emits the rest. A sink is a plain callable that
+must not block: it is called inline on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from .spec import FleetModel
+
+__all__ = [
+    "BudgetExhausted",
+    "EventSink",
+    "LogEvent",
+    "PhaseEnd",
+    "PhaseStart",
+    "StepFinished",
+    "StepStarted",
+    "WorkflowEvent",
+    "emit",
+    "parse_event",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseStart(FleetModel):
+    """A phase is about to run its steps."""
+
+    type: Literal["phase_start"] = "phase_start"
+    name: str
+    """The phase name as the program gave it."""
+    index: int
+    """0-based phase number within the workflow, in call order."""
+    step_count: int
+    """How many specs the phase was given."""
+
+
+class PhaseEnd(FleetModel):
+    """A phase returned; journaled steps served from the journal count as succeeded."""
+
+    type: Literal["phase_end"] = "phase_end"
+    name: str
+    index: int
+    succeeded: int
+    failed: int
+
+
+class LogEvent(FleetModel):
+    """A line the workflow program logged with ``Workflow.log``."""
+
+    type: Literal["log"] = "log"
+    level: str
+    message: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetExhausted(FleetModel):
+    """The workflow's token budget ran out (emitted once per workflow)."""
+
+    type: Literal["budget_exhausted"] = "budget_exhausted"
+    resource: str = "workflow_tokens"
+    reason: str
+
+
+class StepStarted(FleetModel):
+    """A step got its slot and its tokens and is about to run."""
+
+    type: Literal["step_started"] = "step_started"
+    task_id: str
+    agent: str
+
+
+class StepFinished(FleetModel):
+    """A step finished (successfully or not)."""
+
+    type: Literal["step_finished"] = "step_finished"
+    task_id: str
+    agent: str
+    success: bool
+    total_tokens: int = 0
+    duration_s: float = 0.0
+    error: str | None = None
+    worker: str | None = None
+
+
+WorkflowEvent = Annotated[
+    PhaseStart | PhaseEnd | LogEvent | BudgetExhausted | StepStarted | StepFinished,
+    Field(discriminator="type"),
+]
+"""Any workflow event; dispatch on ``event.type``."""
+
+EventSink = Callable[[Any], object]
+"""Receives events; must return quickly and never block (called on the event loop)."""
+
+_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(WorkflowEvent)
+
+
+def parse_event(data: dict[str, Any] | str | bytes) -> Any:
+    """Load one event from its JSON form (a dict or text)."""
+    if isinstance(data, str | bytes):
+        return _EVENT_ADAPTER.validate_json(data)
+    return _EVENT_ADAPTER.validate_python(data)
+
+
+def emit(sink: EventSink | None, event: Any) -> None:
+    """Deliver ``event`` to ``sink``; a failing sink is logged, never propagated."""
+    if sink is None:
+        return
+    try:
+        sink(event)
+    except Exception:
+        logger.exception("event sink %r failed on a %s event", sink, event.type)

@@ -1,0 +1,67 @@
+"""Agents used by the tests; importable by worker processes as ``tests.agents:NAME``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from fleet import AgentContext, AgentResult, AgentStepSpec, TokenUsage
+from fleet.errors import AgentError
+
+
+async def slow_echo(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Echo the prompt after 15 ms (the reference test executor's shape)."""
+    await asyncio.sleep(0.015)
+    return spec.prompt
+
+
+async def fail(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Always fail with a named kind."""
+    raise AgentError(f"refused {spec.task_id}", kind="failed")
+
+
+async def boom(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Always crash."""
+    raise RuntimeError("boom")
+
+
+async def noop(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Return at once."""
+    return ""
+
+
+async def sleep_prompt(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Sleep for the number of seconds in the prompt, then return it."""
+    await asyncio.sleep(float(spec.prompt))
+    return spec.prompt
+
+
+async def spend(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
+    """Use exactly the number of tokens in the prompt."""
+    tokens = int(spec.prompt)
+    ctx.check_tokens(tokens)
+    usage = TokenUsage(prompt_tokens=0, completion_tokens=tokens)
+    ctx.charge(usage)
+    return AgentResult(output=f"spent {tokens}", usage=usage)
+
+
+async def count_and_echo(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Count the run in FLEET_TEST_COUNTER_DIR/<task_id>, then echo.
+
+    The counter lives outside any journal: it is the step's observable side effect.
+    """
+    directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
+    _append(directory / spec.task_id)
+    await asyncio.sleep(float(os.environ.get("FLEET_TEST_STEP_SLEEP", "0")))
+    return spec.prompt
+
+
+def _append(path: Path) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("x")
+
+
+def _append(path: Path) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("x")

@@ -1,0 +1,31 @@
+"""Shared fixtures: a real redis-server for the session, unique key prefixes per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from fleet.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real Redis: ``FLEET_TEST_REDIS_URL`` if set, else a server this session starts."""
+    external = os.environ.get("FLEET_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A Redis key prefix no other test uses (tests never flush a shared server)."""
+    return f"fleet-test-{uuid.uuid4().hex[:12]}"
