@@ -1,0 +1,118 @@
+"""``fleet demo``: the bundled code-review workflow, with live progress and a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from ..demo import DemoReport, run_demo
+from ..events import StepFinished, StepStarted
+from ..executor import AgentExecutor
+from ..local import LocalExecutor
+from .app import app, console
+
+__all__ = ["Progress"]
+
+
+@dataclass
+class Progress:
+    """Counts step events and renders them (live on a terminal, plain lines otherwise)."""
+
+    started: float = field(default_factory=time.monotonic)
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    last: str = ""
+    live: Live | None = None
+    _next_line: float = 0.0
+
+    def __call__(self, event: Any) -> None:
+        """Take one workflow event (this object is an ``EventSink``)."""
+        if isinstance(event, StepStarted):
+            self.running += 1
+            self.last = event.task_id
+        elif isinstance(event, StepFinished):
+            self.running -= 1
+            self.done += 1
+            self.failed += not event.success
+            self.tokens += event.total_tokens
+        if self.live is not None:
+            self.live.update(self.render())
+        elif time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + 1.0
+            console.print(self.line(), highlight=False)
+
+    def line(self) -> str:
+        """One plain progress line."""
+        return (
+            f"[{time.monotonic() - self.started:6.2f}s] steps done {self.done} "
+            f"(failed {self.failed}), running {self.running}, tokens {self.tokens}"
+        )
+
+    def render(self) -> Table:
+        """The live progress panel."""
+        table = Table.grid(padding=(0, 2))
+        table.add_row("[bold]fleet demo[/]", f"{time.monotonic() - self.started:5.2f} s")
+        table.add_row("steps", f"{self.done} done, {self.failed} failed, {self.running} running")
+        table.add_row("tokens", str(self.tokens))
+        table.add_row("last", self.last)
+        return table
+
+
+def _summary(report: DemoReport, progress: Progress, wall_s: float) -> None:
+    table = Table(title="review verdicts", title_justify="left")
+    for column in ("file", "verdict", "score", "auto-fix rounds", "plan"):
+        table.add_column(column)
+    colours = {"approve": "green", "revise": "yellow", "reject": "red"}
+    for path, verdict in report.verdicts.items():
+        colour = colours.get(verdict["verdict"], "white")
+        table.add_row(
+            path,
+            f"[{colour}]{verdict['verdict']}[/]",
+            str(verdict["score"]),
+            str(report.fixed_files.get(path, 0)),
+            "\n".join(report.plans.get(path, [])) or "-",
+        )
+    console.print(table)
+    console.print(
+        f"[bold]{progress.done} steps[/]: {progress.done - progress.failed} succeeded, "
+        f"{progress.failed} failed; {report.fix_rounds} fix round(s); "
+        f"{progress.tokens} tokens; wall time {wall_s:.2f} s",
+        highlight=False,
+    )
+
+
+async def _run(executor: AgentExecutor, progress: Progress) -> DemoReport:
+    return await run_demo(executor, events=progress)
+
+
+@app.command()
+def demo(
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Steps at once."),
+) -> None:
+    """Run the bundled code-review workflow on the embedded default (no services needed)."""
+    from ..demo import DEMO_AGENTS
+
+    executor = LocalExecutor(agents=DEMO_AGENTS, max_concurrency=concurrency)
+    progress = Progress()
+    started = time.monotonic()
+    console.print(
+        f"reviewing the bundled sample project with {len(DEMO_AGENTS)} agents on {executor!r}",
+        highlight=False,
+    )
+    if console.is_terminal:
+        with Live(progress.render(), console=console, refresh_per_second=12) as live:
+            progress.live = live
+            report = asyncio.run(_run(executor, progress))
+            progress.live = None
+    else:
+        report = asyncio.run(_run(executor, progress))
+        console.print(progress.line(), highlight=False)
+    _summary(report, progress, time.monotonic() - started)
