@@ -1,0 +1,57 @@
+"""Journal stores: where resumable workflows record their completed steps.
+
+``MemoryCheckpointStore`` (this process only), ``SQLiteCheckpointStore`` (the embedded
+default, one local file) and ``RedisCheckpointStore`` (the fleet's journal, shared by every
+machine) all implement :class:`CheckpointStore`. :func:`open_store` builds one from the
+``store`` setting (``FLEET_STORE``).
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import CheckpointStore as CheckpointStore
+from .memory import MemoryCheckpointStore as MemoryCheckpointStore
+from .redis import RedisCheckpointStore as RedisCheckpointStore
+from .sqlite import SQLiteCheckpointStore as SQLiteCheckpointStore
+
+__all__ = [
+    "CheckpointStore",
+    "MemoryCheckpointStore",
+    "RedisCheckpointStore",
+    "SQLiteCheckpointStore",
+    "open_store",
+]
+
+
+def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
+    """Build the store a ``store`` setting names.
+
+    Args:
+        target: ``"memory"``, ``"sqlite:PATH"`` (relative or absolute path), or a
+            ``redis://`` / ``rediss://`` URL.
+        key_prefix: prefix of Redis keys (ignored by the other stores).
+
+    Raises:
+        ConfigError: ``target`` is none of the above.
+    """
+    text = target.strip()
+    if text == "memory":
+        return MemoryCheckpointStore()
+    if text.startswith("sqlite:"):
+        path = text[len("sqlite:") :]
+        if path.startswith("///"):  # sqlite:///abs/path, URL style
+            path = path[2:]
+        if not path:
+            raise ConfigError(
+                "journal store 'sqlite:' names no file; use e.g. 'sqlite:.fleet/journal.db'",
+                key="store",
+            )
+        return SQLiteCheckpointStore(path)
+    if text.startswith(("redis://", "rediss://")):
+        return RedisCheckpointStore(text, key_prefix=key_prefix)
+    shown = "<a URL with a password>" if "@" in text else repr(text)
+    raise ConfigError(
+        f"unknown journal store {shown}; use 'memory', 'sqlite:PATH', or a redis:// or "
+        "rediss:// URL (setting 'store', FLEET_STORE)",
+        key="store",
+    )

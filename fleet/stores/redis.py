@@ -1,0 +1,141 @@
+"""The fleet journal: one Redis hash per workflow, shared by the host and every worker.
+
+Layout: key ``{key_prefix}:journal:{workflow_id}``; field ``meta`` holds
+``{"schema_version":1,"workflow_id":...}``; field ``step:{task_id}`` holds one step's record
+JSON. Recording a step is one round trip (a small Lua script that creates ``meta`` if it is
+missing and sets the step's field), O(1) however long the journal already is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
+from ..config import mask_url
+from ..errors import CheckpointError
+from .base import CheckpointStore, decode_checkpoint, encode_meta
+
+__all__ = ["RedisCheckpointStore"]
+
+_STEP = "step:"
+
+_RECORD = """
+redis.call('HSETNX', KEYS[1], 'meta', ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+class RedisCheckpointStore(CheckpointStore):
+    """Journals in Redis (``redis://`` or ``rediss://``; a password may be in the URL).
+
+    Args:
+        url: the Redis URL, e.g. ``redis://:secret@host:6379/0``.
+        key_prefix: prefix of every key this store writes.
+        client_options: extra keyword arguments for ``redis.asyncio.from_url``
+            (e.g. ``ssl_ca_certs`` for ``rediss://``).
+
+    The client connects lazily and belongs to the event loop that first uses it.
+    """
+
+    def __init__(self, url: str, *, key_prefix: str = "fleet", **client_options: Any) -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        self._client: Any = aioredis.from_url(url, **client_options)
+        self._record = self._client.register_script(_RECORD)
+
+    def __repr__(self) -> str:
+        return f"RedisCheckpointStore({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    def key(self, workflow_id: str) -> str:
+        """The hash key holding ``workflow_id``'s journal."""
+        return f"{self.key_prefix}:journal:{workflow_id}"
+
+    def _error(self, action: str, workflow_id: str | None, error: RedisError) -> CheckpointError:
+        return CheckpointError(
+            f"cannot {action} in the Redis journal at {mask_url(self.url)}: "
+            f"{type(error).__name__}: {error}",
+            workflow_id=workflow_id,
+        )
+
+    async def load(self, workflow_id: str) -> WorkflowCheckpoint | None:
+        """The journal for ``workflow_id``, or ``None``; raises ``CheckpointError`` if bad."""
+        try:
+            fields: dict[bytes, bytes] = await self._client.hgetall(self.key(workflow_id))
+        except RedisError as error:
+            raise self._error("read a workflow", workflow_id, error) from error
+        if not fields:
+            return None
+        meta: bytes | None = None
+        steps: list[tuple[str, bytes]] = []
+        for name, value in fields.items():
+            try:
+                field = name.decode()
+            except UnicodeDecodeError:
+                field = repr(name)
+            if field == "meta":
+                meta = value
+            elif field.startswith(_STEP):
+                steps.append((field[len(_STEP) :], value))
+            else:
+                raise CheckpointError(
+                    f"workflow checkpoint {workflow_id!r} is unreadable: unexpected field "
+                    f"{field!r} in {self.key(workflow_id)!r}",
+                    workflow_id=workflow_id,
+                )
+        return decode_checkpoint(workflow_id, meta, steps)
+
+    async def record_step(self, workflow_id: str, record: WorkflowStepRecord) -> None:
+        """Append or replace one step's record in one round trip."""
+        try:
+            await self._record(
+                keys=[self.key(workflow_id)],
+                args=[encode_meta(workflow_id), _STEP + record.task_id, record.to_json()],
+            )
+        except RedisError as error:
+            raise self._error("record a step", workflow_id, error) from error
+
+    async def save(self, checkpoint: WorkflowCheckpoint) -> None:
+        """Replace the journal of ``checkpoint.workflow_id`` with ``checkpoint`` (atomically)."""
+        key = self.key(checkpoint.workflow_id)
+        mapping = {"meta": encode_meta(checkpoint.workflow_id, checkpoint.schema_version)}
+        for record in checkpoint.steps:
+            mapping[_STEP + record.task_id] = record.to_json()
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=mapping)
+                await pipe.execute()
+        except RedisError as error:
+            raise self._error("save a workflow", checkpoint.workflow_id, error) from error
+
+    async def delete(self, workflow_id: str) -> bool:
+        """Remove the journal; returns whether there was one."""
+        try:
+            removed: int = await self._client.delete(self.key(workflow_id))
+        except RedisError as error:
+            raise self._error("delete a workflow", workflow_id, error) from error
+        return removed > 0
+
+    async def list_workflows(self) -> list[str]:
+        """Workflow ids with a journal under this store's prefix, sorted (uses ``SCAN``)."""
+        head = f"{self.key_prefix}:journal:"
+        pattern = _glob_escape(head) + "*"
+        found: list[str] = []
+        try:
+            async for name in self._client.scan_iter(match=pattern, count=1000):
+                found.append(name.decode(errors="replace")[len(head) :])
+        except RedisError as error:
+            raise self._error("list workflows", None, error) from error
+        return sorted(found)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
