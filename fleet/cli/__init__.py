@@ -1,6 +1,7 @@
 """The ``fleet`` command line. Each module registers its commands on :data:`app`."""
 
 from . import demo as demo  # fleet demo
+from . import fleetops as fleetops  # fleet worker, fleet flower, fleet up
 from .app import app as app
 from .app import main as main
 

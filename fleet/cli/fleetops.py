@@ -1,0 +1,225 @@
+"""Running a fleet: ``fleet worker``, ``fleet flower`` and ``fleet up``.
+
+``fleet worker`` and ``fleet flower`` replace themselves with the Celery process (so
+signals and exit codes are Celery's own), configured from settings; ``fleet up`` runs a
+whole :class:`~fleet.localfleet.LocalFleet` on this machine until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
+import typer
+
+from ..config import FleetSettings
+from ..errors import ConfigError
+from ..localfleet import LocalFleet, celery_command, settings_env
+from .app import app, console, err_console, settings
+
+__all__ = ["PoolChoice", "flower", "up", "worker"]
+
+
+class PoolChoice(StrEnum):
+    """The worker pools ``fleet worker`` and ``fleet up`` offer."""
+
+    threads = "threads"
+    """Threads in one process: the default; agents mostly wait on I/O."""
+    prefork = "prefork"
+    """One process per slot: for CPU-bound agents."""
+
+
+def _exec(args: list[str], env: dict[str, str]) -> NoReturn:
+    """Replace this process with ``args`` (flushing our output first)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(args[0], args, env)
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Steps at once."),
+    pool: Annotated[PoolChoice, typer.Option("--pool", help="Worker pool.")] = PoolChoice.threads,
+    queues: str | None = typer.Option(
+        None, "--queues", "-Q", help="Comma-separated queues to consume (default: the app's)."
+    ),
+    hostname: str | None = typer.Option(
+        None, "--hostname", "-n", help="Node name, e.g. 'worker1@%h' (default: Celery's)."
+    ),
+    loglevel: str = typer.Option("info", "--loglevel", "-l", help="Celery log level."),
+) -> None:
+    """Run a Celery worker for the configured broker (FLEET_REDIS_URL / config/fleet.toml)."""
+    config = settings()
+    args = celery_command(
+        "worker", f"--pool={pool.value}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"
+    )
+    if queues:
+        args.append(f"--queues={queues}")
+    if hostname:
+        args.append(f"--hostname={hostname}")
+    err_console.print(
+        f"fleet worker: {pool.value} pool x{concurrency} on {config.masked_redis_url()}",
+        highlight=False,
+        markup=False,
+    )
+    _exec(args, {**os.environ, **settings_env(config)})
+
+
+def flower_auth(config: FleetSettings) -> str:
+    """``user:password`` for Flower's basic auth, from settings.
+
+    Raises:
+        ConfigError: no password is configured, or the user or password cannot be
+            passed to Flower (a ``:`` in the user, a ``,`` in either).
+    """
+    if not config.flower_password:
+        raise ConfigError(
+            "Flower needs a password and none is configured: set FLEET_FLOWER_PASSWORD "
+            "(or flower_password in the config file); the user is "
+            f"{config.flower_user!r} (flower_user)",
+            key="flower_password",
+        )
+    if ":" in config.flower_user or "," in config.flower_user:
+        raise ConfigError(
+            f"flower_user {config.flower_user!r} may not contain ':' or ','", key="flower_user"
+        )
+    if "," in config.flower_password:
+        raise ConfigError(
+            "the Flower password may not contain ',' (Flower splits on it)", key="flower_password"
+        )
+    return f"{config.flower_user}:{config.flower_password}"
+
+
+@app.command()
+def flower(
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port (default: flower_port, 5555)."
+    ),
+    address: str = typer.Option(
+        "127.0.0.1", "--address", help="Address to listen on (0.0.0.0 in a container)."
+    ),
+) -> None:
+    """Run Flower for the configured broker, with basic auth from settings."""
+    config = settings()
+    auth = flower_auth(config)
+    chosen = port or config.flower_port
+    args = celery_command("flower", f"--address={address}", f"--port={chosen}")
+    err_console.print(
+        f"fleet flower: http://{address}:{chosen} for {config.masked_redis_url()} "
+        f"(user {config.flower_user!r}, password from flower_password)",
+        highlight=False,
+        markup=False,
+    )
+    # The credentials go in the environment, never on a command line `ps` shows.
+    _exec(args, {**os.environ, **settings_env(config), "FLOWER_BASIC_AUTH": auth})
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def up(
+    workers: int = typer.Option(2, "--workers", "-w", min=1, help="Worker processes."),
+    concurrency: int = typer.Option(4, "--concurrency", "-c", min=1, help="Steps per worker."),
+    pool: Annotated[PoolChoice, typer.Option("--pool", help="Worker pool.")] = PoolChoice.threads,
+    with_flower: bool = typer.Option(True, "--flower/--no-flower", help="Also start Flower."),
+    flower_port: int | None = typer.Option(
+        None, "--flower-port", min=0, max=65535, help="Flower's port (0: any free port)."
+    ),
+    directory: Annotated[
+        Path | None,
+        typer.Option(help="Keep Redis data and logs here (default: a temporary dir)."),
+    ] = None,
+    pidfile: Annotated[
+        Path | None, typer.Option(help="Write the PIDs of everything started here (JSON).")
+    ] = None,
+) -> None:
+    """Run a local fleet (embedded Redis, workers, Flower) until Ctrl-C, then stop it all."""
+    config = settings()
+    local = LocalFleet(
+        workers=workers,
+        concurrency=concurrency,
+        pool=pool.value,
+        flower=with_flower,
+        directory=directory,
+        settings=config,
+        flower_port=config.flower_port if flower_port is None else flower_port,
+    )
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    console.print(f"starting a local fleet: {workers} workers ...", highlight=False)
+    local.start()
+    code = 0
+    try:
+        _announce(local)
+        if pidfile is not None:
+            _write_pidfile(pidfile, local)
+        code = _watch(local)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C must not leave half the fleet running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        console.print("stopping the local fleet ...", highlight=False)
+        local.stop()
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+        console.print("stopped.", highlight=False)
+    raise typer.Exit(code)
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _announce(local: LocalFleet) -> None:
+    by_name = {process.name: process.pid for process in local.processes}
+    _say(f"redis   {local.masked_redis_url}  (pid {by_name['redis']})")
+    _say(f"        export FLEET_REDIS_URL={local.masked_redis_url}")
+    for name in local.worker_names:
+        _say(f"worker  {name}  (pid {by_name[name]}, {local.pool} x{local.concurrency})")
+    if local.flower_url is not None:
+        if local.flower_password_generated:
+            hint = (
+                f"user {local.flower_user!r}, password {local.flower_password!r} "
+                "(made up for this run; set FLEET_FLOWER_PASSWORD to choose one)"
+            )
+        else:
+            hint = f"user {local.flower_user!r}, password from FLEET_FLOWER_PASSWORD"
+        _say(f"flower  {local.flower_url}  (pid {by_name['flower']}; {hint})")
+    _say("fleet is up; press Ctrl-C to stop.")
+
+
+def _write_pidfile(path: Path, local: LocalFleet) -> None:
+    record = {
+        "pid": os.getpid(),
+        "redis_url": local.masked_redis_url,
+        "flower_url": local.flower_url,
+        "processes": [
+            {"role": process.role, "name": process.name, "pid": process.pid}
+            for process in local.processes
+        ],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _watch(local: LocalFleet) -> int:
+    """Wait for Ctrl-C; 1 if a part of the fleet dies on its own meanwhile."""
+    while True:
+        time.sleep(0.5)
+        for process, code in local.exited():
+            err_console.print(
+                f"{process.name} (pid {process.pid}) exited with code {code}; "
+                f"the end of its log:\n{process.tail()}",
+                highlight=False,
+                markup=False,
+            )
+            return 1

