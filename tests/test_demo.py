@@ -1,0 +1,41 @@
+"""`fleet demo` end to end, and the demo workflow's findings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fleet import LocalExecutor
+from fleet.demo import DEMO_AGENTS, run_demo
+
+
+async def test_demo_workflow_reviews_every_file() -> None:
+    """The panel judges every sample file, flags the planted flaws and fixes whitespace."""
+    seen: list[object] = []
+    report = await run_demo(LocalExecutor(agents=DEMO_AGENTS), events=seen.append)
+    assert set(report.verdicts) == {
+        "api.py",
+        "inventory.py",
+        "pricing.py",
+        "report.py",
+        "storage.py",
+    }
+    assert report.verdicts["storage.py"]["verdict"] == "reject"
+    assert any("eval()" in b for b in report.verdicts["pricing.py"]["blocking"])
+    assert report.verdicts["report.py"]["verdict"] == "approve"
+    # pricing.py needs two fix rounds (tabs, then trailing whitespace), so the loop ran twice.
+    assert report.fixed_files == {"inventory.py": 1, "pricing.py": 2}
+    assert report.fix_rounds == 2
+    assert all(o.success for o in report.outcomes)
+    finished = [e for e in seen if type(e).__name__ == "StepFinished"]
+    assert len(finished) == 20 + 10 + 3  # panel, pipeline (2 stages × 5), fix rounds
+
+
+def test_fleet_demo_command_prints_a_summary() -> None:
+    """`fleet demo` runs with no services and ends with a readable summary."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fleet", "demo"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "review verdicts" in result.stdout
+    assert "33 steps: 33 succeeded, 0 failed; 2 fix round(s)" in result.stdout
