@@ -1,0 +1,646 @@
+"""The workflow facade: the verbs a program is written in, durable phases and live events.
+
+A :class:`Workflow` wraps one executor with the grammar (``agent``, ``parallel``,
+``phase``, ``pipeline``, ``loop``, ``log``) and an event bus::
+
+    store = open_store("sqlite:.fleet/journal.db")
+    workflow = Workflow.builder(executor).with_store(store).with_root_id("nightly").build()
+    async with workflow:                      # finish() on success
+        drafts = await workflow.phase("draft", specs)
+        reviews = await workflow.phase("review", review_specs(drafts))
+
+With a store, each phase is journaled under ``"{root_id}/{name}"`` and stays journaled
+until the workflow finishes, so running the same program again with the same root id
+after a crash serves every completed step from the journal instead of re-running it.
+
+Events (:data:`fleet.events.WorkflowEvent`) go to every in-process subscriber and,
+when configured, to a capped Redis stream ``{key_prefix}:events:{root_id}`` that another
+process can follow (``fleet watch ROOT_ID``). Delivery never blocks the workflow: a
+subscriber that falls behind loses its oldest events and is told how many
+(:class:`Lagged`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
+from .errors import FleetError
+from .events import (
+    BudgetExhausted,
+    EventSink,
+    LogEvent,
+    PhaseEnd,
+    PhaseStart,
+    StepFinished,
+    StepStarted,
+    emit,
+)
+from .executor import AgentExecutor, PipelineStage
+from .resumable import execute_steps_parallel_resumable
+from .spec import AgentStepSpec, FleetModel, StepOutcome
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from .budget import BudgetSnapshot, WorkflowBudget
+    from .stores import CheckpointStore
+
+__all__ = [
+    "DEFAULT_SUBSCRIBER_CAPACITY",
+    "Lagged",
+    "Subscription",
+    "Workflow",
+    "WorkflowBuilder",
+    "WorkflowClosedError",
+    "event_stream_key",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SUBSCRIBER_CAPACITY = 256
+"""Events a subscriber may have waiting before its oldest ones are dropped."""
+
+_BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, StepFinished)
+
+
+def event_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
+    """The Redis stream a workflow's events are appended to."""
+    return f"{key_prefix}:events:{root_id}"
+
+
+class WorkflowClosedError(FleetError, RuntimeError):
+    """A verb was called on a workflow after ``finish()`` / ``close()``.
+
+    Attributes:
+        root_id: the workflow's root id.
+    """
+
+    def __init__(self, root_id: str) -> None:
+        super().__init__(
+            f"workflow {root_id!r} is finished; build a new Workflow to run more steps "
+            "(reuse the root id to resume from its journal)"
+        )
+        self.root_id = root_id
+
+
+class Lagged(FleetModel):
+    """Told to a subscriber that fell behind, in place of the events it lost."""
+
+    type: Literal["lagged"] = "lagged"
+    missed: int
+    """How many of the oldest waiting events were dropped just before the next one."""
+
+
+class Subscription:
+    """An async iterator over workflow events sent after :meth:`Workflow.subscribe`.
+
+    Yields :data:`~fleet.events.WorkflowEvent` values, and a :class:`Lagged` marker where
+    events were dropped because more than ``capacity`` were waiting. Iteration ends
+    once the workflow is finished or closed and the waiting events are drained, or
+    when :meth:`close` is called.
+    """
+
+    def __init__(self, bus: _EventBus, capacity: int) -> None:
+        self._bus = bus
+        self.capacity = max(int(capacity), 1)
+        self._queue: deque[Any] = deque()
+        self._pending_missed = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self.lost = 0
+        """Events this subscriber lost so far, in total."""
+
+    def _offer(self, event: Any) -> None:
+        if self._ended:
+            return
+        if len(self._queue) >= self.capacity:
+            self._queue.popleft()
+            self._pending_missed += 1
+            self.lost += 1
+        self._queue.append(event)
+        self._wake()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends after nothing else (waiting events are dropped)."""
+        self._bus.unsubscribe(self)
+        self._queue.clear()
+        self._pending_missed = 0
+        self._end()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self._pending_missed:
+                missed, self._pending_missed = self._pending_missed, 0
+                return Lagged(missed=missed)
+            if self._queue:
+                return self._queue.popleft()
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+class _EventBus:
+    """Fans events out to subscriptions; never blocks, never raises."""
+
+    def __init__(self) -> None:
+        self._subscriptions: list[Subscription] = []
+        self.closed = False
+
+    def subscribe(self, capacity: int) -> Subscription:
+        subscription = Subscription(self, capacity)
+        if self.closed:
+            subscription._end()
+        else:
+            self._subscriptions.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(subscription)
+
+    def publish(self, event: Any) -> None:
+        for subscription in list(self._subscriptions):
+            subscription._offer(event)
+
+    def close(self) -> None:
+        self.closed = True
+        for subscription in self._subscriptions:
+            subscription._end()
+        self._subscriptions.clear()
+
+
+class _EventStream:
+    """Appends events to a capped Redis stream from one background writer task.
+
+    The writer is owned by the workflow and joined when it closes. A Redis outage
+    drops events (with one warning), never fails or stalls the workflow.
+    """
+
+    _BUFFER = 10_000
+
+    def __init__(self, redis_url: str, key: str, *, maxlen: int, run_id: str) -> None:
+        self.key = key
+        self.maxlen = maxlen
+        self.run_id = run_id
+        self._url = redis_url
+        self._buffer: deque[dict[str, str]] = deque(maxlen=self._BUFFER)
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._warned = False
+        self.push({"control": "start", "run": run_id, "at": f"{time.time():.3f}"})
+
+    def push(self, entry: dict[str, str]) -> None:
+        if self._closing:
+            return
+        self._buffer.append(entry)
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        if self._task is not None:
+            assert self._wakeup is not None
+            self._wakeup.set()
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the entry waits in the buffer for the first one
+        self._wakeup = asyncio.Event()
+        self._wakeup.set()
+        self._task = asyncio.create_task(self._write(), name=f"fleet-events:{self.key}")
+
+    async def _write(self) -> None:
+        from redis.asyncio import Redis
+
+        client: Redis = Redis.from_url(self._url)
+        assert self._wakeup is not None
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._buffer:
+                    await self._flush(client)
+                if self._closing:
+                    return
+        finally:
+            await client.aclose()
+
+    async def _flush(self, client: Redis) -> None:
+        batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 256))]
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for entry in batch:
+                    pipe.xadd(self.key, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                await pipe.execute()
+        except Exception as error:  # a dead stream must not fail the workflow
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "cannot append workflow events to Redis stream %r (%s: %s); "
+                    "events are dropped until it answers",
+                    self.key,
+                    type(error).__name__,
+                    error,
+                )
+
+    async def close(self, status: str, *, timeout_s: float = 10.0) -> None:
+        self.push({"control": "end", "run": self.run_id, "status": status})
+        self._closing = True
+        self._ensure_writer()
+        if self._task is None:
+            return
+        self._wakeup.set()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            logger.warning("gave up flushing workflow events to %r after %s s", self.key, timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:
+    try:
+        safe = json.loads(json.dumps(fields, default=str))
+    except (TypeError, ValueError):
+        safe = {str(key): repr(value) for key, value in fields.items()}
+    return safe if isinstance(safe, dict) else {}
+
+
+@dataclass
+class _Run:
+    """What every copy of a workflow shares."""
+
+    executor: AgentExecutor
+    store: CheckpointStore | None
+    budget: WorkflowBudget | None
+    root_id: str
+    step_events: EventSink | None
+    stream: _EventStream | None
+    bus: _EventBus = field(default_factory=_EventBus)
+    phase_count: int = 0
+    phase_journals: list[str] = field(default_factory=list)
+    name_counts: dict[str, int] = field(default_factory=dict)
+    exhausted_reported: bool = False
+    closed: bool = False
+
+    def publish(self, event: Any) -> None:
+        self.bus.publish(event)
+        if self.stream is not None:
+            try:
+                self.stream.push({"event": event.to_json()})
+            except Exception:
+                logger.exception("cannot queue a %s event for the Redis stream", event.type)
+
+    def on_step_event(self, event: Any) -> None:
+        if isinstance(event, _BUS_EVENTS):
+            self.publish(event)
+        emit(self.step_events, event)
+
+    def journal_id(self, name: str) -> str:
+        """``{root_id}/{name}``, then ``#2``, ``#3``… for repeats, in call order."""
+        taken = set(self.phase_journals)
+        count = self.name_counts.get(name, 0)
+        while True:
+            count += 1
+            candidate = f"{self.root_id}/{name}" + (f"#{count}" if count > 1 else "")
+            if candidate not in taken:
+                break
+        self.name_counts[name] = count
+        self.phase_journals.append(candidate)
+        return candidate
+
+
+@dataclass(frozen=True)
+class WorkflowBuilder:
+    """Configures a :class:`Workflow`; each ``with_*`` returns a new builder.
+
+    Args:
+        executor: the host every step runs on.
+    """
+
+    executor: AgentExecutor
+    store: CheckpointStore | None = None
+    budget: WorkflowBudget | None = None
+    root_id: str | None = None
+    step_events: EventSink | None = None
+    event_stream_url: str | None = None
+    event_stream_prefix: str = "fleet"
+    event_stream_maxlen: int = 10_000
+
+    def with_store(self, store: CheckpointStore) -> WorkflowBuilder:
+        """Journal every phase in ``store``, making phases resume boundaries."""
+        return replace(self, store=store)
+
+    def with_budget(self, budget: WorkflowBudget) -> WorkflowBuilder:
+        """Report on ``budget`` (snapshots, the ``budget_exhausted`` event).
+
+        The workflow only reads it: enforcement is the executor's, so give the
+        executor the same budget (``LocalExecutor(budget=...)``).
+        """
+        return replace(self, budget=budget)
+
+    def with_root_id(self, root_id: str) -> WorkflowBuilder:
+        """Name the workflow; the same root id on a later run resumes its journals."""
+        if not isinstance(root_id, str) or not root_id.strip():
+            raise ValueError(f"root_id must be a non-empty string, got {root_id!r}")
+        return replace(self, root_id=root_id)
+
+    def with_step_events(self, sink: EventSink) -> WorkflowBuilder:
+        """Also hand every step event the executor emits to ``sink``."""
+        return replace(self, step_events=sink)
+
+    def with_event_stream(
+        self, redis_url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
+    ) -> WorkflowBuilder:
+        """Also append events to the Redis stream ``{key_prefix}:events:{root_id}``.
+
+        The stream is capped at about ``maxlen`` entries (``FleetSettings.
+        event_stream_maxlen``). Close the workflow (``async with`` / ``finish()`` /
+        ``close()``) so the last events are flushed.
+        """
+        return replace(
+            self,
+            event_stream_url=redis_url,
+            event_stream_prefix=key_prefix,
+            event_stream_maxlen=max(int(maxlen), 1),
+        )
+
+    def build(self) -> Workflow:
+        """The workflow.
+
+        Without :meth:`with_root_id`, a random ``wf-<uuid>`` root id is used, so a later
+        run can never find this run's journals: resuming after a crash is impossible.
+        """
+        root_id = self.root_id or f"wf-{uuid.uuid4().hex}"
+        stream = None
+        if self.event_stream_url is not None:
+            stream = _EventStream(
+                self.event_stream_url,
+                event_stream_key(root_id, key_prefix=self.event_stream_prefix),
+                maxlen=self.event_stream_maxlen,
+                run_id=uuid.uuid4().hex,
+            )
+        return Workflow(
+            _Run(
+                executor=self.executor,
+                store=self.store,
+                budget=self.budget,
+                root_id=root_id,
+                step_events=self.step_events,
+                stream=stream,
+            )
+        )
+
+
+class Workflow:
+    """The facade a workflow program is written against.
+
+    Build one with :meth:`builder`. Copies (:meth:`copy`) are cheap handles on the same
+    run: they share the event bus, store, budget and phase numbering, so a helper that
+    runs its own phases keeps the numbering consistent. Use ``async with workflow:``
+    (or call :meth:`finish`) so journals are cleared once the program succeeded.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+
+    @staticmethod
+    def builder(executor: AgentExecutor) -> WorkflowBuilder:
+        """Start configuring a workflow over ``executor``."""
+        return WorkflowBuilder(executor)
+
+    def copy(self) -> Workflow:
+        """Another handle on the same run (shared bus, store, budget, numbering)."""
+        return Workflow(self._run)
+
+    __copy__ = copy
+
+    def __repr__(self) -> str:
+        return f"Workflow(root_id={self._run.root_id!r}, phases={self._run.phase_count})"
+
+    @property
+    def root_id(self) -> str:
+        """The workflow's stable id (journal keys, budget, event stream)."""
+        return self._run.root_id
+
+    @property
+    def executor(self) -> AgentExecutor:
+        """The host steps run on."""
+        return self._run.executor
+
+    @property
+    def store(self) -> CheckpointStore | None:
+        """The journal phases are kept in, if any."""
+        return self._run.store
+
+    @property
+    def budget(self) -> WorkflowBudget | None:
+        """The budget this workflow reports on, if any."""
+        return self._run.budget
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`finish` or :meth:`close` ran."""
+        return self._run.closed
+
+    def subscribe(self, *, capacity: int = DEFAULT_SUBSCRIBER_CAPACITY) -> Subscription:
+        """Receive every event sent from now on (see :class:`Subscription`)."""
+        return self._run.bus.subscribe(capacity)
+
+    async def budget_snapshot(self) -> BudgetSnapshot | None:
+        """The budget's current figures, or ``None`` when no budget is attached."""
+        if self._run.budget is None:
+            return None
+        return await self._run.budget.snapshot()
+
+    def _check_open(self) -> None:
+        if self._run.closed:
+            raise WorkflowClosedError(self._run.root_id)
+
+    async def agent(self, spec: AgentStepSpec) -> StepOutcome:
+        """Run one step (not journaled); a failure comes back as a failed outcome."""
+        outcomes = await self.parallel([spec])
+        if not outcomes:
+            return StepOutcome.failed(spec.task_id, spec.agent, "step produced no outcome")
+        return outcomes[0]
+
+    async def parallel(self, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
+        """A barrier fan-out (:func:`fleet.execute_steps_parallel`); not journaled."""
+        self._check_open()
+        run = self._run
+        outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
+        await self._observe_budget(outcomes)
+        return outcomes
+
+    async def phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
+        """A named barrier fan-out: the workflow's milestone and resume boundary.
+
+        Emits ``phase_start`` before any step runs and ``phase_end`` (counts of
+        succeeded / failed outcomes, journaled ones counted as succeeded) after, then
+        ``budget_exhausted`` if the budget ran out (once per workflow). With a store,
+        the phase is journaled under ``"{root_id}/{name}"`` (``#2``, ``#3``… when the
+        name repeats in one run); completed steps found there are not run again.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a phase needs a non-empty name, got {name!r}")
+        run = self._run
+        specs = list(specs)
+        index = run.phase_count
+        run.phase_count += 1
+        journal = run.journal_id(name) if run.store is not None else None
+        run.publish(PhaseStart(name=name, index=index, step_count=len(specs)))
+        if run.store is not None and journal is not None:
+            outcomes = await execute_steps_parallel_resumable(
+                run.executor,
+                specs,
+                journal,
+                run.store,
+                events=run.on_step_event,
+                keep_journal=True,
+            )
+        else:
+            outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
+        succeeded = sum(1 for outcome in outcomes if outcome.success)
+        run.publish(
+            PhaseEnd(name=name, index=index, succeeded=succeeded, failed=len(outcomes) - succeeded)
+        )
+        await self._observe_budget(outcomes)
+        return outcomes
+
+    async def pipeline(
+        self, items: Sequence[Any], stages: Sequence[PipelineStage]
+    ) -> list[StepOutcome | None]:
+        """Per-item chains with no barrier between stages (:func:`fleet.execute_pipeline`)."""
+        self._check_open()
+        run = self._run
+        results = await execute_pipeline(run.executor, items, stages, events=run.on_step_event)
+        await self._observe_budget([result for result in results if result is not None])
+        return results
+
+    async def loop(
+        self, initial: Sequence[AgentStepSpec], max_iterations: int, next: LoopPredicate
+    ) -> list[StepOutcome]:
+        """Barrier rounds until ``next`` stops them (:func:`fleet.execute_loop`)."""
+        self._check_open()
+        run = self._run
+        outcomes = await execute_loop(
+            run.executor, initial, max_iterations, next, events=run.on_step_event
+        )
+        await self._observe_budget(outcomes)
+        return outcomes
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        """Send a ``log`` event; never fails and never blocks.
+
+        ``fields`` are made JSON-safe (values that JSON cannot hold become strings).
+        """
+        try:
+            self._run.publish(
+                LogEvent(level=str(level), message=str(message), fields=_json_safe(fields))
+            )
+        except Exception:
+            logger.exception("Workflow.log could not send its event")
+
+    async def _observe_budget(self, outcomes: Sequence[StepOutcome]) -> None:
+        run = self._run
+        if run.exhausted_reported:
+            return
+        refused = any(outcome.error == "budget_exhausted" for outcome in outcomes)
+        snapshot = None
+        if run.budget is not None:
+            try:
+                snapshot = await run.budget.snapshot()
+            except Exception:
+                logger.exception("cannot read the budget of workflow %r", run.root_id)
+        exhausted = snapshot is not None and snapshot.is_exhausted
+        if run.exhausted_reported or not (exhausted or refused):
+            return
+        run.exhausted_reported = True
+        reason = "workflow token budget exhausted"
+        if snapshot is not None:
+            limit = "unlimited" if snapshot.limit_tokens is None else snapshot.limit_tokens
+            reason += f" ({snapshot.consumed_tokens} / {limit} tokens)"
+        if not exhausted:
+            reason += "; a step was refused its token reservation"
+        run.publish(BudgetExhausted(resource="workflow_tokens", reason=reason))
+
+    async def finish(self) -> None:
+        """End the workflow successfully: delete this run's phase journals, then close.
+
+        Idempotent. After it, a run with the same root id starts from scratch.
+        """
+        run = self._run
+        if run.closed:
+            return
+        try:
+            if run.store is not None:
+                for journal in run.phase_journals:
+                    await run.store.delete(journal)
+        finally:
+            await self._shutdown("finished")
+
+    async def close(self) -> None:
+        """End this process's part without finishing: journals are kept for a resume.
+
+        Ends every subscription (after its waiting events) and flushes the event stream.
+        Idempotent.
+        """
+        await self._shutdown("closed")
+
+    async def _shutdown(self, status: str) -> None:
+        run = self._run
+        if run.closed:
+            return
+        run.closed = True
+        run.bus.close()
+        if run.stream is not None:
+            await run.stream.close(status)
+
+    async def __aenter__(self) -> Workflow:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.finish()
+        else:
+            await self._shutdown("cancelled" if exc_type is asyncio.CancelledError else "failed")
