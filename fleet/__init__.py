@@ -12,6 +12,10 @@ from .agents import AgentContext as AgentContext
 from .agents import AgentResult as AgentResult
 from .agents import load_agents as load_agents
 
+# Budget
+from .budget import BudgetSnapshot as BudgetSnapshot
+from .budget import WorkflowBudget as WorkflowBudget
+
 # Combinators
 from .combinators import LoopDecision as LoopDecision
 from .combinators import PipelineStage as PipelineStage
@@ -52,6 +56,9 @@ __all__ = [
     "execute_loop",
     "execute_pipeline",
     "execute_steps_parallel",
+    # Budget
+    "BudgetSnapshot",
+    "WorkflowBudget",
     # Events
     "WorkflowEvent",
     # Errors

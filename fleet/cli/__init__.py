@@ -1,5 +1,6 @@
 """The ``fleet`` command line. Each module registers its commands on :data:`app`."""
 
+from . import budget as budget  # fleet budget show|set
 from . import demo as demo  # fleet demo
 from . import fleetops as fleetops  # fleet worker, fleet flower, fleet up
 from .app import app as app

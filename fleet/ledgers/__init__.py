@@ -1,0 +1,17 @@
+"""Budget ledgers: where a workflow's token account lives (in memory, or in Redis)."""
+
+from .base import BudgetLedger as BudgetLedger
+from .base import HeldReservation as HeldReservation
+from .base import LedgerState as LedgerState
+from .base import ReserveResult as ReserveResult
+from .memory import MemoryLedger as MemoryLedger
+from .redis import RedisLedger as RedisLedger
+
+__all__ = [
+    "BudgetLedger",
+    "HeldReservation",
+    "LedgerState",
+    "MemoryLedger",
+    "RedisLedger",
+    "ReserveResult",
+]
