@@ -16,6 +16,11 @@ from .agents import load_agents as load_agents
 from .budget import BudgetSnapshot as BudgetSnapshot
 from .budget import WorkflowBudget as WorkflowBudget
 
+# Journal
+from .checkpoint import WORKFLOW_CHECKPOINT_SCHEMA_VERSION as WORKFLOW_CHECKPOINT_SCHEMA_VERSION
+from .checkpoint import WorkflowCheckpoint as WorkflowCheckpoint
+from .checkpoint import WorkflowStepRecord as WorkflowStepRecord
+
 # Combinators
 from .combinators import LoopDecision as LoopDecision
 from .combinators import PipelineStage as PipelineStage
@@ -32,9 +37,14 @@ from .events import WorkflowEvent as WorkflowEvent
 # Executors
 from .executor import AgentExecutor as AgentExecutor
 from .local import LocalExecutor as LocalExecutor
+from .resumable import execute_steps_parallel_resumable as execute_steps_parallel_resumable
 from .spec import AgentStepSpec as AgentStepSpec
 from .spec import StepOutcome as StepOutcome
 from .spec import TokenUsage as TokenUsage
+from .stores import CheckpointStore as CheckpointStore
+from .stores import MemoryCheckpointStore as MemoryCheckpointStore
+from .stores import RedisCheckpointStore as RedisCheckpointStore
+from .stores import SQLiteCheckpointStore as SQLiteCheckpointStore
 
 __version__ = "0.1.0"
 
@@ -56,6 +66,15 @@ __all__ = [
     "execute_loop",
     "execute_pipeline",
     "execute_steps_parallel",
+    # Journal
+    "execute_steps_parallel_resumable",
+    "WorkflowCheckpoint",
+    "WorkflowStepRecord",
+    "WORKFLOW_CHECKPOINT_SCHEMA_VERSION",
+    "CheckpointStore",
+    "MemoryCheckpointStore",
+    "SQLiteCheckpointStore",
+    "RedisCheckpointStore",
     # Budget
     "BudgetSnapshot",
     "WorkflowBudget",
