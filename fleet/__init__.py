@@ -46,6 +46,10 @@ from .stores import MemoryCheckpointStore as MemoryCheckpointStore
 from .stores import RedisCheckpointStore as RedisCheckpointStore
 from .stores import SQLiteCheckpointStore as SQLiteCheckpointStore
 
+# Workflow
+from .workflow import Workflow as Workflow
+from .workflow import WorkflowBuilder as WorkflowBuilder
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -78,6 +82,9 @@ __all__ = [
     # Budget
     "BudgetSnapshot",
     "WorkflowBudget",
+    # Workflow
+    "Workflow",
+    "WorkflowBuilder",
     # Events
     "WorkflowEvent",
     # Errors

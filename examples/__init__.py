@@ -1,0 +1,1 @@
+"""Runnable workflow programs: ``fleet run examples/panel.py:main`` and friends."""

@@ -1,0 +1,598 @@
+"""``fleet run``, ``fleet watch`` and ``fleet status``: run a workflow program and follow it.
+
+``fleet run path/to/flow.py:main`` (or ``package.module:main``) imports the program,
+builds a :class:`~fleet.Workflow` from the options and settings, and awaits
+``main(workflow)`` with a live progress display (plain lines when stdout is not a
+terminal). A program may define ``AGENTS = {name: agent}``; they are registered with the
+local executor beside the agents file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, cast
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from ..agents import load_agents
+from ..budget import BudgetSnapshot, WorkflowBudget
+from ..config import FleetSettings
+from ..errors import CheckpointError, ConfigError
+from ..events import BudgetExhausted, LogEvent, PhaseEnd, PhaseStart, StepFinished, StepStarted
+from ..executor import AgentExecutor
+from ..ledgers import BudgetLedger, MemoryLedger, RedisLedger
+from ..local import LocalExecutor
+from ..stores import CheckpointStore, open_store
+from ..workflow import Lagged, Workflow, event_stream_key
+from .app import app, console, err_console, settings
+
+__all__ = ["RunDisplay", "describe_event", "load_program"]
+
+Program = Callable[[Workflow], Awaitable[Any]]
+
+
+# --- loading the program -----------------------------------------------------------------
+
+
+def _package_root(path: Path) -> tuple[Path, str]:
+    """The directory to import from and the dotted module name of ``path``."""
+    parts = [path.stem]
+    directory = path.parent
+    while (directory / "__init__.py").is_file():
+        parts.insert(0, directory.name)
+        directory = directory.parent
+    return directory, ".".join(parts)
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ConfigError(f"workflow program {str(path)!r} does not exist", key=str(path))
+    path = path.resolve()
+    root, dotted = _package_root(path)
+    sys.path.insert(0, str(root))
+    if "." in dotted:  # inside a package: import it as such, so its relative imports work
+        return importlib.import_module(dotted)
+    name = f"fleet_program_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {str(path)!r} as Python", key=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_program(target: str) -> tuple[Program, ModuleType]:
+    """Import ``path/to/flow.py:main`` or ``package.module:main`` (``:main`` is the default).
+
+    Raises:
+        ConfigError: the file or module is missing, or ``main`` is not an async function.
+    """
+    location, sep, attribute = target.rpartition(":")
+    if not sep or not attribute or "/" in attribute or attribute.endswith(".py"):
+        location, attribute = target, "main"
+    if location.endswith(".py") or "/" in location or "\\" in location:
+        module = _import_file(Path(location))
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise ConfigError(
+                f"cannot import workflow module {location!r} ({error}); give a file path "
+                "(flow.py:main) or a module importable from this directory",
+                key=target,
+            ) from None
+    program = getattr(module, attribute, None)
+    if program is None or not inspect.iscoroutinefunction(program):
+        raise ConfigError(
+            f"{target!r}: expected `async def {attribute}(workflow)` in {module.__name__!r}",
+            key=target,
+        )
+    return program, module
+
+
+def _agents(module: ModuleType, agents_file: Path | None, config: FleetSettings) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    if agents_file is not None:
+        found.update(load_agents(agents_file))
+    elif config.agents_file.is_file():
+        found.update(load_agents(config.agents_file))
+    declared = getattr(module, "AGENTS", None)
+    if declared is not None:
+        if not isinstance(declared, Mapping):
+            raise ConfigError(f"{module.__name__}.AGENTS must map agent names to agents")
+        found.update(declared)
+    return found
+
+
+# --- showing events ----------------------------------------------------------------------
+
+
+def _fields(fields: Mapping[str, Any]) -> str:
+    return "".join(f" {key}={json.dumps(value, default=str)}" for key, value in fields.items())
+
+
+def describe_event(event: Any) -> str | None:
+    """One plain line for an event (``None`` for ``step_started``, too chatty to print)."""
+    if isinstance(event, PhaseStart):
+        return f"phase {event.index} {event.name}: {event.step_count} steps"
+    if isinstance(event, PhaseEnd):
+        return f"phase {event.index} {event.name}: {event.succeeded} ok, {event.failed} failed"
+    if isinstance(event, LogEvent):
+        return f"[{event.level}] {event.message}{_fields(event.fields)}"
+    if isinstance(event, BudgetExhausted):
+        return f"budget exhausted: {event.reason}"
+    if isinstance(event, StepFinished):
+        state = "ok" if event.success else f"FAILED ({event.error})"
+        where = f" on {event.worker}" if event.worker else ""
+        return (
+            f"  step {event.task_id} [{event.agent}] {state}, {event.total_tokens} tokens, "
+            f"{event.duration_s:.2f} s{where}"
+        )
+    if isinstance(event, Lagged):
+        return f"... {event.missed} events not shown (the display fell behind)"
+    return None
+
+
+def _say(line: str) -> None:
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@dataclass
+class _PhaseRow:
+    name: str
+    index: int
+    step_count: int
+    ran: int = 0
+    failed: int = 0
+    journaled: int = 0
+    open: bool = True
+
+
+@dataclass
+class RunDisplay:
+    """Follows a workflow's events: a live table on a terminal, plain lines otherwise."""
+
+    workflow: Workflow
+    live: Live | None = None
+    started: float = field(default_factory=time.monotonic)
+    phases: list[_PhaseRow] = field(default_factory=list)
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    snapshot: BudgetSnapshot | None = None
+    _next_refresh: float = 0.0
+    _next_line: float = 0.0
+
+    async def follow(self, subscription: Any) -> None:
+        """Consume events until the workflow closes."""
+        async for event in subscription:
+            await self.take(event)
+
+    async def take(self, event: Any) -> None:
+        """Account for one event and show it."""
+        open_phase = next((row for row in reversed(self.phases) if row.open), None)
+        if isinstance(event, StepStarted):
+            self.running += 1
+        elif isinstance(event, StepFinished):
+            self.running = max(self.running - 1, 0)
+            self.done += 1
+            self.failed += not event.success
+            self.tokens += event.total_tokens
+            if open_phase is not None:
+                open_phase.ran += 1
+                open_phase.failed += not event.success
+        elif isinstance(event, PhaseStart):
+            self.phases.append(_PhaseRow(event.name, event.index, event.step_count))
+        elif isinstance(event, PhaseEnd):
+            self._close_phase(event)
+        if isinstance(event, PhaseEnd | BudgetExhausted):
+            await self.refresh_budget()
+        self._show(event)
+
+    def _close_phase(self, event: PhaseEnd) -> None:
+        for row in self.phases:
+            if row.index == event.index:
+                row.open = False
+                row.journaled = max(event.succeeded + event.failed - row.ran, 0)
+                row.failed = event.failed
+
+    async def refresh_budget(self) -> None:
+        """Read the budget (if any) for the tokens-vs-limit figure."""
+        try:
+            self.snapshot = await self.workflow.budget_snapshot()
+        except Exception as error:  # the display must never stop the run
+            err_console.print(f"cannot read the budget: {error}", highlight=False)
+
+    def _show(self, event: Any) -> None:
+        now = time.monotonic()
+        if self.live is None:
+            line = describe_event(event)
+            if isinstance(event, StepFinished) and event.success:
+                line = None  # plain mode prints failures only, plus a progress line
+                if now >= self._next_line:
+                    self._next_line = now + 2.0
+                    line = self.progress_line()
+            if line is not None:
+                _say(line)
+            return
+        if isinstance(event, LogEvent | BudgetExhausted | Lagged):
+            self.live.console.print(describe_event(event), highlight=False, markup=False)
+        if now >= self._next_refresh or not isinstance(event, StepStarted | StepFinished):
+            self._next_refresh = now + 0.1
+            self.live.update(self.render(), refresh=True)
+
+    def tokens_text(self) -> str:
+        """Tokens used, against the budget when there is one."""
+        if self.snapshot is None:
+            return f"{self.tokens} tokens this run"
+        limit = "uncapped" if self.snapshot.limit_tokens is None else self.snapshot.limit_tokens
+        return f"{self.tokens} tokens this run; budget {self.snapshot.consumed_tokens} / {limit}"
+
+    def progress_line(self) -> str:
+        """One plain progress line."""
+        return (
+            f"[{time.monotonic() - self.started:7.2f} s] steps {self.done} done "
+            f"({self.failed} failed), {self.running} running; {self.tokens_text()}"
+        )
+
+    def render(self) -> Table:
+        """The live progress table."""
+        table = Table(title=f"workflow {self.workflow.root_id}", title_justify="left")
+        for column in ("#", "phase", "steps", "failed", "from journal", ""):
+            table.add_column(column)
+        for row in self.phases:
+            done = row.ran + row.journaled
+            table.add_row(
+                str(row.index),
+                row.name,
+                f"{done}/{row.step_count}",
+                str(row.failed),
+                str(row.journaled) if not row.open else "",
+                "running" if row.open else "done",
+            )
+        table.caption = (
+            f"{time.monotonic() - self.started:.1f} s · steps {self.done} done, "
+            f"{self.failed} failed, {self.running} running · {self.tokens_text()}"
+        )
+        table.caption_justify = "left"
+        return table
+
+
+# --- fleet run ---------------------------------------------------------------------------
+
+
+def _ledger(config: FleetSettings, shared: bool) -> BudgetLedger:
+    return RedisLedger(config.redis_url, key_prefix=config.key_prefix) if shared else MemoryLedger()
+
+
+def _executor(
+    kind: str,
+    agents: dict[str, Any],
+    budget: WorkflowBudget | None,
+    concurrency: int,
+    config: FleetSettings,
+) -> AgentExecutor:
+    if kind == "local":
+        return LocalExecutor(
+            agents=agents,
+            budget=budget,
+            max_concurrency=concurrency,
+            default_reserve_tokens=config.default_reserve_tokens,
+        )
+    if kind == "celery":
+        try:
+            from ..celery import CeleryExecutor  # type: ignore[import-not-found, unused-ignore]
+        except ImportError as error:
+            raise ConfigError(f"the Celery host cannot be loaded: {error}") from None
+        executor: AgentExecutor = CeleryExecutor(
+            config.redis_url, budget=budget, max_in_flight=config.max_in_flight
+        )
+        return executor
+    raise ConfigError(f"unknown executor {kind!r}; use 'local' or 'celery'", key="--executor")
+
+
+def _stream_url(option: str, shared: bool, config: FleetSettings) -> str | None:
+    if option == "off":
+        return None
+    if option == "auto":
+        return config.redis_url if shared else None
+    if option.startswith(("redis://", "rediss://", "unix://")):
+        return option
+    raise ConfigError(
+        f"--event-stream must be 'auto', 'off' or a redis:// URL, got {option!r}",
+        key="--event-stream",
+    )
+
+
+async def _close(resource: Any) -> None:
+    for name in ("aclose", "close"):
+        method = getattr(resource, name, None)
+        if method is not None:
+            result = method()
+            if inspect.isawaitable(result):
+                await result
+            return
+
+
+@dataclass
+class _Outcome:
+    result: Any = None
+    error: BaseException | None = None
+    display: RunDisplay | None = None
+
+
+async def _drive(
+    program: Program, builder: Any, budget: WorkflowBudget | None, outcome: _Outcome
+) -> None:
+    workflow: Workflow = builder.build()
+    display = outcome.display = RunDisplay(workflow)
+    subscription = workflow.subscribe(capacity=10_000)
+    live = None
+    if console.is_terminal:
+        live = Live(display.render(), console=console, auto_refresh=False)
+    display.live = live
+    if live is not None:
+        live.start()
+    follower = asyncio.create_task(display.follow(subscription))
+    try:
+        async with workflow:
+            outcome.result = await program(workflow)
+    except Exception as error:
+        outcome.error = error
+    finally:
+        await follower  # ends once the workflow closed and its events are drained
+        if budget is not None:
+            await display.refresh_budget()
+        if live is not None:
+            live.update(display.render(), refresh=True)
+            live.stop()
+
+
+def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None:
+    display = outcome.display
+    phases = len(display.phases) if display else 0
+    journaled = sum(row.journaled for row in display.phases) if display else 0
+    done, failed = (display.done, display.failed) if display else (0, 0)
+    tokens = display.tokens_text() if display else ""
+    verb = "finished" if outcome.error is None else "FAILED"
+    _say(
+        f"workflow {root_id} {verb} in {wall_s:.2f} s: {phases} phases, {done} steps run "
+        f"({failed} failed), {journaled} served from the journal; {tokens}"
+    )
+    if outcome.error is not None:
+        err_console.print(
+            f"{type(outcome.error).__name__}: {outcome.error}", highlight=False, markup=False
+        )
+        if store != "memory":
+            _say(f"completed phases stay journaled: re-run with --root-id {root_id} to resume")
+    elif outcome.result is not None:
+        try:
+            text = json.dumps(outcome.result, indent=2, default=str)
+        except (TypeError, ValueError):
+            text = repr(outcome.result)
+        _say(f"result: {text}")
+
+
+@app.command()
+def run(
+    target: Annotated[str, typer.Argument(help="path/to/flow.py:main or package.module:main")],
+    root_id: Annotated[
+        str | None,
+        typer.Option("--root-id", help="Stable workflow id; the same id resumes its journals."),
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option("--budget", min=0, help="Token limit of the run.")
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", help="Journal: sqlite:PATH, redis://... or memory (FLEET_STORE)."),
+    ] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local or celery.")] = "local",
+    agents: Annotated[
+        Path | None,
+        typer.Option("--agents", help="Agents file (TOML); default FLEET_AGENTS_FILE if present."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Local steps at once.")
+    ] = 8,
+    event_stream: Annotated[
+        str,
+        typer.Option(
+            "--event-stream",
+            help="Redis URL for `fleet watch`; 'auto' uses FLEET_REDIS_URL when the run uses "
+            "Redis (celery executor or redis store), 'off' disables it.",
+        ),
+    ] = "auto",
+) -> None:
+    """Run a workflow program: `async def main(workflow)`."""
+    config = settings(store=store)
+    program, module = load_program(target)
+    root = root_id or f"wf-{uuid.uuid4().hex[:12]}"
+    shared = executor == "celery" or config.store.startswith(("redis://", "rediss://"))
+    stream = _stream_url(event_stream, shared, config)
+    outcome = _Outcome()
+
+    async def main() -> None:
+        ledger = _ledger(config, shared) if budget is not None else None
+        plan = None if ledger is None else WorkflowBudget(budget, ledger=ledger, workflow_id=root)
+        host = _executor(executor, _agents(module, agents, config), plan, concurrency, config)
+        journal: CheckpointStore = open_store(config.store, key_prefix=config.key_prefix)
+        builder = Workflow.builder(host).with_store(journal).with_root_id(root)
+        if plan is not None:
+            builder = builder.with_budget(plan)
+        if stream is not None:
+            builder = builder.with_event_stream(
+                stream, key_prefix=config.key_prefix, maxlen=config.event_stream_maxlen
+            )
+        try:
+            await _drive(program, builder, plan, outcome)
+        finally:
+            for resource in (journal, host, ledger):
+                if resource is not None:
+                    await _close(resource)
+
+    _say(
+        f"running {target} as workflow {root} on the {executor} executor "
+        f"(journal {config.store}" + (f", budget {budget} tokens)" if budget is not None else ")")
+    )
+    started = time.monotonic()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        _say(f"interrupted; re-run with --root-id {root} to resume")
+        raise
+    _summary(root, outcome, time.monotonic() - started, config.store)
+    if outcome.error is not None:
+        raise typer.Exit(1)
+
+
+# --- fleet watch -------------------------------------------------------------------------
+
+
+def _decode(entry: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {key.decode(): value.decode() for key, value in entry.items()}
+
+
+def _last_start(client: Any, key: str) -> bytes | None:
+    """Id of the newest ``start`` marker in the stream, if any."""
+    newest = "+"
+    while True:
+        page = cast(list[Any], client.xrevrange(key, max=newest, count=500))
+        for entry_id, entry in page:
+            if entry.get(b"control") == b"start":
+                return bytes(entry_id)
+        if len(page) < 500:
+            return None
+        newest = "(" + page[-1][0].decode()
+
+
+@app.command()
+def watch(
+    root_id: Annotated[str, typer.Argument(help="The workflow's root id.")],
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", help="Default FLEET_REDIS_URL.")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
+    ] = None,
+) -> None:
+    """Follow a running workflow's events from another terminal (needs its event stream)."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from ..events import parse_event
+
+    config = settings(redis_url=redis_url)
+    key = event_stream_key(root_id, key_prefix=config.key_prefix)
+    client = Redis.from_url(config.redis_url)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        start = _last_start(client, key)
+        cursor: bytes | str = b"0" if start is None else start
+        if start is None:
+            _say(f"waiting for workflow {root_id} to start ({key})")
+        else:
+            _say(f"following workflow {root_id} ({key})")
+        while deadline is None or time.monotonic() < deadline:
+            reply = cast(list[Any], client.xread({key: cursor}, block=500, count=200))
+            for _stream, entries in reply or []:
+                for entry_id, raw in entries:
+                    cursor = entry_id
+                    entry = _decode(raw)
+                    if entry.get("control") == "start" and start is None:
+                        _say(f"workflow {root_id} started")
+                    elif entry.get("control") == "end":
+                        _say(f"workflow {root_id} {entry.get('status', 'ended')}")
+                        return
+                    elif "event" in entry:
+                        line = describe_event(parse_event(entry["event"]))
+                        if line is not None:
+                            _say(line)
+    except RedisError as error:
+        raise ConfigError(
+            f"cannot read the event stream at {config.masked_redis_url()}: {error}"
+        ) from None
+    finally:
+        client.close()
+    _say(f"gave up after {timeout} s; workflow {root_id} has not ended")
+    raise typer.Exit(1)
+
+
+# --- fleet status ------------------------------------------------------------------------
+
+
+async def _journal_rows(journal: CheckpointStore, root_id: str) -> list[tuple[int, str, str]]:
+    rows: list[tuple[int, str, str]] = []
+    prefix = f"{root_id}/"
+    for workflow_id in await journal.list_workflows():
+        if not workflow_id.startswith(prefix):
+            continue
+        name = workflow_id[len(prefix) :]
+        try:
+            checkpoint = await journal.load(workflow_id)
+        except CheckpointError as error:
+            rows.append((0, name, f"unreadable: {error}"))
+            continue
+        steps = checkpoint.steps if checkpoint is not None else ()
+        first = min((record.recorded_ms for record in steps), default=0)
+        last = max((record.recorded_ms for record in steps), default=0)
+        when = time.strftime("%H:%M:%S", time.localtime(last / 1000)) if last else "-"
+        rows.append((first, name, f"{len(steps)} steps journaled (last at {when})"))
+    return sorted(rows)
+
+
+async def _budget_line(config: FleetSettings, root_id: str) -> str:
+    ledger = RedisLedger(config.redis_url, key_prefix=config.key_prefix)
+    try:
+        state = await asyncio.wait_for(ledger.state(root_id), 5.0)
+    except Exception as error:
+        return f"budget: no shared ledger reachable at {config.masked_redis_url()} ({error})"
+    finally:
+        await ledger.close()
+    if not state.limit_set and state.consumed == 0 and state.reserved == 0:
+        return "budget: none recorded"
+    snapshot = BudgetSnapshot(
+        consumed_tokens=state.consumed, reserved_tokens=state.reserved, limit_tokens=state.limit
+    )
+    return f"budget: {snapshot}"
+
+
+@app.command()
+def status(
+    root_id: Annotated[str, typer.Argument(help="The workflow's root id.")],
+    store: Annotated[
+        str | None, typer.Option("--store", help="Journal (default FLEET_STORE).")
+    ] = None,
+) -> None:
+    """Print a workflow's journal progress (phases journaled, steps) and its budget."""
+    config = settings(store=store)
+
+    async def read() -> tuple[list[tuple[int, str, str]], str]:
+        async with open_store(config.store, key_prefix=config.key_prefix) as journal:
+            rows = await _journal_rows(journal, root_id)
+        return rows, await _budget_line(config, root_id)
+
+    rows, budget_line = asyncio.run(read())
+    _say(f"workflow {root_id} (journal {config.store})")
+    if not rows:
+        _say("no phases journaled (never run here, or finished and cleared)")
+    for _first, name, text in rows:
+        _say(f"  phase {name}: {text}")
+    _say(budget_line)
