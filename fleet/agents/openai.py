@@ -42,7 +42,8 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from ..config import mask_url
@@ -413,10 +414,10 @@ class _Conversation:
         self._secrets = [key, json.dumps(key)[1:-1]] if key else []
         self.use_format = self.config.json_schema_format and spec.output_schema is not None
         self.label = f"agent {agent.name!r} step {spec.task_id!r}"
-        self._backoff = wait_exponential_jitter(
-            initial=self.config.backoff_s, max=30.0, jitter=self.config.backoff_s
-        )
+        backoff = self.config.backoff_s
+        self._backoff = wait_exponential(multiplier=backoff, max=30.0) + wait_random(0, backoff)
         self._gave_up = ""
+        self._planned: dict[int, float] = {}
 
     def scrub(self, text: str) -> str:
         """``text`` with the API key masked."""
@@ -584,6 +585,7 @@ class _Conversation:
 
     async def post(self, body: dict[str, Any]) -> Any:
         """POST one request, retrying transient failures within the step's deadline."""
+        self._planned, self._gave_up = {}, ""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Transient),
             wait=self._wait,
@@ -605,19 +607,26 @@ class _Conversation:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     def _wait(self, state: RetryCallState) -> float:
-        problem = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(problem, _Transient) and problem.retry_after is not None:
-            return problem.retry_after
-        return float(self._backoff(state))
+        # Memoised per attempt: the stop check needs the same (jittered) value.
+        planned = self._planned.get(state.attempt_number)
+        if planned is None:
+            problem = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(problem, _Transient) and problem.retry_after is not None:
+                planned = problem.retry_after
+            else:
+                planned = float(self._backoff(state))
+            self._planned[state.attempt_number] = planned
+        return planned
 
     def _stop(self, state: RetryCallState) -> bool:
         if state.attempt_number > self.config.max_retries:
             self._gave_up = ""
             return True
         remaining = self.ctx.remaining_s()
-        if remaining is not None and state.upcoming_sleep >= remaining:
+        upcoming = self._wait(state)
+        if remaining is not None and upcoming >= remaining:
             self._gave_up = (
-                f"; the next try would be in {state.upcoming_sleep:.2f} s but the step has "
+                f"; the next try would be in {upcoming:.2f} s but the step has "
                 f"{remaining:.2f} s left"
             )
             return True
@@ -629,7 +638,7 @@ class _Conversation:
             "%s: %s; retrying in %.2f s (attempt %d of %d)",
             self.label,
             problem,
-            state.upcoming_sleep,
+            self._wait(state),
             state.attempt_number + 1,
             self.config.max_retries + 1,
         )
