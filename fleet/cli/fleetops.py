@@ -153,6 +153,9 @@ def up(
         settings=config,
         flower_port=config.flower_port if flower_port is None else flower_port,
     )
+    # Ctrl-C and SIGTERM both stop the fleet (SIGINT even where a shell started us
+    # in the background with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     console.print(f"starting a local fleet: {workers} workers ...", highlight=False)
     local.start()
