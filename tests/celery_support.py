@@ -1,0 +1,171 @@
+"""Real Celery worker processes for the fleet tests (started and stopped by PID).
+
+``CeleryWorkers`` starts N ``celery -A workers.app worker --pool threads`` subprocesses
+against the session's Redis, with a queue and key prefix of their own, the tests'
+agents file and the repo on PYTHONPATH; it waits until each answers a ping. ``kill``
+SIGKILLs one worker (the fault tests); ``stop`` sends SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.celery import CeleryExecutor, configure_app
+from fleet.config import FleetSettings
+
+REPO = Path(__file__).resolve().parent.parent
+AGENTS_FILE = REPO / "tests" / "agents.toml"
+
+
+def fleet_settings(redis_url: str, prefix: str | None = None, **overrides: Any) -> FleetSettings:
+    """Settings for one test module's fleet: its own queue and key prefix, short timeouts."""
+    prefix = prefix or f"fleet-test-{uuid.uuid4().hex[:10]}"
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "key_prefix": prefix,
+        "queue": f"{prefix}.steps",
+        "agents_file": AGENTS_FILE,
+        "claim_timeout_s": 2.0,
+        "step_lease_s": 1.0,
+        "max_in_flight": 8,
+        **overrides,
+    }
+    return FleetSettings(**values)
+
+
+def settings_env(settings: FleetSettings) -> dict[str, str]:
+    """``FLEET_*`` variables that make a worker read exactly ``settings``."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env[f"FLEET_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass
+class CeleryWorkers:
+    """A set of worker subprocesses sharing one queue."""
+
+    settings: FleetSettings
+    directory: Path
+    concurrency: int = 4
+    env: Mapping[str, str] = field(default_factory=dict)
+    workers: dict[str, Worker] = field(default_factory=dict)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update(settings_env(self.settings))
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["FLEET_CONFIG"] = str(REPO / "config" / "fleet.toml")
+        return env
+
+    def start(self, *names: str, concurrency: int | None = None) -> list[Worker]:
+        """Start the named workers (``worker1``...) and wait until they answer a ping."""
+        started = []
+        for name in names:
+            log = self.directory / f"{name}.log"
+            with open(log, "ab") as output:
+                process = subprocess.Popen(
+                    [
+                        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                        f"--hostname={name}@%h", "--pool=threads",
+                        f"--concurrency={concurrency or self.concurrency}",
+                        "--loglevel=INFO", "--without-mingle", "--without-gossip",
+                    ],
+                    cwd=REPO,
+                    env=self._env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            worker = self.workers[name] = Worker(name, process, log)
+            started.append(worker)
+        self.wait_ready([w.node for w in started])
+        return started
+
+    def wait_ready(self, nodes: list[str], timeout: float = 60.0) -> None:
+        app = configure_app(self.settings)
+        try:
+            deadline = time.monotonic() + timeout
+            waiting = set(nodes)
+            while waiting:
+                for worker in self.workers.values():
+                    if worker.node in waiting and worker.process.poll() is not None:
+                        raise RuntimeError(f"{worker.name} exited:\n{worker.log_text()[-3000:]}")
+                replies = app.control.ping(destination=sorted(waiting), timeout=0.5)
+                for reply in replies:
+                    waiting -= set(reply)
+                if waiting and time.monotonic() > deadline:
+                    raise RuntimeError(f"workers {sorted(waiting)} did not answer a ping")
+        finally:
+            app.close()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one worker (its whole process group: no warm shutdown, no acks)."""
+        worker = self.workers.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM every worker, then SIGKILL whatever is left after a few seconds."""
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.process.pid, signal.SIGKILL)
+                worker.process.wait(timeout=10)
+        self.workers.clear()
+
+    def executor(self, **options: Any) -> CeleryExecutor:
+        """A host for these workers (same settings unless overridden)."""
+        return CeleryExecutor(settings=self.settings, **options)
+
+
+@contextlib.contextmanager
+def running_workers(
+    settings: FleetSettings,
+    directory: Path,
+    *names: str,
+    concurrency: int = 4,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[CeleryWorkers]:
+    """Start ``names`` workers; stop them by PID on exit."""
+    fleet = CeleryWorkers(settings, directory, concurrency, dict(env or {}))
+    try:
+        fleet.start(*names)
+        yield fleet
+    finally:
+        fleet.stop()

@@ -1,0 +1,53 @@
+"""The Celery app of a fleet worker: ``celery -A workers.app worker``.
+
+:func:`create_app` builds it from settings (broker, queue, agents file); nothing is
+created at import time. The module attribute ``app`` is built on first access from
+:func:`fleet.config.load_settings` (``config/fleet.toml`` and ``FLEET_*`` variables),
+which is what the ``celery`` command line looks up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from fleet.agents import AgentRegistry, load_agents
+from fleet.celery import configure_app, load_stages
+from fleet.config import FleetSettings, load_settings
+
+from .tasks import WorkerRuntime, register_tasks
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: FleetSettings | None = None) -> Celery:
+    """A Celery app that runs fleet steps.
+
+    JSON only, late acks with ``reject_on_worker_lost``, prefetch multiplier 1, task
+    events on. Agents come from ``[agents.NAME]`` and named pipeline stages from
+    ``[stages.NAME] target = "pkg.mod:func"`` tables of ``settings.agents_file``: a
+    worker runs only what is registered there.
+
+    Raises:
+        ConfigError: the agents file is missing or invalid.
+    """
+    settings = settings if settings is not None else load_settings()
+    registry = AgentRegistry(load_agents(settings.agents_file))
+    stages = load_stages(settings.agents_file)
+    app = configure_app(settings)
+    register_tasks(app, WorkerRuntime(settings, registry, stages))
+    return app
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """Build ``app`` on first access (``celery -A workers.app worker`` asks for it)."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

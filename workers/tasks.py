@@ -1,0 +1,321 @@
+"""The worker's tasks: ``fleet.run_step`` (one step) and ``fleet.run_stage`` (one chain link).
+
+Both are sync shims at the edge: each decodes its JSON message (a poison message is
+rejected with a logged reason and never executed), claims the step (a done-marker or
+a live lease elsewhere means this delivery is a duplicate: the agent does not run
+twice), runs the shared step body :func:`fleet.local.run_agent` on this thread's event
+loop, records the outcome and tells the host on its reply list.
+
+``bench.noop`` is a plain no-op task the benchmark compares fleet against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import Reject
+
+from fleet.agents import AgentContext, AgentRegistry
+from fleet.celery import (
+    CLAIM_SCRIPT,
+    FINISH_SCRIPT,
+    PROTOCOL_VERSION,
+    RENEW_SCRIPT,
+    STAGE_TASK,
+    STEP_TASK,
+    StageMessage,
+    StepMessage,
+    _Keys,
+)
+from fleet.config import FleetSettings
+from fleet.errors import SpecError, UnknownAgentError
+from fleet.local import run_agent
+from fleet.spec import AgentStepSpec, StepOutcome
+
+__all__ = ["BENCH_NOOP_TASK", "WorkerRuntime", "register_tasks"]
+
+logger = logging.getLogger("fleet.worker")
+
+BENCH_NOOP_TASK = "bench.noop"
+"""A raw Celery no-op task: the baseline ``bench/celery_host.py`` measures fleet against."""
+
+_REPLY_TTL_S = 3600
+
+
+class PoisonMessage(ValueError):
+    """A message this worker cannot trust: never executed."""
+
+
+def _parse(model: type[Any], payload: object) -> Any:
+    if not isinstance(payload, str):
+        raise PoisonMessage(f"expected JSON text, got {type(payload).__name__}")
+    try:
+        head = json.loads(payload)
+    except ValueError as error:
+        raise PoisonMessage(f"not valid JSON ({error})") from None
+    version = head.get("v") if isinstance(head, dict) else None
+    if version != PROTOCOL_VERSION:
+        raise PoisonMessage(
+            f"unknown message schema version {version!r} (this worker speaks "
+            f"{PROTOCOL_VERSION}); upgrade the worker or the host so they match"
+        )
+    try:
+        return model.from_dict(head)
+    except SpecError as error:
+        raise PoisonMessage(str(error)) from None
+
+
+class _LeaseKeeper:
+    """Renews this process's step leases from one background thread.
+
+    A thread rather than the step's event loop, so a lease stays alive while an agent
+    hogs its loop; it stops with the process, so a killed worker's leases lapse.
+    """
+
+    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int) -> None:
+        self._client = client
+        self._lease_ms = lease_ms
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def hold(self, key: str, owner: str) -> None:
+        with self._lock:
+            self._held[key] = owner
+            if self._pid != os.getpid():  # first use in this (possibly forked) process
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="fleet-leases", daemon=True).start()
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def _run(self) -> None:
+        renew = self._client().register_script(RENEW_SCRIPT)
+        while True:
+            time.sleep(self._lease_ms / 3000)
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                continue
+            try:
+                pipe = self._client().pipeline(transaction=False)
+                for key, owner in held:
+                    renew(keys=[key], args=[owner, self._lease_ms], client=pipe)
+                pipe.execute()
+            except redis.RedisError as error:
+                logger.warning("could not renew %d step leases: %s", len(held), error)
+
+
+class WorkerRuntime:
+    """What a worker process knows: settings, agents, stages, its Redis connections."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        registry: AgentRegistry,
+        stages: dict[str, Callable[..., Any]],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stages = stages
+        self.keys = _Keys(settings.key_prefix)
+        self._redis: redis.Redis | None = None
+        self._pid = 0
+        self._local = threading.local()
+        self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+
+    def redis(self) -> redis.Redis:
+        """This process's Redis client (re-created after a fork)."""
+        if self._redis is None or self._pid != os.getpid():
+            self._redis = redis.Redis.from_url(self.settings.redis_url)
+            self._pid = os.getpid()
+            self._claim = self._redis.register_script(CLAIM_SCRIPT)
+            self._finish = self._redis.register_script(FINISH_SCRIPT)
+        return self._redis
+
+    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(coro)
+
+    # ------------------------------------------------------------------ claim / finish
+
+    def claim(self, tid: str, nonce: str, reply: str, notice: str) -> tuple[str, Any]:
+        """``("claimed", owner)``, ``("done", outcome json)`` or ``("held", owner)``."""
+        self.redis()
+        owner = f"{uuid.uuid4().hex[:12]}"
+        status, value = self._claim(
+            keys=[self.keys.done(tid), self.keys.failed(tid, nonce), self.keys.lease(tid), reply],
+            args=[owner, int(self.settings.step_lease_s * 1000), notice, _REPLY_TTL_S],
+        )
+        status = status.decode()
+        if status == "claimed":
+            self._leases.hold(self.keys.lease(tid), owner)
+            return status, owner
+        return status, value
+
+    def finish(
+        self, tid: str, nonce: str, owner: str, outcome: StepOutcome, reply: str, *notices: str
+    ) -> None:
+        """Record the outcome (success for good; a failure for this dispatch), notify, unlease."""
+        done = self.keys.done(tid) if outcome.success else self.keys.failed(tid, nonce)
+        self._leases.release(self.keys.lease(tid))
+        self._finish(
+            keys=[done, self.keys.lease(tid), reply],
+            args=[outcome.to_json(), self.settings.result_expires_s, owner, _REPLY_TTL_S,
+                  *notices],
+        )
+
+    def check_reply(self, reply: str) -> None:
+        """A message may only name a reply list under this fleet's key prefix."""
+        if not reply.startswith(self.keys.reply("")):
+            raise PoisonMessage(f"reply list {reply!r} is outside key prefix "
+                                f"{self.settings.key_prefix!r}")
+
+    # ------------------------------------------------------------------ the step body
+
+    def execute(self, spec: AgentStepSpec, worker: str, message: StepMessage | None) -> StepOutcome:
+        """Run one step here with the shared step body; never raises."""
+        started = time.monotonic()
+        try:
+            definition = self.registry.resolve(spec.agent)
+        except UnknownAgentError as error:
+            return StepOutcome.failed(
+                spec.task_id, spec.agent, str(error), error="unknown_agent", worker=worker
+            )
+        ctx = AgentContext(
+            spec=spec,
+            deadline=None if spec.timeout_s is None else started + spec.timeout_s,
+            worker=worker,
+            workflow_id=None if message is None else message.workflow_id,
+        )
+        hold = None if message is None else message.budget
+        if hold is not None:
+            ctx.held_tokens = hold.tokens
+        outcome: StepOutcome = self.run_async(
+            self._run(definition, spec, ctx, started, message)
+        )
+        return outcome
+
+    async def _run(
+        self,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+        message: StepMessage | None,
+    ) -> StepOutcome:
+        outcome = await run_agent(definition, spec, ctx, started=started)
+        if message is not None and message.budget is not None:
+            await self._settle(message, ctx.used.total_tokens)
+        if message is not None and message.workflow_id is not None and outcome.success:
+            await self._journal(message.workflow_id, spec, outcome)
+        return outcome
+
+    async def _settle(self, message: StepMessage, used: int) -> None:
+        from fleet.budget import WorkflowBudget
+        from fleet.ledgers.redis import RedisLedger
+
+        hold = message.budget
+        assert hold is not None
+        ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        try:
+            budget = WorkflowBudget(
+                hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
+            )
+            await budget.reservation(hold.reservation_id, hold.tokens).settle(used)
+        except Exception:
+            logger.exception("could not settle reservation %s", hold.reservation_id)
+        finally:
+            close = getattr(ledger, "close", None)
+            if close is not None:
+                await close()
+
+    async def _journal(self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome) -> None:
+        from fleet.checkpoint import WorkflowStepRecord
+        from fleet.stores.redis import RedisCheckpointStore
+
+        store = RedisCheckpointStore(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        try:
+            record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
+            await store.record_step(workflow_id, record)
+        except Exception:
+            # Losing a journal record must not fail the live step; the host journals too.
+            logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
+        finally:
+            await store.close()
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _start_notice(tid: str, worker: str) -> str:
+    return json.dumps({"t": "start", "id": tid, "w": worker})
+
+
+def _done_notice(tid: str, outcome_json: str) -> str:
+    return f'{{"t":"done","id":{json.dumps(tid)},"o":{outcome_json}}}'
+
+
+def _summary(outcome: StepOutcome, **extra: Any) -> dict[str, Any]:
+    """What a task returns (and Flower shows): never the output or the prompt."""
+    return {
+        "task_id": outcome.task_id,
+        "agent": outcome.agent,
+        "success": outcome.success,
+        "error": outcome.error,
+        **extra,
+    }
+
+
+def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str, Any]:
+    """The body of ``fleet.run_step``."""
+    tid, worker = request.id, request.hostname or "worker"
+    try:
+        message: StepMessage = _parse(StepMessage, payload)
+        runtime.check_reply(message.reply)
+    except PoisonMessage as error:
+        logger.error("rejected %s message %s: %s; it will not run", STEP_TASK, tid, error)
+        raise Reject(f"poison message: {error}", requeue=False) from None
+    spec = message.spec
+    status, value = runtime.claim(tid, message.nonce, message.reply, _start_notice(tid, worker))
+    if status == "done":
+        # A duplicate of a step that already finished: hand back the recorded outcome.
+        runtime.redis().rpush(message.reply, _done_notice(tid, value.decode()))
+        logger.info("step %s (task %s) already ran; not running it again", spec.task_id, tid)
+        return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
+    if status == "held":
+        logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
+        return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
+    outcome = runtime.execute(spec, worker, message)
+    runtime.finish(
+        tid, message.nonce, value, outcome, message.reply, _done_notice(tid, outcome.to_json())
+    )
+    return _summary(outcome)
+
+
+def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
+    """Register fleet's tasks on ``app``, bound to ``runtime``."""
+    @app.task(name=STEP_TASK, bind=True, ignore_result=True, acks_late=True,
+              reject_on_worker_lost=True)
+    def fleet_run_step(self: Any, payload: object) -> dict[str, Any]:
+        return run_step(runtime, self.request, payload)
+
+    @app.task(name=BENCH_NOOP_TASK)
+    def bench_noop(*args: Any) -> Any:
+        return args[0] if args else None
+
+    _ = (fleet_run_step, bench_noop)
