@@ -65,3 +65,43 @@ def _append(path: Path) -> None:
 def _append(path: Path) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("x")
+
+
+async def count_where(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Append this worker's name to FLEET_TEST_COUNTER_DIR/<task_id>, sleep, echo.
+
+    One line per run, so a test sees how many times a step ran and where.
+    """
+    directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
+    with open(directory / spec.task_id, "a", encoding="utf-8") as handle:
+        handle.write(f"{ctx.worker}\n")
+    await asyncio.sleep(float(os.environ.get("FLEET_TEST_STEP_SLEEP", "0")))
+    return spec.prompt
+
+
+_GAUGE_UP = """
+local now = redis.call('INCR', KEYS[1])
+if now > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], now) end
+return now
+"""
+
+
+async def gauge(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Echo after 50 ms, counting in Redis how many gauge steps run at once.
+
+    FLEET_TEST_GAUGE_URL / FLEET_TEST_GAUGE_KEY name the server and key; the peak is
+    kept at ``KEY:peak`` (works the same in-process and on Celery workers).
+    """
+    import redis.asyncio as aioredis
+
+    key = os.environ["FLEET_TEST_GAUGE_KEY"]
+    client = aioredis.Redis.from_url(os.environ["FLEET_TEST_GAUGE_URL"])
+    try:
+        await client.eval(_GAUGE_UP, 2, f"{key}:now", f"{key}:peak")
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            await client.decr(f"{key}:now")
+    finally:
+        await client.aclose()
+    return spec.prompt
