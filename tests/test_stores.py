@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -382,3 +384,90 @@ def test_open_store_rejects_unknown_targets(target: str) -> None:
     assert isinstance(caught.value, FleetError)
     assert caught.value.key == "store"
     assert ":pw@" not in str(caught.value)
+
+
+# --- fleet journal CLI ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def cli_store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A store target for the CLI; the key prefix comes from FLEET_KEY_PREFIX like in real use."""
+    if request.param == "sqlite":
+        return f"sqlite:{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("FLEET_KEY_PREFIX", request.getfixturevalue("key_prefix"))
+    return str(request.getfixturevalue("redis_url"))
+
+
+async def _seed(target: str, key_prefix: str | None) -> None:
+    store = open_store(target, key_prefix=key_prefix or "fleet")
+    await store.record_step("cli-wf", record("alpha", "SECRET-OUTPUT", workflow_id="cli-wf"))
+    await store.record_step("cli-wf", record("beta", "SECRET-OUTPUT", workflow_id="cli-wf"))
+    await store.close()
+
+
+async def test_cli_show_lists_steps_without_prompt_or_output(cli_store: str) -> None:
+    """`fleet journal show` prints task id, agent, success and tokens, never prompt or output."""
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    await _seed(cli_store, os.environ.get("FLEET_KEY_PREFIX"))
+    runner = CliRunner()
+    shown = await asyncio.to_thread(
+        runner.invoke, app, ["journal", "show", "cli-wf", "--store", cli_store]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "alpha" in shown.output and "beta" in shown.output and "echo" in shown.output
+    assert "2 completed steps" in shown.output and " 7 " in shown.output
+    assert "SECRET-OUTPUT" not in shown.output and "p-alpha" not in shown.output
+    listed = await asyncio.to_thread(runner.invoke, app, ["journal", "list", "--store", cli_store])
+    assert listed.output.split() == ["cli-wf"]
+    missing = await asyncio.to_thread(
+        runner.invoke, app, ["journal", "show", "nope", "--store", cli_store]
+    )
+    assert missing.exit_code == 1 and "no journal" in missing.output
+
+
+async def test_cli_rm_asks_first_and_yes_skips_the_question(cli_store: str) -> None:
+    """`fleet journal rm` deletes only after confirmation (or with --yes)."""
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    await _seed(cli_store, os.environ.get("FLEET_KEY_PREFIX"))
+    runner = CliRunner()
+    args = ["journal", "rm", "cli-wf", "--store", cli_store]
+    declined = await asyncio.to_thread(runner.invoke, app, args, input="n\n")
+    assert declined.exit_code == 1 and "Delete the journal" in declined.output
+    store = open_store(cli_store, key_prefix=os.environ.get("FLEET_KEY_PREFIX", "fleet"))
+    assert await store.load("cli-wf") is not None
+    accepted = await asyncio.to_thread(runner.invoke, app, args, input="y\n")
+    assert accepted.exit_code == 0 and "deleted" in accepted.output
+    assert await store.load("cli-wf") is None
+    await _seed(cli_store, os.environ.get("FLEET_KEY_PREFIX"))
+    forced = await asyncio.to_thread(runner.invoke, app, [*args, "--yes"])
+    assert forced.exit_code == 0 and "Delete the journal" not in forced.output
+    assert await store.load("cli-wf") is None
+    await store.close()
+
+
+async def test_cli_uses_the_configured_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --store the CLI reads FLEET_STORE; an unreadable journal is a CheckpointError."""
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    target = f"sqlite:{tmp_path / 'configured.db'}"
+    monkeypatch.setenv("FLEET_STORE", target)
+    store = open_store(target)
+    await store.save(WorkflowCheckpoint.from_records("cli-wf", [record("a")], schema_version=9))
+    await store.close()
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["journal", "show", "cli-wf"])
+    assert isinstance(result.exception, CheckpointError)
+    assert "schema version 9" in str(result.exception)
+    removed = await asyncio.to_thread(CliRunner().invoke, app, ["journal", "rm", "cli-wf", "-y"])
+    assert removed.exit_code == 0
