@@ -16,11 +16,12 @@ return to the budget without any sweeper process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import hashlib
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
@@ -28,8 +29,6 @@ from ..errors import BrokerError
 from .base import BudgetLedger, HeldReservation, LedgerState, ReserveResult, ReserveStatus
 
 __all__ = ["RedisLedger"]
-
-T = TypeVar("T")
 
 # KEYS: account, held, leases, settled. Defines `now` (ms) and releases expired leases.
 _PRELUDE = """
@@ -151,7 +150,16 @@ return out
 """
 )
 
+_SCRIPTS = {
+    "reserve": _RESERVE,
+    "settle": _SETTLE,
+    "renew": _RENEW,
+    "state": _STATE,
+    "held": _HELD,
+}
+_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 _STATUS: tuple[ReserveStatus, ...] = ("granted", "wait", "refused", "settled")
+_KEY_CACHE_SIZE = 1024
 
 
 def _limit(raw: int) -> tuple[int | None, bool]:
@@ -186,42 +194,42 @@ class RedisLedger(BudgetLedger):
     def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
         self.url = url
         self.key_prefix = key_prefix
-        self._clients: dict[asyncio.AbstractEventLoop, tuple[aioredis.Redis, dict[str, Any]]] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._key_cache: dict[str, tuple[bytes, ...]] = {}
 
     def __repr__(self) -> str:
         return f"RedisLedger({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
-    def _client(self) -> tuple[aioredis.Redis, dict[str, Any]]:
+    def _client(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
-        entry = self._clients.get(loop)
-        if entry is None:
+        client = self._clients.get(loop)
+        if client is None:
             # One pool per event loop: asyncio connections cannot cross loops.
             self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            client = aioredis.Redis.from_url(self.url)
-            scripts = {
-                name: client.register_script(text)
-                for name, text in (
-                    ("reserve", _RESERVE),
-                    ("settle", _SETTLE),
-                    ("renew", _RENEW),
-                    ("state", _STATE),
-                    ("held", _HELD),
-                )
-            }
-            entry = self._clients[loop] = (client, scripts)
-        return entry
+            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+        return client
 
-    def _keys(self, workflow_id: str) -> list[str]:
-        base = f"{self.key_prefix}:budget:{workflow_id}"
-        return [f"{base}:account", f"{base}:held", f"{base}:leases", f"{base}:settled"]
+    def _keys(self, workflow_id: str) -> tuple[bytes, ...]:
+        keys = self._key_cache.get(workflow_id)
+        if keys is None:
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            base = f"{self.key_prefix}:budget:{workflow_id}"
+            keys = self._key_cache[workflow_id] = tuple(
+                f"{base}:{part}".encode() for part in ("account", "held", "leases", "settled")
+            )
+        return keys
 
-    async def _run(self, script: str, workflow_id: str, *args: object) -> Any:
-        _, scripts = self._client()
-        return await self._guard(lambda: scripts[script](keys=self._keys(workflow_id), args=args))
-
-    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _run(self, script: str, workflow_id: str, *args: str | int) -> Any:
+        """Run one script: one EVALSHA round trip (a SCRIPT LOAD first on a new server)."""
+        client = self._client()
+        keys = self._keys(workflow_id)
         try:
-            return await call()
+            try:
+                return await client.evalsha(_SHAS[script], 4, *keys, *args)
+            except NoScriptError:
+                await client.script_load(_SCRIPTS[script])
+                return await client.evalsha(_SHAS[script], 4, *keys, *args)
         except (RedisConnectionError, RedisTimeoutError) as error:
             raise BrokerError(
                 f"cannot reach the budget ledger at {mask_url(self.url)} ({error}); "
@@ -275,11 +283,16 @@ class RedisLedger(BudgetLedger):
 
     async def delete(self, workflow_id: str) -> None:
         """Delete the account's keys; see :meth:`BudgetLedger.delete`."""
-        client, _ = self._client()
-        await self._guard(lambda: client.delete(*self._keys(workflow_id)))
+        try:
+            await self._client().delete(*self._keys(workflow_id))
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise BrokerError(
+                f"cannot reach the budget ledger at {mask_url(self.url)} ({error})",
+                url=mask_url(self.url),
+            ) from None
 
     async def close(self) -> None:
         """Close this event loop's connections (others are dropped with their loop)."""
-        entry = self._clients.pop(asyncio.get_running_loop(), None)
-        if entry is not None:
-            await entry[0].aclose()
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
