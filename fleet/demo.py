@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agents.base import AgentContext, AgentResult, estimate_tokens
+from .agents.base import AgentContext, AgentDefinition, AgentResult, estimate_tokens
 from .combinators import LoopDecision, execute_loop, execute_pipeline, execute_steps_parallel
 from .events import EventSink
 from .executor import AgentExecutor
@@ -27,7 +27,9 @@ __all__ = [
     "DEMO_AGENTS",
     "DEMO_AGENT_TARGETS",
     "SAMPLE_PROJECT",
+    "FINDINGS_SCHEMA",
     "DemoReport",
+    "llm_reviewers",
     "load_sources",
     "run_demo",
 ]
@@ -248,6 +250,92 @@ DEMO_AGENT_TARGETS: dict[str, str] = {
     name: f"{__name__}:{agent.__name__}" for name, agent in DEMO_AGENTS.items()
 }
 """The same agents as dotted paths, for an agents file a Celery worker loads."""
+
+
+FINDINGS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "findings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "line": {"type": "integer"},
+                    "rule": {"type": "string"},
+                    "message": {"type": "string"},
+                    "fixable": {"type": "boolean"},
+                },
+                "required": ["line", "rule", "message"],
+            },
+        }
+    },
+    "required": ["findings"],
+}
+"""What an LLM reviewer must answer with (``--llm`` mode)."""
+
+_FOCUS = {
+    "lint": "style: over-long lines, trailing whitespace, tabs, unresolved TODO/FIXME, "
+    "a missing module docstring (mark whitespace and tab problems fixable)",
+    "security": "security: eval/exec, unpickling untrusted data, shell=True, hard-coded secrets",
+    "complexity": "complexity: functions with too many branches or nesting",
+    "docs": "documentation: public functions or classes without docstrings or return types",
+}
+
+
+def llm_reviewers(
+    base_url: str, model: str, *, api_key_env: str | None = None
+) -> dict[str, AgentDefinition]:
+    """The four reviewers backed by a chat model on an OpenAI-compatible server.
+
+    Each asks the model for its kind of review of one file, as JSON matching
+    :data:`FINDINGS_SCHEMA` (validated, one repair call), and answers in the same shape as
+    the offline reviewers, so the rest of the demo is unchanged.
+    """
+    from .agents.openai import OpenAIAgent, OpenAIAgentConfig
+
+    agent = OpenAIAgent(
+        OpenAIAgentConfig(
+            base_url=base_url,
+            model=model,
+            api_key_env=api_key_env,
+            system="You are a meticulous Python code reviewer. Report only real problems.",
+            temperature=0.0,
+            max_tokens=700,
+        ),
+        name="demo-llm",
+    )
+
+    def question(spec: AgentStepSpec, kind: str) -> AgentStepSpec:
+        path, source = _source(spec)
+        numbered = "\n".join(f"{n:4} {line}" for n, line in enumerate(source.splitlines(), 1))
+        prompt = (
+            f"Review the Python file {path} for {_FOCUS[kind]}. Give each problem's line "
+            f"number, a short rule code and a one-sentence message.\n\n{numbered}"
+        )
+        return spec.model_copy(update={"prompt": prompt, "output_schema": FINDINGS_SCHEMA})
+
+    def reviewer(kind: str) -> AgentDefinition:
+        async def review(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
+            path, _ = _source(spec)
+            answer = await agent(question(spec, kind), ctx)
+            findings = [
+                _finding(int(f["line"]), str(f["rule"]), str(f["message"]),
+                         fixable=bool(f.get("fixable", False)))
+                for f in answer.structured["findings"]
+            ]  # fmt: skip
+            payload = {"path": path, "reviewer": kind, "findings": findings}
+            return AgentResult(
+                output=json.dumps(payload, sort_keys=True), structured=payload, usage=answer.usage
+            )
+
+        return AgentDefinition(
+            name=kind,
+            run=review,
+            reserve_tokens=lambda spec: agent.reserve_tokens(question(spec, kind)),
+            kind="openai",
+        )
+
+    return {kind: reviewer(kind) for kind in REVIEWERS}
 
 
 def load_sources(root: Path = SAMPLE_PROJECT) -> dict[str, str]:

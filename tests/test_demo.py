@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -39,3 +40,36 @@ def test_fleet_demo_command_prints_a_summary() -> None:
     assert result.returncode == 0, result.stderr
     assert "review verdicts" in result.stdout
     assert "33 steps: 33 succeeded, 0 failed; 2 fix round(s)" in result.stdout
+
+
+def test_fleet_demo_with_an_llm_server() -> None:
+    """`fleet demo --llm URL --model NAME` asks the model for every review and uses its JSON."""
+    from tests.fake_openai import FakeOpenAI, reply
+
+    finding = {"line": 1, "rule": "LLM1", "message": "the model found this", "fixable": False}
+    with FakeOpenAI() as server:
+        server.script(*[reply(json.dumps({"findings": [finding]})) for _ in range(20)])
+        result = subprocess.run(
+            [sys.executable, "-m", "fleet", "demo", "--llm", server.base_url, "--model", "m"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        requests = list(server.requests)
+    assert result.returncode == 0, result.stderr
+    assert len(requests) == 20
+    assert {r.body["model"] for r in requests} == {"m"}
+    assert all("Authorization" not in r.headers for r in requests)
+    assert "33 steps: 33 succeeded" in result.stdout
+
+
+def test_fleet_demo_rejects_llm_without_model() -> None:
+    """--llm without --model is a usage error that names the missing option."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fleet", "demo", "--llm", "http://127.0.0.1:9/v1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--model" in result.stderr

@@ -219,3 +219,18 @@ def test_executor_survives_several_event_loops() -> None:
     for _ in range(2):
         outcomes = asyncio.run(execute_steps_parallel(executor, [spec(str(i)) for i in range(4)]))
         assert all(o.success for o in outcomes)
+
+
+async def test_agent_objects_keep_their_own_reservation_rule() -> None:
+    """An agent object with a definition() method is registered with its reservation rule."""
+    from fleet.agents import AgentDefinition
+
+    class Sized:
+        async def __call__(self, spec: AgentStepSpec, ctx: AgentContext) -> str:
+            return f"held {ctx.held_tokens}"
+
+        def definition(self, name: str) -> AgentDefinition:
+            return AgentDefinition(name=name, run=self, reserve_tokens=lambda spec: 77)
+
+    executor = LocalExecutor(agents={"sized": Sized()})
+    assert executor.registry.resolve("sized").reservation_for(spec("a", "sized"), 1000) == 77

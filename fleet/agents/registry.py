@@ -69,6 +69,12 @@ def _definition(name: str, agent: AgentLike) -> AgentDefinition:
         )
     if isinstance(agent, str):
         agent = resolve_target(agent)
+    as_definition = getattr(agent, "definition", None)
+    if callable(as_definition):
+        # Agent objects that know their own default reservation (e.g. OpenAIAgent).
+        found = as_definition(name)
+        if isinstance(found, AgentDefinition):
+            return found
     if not inspect.iscoroutinefunction(agent) and not inspect.iscoroutinefunction(
         getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
     ):

@@ -96,15 +96,33 @@ async def _run(executor: AgentExecutor, progress: Progress) -> DemoReport:
 @app.command()
 def demo(
     concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Steps at once."),
+    llm: str | None = typer.Option(
+        None,
+        "--llm",
+        metavar="BASE_URL",
+        help="Review with a chat model on this OpenAI-compatible server "
+        "(e.g. http://127.0.0.1:8000/v1) instead of the offline reviewers.",
+    ),
+    model: str | None = typer.Option(None, "--model", help="The model name (with --llm)."),
+    api_key_env: str | None = typer.Option(
+        None, "--api-key-env", help="Environment variable holding the API key (with --llm)."
+    ),
 ) -> None:
     """Run the bundled code-review workflow on the embedded default (no services needed)."""
-    from ..demo import DEMO_AGENTS
+    from ..demo import DEMO_AGENTS, llm_reviewers
 
-    executor = LocalExecutor(agents=DEMO_AGENTS, max_concurrency=concurrency)
+    agents: dict[str, Any] = dict(DEMO_AGENTS)
+    if llm is not None:
+        if not model:
+            raise typer.BadParameter("--llm needs --model NAME (the model the server knows)")
+        agents.update(llm_reviewers(llm, model, api_key_env=api_key_env))
+    elif model or api_key_env:
+        raise typer.BadParameter("--model and --api-key-env only make sense with --llm BASE_URL")
+    executor = LocalExecutor(agents=agents, max_concurrency=concurrency)
     progress = Progress()
     started = time.monotonic()
     console.print(
-        f"reviewing the bundled sample project with {len(DEMO_AGENTS)} agents on {executor!r}",
+        f"reviewing the bundled sample project with {len(agents)} agents on {executor!r}",
         highlight=False,
     )
     if console.is_terminal:
