@@ -297,12 +297,15 @@ def _executor(
         )
     if kind == "celery":
         try:
-            from ..celery import CeleryExecutor  # type: ignore[import-not-found, unused-ignore]
+            from ..celery import CeleryExecutor
         except ImportError as error:
             raise ConfigError(f"the Celery host cannot be loaded: {error}") from None
-        executor: AgentExecutor = CeleryExecutor(
-            config.redis_url, budget=budget, max_in_flight=config.max_in_flight
-        )
+        if agents:
+            _say(
+                "note: Celery workers run the agents of their own agents file; make sure "
+                f"it declares {', '.join(sorted(agents))}"
+            )
+        executor: AgentExecutor = CeleryExecutor(settings=config, budget=budget)
         return executor
     raise ConfigError(f"unknown executor {kind!r}; use 'local' or 'celery'", key="--executor")
 
@@ -563,7 +566,7 @@ async def _budget_line(config: FleetSettings, root_id: str) -> str:
     try:
         state = await asyncio.wait_for(ledger.state(root_id), 5.0)
     except Exception as error:
-        return f"budget: no shared ledger reachable at {config.masked_redis_url()} ({error})"
+        return f"budget: no shared ledger readable ({error})"
     finally:
         await ledger.close()
     if not state.limit_set and state.consumed == 0 and state.reserved == 0:

@@ -1,0 +1,246 @@
+"""`fleet run`, `fleet status` and `fleet watch`, end to end through subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_workflow import FLOW, counts, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fleet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet", *args]
+
+
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    values = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    values.update(
+        PYTHONPATH=str(REPO),
+        FLEET_AGENTS_FILE=str(tmp_path / "no-agents.toml"),
+        FLEET_STORE=f"sqlite:{tmp_path / 'journal.db'}",
+    )
+    values.update(extra)
+    return values
+
+
+def run_fleet(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fleet(*args),
+        cwd=REPO,
+        env=env(tmp_path, **extra),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        (
+            "panel",
+            [
+                "phase 0 review: 20 steps",
+                "phase 0 review: 20 ok, 0 failed",
+                "phase 1 judge: 5 ok, 0 failed",
+                '"2 ** 10 = 1000": "rejected"',
+                '"17 * 23 = 391": "accepted"',
+                "2 phases, 25 steps run (0 failed)",
+            ],
+        ),
+        (
+            "pipeline",
+            [
+                '"empty": "(nothing to summarize)"',
+                '"budget": "Every step reserves tokens before it runs."',
+                "10 steps run (0 failed)",
+            ],
+        ),
+        (
+            "loop_until_dry",
+            ["[info] round 4: 0 new pages", '"rounds": 4', '"/docs/redis"', "10 steps run"],
+        ),
+    ],
+)
+def test_fleet_run_runs_each_example(tmp_path: Path, example: str, expected: list[str]) -> None:
+    """Each example runs offline through `fleet run` and prints its result and a summary."""
+    done = run_fleet(tmp_path, "run", f"examples/{example}.py:main", "--root-id", f"ex-{example}")
+    assert done.returncode == 0, done.stderr
+    assert f"workflow ex-{example} finished" in done.stdout
+    for line in expected:
+        assert line in done.stdout
+    # Finished: the journals of the run were cleared.
+    status = run_fleet(tmp_path, "status", f"ex-{example}")
+    assert "no phases journaled" in status.stdout
+
+
+def test_fleet_run_accepts_a_module_path(tmp_path: Path) -> None:
+    """`package.module:main` works as well as a file path."""
+    done = run_fleet(tmp_path, "run", "examples.panel:main", "--store", "memory")
+    assert done.returncode == 0, done.stderr
+    assert "2 phases, 25 steps run" in done.stdout
+
+
+def test_fleet_run_with_a_budget_reports_exhaustion_once(tmp_path: Path) -> None:
+    """A budget too small for the panel refuses steps and reports exhaustion exactly once."""
+    done = run_fleet(
+        tmp_path, "run", "examples/panel.py:main", "--budget", "300", "--concurrency", "1"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("budget exhausted:") == 1
+    assert "FAILED (budget_exhausted)" in done.stdout
+    assert "/ 300" in done.stdout  # tokens against the limit in the summary
+
+
+def test_fleet_run_failing_program_exits_1_and_says_how_to_resume(tmp_path: Path) -> None:
+    """A program that raises exits 1, keeps its journal and prints the resume command."""
+    flow = tmp_path / "broken.py"
+    flow.write_text(
+        "from fleet import AgentStepSpec\n"
+        "async def main(workflow):\n"
+        "    spec = AgentStepSpec(task_id='a', agent='echo', description='a', prompt='hi')\n"
+        "    await workflow.phase('first', [spec])\n"
+        "    raise RuntimeError('the program broke')\n"
+    )
+    done = run_fleet(tmp_path, "run", f"{flow}:main", "--root-id", "broken-1")
+    assert done.returncode == 1
+    assert "RuntimeError: the program broke" in done.stderr
+    assert "re-run with --root-id broken-1 to resume" in done.stdout
+    status = run_fleet(tmp_path, "status", "broken-1")
+    assert "phase first: 1 steps journaled" in status.stdout
+
+
+def test_fleet_run_rejects_a_target_without_an_async_main(tmp_path: Path) -> None:
+    """A missing file or a non-async main fails with exit 2 and a message naming it."""
+    missing = run_fleet(tmp_path, "run", "nowhere/flow.py:main")
+    assert missing.returncode == 2
+    assert "'nowhere/flow.py' does not exist" in missing.stderr
+    flow = tmp_path / "sync.py"
+    flow.write_text("def main(workflow):\n    return 1\n")
+    sync = run_fleet(tmp_path, "run", f"{flow}:main")
+    assert sync.returncode == 2
+    assert "expected `async def main(workflow)`" in sync.stderr
+
+
+@pytest.mark.faults
+def test_fleet_status_shows_journaled_phases_and_budget_after_a_crash(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """After kill -9 in phase 3, `fleet status` lists phases 1–2 as journaled, and the budget."""
+    flow = tmp_path / "three_phases.py"
+    flow.write_text(FLOW)
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    shared = {
+        "FLEET_REDIS_URL": redis_url,
+        "FLEET_KEY_PREFIX": key_prefix,
+        "FLEET_TEST_COUNTER_DIR": str(counters),
+    }
+    child = subprocess.Popen(
+        fleet("run", f"{flow}:main", "--root-id", "st-1", "--store", redis_url, "--budget", "9000"),
+        cwd=REPO,
+        env=env(tmp_path, FLOW_HANG="1", **shared),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for((counters / "reached-phase-3").exists, 60, child)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert counts(counters)["p1"] == 1
+    status = run_fleet(tmp_path, "status", "st-1", "--store", redis_url, **shared)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    phases = [line.strip() for line in lines if line.strip().startswith("phase ")]
+    assert [line.split(" (")[0] for line in phases] == [
+        "phase gather: 3 steps journaled",
+        "phase review: 2 steps journaled",
+    ]
+    assert any(line.startswith("budget: 0 consumed") and "of 9000 tokens" in line for line in lines)
+
+
+@pytest.mark.redis
+def test_fleet_watch_follows_a_run_from_another_process(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """`fleet watch` started before the run prints its events and exits when it finishes."""
+    shared = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": key_prefix}
+    watcher = subprocess.Popen(
+        fleet("watch", "watched-1", "--timeout", "60"),
+        cwd=REPO,
+        env=env(tmp_path, PYTHONUNBUFFERED="1", **shared),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline().rstrip("\n")  # the watcher is ready before the run
+        done = run_fleet(
+            tmp_path,
+            "run",
+            "examples/panel.py:main",
+            "--root-id",
+            "watched-1",
+            "--event-stream",
+            redis_url,
+            **shared,
+        )
+        assert done.returncode == 0, done.stderr
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            os.kill(watcher.pid, signal.SIGKILL)
+            watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    assert first == f"waiting for workflow watched-1 to start ({key_prefix}:events:watched-1)"
+    lines = out.splitlines()
+    assert lines[0] == "workflow watched-1 started"
+    assert "phase 0 review: 20 steps" in lines
+    assert "phase 1 judge: 5 ok, 0 failed" in lines
+    assert '[info] 2 ** 10 = 1000: rejected votes="2/4"' in lines
+    assert sum("step review-" in line for line in lines) == 20
+    assert lines[-1] == "workflow watched-1 finished"
+    # Watching a run that already ended replays it from its start marker and exits.
+    again = run_fleet(tmp_path, "watch", "watched-1", "--timeout", "10", **shared)
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[-1] == "workflow watched-1 finished"
+    assert "phase 1 judge: 5 ok, 0 failed" in again.stdout
+
+
+@pytest.mark.celery
+def test_fleet_run_on_celery_workers(tmp_path: Path, redis_url: str) -> None:
+    """`--executor celery` runs the panel on a real worker; the event stream shows where."""
+    from tests.celery_support import fleet_settings, running_workers, settings_env
+
+    settings = fleet_settings(redis_url, agents_file=REPO / "examples" / "agents.toml")
+    shared = {k: v for k, v in settings_env(settings).items() if k != "FLEET_STORE"}
+    with running_workers(settings, tmp_path, "worker1"):
+        done = run_fleet(
+            tmp_path,
+            "run",
+            "examples/panel.py:main",
+            "--executor",
+            "celery",
+            "--root-id",
+            "on-celery",
+            "--store",
+            redis_url,
+            **shared,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "2 phases, 25 steps run (0 failed)" in done.stdout
+        assert '"99 * 99 = 9810": "rejected"' in done.stdout
+        replay = run_fleet(tmp_path, "watch", "on-celery", "--timeout", "10", **shared)
+    steps = [line for line in replay.stdout.splitlines() if line.startswith("  step ")]
+    assert len(steps) == 25
+    assert all(" on worker1@" in line for line in steps)
