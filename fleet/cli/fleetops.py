@@ -161,9 +161,9 @@ def up(
     local.start()
     code = 0
     try:
-        _announce(local)
-        if pidfile is not None:
+        if pidfile is not None:  # before the "is up" line, so a reader of it finds the file
             _write_pidfile(pidfile, local)
+        _announce(local)
         code = _watch(local)
     except KeyboardInterrupt:
         pass

@@ -1,0 +1,205 @@
+"""`fleet worker`, `fleet flower` and `fleet up` as a user runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fleet.config import FleetSettings
+from fleet.localfleet import celery_command
+
+ROOT = Path(__file__).resolve().parent.parent
+FLEET = [sys.executable, "-m", "fleet"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without FLEET_* settings, reading the shipped config, plus ``extra``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not (key.startswith("FLEET_") and key[6:].lower() in FleetSettings.model_fields)
+    }
+    env.update(FLEET_CONFIG=str(ROOT / "config" / "fleet.toml"), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture
+def agents_file(tmp_path: Path) -> Path:
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.slow_echo]\nkind = "python"\ntarget = "tests.agents:slow_echo"\n')
+    return path
+
+
+def test_flower_without_a_password_refuses_to_start() -> None:
+    """`fleet flower` with no password configured exits non-zero and says what to set."""
+    result = subprocess.run(
+        [*FLEET, "flower"], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "Flower needs a password" in result.stderr
+    assert "FLEET_FLOWER_PASSWORD" in result.stderr
+
+
+def test_worker_help_lists_its_options() -> None:
+    """`fleet worker --help` documents concurrency, pool, queues and log level."""
+    result = subprocess.run(
+        [*FLEET, "worker", "--help"], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for option in ("--concurrency", "--pool", "threads", "prefork", "--queues", "--loglevel"):
+        assert option in result.stdout
+
+
+@pytest.mark.celery
+def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
+    redis_url: str, key_prefix: str, agents_file: Path
+) -> None:
+    """`fleet worker` execs Celery (same PID) on FLEET_REDIS_URL; it answers pings, stops on TERM."""
+    node = f"cli-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    env = clean_env(
+        FLEET_REDIS_URL=redis_url,
+        FLEET_KEY_PREFIX=key_prefix,
+        FLEET_QUEUE=f"{key_prefix}.steps",
+        FLEET_AGENTS_FILE=str(agents_file),
+    )
+    worker = subprocess.Popen(
+        [*FLEET, "worker", "-c", "1", "--hostname", node.replace(socket.gethostname(), "%h")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        replies: dict[str, object] = {}
+        while node not in replies:
+            assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
+            assert time.monotonic() < deadline, "the worker never answered a ping"
+            ping = subprocess.run(
+                celery_command("inspect", "ping", "--json", "--timeout=1", f"--destination={node}"),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if ping.returncode == 0:
+                replies = json.loads(ping.stdout.strip().splitlines()[-1])
+        cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"celery" in cmdline and b"worker" in cmdline  # exec'd, not a child
+        assert children_of(worker.pid) == set()  # threads pool: no helper processes
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+        if worker.stderr:
+            worker.stderr.close()
+    assert not alive(worker.pid)
+
+
+def read_lines(stream: object, into: queue.Queue[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        into.put(line)
+    into.put("")
+
+
+@pytest.fixture
+def pidfile(tmp_path: Path) -> Iterator[Path]:
+    """Where `fleet up` writes its PIDs; if a test fails first, kill what it lists, by PID."""
+    path = tmp_path / "fleet.pids"
+    yield path
+    if path.exists():
+        for record in json.loads(path.read_text())["processes"]:
+            if alive(record["pid"]):
+                os.kill(record["pid"], signal.SIGKILL)
+
+
+@pytest.mark.celery
+@pytest.mark.slow
+def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
+    agents_file: Path, key_prefix: str, pidfile: Path
+) -> None:
+    """`fleet up` prints where everything is; on SIGINT every PID it started is gone."""
+    env = clean_env(FLEET_AGENTS_FILE=str(agents_file), FLEET_KEY_PREFIX=key_prefix)
+    up = subprocess.Popen(
+        [*FLEET, "up", "--workers", "2", "--concurrency", "1", "--flower-port", "0"]
+        + ["--pidfile", str(pidfile)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=read_lines, args=(up.stdout, lines), daemon=True).start()
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not output or "fleet is up" not in output[-1]:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line, "fleet up exited before it was ready:\n" + "".join(output)
+            output.append(line)
+        text = "".join(output)
+        record = json.loads(pidfile.read_text())
+        pids = {entry["name"]: entry["pid"] for entry in record["processes"]}
+        assert record["pid"] == up.pid
+        assert set(pids) == {
+            "redis",
+            "flower",
+            f"worker1@{socket.gethostname()}",
+            f"worker2@{socket.gethostname()}",
+        }
+        assert children_of(up.pid) == set(pids.values())
+        for name, pid in pids.items():
+            assert f"(pid {pid}" in text, name
+        url = re.search(r"flower  (http://127\.0\.0\.1:\d+)", text)
+        password = re.search(r"password '([^']+)'", text)
+        assert url and password, text
+        assert f"export FLEET_REDIS_URL={record['redis_url']}" in text
+        auth = ("fleet", password.group(1))
+        assert httpx.get(f"{url.group(1)}/api/tasks", auth=auth, timeout=5).status_code == 200
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=60)
+    while (line := lines.get(timeout=10)) != "":
+        output.append(line)
+    assert "stopped." in "".join(output)
+    assert [name for name, pid in pids.items() if alive(pid)] == []
+    assert not pidfile.exists()
