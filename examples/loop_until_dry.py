@@ -15,7 +15,11 @@ MAX_ROUNDS = 10
 
 def fetch(page: str) -> AgentStepSpec:
     return AgentStepSpec(
-        task_id=f"crawl:{page}", agent="crawl", description=f"fetch {page}", prompt=page
+        task_id=f"crawl:{page}",
+        agent="crawl",
+        description=f"fetch {page}",
+        prompt=page,
+        max_tokens=100,  # the step's reservation from the budget, and its cap
     )
 
 

@@ -28,6 +28,7 @@ def review(number: int, claim: str, lens: str) -> AgentStepSpec:
         agent="fact_check",
         description=f"check claim {number} ({lens})",
         prompt=json.dumps({"claim": claim, "lens": lens}),
+        max_tokens=100,  # the step's reservation from the budget, and its cap
     )
 
 
@@ -37,6 +38,7 @@ def ruling(number: int, claim: str, reviews: list[dict[str, Any]]) -> AgentStepS
         agent="judge",
         description=f"rule on claim {number}",
         prompt=json.dumps({"claim": claim, "reviews": reviews}),
+        max_tokens=400,
     )
 
 

@@ -23,7 +23,11 @@ DOCUMENTS = {
 
 def _step(stage: str, name: str, prompt: str) -> AgentStepSpec:
     return AgentStepSpec(
-        task_id=f"{name}-{stage}", agent=stage, description=f"{stage} {name}", prompt=prompt
+        task_id=f"{name}-{stage}",
+        agent=stage,
+        description=f"{stage} {name}",
+        prompt=prompt,
+        max_tokens=400,  # the step's reservation from the budget, and its cap
     )
 
 

@@ -89,14 +89,18 @@ def test_fleet_run_accepts_a_module_path(tmp_path: Path) -> None:
 
 
 def test_fleet_run_with_a_budget_reports_exhaustion_once(tmp_path: Path) -> None:
-    """A budget too small for the panel refuses steps and reports exhaustion exactly once."""
+    """800 tokens cover the reviews but no judge: judges are refused, exhaustion told once."""
     done = run_fleet(
-        tmp_path, "run", "examples/panel.py:main", "--budget", "300", "--concurrency", "1"
+        tmp_path, "run", "examples/panel.py:main", "--budget", "800", "--concurrency", "1"
     )
     assert done.returncode == 0, done.stderr
+    assert "phase 0 review: 20 ok, 0 failed" in done.stdout
+    assert "phase 1 judge: 0 ok, 5 failed" in done.stdout
     assert done.stdout.count("budget exhausted:") == 1
-    assert "FAILED (budget_exhausted)" in done.stdout
-    assert "/ 300" in done.stdout  # tokens against the limit in the summary
+    assert done.stdout.count("FAILED (budget_exhausted)") == 5
+    assert '"12 * 12 = 144": "no ruling (budget_exhausted)"' in done.stdout
+    (summary,) = [line for line in done.stdout.splitlines() if " finished in " in line]
+    assert summary.endswith("/ 800")  # tokens against the limit
 
 
 def test_fleet_run_failing_program_exits_1_and_says_how_to_resume(tmp_path: Path) -> None:

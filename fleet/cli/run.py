@@ -24,8 +24,10 @@ from types import ModuleType
 from typing import Annotated, Any, cast
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from ..agents import load_agents
 from ..budget import BudgetSnapshot, WorkflowBudget
@@ -251,8 +253,8 @@ class RunDisplay:
             f"({self.failed} failed), {self.running} running; {self.tokens_text()}"
         )
 
-    def render(self) -> Table:
-        """The live progress table."""
+    def render(self) -> Group:
+        """The live progress panel: a row per phase, then the totals."""
         table = Table(title=f"workflow {self.workflow.root_id}", title_justify="left")
         for column in ("#", "phase", "steps", "failed", "from journal", ""):
             table.add_column(column)
@@ -266,12 +268,12 @@ class RunDisplay:
                 str(row.journaled) if not row.open else "",
                 "running" if row.open else "done",
             )
-        table.caption = (
+        totals = Text(
             f"{time.monotonic() - self.started:.1f} s · steps {self.done} done, "
-            f"{self.failed} failed, {self.running} running · {self.tokens_text()}"
+            f"{self.failed} failed, {self.running} running · {self.tokens_text()}",
+            style="dim",
         )
-        table.caption_justify = "left"
-        return table
+        return Group(table, totals)
 
 
 # --- fleet run ---------------------------------------------------------------------------
