@@ -100,7 +100,13 @@ class RedisServer:
             args += ["--requirepass", self.password]
         args += self.extra_args
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # A terminal's Ctrl-C reaches only the owner, which stops the workers first
+            # and this server last (by PID), so running steps can still record results.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
