@@ -38,9 +38,9 @@ import tomllib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from celery import Celery, chain, group
@@ -48,6 +48,7 @@ from pydantic import Field, ValidationError
 from redis.exceptions import RedisError
 
 from .agents.registry import AgentRegistry, load_agents, resolve_target
+from .checkpoint import step_identity
 from .combinators import crash_outcome
 from .config import FleetSettings, load_settings, mask_url
 from .errors import BudgetExhaustedError, ConfigError
@@ -68,7 +69,9 @@ __all__ = [
     "StepMessage",
     "configure_app",
     "load_stages",
+    "stage_link_id",
     "step_summary",
+    "step_task_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +120,8 @@ class StepMessage(FleetModel):
     """The journal the step belongs to, when its round is journaled."""
     budget: BudgetHold | None = None
     """The step's token hold, when a Redis budget ledger guards the workflow."""
+    journal: bool = False
+    """Write the step's journal record into the fleet's Redis journal when it succeeds."""
 
 
 class StageMessage(FleetModel):
@@ -144,13 +149,16 @@ class _Keys:
         self.prefix = prefix
 
     def lease(self, tid: str) -> str:
+        """A worker's claim on a running step (``SET NX PX``, renewed while it runs)."""
         return f"{self.prefix}:lease:{tid}"
 
-    def done(self, tid: str) -> str:
-        return f"{self.prefix}:done:{tid}"
+    def result(self, tid: str, nonce: str) -> str:
+        """The outcome of one dispatch: every duplicate of that dispatch is served it."""
+        return f"{self.prefix}:result:{tid}:{nonce}"
 
-    def failed(self, tid: str, nonce: str) -> str:
-        return f"{self.prefix}:done:{tid}:{nonce}"
+    def done(self, tid: str) -> str:
+        """A journaled step's success, for a resumed host (dropped when its round ends)."""
+        return f"{self.prefix}:done:{tid}"
 
     def reply(self, name: str) -> str:
         return f"{self.prefix}:reply:{name}"
@@ -160,7 +168,7 @@ class _Keys:
 
 
 CLAIM_SCRIPT = """
--- KEYS: done, failed-for-this-dispatch, lease, reply
+-- KEYS: done, result of this dispatch, lease, reply
 -- ARGV: owner, lease_ms, start notice ('' for none), reply ttl
 local d = redis.call('GET', KEYS[1])
 if d then return {'done', d} end
@@ -178,11 +186,12 @@ return {'held', redis.call('GET', KEYS[3]) or ''}
 """Atomically: a recorded outcome wins, else take the lease and announce the start."""
 
 FINISH_SCRIPT = """
--- KEYS: done key, lease, reply
--- ARGV: outcome json, ttl_s, owner, reply ttl, notices...
+-- KEYS: result of this dispatch, lease, reply, done
+-- ARGV: outcome json, ttl_s, owner, reply ttl, also set done ('1' or '0'), notices...
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-for i = 5, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-if #ARGV >= 5 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+if ARGV[5] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2]) end
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+if #ARGV >= 6 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
@@ -202,7 +211,9 @@ def configure_app(settings: FleetSettings) -> Celery:
 
     The host sends by task name with it; ``workers.app.create_app`` adds the tasks.
     """
-    app = Celery("fleet", broker=settings.redis_url, backend=settings.redis_url, set_as_current=False)
+    app = Celery(
+        "fleet", broker=settings.redis_url, backend=settings.redis_url, set_as_current=False
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -256,15 +267,15 @@ def load_stages(path: str | Path) -> dict[str, Callable[..., Any]]:
     return stages
 
 
-def _digest(spec: AgentStepSpec) -> str:
-    canonical = json.dumps(spec.identity(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 def step_task_id(workflow_id: str, spec: AgentStepSpec) -> str:
-    """The deterministic task id of a journaled step (same workflow, step and identity)."""
-    key = f"{workflow_id}\0{spec.task_id}\0{_digest(spec)}"
-    return "fs-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    """The task id of a journaled step: the same workflow, step and identity give the same id.
+
+    Derived from :func:`fleet.checkpoint.step_identity` (which covers the workflow id,
+    the task id and every identity field), so a resumed host finds the step's lease or
+    done-marker instead of sending it again.
+    """
+    identity = step_identity(workflow_id, spec)
+    return "fs-" + hashlib.sha256(identity.encode()).hexdigest()[:40]
 
 
 # --------------------------------------------------------------------------- the host
@@ -310,6 +321,10 @@ class CeleryExecutor(AgentExecutor):
         key_prefix: prefix of the Redis keys fleet writes (must match the workers').
         default_reserve_tokens: reservation for a step with no ``max_tokens`` whose agent
             names no default.
+        worker_journal: workers write each successful step of a journaled round into the
+            fleet's Redis journal (``{key_prefix}:journal:{workflow_id}``) at the step
+            boundary, before the host hears of it. Use it when the workflow's store is a
+            :class:`~fleet.stores.RedisCheckpointStore` on the same Redis and prefix.
     """
 
     def __init__(
@@ -325,6 +340,7 @@ class CeleryExecutor(AgentExecutor):
         queue_high_water: int | None = None,
         key_prefix: str | None = None,
         default_reserve_tokens: int | None = None,
+        worker_journal: bool = False,
     ) -> None:
         overrides = {
             name: value
@@ -348,6 +364,7 @@ class CeleryExecutor(AgentExecutor):
             except ValidationError as error:
                 raise ConfigError(f"invalid CeleryExecutor options: {error}") from None
         self.budget = budget
+        self.worker_journal = worker_journal
         self._keys = _Keys(self.settings.key_prefix)
         self._app: Celery | None = None
         self._sender: ThreadPoolExecutor | None = None
@@ -441,9 +458,11 @@ class CeleryExecutor(AgentExecutor):
         await asyncio.get_running_loop().run_in_executor(self._sender, send)
 
     async def _wait_for_queue_room(self, client: aioredis.Redis) -> None:
-        pause = self.check_interval_s / 2
-        while await client.llen(self.settings.queue) > self.settings.queue_high_water:
-            await asyncio.sleep(pause)
+        while True:
+            depth = await client.llen(self.settings.queue)
+            if depth <= self.settings.queue_high_water:
+                return
+            await asyncio.sleep(self.check_interval_s / 2)
 
     # ------------------------------------------------------------------ the seam
 
@@ -483,15 +502,14 @@ class CeleryExecutor(AgentExecutor):
         try:
             known = self._stages()
         except ConfigError:
-            logger.warning("cannot read the stages of %s; pipelines run host-driven",
-                           self.settings.agents_file)
+            logger.warning(
+                "cannot read the stages of %s; pipelines run host-driven", self.settings.agents_file
+            )
             return None
         names = [known.get(id(stage)) for stage in stages]
         if None in names or not all(_json_roundtrips(item) for item in items):
             return None
-        from ._celery_pipeline import run_pipeline
-
-        return await run_pipeline(self, list(items), [str(n) for n in names], events)
+        return await _Pipeline(self, list(items), [str(n) for n in names], events).run()
 
 
 # --------------------------------------------------------------------------- one round
@@ -542,6 +560,10 @@ class _Round:
                     async with asyncio.TaskGroup() as tasks:
                         tasks.create_task(self._dispatch())
                         tasks.create_task(self._collect())
+                    if self.workflow_id is not None:
+                        # The round is over and its caller has the outcomes: a later run
+                        # of the same workflow must not be served this round's results.
+                        await client.delete(*(self.keys.done(e.tid) for e in self.entries))
                 finally:
                     for entry in list(self.inflight.values()):
                         self._release(entry)
@@ -565,8 +587,9 @@ class _Round:
         for entry in self.entries:
             if entry.outcome is None:
                 spec = entry.spec
-                await self._resolve(entry, StepOutcome.failed(spec.task_id, spec.agent, message,
-                                                              error=kind))
+                await self._resolve(
+                    entry, StepOutcome.failed(spec.task_id, spec.agent, message, error=kind)
+                )
 
     # ------------------------------------------------------------------ dispatch
 
@@ -579,7 +602,7 @@ class _Round:
                 reservation_id=reservation.id,
                 tokens=reservation.tokens,
                 limit_tokens=budget.limit_tokens,
-                lease_s=self.x.settings.budget_lease_s,
+                lease_s=budget.lease_s,
             )
         message = StepMessage(
             v=PROTOCOL_VERSION,
@@ -588,6 +611,7 @@ class _Round:
             nonce=self.nonce,
             workflow_id=self.workflow_id,
             budget=hold,
+            journal=self.x.worker_journal and self.workflow_id is not None,
         )
         return message.to_json()
 
@@ -685,18 +709,26 @@ class _Round:
     async def _collect(self) -> None:
         interval = self.x.check_interval_s
         next_check = time.monotonic() + interval
+        budget = self.x.budget
+        renew_every = budget.lease_s / 3 if budget is not None else float("inf")
+        next_renewal = time.monotonic() + renew_every
         while self.unresolved:
             popped = await self.client.blpop([self.reply], timeout=interval)
             if popped is not None:
                 await self._notice(popped[1])
-                more = await self.client.lpop(self.reply, 512)
+                more: Any = await self.client.lpop(self.reply, 512)
                 for raw in more or ():
                     await self._notice(raw)
             if time.monotonic() >= next_check:
                 await self._check_stale()
                 next_check = time.monotonic() + interval
+            if time.monotonic() >= next_renewal:
+                # Keep queued steps' reservations alive; the worker renews while it runs.
+                held = [e.reservation for e in self.inflight.values() if e.reservation]
+                await asyncio.gather(*(r.renew() for r in held))
+                next_renewal = time.monotonic() + renew_every
 
-    async def _notice(self, raw: bytes) -> None:
+    async def _notice(self, raw: Any) -> None:
         notice = json.loads(raw)
         entry = self.by_tid.get(notice.get("id", ""))
         if entry is None or entry.outcome is not None:
@@ -721,7 +753,7 @@ class _Round:
             for entry in suspects:
                 pipe.exists(self.keys.lease(entry.tid))
                 pipe.get(self.keys.done(entry.tid))
-                pipe.get(self.keys.failed(entry.tid, self.nonce))
+                pipe.get(self.keys.result(entry.tid, self.nonce))
             replies = await pipe.execute()
         resend = []
         for i, entry in enumerate(suspects):
@@ -735,8 +767,9 @@ class _Round:
                     "step %r (task %s) was %s; re-sending it under the same task id",
                     entry.spec.task_id,
                     entry.tid,
-                    "orphaned by a dead worker" if entry.started else
-                    f"not claimed within {claim_timeout} s",
+                    "orphaned by a dead worker"
+                    if entry.started
+                    else f"not claimed within {claim_timeout} s",
                 )
                 resend.append(entry)
         if resend:
@@ -765,6 +798,197 @@ class _Round:
                 entry.outcome = crash_outcome(entry.spec, error)
 
 
+# --------------------------------------------------------------------------- one pipeline
+
+
+@dataclass(eq=False)
+class _Chain:
+    """One item's chain as the host tracks it: which link is due, and what came of it."""
+
+    index: int
+    stage: int = 0
+    prev: StepOutcome | None = None
+    sent_at: float = 0.0
+    started: bool = False
+    holds_slot: bool = False
+    finished: bool = False
+    final: StepOutcome | None = None
+
+
+def stage_link_id(pipe: str, item: int, stage: int) -> str:
+    """The task id of one link of a pipeline chain."""
+    return f"fp-{pipe}-{item}-{stage}"
+
+
+class _Pipeline:
+    """Per-item Celery chains of registered stages; the host only watches and recovers."""
+
+    def __init__(
+        self,
+        executor: CeleryExecutor,
+        items: list[Any],
+        stages: list[str],
+        events: EventSink | None,
+    ) -> None:
+        self.x = executor
+        self.keys = executor._keys
+        self.items = items
+        self.stages = stages
+        self.events = events
+        self.pipe = uuid.uuid4().hex[:20]
+        self.reply = self.keys.reply(self.pipe)
+        self.chains = [_Chain(i) for i in range(len(items))]
+        self.unfinished = len(items)
+        self.active: dict[int, _Chain] = {}
+        self.slot = executor._slot()
+
+    async def run(self) -> list[StepOutcome | None]:
+        async with self.x._redis() as client:
+            self.client = client
+            context = json.dumps({"stages": self.stages, "reply": self.reply, "nonce": self.pipe})
+            key = self.keys.pipe(self.pipe)
+            try:
+                for start in range(0, len(self.items), 500):
+                    fields: dict[str | bytes, str | bytes] = {"ctx": context}
+                    for i in range(start, min(start + 500, len(self.items))):
+                        fields[f"item:{i}"] = json.dumps(self.items[i])
+                    await client.hset(key, mapping=fields)  # type: ignore[arg-type]
+                await client.expire(key, self.x.settings.result_expires_s)
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._dispatch())
+                    tasks.create_task(self._collect())
+            finally:
+                for chain_ in list(self.active.values()):
+                    self._release(chain_)
+                with contextlib.suppress(RedisError):
+                    await client.delete(key, self.reply)
+        return [chain_.final for chain_ in self.chains]
+
+    def _signatures(self, chain_: _Chain) -> Any:
+        links = []
+        for stage in range(chain_.stage, len(self.stages)):
+            pointer = StageMessage(
+                v=PROTOCOL_VERSION, pipe=self.pipe, item=chain_.index, stage=stage
+            )
+            links.append(
+                self.x.app.signature(
+                    STAGE_TASK,
+                    args=(pointer.to_json(),) if stage == chain_.stage else (),
+                    task_id=stage_link_id(self.pipe, chain_.index, stage),
+                    queue=self.x.settings.queue,
+                    argsrepr=f"{self.pipe} item {chain_.index} stage {stage}",
+                    kwargsrepr="{}",
+                )
+            )
+        return chain(*links)
+
+    async def _send(self, batch: list[_Chain]) -> None:
+        now = time.monotonic()
+        for chain_ in batch:
+            chain_.sent_at, chain_.started = now, False
+            self.active[chain_.index] = chain_
+        await self.x._send([self._signatures(c) for c in batch], as_group=True)
+
+    async def _dispatch(self) -> None:
+        pending = iter(self.chains)
+        chain_ = next(pending, None)
+        while chain_ is not None:
+            await self.x._wait_for_queue_room(self.client)
+            batch: list[_Chain] = []
+            while chain_ is not None and len(batch) < _SEND_BATCH:
+                if batch and self.slot.locked():
+                    break
+                await self.slot.acquire()
+                chain_.holds_slot = True
+                batch.append(chain_)
+                chain_ = next(pending, None)
+            await self._send(batch)
+
+    async def _collect(self) -> None:
+        interval = self.x.check_interval_s
+        next_check = time.monotonic() + interval
+        while self.unfinished:
+            popped = await self.client.blpop([self.reply], timeout=interval)
+            if popped is not None:
+                self._notice(json.loads(popped[1]))
+                more: Any = await self.client.lpop(self.reply, 512)
+                for raw in more or ():
+                    self._notice(json.loads(raw))
+            if time.monotonic() >= next_check:
+                await self._check_stale()
+                next_check = time.monotonic() + interval
+
+    def _notice(self, notice: dict[str, Any]) -> None:
+        chain_ = self.active.get(notice.get("i", -1))
+        if chain_ is None or notice.get("k") != chain_.stage:
+            return  # a finished chain, or a duplicate's late word about an earlier link
+        kind = notice["t"]
+        if kind == "start":
+            chain_.started = True
+            emit(self.events, StepStarted(task_id=notice["task"], agent=notice["agent"]))
+        elif kind == "step":
+            outcome = StepOutcome.from_dict(notice["o"])
+            emit(self.events, _finished(outcome))
+            chain_.prev, chain_.stage, chain_.started = outcome, chain_.stage + 1, False
+            chain_.sent_at = time.monotonic()
+            if not outcome.success or chain_.stage == len(self.stages):
+                self._finish(chain_, outcome)
+        elif kind == "stop":
+            final = notice.get("o")
+            self._finish(chain_, None if final is None else StepOutcome.from_dict(final))
+
+    def _finish(self, chain_: _Chain, final: StepOutcome | None) -> None:
+        chain_.final, chain_.finished = final, True
+        self.unfinished -= 1
+        self._release(chain_)
+
+    def _release(self, chain_: _Chain) -> None:
+        self.active.pop(chain_.index, None)
+        if chain_.holds_slot:
+            chain_.holds_slot = False
+            self.slot.release()
+
+    async def _check_stale(self) -> None:
+        """Re-send a chain from its due link when that link's message or worker was lost."""
+        now = time.monotonic()
+        claim_timeout = self.x.settings.claim_timeout_s
+        suspects = [
+            c for c in self.active.values() if c.started or now - c.sent_at >= claim_timeout
+        ]
+        if not suspects:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for chain_ in suspects:
+                link = stage_link_id(self.pipe, chain_.index, chain_.stage)
+                pipe.exists(self.keys.lease(link))
+                pipe.get(self.keys.result(link, self.pipe))
+            replies = await pipe.execute()
+        resend = []
+        for i, chain_ in enumerate(suspects):
+            leased, done = replies[2 * i], replies[2 * i + 1]
+            if done is not None:
+                # The link finished but its word was lost: replay what it recorded.
+                recorded = json.loads(str(done, "utf-8") if isinstance(done, bytes) else done)
+                if "stop" in recorded:
+                    self._notice(
+                        {"t": "stop", "i": chain_.index, "k": chain_.stage, "o": recorded["stop"]}
+                    )
+                else:
+                    self._notice({"t": "step", "i": chain_.index, "k": chain_.stage, "o": recorded})
+            elif leased:
+                chain_.started = True
+            else:
+                logger.warning(
+                    "pipeline %s item #%d stage %d was lost; re-sending its chain from there",
+                    self.pipe,
+                    chain_.index,
+                    chain_.stage,
+                )
+                resend.append(chain_)
+        if resend:
+            await self._send(resend)
+
+
 def _redis_ledger(budget: WorkflowBudget) -> bool:
     try:
         from .ledgers.redis import RedisLedger
@@ -783,6 +1007,3 @@ def _finished(outcome: StepOutcome) -> StepFinished:
         error=outcome.error,
         worker=outcome.worker,
     )
-
-
-_ = (chain, Literal, field)

@@ -26,6 +26,7 @@ from celery import Celery
 from celery.exceptions import Reject
 
 from fleet.agents import AgentContext, AgentRegistry
+from fleet.budget import WorkflowBudget
 from fleet.celery import (
     CLAIM_SCRIPT,
     FINISH_SCRIPT,
@@ -33,14 +34,18 @@ from fleet.celery import (
     RENEW_SCRIPT,
     STAGE_TASK,
     STEP_TASK,
+    BudgetHold,
     StageMessage,
     StepMessage,
     _Keys,
 )
+from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.errors import SpecError, UnknownAgentError
+from fleet.ledgers.redis import RedisLedger
 from fleet.local import run_agent
 from fleet.spec import AgentStepSpec, StepOutcome
+from fleet.stores.redis import RedisCheckpointStore
 
 __all__ = ["BENCH_NOOP_TASK", "WorkerRuntime", "register_tasks"]
 
@@ -158,7 +163,7 @@ class WorkerRuntime:
         self.redis()
         owner = f"{uuid.uuid4().hex[:12]}"
         status, value = self._claim(
-            keys=[self.keys.done(tid), self.keys.failed(tid, nonce), self.keys.lease(tid), reply],
+            keys=[self.keys.done(tid), self.keys.result(tid, nonce), self.keys.lease(tid), reply],
             args=[owner, int(self.settings.step_lease_s * 1000), notice, _REPLY_TTL_S],
         )
         status = status.decode()
@@ -168,22 +173,39 @@ class WorkerRuntime:
         return status, value
 
     def finish(
-        self, tid: str, nonce: str, owner: str, outcome: StepOutcome, reply: str, *notices: str
+        self,
+        tid: str,
+        nonce: str,
+        owner: str,
+        record: str,
+        reply: str,
+        *notices: str,
+        resumable: bool = False,
     ) -> None:
-        """Record the outcome (success for good; a failure for this dispatch), notify, unlease."""
-        done = self.keys.done(tid) if outcome.success else self.keys.failed(tid, nonce)
+        """Record the result of this dispatch, notify the host, drop our lease.
+
+        ``resumable`` also records it as the step's done-marker, which a host that
+        resumes the workflow finds instead of sending the step again.
+        """
         self._leases.release(self.keys.lease(tid))
         self._finish(
-            keys=[done, self.keys.lease(tid), reply],
-            args=[outcome.to_json(), self.settings.result_expires_s, owner, _REPLY_TTL_S,
-                  *notices],
+            keys=[self.keys.result(tid, nonce), self.keys.lease(tid), reply, self.keys.done(tid)],
+            args=[
+                record,
+                self.settings.result_expires_s,
+                owner,
+                _REPLY_TTL_S,
+                "1" if resumable else "0",
+                *notices,
+            ],
         )
 
     def check_reply(self, reply: str) -> None:
         """A message may only name a reply list under this fleet's key prefix."""
         if not reply.startswith(self.keys.reply("")):
-            raise PoisonMessage(f"reply list {reply!r} is outside key prefix "
-                                f"{self.settings.key_prefix!r}")
+            raise PoisonMessage(
+                f"reply list {reply!r} is outside key prefix {self.settings.key_prefix!r}"
+            )
 
     # ------------------------------------------------------------------ the step body
 
@@ -205,9 +227,7 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
-        outcome: StepOutcome = self.run_async(
-            self._run(definition, spec, ctx, started, message)
-        )
+        outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
         return outcome
 
     async def _run(
@@ -218,36 +238,42 @@ class WorkerRuntime:
         started: float,
         message: StepMessage | None,
     ) -> StepOutcome:
-        outcome = await run_agent(definition, spec, ctx, started=started)
-        if message is not None and message.budget is not None:
-            await self._settle(message, ctx.used.total_tokens)
-        if message is not None and message.workflow_id is not None and outcome.success:
+        hold = None if message is None else message.budget
+        if hold is None:
+            outcome = await run_agent(definition, spec, ctx, started=started)
+        else:
+            outcome = await self._run_held(hold, definition, spec, ctx, started)
+        if message is not None and message.journal and message.workflow_id and outcome.success:
             await self._journal(message.workflow_id, spec, outcome)
         return outcome
 
-    async def _settle(self, message: StepMessage, used: int) -> None:
-        from fleet.budget import WorkflowBudget
-        from fleet.ledgers.redis import RedisLedger
-
-        hold = message.budget
-        assert hold is not None
+    async def _run_held(
+        self,
+        hold: BudgetHold,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+    ) -> StepOutcome:
+        """Run under the host's reservation: keep its lease alive, settle what was used."""
         ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        budget = WorkflowBudget(
+            hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
+        )
+        reservation = budget.reservation(hold.reservation_id, hold.tokens)
         try:
-            budget = WorkflowBudget(
-                hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
-            )
-            await budget.reservation(hold.reservation_id, hold.tokens).settle(used)
-        except Exception:
-            logger.exception("could not settle reservation %s", hold.reservation_id)
+            async with reservation.kept_alive():
+                outcome = await run_agent(definition, spec, ctx, started=started)
         finally:
-            close = getattr(ledger, "close", None)
-            if close is not None:
-                await close()
+            try:
+                await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+            except Exception:
+                # The host settles the same reservation (idempotently) with the outcome.
+                logger.exception("could not settle reservation %s", hold.reservation_id)
+            await ledger.close()
+        return outcome
 
     async def _journal(self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome) -> None:
-        from fleet.checkpoint import WorkflowStepRecord
-        from fleet.stores.redis import RedisCheckpointStore
-
         store = RedisCheckpointStore(self.settings.redis_url, key_prefix=self.settings.key_prefix)
         try:
             record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
@@ -301,21 +327,114 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     outcome = runtime.execute(spec, worker, message)
+    # Any outcome answers duplicates of this dispatch; a journaled success also answers a
+    # host that resumes the workflow (a failure runs again on resume).
+    record = outcome.to_json()
     runtime.finish(
-        tid, message.nonce, value, outcome, message.reply, _done_notice(tid, outcome.to_json())
+        tid,
+        message.nonce,
+        value,
+        record,
+        message.reply,
+        _done_notice(tid, record),
+        resumable=outcome.success and message.workflow_id is not None,
     )
     return _summary(outcome)
 
 
+def _stop_chain(request: Any) -> None:
+    """Send no further link of this chain (Celery reads ``request.chain`` after we return)."""
+    request.chain = None
+    request.callbacks = None
+
+
+def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | dict[str, Any]:
+    """The body of ``fleet.run_stage``: one stage of one item's chain.
+
+    Returns the pointer the next link receives, or stops the chain (the stage returned
+    ``None``, crashed, or its step failed, or this delivery is a duplicate).
+    """
+    tid, worker = request.id, request.hostname or "worker"
+    try:
+        message: StageMessage = _parse(StageMessage, pointer)
+    except PoisonMessage as error:
+        logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
+        raise Reject(f"poison message: {error}", requeue=False) from None
+    keys, client = runtime.keys, runtime.redis()
+    i, k = message.item, message.stage
+    link = f"fp-{message.pipe}-{i}-{k}"
+    context_raw, item_raw = client.hmget(keys.pipe(message.pipe), ["ctx", f"item:{i}"])
+    prev_raw = (
+        client.get(keys.result(f"fp-{message.pipe}-{i}-{k - 1}", message.pipe)) if k else None
+    )
+    if context_raw is None or item_raw is None or (k and prev_raw is None):
+        logger.warning("pipeline %s item #%d: its context expired; chain dropped", message.pipe, i)
+        _stop_chain(request)
+        return {"pipe": message.pipe, "item": i, "stage": k, "expired": True}
+    context = json.loads(context_raw)
+    reply, names = context["reply"], context["stages"]
+    try:
+        runtime.check_reply(reply)
+        stage = runtime.stages[names[k]]
+    except (PoisonMessage, IndexError, KeyError) as error:
+        logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
+        raise Reject(f"poison message: {error}", requeue=False) from None
+    status, owner = runtime.claim(link, context["nonce"], reply, "")
+    if status != "claimed":
+        logger.info("link %s already ran or is running; duplicate dropped", link)
+        _stop_chain(request)
+        return {"pipe": message.pipe, "item": i, "stage": k, "duplicate": True}
+    prev = StepOutcome.from_json(prev_raw) if prev_raw is not None else None
+    try:
+        spec = stage(prev, json.loads(item_raw))
+    except Exception as error:
+        logger.warning(
+            "pipeline %s item #%d stage %r crashed: %s: %s",
+            message.pipe,
+            i,
+            names[k],
+            type(error).__name__,
+            error,
+        )
+        spec, crashed = None, True
+    else:
+        crashed = False
+    if spec is None:
+        final = None if crashed or prev is None else prev.to_dict()
+        stop = json.dumps({"t": "stop", "i": i, "k": k, "o": final})
+        runtime.finish(link, context["nonce"], owner, json.dumps({"stop": final}), reply, stop)
+        _stop_chain(request)
+        return {"pipe": message.pipe, "item": i, "stage": k, "stopped": True}
+    runtime.redis().rpush(
+        reply, json.dumps({"t": "start", "i": i, "k": k, "task": spec.task_id, "agent": spec.agent})
+    )
+    outcome = runtime.execute(spec, worker, None)
+    record = outcome.to_json()
+    notice = f'{{"t":"step","i":{i},"k":{k},"o":{record}}}'
+    runtime.finish(link, context["nonce"], owner, record, reply, notice)
+    if not outcome.success or k + 1 >= len(names):
+        _stop_chain(request)
+        return _summary(outcome)
+    return StageMessage(v=PROTOCOL_VERSION, pipe=message.pipe, item=i, stage=k + 1).to_json()
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register fleet's tasks on ``app``, bound to ``runtime``."""
-    @app.task(name=STEP_TASK, bind=True, ignore_result=True, acks_late=True,
-              reject_on_worker_lost=True)
+
+    @app.task(
+        name=STEP_TASK, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+    )
     def fleet_run_step(self: Any, payload: object) -> dict[str, Any]:
         return run_step(runtime, self.request, payload)
+
+    @app.task(
+        name=STAGE_TASK, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+    )
+    def fleet_run_stage(self: Any, pointer: object) -> str | dict[str, Any]:
+        return run_stage(runtime, self.request, pointer)
 
     @app.task(name=BENCH_NOOP_TASK)
     def bench_noop(*args: Any) -> Any:
         return args[0] if args else None
 
-    _ = (fleet_run_step, bench_noop)
+    _ = (fleet_run_step, fleet_run_stage, bench_noop)
