@@ -227,7 +227,7 @@ def test_valid_checkpoints_round_trip_byte_identically(checkpoint: WorkflowCheck
     assert WorkflowCheckpoint.from_json(text).to_json() == text
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(damaged())
 def test_loading_any_checkpoint_json_raises_only_fleet_errors(text: str) -> None:
     """Whatever the bytes, loading either yields a checkpoint or raises a FleetError."""
@@ -237,7 +237,7 @@ def test_loading_any_checkpoint_json_raises_only_fleet_errors(text: str) -> None
         pass
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
     meta=st.none()
     | st.sampled_from(['{"schema_version":1,"workflow_id":"wf"}'])

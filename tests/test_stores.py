@@ -24,7 +24,7 @@ from fleet.stores import (
     SQLiteCheckpointStore,
     open_store,
 )
-from fleet.stores.base import encode_meta
+from fleet.stores.base import GroupCommit, encode_meta
 from fleet.stores.memory import _Journal
 
 Inject = Callable[[str, str | None, dict[str, str]], None]
@@ -267,6 +267,44 @@ async def test_a_second_store_sees_what_the_first_recorded(backend: Backend) -> 
     checkpoint = await backend.store.load("wf")
     assert checkpoint is not None
     assert sorted(checkpoint.completed()) == ["a", "b"]
+
+
+async def test_concurrent_records_all_land(backend: Backend) -> None:
+    """Many steps finishing at once (shared group commits) are each journaled."""
+    await asyncio.gather(
+        *(
+            backend.store.record_step(f"wf{n % 3}", record(f"t{n}", workflow_id=f"wf{n % 3}"))
+            for n in range(150)
+        )
+    )
+    for w in range(3):
+        checkpoint = await backend.store.load(f"wf{w}")
+        assert checkpoint is not None
+        assert sorted(checkpoint.completed()) == sorted(f"t{n}" for n in range(w, 150, 3))
+
+
+async def test_group_commit_coalesces_and_reports_failure_to_every_caller() -> None:
+    """Callers arriving together share one write; if it fails, each of them hears so."""
+    batches: list[list[str]] = []
+    failing = False
+
+    async def write(batch: list[tuple[str, WorkflowStepRecord]]) -> None:
+        batches.append([rec.task_id for _, rec in batch])
+        if failing:
+            raise OSError("disk full")
+
+    group = GroupCommit(write)
+    await asyncio.gather(*(group.submit("wf", record(f"t{n}")) for n in range(10)))
+    assert batches == [[f"t{n}" for n in range(10)]]
+    failing = True
+    results = await asyncio.gather(
+        *(group.submit("wf", record(f"u{n}")) for n in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, OSError | CheckpointError) for r in results)
+    assert all("disk full" in str(r) for r in results)
+    failing = False
+    await group.submit("wf", record("after"))
+    assert batches[-1] == ["after"]
 
 
 # --- store-specific behaviour ---------------------------------------------------------------

@@ -9,9 +9,10 @@ and refuses, with :class:`~fleet.errors.CheckpointError`, anything it cannot tru
 
 from __future__ import annotations
 
+import asyncio
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Self
 
@@ -21,7 +22,10 @@ from ..checkpoint import WORKFLOW_CHECKPOINT_SCHEMA_VERSION, WorkflowCheckpoint,
 from ..errors import CheckpointError
 from ..spec import describe_validation_error
 
-__all__ = ["CheckpointStore", "decode_checkpoint", "encode_meta"]
+__all__ = ["CheckpointStore", "GroupCommit", "decode_checkpoint", "encode_meta"]
+
+Batch = list[tuple[str, WorkflowStepRecord]]
+"""``(workflow_id, record)`` pairs written together."""
 
 
 class CheckpointStore(ABC):
@@ -163,3 +167,69 @@ def decode_checkpoint(
     checkpoint = WorkflowCheckpoint.from_records(workflow_id, steps, schema_version=version)
     checkpoint.ensure_loadable()
     return checkpoint
+
+
+class _Ticket:
+    __slots__ = ("error", "settled")
+
+    def __init__(self) -> None:
+        self.settled = False
+        self.error: BaseException | None = None
+
+
+class _Queue:
+    __slots__ = ("lock", "pending")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.pending: list[tuple[str, WorkflowStepRecord, _Ticket]] = []
+
+
+class GroupCommit:
+    """Coalesces concurrent ``record_step`` calls into one write (a group commit).
+
+    Each caller returns only once its own record has been written, exactly as if it had
+    written alone, and raises if that write failed; callers that arrive while a write is
+    in flight share the next one. A fan-out whose lanes finish together thus pays one
+    round trip or one transaction instead of one each. One instance per store.
+
+    Args:
+        write: persists a batch of ``(workflow_id, record)`` pairs atomically, or raises.
+    """
+
+    def __init__(self, write: Callable[[Batch], Awaitable[None]]) -> None:
+        self._write = write
+        self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}
+
+    def _queue(self) -> _Queue:
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            # One queue per event loop: a store may outlive an asyncio.run().
+            self._queues = {lp: q for lp, q in self._queues.items() if not lp.is_closed()}
+            queue = self._queues[loop] = _Queue()
+        return queue
+
+    async def submit(self, workflow_id: str, record: WorkflowStepRecord) -> None:
+        """Write ``record`` (with whatever else is waiting) and return once it is stored."""
+        ticket = _Ticket()
+        queue = self._queue()
+        queue.pending.append((workflow_id, record, ticket))
+        async with queue.lock:
+            if not ticket.settled:
+                await asyncio.sleep(0)  # let steps finishing right now join this batch
+                batch, queue.pending = queue.pending, []
+                try:
+                    await self._write([(wid, rec) for wid, rec, _ in batch])
+                except BaseException as error:
+                    for _, _, other in batch:
+                        other.settled, other.error = True, error
+                    raise
+                for _, _, other in batch:
+                    other.settled = True
+        if ticket.error is not None:
+            raise CheckpointError(
+                f"journal write for step {record.task_id!r} failed: "
+                f"{type(ticket.error).__name__}: {ticket.error}",
+                workflow_id=workflow_id,
+            ) from ticket.error

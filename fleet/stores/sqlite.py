@@ -17,7 +17,7 @@ from typing import Literal, TypeVar
 
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..errors import CheckpointError
-from .base import CheckpointStore, decode_checkpoint, encode_meta
+from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 __all__ = ["SQLiteCheckpointStore"]
 
@@ -64,6 +64,7 @@ class SQLiteCheckpointStore(CheckpointStore):
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._group = GroupCommit(self._write_batch)
 
     def __repr__(self) -> str:
         return f"SQLiteCheckpointStore({str(self.path)!r})"
@@ -130,28 +131,34 @@ class SQLiteCheckpointStore(CheckpointStore):
         return decode_checkpoint(workflow_id, meta, steps)
 
     async def record_step(self, workflow_id: str, record: WorkflowStepRecord) -> None:
-        """Append or replace one step's record, committed before this returns."""
-        meta = encode_meta(workflow_id)
-        payload = record.to_json()
+        """Append or replace one step's record, committed before this returns.
+
+        Steps finishing together share one transaction (a group commit).
+        """
+        await self._group.submit(workflow_id, record)
+
+    async def _write_batch(self, batch: Batch) -> None:
+        metas = [(wid, encode_meta(wid)) for wid in dict.fromkeys(wid for wid, _ in batch)]
+        rows = [(wid, record.task_id, record.to_json()) for wid, record in batch]
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(
+                conn.executemany(
                     "INSERT OR IGNORE INTO fleet_journal_meta (workflow_id, meta) VALUES (?, ?)",
-                    (workflow_id, meta),
+                    metas,
                 )
-                conn.execute(
+                conn.executemany(
                     "INSERT OR REPLACE INTO fleet_journal_steps (workflow_id, task_id, record) "
                     "VALUES (?, ?, ?)",
-                    (workflow_id, record.task_id, payload),
+                    rows,
                 )
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
-        self._run("record a step", workflow_id, write)
+        self._run("record a step", batch[0][0], write)
 
     async def save(self, checkpoint: WorkflowCheckpoint) -> None:
         """Replace the journal of ``checkpoint.workflow_id`` with ``checkpoint`` (atomically)."""
