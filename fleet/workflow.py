@@ -244,7 +244,7 @@ class _EventStream:
     async def _write(self) -> None:
         from redis.asyncio import Redis
 
-        client: Redis = Redis.from_url(self._url)
+        client: Redis = Redis.from_url(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
         assert self._wakeup is not None
         try:
             while True:
@@ -289,6 +289,10 @@ class _EventStream:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        except Exception as error:  # e.g. a malformed URL: the stream is lost, the run is not
+            logger.warning(
+                "workflow event stream %r failed: %s: %s", self.key, type(error).__name__, error
+            )
 
 
 def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:

@@ -446,6 +446,25 @@ async def test_events_are_appended_to_a_redis_stream(redis_url: str, key_prefix:
     assert [parse_event(f["event"]) for f in fields[1:-1]] == await collected(local)
 
 
+async def test_an_unreachable_event_stream_never_fails_the_workflow(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Events for a Redis nobody listens on are dropped with a warning; the run goes on."""
+    from fleet.redis_server import free_port
+
+    workflow = (
+        Workflow.builder(Recorder().executor())
+        .with_event_stream(f"redis://127.0.0.1:{free_port()}/0")
+        .build()
+    )
+    local = workflow.subscribe()
+    async with workflow:
+        outcomes = await workflow.phase("p", [spec("a"), spec("b")])
+    assert [o.success for o in outcomes] == [True, True]
+    assert len(await collected(local)) == 6
+    assert "cannot append workflow events to Redis stream" in caplog.text
+
+
 # --- durable phases across processes -----------------------------------------------------
 
 FLOW = '''
