@@ -174,14 +174,15 @@ class WorkflowBudget:
             tokens: the step's request (its ``max_tokens`` or its agent's default).
             holder: who holds it, for humans (``fleet budget show``); e.g. the step id.
             reservation_id: the id to hold it under; reserving a live id again renews
-                it and holds nothing more. ``None`` makes a new id.
+                it and holds nothing more, and reserving a settled id again starts a
+                new reservation (a re-run of the step). ``None`` makes a new id.
 
         Returns:
             The reservation; settle it when the step ends.
 
         Raises:
             BudgetExhaustedError: ``consumed + tokens > limit`` (or the budget is spent).
-            SpecError: ``tokens`` is negative, or ``reservation_id`` was already settled.
+            SpecError: ``tokens`` is negative.
         """
         _check_tokens(tokens, "tokens")
         rid = reservation_id or uuid.uuid4().hex
@@ -205,11 +206,6 @@ class WorkflowBudget:
                     consumed=state.consumed,
                     limit=state.limit,
                     requested=tokens,
-                )
-            if result.status == "settled":
-                raise SpecError(
-                    f"reservation {rid!r} of workflow {self.workflow_id!r} was already "
-                    "settled; reserve under a new id"
                 )
             pause = delay if result.retry_after_s is None else min(delay, result.retry_after_s)
             await self.ledger.wait_for_release(self.workflow_id, max(pause, 0.001))

@@ -14,8 +14,10 @@ Rules every ledger follows (the contract suite in ``tests/test_budget.py`` pins 
   account is exhausted (``consumed >= limit``) or ``consumed + tokens > limit``, and
   otherwise answers "wait" (only in-flight reservations stand in the way);
 * ``reserve`` of a live reservation id renews it and reserves nothing more;
-* ``settle`` charges the actual usage once per reservation id, however often it is
-  called, and releases the reservation.
+* ``settle`` charges the actual usage once per reservation, however often it is
+  called, and releases it. Reserving an already settled id again starts a new
+  reservation under that id (a re-run of the same step, e.g. on resume), which is
+  then settled (once) on its own.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ from typing import Literal
 
 __all__ = ["BudgetLedger", "HeldReservation", "LedgerState", "ReserveResult", "ReserveStatus"]
 
-ReserveStatus = Literal["granted", "wait", "refused", "settled"]
+ReserveStatus = Literal["granted", "wait", "refused"]
 """What a ledger answered to ``reserve``:
 
 * ``granted`` — the tokens are held under the reservation id (or already were);
 * ``wait`` — only other steps' in-flight reservations stand in the way;
-* ``refused`` — ``consumed + tokens > limit`` (or the account is exhausted);
-* ``settled`` — that reservation id was already settled and cannot be reused.
+* ``refused`` — ``consumed + tokens > limit`` (or the account is exhausted).
 """
 
 
@@ -100,7 +101,8 @@ class BudgetLedger(ABC):
 
         Args:
             workflow_id: the account.
-            reservation_id: the reservation's id (re-reserving a live id renews it).
+            reservation_id: the reservation's id (re-reserving a live id renews it; a
+                settled id starts a new reservation).
             tokens: tokens to hold.
             holder: who holds it (for display only).
             lease_s: the lease; the tokens return to the budget after it unless renewed.

@@ -84,8 +84,6 @@ class MemoryLedger(BudgetLedger):
             if held is not None:
                 held.expires = now + lease_s
                 return ReserveResult("granted", held.tokens, account.state())
-            if reservation_id in account.settled:
-                return ReserveResult("settled", 0, account.state())
             limit = account.limit
             if limit is not None:
                 if account.consumed >= limit or account.consumed + tokens > limit:
@@ -93,6 +91,8 @@ class MemoryLedger(BudgetLedger):
                 if account.consumed + account.reserved + tokens > limit:
                     soonest = min(h.expires for h in account.held.values())
                     return ReserveResult("wait", 0, account.state(), max(soonest - now, 0.0))
+            # A settled id reserved again is a new attempt of the same step: settle anew.
+            account.settled.pop(reservation_id, None)
             account.held[reservation_id] = _Held(tokens, holder, now + lease_s)
             account.reserved += tokens
             return ReserveResult("granted", tokens, account.state())

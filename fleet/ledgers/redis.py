@@ -7,10 +7,11 @@ Keys of one workflow's account (``P`` is the key prefix, ``W`` the workflow id):
     P:budget:W:leases    zset   reservation id -> lease expiry (Redis server time, ms)
     P:budget:W:settled   hash   reservation id -> tokens charged (makes settle idempotent)
 
-Each call is one ``EVALSHA`` round trip. Lease times come from the Redis server's
-clock (``TIME``), so hosts with skewed clocks agree on when a lease ends. Every script
-first releases the reservations whose lease has expired, so a dead holder's tokens
-return to the budget without any sweeper process.
+Each call is one ``EVALSHA`` round trip. Amounts are written from their decimal text,
+never through a Lua number's ``%.14g`` form, so counts stay exact up to 2**53 tokens.
+Lease times come from the Redis server's clock (``TIME``), so hosts with skewed clocks
+agree on when a lease ends. Every script first releases the reservations whose lease
+has expired, so a dead holder's tokens return to the budget without any sweeper process.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 if #dead > 0 then
-  local freed = 0
   for _, id in ipairs(dead) do
     local v = redis.call('HGET', KEYS[2], id)
-    if v then freed = freed + tonumber(string.match(v, '^(%d+)')) end
+    if v then
+      redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. string.match(v, '^(%d+)'))
+    end
     redis.call('HDEL', KEYS[2], id)
     redis.call('ZREM', KEYS[3], id)
   end
-  redis.call('HINCRBY', KEYS[1], 'reserved', -freed)
 end
 local function account()
   local a = redis.call('HMGET', KEYS[1], 'limit', 'consumed', 'reserved')
@@ -53,14 +54,14 @@ end
 
 # ARGV: id, tokens, holder, lease_ms, initial_limit (-1 = uncapped).
 # Returns {status, tokens, consumed, reserved, limit, retry_ms};
-# status 0 granted, 1 wait, 2 refused, 3 already settled.
+# status 0 granted, 1 wait, 2 refused.
 _RESERVE = (
     _PRELUDE
     + """
 local limit, consumed, reserved = account()
 if limit == -2 then
   limit = tonumber(ARGV[5])
-  redis.call('HSET', KEYS[1], 'limit', limit)
+  redis.call('HSET', KEYS[1], 'limit', ARGV[5])
 end
 local id = ARGV[1]
 local lease = tonumber(ARGV[4])
@@ -68,9 +69,6 @@ local existing = redis.call('HGET', KEYS[2], id)
 if existing then
   redis.call('ZADD', KEYS[3], now + lease, id)
   return {0, tonumber(string.match(existing, '^(%d+)')), consumed, reserved, limit, 0}
-end
-if redis.call('HEXISTS', KEYS[4], id) == 1 then
-  return {3, 0, consumed, reserved, limit, 0}
 end
 local tokens = tonumber(ARGV[2])
 if limit >= 0 then
@@ -84,9 +82,11 @@ if limit >= 0 then
     return {1, 0, consumed, reserved, limit, retry}
   end
 end
+-- A settled id reserved again is a new attempt of the same step: settle anew.
+redis.call('HDEL', KEYS[4], id)
 redis.call('HSET', KEYS[2], id, ARGV[2] .. '|' .. ARGV[3])
 redis.call('ZADD', KEYS[3], now + lease, id)
-reserved = redis.call('HINCRBY', KEYS[1], 'reserved', tokens)
+reserved = redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[2])
 return {0, tokens, consumed, reserved, limit, 0}
 """
 )
@@ -101,9 +101,9 @@ if redis.call('HSETNX', KEYS[4], id, ARGV[2]) == 1 then
   if v then
     redis.call('HDEL', KEYS[2], id)
     redis.call('ZREM', KEYS[3], id)
-    redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(string.match(v, '^(%d+)')))
+    redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. string.match(v, '^(%d+)'))
   end
-  redis.call('HINCRBY', KEYS[1], 'consumed', tonumber(ARGV[2]))
+  redis.call('HINCRBY', KEYS[1], 'consumed', ARGV[2])
 end
 local limit, consumed, reserved = account()
 return {consumed, reserved, limit}
@@ -126,7 +126,7 @@ return 0
 _STATE = (
     _PRELUDE
     + """
-if ARGV[1] then redis.call('HSET', KEYS[1], 'limit', tonumber(ARGV[1])) end
+if ARGV[1] then redis.call('HSET', KEYS[1], 'limit', ARGV[1]) end
 local limit, consumed, reserved = account()
 return {consumed, reserved, limit}
 """
@@ -158,7 +158,7 @@ _SCRIPTS = {
     "held": _HELD,
 }
 _SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
-_STATUS: tuple[ReserveStatus, ...] = ("granted", "wait", "refused", "settled")
+_STATUS: tuple[ReserveStatus, ...] = ("granted", "wait", "refused")
 _KEY_CACHE_SIZE = 1024
 
 
