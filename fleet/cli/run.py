@@ -10,270 +10,32 @@ local executor beside the agents file.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import inspect
 import json
-import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any, cast
 
 import typer
-from rich.console import Group
 from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
-from ..agents import load_agents
 from ..budget import BudgetSnapshot, WorkflowBudget
 from ..config import FleetSettings
 from ..errors import CheckpointError, ConfigError
-from ..events import BudgetExhausted, LogEvent, PhaseEnd, PhaseStart, StepFinished, StepStarted
+from ..eventbus import event_stream_key
 from ..executor import AgentExecutor
 from ..ledgers import BudgetLedger, MemoryLedger, RedisLedger
 from ..local import LocalExecutor
 from ..stores import CheckpointStore, open_store
-from ..workflow import Lagged, Workflow, event_stream_key
+from ..workflow import Workflow
 from .app import app, console, err_console, settings
+from .program import Program, load_program, program_agents
+from .progress import RunDisplay, describe_event, say
 
-__all__ = ["RunDisplay", "describe_event", "load_program"]
-
-Program = Callable[[Workflow], Awaitable[Any]]
-
-
-# --- loading the program -----------------------------------------------------------------
-
-
-def _package_root(path: Path) -> tuple[Path, str]:
-    """The directory to import from and the dotted module name of ``path``."""
-    parts = [path.stem]
-    directory = path.parent
-    while (directory / "__init__.py").is_file():
-        parts.insert(0, directory.name)
-        directory = directory.parent
-    return directory, ".".join(parts)
-
-
-def _import_file(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise ConfigError(f"workflow program {str(path)!r} does not exist", key=str(path))
-    path = path.resolve()
-    root, dotted = _package_root(path)
-    sys.path.insert(0, str(root))
-    if "." in dotted:  # inside a package: import it as such, so its relative imports work
-        return importlib.import_module(dotted)
-    name = f"fleet_program_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load {str(path)!r} as Python", key=str(path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_program(target: str) -> tuple[Program, ModuleType]:
-    """Import ``path/to/flow.py:main`` or ``package.module:main`` (``:main`` is the default).
-
-    Raises:
-        ConfigError: the file or module is missing, or ``main`` is not an async function.
-    """
-    location, sep, attribute = target.rpartition(":")
-    if not sep or not attribute or "/" in attribute or attribute.endswith(".py"):
-        location, attribute = target, "main"
-    if location.endswith(".py") or "/" in location or "\\" in location:
-        module = _import_file(Path(location))
-    else:
-        sys.path.insert(0, str(Path.cwd()))
-        try:
-            module = importlib.import_module(location)
-        except ImportError as error:
-            raise ConfigError(
-                f"cannot import workflow module {location!r} ({error}); give a file path "
-                "(flow.py:main) or a module importable from this directory",
-                key=target,
-            ) from None
-    program = getattr(module, attribute, None)
-    if program is None or not inspect.iscoroutinefunction(program):
-        raise ConfigError(
-            f"{target!r}: expected `async def {attribute}(workflow)` in {module.__name__!r}",
-            key=target,
-        )
-    return program, module
-
-
-def _agents(module: ModuleType, agents_file: Path | None, config: FleetSettings) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    if agents_file is not None:
-        found.update(load_agents(agents_file))
-    elif config.agents_file.is_file():
-        found.update(load_agents(config.agents_file))
-    declared = getattr(module, "AGENTS", None)
-    if declared is not None:
-        if not isinstance(declared, Mapping):
-            raise ConfigError(f"{module.__name__}.AGENTS must map agent names to agents")
-        found.update(declared)
-    return found
-
-
-# --- showing events ----------------------------------------------------------------------
-
-
-def _fields(fields: Mapping[str, Any]) -> str:
-    return "".join(f" {key}={json.dumps(value, default=str)}" for key, value in fields.items())
-
-
-def describe_event(event: Any) -> str | None:
-    """One plain line for an event (``None`` for ``step_started``, too chatty to print)."""
-    if isinstance(event, PhaseStart):
-        return f"phase {event.index} {event.name}: {event.step_count} steps"
-    if isinstance(event, PhaseEnd):
-        return f"phase {event.index} {event.name}: {event.succeeded} ok, {event.failed} failed"
-    if isinstance(event, LogEvent):
-        return f"[{event.level}] {event.message}{_fields(event.fields)}"
-    if isinstance(event, BudgetExhausted):
-        return f"budget exhausted: {event.reason}"
-    if isinstance(event, StepFinished):
-        state = "ok" if event.success else f"FAILED ({event.error})"
-        where = f" on {event.worker}" if event.worker else ""
-        return (
-            f"  step {event.task_id} [{event.agent}] {state}, {event.total_tokens} tokens, "
-            f"{event.duration_s:.2f} s{where}"
-        )
-    if isinstance(event, Lagged):
-        return f"... {event.missed} events not shown (the display fell behind)"
-    return None
-
-
-def _say(line: str) -> None:
-    console.print(line, highlight=False, markup=False, soft_wrap=True)
-
-
-@dataclass
-class _PhaseRow:
-    name: str
-    index: int
-    step_count: int
-    ran: int = 0
-    failed: int = 0
-    journaled: int = 0
-    open: bool = True
-
-
-@dataclass
-class RunDisplay:
-    """Follows a workflow's events: a live table on a terminal, plain lines otherwise."""
-
-    workflow: Workflow
-    live: Live | None = None
-    started: float = field(default_factory=time.monotonic)
-    phases: list[_PhaseRow] = field(default_factory=list)
-    running: int = 0
-    done: int = 0
-    failed: int = 0
-    tokens: int = 0
-    snapshot: BudgetSnapshot | None = None
-    _next_refresh: float = 0.0
-    _next_line: float = 0.0
-
-    async def follow(self, subscription: Any) -> None:
-        """Consume events until the workflow closes."""
-        async for event in subscription:
-            await self.take(event)
-
-    async def take(self, event: Any) -> None:
-        """Account for one event and show it."""
-        open_phase = next((row for row in reversed(self.phases) if row.open), None)
-        if isinstance(event, StepStarted):
-            self.running += 1
-        elif isinstance(event, StepFinished):
-            self.running = max(self.running - 1, 0)
-            self.done += 1
-            self.failed += not event.success
-            self.tokens += event.total_tokens
-            if open_phase is not None:
-                open_phase.ran += 1
-                open_phase.failed += not event.success
-        elif isinstance(event, PhaseStart):
-            self.phases.append(_PhaseRow(event.name, event.index, event.step_count))
-        elif isinstance(event, PhaseEnd):
-            self._close_phase(event)
-        if isinstance(event, PhaseEnd | BudgetExhausted):
-            await self.refresh_budget()
-        self._show(event)
-
-    def _close_phase(self, event: PhaseEnd) -> None:
-        for row in self.phases:
-            if row.index == event.index:
-                row.open = False
-                row.journaled = max(event.succeeded + event.failed - row.ran, 0)
-                row.failed = event.failed
-
-    async def refresh_budget(self) -> None:
-        """Read the budget (if any) for the tokens-vs-limit figure."""
-        try:
-            self.snapshot = await self.workflow.budget_snapshot()
-        except Exception as error:  # the display must never stop the run
-            err_console.print(f"cannot read the budget: {error}", highlight=False)
-
-    def _show(self, event: Any) -> None:
-        now = time.monotonic()
-        if self.live is None:
-            line = describe_event(event)
-            if isinstance(event, StepFinished) and event.success:
-                line = None  # plain mode prints failures only, plus a progress line
-                if now >= self._next_line:
-                    self._next_line = now + 2.0
-                    line = self.progress_line()
-            if line is not None:
-                _say(line)
-            return
-        if isinstance(event, LogEvent | BudgetExhausted | Lagged):
-            self.live.console.print(describe_event(event), highlight=False, markup=False)
-        if now >= self._next_refresh or not isinstance(event, StepStarted | StepFinished):
-            self._next_refresh = now + 0.1
-            self.live.update(self.render(), refresh=True)
-
-    def tokens_text(self) -> str:
-        """Tokens used, against the budget when there is one."""
-        if self.snapshot is None:
-            return f"{self.tokens} tokens this run"
-        limit = "uncapped" if self.snapshot.limit_tokens is None else self.snapshot.limit_tokens
-        return f"{self.tokens} tokens this run; budget {self.snapshot.consumed_tokens} / {limit}"
-
-    def progress_line(self) -> str:
-        """One plain progress line."""
-        return (
-            f"[{time.monotonic() - self.started:7.2f} s] steps {self.done} done "
-            f"({self.failed} failed), {self.running} running; {self.tokens_text()}"
-        )
-
-    def render(self) -> Group:
-        """The live progress panel: a row per phase, then the totals."""
-        table = Table(title=f"workflow {self.workflow.root_id}", title_justify="left")
-        for column in ("#", "phase", "steps", "failed", "from journal", ""):
-            table.add_column(column)
-        for row in self.phases:
-            done = row.ran + row.journaled
-            table.add_row(
-                str(row.index),
-                row.name,
-                f"{done}/{row.step_count}",
-                str(row.failed),
-                str(row.journaled) if not row.open else "",
-                "running" if row.open else "done",
-            )
-        totals = Text(
-            f"{time.monotonic() - self.started:.1f} s · steps {self.done} done, "
-            f"{self.failed} failed, {self.running} running · {self.tokens_text()}",
-            style="dim",
-        )
-        return Group(table, totals)
+__all__ = ["run", "status", "watch"]
 
 
 # --- fleet run ---------------------------------------------------------------------------
@@ -303,7 +65,7 @@ def _executor(
         except ImportError as error:
             raise ConfigError(f"the Celery host cannot be loaded: {error}") from None
         if agents:
-            _say(
+            say(
                 "note: Celery workers run the agents of their own agents file; make sure "
                 f"it declares {', '.join(sorted(agents))}"
             )
@@ -376,7 +138,7 @@ def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None
     done, failed = (display.done, display.failed) if display else (0, 0)
     tokens = display.tokens_text() if display else ""
     verb = "finished" if outcome.error is None else "FAILED"
-    _say(
+    say(
         f"workflow {root_id} {verb} in {wall_s:.2f} s: {phases} phases, {done} steps run "
         f"({failed} failed), {journaled} served from the journal; {tokens}"
     )
@@ -385,13 +147,13 @@ def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None
             f"{type(outcome.error).__name__}: {outcome.error}", highlight=False, markup=False
         )
         if store != "memory":
-            _say(f"completed phases stay journaled: re-run with --root-id {root_id} to resume")
+            say(f"completed phases stay journaled: re-run with --root-id {root_id} to resume")
     elif outcome.result is not None:
         try:
             text = json.dumps(outcome.result, indent=2, default=str)
         except (TypeError, ValueError):
             text = repr(outcome.result)
-        _say(f"result: {text}")
+        say(f"result: {text}")
 
 
 @app.command()
@@ -436,7 +198,9 @@ def run(
     async def main() -> None:
         ledger = _ledger(config, shared) if budget is not None else None
         plan = None if ledger is None else WorkflowBudget(budget, ledger=ledger, workflow_id=root)
-        host = _executor(executor, _agents(module, agents, config), plan, concurrency, config)
+        host = _executor(
+            executor, program_agents(module, agents, config), plan, concurrency, config
+        )
         journal: CheckpointStore = open_store(config.store, key_prefix=config.key_prefix)
         builder = Workflow.builder(host).with_store(journal).with_root_id(root)
         if plan is not None:
@@ -452,7 +216,7 @@ def run(
                 if resource is not None:
                     await _close(resource)
 
-    _say(
+    say(
         f"running {target} as workflow {root} on the {executor} executor "
         f"(journal {config.store}" + (f", budget {budget} tokens)" if budget is not None else ")")
     )
@@ -460,7 +224,7 @@ def run(
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
-        _say(f"interrupted; re-run with --root-id {root} to resume")
+        say(f"interrupted; re-run with --root-id {root} to resume")
         raise
     _summary(root, outcome, time.monotonic() - started, config.store)
     if outcome.error is not None:
@@ -512,9 +276,9 @@ def watch(
         start = _last_start(client, key)
         cursor: bytes | str = b"0" if start is None else start
         if start is None:
-            _say(f"waiting for workflow {root_id} to start ({key})")
+            say(f"waiting for workflow {root_id} to start ({key})")
         else:
-            _say(f"following workflow {root_id} ({key})")
+            say(f"following workflow {root_id} ({key})")
         while deadline is None or time.monotonic() < deadline:
             reply = cast(list[Any], client.xread({key: cursor}, block=500, count=200))
             for _stream, entries in reply or []:
@@ -522,21 +286,21 @@ def watch(
                     cursor = entry_id
                     entry = _decode(raw)
                     if entry.get("control") == "start" and start is None:
-                        _say(f"workflow {root_id} started")
+                        say(f"workflow {root_id} started")
                     elif entry.get("control") == "end":
-                        _say(f"workflow {root_id} {entry.get('status', 'ended')}")
+                        say(f"workflow {root_id} {entry.get('status', 'ended')}")
                         return
                     elif "event" in entry:
                         line = describe_event(parse_event(entry["event"]))
                         if line is not None:
-                            _say(line)
+                            say(line)
     except RedisError as error:
         raise ConfigError(
             f"cannot read the event stream at {config.masked_redis_url()}: {error}"
         ) from None
     finally:
         client.close()
-    _say(f"gave up after {timeout} s; workflow {root_id} has not ended")
+    say(f"gave up after {timeout} s; workflow {root_id} has not ended")
     raise typer.Exit(1)
 
 
@@ -595,9 +359,9 @@ def status(
         return rows, await _budget_line(config, root_id)
 
     rows, budget_line = asyncio.run(read())
-    _say(f"workflow {root_id} (journal {config.store})")
+    say(f"workflow {root_id} (journal {config.store})")
     if not rows:
-        _say("no phases journaled (never run here, or finished and cleared)")
+        say("no phases journaled (never run here, or finished and cleared)")
     for _first, name, text in rows:
-        _say(f"  phase {name}: {text}")
-    _say(budget_line)
+        say(f"  phase {name}: {text}")
+    say(budget_line)
