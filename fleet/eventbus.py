@@ -56,7 +56,8 @@ class Subscription:
     Yields :data:`~fleet.events.WorkflowEvent` values, and a :class:`Lagged` marker where
     events were dropped because more than ``capacity`` were waiting. Iteration ends
     once the workflow is finished or closed and the waiting events are drained, or
-    when :meth:`close` is called.
+    when :meth:`close` is called. Read a subscription from one task; subscribe again
+    for another reader.
     """
 
     def __init__(self, bus: EventBus, capacity: int) -> None:
