@@ -457,11 +457,12 @@ class CeleryExecutor(AgentExecutor):
 
         await asyncio.get_running_loop().run_in_executor(self._sender, send)
 
-    async def _wait_for_queue_room(self, client: aioredis.Redis) -> None:
+    async def _queue_room(self, client: aioredis.Redis) -> int:
+        """How many more messages the step queue takes; waits while it is at high water."""
         while True:
             depth = await client.llen(self.settings.queue)
-            if depth <= self.settings.queue_high_water:
-                return
+            if depth < self.settings.queue_high_water:
+                return int(self.settings.queue_high_water - depth)
             await asyncio.sleep(self.check_interval_s / 2)
 
     # ------------------------------------------------------------------ the seam
@@ -659,9 +660,9 @@ class _Round:
         # step as soon as it holds its tokens so nothing waits on an unsent sibling.
         batch_limit = 1 if self.x.budget is not None else _SEND_BATCH
         while entry is not None:
-            await self.x._wait_for_queue_room(self.client)
+            room = min(await self.x._queue_room(self.client), batch_limit)
             batch: list[_Entry] = []
-            while entry is not None and len(batch) < batch_limit:
+            while entry is not None and len(batch) < room:
                 if batch and self.slot.locked():
                     break
                 await self.slot.acquire()
@@ -893,9 +894,9 @@ class _Pipeline:
         pending = iter(self.chains)
         chain_ = next(pending, None)
         while chain_ is not None:
-            await self.x._wait_for_queue_room(self.client)
+            room = min(await self.x._queue_room(self.client), _SEND_BATCH)
             batch: list[_Chain] = []
-            while chain_ is not None and len(batch) < _SEND_BATCH:
+            while chain_ is not None and len(batch) < room:
                 if batch and self.slot.locked():
                     break
                 await self.slot.acquire()
