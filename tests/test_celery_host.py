@@ -1,0 +1,296 @@
+"""The Celery host's own contract: app configuration, the wire, the budget guard, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fleet import AgentStepSpec, execute_steps_parallel
+from fleet.budget import WorkflowBudget
+from fleet.celery import STEP_TASK, CeleryExecutor, configure_app, step_task_id
+from fleet.config import FleetSettings
+from fleet.errors import ConfigError
+from fleet.ledgers import RedisLedger
+from fleet.stores import RedisCheckpointStore
+from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery]
+
+
+def spec(task_id: str, agent: str = "slow_echo", prompt: str = "", **extra: Any) -> AgentStepSpec:
+    return AgentStepSpec(
+        task_id=task_id, agent=agent, description="d", prompt=prompt or f"p-{task_id}", **extra
+    )
+
+
+@pytest.fixture(scope="module")
+def counter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("counters")
+
+
+@pytest.fixture(scope="module")
+def workers(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, counter_dir: Path
+) -> Iterator[CeleryWorkers]:
+    settings = fleet_settings(redis_url)
+    env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir)}
+    with running_workers(
+        settings, tmp_path_factory.mktemp("w"), "worker1", concurrency=4, env=env
+    ) as fleet:
+        yield fleet
+
+
+def ran(counter_dir: Path, task_id: str) -> int:
+    path = counter_dir / task_id
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def test_app_is_json_only_with_late_acks_and_events(redis_url: str) -> None:
+    """The worker app accepts only JSON, acks late, prefetches one, and sends task events."""
+    from workers.app import create_app
+
+    app = create_app(fleet_settings(redis_url))
+    conf = app.conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.result_serializer == "json" and conf.result_accept_content == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_send_task_events and conf.task_send_sent_event
+    assert conf.result_expires == 86400
+    assert conf.broker_transport_options["visibility_timeout"] >= 300
+    assert {STEP_TASK, "fleet.run_stage"} <= set(app.tasks)
+    app.close()
+
+
+def test_importing_the_worker_module_creates_nothing() -> None:
+    """``import workers.app`` builds no app; ``workers.app.app`` builds it from settings."""
+    code = (
+        "import workers.app as m, sys; assert m._app is None; "
+        "assert 'fleet.run_step' in m.app.tasks; print(m.app.conf.task_default_queue)"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "FLEET_QUEUE": "from-env.steps",
+        "FLEET_AGENTS_FILE": str(REPO / "tests" / "agents.toml"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "from-env.steps"
+
+
+def test_missing_agents_file_fails_at_worker_start(redis_url: str, tmp_path: Path) -> None:
+    """A worker without its agents file refuses to start and names the path."""
+    from workers.app import create_app
+
+    with pytest.raises(ConfigError, match="nowhere.toml"):
+        create_app(fleet_settings(redis_url, agents_file=tmp_path / "nowhere.toml"))
+
+
+def test_executor_options_are_validated(redis_url: str) -> None:
+    """A bad option fails at construction and names the setting."""
+    with pytest.raises(ConfigError, match="max_in_flight"):
+        CeleryExecutor(settings=fleet_settings(redis_url), max_in_flight=0)
+    executor = CeleryExecutor(settings=fleet_settings(redis_url), max_in_flight=3)
+    assert executor.concurrency_hint() == 3
+    assert "max_in_flight=3" in repr(executor)
+
+
+def test_journaled_task_ids_are_deterministic() -> None:
+    """Same workflow, step and identity: same task id; any identity change: another one."""
+    a = spec("a", prompt="x")
+    assert step_task_id("wf", a) == step_task_id("wf", spec("a", prompt="x"))
+    assert step_task_id("wf", a) != step_task_id("wf", spec("a", prompt="y"))
+    assert step_task_id("wf", a) != step_task_id("wf2", a)
+
+
+# --------------------------------------------------------------------------- the wire
+
+
+async def test_message_is_json_and_its_summary_never_holds_the_prompt(redis_url: str) -> None:
+    """The queued message is JSON; monitoring sees "workflow step agent", never the prompt."""
+    settings = fleet_settings(redis_url)  # no worker consumes this queue
+    executor = CeleryExecutor(settings=settings)
+    secret = "TOP-SECRET-PROMPT"
+    step = asyncio.create_task(executor.execute_step(spec("t1", prompt=secret)))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(500):
+            if client.llen(settings.queue):
+                break
+            await asyncio.sleep(0.02)
+        message = json.loads(client.lindex(settings.queue, 0))
+    finally:
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        await executor.aclose()
+        client.delete(settings.queue)
+        client.close()
+    assert message["content-type"] == "application/json"
+    headers = message["headers"]
+    assert headers["task"] == STEP_TASK
+    assert headers["argsrepr"] == "- t1 slow_echo"
+    assert secret not in json.dumps(headers)
+
+
+async def test_poison_messages_are_rejected_and_never_run(
+    workers: CeleryWorkers, counter_dir: Path
+) -> None:
+    """Bad JSON or an unknown schema version: logged, rejected, the agent never runs."""
+    app = configure_app(workers.settings)
+    good = json.loads(
+        json.dumps({"v": 1, "spec": spec("poison", "count_where").to_dict(), "nonce": "n"})
+    )
+    bad = [
+        "{not json",
+        json.dumps({**good, "v": 99, "reply": f"{workers.settings.key_prefix}:reply:x"}),
+        json.dumps({**good, "reply": "elsewhere:reply:x"}),
+        json.dumps({"v": 1}),
+    ]
+    try:
+        for n, payload in enumerate(bad):
+            app.send_task(STEP_TASK, args=[payload], task_id=f"poison-{n}")
+    finally:
+        app.close()
+    executor = workers.executor()
+    try:  # the worker is still healthy afterwards
+        (after,) = await execute_steps_parallel(executor, [spec("after")])
+    finally:
+        await executor.aclose()
+    assert after.success
+    log = workers.workers["worker1"].log_text()
+    deadline = time.monotonic() + 10
+    while log.count("rejected fleet.run_step message poison-") < 4:
+        assert time.monotonic() < deadline, log[-3000:]
+        await asyncio.sleep(0.1)
+        log = workers.workers["worker1"].log_text()
+    assert "not valid JSON" in log and "unknown message schema version 99" in log
+    assert "outside key prefix" in log
+    assert ran(counter_dir, "poison") == 0
+
+
+async def test_unreachable_broker_is_a_failed_step(tmp_path: Path) -> None:
+    """No Redis: the step fails with ``unavailable`` and a masked URL; nothing raises."""
+    settings = FleetSettings(
+        redis_url="redis://:hunter2@127.0.0.1:1/0", agents_file=tmp_path / "none.toml"
+    )
+    executor = CeleryExecutor(settings=settings)
+    outcome = await executor.execute_step(spec("x"))
+    await executor.aclose()
+    assert not outcome.success and outcome.error == "unavailable"
+    assert "hunter2" not in outcome.output and "***" in outcome.output
+
+
+# --------------------------------------------------------------------------- budget
+
+
+async def test_budget_guard_refuses_before_sending(
+    workers: CeleryWorkers, counter_dir: Path, key_prefix: str
+) -> None:
+    """A step that cannot fit is never sent; the worker charges what a step used."""
+    ledger = RedisLedger(workers.settings.redis_url, key_prefix=workers.settings.key_prefix)
+    budget = WorkflowBudget(100, ledger=ledger, workflow_id=f"{key_prefix}-budget")
+    executor = workers.executor(budget=budget, max_in_flight=1)
+    try:
+        outcomes = await execute_steps_parallel(
+            executor,
+            [
+                spec("spender", "spend", "80", max_tokens=90),
+                spec("refused", "count_where", max_tokens=30),
+            ],
+        )
+        snapshot = await budget.snapshot()
+    finally:
+        await executor.aclose()
+        await ledger.close()
+    assert outcomes[0].success and outcomes[0].usage.total_tokens == 80
+    assert not outcomes[1].success and outcomes[1].error == "budget_exhausted"
+    assert ran(counter_dir, "refused") == 0  # never sent
+    assert snapshot.consumed_tokens == 80 and snapshot.reserved_tokens == 0
+
+
+async def test_step_cannot_spend_more_than_it_holds(
+    workers: CeleryWorkers, key_prefix: str
+) -> None:
+    """On the worker the agent's hold is the host's reservation (echo needs 200 of 20)."""
+    ledger = RedisLedger(workers.settings.redis_url, key_prefix=workers.settings.key_prefix)
+    budget = WorkflowBudget(1000, ledger=ledger, workflow_id=f"{key_prefix}-hold")
+    executor = workers.executor(budget=budget)
+    try:
+        (outcome,) = await execute_steps_parallel(
+            executor, [spec("greedy", "echo", "x" * 400, max_tokens=20)]
+        )
+        snapshot = await budget.snapshot()
+    finally:
+        await executor.aclose()
+        await ledger.close()
+    assert outcome.error == "budget_exhausted"
+    assert snapshot.reserved_tokens == 0
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+async def test_dispatch_pauses_at_the_queue_high_water_mark(
+    redis_url: str, tmp_path: Path, counter_dir: Path
+) -> None:
+    """With nobody consuming, the queue never grows past the high-water mark."""
+    settings = fleet_settings(redis_url, queue_high_water=3, max_in_flight=8)
+    executor = CeleryExecutor(settings=settings)
+    client = redis.Redis.from_url(redis_url)
+    round_ = asyncio.create_task(
+        execute_steps_parallel(executor, [spec(f"q{i}") for i in range(8)])
+    )
+    try:
+        deepest = 0
+        for _ in range(40):
+            deepest = max(deepest, client.llen(settings.queue))
+            await asyncio.sleep(0.025)
+        assert deepest == 3
+        env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir)}
+        with running_workers(settings, tmp_path, "drain", env=env):
+            outcomes = await round_
+        assert [o.output for o in outcomes] == [f"p-q{i}" for i in range(8)]
+    finally:
+        round_.cancel()
+        await executor.aclose()
+        client.delete(settings.queue)
+        client.close()
+
+
+# --------------------------------------------------------------------------- journal
+
+
+async def test_workers_journal_each_step_at_the_step_boundary(
+    workers: CeleryWorkers, key_prefix: str
+) -> None:
+    """With ``worker_journal``, each successful step's record is written by the worker."""
+    store = RedisCheckpointStore(workers.settings.redis_url, key_prefix=workers.settings.key_prefix)
+    executor = workers.executor(worker_journal=True)
+    workflow_id = f"{key_prefix}-wj"
+    try:
+        outcomes = await executor.native_round(
+            [spec("a"), spec("b"), spec("f", "fail")], workflow_id=workflow_id
+        )
+        checkpoint = await store.load(workflow_id)
+    finally:
+        await store.delete(workflow_id)
+        await store.close()
+        await executor.aclose()
+    assert outcomes is not None and [o.success for o in outcomes] == [True, True, False]
+    assert checkpoint is not None
+    assert sorted(checkpoint.completed()) == ["a", "b"]
+    assert checkpoint.completed()["a"].worker == workers.workers["worker1"].node
