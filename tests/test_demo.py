@@ -73,3 +73,20 @@ def test_fleet_demo_rejects_llm_without_model() -> None:
     )
     assert result.returncode != 0
     assert "--model" in result.stderr
+
+
+def test_fleet_demo_on_a_local_fleet() -> None:
+    """`fleet demo --fleet` starts Redis + workers + Flower, runs the demo there, stops it all."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fleet", "demo", "--fleet", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "33 steps: 33 succeeded, 0 failed; 2 fix round(s)" in result.stdout
+    assert (
+        "steps ran on: worker" in result.stdout
+        and "local" not in result.stdout.split("steps ran on:")[1]
+    )
+    assert "local fleet stopped" in result.stdout

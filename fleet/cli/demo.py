@@ -15,7 +15,7 @@ from ..demo import DemoReport, run_demo
 from ..events import StepFinished, StepStarted
 from ..executor import AgentExecutor
 from ..local import LocalExecutor
-from .app import app, console
+from .app import app, console, settings
 
 __all__ = ["Progress"]
 
@@ -93,6 +93,46 @@ async def _run(executor: AgentExecutor, progress: Progress) -> DemoReport:
     return await run_demo(executor, events=progress)
 
 
+def _demo_on_fleet(*, workers: int, concurrency: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from ..celery import CeleryExecutor
+    from ..demo import DEMO_AGENT_TARGETS
+    from ..localfleet import LocalFleet
+
+    with tempfile.TemporaryDirectory(prefix="fleet-demo-") as directory:
+        agents_file = Path(directory) / "agents.toml"
+        agents_file.write_text(
+            "".join(
+                f'[agents.{name}]\nkind = "python"\ntarget = "{target}"\n\n'
+                for name, target in DEMO_AGENT_TARGETS.items()
+            ),
+            encoding="utf-8",
+        )
+        base = settings(agents_file=agents_file, max_in_flight=concurrency * workers)
+        console.print(f"starting a local fleet: Redis, {workers} worker(s), Flower ...")
+        with LocalFleet(
+            workers=workers, concurrency=concurrency, directory=Path(directory) / "fleet",
+            settings=base,
+        ) as local:  # fmt: skip
+            console.print(
+                f"fleet up: Redis {local.masked_redis_url}, workers "
+                f"{', '.join(local.worker_names)}, Flower {local.flower_url} "
+                f"(user {local.flower_user!r}, password {local.flower_password!r})",
+                highlight=False,
+            )
+            executor = CeleryExecutor(settings=local.settings)
+            progress = Progress()
+            started = time.monotonic()
+            report = asyncio.run(_run(executor, progress))
+            console.print(progress.line(), highlight=False)
+            _summary(report, progress, time.monotonic() - started)
+            ran_on = sorted({o.worker or "?" for o in report.outcomes})
+            console.print(f"steps ran on: {', '.join(ran_on)}", highlight=False)
+        console.print("local fleet stopped")
+
+
 @app.command()
 def demo(
     concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Steps at once."),
@@ -107,9 +147,25 @@ def demo(
     api_key_env: str | None = typer.Option(
         None, "--api-key-env", help="Environment variable holding the API key (with --llm)."
     ),
+    fleet: bool = typer.Option(
+        False,
+        "--fleet",
+        help="Run on a real local fleet: an embedded Redis, worker processes and Flower, "
+        "started and stopped by this command.",
+    ),
+    workers: int = typer.Option(2, "--workers", "-w", min=1, help="Worker processes (--fleet)."),
 ) -> None:
     """Run the bundled code-review workflow on the embedded default (no services needed)."""
     from ..demo import DEMO_AGENTS, llm_reviewers
+
+    if fleet:
+        if llm is not None:
+            raise typer.BadParameter(
+                "--llm runs in-process only; on a fleet, declare the model as an agent in the "
+                "workers' agents file (see docs/AGENTS.md)"
+            )
+        _demo_on_fleet(workers=workers, concurrency=concurrency)
+        return
 
     agents: dict[str, Any] = dict(DEMO_AGENTS)
     if llm is not None:
