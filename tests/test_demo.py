@@ -85,8 +85,6 @@ def test_fleet_demo_on_a_local_fleet() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "33 steps: 33 succeeded, 0 failed; 2 fix round(s)" in result.stdout
-    assert (
-        "steps ran on: worker" in result.stdout
-        and "local" not in result.stdout.split("steps ran on:")[1]
-    )
+    ran_on = next(line for line in result.stdout.splitlines() if line.startswith("steps ran on:"))
+    assert "worker1@" in ran_on and "worker2@" in ran_on and "local" not in ran_on
     assert "local fleet stopped" in result.stdout
