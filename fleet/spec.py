@@ -42,6 +42,10 @@ class FleetModel(BaseModel):
         except ValidationError as error:
             raise SpecError(describe_validation_error(error, type(self).__name__)) from None
 
+    # Only wraps errors: let pydantic validate nested models and JSON in Rust without
+    # calling back into this __init__ (several times faster journal and result decoding).
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @classmethod
     def from_dict(cls, data: Any) -> Self:
         """Load from a decoded JSON object; raises ``SpecError`` on bad input."""
