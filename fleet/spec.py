@@ -132,6 +132,10 @@ class AgentStepSpec(FleetModel):
                     f"output_schema is not a valid JSON Schema ({error.message}); "
                     "fix the schema or leave output_schema unset"
                 ) from None
+            except RecursionError:
+                raise ValueError(
+                    "output_schema is nested too deeply to check; flatten it (use $defs)"
+                ) from None
         return self
 
     def identity(self) -> dict[str, Any]:
