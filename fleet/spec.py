@@ -119,7 +119,7 @@ class AgentStepSpec(FleetModel):
     """JSON Schema the step's result must satisfy; the validated value lands in ``structured``."""
     max_tokens: int | None = Field(default=None, ge=0)
     """This step's token reservation and cap (prompt and completion together)."""
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Wall-clock limit for the step in seconds; past it the step fails with ``timeout``."""
 
     @model_validator(mode="after")
@@ -170,7 +170,7 @@ class StepOutcome(FleetModel):
     """Tokens the step used (charged to the budget)."""
     error: str | None = None
     """Machine-readable failure kind (``budget_exhausted``, ``timeout``, ...); ``None`` if ok."""
-    duration_s: float = Field(default=0.0, ge=0)
+    duration_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     """Wall-clock seconds the step ran."""
     worker: str | None = None
     """Where it ran, for humans: ``local`` in-process, a Celery node name on the fleet."""
