@@ -26,7 +26,10 @@ def describe_validation_error(error: ValidationError, what: str) -> str:
     parts = []
     for item in error.errors(include_url=False, include_input=False):
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        parts.append(f"{where}: {item['msg']}")
+        cause = item.get("ctx", {}).get("error")
+        # A ValueError raised by our own validators: its text, without pydantic's prefix.
+        text = str(cause) if item["type"] == "value_error" and cause else item["msg"]
+        parts.append(f"{where}: {text}")
     return f"invalid {what}: " + "; ".join(parts)
 
 
@@ -41,6 +44,10 @@ class FleetModel(BaseModel):
             super().__init__(**data)
         except ValidationError as error:
             raise SpecError(describe_validation_error(error, type(self).__name__)) from None
+
+    # Only direct construction translates errors; validation (``from_dict``, nested models)
+    # must not run this ``__init__``, or pydantic would wrap each nested SpecError again.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     # Only wraps errors: let pydantic validate nested models and JSON in Rust without
     # calling back into this __init__ (several times faster journal and result decoding).

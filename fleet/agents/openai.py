@@ -80,6 +80,9 @@ class _ConfigModel(BaseModel):
         except ValidationError as error:
             raise ConfigError(describe_validation_error(error, type(self).__name__)) from None
 
+    # Validation (``model_validate``) reports fields itself; see ``FleetModel.__init__``.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
 
 class OpenAIToolConfig(_ConfigModel):
     """A python function the model may call. In TOML a bare ``"pkg.mod:func"`` string works too."""
