@@ -40,7 +40,7 @@ def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except (ImportError, TypeError, ValueError) as error:  # TypeError: a relative ".mod"
         raise ConfigError(
             f"{what} target {target!r}: cannot import module {module_name!r} ({error}); "
             "is it installed and on PYTHONPATH?",
@@ -126,13 +126,18 @@ def _python_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefi
             key=f"agents.{name}.target",
         )
     reserve = table.get("reserve_tokens")
-    if reserve is not None and (not isinstance(reserve, int) or reserve < 0):
+    if reserve is not None and (type(reserve) is not int or reserve < 0):  # not a bool
         raise ConfigError(
             f"{source}: [agents.{name}] reserve_tokens must be a non-negative integer, "
             f"got {reserve!r}",
             key=f"agents.{name}.reserve_tokens",
         )
-    base = _definition(name, target)
+    try:
+        base = _definition(name, target)
+    except ConfigError as problem:  # name the file and the table, not just the target
+        raise ConfigError(
+            f"{source}: [agents.{name}] {problem}", key=f"agents.{name}.target"
+        ) from None
     return AgentDefinition(name=name, run=base.run, reserve_tokens=reserve, kind="python")
 
 
