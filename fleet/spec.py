@@ -21,6 +21,26 @@ from .errors import SpecError
 __all__ = ["AgentStepSpec", "FleetModel", "StepOutcome", "TokenUsage", "describe_validation_error"]
 
 
+MAX_SCHEMA_DEPTH = 128
+"""Deepest ``output_schema`` accepted: pydantic cannot serialise a model nested past 255
+levels, so a deeper schema would load but never reach a worker or a journal."""
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value``'s lists and dicts nest (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, dict | list):
+                deepest = max(deepest, level)
+                stack.append((child, level + 1))
+    return deepest + 1
+
+
 def describe_validation_error(error: ValidationError, what: str) -> str:
     """Render a pydantic error as one line per field, without the offending values."""
     parts = []
@@ -132,6 +152,11 @@ class AgentStepSpec(FleetModel):
     @model_validator(mode="after")
     def _check_schema(self) -> Self:
         if self.output_schema is not None:
+            if _depth(self.output_schema) > MAX_SCHEMA_DEPTH:
+                raise ValueError(
+                    f"output_schema nests deeper than {MAX_SCHEMA_DEPTH} levels; "
+                    "flatten it (use $defs)"
+                )
             try:
                 Draft202012Validator.check_schema(self.output_schema)
             except SchemaError as error:
