@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..config import mask_url
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 __all__ = ["RedisCheckpointStore"]
@@ -41,12 +41,20 @@ class RedisCheckpointStore(CheckpointStore):
             (e.g. ``ssl_ca_certs`` for ``rediss://``).
 
     The client connects lazily and belongs to the event loop that first uses it.
+
+    Raises:
+        ConfigError: ``url`` is not a usable Redis URL.
     """
 
     def __init__(self, url: str, *, key_prefix: str = "fleet", **client_options: Any) -> None:
         self.url = url
         self.key_prefix = key_prefix
-        self._client: Any = aioredis.from_url(url, **client_options)
+        try:
+            self._client: Any = aioredis.from_url(url, **client_options)
+        except ValueError as error:  # e.g. an unknown scheme or a port out of range
+            raise ConfigError(
+                f"invalid Redis journal URL {mask_url(url)}: {error}", key="store"
+            ) from None
         self._record = self._client.register_script(_RECORD)
         self._group = GroupCommit(self._write_batch)
 

@@ -94,7 +94,7 @@ class SQLiteCheckpointStore(CheckpointStore):
                 if self._conn is None:
                     self._conn = self._connect()
                 return body(self._conn)
-            except sqlite3.Error as error:
+            except (sqlite3.Error, OSError, ValueError) as error:  # OSError/ValueError: the path
                 raise CheckpointError(
                     f"cannot {action} in the SQLite journal {str(self.path)!r}: "
                     f"{type(error).__name__}: {error}",
