@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
-from ..errors import BrokerError
+from ..errors import BrokerError, ConfigError
 from .base import BudgetLedger, HeldReservation, LedgerState, ReserveResult, ReserveStatus
 
 __all__ = ["RedisLedger"]
@@ -206,7 +206,13 @@ class RedisLedger(BudgetLedger):
         if client is None:
             # One pool per event loop: asyncio connections cannot cross loops.
             self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+            try:
+                client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+            except ValueError as error:  # e.g. an unknown scheme or a port out of range
+                raise ConfigError(
+                    f"invalid budget ledger Redis URL {mask_url(self.url)}: {error}",
+                    key="redis_url",
+                ) from None
         return client
 
     def _keys(self, workflow_id: str) -> tuple[bytes, ...]:
