@@ -70,7 +70,7 @@ def load_program(target: str) -> tuple[Program, ModuleType]:
         sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(location)
-        except ImportError as error:
+        except (ImportError, TypeError, ValueError) as error:  # "" or a relative ".mod"
             raise ConfigError(
                 f"cannot import workflow module {location!r} ({error}); give a file path "
                 "(flow.py:main) or a module importable from this directory",

@@ -23,7 +23,7 @@ import typer
 from rich.live import Live
 
 from ..budget import BudgetSnapshot, WorkflowBudget
-from ..config import FleetSettings
+from ..config import FleetSettings, mask_url
 from ..errors import CheckpointError, ConfigError
 from ..eventbus import event_stream_key
 from ..executor import AgentExecutor
@@ -218,7 +218,8 @@ def run(
 
     say(
         f"running {target} as workflow {root} on the {executor} executor "
-        f"(journal {config.store}" + (f", budget {budget} tokens)" if budget is not None else ")")
+        f"(journal {mask_url(config.store)}"
+        + (f", budget {budget} tokens)" if budget is not None else ")")
     )
     started = time.monotonic()
     try:
@@ -235,7 +236,9 @@ def run(
 
 
 def _decode(entry: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {key.decode(): value.decode() for key, value in entry.items()}
+    return {
+        key.decode(errors="replace"): value.decode(errors="replace") for key, value in entry.items()
+    }
 
 
 def _last_start(client: Any, key: str) -> bytes | None:
@@ -270,7 +273,12 @@ def watch(
 
     config = settings(redis_url=redis_url)
     key = event_stream_key(root_id, key_prefix=config.key_prefix)
-    client = Redis.from_url(config.redis_url)
+    try:
+        client = Redis.from_url(config.redis_url)
+    except ValueError as error:  # e.g. an unknown scheme or a port out of range
+        raise ConfigError(
+            f"invalid Redis URL {config.masked_redis_url()}: {error}", key="redis_url"
+        ) from None
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         start = _last_start(client, key)
@@ -291,7 +299,13 @@ def watch(
                         say(f"workflow {root_id} {entry.get('status', 'ended')}")
                         return
                     elif "event" in entry:
-                        line = describe_event(parse_event(entry["event"]))
+                        try:
+                            event = parse_event(entry["event"])
+                        except ValueError as error:  # pydantic's ValidationError included
+                            name = type(error).__name__
+                            say(f"skipping an unreadable event (stream entry {entry_id!r}: {name})")
+                            continue
+                        line = describe_event(event)
                         if line is not None:
                             say(line)
     except RedisError as error:
@@ -359,7 +373,7 @@ def status(
         return rows, await _budget_line(config, root_id)
 
     rows, budget_line = asyncio.run(read())
-    say(f"workflow {root_id} (journal {config.store})")
+    say(f"workflow {root_id} (journal {mask_url(config.store)})")
     if not rows:
         say("no phases journaled (never run here, or finished and cleared)")
     for _first, name, text in rows:
