@@ -36,7 +36,7 @@ import logging
 import time
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +369,7 @@ class CeleryExecutor(AgentExecutor):
         self._app: Celery | None = None
         self._sender: ThreadPoolExecutor | None = None
         self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
         self._registry: AgentRegistry | None = None
         self._stage_names: dict[int, str] | None = None
         lease, claim = self.settings.step_lease_s, self.settings.claim_timeout_s
@@ -404,7 +405,10 @@ class CeleryExecutor(AgentExecutor):
             self._app = None
 
     async def aclose(self) -> None:
-        """Like :meth:`close`, without blocking the event loop."""
+        """Like :meth:`close`, and close this event loop's Redis connections too."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
         await asyncio.to_thread(self.close)
 
     async def __aenter__(self) -> CeleryExecutor:
@@ -421,13 +425,14 @@ class CeleryExecutor(AgentExecutor):
             slot = self._slots[loop] = asyncio.Semaphore(self.settings.max_in_flight)
         return slot
 
-    @contextlib.asynccontextmanager
-    async def _redis(self) -> AsyncIterator[aioredis.Redis]:
-        client = aioredis.Redis.from_url(self.settings.redis_url)
-        try:
-            yield client
-        finally:
-            await client.aclose()
+    def _redis(self) -> aioredis.Redis:
+        """This event loop's Redis client (a pool; one per loop, closed by :meth:`aclose`)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
+            client = self._clients[loop] = aioredis.Redis.from_url(self.settings.redis_url)
+        return client
 
     def registry(self) -> AgentRegistry:
         """The agents this host knows (to size reservations); built-ins if no agents file."""
@@ -555,21 +560,19 @@ class _Round:
         if not self.entries:
             return []
         try:
-            async with self.x._redis() as client:
-                self.client = client
-                try:
-                    async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._dispatch())
-                        tasks.create_task(self._collect())
-                    if self.workflow_id is not None:
-                        # The round is over and its caller has the outcomes: a later run
-                        # of the same workflow must not be served this round's results.
-                        await client.delete(*(self.keys.done(e.tid) for e in self.entries))
-                finally:
-                    for entry in list(self.inflight.values()):
-                        self._release(entry)
-                    with contextlib.suppress(RedisError):
-                        await client.delete(self.reply)
+            self.client = client = self.x._redis()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._dispatch())
+                    tasks.create_task(self._collect())
+                if self.workflow_id is not None:
+                    # The round is over and its caller has the outcomes: a later run of
+                    # the same workflow must not be served this round's results.
+                    await client.delete(*(self.keys.done(e.tid) for e in self.entries))
+            finally:
+                # (The reply list is empty by now, or expires on its own.)
+                for entry in list(self.inflight.values()):
+                    self._release(entry)
         except* (RedisError, OSError) as group_error:
             await self._fail_rest(group_error.exceptions[0], "unavailable")
         except* Exception as group_error:
@@ -844,25 +847,24 @@ class _Pipeline:
         self.slot = executor._slot()
 
     async def run(self) -> list[StepOutcome | None]:
-        async with self.x._redis() as client:
-            self.client = client
-            context = json.dumps({"stages": self.stages, "reply": self.reply, "nonce": self.pipe})
-            key = self.keys.pipe(self.pipe)
-            try:
-                for start in range(0, len(self.items), 500):
-                    fields: dict[str | bytes, str | bytes] = {"ctx": context}
-                    for i in range(start, min(start + 500, len(self.items))):
-                        fields[f"item:{i}"] = json.dumps(self.items[i])
-                    await client.hset(key, mapping=fields)  # type: ignore[arg-type]
-                await client.expire(key, self.x.settings.result_expires_s)
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._dispatch())
-                    tasks.create_task(self._collect())
-            finally:
-                for chain_ in list(self.active.values()):
-                    self._release(chain_)
-                with contextlib.suppress(RedisError):
-                    await client.delete(key, self.reply)
+        self.client = client = self.x._redis()
+        context = json.dumps({"stages": self.stages, "reply": self.reply, "nonce": self.pipe})
+        key = self.keys.pipe(self.pipe)
+        try:
+            for start in range(0, len(self.items), 500):
+                fields: dict[str | bytes, str | bytes] = {"ctx": context}
+                for i in range(start, min(start + 500, len(self.items))):
+                    fields[f"item:{i}"] = json.dumps(self.items[i])
+                await client.hset(key, mapping=fields)  # type: ignore[arg-type]
+            await client.expire(key, self.x.settings.result_expires_s)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._dispatch())
+                tasks.create_task(self._collect())
+        finally:
+            for chain_ in list(self.active.values()):
+                self._release(chain_)
+            with contextlib.suppress(RedisError):
+                await client.delete(key, self.reply)
         return [chain_.final for chain_ in self.chains]
 
     def _signatures(self, chain_: _Chain) -> Any:
