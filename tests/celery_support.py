@@ -93,10 +93,18 @@ class CeleryWorkers:
             with open(log, "ab") as output:
                 process = subprocess.Popen(
                     [
-                        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-                        f"--hostname={name}@%h", "--pool=threads",
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "workers.app",
+                        "worker",
+                        f"--hostname={name}@%h",
+                        "--pool=threads",
                         f"--concurrency={concurrency or self.concurrency}",
-                        "--loglevel=INFO", "--without-mingle", "--without-gossip",
+                        "--loglevel=INFO",
+                        "--without-mingle",
+                        "--without-gossip",
                     ],
                     cwd=REPO,
                     env=self._env(),

@@ -64,3 +64,9 @@ def bench_noop(prev: StepOutcome | None, item: str) -> AgentStepSpec | None:
     """Any stage: a no-op step (the benchmark's pipeline)."""
     stage = 1 if prev is None else int(prev.task_id.rsplit("-", 1)[1]) + 1
     return _spec(f"{item}-{stage}", "noop", "")
+
+
+def counted(prev: StepOutcome | None, item: str) -> AgentStepSpec | None:
+    """Both stages: a count_where step (records each run and its worker)."""
+    stage = 1 if prev is None else 2
+    return _spec(f"c{stage}-{item}", "count_where", f"{item}/{stage}")

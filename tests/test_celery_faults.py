@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from fleet import AgentStepSpec, StepOutcome, execute_steps_parallel
+from fleet import AgentStepSpec, StepOutcome, execute_pipeline, execute_steps_parallel
 from fleet.celery import CeleryExecutor
 from fleet.events import StepFinished
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
+from tests import pipeline_stages
 from tests.celery_support import CeleryWorkers, fleet_settings, running_workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults]
@@ -141,6 +142,28 @@ async def test_worker_killed_mid_round(doomed_workers: CeleryWorkers, counter_di
         assert ran[task] == [victim, survivor]
         assert outcomes[int(task[1:])].worker == survivor
     assert recovered_in < budget_s
+
+
+async def test_worker_killed_mid_pipeline(doomed_workers: CeleryWorkers, counter_dir: Path) -> None:
+    """SIGKILL a worker while Celery chains run: every chain finishes, no link is lost."""
+    workers = doomed_workers
+    executor = workers.executor()
+    victim = workers.workers["worker2"].node
+    items = [f"x{i}" for i in range(12)]
+    run = asyncio.create_task(
+        execute_pipeline(executor, items, [pipeline_stages.counted, pipeline_stages.counted])
+    )
+    await until(lambda: any(victim in runs for runs in where_ran(counter_dir, "c").values()))
+    await asyncio.to_thread(workers.kill, "worker2")
+    on_victim = {t for t, runs in where_ran(counter_dir, "c").items() if runs == [victim]}
+    outcomes = await asyncio.wait_for(run, timeout=recovery_bound_s(executor) + 60)
+    await executor.aclose()
+    assert [o.output if o else None for o in outcomes] == [f"{item}/2" for item in items]
+    ran = where_ran(counter_dir, "c")
+    assert set(ran) == {f"c{stage}-{item}" for item in items for stage in (1, 2)}
+    twice = {task for task, runs in ran.items() if len(runs) > 1}
+    assert twice <= on_victim
+    assert all(len(runs) <= 2 for runs in ran.values())
 
 
 async def test_duplicated_message_runs_the_agent_once(

@@ -363,10 +363,10 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
     keys, client = runtime.keys, runtime.redis()
     i, k = message.item, message.stage
     link = f"fp-{message.pipe}-{i}-{k}"
-    context_raw, item_raw = client.hmget(keys.pipe(message.pipe), ["ctx", f"item:{i}"])
-    prev_raw = (
-        client.get(keys.result(f"fp-{message.pipe}-{i}-{k - 1}", message.pipe)) if k else None
-    )
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.pipe(message.pipe), ["ctx", f"item:{i}"])
+        pipe.get(keys.result(f"fp-{message.pipe}-{i}-{k - 1}", message.pipe))
+        (context_raw, item_raw), prev_raw = pipe.execute()
     if context_raw is None or item_raw is None or (k and prev_raw is None):
         logger.warning("pipeline %s item #%d: its context expired; chain dropped", message.pipe, i)
         _stop_chain(request)
@@ -379,14 +379,12 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
     except (PoisonMessage, IndexError, KeyError) as error:
         logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
-    status, owner = runtime.claim(link, context["nonce"], reply, "")
-    if status != "claimed":
-        logger.info("link %s already ran or is running; duplicate dropped", link)
-        _stop_chain(request)
-        return {"pipe": message.pipe, "item": i, "stage": k, "duplicate": True}
-    prev = StepOutcome.from_json(prev_raw) if prev_raw is not None else None
+    prev = StepOutcome.from_json(prev_raw) if k else None
+    # Stages are plain functions of (previous outcome, item): calling one is not the step's
+    # effect, so a duplicate may call it too; only the claim below decides who runs the step.
     try:
         spec = stage(prev, json.loads(item_raw))
+        crashed = False
     except Exception as error:
         logger.warning(
             "pipeline %s item #%d stage %r crashed: %s: %s",
@@ -397,17 +395,22 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
             error,
         )
         spec, crashed = None, True
-    else:
-        crashed = False
+    start = (
+        ""
+        if spec is None
+        else json.dumps({"t": "start", "i": i, "k": k, "task": spec.task_id, "agent": spec.agent})
+    )
+    status, owner = runtime.claim(link, context["nonce"], reply, start)
+    if status != "claimed":
+        logger.info("link %s already ran or is running; duplicate dropped", link)
+        _stop_chain(request)
+        return {"pipe": message.pipe, "item": i, "stage": k, "duplicate": True}
     if spec is None:
         final = None if crashed or prev is None else prev.to_dict()
         stop = json.dumps({"t": "stop", "i": i, "k": k, "o": final})
         runtime.finish(link, context["nonce"], owner, json.dumps({"stop": final}), reply, stop)
         _stop_chain(request)
         return {"pipe": message.pipe, "item": i, "stage": k, "stopped": True}
-    runtime.redis().rpush(
-        reply, json.dumps({"t": "start", "i": i, "k": k, "task": spec.task_id, "agent": spec.agent})
-    )
     outcome = runtime.execute(spec, worker, None)
     record = outcome.to_json()
     notice = f'{{"t":"step","i":{i},"k":{k},"o":{record}}}'
