@@ -571,7 +571,7 @@ class _Round:
                     await client.delete(*(self.keys.done(e.tid) for e in self.entries))
             finally:
                 # (The reply list is empty by now, or expires on its own.)
-                for entry in list(self.inflight.values()):
+                for entry in self.entries:
                     self._release(entry)
         except* (RedisError, OSError) as group_error:
             await self._fail_rest(group_error.exceptions[0], "unavailable")
@@ -848,7 +848,15 @@ class _Pipeline:
 
     async def run(self) -> list[StepOutcome | None]:
         self.client = client = self.x._redis()
-        context = json.dumps({"stages": self.stages, "reply": self.reply, "nonce": self.pipe})
+        context = json.dumps(
+            {
+                "stages": self.stages,
+                "reply": self.reply,
+                "nonce": self.pipe,
+                # Nobody listens for step_started: the host watches leases instead.
+                "announce": self.events is not None,
+            }
+        )
         key = self.keys.pipe(self.pipe)
         try:
             for start in range(0, len(self.items), 500):
@@ -861,7 +869,7 @@ class _Pipeline:
                 tasks.create_task(self._dispatch())
                 tasks.create_task(self._collect())
         finally:
-            for chain_ in list(self.active.values()):
+            for chain_ in self.chains:
                 self._release(chain_)
             with contextlib.suppress(RedisError):
                 await client.delete(key, self.reply)

@@ -57,6 +57,23 @@ BENCH_NOOP_TASK = "bench.noop"
 _REPLY_TTL_S = 3600
 
 
+BEGIN_LINK_SCRIPT = """
+-- KEYS: pipeline hash, previous link's result, this link's result, this link's lease
+-- ARGV: item field, owner, lease ms, stage
+local ctx = redis.call('HGET', KEYS[1], 'ctx')
+local item = redis.call('HGET', KEYS[1], ARGV[1])
+local prev = ''
+if tonumber(ARGV[4]) > 0 then prev = redis.call('GET', KEYS[2]) end
+if not ctx or not item or not prev then return {'expired'} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'done'} end
+if redis.call('SET', KEYS[4], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  return {'claimed', ctx, item, prev}
+end
+return {'held'}
+"""
+"""Read what a chain link needs and claim it, in one round trip."""
+
+
 class PoisonMessage(ValueError):
     """A message this worker cannot trust: never executed."""
 
@@ -147,6 +164,7 @@ class WorkerRuntime:
             self._pid = os.getpid()
             self._claim = self._redis.register_script(CLAIM_SCRIPT)
             self._finish = self._redis.register_script(FINISH_SCRIPT)
+            self._begin_link = self._redis.register_script(BEGIN_LINK_SCRIPT)
         return self._redis
 
     def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -187,7 +205,7 @@ class WorkerRuntime:
         ``resumable`` also records it as the step's done-marker, which a host that
         resumes the workflow finds instead of sending the step again.
         """
-        self._leases.release(self.keys.lease(tid))
+        self.abandon(tid)
         self._finish(
             keys=[self.keys.result(tid, nonce), self.keys.lease(tid), reply, self.keys.done(tid)],
             args=[
@@ -199,6 +217,35 @@ class WorkerRuntime:
                 *notices,
             ],
         )
+
+    def begin_link(self, message: StageMessage, link: str) -> tuple[str, Any, Any, Any, str]:
+        """Read a chain link's context, item and previous outcome, and claim it: one trip.
+
+        Returns ``(status, context, item, previous, owner)``; status is ``claimed``,
+        ``done`` or ``held`` (a duplicate), or ``expired`` (the pipeline's context is gone).
+        """
+        self.redis()
+        owner = uuid.uuid4().hex[:12]
+        k = message.stage
+        previous = f"fp-{message.pipe}-{message.item}-{k - 1}" if k else link
+        reply = self._begin_link(
+            keys=[
+                self.keys.pipe(message.pipe),
+                self.keys.result(previous, message.pipe),
+                self.keys.result(link, message.pipe),
+                self.keys.lease(link),
+            ],
+            args=[f"item:{message.item}", owner, int(self.settings.step_lease_s * 1000), k],
+        )
+        status = reply[0].decode()
+        if status != "claimed":
+            return status, None, None, None, owner
+        self._leases.hold(self.keys.lease(link), owner)
+        return status, reply[1], reply[2], reply[3], owner
+
+    def abandon(self, tid: str) -> None:
+        """Stop renewing our lease on ``tid`` (it lapses; the host re-sends the step)."""
+        self._leases.release(self.keys.lease(tid))
 
     def check_reply(self, reply: str) -> None:
         """A message may only name a reply list under this fleet's key prefix."""
@@ -326,7 +373,11 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
     if status == "held":
         logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
-    outcome = runtime.execute(spec, worker, message)
+    try:
+        outcome = runtime.execute(spec, worker, message)
+    except BaseException:
+        runtime.abandon(tid)  # let the lease lapse: the host will send the step again
+        raise
     # Any outcome answers duplicates of this dispatch; a journaled success also answers a
     # host that resumes the workflow (a failure runs again on resume).
     record = outcome.to_json()
@@ -360,28 +411,28 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
     except PoisonMessage as error:
         logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
-    keys, client = runtime.keys, runtime.redis()
+    client = runtime.redis()
     i, k = message.item, message.stage
     link = f"fp-{message.pipe}-{i}-{k}"
-    with client.pipeline(transaction=False) as pipe:
-        pipe.hmget(keys.pipe(message.pipe), ["ctx", f"item:{i}"])
-        pipe.get(keys.result(f"fp-{message.pipe}-{i}-{k - 1}", message.pipe))
-        (context_raw, item_raw), prev_raw = pipe.execute()
-    if context_raw is None or item_raw is None or (k and prev_raw is None):
+    status, context_raw, item_raw, prev_raw, owner = runtime.begin_link(message, link)
+    if status == "expired":
         logger.warning("pipeline %s item #%d: its context expired; chain dropped", message.pipe, i)
         _stop_chain(request)
         return {"pipe": message.pipe, "item": i, "stage": k, "expired": True}
+    if status != "claimed":
+        logger.info("link %s already ran or is running; duplicate dropped", link)
+        _stop_chain(request)
+        return {"pipe": message.pipe, "item": i, "stage": k, "duplicate": True}
     context = json.loads(context_raw)
     reply, names = context["reply"], context["stages"]
     try:
         runtime.check_reply(reply)
         stage = runtime.stages[names[k]]
     except (PoisonMessage, IndexError, KeyError) as error:
+        runtime.abandon(link)
         logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     prev = StepOutcome.from_json(prev_raw) if k else None
-    # Stages are plain functions of (previous outcome, item): calling one is not the step's
-    # effect, so a duplicate may call it too; only the claim below decides who runs the step.
     try:
         spec = stage(prev, json.loads(item_raw))
         crashed = False
@@ -395,30 +446,28 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
             error,
         )
         spec, crashed = None, True
-    start = (
-        ""
-        if spec is None
-        else json.dumps({"t": "start", "i": i, "k": k, "task": spec.task_id, "agent": spec.agent})
-    )
-    status, owner = runtime.claim(link, context["nonce"], reply, start)
-    if status != "claimed":
-        logger.info("link %s already ran or is running; duplicate dropped", link)
-        _stop_chain(request)
-        return {"pipe": message.pipe, "item": i, "stage": k, "duplicate": True}
+    if spec is not None and context.get("announce", True):
+        start = {"t": "start", "i": i, "k": k, "task": spec.task_id, "agent": spec.agent}
+        client.rpush(reply, json.dumps(start))
     if spec is None:
         final = None if crashed or prev is None else prev.to_dict()
         stop = json.dumps({"t": "stop", "i": i, "k": k, "o": final})
         runtime.finish(link, context["nonce"], owner, json.dumps({"stop": final}), reply, stop)
         _stop_chain(request)
         return {"pipe": message.pipe, "item": i, "stage": k, "stopped": True}
-    outcome = runtime.execute(spec, worker, None)
+    try:
+        outcome = runtime.execute(spec, worker, None)
+    except BaseException:
+        runtime.abandon(link)
+        raise
     record = outcome.to_json()
     notice = f'{{"t":"step","i":{i},"k":{k},"o":{record}}}'
     runtime.finish(link, context["nonce"], owner, record, reply, notice)
     if not outcome.success or k + 1 >= len(names):
         _stop_chain(request)
         return _summary(outcome)
-    return StageMessage(v=PROTOCOL_VERSION, pipe=message.pipe, item=i, stage=k + 1).to_json()
+    pipe = json.dumps(message.pipe)
+    return f'{{"v":{PROTOCOL_VERSION},"pipe":{pipe},"item":{i},"stage":{k + 1}}}'
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
