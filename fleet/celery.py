@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import ssl
 import time
 import tomllib
 import uuid
@@ -232,6 +233,13 @@ def configure_app(settings: FleetSettings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    if settings.redis_url.startswith("rediss://"):
+        # A plain rediss:// URL must verify the server, as redis-py does: kombu would
+        # otherwise fall back to no verification, and the result backend refuses the URL.
+        app.conf.update(
+            broker_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED},
+            redis_backend_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED},
+        )
     return app
 
 

@@ -85,8 +85,11 @@ def _parse(model: type[Any], payload: object) -> Any:
         head = json.loads(payload)
     except ValueError as error:
         raise PoisonMessage(f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise PoisonMessage("JSON nested too deeply to decode") from None
     version = head.get("v") if isinstance(head, dict) else None
-    if version != PROTOCOL_VERSION:
+    # type() rather than ==: JSON `true` must not pass for version 1.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise PoisonMessage(
             f"unknown message schema version {version!r} (this worker speaks "
             f"{PROTOCOL_VERSION}); upgrade the worker or the host so they match"
@@ -473,19 +476,31 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register fleet's tasks on ``app``, bound to ``runtime``."""
 
+    # shared=False: a shared task would be added to every Celery app created later in this
+    # process, bound to this runtime (and clash with that app's own registration).
     @app.task(
-        name=STEP_TASK, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+        name=STEP_TASK,
+        bind=True,
+        ignore_result=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        shared=False,
     )
     def fleet_run_step(self: Any, payload: object) -> dict[str, Any]:
         return run_step(runtime, self.request, payload)
 
     @app.task(
-        name=STAGE_TASK, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+        name=STAGE_TASK,
+        bind=True,
+        ignore_result=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        shared=False,
     )
     def fleet_run_stage(self: Any, pointer: object) -> str | dict[str, Any]:
         return run_stage(runtime, self.request, pointer)
 
-    @app.task(name=BENCH_NOOP_TASK)
+    @app.task(name=BENCH_NOOP_TASK, shared=False)
     def bench_noop(*args: Any) -> Any:
         return args[0] if args else None
 
