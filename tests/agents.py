@@ -57,14 +57,9 @@ async def count_and_echo(spec: AgentStepSpec, ctx: AgentContext) -> str:
     return spec.prompt
 
 
-def _append(path: Path) -> None:
+def _append(path: Path, text: str = "x") -> None:
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write("x")
-
-
-def _append(path: Path) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("x")
+        handle.write(text)
 
 
 async def count_where(spec: AgentStepSpec, ctx: AgentContext) -> str:
@@ -73,8 +68,7 @@ async def count_where(spec: AgentStepSpec, ctx: AgentContext) -> str:
     One line per run, so a test sees how many times a step ran and where.
     """
     directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
-    with open(directory / spec.task_id, "a", encoding="utf-8") as handle:
-        handle.write(f"{ctx.worker}\n")
+    _append(directory / spec.task_id, f"{ctx.worker}\n")
     await asyncio.sleep(float(os.environ.get("FLEET_TEST_STEP_SLEEP", "0")))
     return spec.prompt
 
