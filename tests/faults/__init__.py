@@ -1,0 +1,1 @@
+"""Fault-injection scenarios: each one repeated over several trials with fresh state."""
