@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from celery import Celery, chain, group
 from pydantic import Field, ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .agents.registry import AgentRegistry, load_agents, resolve_target
@@ -55,6 +57,7 @@ from .config import FleetSettings, load_settings, mask_url
 from .errors import BudgetExhaustedError, ConfigError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import AgentExecutor, OutcomeCallback, PipelineStage
+from .redisclient import OUTAGE_TOLERANCE_S, async_client
 from .spec import AgentStepSpec, FleetModel, StepOutcome
 
 if TYPE_CHECKING:
@@ -232,6 +235,14 @@ def configure_app(settings: FleetSettings) -> Celery:
         broker_transport_options={"visibility_timeout": 900},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # Publishing rides out a Redis restart as long as the host's own client does
+        # (Celery's default gives up after about 0.6 s).
+        task_publish_retry_policy={
+            "max_retries": int(OUTAGE_TOLERANCE_S),
+            "interval_start": 0,
+            "interval_step": 0.25,
+            "interval_max": 1.0,
+        },
     )
     if settings.redis_url.startswith("rediss://"):
         # A plain rediss:// URL must verify the server, as redis-py does: kombu would
@@ -433,13 +444,23 @@ class CeleryExecutor(AgentExecutor):
             slot = self._slots[loop] = asyncio.Semaphore(self.settings.max_in_flight)
         return slot
 
-    def _redis(self) -> aioredis.Redis:
-        """This event loop's Redis client (a pool; one per loop, closed by :meth:`aclose`)."""
+    async def _redis(self) -> aioredis.Redis:
+        """This event loop's Redis client (a pool; one per loop, closed by :meth:`aclose`).
+
+        The first use on a loop checks once, without retrying, that Redis answers, so an
+        unreachable broker fails the round at once; after that the client retries through
+        a Redis restart (see :mod:`fleet.redisclient`) instead of failing steps in flight.
+        """
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
+            probe = aioredis.Redis.from_url(self.settings.redis_url, retry=Retry(NoBackoff(), 0))
+            try:
+                await probe.ping()
+            finally:
+                await probe.aclose()
             self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            client = self._clients[loop] = aioredis.Redis.from_url(self.settings.redis_url)
+            client = self._clients[loop] = async_client(self.settings.redis_url)
         return client
 
     def registry(self) -> AgentRegistry:
@@ -568,7 +589,7 @@ class _Round:
         if not self.entries:
             return []
         try:
-            self.client = client = self.x._redis()
+            self.client = client = await self.x._redis()
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._dispatch())
@@ -855,7 +876,7 @@ class _Pipeline:
         self.slot = executor._slot()
 
     async def run(self) -> list[StepOutcome | None]:
-        self.client = client = self.x._redis()
+        self.client = client = await self.x._redis()
         context = json.dumps(
             {
                 "stages": self.stages,

@@ -8,9 +8,11 @@ which is what the ``celery`` command line looks up.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+from celery.worker.consumer import consumer as celery_consumer
 
 from fleet.agents import AgentRegistry, load_agents
 from fleet.celery import configure_app, load_stages
@@ -18,7 +20,37 @@ from fleet.config import FleetSettings, load_settings
 
 from .tasks import WorkerRuntime, register_tasks
 
-__all__ = ["create_app"]
+__all__ = ["WithholdMessageBodies", "create_app"]
+
+
+class WithholdMessageBodies(logging.Filter):
+    """Keeps refused messages' bodies (a step's prompt) out of the worker log.
+
+    Celery's consumer quotes the whole body of a message it cannot decode or refuses; a
+    step message carries its prompt there. This filter keeps the log line and its reason
+    but replaces the quoted body (and headers) with their size.
+    """
+
+    _WITHHELD = {
+        celery_consumer.MESSAGE_DECODE_ERROR: (3, 4),
+        celery_consumer.INVALID_TASK_ERROR: (1,),
+        celery_consumer.UNKNOWN_FORMAT: (0,),
+        celery_consumer.UNKNOWN_TASK_ERROR: (1, 2),
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's arguments in place; never drops a record."""
+        positions = self._WITHHELD.get(record.msg) if isinstance(record.msg, str) else None
+        if positions and isinstance(record.args, tuple):
+            args = list(record.args)
+            for index in positions:
+                if index < len(args):
+                    args[index] = f"<withheld: {len(str(args[index]))} chars>"
+            record.args = tuple(args)
+        return True
+
+
+_BODY_FILTER = WithholdMessageBodies()
 
 
 def create_app(settings: FleetSettings | None = None) -> Celery:
@@ -37,6 +69,9 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     stages = load_stages(settings.agents_file)
     app = configure_app(settings)
     register_tasks(app, WorkerRuntime(settings, registry, stages))
+    consumer_logger = logging.getLogger(celery_consumer.logger.name)
+    if _BODY_FILTER not in consumer_logger.filters:
+        consumer_logger.addFilter(_BODY_FILTER)
     return app
 
 

@@ -44,6 +44,7 @@ from fleet.config import FleetSettings
 from fleet.errors import SpecError, UnknownAgentError
 from fleet.ledgers.redis import RedisLedger
 from fleet.local import run_agent
+from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.stores.redis import RedisCheckpointStore
 
@@ -163,7 +164,7 @@ class WorkerRuntime:
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork)."""
         if self._redis is None or self._pid != os.getpid():
-            self._redis = redis.Redis.from_url(self.settings.redis_url)
+            self._redis = sync_client(self.settings.redis_url)
             self._pid = os.getpid()
             self._claim = self._redis.register_script(CLAIM_SCRIPT)
             self._finish = self._redis.register_script(FINISH_SCRIPT)
