@@ -35,7 +35,6 @@ import json
 import logging
 import ssl
 import time
-import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +49,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .agents.registry import AgentRegistry, load_agents, resolve_target
+from .agents.registry import AgentRegistry, load_agents, read_agents_file, resolve_target
 from .checkpoint import step_identity
 from .combinators import crash_outcome
 from .config import FleetSettings, load_settings, mask_url
@@ -260,20 +259,7 @@ def load_stages(path: str | Path) -> dict[str, Callable[..., Any]]:
     Raises:
         ConfigError: the file is unreadable or a stage table is invalid.
     """
-    source = str(path)
-    try:
-        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"agents file {source!r} does not exist; create it or point FLEET_AGENTS_FILE "
-            "at the right file",
-            key=source,
-        ) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"agents file {source!r} cannot be read: {error}", key=source) from None
-    tables = document.get("stages", {})
-    if not isinstance(tables, dict):
-        raise ConfigError(f"{source}: 'stages' must be a table of [stages.NAME] tables", key=source)
+    source, tables = read_agents_file(path, "stages")
     stages: dict[str, Callable[..., Any]] = {}
     for name, table in tables.items():
         target = table.get("target") if isinstance(table, dict) else None
@@ -823,7 +809,7 @@ class _Round:
         if entry.reservation is not None:
             # Settling is idempotent: the worker may already have charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
-        emit(self.events, _finished(outcome))
+        emit(self.events, StepFinished.of(outcome))
         if self.on_outcome is not None:
             try:
                 await self.on_outcome(entry.index, outcome)
@@ -968,7 +954,7 @@ class _Pipeline:
             emit(self.events, StepStarted(task_id=notice["task"], agent=notice["agent"]))
         elif kind == "step":
             outcome = StepOutcome.from_dict(notice["o"])
-            emit(self.events, _finished(outcome))
+            emit(self.events, StepFinished.of(outcome))
             chain_.prev, chain_.stage, chain_.started = outcome, chain_.stage + 1, False
             chain_.sent_at = time.monotonic()
             if not outcome.success or chain_.stage == len(self.stages):
@@ -1035,15 +1021,3 @@ def _redis_ledger(budget: WorkflowBudget) -> bool:
     except ImportError:  # pragma: no cover - the budget module ships with its ledgers
         return False
     return isinstance(budget.ledger, RedisLedger)
-
-
-def _finished(outcome: StepOutcome) -> StepFinished:
-    return StepFinished(
-        task_id=outcome.task_id,
-        agent=outcome.agent,
-        success=outcome.success,
-        total_tokens=outcome.usage.total_tokens,
-        duration_s=outcome.duration_s,
-        error=outcome.error,
-        worker=outcome.worker,
-    )

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
-from .spec import FleetModel
+from .spec import FleetModel, StepOutcome
 
 __all__ = [
     "BudgetExhausted",
@@ -90,6 +90,19 @@ class StepFinished(FleetModel):
     duration_s: float = 0.0
     error: str | None = None
     worker: str | None = None
+
+    @classmethod
+    def of(cls, outcome: StepOutcome) -> StepFinished:
+        """The event that reports ``outcome``."""
+        return cls(
+            task_id=outcome.task_id,
+            agent=outcome.agent,
+            success=outcome.success,
+            total_tokens=outcome.usage.total_tokens,
+            duration_s=outcome.duration_s,
+            error=outcome.error,
+            worker=outcome.worker,
+        )
 
 
 WorkflowEvent = Annotated[

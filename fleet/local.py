@@ -215,19 +215,7 @@ class LocalExecutor(AgentExecutor):
             outcome = StepOutcome.failed(
                 spec.task_id, spec.agent, str(error), error="budget_exhausted", worker="local"
             )
-            emit(events, _finished(outcome))
+            emit(events, StepFinished.of(outcome))
             return outcome
-        emit(events, _finished(outcome))
+        emit(events, StepFinished.of(outcome))
         return outcome
-
-
-def _finished(outcome: StepOutcome) -> StepFinished:
-    return StepFinished(
-        task_id=outcome.task_id,
-        agent=outcome.agent,
-        success=outcome.success,
-        total_tokens=outcome.usage.total_tokens,
-        duration_s=outcome.duration_s,
-        error=outcome.error,
-        worker=outcome.worker,
-    )

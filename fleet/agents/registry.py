@@ -17,7 +17,7 @@ from ..errors import ConfigError, UnknownAgentError
 from .base import AgentDefinition, AgentFunction
 from .echo import ECHO
 
-__all__ = ["AgentLike", "AgentRegistry", "load_agents", "resolve_target"]
+__all__ = ["AgentLike", "AgentRegistry", "load_agents", "read_agents_file", "resolve_target"]
 
 AgentLike = AgentFunction | str | AgentDefinition
 """What ``LocalExecutor(agents=...)`` accepts per name: a coroutine function, a dotted
@@ -153,6 +153,31 @@ _KINDS: dict[str, Callable[[str, Mapping[str, Any], str], AgentDefinition]] = {
 }
 
 
+def read_agents_file(path: str | Path, section: str) -> tuple[str, dict[str, Any]]:
+    """Read an agents file and return ``(path as text, its [section.NAME] tables)``.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or ``section`` is not a table.
+    """
+    source = str(path)
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"agents file {source!r} does not exist; create it or point FLEET_AGENTS_FILE "
+            "at the right file",
+            key=source,
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"agents file {source!r} cannot be read: {error}", key=source) from None
+    tables = document.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(
+            f"{source}: {section!r} must be a table of [{section}.NAME] tables", key=source
+        )
+    return source, tables
+
+
 def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
     """Read an agents file (TOML, ``[agents.NAME]`` tables) into a name → definition map.
 
@@ -162,21 +187,7 @@ def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
         ConfigError: the file is missing or unreadable, or a table is invalid (the
             message names the file and the key).
     """
-    path = Path(path)
-    source = str(path)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"agents file {source!r} does not exist; create it or point FLEET_AGENTS_FILE "
-            "at the right file",
-            key=source,
-        ) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"agents file {source!r} cannot be read: {error}", key=source) from None
-    tables = document.get("agents", {})
-    if not isinstance(tables, dict):
-        raise ConfigError(f"{source}: 'agents' must be a table of [agents.NAME] tables", key=source)
+    source, tables = read_agents_file(path, "agents")
     agents: dict[str, AgentDefinition] = {}
     for name, table in tables.items():
         if not isinstance(table, dict):
