@@ -17,7 +17,7 @@ from .agents.registry import AgentLike, AgentRegistry
 from .errors import AgentError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
-from .spec import AgentStepSpec, StepOutcome
+from .spec import NO_USAGE, AgentStepSpec, StepOutcome
 
 if TYPE_CHECKING:
     from .budget import Reservation, WorkflowBudget
@@ -32,7 +32,8 @@ def _as_result(raw: object, agent: str) -> AgentResult:
     if isinstance(raw, AgentResult):
         return raw
     if isinstance(raw, str):
-        return AgentResult(output=raw)
+        # Hot path: nothing to validate in a plain string result.
+        return AgentResult.model_construct(output=raw, structured=None, usage=NO_USAGE)
     raise TypeError(
         f"agent {agent!r} returned {type(raw).__name__}; return an AgentResult or a str"
     )
@@ -103,7 +104,9 @@ async def run_agent(
         structured, problem = _structured(spec, result)
         if problem is not None:
             return failed(f"step {task_id!r} failed: {problem}", "schema")
-    return StepOutcome(
+    # Every field comes from validated values (the spec, the agent's result, the clock):
+    # construct without validating again, on the path every step takes.
+    return StepOutcome.model_construct(
         task_id=task_id,
         session_id=f"task-run-{task_id}",
         agent=agent,
@@ -111,6 +114,7 @@ async def run_agent(
         success=True,
         structured=structured,
         usage=usage,
+        error=None,
         duration_s=time.monotonic() - started,
         worker=worker,
     )
@@ -204,7 +208,8 @@ class LocalExecutor(AgentExecutor):
             async with self._hold(definition, spec) as reservation:
                 if reservation is not None:
                     ctx.held_tokens = reservation.tokens
-                emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+                if events is not None:
+                    emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
                 try:
                     outcome = await run_agent(definition, spec, ctx, started=started)
                 finally:
@@ -217,5 +222,6 @@ class LocalExecutor(AgentExecutor):
             )
             emit(events, StepFinished.of(outcome))
             return outcome
-        emit(events, StepFinished.of(outcome))
+        if events is not None:
+            emit(events, StepFinished.of(outcome))
         return outcome

@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import SpecError
 
-__all__ = ["AgentStepSpec", "FleetModel", "StepOutcome", "TokenUsage", "describe_validation_error"]
+__all__ = [
+    "NO_USAGE",
+    "AgentStepSpec",
+    "FleetModel",
+    "StepOutcome",
+    "TokenUsage",
+    "describe_validation_error",
+]
 
 
 MAX_SCHEMA_DEPTH = 128
@@ -125,6 +132,10 @@ class TokenUsage(FleetModel):
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
         )
+
+
+NO_USAGE = TokenUsage()
+"""Zero usage (a shared immutable value)."""
 
 
 class AgentStepSpec(FleetModel):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from ..errors import BudgetExhaustedError
 from ..events import EventSink, emit
-from ..spec import AgentStepSpec, FleetModel, TokenUsage
+from ..spec import NO_USAGE, AgentStepSpec, FleetModel, TokenUsage
 
 __all__ = [
     "AgentContext",
@@ -103,7 +103,7 @@ class AgentContext:
     """The sink step events go to."""
     workflow_id: str | None = None
     """The workflow (journal / budget key) the step belongs to, when known."""
-    used: TokenUsage = field(default_factory=TokenUsage)
+    used: TokenUsage = NO_USAGE
     """Tokens charged so far by this step."""
 
     def tokens_left(self) -> int | None:
