@@ -430,24 +430,32 @@ class CeleryExecutor(AgentExecutor):
             slot = self._slots[loop] = asyncio.Semaphore(self.settings.max_in_flight)
         return slot
 
-    async def _redis(self) -> aioredis.Redis:
+    def _client(self) -> aioredis.Redis:
         """This event loop's Redis client (a pool; one per loop, closed by :meth:`aclose`).
 
-        The first use on a loop checks once, without retrying, that Redis answers, so an
-        unreachable broker fails the round at once; after that the client retries through
-        a Redis restart (see :mod:`fleet.redisclient`) instead of failing steps in flight.
+        It retries through a Redis restart (see :mod:`fleet.redisclient`) instead of
+        failing the steps in flight.
         """
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
+            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
+            client = self._clients[loop] = async_client(self.settings.redis_url)
+        return client
+
+    async def _redis(self) -> aioredis.Redis:
+        """This loop's client, after a one-time check (no retries) that Redis answers.
+
+        So an unreachable broker fails the round at once, not after the client's outage
+        tolerance.
+        """
+        if asyncio.get_running_loop() not in self._clients:
             probe = aioredis.Redis.from_url(self.settings.redis_url, retry=Retry(NoBackoff(), 0))
             try:
                 await probe.ping()
             finally:
                 await probe.aclose()
-            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            client = self._clients[loop] = async_client(self.settings.redis_url)
-        return client
+        return self._client()
 
     def registry(self) -> AgentRegistry:
         """The agents this host knows (to size reservations); built-ins if no agents file."""

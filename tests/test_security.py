@@ -431,7 +431,7 @@ def test_rediss_urls_build_verifying_tls_clients(tmp_path: Path) -> None:
         ledger = RedisLedger(url)
         executor = CeleryExecutor(settings=settings)
         try:
-            async with executor._redis() as host_client:
+            async with executor._client() as host_client:
                 return [ledger._client().connection_pool, host_client.connection_pool]
         finally:
             await ledger.close()
