@@ -9,15 +9,33 @@ Several processes may share one file (writers wait up to ``busy_timeout_s`` for 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, TypeVar
 
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..errors import CheckpointError
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
+
+_UPSERT_STEP = (
+    "INSERT OR REPLACE INTO fleet_journal_steps (workflow_id, task_id, record) VALUES (?, ?, ?)"
+)
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if the body raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
 
 __all__ = ["SQLiteCheckpointStore"]
 
@@ -142,21 +160,12 @@ class SQLiteCheckpointStore(CheckpointStore):
         rows = [(wid, record.task_id, record.to_json()) for wid, record in batch]
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 conn.executemany(
                     "INSERT OR IGNORE INTO fleet_journal_meta (workflow_id, meta) VALUES (?, ?)",
                     metas,
                 )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO fleet_journal_steps (workflow_id, task_id, record) "
-                    "VALUES (?, ?, ?)",
-                    rows,
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.executemany(_UPSERT_STEP, rows)
 
         self._run("record a step", batch[0][0], write)
 
@@ -167,22 +176,13 @@ class SQLiteCheckpointStore(CheckpointStore):
         rows = [(workflow_id, record.task_id, record.to_json()) for record in checkpoint.steps]
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 _delete(conn, workflow_id)
                 conn.execute(
                     "INSERT INTO fleet_journal_meta (workflow_id, meta) VALUES (?, ?)",
                     (workflow_id, meta),
                 )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO fleet_journal_steps (workflow_id, task_id, record) "
-                    "VALUES (?, ?, ?)",
-                    rows,
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.executemany(_UPSERT_STEP, rows)
 
         self._run("save a workflow", workflow_id, write)
 
@@ -190,14 +190,8 @@ class SQLiteCheckpointStore(CheckpointStore):
         """Remove the journal; returns whether there was one."""
 
         def write(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                removed = _delete(conn, workflow_id)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return removed
+            with _write_transaction(conn):
+                return _delete(conn, workflow_id)
 
         return self._run("delete a workflow", workflow_id, write)
 
