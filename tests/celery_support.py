@@ -8,6 +8,7 @@ SIGKILLs one worker (the fault tests); ``stop`` sends SIGTERM, then SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -16,13 +17,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.celery import CeleryExecutor, configure_app
+from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
+from fleet.localfleet import settings_env
 
 REPO = Path(__file__).resolve().parent.parent
 AGENTS_FILE = REPO / "tests" / "agents.toml"
@@ -44,13 +46,33 @@ def fleet_settings(redis_url: str, prefix: str | None = None, **overrides: Any) 
     return FleetSettings(**values)
 
 
-def settings_env(settings: FleetSettings) -> dict[str, str]:
-    """``FLEET_*`` variables that make a worker read exactly ``settings``."""
-    env = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
-            env[f"FLEET_{name.upper()}"] = str(value)
-    return env
+async def until(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
+    """Wait until ``condition()`` holds; fail (naming ``what``) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or 'it'}")
+        await asyncio.sleep(0.02)
+
+
+def step_task_headers(task_id: str, *, argsrepr: str, origin: str) -> dict[str, Any]:
+    """Celery task-protocol-2 headers of one ``fleet.run_step`` message (for raw publishes)."""
+    return {
+        "lang": "py",
+        "task": STEP_TASK,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": argsrepr,
+        "kwargsrepr": "{}",
+        "origin": origin,
+        "ignore_result": True,
+    }
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from fleet.events import StepFinished
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages
-from tests.celery_support import CeleryWorkers, fleet_settings, running_workers
+from tests.celery_support import CeleryWorkers, fleet_settings, running_workers, until
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults]
 
@@ -65,14 +65,6 @@ def where_ran(counter_dir: Path, prefix: str) -> dict[str, list[str]]:
         for p in counter_dir.iterdir()
         if p.name.startswith(prefix)
     }
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition was never reached")
-        await asyncio.sleep(0.02)
 
 
 def specs(n: int, prefix: str = "s") -> list[AgentStepSpec]:

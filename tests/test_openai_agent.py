@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from fleet.agents.openai import definition_from_config
 from fleet.budget import WorkflowBudget
 from fleet.errors import ConfigError
 from fleet.local import run_agent
+from fleet.redis_server import free_port
 
 from .fake_openai import FakeOpenAI, Reply, error, reply, tool_call
 
@@ -90,12 +90,6 @@ async def run(
     ctx = AgentContext(spec=spec, held_tokens=held, deadline=deadline)
     outcome = await run_agent(agent.definition("llm"), spec, ctx, started=started)
     return outcome, ctx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- answers and tools ---------------------------------------------------------------

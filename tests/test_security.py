@@ -38,7 +38,13 @@ from fleet.eventbus import event_stream_key
 from fleet.ledgers import RedisLedger
 from fleet.redis_server import RedisServer, free_port
 from fleet.workflow import Workflow
-from tests.celery_support import AGENTS_FILE, CeleryWorkers, fleet_settings, running_workers
+from tests.celery_support import (
+    AGENTS_FILE,
+    CeleryWorkers,
+    fleet_settings,
+    running_workers,
+    step_task_headers,
+)
 from tests.fake_openai import FakeOpenAI, error, reply
 from tests.test_stores import _make_cert
 from workers.tasks import WorkerRuntime
@@ -131,22 +137,7 @@ async def test_pickled_step_message_is_never_executed_and_the_worker_keeps_servi
         reply=f"{settings.key_prefix}:reply:pickled",
         nonce="n",
     ).to_json()
-    headers = {
-        "lang": "py",
-        "task": STEP_TASK,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "timelimit": [None, None],
-        "argsrepr": "pickled",
-        "kwargsrepr": "{}",
-        "origin": "test",
-        "ignore_result": True,
-    }
+    headers = step_task_headers(task_id, argsrepr="pickled", origin="test")
     body = ([payload], {"canary": Canary(canary)}, {"callbacks": None, "errbacks": None})
     with Connection(settings.redis_url) as connection:
         producer = connection.Producer()

@@ -6,10 +6,8 @@ key prefix, queue and counter directory; everything it starts is stopped by PID 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -55,15 +53,6 @@ def specs(n: int, prefix: str, agent: str = "attempt") -> list[AgentStepSpec]:
         AgentStepSpec(task_id=f"{prefix}{i}", agent=agent, description="fault", prompt=f"p{i}")
         for i in range(n)
     ]
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Wait until ``condition()`` holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.contextmanager

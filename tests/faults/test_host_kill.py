@@ -27,7 +27,7 @@ import pytest
 from fleet import StepOutcome
 from fleet.config import FleetSettings
 from fleet.stores import RedisCheckpointStore
-from tests.celery_support import REPO
+from tests.celery_support import REPO, until
 from tests.faults.support import (
     attempts,
     fresh_redis,
@@ -35,7 +35,6 @@ from tests.faults.support import (
     process_env,
     run_trials,
     trial_settings,
-    until,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults, pytest.mark.slow]

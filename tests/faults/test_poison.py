@@ -25,8 +25,9 @@ import redis
 from kombu import Connection
 
 from fleet import AgentStepSpec, execute_steps_parallel
-from fleet.celery import PROTOCOL_VERSION, STEP_TASK, CeleryExecutor, StepMessage
+from fleet.celery import PROTOCOL_VERSION, CeleryExecutor, StepMessage
 from fleet.config import FleetSettings
+from tests.celery_support import step_task_headers, until
 from tests.faults.support import (
     attempts,
     fresh_redis,
@@ -34,32 +35,11 @@ from tests.faults.support import (
     run_trials,
     specs,
     trial_settings,
-    until,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults]
 
 TRIALS = 3
-
-
-def headers(task_id: str) -> dict[str, Any]:
-    """Celery task protocol 2 headers for one ``fleet.run_step`` message."""
-    return {
-        "lang": "py",
-        "task": STEP_TASK,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "timelimit": [None, None],
-        "argsrepr": task_id,
-        "kwargsrepr": "{}",
-        "origin": "faults",
-        "ignore_result": True,
-    }
 
 
 PROMPT = "confidential-prompt-7f3a"
@@ -87,7 +67,7 @@ def publish_poison(settings: FleetSettings) -> None:
                 body,
                 exchange="",
                 routing_key=settings.queue,
-                headers=headers(task_id),
+                headers=step_task_headers(task_id, argsrepr=task_id, origin="faults"),
                 correlation_id=task_id,
                 **options,
             )

@@ -29,6 +29,7 @@ from fleet import StepOutcome, execute_steps_parallel
 from fleet.celery import CeleryExecutor
 from fleet.events import StepFinished
 from fleet.redis_server import RedisServer
+from tests.celery_support import until
 from tests.faults.support import (
     attempts,
     fresh_redis,
@@ -36,7 +37,6 @@ from tests.faults.support import (
     run_trials,
     specs,
     trial_settings,
-    until,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults, pytest.mark.slow]

@@ -23,6 +23,7 @@ import pytest
 from fleet import StepOutcome, execute_steps_parallel
 from fleet.celery import CeleryExecutor
 from fleet.events import StepFinished
+from tests.celery_support import until
 from tests.faults.support import (
     attempts,
     fresh_redis,
@@ -30,7 +31,6 @@ from tests.faults.support import (
     run_trials,
     specs,
     trial_settings,
-    until,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults, pytest.mark.slow]
