@@ -17,6 +17,7 @@ from .agents.registry import AgentLike, AgentRegistry
 from .errors import AgentError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
+from .limiters import MemoryRateLimiter, RateLimiter
 from .spec import NO_USAGE, AgentStepSpec, StepOutcome
 
 if TYPE_CHECKING:
@@ -132,6 +133,9 @@ class LocalExecutor(AgentExecutor):
             through this executor (also its concurrency hint).
         default_reserve_tokens: reservation for a step with no ``max_tokens`` whose agent
             names no default.
+        limiter: where the provider limits of agents with ``limit = "NAME"`` are kept
+            (default: a :class:`~fleet.limiters.MemoryRateLimiter` of this executor;
+            pass a :class:`~fleet.limiters.RedisRateLimiter` to share them with a fleet).
     """
 
     def __init__(
@@ -141,8 +145,10 @@ class LocalExecutor(AgentExecutor):
         budget: WorkflowBudget | None = None,
         max_concurrency: int = DEFAULT_CONCURRENCY_HINT,
         default_reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.registry = AgentRegistry(agents)
+        self.limiter = limiter if limiter is not None else MemoryRateLimiter()
         self.budget = budget
         self.max_concurrency = max(int(max_concurrency), 1)
         self.default_reserve_tokens = default_reserve_tokens
@@ -203,6 +209,8 @@ class LocalExecutor(AgentExecutor):
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             events=events,
             worker="local",
+            limit=definition.limit,
+            limiter=self.limiter,
         )
         try:
             async with self._hold(definition, spec) as reservation:

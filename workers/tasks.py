@@ -43,6 +43,7 @@ from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.errors import SpecError, UnknownAgentError
 from fleet.ledgers.redis import RedisLedger
+from fleet.limiters import RedisRateLimiter
 from fleet.local import run_agent
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
@@ -160,6 +161,7 @@ class WorkerRuntime:
         self._pid = 0
         self._local = threading.local()
         self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+        self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork)."""
@@ -274,6 +276,8 @@ class WorkerRuntime:
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             worker=worker,
             workflow_id=None if message is None else message.workflow_id,
+            limit=definition.limit,
+            limiter=self.limiter,
         )
         hold = None if message is None else message.budget
         if hold is not None:

@@ -27,7 +27,9 @@ import email.utils
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import time
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -57,6 +59,8 @@ __all__ = ["OpenAIAgent", "OpenAIAgentConfig", "OpenAIToolConfig", "definition_f
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 120.0
+_LEASE_MARGIN_S = 5.0
+"""An in-flight slot outlives the request timeout by this much before it lapses."""
 """The longest ``Retry-After`` honoured; a server asking for more gets this."""
 
 _CONTRACT = (
@@ -288,6 +292,35 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _reset_after(headers: httpx.Headers) -> float | None:
+    """Seconds until the provider's windows reset (``x-ratelimit-reset-*``, e.g. ``6m0s``)."""
+    longest: float | None = None
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        value = headers.get(name, "").strip()
+        parts = _DURATION.findall(value)
+        if not parts or _DURATION.sub("", value):
+            try:  # a bare number of seconds
+                seconds = float(value)
+            except ValueError:
+                continue
+        else:
+            seconds = sum(float(n) * _UNIT_S[unit] for n, unit in parts)
+        if math.isfinite(seconds):
+            longest = max(longest or 0.0, min(max(seconds, 0.0), MAX_RETRY_AFTER_S))
+    return longest
+
+
+def _usage_total(data: Any) -> int | None:
+    """The ``usage.total_tokens`` of a completion (``None`` when absent)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if type(total) is int and total > 0 else None
+
+
 def _error_message(text: str) -> str:
     """The ``error.message`` of an error body, else the body itself (shortened)."""
     try:
@@ -421,6 +454,7 @@ class _Conversation:
         self._backoff = wait_exponential(multiplier=backoff, max=30.0) + wait_random(0, backoff)
         self._gave_up = ""
         self._planned: dict[int, float] = {}
+        self._call_tokens = 0
 
     def scrub(self, text: str) -> str:
         """``text`` with the API key masked."""
@@ -530,6 +564,7 @@ class _Conversation:
         """One chat completion: budget check, request (with retries), usage charge."""
         estimate = self.agent.prompt_estimate(messages, tools=tools)
         cap = self.ctx.check_tokens(self.config.max_tokens, prompt_estimate=estimate)
+        self._call_tokens = estimate + (self.config.max_tokens if cap is None else cap)
         body: dict[str, Any] = {"model": self.config.model, "messages": messages}
         if cap is not None:
             body["max_tokens"] = cap
@@ -647,28 +682,47 @@ class _Conversation:
         )
 
     async def attempt(self, body: dict[str, Any]) -> Any:
-        """One HTTP request; raises ``_Transient`` for what is worth retrying."""
-        timeout = self.config.timeout_s
-        remaining = self.ctx.remaining_s()
-        if remaining is not None:
-            timeout = max(min(timeout, remaining), 0.001)
+        """One HTTP request, admitted under the agent's provider limit first.
+
+        Raises ``_Transient`` for what is worth retrying. The admission is settled with
+        the response's real usage (nothing for a 429, which also pauses the limit for
+        the whole fleet until the provider's reset; the estimate when unknown).
+        """
+        admission = await self.ctx.admit_call(
+            self._call_tokens, lease_s=self.config.timeout_s + _LEASE_MARGIN_S
+        )
+        used: int | None = None
         try:
-            response = await self.client.post(self.agent.endpoint, json=body, timeout=timeout)
-        except httpx.TimeoutException:
-            raise _Transient(f"no answer within {timeout:.3g} s") from None
-        except httpx.TransportError as problem:
-            raise _Transient(self.scrub(f"{type(problem).__name__}: {problem}")) from None
-        text = self.scrub(response.text)
-        status = response.status_code
-        if 200 <= status < 300:
+            timeout = self.config.timeout_s
+            remaining = self.ctx.remaining_s()
+            if remaining is not None:
+                timeout = max(min(timeout, remaining), 0.001)
             try:
-                return json.loads(text)
-            except ValueError:
-                raise _Refused(
-                    f"model server at {self.agent.where} sent a response that is not JSON",
-                    status=status,
-                ) from None
-        raise self._status_error(status, _error_message(text), response.headers)
+                response = await self.client.post(self.agent.endpoint, json=body, timeout=timeout)
+            except httpx.TimeoutException:
+                raise _Transient(f"no answer within {timeout:.3g} s") from None
+            except httpx.TransportError as problem:
+                raise _Transient(self.scrub(f"{type(problem).__name__}: {problem}")) from None
+            text = self.scrub(response.text)
+            status = response.status_code
+            if 200 <= status < 300:
+                try:
+                    data = json.loads(text)
+                except ValueError:
+                    raise _Refused(
+                        f"model server at {self.agent.where} sent a response that is not JSON",
+                        status=status,
+                    ) from None
+                used = _usage_total(data)
+                return data
+            if status == 429:
+                used = 0  # refused calls spend nothing at the provider
+                reset = _retry_after(response.headers) or _reset_after(response.headers)
+                if reset:
+                    await self.ctx.pause_limit(reset)
+            raise self._status_error(status, _error_message(text), response.headers)
+        finally:
+            await asyncio.shield(admission.settle(used))
 
     def _status_error(self, status: int, message: str, headers: httpx.Headers) -> Exception:
         where = self.agent.where
@@ -694,7 +748,10 @@ class _Conversation:
                 status=status,
             )
         if status in (408, 429) or status >= 500:
-            return _Transient(f"HTTP {status}: {message}", retry_after=_retry_after(headers))
+            wait = _retry_after(headers)
+            if wait is None and status == 429:
+                wait = _reset_after(headers)
+            return _Transient(f"HTTP {status}: {message}", retry_after=wait)
         return _Refused(
             f"model server at {where} refused the request (HTTP {status}: {message})",
             status=status,
