@@ -87,15 +87,15 @@ end
 local excess = used + tokens - max_tok
 if excess > 0 then
   local rows = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  local until = now + window
+  local fits_at = now + window
   for i = 1, #rows, 2 do
     excess = excess - (tonumber(redis.call('HGET', KEYS[2], rows[i])) or 0)
     if excess <= 0 then
-      until = tonumber(rows[i + 1]) + window
+      fits_at = tonumber(rows[i + 1]) + window
       break
     end
   end
-  wait = math.max(wait, until - now)
+  wait = math.max(wait, fits_at - now)
 end
 if max_flight > 0 and flying >= max_flight then
   local soonest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
@@ -132,10 +132,10 @@ return {state()}
 _PAUSE = (
     _PRELUDE
     + """
-local until = now + tonumber(ARGV[2])
+local ends = now + tonumber(ARGV[2])
 local p = tonumber(redis.call('HGET', KEYS[3], 'paused_until')) or 0
-if until > p then
-  redis.call('HSET', KEYS[3], 'paused_until', until)
+if ends > p then
+  redis.call('HSET', KEYS[3], 'paused_until', ends)
   keep(window + tonumber(ARGV[2]))
 end
 return {state()}
