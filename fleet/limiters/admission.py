@@ -63,20 +63,29 @@ class Admission:
     """The tokens it was admitted with (the estimate)."""
     waited_s: float = 0.0
     """How long it waited for room."""
+    admitted_at: float = 0.0
+    """``time.monotonic()`` when it was admitted."""
     settled: bool = False
 
-    async def settle(self, used_tokens: int | None) -> None:
+    async def settle(self, used_tokens: int | None, *, sent_at: float | None = None) -> None:
         """Count ``used_tokens`` instead of the estimate (``None``: keep the estimate).
 
         Ends the call's in-flight lease either way. Never raises: if the limiter is
         unreachable the window keeps the estimate and the lease lapses on its own.
+
+        Args:
+            used_tokens: what the call really spent.
+            sent_at: ``time.monotonic()`` when its request was written; the call then
+                counts from there (the provider counts it on arrival, not when we
+                admitted it: a busy event loop or a new connection can lie between).
         """
         if self.limiter is None or self.limit is None or self.settled:
             return
         self.settled = True
         used = self.tokens if used_tokens is None else used_tokens
+        late = 0.0 if sent_at is None else max(sent_at - self.admitted_at, 0.0)
         try:
-            await self.limiter.reconcile(self.limit, self.admission_id, used)
+            await self.limiter.reconcile(self.limit, self.admission_id, used, sent_after_s=late)
         except BrokerError as error:
             logger.warning(
                 "limit %r: could not count a call's real usage (%s); the window keeps "
@@ -183,4 +192,4 @@ def _admitted(
             on_wait(waited)
     elif logger.isEnabledFor(logging.DEBUG):
         logger.debug("%s: admitted under limit %r (%s)", label, limit.name, describe(limit, state))
-    return Admission(limiter, limit, admission_id, tokens, waited)
+    return Admission(limiter, limit, admission_id, tokens, waited, time.monotonic())

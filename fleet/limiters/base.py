@@ -15,7 +15,7 @@ against both):
 * an admission stays in the window for ``window_s`` (plus :data:`WINDOW_GUARD_S`, so
   network jitter between us and the provider cannot squeeze one more call into the
   provider's own window); ``reconcile`` replaces its tokens with what the call really
-  spent and ends its in-flight lease;
+  spent, moves its time to when its request actually left, and ends its in-flight lease;
 * an in-flight lease lapses on its own after ``lease_s``, so a crashed worker cannot
   keep a ``max_concurrent`` slot;
 * ``pause`` stops every admission of the limit until the provider's reset.
@@ -45,14 +45,15 @@ __all__ = [
 WINDOW_GUARD_S = 0.25
 """Added to every window: an admission counts this much longer than ``window_s``.
 
-Calls reach the provider a little after we admit them, and not all equally late; without
-a guard, two calls admitted just over ``window_s`` apart can land inside one window at
-the provider. Capped at 2 % of the window for short windows."""
+A call reaches the provider a little after we admit it, and not every call equally
+late (a busy event loop, a new connection, the provider's own ingress); without a guard,
+two calls admitted just over ``window_s`` apart can land inside one window at the
+provider. At most 10 % of the window, for sub-second windows."""
 
 
 def window_guard_s(window_s: float) -> float:
     """The guard added to a window of ``window_s`` (see :data:`WINDOW_GUARD_S`)."""
-    return min(WINDOW_GUARD_S, window_s * 0.02)
+    return min(WINDOW_GUARD_S, window_s * 0.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +182,15 @@ class RateLimiter(ABC):
         """Admit one call of ``tokens`` now, or say how long to wait (atomic)."""
 
     @abstractmethod
-    async def reconcile(self, limit: ProviderLimit, admission_id: str, tokens: int) -> None:
-        """Count ``tokens`` for an admitted call instead of its estimate; end its lease."""
+    async def reconcile(
+        self, limit: ProviderLimit, admission_id: str, tokens: int, *, sent_after_s: float = 0.0
+    ) -> None:
+        """Count ``tokens`` for an admitted call instead of its estimate; end its lease.
+
+        ``sent_after_s`` is how long after its admission the call actually left (its
+        request written): the call then counts from that moment, as the provider's
+        window does, rather than from its admission.
+        """
 
     @abstractmethod
     async def pause(self, limit: ProviderLimit, seconds: float) -> float:

@@ -89,14 +89,25 @@ class MemoryRateLimiter(RateLimiter):
             window.flight[admission_id] = now + lease_s
         return AdmitResult(AdmitStatus.ADMITTED, 0.0, self._state(window, now))
 
-    async def reconcile(self, limit: ProviderLimit, admission_id: str, tokens: int) -> None:
+    async def reconcile(
+        self, limit: ProviderLimit, admission_id: str, tokens: int, *, sent_after_s: float = 0.0
+    ) -> None:
         """Count the real usage; see :meth:`RateLimiter.reconcile`."""
         window = self._window(limit, self._clock())
         window.flight.pop(admission_id, None)
         entry = window.calls.get(admission_id)
         if entry is not None:
-            window.calls[admission_id] = (entry[0], tokens)
             window.tokens += tokens - entry[1]
+            if sent_after_s > 0:  # keep the order oldest first
+                del window.calls[admission_id]
+                at = entry[0] + sent_after_s
+                later = [(k, v) for k, v in window.calls.items() if v[0] > at]
+                for key, _ in later:
+                    del window.calls[key]
+                window.calls[admission_id] = (at, tokens)
+                window.calls.update(later)
+            else:
+                window.calls[admission_id] = (entry[0], tokens)
 
     async def pause(self, limit: ProviderLimit, seconds: float) -> float:
         """Pause admissions; see :meth:`RateLimiter.pause`."""

@@ -51,7 +51,8 @@ if #old > 0 then
     redis.call('HDEL', KEYS[2], id)
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-  redis.call('HINCRBY', KEYS[3], 'tokens', -freed)
+  -- 0 - freed, not -freed: Lua's -0 is sent as "-0", which HINCRBY refuses.
+  if freed ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', 0 - freed) end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local function paused()
@@ -114,7 +115,7 @@ return {0, 0, n + 1, used, flying, pause}
 """
 )
 
-# ARGV: window ms, id, tokens. Returns {requests, tokens, in flight, pause ms}.
+# ARGV: window ms, id, tokens, sent after (ms). Returns {requests, tokens, in flight, pause ms}.
 _RECONCILE = (
     _PRELUDE
     + """
@@ -122,7 +123,9 @@ redis.call('ZREM', KEYS[4], ARGV[2])
 local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]))
 if before then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  redis.call('HINCRBY', KEYS[3], 'tokens', tonumber(ARGV[3]) - before)
+  local delta = tonumber(ARGV[3]) - before
+  if delta ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', delta) end
+  if tonumber(ARGV[4]) > 0 then redis.call('ZINCRBY', KEYS[1], ARGV[4], ARGV[2]) end
 end
 return {state()}
 """
@@ -244,9 +247,12 @@ class RedisRateLimiter(RateLimiter):
         )
         return AdmitResult(AdmitStatus(status), max(int(wait_ms), 0) / 1000, _state(*state))
 
-    async def reconcile(self, limit: ProviderLimit, admission_id: str, tokens: int) -> None:
+    async def reconcile(
+        self, limit: ProviderLimit, admission_id: str, tokens: int, *, sent_after_s: float = 0.0
+    ) -> None:
         """Count the real usage (one script); see :meth:`RateLimiter.reconcile`."""
-        await self._run("reconcile", limit, admission_id, max(int(tokens), 0))
+        shift = max(round(sent_after_s * 1000), 0)
+        await self._run("reconcile", limit, admission_id, max(int(tokens), 0), shift)
 
     async def pause(self, limit: ProviderLimit, seconds: float) -> float:
         """Pause admissions (one script); see :meth:`RateLimiter.pause`."""

@@ -315,11 +315,15 @@ class Sender:
         """
         if self.gate is None:
             return await self.attempt(body)
+        # The client first: building one (TLS context) can hold the loop for a while, and
+        # the window counts a call from its admission, so send right after it.
+        await self.transport.client()
         lease_s = self.config.timeout_s + LEASE_MARGIN_S
         admission = await self.gate.admit_call(call_tokens, lease_s=lease_s)
         used: int | None = None
+        sent: list[float] = []
         try:
-            data = await self.attempt(body, on_429=self._pause)
+            data = await self.attempt(body, on_429=self._pause, on_sent=sent.append)
             used = _usage_total(data)
             return data
         except Transient as problem:
@@ -327,7 +331,7 @@ class Sender:
                 used = 0
             raise
         finally:
-            await asyncio.shield(admission.settle(used))
+            await asyncio.shield(admission.settle(used, sent_at=sent[0] if sent else None))
 
     async def _pause(self, headers: httpx.Headers) -> None:
         assert self.gate is not None
@@ -336,9 +340,24 @@ class Sender:
             await self.gate.pause_limit(reset)
 
     async def attempt(
-        self, body: dict[str, Any], *, on_429: Callable[[httpx.Headers], Any] | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        on_429: Callable[[httpx.Headers], Any] | None = None,
+        on_sent: Callable[[float], None] | None = None,
     ) -> Any:
-        """One HTTP request; raises :class:`Transient` for what is worth retrying."""
+        """One HTTP request; raises :class:`Transient` for what is worth retrying.
+
+        ``on_sent`` is called with ``time.monotonic()`` once the request is written.
+        """
+        extensions: dict[str, Any] = {}
+        if on_sent is not None:
+
+            async def trace(event: str, info: dict[str, Any]) -> None:
+                if event.endswith("send_request_body.complete"):
+                    on_sent(time.monotonic())
+
+            extensions["trace"] = trace
         timeout = self.config.timeout_s
         remaining = self.remaining_s()
         if remaining is not None:
@@ -346,7 +365,11 @@ class Sender:
         client = await self.transport.client()
         try:
             response = await client.post(
-                self.transport.endpoint, json=body, headers=self._headers, timeout=timeout
+                self.transport.endpoint,
+                json=body,
+                headers=self._headers,
+                timeout=timeout,
+                extensions=extensions,
             )
         except httpx.TimeoutException:
             raise Transient(f"no answer within {timeout:.3g} s") from None
