@@ -16,12 +16,14 @@ from fleet.errors import AgentError
 from fleet.events import RateLimited, parse_event
 from fleet.limiters import (
     AdmitStatus,
+    LimitState,
     MemoryRateLimiter,
     ProviderLimit,
     RateLimiter,
     RedisRateLimiter,
     admit,
 )
+from fleet.limiters.dispatch import DispatchGate, sendable
 from fleet.redis_server import RedisServer
 from fleet.spec import AgentStepSpec
 
@@ -249,3 +251,42 @@ async def test_redis_outage_during_admission_waits_and_never_runs_unadmitted(
     finally:
         await limiter.close()
         server.stop()
+
+
+async def test_reconcile_counts_a_call_from_when_it_left(limiter: RateLimiter) -> None:
+    """A call sent late after its admission leaves the window that much later."""
+    limit = _limit(requests=1, window_s=0.5)
+    late = uuid.uuid4().hex
+    assert (await limiter.try_admit(limit, late, 10, lease_s=30)).status is AdmitStatus.ADMITTED
+    await limiter.reconcile(limit, late, 10, sent_after_s=0.3)
+    await asyncio.sleep(0.56)  # past admission + window + guard, not past sending + window
+    assert await _ask(limiter, limit) is AdmitStatus.WAIT
+    await asyncio.sleep(0.3)
+    assert await _ask(limiter, limit) is AdmitStatus.ADMITTED
+
+
+def test_sendable_policy() -> None:
+    """The dispatcher may send the window's free requests plus `ahead`; none while paused."""
+    limit = _limit(requests=10, tokens=100, max_concurrent=4)
+    assert sendable(limit, LimitState(3, 50, 1, 0.0), ahead=2) == 3 + 2
+    assert sendable(limit, LimitState(8, 50, 0, 0.0), ahead=2) == 2 + 2
+    assert sendable(limit, LimitState(3, 100, 0, 0.0), ahead=2) == 2
+    assert sendable(limit, LimitState(0, 0, 0, 1.5), ahead=2) == 0
+
+
+async def test_dispatch_gate_holds_back_steps_of_a_saturated_limit() -> None:
+    """The host sends a full window's worth plus `ahead`, then waits for room, not for nothing."""
+    limiter, limit = MemoryRateLimiter(), _limit(requests=3, window_s=0.6)
+    gate = DispatchGate(limiter, ahead=2, recheck_s=0.05)
+    assert max([await gate.turn(limit) for _ in range(5)]) < 0.05
+    for _ in range(3):  # the workers admit three of them: the window is full
+        await _ask(limiter, limit)
+    for _ in range(5):
+        gate.finished(limit)
+    await asyncio.sleep(0.06)  # the gate's last read is older than recheck_s
+    held = [await gate.turn(limit) for _ in range(2)]  # `ahead` may wait in workers
+    assert max(held) < 0.2
+    started = time.monotonic()
+    assert await gate.turn(limit) >= 0.4  # the third only once the window frees
+    assert time.monotonic() - started >= 0.4
+    assert await gate.turn(None) == 0.0
