@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from bench.limited_provider import LimitedProvider, window_peaks
 from fleet import AgentStepSpec, LocalExecutor, execute_steps_parallel, load_agents
+from fleet.cli import app
 from fleet.events import RateLimited
 from fleet.limiters import RedisRateLimiter
 from tests.celery_support import fleet_settings, running_workers
@@ -192,3 +194,29 @@ async def test_step_that_cannot_be_admitted_before_its_deadline_fails_timeout(
     assert {o.error for o in failed} == {"timeout"}
     assert all("limit 'provider'" in o.output for o in failed)
     assert len(provider.log) == 1
+
+
+async def test_limit_reset_while_steps_wait(redis_url: str, tmp_path: Path) -> None:
+    """`fleet limits reset` while steps wait for a full window: they go on at once, all succeed."""
+    with LimitedProvider(requests=100, tokens=10**7, window_s=60) as provider:
+        agents = _agents_file(tmp_path, provider.base_url, requests=3, tokens=10**6, window_s=60)
+        settings = fleet_settings(redis_url, agents_file=agents, max_in_flight=64)
+        env = {
+            "FLEET_REDIS_URL": redis_url,
+            "FLEET_KEY_PREFIX": settings.key_prefix,
+            "FLEET_AGENTS_FILE": str(agents),
+        }
+        with running_workers(settings, tmp_path, "w1", concurrency=8) as fleet:
+            async with fleet.executor() as host:
+                started = time.monotonic()
+                run = asyncio.create_task(execute_steps_parallel(host, _specs(6, timeout_s=50)))
+                assert await asyncio.to_thread(provider.wait_for_requests, 3)
+                await asyncio.sleep(1.0)
+                assert len(provider.log) == 3, "three steps wait for the window"
+                result = await asyncio.to_thread(
+                    CliRunner().invoke, app, ["limits", "reset", "provider"], env=env
+                )
+                assert result.exit_code == 0, result.output
+                outcomes = await run
+    assert all(o.success for o in outcomes), [o.output for o in outcomes if not o.success]
+    assert len(provider.log) == 6 and time.monotonic() - started < 15

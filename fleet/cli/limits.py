@@ -1,4 +1,4 @@
-"""``fleet limits show [NAME]``: each provider limit's use in its current window."""
+"""``fleet limits show [NAME]`` and ``fleet limits reset NAME``: provider limits' use."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ limits_app = typer.Typer(
 )
 app.add_typer(limits_app, name="limits")
 
+_REDIS_URL = typer.Option(None, "--redis-url", help="Redis holding the windows (FLEET_REDIS_URL).")
+_KEY_PREFIX = typer.Option(None, "--key-prefix", help="Key prefix (FLEET_KEY_PREFIX).")
+
 
 def _row(limit: ProviderLimit, state: LimitState) -> list[str]:
     flight = str(state.in_flight)
@@ -35,26 +38,51 @@ def _row(limit: ProviderLimit, state: LimitState) -> list[str]:
     ]
 
 
+def _selected(
+    name: str | None, limits: dict[str, ProviderLimit], source: str
+) -> dict[str, ProviderLimit]:
+    if name is None:
+        return limits
+    if name not in limits:
+        known = ", ".join(repr(k) for k in sorted(limits)) or "none"
+        raise ConfigError(
+            f"no limit {name!r} in {source!r} (declared: {known}); check the name or "
+            "FLEET_AGENTS_FILE",
+            key=name,
+        )
+    return {name: limits[name]}
+
+
+@limits_app.command("reset")
+def reset(
+    name: str = typer.Argument(..., metavar="NAME", help="The limit to reset."),
+    redis_url: str | None = _REDIS_URL,
+    key_prefix: str | None = _KEY_PREFIX,
+) -> None:
+    """Forget a limit's window, in-flight calls and provider pause (waiting calls go on)."""
+    config = settings(redis_url=redis_url, key_prefix=key_prefix)
+    limit = _selected(name, load_limits(config.agents_file), str(config.agents_file))[name]
+    limiter = RedisRateLimiter(config.redis_url, key_prefix=config.key_prefix)
+
+    async def run() -> None:
+        try:
+            await limiter.reset(limit)
+        finally:
+            await limiter.close()
+
+    asyncio.run(run())
+    console.print(f"limit {name!r} reset: its window is empty and no pause is on", highlight=False)
+
+
 @limits_app.command("show")
 def show(
     name: str | None = typer.Argument(None, metavar="[NAME]", help="One limit (default: all)."),
-    redis_url: str | None = typer.Option(
-        None, "--redis-url", help="Redis holding the windows (FLEET_REDIS_URL)."
-    ),
-    key_prefix: str | None = typer.Option(None, "--key-prefix", help="FLEET_KEY_PREFIX."),
+    redis_url: str | None = _REDIS_URL,
+    key_prefix: str | None = _KEY_PREFIX,
 ) -> None:
     """Requests and tokens in each limit's current window, calls in flight, provider pause."""
     config = settings(redis_url=redis_url, key_prefix=key_prefix)
-    limits = load_limits(config.agents_file)
-    if name is not None:
-        if name not in limits:
-            known = ", ".join(repr(k) for k in sorted(limits)) or "none"
-            raise ConfigError(
-                f"no limit {name!r} in {str(config.agents_file)!r} (declared: {known}); "
-                "check the name or FLEET_AGENTS_FILE",
-                key=name,
-            )
-        limits = {name: limits[name]}
+    limits = _selected(name, load_limits(config.agents_file), str(config.agents_file))
     if not limits:
         console.print(f"no [limits.NAME] tables in {str(config.agents_file)!r}", highlight=False)
         raise typer.Exit(1)

@@ -21,14 +21,28 @@ from ..errors import AgentError, BrokerError
 from ..redisclient import OUTAGE_TOLERANCE_S
 from .base import AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
-__all__ = ["NOTICEABLE_WAIT_S", "Admission", "admit", "describe", "outage_backoff"]
+__all__ = [
+    "MAX_WAIT_POLL_S",
+    "NOTICEABLE_WAIT_S",
+    "Admission",
+    "admit",
+    "describe",
+    "outage_backoff",
+]
 
 logger = logging.getLogger("fleet.limits")
 
 NOTICEABLE_WAIT_S = 0.1
 """A call that waited at least this long is reported (``rate_limited`` event, log line)."""
 
+MAX_WAIT_POLL_S = 1.0
+"""A waiting call asks again at least this often, so it notices a reset limit or an
+ended pause without sleeping out a wait computed from the old window."""
+
 _MAX_OUTAGE_BACKOFF_S = 1.0
+_DEADLINE_MARGIN_S = 0.05
+"""The last look happens this long before the deadline, so the step fails with this
+module's message (which limit, its use) rather than the step runner's bare timeout."""
 
 
 def outage_backoff(attempt: int) -> float:
@@ -108,6 +122,10 @@ async def admit(
 ) -> Admission:
     """Wait until one call of ``tokens`` fits under ``limit``, and count it.
 
+    A waiting call asks again when room should open, and at least every
+    :data:`MAX_WAIT_POLL_S`, until the step's deadline; a reset limit or an ended pause
+    is noticed within that time.
+
     Args:
         limiter: where the limit's window lives.
         limit: the limit.
@@ -158,14 +176,16 @@ async def admit(
             delay = result.wait_s + random.uniform(0, min(0.02, result.wait_s / 10))
             reason = describe(limit, result.state)
         now = time.monotonic()
-        if deadline is not None and now + delay >= deadline:
-            use = reason if last is None or outages else describe(limit, last)
-            raise AgentError(
-                f"{label}: timed out waiting {now - started:.2f} s for room under limit "
-                f"{limit.name!r} ({use}); the next chance is in {delay:.2f} s but the step "
-                f"has {max(deadline - now, 0):.2f} s left",
-                kind="timeout",
-            )
+        delay = min(delay, MAX_WAIT_POLL_S)
+        if deadline is not None and now + delay >= deadline - _DEADLINE_MARGIN_S:
+            if deadline - now <= _DEADLINE_MARGIN_S:
+                use = reason if outages else describe(limit, last) if last else reason
+                raise AgentError(
+                    f"{label}: timed out after waiting {now - started:.2f} s for room under "
+                    f"limit {limit.name!r} ({use}); raise the step's timeout_s or the limit",
+                    kind="timeout",
+                )
+            delay = deadline - now - _DEADLINE_MARGIN_S  # one last look just before it
         await asyncio.sleep(delay)
 
 

@@ -203,3 +203,11 @@ class RateLimiter(ABC):
     @abstractmethod
     async def state(self, limit: ProviderLimit) -> LimitState:
         """The limit's use now."""
+
+    @abstractmethod
+    async def reset(self, limit: ProviderLimit) -> None:
+        """Forget the limit's window, in-flight calls and pause (``fleet limits reset``).
+
+        Calls waiting for room ask again within :data:`~fleet.limiters.admission.
+        MAX_WAIT_POLL_S` and are admitted against the empty window.
+        """

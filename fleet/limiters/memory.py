@@ -120,3 +120,7 @@ class MemoryRateLimiter(RateLimiter):
         """The limit's use now; see :meth:`RateLimiter.state`."""
         now = self._clock()
         return self._state(self._window(limit, now), now)
+
+    async def reset(self, limit: ProviderLimit) -> None:
+        """Forget the limit's use; see :meth:`RateLimiter.reset`."""
+        self._windows.pop(limit.name, None)

@@ -262,6 +262,16 @@ class RedisRateLimiter(RateLimiter):
         """The limit's use now (one script); see :meth:`RateLimiter.state`."""
         return _state(*await self._run("state", limit))
 
+    async def reset(self, limit: ProviderLimit) -> None:
+        """Delete the limit's keys; see :meth:`RateLimiter.reset`."""
+        try:
+            await self._client().delete(*self.keys(limit.name))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise BrokerError(
+                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
+                url=mask_url(self.url),
+            ) from None
+
     async def close(self) -> None:
         """Close this event loop's connections (others are dropped with their loop)."""
         client = self._clients.pop(asyncio.get_running_loop(), None)
