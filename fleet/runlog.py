@@ -289,6 +289,19 @@ class RunSummary:
     tokens: int = 0
     budget: dict[str, Any] | None = None
     """The last budget snapshot (``BudgetSnapshot`` fields), if the run had a budget."""
+    tokens_after_budget: int = 0
+    """Tokens of the steps that finished after the last budget snapshot."""
+
+    @property
+    def consumed_tokens(self) -> int | None:
+        """Tokens the run's budget had consumed at its last entry (``None``: no budget).
+
+        The last snapshot plus the steps that finished after it, so a run killed in the
+        middle of a phase still counts what its finished steps spent.
+        """
+        if self.budget is None:
+            return None
+        return int(self.budget.get("consumed_tokens") or 0) + self.tokens_after_budget
 
     @property
     def steps_in_flight(self) -> int:
@@ -324,6 +337,7 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
     elif control == "budget":
         with contextlib.suppress(ValueError):
             summary.budget = json.loads(fields.get("snapshot", ""))
+            summary.tokens_after_budget = 0
     elif "event" in fields:
         try:
             event = json.loads(fields["event"])
@@ -339,7 +353,9 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
                 summary.steps_done += 1
             else:
                 summary.steps_failed += 1
-            summary.tokens += int(event.get("total_tokens") or 0)
+            tokens = int(event.get("total_tokens") or 0)
+            summary.tokens += tokens
+            summary.tokens_after_budget += tokens
 
 
 def _float(text: str | None) -> float | None:

@@ -204,9 +204,9 @@ async def _carry_local_consumption(
     if places.events is None:
         return
     summary = await asyncio.to_thread(_summary_at, places.events, config.key_prefix, root_id)
-    if summary is None or summary.status == "finished" or summary.budget is None:
+    if summary is None or summary.status == "finished" or summary.consumed_tokens is None:
         return
-    consumed = int(summary.budget.get("consumed_tokens") or 0)
+    consumed = summary.consumed_tokens
     if budget.limit_tokens is not None:
         consumed = min(consumed, budget.limit_tokens)
     if consumed > 0:
@@ -409,11 +409,13 @@ async def _read_budget(
         else:
             status.budget_note = "none recorded"
         return
-    snapshot = status.summary.budget if status.summary is not None else None
-    if snapshot is None:
+    summary = status.summary
+    if summary is None or summary.budget is None:
         status.budget_note = status.budget_note or "none recorded"
         return
-    status.budget = BudgetSnapshot.model_validate(snapshot)
+    fields = {**summary.budget, "consumed_tokens": summary.consumed_tokens}
+    fields.pop("remaining_tokens", None)  # derived again from the fields above
+    status.budget = BudgetSnapshot.model_validate(fields)
 
 
 async def _phase_rows(journal: CheckpointStore, root_id: str) -> list[PhaseRow]:

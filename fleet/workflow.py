@@ -453,6 +453,8 @@ class Workflow:
 
     async def __aenter__(self) -> Workflow:
         self._check_open()
+        if self._run.stream is not None:
+            await self._run.record_budget()  # where a resumed run starts from
         return self
 
     async def __aexit__(

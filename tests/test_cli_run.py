@@ -361,3 +361,71 @@ def test_status_and_watch_find_a_run_on_a_redis_journal_without_options(
     missing = run_fleet(tmp_path, "status", "never-ran", **other)
     assert missing.returncode == 1
     assert missing.stdout.count("\n") == 1 and "looked in:" in missing.stdout
+
+
+RESUMABLE_FLOW = """
+import asyncio
+import os
+from pathlib import Path
+
+from fleet import AgentStepSpec
+
+
+async def hang(spec, ctx):
+    Path(os.environ["FLOW_MARK"]).touch()
+    if os.environ.get("FLOW_HANG") == "1":
+        await asyncio.sleep(3600)
+    return spec.prompt
+
+
+AGENTS = {"hang": hang}
+
+
+def step(task_id, agent="echo"):
+    return AgentStepSpec(task_id=task_id, agent=agent, description=task_id, prompt=task_id * 9)
+
+
+async def main(workflow):
+    await workflow.phase("one", [step("a"), step("b"), step("c")])
+    await workflow.phase("two", [step("d"), step("e")])
+    await workflow.phase("three", [step("h", "hang")])
+"""
+
+
+def _consumed(status: subprocess.CompletedProcess[str]) -> int:
+    (line,) = [line.strip() for line in status.stdout.splitlines() if "budget:" in line]
+    return int(line.split()[1])
+
+
+@pytest.mark.faults
+def test_a_resumed_local_run_continues_its_budget(tmp_path: Path) -> None:
+    """Killed in phase 3 and re-run, a local run ends with the consumption of an unbroken run."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(RESUMABLE_FLOW)
+    mark = tmp_path / "reached-three"
+    common = ("run", f"{flow}:main", "--budget", "100000")
+    whole = run_fleet(tmp_path, *common, "--root-id", "whole", FLOW_MARK=str(mark))
+    assert whole.returncode == 0, whole.stderr
+    expected = _consumed(run_fleet(tmp_path, "status", "whole"))
+    assert expected > 0
+    mark.unlink()
+    child = subprocess.Popen(
+        fleet(*common, "--root-id", "broken"),
+        cwd=REPO,
+        env=env(tmp_path, FLOW_MARK=str(mark), FLOW_HANG="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(mark.exists, 60, child)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    crashed = run_fleet(tmp_path, "status", "broken")
+    assert "  running: started " in crashed.stdout  # killed: no end entry was written
+    assert _consumed(crashed) == expected  # phases one and two, all that was spent
+    resumed = run_fleet(tmp_path, *common, "--root-id", "broken", FLOW_MARK=str(mark))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "5 served from the journal" in resumed.stdout
+    assert _consumed(run_fleet(tmp_path, "status", "broken")) == expected
