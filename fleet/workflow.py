@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
-from .errors import FleetError
+from .errors import WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
@@ -73,21 +73,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, StepFinished)
-
-
-class WorkflowClosedError(FleetError, RuntimeError):
-    """A verb was called on a workflow after ``finish()`` / ``close()``.
-
-    Attributes:
-        root_id: the workflow's root id.
-    """
-
-    def __init__(self, root_id: str) -> None:
-        super().__init__(
-            f"workflow {root_id!r} is finished; build a new Workflow to run more steps "
-            "(reuse the root id to resume from its journal)"
-        )
-        self.root_id = root_id
 
 
 def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:
