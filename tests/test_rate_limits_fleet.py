@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bench.limited_provider import LimitedProvider, window_peaks
 from fleet import AgentStepSpec, LocalExecutor, execute_steps_parallel, load_agents
 from fleet.cli import app
-from fleet.events import RateLimited
+from fleet.events import RateLimited, StepStarted
 from fleet.limiters import RedisRateLimiter
 from tests.celery_support import fleet_settings, running_workers
 from tests.fake_openai import FakeOpenAI, reply
@@ -220,3 +220,30 @@ async def test_limit_reset_while_steps_wait(redis_url: str, tmp_path: Path) -> N
                 outcomes = await run
     assert all(o.success for o in outcomes), [o.output for o in outcomes if not o.success]
     assert len(provider.log) == 6 and time.monotonic() - started < 15
+
+
+async def test_host_does_not_flood_workers_with_steps_of_a_saturated_limit(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A full window holds steps back at the host: workers get the window's room + `ahead`."""
+    with LimitedProvider(requests=6, tokens=10**7, window_s=2.0) as provider:
+        agents = _agents_file(tmp_path, provider.base_url, requests=6, tokens=10**6, window_s=2.0)
+        settings = fleet_settings(redis_url, agents_file=agents, max_in_flight=64)
+        with running_workers(settings, tmp_path, "w1", concurrency=24) as fleet:
+            started: list[float] = []
+
+            def on_event(event: object) -> None:
+                if isinstance(event, StepStarted):
+                    started.append(time.monotonic())
+
+            async with fleet.executor() as host:
+                run = asyncio.create_task(
+                    execute_steps_parallel(host, _specs(24, timeout_s=60), events=on_event)
+                )
+                assert await asyncio.to_thread(provider.wait_for_requests, 6)
+                await asyncio.sleep(1.0)  # the window is full until ~2.2 s
+                early = len(started)
+                outcomes = await run
+    assert all(o.success for o in outcomes), [o.output for o in outcomes if not o.success]
+    assert early <= 6 + 8, f"{early} steps reached workers while the window was full"
+    assert len(started) == 24 and len(provider.log) == 24

@@ -93,6 +93,15 @@ class DispatchGate:
         entry.outstanding += 1
         return time.monotonic() - started
 
+    def ready(self, limit: ProviderLimit | None) -> bool:
+        """Whether :meth:`turn` would return at once (without reading the limit's use)."""
+        if limit is None:
+            return True
+        entry = self._limits.get(limit.name)
+        return entry is not None and (
+            entry.outstanding < entry.sendable and time.monotonic() - entry.read_at < self.recheck_s
+        )
+
     def finished(self, limit: ProviderLimit | None) -> None:
         """A step of ``limit`` sent after :meth:`turn` has its outcome (or was given up)."""
         if limit is not None and limit.name in self._limits:
