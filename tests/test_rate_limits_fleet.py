@@ -86,6 +86,9 @@ async def test_fleet_never_overruns_the_provider_window(redis_url: str, tmp_path
     served_tokens = sum(entry.tokens for entry in provider.log)
     assert served_tokens > 2 * tokens, "the token limit was binding, not only requests"
     assert "admitted under limit 'provider' after waiting" in logs
+    waits = [e for e in events if isinstance(e, RateLimited)]
+    assert waits and all(e.limit == "provider" and e.wait_s >= 0.1 for e in waits)
+    assert {e.task_id for e in waits} <= {f"s{i}" for i in range(30)}
     assert "requests" in logs and "in the last 3 s" in logs
 
 

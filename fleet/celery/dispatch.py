@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
 from ..redisclient import retry_options
-from .protocol import Finished, Started, Stopped, read_notice, recorded
+from .protocol import Finished, Limited, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
     from .executor import CeleryExecutor
@@ -94,7 +94,7 @@ class Broken:
     error: BaseException
 
 
-Notice = Started | Finished | Stopped
+Notice = Started | Finished | Stopped | Limited
 _Item = tuple[Flight, Notice] | Lost | Broken | None
 
 

@@ -30,6 +30,7 @@ from .protocol import (
     STEP_TASK,
     BudgetHold,
     Finished,
+    Limited,
     Started,
     StepMessage,
     step_summary,
@@ -286,6 +287,8 @@ class Round(Track):
                 emit(self.events, StepStarted(task_id=entry.spec.task_id, agent=entry.spec.agent))
         elif isinstance(notice, Finished):
             await self._resolve(entry, notice.outcome)
+        elif isinstance(notice, Limited):
+            emit(self.events, notice.event)
 
     async def tick(self) -> None:
         """Keep queued steps' reservations alive (the worker renews while a step runs)."""
