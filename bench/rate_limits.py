@@ -1,7 +1,7 @@
 """Provider limits under load: fleet's shared limit vs every worker retrying 429s on its own.
 
 Workers (``--workers`` x ``--threads``) run ``--steps`` steps of an OpenAI-compatible
-agent against ``bench/limited_provider.py`` in its own process, which enforces
+agent against ``bench/provider.py`` in its own process, which enforces
 ``--requests`` and ``--tokens`` per ``--window-s`` sliding window and answers after
 ``--latency-s``. The same load runs twice on the same Redis and workers' code:
 
@@ -30,14 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from bench._common import percentile, table, write
-from bench.limited_provider import Logged, window_peaks
+from bench.provider import ProviderProcess
 from fleet import AgentStepSpec, execute_steps_parallel
 from fleet.redis_server import RedisServer
 from tests.celery_support import CeleryWorkers, fleet_settings
@@ -63,38 +62,33 @@ max_tokens = {max_tokens}
 """
 
 
-class Provider:
-    """The limited provider in a process of its own (stopped by PID)."""
+def served(log: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """``(arrival, tokens)`` of every call the provider admitted (``bench.provider``'s log)."""
+    return sorted((e["mono"], e["total_tokens"]) for e in log if e.get("admitted"))
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.process: subprocess.Popen[str] | None = None
-        self.base_url = ""
 
-    def __enter__(self) -> Provider:
-        a = self.args
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "bench.limited_provider",
-                "--requests", str(a.requests), "--tokens", str(a.tokens),
-                "--window-s", str(a.window_s), "--latency-s", str(a.latency_s),
-                "--completion-tokens", str(a.completion_tokens),
-            ],
-            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
-        )  # fmt: skip
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        self.base_url = line.strip().rpartition(" ")[2]
-        return self
+def window_peaks(log: list[dict[str, Any]], window_s: float) -> tuple[int, int]:
+    """The most requests and the most tokens any sliding window of ``window_s`` held."""
+    calls = served(log)
+    peak_requests = peak_tokens = tokens = start = 0
+    for end, (at, cost) in enumerate(calls):
+        tokens += cost
+        while calls[start][0] <= at - window_s:
+            tokens -= calls[start][1]
+            start += 1
+        peak_requests = max(peak_requests, end - start + 1)
+        peak_tokens = max(peak_tokens, tokens)
+    return peak_requests, peak_tokens
 
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
 
-    def log(self) -> list[Logged]:
-        with urllib.request.urlopen(f"{self.base_url}/log", timeout=30) as answer:
-            return [Logged(**entry) for entry in json.load(answer)["log"]]
+def wait_for_requests(provider: ProviderProcess, count: int, timeout_s: float = 30.0) -> bool:
+    """Block until the provider has received ``count`` requests (``False`` on timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if provider.stats(log=False)["requests"] >= count:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _specs(agent: str, n: int, timeout_s: float) -> list[AgentStepSpec]:
@@ -108,30 +102,32 @@ def _specs(agent: str, n: int, timeout_s: float) -> list[AgentStepSpec]:
 
 
 async def _run(
-    workers: CeleryWorkers, provider: Provider, agent: str, args: argparse.Namespace
+    workers: CeleryWorkers, provider: ProviderProcess, agent: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    before = len(provider.log())
+    provider.reset()
     started = time.monotonic()
     async with workers.executor(max_in_flight=args.steps) as host:
         outcomes = await execute_steps_parallel(
             host, _specs(agent, args.steps, args.step_timeout_s)
         )
     wall = time.monotonic() - started
-    log = provider.log()[before:]
-    served = sorted(e.at for e in log if e.status == 200)
-    windows = max(int((served[-1] - served[0]) // args.window_s), 1) if served else 1
-    in_windows = sum(t < served[0] + windows * args.window_s for t in served)
+    stats = provider.stats()
+    log = stats["log"]
+    arrivals = [at for at, _ in served(log)]
+    windows = max(int((arrivals[-1] - arrivals[0]) // args.window_s), 1) if arrivals else 1
+    in_windows = sum(t < arrivals[0] + windows * args.window_s for t in arrivals)
     peak_requests, peak_tokens = window_peaks(log, args.window_s)
     failed = [o for o in outcomes if not o.success]
     if args.timeline:
-        print(" ".join(f"{e.at - log[0].at:.2f}{'' if e.status == 200 else '!'}" for e in log))
+        first = log[0]["mono"] if log else 0.0
+        print(" ".join(f"{e['mono'] - first:.2f}{'' if e.get('admitted') else '!'}" for e in log))
     return {
         "run": "fleet limit" if agent == "limited" else "no limit",
         "steps": args.steps,
         "failed": len(failed),
         "failed_kinds": ",".join(sorted({o.error or "" for o in failed})) or "-",
-        "provider_429": sum(e.status == 429 for e in log),
-        "served": len(served),
+        "provider_429": stats["rate_limited"],
+        "served": len(arrivals),
         "wall_s": round(wall, 1),
         "rate_over_limit": round(in_windows / (windows * args.requests), 3),
         "peak_requests": f"{peak_requests}/{args.requests}",
@@ -206,7 +202,14 @@ async def main() -> None:
     parser.add_argument("--skip-unlimited", action="store_true")
     parser.add_argument("--timeline", action="store_true", help="print provider arrivals")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, Provider(args) as provider:
+    provider = ProviderProcess(
+        latency_s=args.latency_s,
+        completion_tokens=args.completion_tokens,
+        requests_per_window=args.requests,
+        tokens_per_window=args.tokens,
+        window_s=args.window_s,
+    )
+    with tempfile.TemporaryDirectory() as tmp, provider:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
             agents = Path(tmp) / "agents.toml"
