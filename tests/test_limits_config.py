@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 from fleet.agents import load_agents
 from fleet.agents.registry import load_limits
 from fleet.cli import app
+from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 from fleet.limiters import ProviderLimit, RedisRateLimiter
+from fleet.runner import _limit_lines
 
 GOOD = """
 [limits.gpt-main]
@@ -127,3 +129,22 @@ def test_fleet_limits_show(tmp_path: Path, redis_url: str, key_prefix: str) -> N
     assert one.exit_code == 0 and "gpt-main" not in one.output
     unknown = runner.invoke(app, ["limits", "show", "nope"], env=env)
     assert unknown.exit_code != 0 and "'nope'" in str(unknown.exception)
+
+
+def test_fleet_status_lists_each_limit_with_its_use(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """`fleet status` of a fleet run shows every declared limit's current use."""
+    path = _write(tmp_path, GOOD)
+    config = FleetSettings(redis_url=redis_url, key_prefix=key_prefix, agents_file=path)
+    main = load_limits(path)["gpt-main"]
+
+    async def read() -> list[str]:
+        limiter = RedisRateLimiter(redis_url, key_prefix=key_prefix)
+        await limiter.try_admit(main, uuid.uuid4().hex, 700, lease_s=30)
+        await limiter.close()
+        return await _limit_lines(config, redis_url)
+
+    lines = asyncio.run(read())
+    assert lines[0].startswith("gpt-main: 1/500 requests, 700/200000 tokens in the last 10 s")
+    assert lines[1].startswith("small: 0/5 requests")
