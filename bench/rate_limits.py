@@ -200,6 +200,7 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--step-timeout-s", type=float, default=180.0)
     parser.add_argument("--skip-unlimited", action="store_true")
+    parser.add_argument("--latency-only", action="store_true", help="only the latency probe")
     parser.add_argument("--timeline", action="store_true", help="print provider arrivals")
     args = parser.parse_args()
     provider = ProviderProcess(
@@ -221,9 +222,11 @@ async def main() -> None:
             )
             workers = CeleryWorkers(settings, Path(tmp), concurrency=args.threads)
             try:
-                workers.start(*(f"bench{i}" for i in range(args.workers)))
-                rows = [await _run(workers, provider, "limited", args)]
-                if not args.skip_unlimited:
+                rows = []
+                if not args.latency_only:
+                    workers.start(*(f"bench{i}" for i in range(args.workers)))
+                    rows.append(await _run(workers, provider, "limited", args))
+                if not args.skip_unlimited and not args.latency_only:
                     await asyncio.sleep(args.window_s)  # let the provider's window empty
                     rows.append(await _run(workers, provider, "unlimited", args))
             finally:
@@ -234,11 +237,13 @@ async def main() -> None:
             ]
         finally:
             server.stop()
-    print(table(rows))
-    print()
+    if rows:
+        print(table(rows))
+        print()
     print(table(latency))
     command = "python -m bench.rate_limits " + " ".join(sys.argv[1:])
-    path = write("rate_limits", command.strip(), rows, admission_latency=latency, args=vars(args))
+    name = "rate_limits_latency" if args.latency_only else "rate_limits"
+    path = write(name, command.strip(), rows, admission_latency=latency, args=vars(args))
     print(f"\nwrote {path}")
 
 
