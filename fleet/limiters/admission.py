@@ -144,7 +144,6 @@ async def admit(
     admission_id = uuid.uuid4().hex
     started = time.monotonic()
     outages = 0
-    last: LimitState | None = None
     while True:
         try:
             result = await limiter.try_admit(limit, admission_id, tokens, lease_s=lease_s)
@@ -161,7 +160,7 @@ async def admit(
                     kind="unavailable",
                 ) from None
         else:
-            outages, last = 0, result.state
+            outages = 0
             if result.status is AdmitStatus.ADMITTED:
                 return _admitted(
                     limiter, limit, admission_id, tokens, started, label, on_wait, result.state
@@ -179,10 +178,9 @@ async def admit(
         delay = min(delay, MAX_WAIT_POLL_S)
         if deadline is not None and now + delay >= deadline - _DEADLINE_MARGIN_S:
             if deadline - now <= _DEADLINE_MARGIN_S:
-                use = reason if outages else describe(limit, last) if last else reason
                 raise AgentError(
                     f"{label}: timed out after waiting {now - started:.2f} s for room under "
-                    f"limit {limit.name!r} ({use}); raise the step's timeout_s or the limit",
+                    f"limit {limit.name!r} ({reason}); raise the step's timeout_s or the limit",
                     kind="timeout",
                 )
             delay = deadline - now - _DEADLINE_MARGIN_S  # one last look just before it
