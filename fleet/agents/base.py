@@ -207,11 +207,20 @@ class AgentContext:
         """The provider answered 429: admit no call under the limit, fleet-wide, for ``seconds``."""
         if self.limit is None or self.limiter is None:
             return
+        log = logging.getLogger("fleet.limits")
         try:
-            await self.limiter.pause(self.limit, seconds)
+            left = await self.limiter.pause(self.limit, seconds)
         except Exception as error:  # the call's own retry still honours the wait
-            logging.getLogger("fleet.limits").warning(
+            log.warning(
                 "limit %r: could not record the provider's pause (%s)", self.limit.name, error
+            )
+        else:
+            log.warning(
+                "limit %r: the provider answered 429 to step %r; every call under it waits "
+                "%.2f s, fleet-wide",
+                self.limit.name,
+                self.spec.task_id,
+                left,
             )
 
     def emit(self, event: Any) -> None:
