@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import AgentError, BrokerError
-from ..redisclient import OUTAGE_TOLERANCE_S
 from .base import AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = [
@@ -153,6 +152,8 @@ async def admit(
             reason = f"the rate limiter is unreachable ({error})"
             if outages == 1:
                 logger.warning("%s: %s; waiting to be admitted", label, reason)
+            from ..redisclient import OUTAGE_TOLERANCE_S  # here: `import fleet` loads no redis
+
             if deadline is None and time.monotonic() - started > OUTAGE_TOLERANCE_S:
                 raise AgentError(
                     f"{label}: not admitted under limit {limit.name!r}: {reason} for over "
