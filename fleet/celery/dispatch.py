@@ -33,9 +33,9 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -47,6 +47,7 @@ from ..redisclient import retry_options
 from .protocol import Finished, Limited, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
+    from ..events import EventSink
     from .executor import CeleryExecutor
 
 __all__ = ["HOST_CONNECTIONS", "Dispatcher", "Flight", "Track"]
@@ -95,17 +96,25 @@ class Broken:
 
 
 Notice = Started | Finished | Stopped | Limited
+_Flight = TypeVar("_Flight", bound=Flight)
 _Item = tuple[Flight, Notice] | Lost | Broken | None
 
 
 class Track(ABC):
     """A round or a pipeline: flights the dispatcher serves, notices it receives."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, executor: CeleryExecutor, events: EventSink | None) -> None:
+        self.x = executor
+        self.keys = executor.keys
+        self.events = events
+        self.dispatcher = executor._dispatcher()
         self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self.open = 0
         """Flights of this track not finished yet; :meth:`receive` returns at zero."""
+
+    @abstractmethod
+    async def dispatch(self) -> None:
+        """Send this track's flights (see :meth:`Dispatcher.batches`)."""
 
     @abstractmethod
     async def handle(self, flight: Flight, notice: Notice) -> None:
@@ -121,6 +130,16 @@ class Track(ABC):
     def closed(self) -> None:
         """Wake :meth:`receive` (call when :attr:`open` drops to zero off a notice)."""
         self.inbox.put_nowait(None)
+
+    async def drive(self, flights: Sequence[Flight]) -> None:
+        """Dispatch and receive at once until every flight is finished; then free their slots."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.dispatch())
+                tasks.create_task(self.receive())
+        finally:
+            for flight in flights:
+                self.dispatcher.release(flight)
 
     async def receive(self) -> None:
         """Handle this track's notices until every flight is finished."""
@@ -229,6 +248,32 @@ class Dispatcher:
     def may_send(self, flight: Flight) -> bool:
         """Whether :meth:`acquire` of ``flight`` would not wait for its provider limit."""
         return self.gate.ready(flight.limit)
+
+    async def batches(self, flights: Sequence[_Flight], limit: int) -> AsyncIterator[list[_Flight]]:
+        """``flights`` in batches that hold their slots, sized to the room in the queue.
+
+        The first flight of a batch waits for a slot before anything touches Redis; the
+        batch grows while slots are free and the next flight's provider limit lets it go
+        (a batch is sent before waiting on a saturated limit), up to ``limit`` and the
+        queue's room.
+        """
+        pending = iter(flights)
+        flight = next(pending, None)
+        while flight is not None:
+            await self.acquire(flight)
+            room = min(await self.room(), limit)
+            batch = [flight]
+            flight = next(pending, None)
+            while (
+                flight is not None
+                and len(batch) < room
+                and not self.slots.locked()
+                and self.may_send(flight)
+            ):
+                await self.acquire(flight)
+                batch.append(flight)
+                flight = next(pending, None)
+            yield batch
 
     def release(self, flight: Flight) -> None:
         """``flight`` is finished: forget it and give its slot (and limit turn) back."""

@@ -9,7 +9,6 @@ a chain whose due link was lost is sent again from that link.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import uuid
@@ -61,12 +60,9 @@ class Pipeline(Track):
         stages: list[str],
         events: EventSink | None,
     ) -> None:
-        super().__init__(executor._dispatcher())
-        self.x = executor
-        self.keys = executor.keys
+        super().__init__(executor, events)
         self.items = items
         self.stages = stages
-        self.events = events
         self.pipe = uuid.uuid4().hex[:20]
         self.chains = [
             _Chain(tid=stage_link_id(self.pipe, i, 0), nonce=self.pipe, owner=self, index=i)
@@ -92,12 +88,8 @@ class Pipeline(Track):
                     fields[f"item:{i}"] = json.dumps(self.items[i])
                 await client.hset(key, mapping=fields)  # type: ignore[arg-type]
             await client.expire(key, self.x.settings.result_expires_s)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._dispatch())
-                tasks.create_task(self.receive())
+            await self.drive(self.chains)
         finally:
-            for chain_ in self.chains:
-                self.dispatcher.release(chain_)
             with contextlib.suppress(RedisError):
                 await client.delete(key)
         return [chain_.final for chain_ in self.chains]
@@ -120,19 +112,9 @@ class Pipeline(Track):
             )
         return chain(*links)
 
-    async def _dispatch(self) -> None:
-        slots = self.dispatcher.slots
-        pending = iter(self.chains)
-        chain_ = next(pending, None)
-        while chain_ is not None:
-            await self.dispatcher.acquire(chain_)
-            room = min(await self.dispatcher.room(), SEND_BATCH)
-            batch = [chain_]
-            chain_ = next(pending, None)
-            while chain_ is not None and len(batch) < room and not slots.locked():
-                await self.dispatcher.acquire(chain_)
-                batch.append(chain_)
-                chain_ = next(pending, None)
+    async def dispatch(self) -> None:
+        """Send one chain per item, each once it holds a slot."""
+        async for batch in self.dispatcher.batches(self.chains, SEND_BATCH):
             await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
 
     async def resend(self, flights: list[Flight]) -> None:

@@ -81,10 +81,7 @@ class Round(Track):
         on_outcome: OutcomeCallback | None,
         workflow_id: str | None,
     ) -> None:
-        super().__init__(executor._dispatcher())
-        self.x = executor
-        self.keys = executor.keys
-        self.events = events
+        super().__init__(executor, events)
         self.on_outcome = on_outcome
         self.workflow_id = workflow_id
         self.nonce = uuid.uuid4().hex
@@ -127,17 +124,11 @@ class Round(Track):
             return []
         try:
             self.client = client = await self.dispatcher.ready()
-            try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._dispatch())
-                    tasks.create_task(self.receive())
-                if self.workflow_id is not None:
-                    # The round is over and its caller has the outcomes: a later run of
-                    # the same workflow must not be served this round's results.
-                    await client.delete(*(self.keys.done(e.tid) for e in self.entries))
-            finally:
-                for entry in self.entries:
-                    self.dispatcher.release(entry)
+            await self.drive(self.entries)
+            if self.workflow_id is not None:
+                # The round is over and its caller has the outcomes: a later run of
+                # the same workflow must not be served this round's results.
+                await client.delete(*(self.keys.done(e.tid) for e in self.entries))
         except* (RedisError, OSError) as group_error:
             await self._fail_rest(group_error.exceptions[0], "unavailable")
         except* Exception as group_error:
@@ -218,31 +209,16 @@ class Round(Track):
             return False
         return True
 
-    async def _dispatch(self) -> None:
-        slots = self.dispatcher.slots
-        pending = iter(self.entries)
-        entry = next(pending, None)
+    async def dispatch(self) -> None:
+        """Reserve and send each step once it holds a slot (a waiting step holds nothing)."""
         # With a budget, a reservation may wait for in-flight steps to settle: send each
         # step as soon as it holds its tokens so nothing waits on an unsent sibling.
-        batch_limit = 1 if self.x.budget is not None else SEND_BATCH
-        while entry is not None:
-            # Wait for a slot before anything touches Redis: a waiting step holds nothing.
-            await self.dispatcher.acquire(entry)
-            room = min(await self.dispatcher.room(), batch_limit)
-            batch: list[_Entry] = []
-            while True:
-                if await self._reserve(entry):
-                    batch.append(entry)
-                entry = next(pending, None)
-                if entry is None or len(batch) >= room or slots.locked():
-                    break
-                if batch and not self.dispatcher.may_send(entry):
-                    break  # send what may go before waiting for this step's limit
-                await self.dispatcher.acquire(entry)
+        limit = 1 if self.x.budget is not None else SEND_BATCH
+        async for batch in self.dispatcher.batches(self.entries, limit):
+            batch = [entry for entry in batch if await self._reserve(entry)]
             if self.workflow_id is not None and batch:
                 batch = await self._reattach(batch)
-            if batch:
-                await self._send(batch)
+            await self._send(batch)
 
     async def _reattach(self, batch: list[_Entry]) -> list[_Entry]:
         """A journaled step already running or done (e.g. before a host restart) is not resent."""
