@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 
 from fleet import AgentStepSpec, execute_steps_parallel
 from fleet.budget import WorkflowBudget
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app, step_task_id
+from fleet.celery.dispatch import HOST_CONNECTIONS
+from fleet.celery.round import broker_failure
 from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 from fleet.ledgers import RedisLedger
@@ -294,3 +298,13 @@ async def test_workers_journal_each_step_at_the_step_boundary(
     assert checkpoint is not None
     assert sorted(checkpoint.completed()) == ["a", "b"]
     assert checkpoint.completed()["a"].worker == workers.workers["worker1"].node
+
+
+def test_a_busy_connection_pool_is_not_blamed_on_redis() -> None:
+    """An exhausted host pool says so; only a real connection failure asks whether Redis runs."""
+    url = "redis://:secret@127.0.0.1:6399/0"
+    busy = broker_failure(url, MaxConnectionsError("Too many connections"))
+    assert "is Redis running" not in busy
+    assert f"{HOST_CONNECTIONS} Redis connections" in busy and "secret" not in busy
+    down = broker_failure(url, RedisConnectionError("Connection refused"))
+    assert down.endswith("is Redis running?") and "secret" not in down

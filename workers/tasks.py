@@ -71,8 +71,9 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.error("rejected %s message %s: %s; it will not run", STEP_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     spec = message.spec
-    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent)
-    status, value = runtime.claim(tid, message.nonce, message.reply, started.to_json())
+    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent).to_json()
+    notice = started if message.announce else ""
+    status, value = runtime.claim(tid, message.nonce, message.reply, notice)
     if status == "done":
         # A duplicate of a step that already finished: hand back the recorded outcome.
         recorded = Finished(id=tid, outcome=StepOutcome.from_json(value))

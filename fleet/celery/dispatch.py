@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
@@ -73,6 +74,9 @@ class Flight:
     """Its record is ``result(tid, nonce)``."""
     journaled: bool = False
     """A ``done(tid)`` marker may answer for it (a journaled step)."""
+    routes: tuple[str, ...] = ()
+    """Other task ids whose notices belong to it (the later links of a chain): a link's
+    notice may arrive before its track has heard that the previous link finished."""
     sent_at: float = 0.0
     started: bool = False
     holds_slot: bool = False
@@ -178,10 +182,14 @@ class Dispatcher:
         """This host's reply list: every step and chain link it sends names it."""
         self.slots = asyncio.Semaphore(executor.settings.max_in_flight)
         self.flights: dict[str, Flight] = {}
+        """The flights out, by the task id of the message each waits for."""
+        self.routes: dict[str, Flight] = {}
+        """Every task id whose notices go to a flight (its ``tid`` and its ``routes``)."""
         self._client: aioredis.Redis | None = None
         self._probed = False
         self._probe_lock = asyncio.Lock()
         self._collector: asyncio.Task[None] | None = None
+        self._blmpop = True
         self._credit = 0
         self._credit_at = float("-inf")
         self._room_lock = asyncio.Lock()
@@ -277,8 +285,10 @@ class Dispatcher:
 
     def release(self, flight: Flight) -> None:
         """``flight`` is finished: forget it and give its slot (and limit turn) back."""
-        if self.flights.get(flight.tid) is flight:
-            del self.flights[flight.tid]
+        self.release_route(flight)
+        for tid in flight.routes:
+            if self.routes.get(tid) is flight:
+                del self.routes[tid]
         if flight.holds_slot:
             flight.holds_slot = False
             self.slots.release()
@@ -306,17 +316,25 @@ class Dispatcher:
         """Follow ``flight`` (sent now, or found running): route its notices, check it."""
         flight.sent_at, flight.started = time.monotonic(), started
         self.flights[flight.tid] = flight
+        for tid in (flight.tid, *flight.routes):
+            self.routes[tid] = flight
         if self._collector is None:
             self._collector = asyncio.get_running_loop().create_task(
                 self._collect(), name="fleet-celery-collector"
             )
 
     def rekey(self, flight: Flight, tid: str) -> None:
-        """``flight``'s message is now ``tid`` (a chain moved to its next link)."""
-        if self.flights.get(flight.tid) is flight:
-            del self.flights[flight.tid]
+        """``flight`` now waits for ``tid`` (a chain moved on to its next link)."""
+        self.release_route(flight)
         flight.tid = tid
         self.watch(flight)
+
+    def release_route(self, flight: Flight) -> None:
+        """Stop following the message ``flight`` waits for (late words about it are dropped)."""
+        if self.flights.get(flight.tid) is flight:
+            del self.flights[flight.tid]
+        if self.routes.get(flight.tid) is flight:
+            del self.routes[flight.tid]
 
     async def send(self, flights: Sequence[Flight], signatures: list[Any]) -> None:
         """Send ``signatures`` (one Celery group) for ``flights`` and follow them."""
@@ -333,12 +351,8 @@ class Dispatcher:
         try:
             client = self.client()
             while self.flights:
-                popped = await client.blpop([self.reply], timeout=interval)
-                if popped is not None:
-                    self._route(popped[1])
-                    more: Any = await client.lpop(self.reply, _DRAIN)
-                    for raw in more or ():
-                        self._route(raw)
+                for raw in await self._pop(client, interval):
+                    self._route(raw)
                 if time.monotonic() >= next_check:
                     await self._check()
                     next_check = time.monotonic() + interval
@@ -349,9 +363,30 @@ class Dispatcher:
         finally:
             self._collector = None
 
+    async def _pop(self, client: aioredis.Redis, wait_s: float) -> list[Any]:
+        """Wait up to ``wait_s`` for notices; take every one waiting, in one round trip.
+
+        ``BLMPOP ... COUNT`` (Redis 7) returns them all at once; an older server gets
+        ``BLPOP`` and then ``LPOP count``.
+        """
+        if self._blmpop:
+            try:
+                popped = await client.blmpop(wait_s, 1, self.reply, direction="LEFT", count=_DRAIN)
+            except ResponseError as error:
+                if "unknown command" not in str(error).lower():
+                    raise
+                self._blmpop = False
+            else:
+                return [] if popped is None else list(popped[1])
+        first = await client.blpop([self.reply], timeout=wait_s)
+        if first is None:
+            return []
+        more: Any = await client.lpop(self.reply, _DRAIN)
+        return [first[1], *(more or ())]
+
     def _route(self, raw: Any) -> None:
         notice = read_notice(raw)
-        flight = None if notice is None else self.flights.get(notice.id)
+        flight = None if notice is None else self.routes.get(notice.id)
         if flight is not None and flight.owner is not None and notice is not None:
             flight.owner.inbox.put_nowait((flight, notice))
 

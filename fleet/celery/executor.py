@@ -219,7 +219,8 @@ class CeleryExecutor(AgentExecutor):
 
         def send() -> None:
             with self.app.producer_or_acquire() as producer:
-                if as_group:
+                # A group of one costs a group id and result bookkeeping for nothing.
+                if as_group and len(signatures) > 1:
                     group(signatures).apply_async(producer=producer)
                 else:
                     for signature in signatures:

@@ -95,6 +95,11 @@ class Pipeline(Track):
         return [chain_.final for chain_ in self.chains]
 
     def _signatures(self, chain_: _Chain) -> Any:
+        """The chain from its due link on (whose later links' notices route to it too)."""
+        chain_.routes = tuple(
+            stage_link_id(self.pipe, chain_.index, stage)
+            for stage in range(chain_.stage + 1, len(self.stages))
+        )
         links = []
         for stage in range(chain_.stage, len(self.stages)):
             pointer = StageMessage(

@@ -100,6 +100,8 @@ class StepMessage(FleetModel):
     """The step's token hold, when a Redis budget ledger guards the workflow."""
     journal: bool = False
     """Write the step's journal record into the fleet's Redis journal when it succeeds."""
+    announce: bool = True
+    """Push a :class:`Started` notice when the step is claimed (someone listens for events)."""
 
 
 class StageMessage(FleetModel):

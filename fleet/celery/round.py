@@ -169,6 +169,8 @@ class Round(Track):
             workflow_id=self.workflow_id,
             budget=hold,
             journal=self.x.worker_journal and self.workflow_id is not None,
+            # Nobody listens for step_started: the dispatcher watches leases instead.
+            announce=self.events is not None,
         )
         return message.to_json()
 

@@ -9,13 +9,15 @@ succeed, and each host process's Redis connections (``CLIENT LIST``, by the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +31,7 @@ from fleet import (
 )
 from fleet.celery import CeleryExecutor
 from fleet.celery.dispatch import HOST_CONNECTIONS
+from tests import pipeline_stages
 from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
 from tests.load.support import HOST_NAME_PREFIX, sampling
 
@@ -36,6 +39,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.load, pytest.ma
 
 HOST = f"{HOST_NAME_PREFIX}{os.getpid()}"
 T = TypeVar("T")
+STALLED_S = 240.0
+"""A run still going after this has a stalled step (a normal run takes well under a minute)."""
 
 
 def specs(prefix: str, n: int) -> list[AgentStepSpec]:
@@ -103,6 +108,53 @@ async def test_host_driven_pipeline_of_a_thousand_items(
     outcomes = await under_load(redis_url, executor, run)
     assert [o.output if o else None for o in outcomes] == [f"{i}/b/c" for i in range(1000)]
     assert all(o is not None and o.success for o in outcomes)
+
+
+@contextlib.contextmanager
+def busy_loop(loop: asyncio.AbstractEventLoop, every_s: float = 0.02) -> Iterator[None]:
+    """Block ``loop`` for ``every_s`` out of every ``2 * every_s`` (a host on a loaded machine)."""
+    handle: asyncio.TimerHandle | None = None
+
+    def hog() -> None:
+        nonlocal handle
+        time.sleep(every_s)
+        handle = loop.call_later(every_s, hog)
+
+    handle = loop.call_later(every_s, hog)
+    try:
+        yield
+    finally:
+        handle.cancel()
+
+
+class CountingExecutor(CeleryExecutor):
+    """Counts the messages (steps, or whole chains) it sends, re-sends included."""
+
+    sent = 0
+
+    async def _send(self, signatures: list[Any], *, as_group: bool) -> None:
+        self.sent += len(signatures)
+        await super()._send(signatures, as_group=as_group)
+
+
+@pytest.mark.timeout(300)
+async def test_registered_stage_pipeline_of_a_thousand_items_sends_each_chain_once(
+    workers: CeleryWorkers, redis_url: str
+) -> None:
+    """1,000 items x 3 registered no-op stages (Celery chains): no chain stalls or is re-sent.
+
+    The host's loop is kept busy (as on a loaded machine), so notices pile up and a
+    link's notice often arrives before the host has heard that the previous link finished.
+    """
+    # No recovery can hide a dropped notice: a chain waiting on one would wait an hour.
+    executor = CountingExecutor(settings=workers.settings, claim_timeout_s=3600.0)
+    items = [f"i{i}" for i in range(1000)]
+    run = execute_pipeline(executor, items, [pipeline_stages.bench_noop] * 3)
+    with busy_loop(asyncio.get_running_loop()):
+        outcomes = await under_load(redis_url, executor, asyncio.wait_for(run, STALLED_S))
+    assert [o.task_id if o else None for o in outcomes] == [f"{item}-3" for item in items]
+    assert all(o is not None and o.success for o in outcomes)
+    assert executor.sent == 1000
 
 
 @pytest.mark.timeout(300)
