@@ -232,6 +232,16 @@ async def test_account_survives_a_new_budget_object(new_ledger: LedgerFactory) -
     assert (await first.reserve(100, holder="run-1")).tokens == 100
 
 
+def test_one_ledger_serves_two_event_loops(ledger: BudgetLedger) -> None:
+    """One ledger object works from successive asyncio.run() calls: reserve, settle, read."""
+    budget = budget_of(ledger, 100)
+    reservation = asyncio.run(budget.reserve(40, holder="run-1"))
+    assert asyncio.run(budget.snapshot()).reserved_tokens == 40
+    asyncio.run(reservation.settle(30))
+    snap = asyncio.run(budget.snapshot())
+    assert (snap.consumed_tokens, snap.reserved_tokens, snap.remaining_tokens) == (30, 0, 70)
+
+
 async def test_invalid_amounts_are_rejected(ledger: BudgetLedger) -> None:
     """Negative limits, requests and usage are misuse, reported with the value."""
     with pytest.raises(SpecError, match="-5"):
