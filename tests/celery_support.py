@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
@@ -199,3 +204,114 @@ def running_workers(
         yield fleet
     finally:
         fleet.stop()
+
+
+_ARG = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
+
+
+def _unescape(raw: bytes) -> bytes:
+    """One argument of a MONITOR line (Redis's sdscatrepr quoting) back to its bytes."""
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i : i + 1] == b"\\":
+            code = raw[i + 1 : i + 2]
+            if code == b"x":
+                out += bytes([int(raw[i + 2 : i + 4], 16)])
+                i += 4
+                continue
+            out += _ESCAPES.get(code, code)
+            i += 2
+            continue
+        out += raw[i : i + 1]
+        i += 1
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command Redis executed, as MONITOR saw it."""
+
+    at: float
+    """Redis's own clock (Unix seconds) when it ran the command."""
+    client: str
+    """``ip:port`` of the connection, or ``lua`` for a command run by a script."""
+    args: tuple[bytes, ...]
+
+    @property
+    def name(self) -> str:
+        return self.args[0].decode().upper()
+
+
+class BrokerLog:
+    """Every command Redis runs while open, seen from outside fleet (a MONITOR connection).
+
+    The tests count with it what the host really sends (``LPUSH`` of step messages onto the
+    queue) and when it looks at a step's lease, on Redis's own clock, without hooking any
+    fleet code. Use as a context manager; read the results after it is closed.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self._client = redis.Redis.from_url(redis_url)
+        self.commands: list[Command] = []
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> BrokerLog:
+        self._monitor = self._client.monitor()
+        self._monitor.__enter__()  # MONITOR is on when this returns
+        self._thread = threading.Thread(target=self._read, name="broker-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        connection = self._monitor.connection
+        while True:
+            try:
+                line = connection.read_response(disable_decoding=True)
+            except (redis.ConnectionError, OSError, AttributeError, TypeError):
+                return  # closed by __exit__
+            stamp, _, rest = line.partition(b" ")
+            client = rest[rest.index(b" ") + 1 : rest.index(b"]")].decode()
+            args = tuple(_unescape(raw) for raw in _ARG.findall(rest[rest.index(b"]") + 1 :]))
+            self.commands.append(Command(float(stamp), client, args))
+
+    def __exit__(self, *exc_info: object) -> None:
+        time.sleep(0.1)  # let the last commands reach the reader
+        self._monitor.connection.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._client.close()
+
+    def sends(self, queue: str) -> dict[str, list[float]]:
+        """Task id -> Redis time of every message pushed onto ``queue`` for it, in order."""
+        found: dict[str, list[float]] = {}
+        for command in self.commands:
+            if command.name == "LPUSH" and command.args[1].decode() == queue:
+                for raw in command.args[2:]:
+                    task_id = json.loads(raw)["headers"]["id"]
+                    found.setdefault(task_id, []).append(command.at)
+        return found
+
+    def lease_checks(self, key_prefix: str, task_id: str) -> list[float]:
+        """Redis time of every ``EXISTS`` a client (the host) ran on this step's lease."""
+        key = f"{key_prefix}:lease:{task_id}".encode()
+        return [
+            c.at
+            for c in self.commands
+            if c.client != "lua" and c.name == "EXISTS" and key in c.args[1:]
+        ]
+
+
+def broker_holds(settings: FleetSettings, task_ids: set[str]) -> set[str]:
+    """Which of ``task_ids`` still have a message queued, or taken and not acknowledged.
+
+    Kombu keeps a message a worker took (``acks_late``) in its ``unacked`` hash until the
+    task returns, so an empty answer means every delivery of these tasks was handled.
+    """
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        queued = [json.loads(raw) for raw in client.lrange(settings.queue, 0, -1)]
+        taken = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+    finally:
+        client.close()
+    return {m["headers"]["id"] for m in queued + taken} & task_ids
