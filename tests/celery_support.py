@@ -315,3 +315,57 @@ def broker_holds(settings: FleetSettings, task_ids: set[str]) -> set[str]:
     finally:
         client.close()
     return {m["headers"]["id"] for m in queued + taken} & task_ids
+
+
+def step_ids(log: BrokerLog, queue: str) -> dict[str, str]:
+    """Step task id -> Celery task id, from the ``argsrepr`` of the messages sent."""
+    found = {}
+    for command in log.commands:
+        if command.name == "LPUSH" and command.args[1].decode() == queue:
+            headers = json.loads(command.args[2])["headers"]
+            found[headers["argsrepr"].split()[1]] = headers["id"]
+    return found
+
+
+def lease_lapsed_at(log: BrokerLog, key: str, before: float) -> float:
+    """When a lease lapsed (Redis time): its last ``SET ... PX`` or ``PEXPIRE`` plus the TTL."""
+    last = 0.0
+    for command in log.commands:
+        if command.at >= before or command.client != "lua" or command.args[1:2] != (key.encode(),):
+            continue
+        if command.name == "PEXPIRE":
+            last = command.at + int(command.args[2]) / 1000
+        elif command.name == "SET" and b"PX" in command.args:
+            last = command.at + int(command.args[command.args.index(b"PX") + 1]) / 1000
+    assert last, f"no lease was ever taken on {key}"
+    return last
+
+
+def check_resent_at_first_check_after_lapse(
+    log: BrokerLog, settings: FleetSettings, tid: str, dead_at: float
+) -> str:
+    """The recovery bound of docs/CELERY.md, on Redis's clock, one part at a time.
+
+    ``max(step_lease_s, claim_timeout_s) + check_interval`` is: the dead worker's lease
+    lapses at most ``step_lease_s`` after its last renewal (which precedes the death), and
+    the host re-sends at its first check after that. Checked here: no renewal after the
+    death, no re-send while the lease lived, and no second look at the lapsed lease before
+    the re-send. How long the host's checks took to come round on this loaded machine is
+    reported, not asserted.
+    """
+    key = f"{settings.key_prefix}:lease:{tid}"
+    sends = log.sends(settings.queue)[tid]
+    assert len(sends) >= 2, "the host never sent the step again"
+    resent = sends[1]
+    lapsed = lease_lapsed_at(log, key, before=resent)
+    assert lapsed <= dead_at + settings.step_lease_s, "the lease was renewed after the death"
+    assert resent >= lapsed, f"re-sent {lapsed - resent:.3f} s before the lease lapsed"
+    # A check within a few ms of the lapse may still see the key (Redis rounds to ms).
+    looks = [at for at in log.lease_checks(settings.key_prefix, tid) if lapsed + 0.005 <= at]
+    assert looks and looks[0] <= resent, "re-sent without the host seeing the lease gone"
+    before_resend = [at for at in looks if at <= resent]
+    assert len(before_resend) == 1, f"the host saw the lapsed lease {len(before_resend)} times"
+    return (
+        f"lease lapsed {lapsed - dead_at:.2f} s after the death, host noticed "
+        f"{looks[0] - lapsed:.2f} s later, re-sent {resent - looks[0]:.3f} s after noticing"
+    )
