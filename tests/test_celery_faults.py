@@ -125,7 +125,7 @@ async def test_worker_killed_mid_round(doomed_workers: CeleryWorkers, counter_di
             started_on_victim = {
                 t for t, runs in where_ran(counter_dir, "k").items() if victim in runs
             }
-            outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=120)
+            outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=60)
     finally:
         hang.unlink(missing_ok=True)
         await executor.aclose()
@@ -171,7 +171,7 @@ async def test_worker_killed_mid_pipeline(doomed_workers: CeleryWorkers, counter
         await until(lambda: bool(hung(counter_dir, "c")), what="a link stuck on the victim")
         await asyncio.to_thread(workers.kill, "worker2")
         on_victim = {t for t, runs in where_ran(counter_dir, "c").items() if victim in runs}
-        outcomes = await asyncio.wait_for(run, timeout=120)
+        outcomes = await asyncio.wait_for(run, timeout=60)
     finally:
         hang.unlink(missing_ok=True)
         await executor.aclose()
