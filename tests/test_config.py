@@ -70,6 +70,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "key_prefix": names,
     "agents_file": st.sampled_from(["agents.toml", "/etc/fleet/agents.toml"]),
     "store": st.sampled_from(["memory", "sqlite:j.db", "redis://h/0"]),
+    "run_index": st.sampled_from(["runs.db", "/var/lib/fleet/runs.db"]),
     "default_reserve_tokens": st.integers(0, 10**9),
     "budget_lease_s": positive_s,
     "queue": names,
@@ -162,7 +163,7 @@ def test_config_file_loads_its_values_or_names_the_bad_key(
     defaults = FleetSettings.model_construct()
     for name in FleetSettings.model_fields:
         expected = good.get(name, getattr(defaults, name))
-        if name == "agents_file":
+        if isinstance(getattr(defaults, name), Path):
             expected = Path(expected)
         assert getattr(loaded, name) == expected, name
 
