@@ -160,7 +160,13 @@ class CeleryExecutor(AgentExecutor):
     def app(self) -> Celery:
         """The Celery app used to send tasks (created on first use)."""
         if self._app is None:
-            self._app = configure_app(self.settings)
+            app = configure_app(self.settings)
+            # Outcomes come back on the reply lists, never through Celery's result backend.
+            # With one, sending a group subscribes a Redis channel per step (the group's
+            # barrier), and each AsyncResult.__del__ unsubscribes: Redis I/O from the
+            # garbage collector, which raises while Redis restarts.
+            app.conf.result_backend = "disabled"
+            self._app = app
         return self._app
 
     def close(self) -> None:

@@ -189,9 +189,6 @@ class Round(Track):
             queue=self.x.settings.queue,
             argsrepr=step_summary(self.workflow_id, entry.spec),
             kwargsrepr="{}",
-            # Outcomes come back on the reply list: no result-backend subscription per
-            # step, whose AsyncResult.__del__ would talk to Redis (and raise in an outage).
-            ignore_result=True,
         )
 
     async def _reserve(self, entry: _Entry) -> bool:

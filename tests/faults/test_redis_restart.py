@@ -89,7 +89,17 @@ async def one_trial(how: str, directory: Path) -> str:
             try:
                 await until(lambda: len(finished) >= STEPS // 3, 60, "a third of the round")
                 down_at, up_at = await asyncio.to_thread(restart, server, how)
-                outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=90)
+                try:
+                    outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=90)
+                except TimeoutError:
+                    open_steps = sorted({f"r{i}" for i in range(STEPS)} - set(finished))
+                    logs = {w.name: w.log_text()[-1500:] for w in fleet.workers.values()}
+                    alive = {w.name: w.process.poll() is None for w in fleet.workers.values()}
+                    raise AssertionError(
+                        f"the round did not finish 90 s after the restart; open: {open_steps}, "
+                        f"ran: { {t: len(attempts(counter_dir).get(t, [])) for t in open_steps} }"
+                        f", workers alive: {alive}, logs: {logs}"
+                    ) from None
                 ended_at = time.time()
             finally:
                 if not round_.done():

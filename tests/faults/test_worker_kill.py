@@ -1,8 +1,8 @@
 """kill -9 one of three workers while a 300-step round is half done.
 
 Each trial: its own redis-server, three workers (threads pool, 4 threads each), 300 steps
-of 200 ms. When half the round has finished and the victim has steps running, the victim
-is SIGKILLed. The round must complete with every step successful; no step that had
+of 200 ms. When half the round has finished, the victim's next steps hang (see
+``agents.attempt``) and, once one does, the victim is SIGKILLed: always mid-step. The round must complete with every step successful; no step that had
 completed runs again; only steps in flight on the victim run a second time (at most its
 concurrency); and the host re-sends each of them as the recovery bound of docs/CELERY.md
 says, checked part by part on Redis's own clock (a MONITOR connection, see
@@ -80,20 +80,17 @@ async def one_trial(directory: Path) -> str:
                 if isinstance(event, StepFinished):
                     finished[event.task_id] = event.worker
 
-            def victim_busy() -> bool:
-                started = {
-                    t for t, runs in attempts(counter_dir).items() if runs[-1].worker == victim
-                }
-                return bool(started - set(finished))
-
+            hang = counter_dir / f"~hang-{victim}"
             round_ = asyncio.create_task(
                 execute_steps_parallel(executor, specs(STEPS, "w"), events=sink)
             )
             try:
+                await until(lambda: len(finished) >= STEPS // 2, 90, "half the round done")
+                # From now on the victim's steps stay in flight until it dies: the kill is
+                # always mid-step (a victim that just finished its steps proves nothing).
+                hang.touch()
                 await until(
-                    lambda: len(finished) >= STEPS // 2 and victim_busy(),
-                    90,
-                    "half the round done with the victim busy",
+                    lambda: any(counter_dir.glob("~hung-*")), 60, "a step stuck on the victim"
                 )
                 finished_before = set(finished)
                 killed_at = time.time()
@@ -124,6 +121,8 @@ async def one_trial(directory: Path) -> str:
     assert all(len(ran[task]) == 2 for task in twice), {t: ran[t] for t in twice}
     assert twice <= in_flight, f"re-run steps not in flight on the victim: {twice - in_flight}"
     assert 1 <= len(twice) <= CONCURRENCY, f"{len(twice)} steps ran twice: {sorted(twice)}"
+    stuck = {p.name[len("~hung-") :] for p in counter_dir.glob("~hung-*")}
+    assert stuck <= twice, f"steps stuck on the victim did not run again: {stuck - twice}"
     for task in twice:
         first, second = ran[task]
         assert first.worker == victim and second.worker in survivors, ran[task]
