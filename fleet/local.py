@@ -15,6 +15,7 @@ from .errors import BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
 from .limiters import MemoryRateLimiter, RateLimiter
+from .perloop import PerLoop
 from .spec import AgentStepSpec, StepOutcome
 from .step import DEFAULT_RESERVE_TOKENS, run_agent
 
@@ -55,7 +56,10 @@ class LocalExecutor(AgentExecutor):
         self.budget = budget
         self.max_concurrency = max(int(max_concurrency), 1)
         self.default_reserve_tokens = default_reserve_tokens
-        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        # One semaphore per event loop: an executor may outlive an asyncio.run().
+        self._slots: PerLoop[asyncio.Semaphore] = PerLoop(
+            lambda: asyncio.Semaphore(self.max_concurrency)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -68,13 +72,7 @@ class LocalExecutor(AgentExecutor):
         return self.max_concurrency
 
     def _slot(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        slot = self._slots.get(loop)
-        if slot is None:
-            # One semaphore per event loop: an executor may outlive an asyncio.run().
-            self._slots = {lp: s for lp, s in self._slots.items() if not lp.is_closed()}
-            slot = self._slots[loop] = asyncio.Semaphore(self.max_concurrency)
-        return slot
+        return self._slots.get()
 
     async def execute_step(
         self, spec: AgentStepSpec, events: EventSink | None = None

@@ -275,6 +275,60 @@ async def test_dispatch_pauses_at_the_queue_high_water_mark(
         client.close()
 
 
+_IN_FLIGHT = """
+local queued = redis.call('LRANGE', KEYS[1], 0, -1)
+local leased = redis.call('KEYS', ARGV[1])
+return {queued, leased}
+"""
+
+
+async def test_at_most_max_in_flight_steps_are_queued_or_running(
+    redis_url: str, tmp_path: Path, counter_dir: Path
+) -> None:
+    """max_in_flight 3, 12 steps of 0.2 s on 8 worker threads: never over 3 queued or running.
+
+    An atomic snapshot (one script) of the steps waiting in the broker queue and the steps a
+    worker holds a lease on; the workers have room for 8 at once, so only the host's
+    admission keeps the count at 3.
+    """
+    settings = fleet_settings(
+        redis_url, max_in_flight=3, queue_high_water=1000, claim_timeout_s=60.0, step_lease_s=5.0
+    )
+    executor = CeleryExecutor(settings=settings)
+    client = redis.Redis.from_url(redis_url)
+    snapshot = client.register_script(_IN_FLIGHT)
+    lease_head = f"{settings.key_prefix}:lease:"
+
+    def in_flight() -> tuple[set[str], set[str]]:
+        raw_queued, raw_leased = snapshot(keys=[settings.queue], args=[lease_head + "*"])
+        queued = {json.loads(raw)["headers"]["id"] for raw in raw_queued}
+        return queued, {key.decode()[len(lease_head) :] for key in raw_leased}
+
+    specs = [spec(f"m{i}", "count_and_echo") for i in range(12)]
+    round_ = asyncio.create_task(execute_steps_parallel(executor, specs))
+    samples: list[tuple[set[str], set[str]]] = []
+    try:
+        # Nobody consumes yet: exactly max_in_flight steps wait in the queue.
+        for _ in range(25):
+            samples.append(in_flight())
+            await asyncio.sleep(0.02)
+        assert [len(q) for q, _ in samples[-5:]] == [3] * 5
+        env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir), "FLEET_TEST_STEP_SLEEP": "0.2"}
+        with running_workers(settings, tmp_path, "bp1", "bp2", concurrency=4, env=env):
+            while not round_.done():
+                samples.append(in_flight())
+                await asyncio.sleep(0.01)
+            outcomes = await round_
+    finally:
+        round_.cancel()
+        await executor.aclose()
+        client.delete(settings.queue)
+        client.close()
+    assert [o.output for o in outcomes] == [f"p-m{i}" for i in range(12)]
+    assert max(len(queued | leased) for queued, leased in samples) == 3
+    assert max(len(leased) for _, leased in samples) >= 2  # running steps were observed
+
+
 # --------------------------------------------------------------------------- journal
 
 

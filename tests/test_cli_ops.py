@@ -200,6 +200,8 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
             up.wait(timeout=60)
     while (line := lines.get(timeout=10)) != "":
         output.append(line)
+    assert up.stdout is not None
+    up.stdout.close()  # the reader thread saw its end
     assert "stopped." in "".join(output)
     assert [name for name, pid in pids.items() if alive(pid)] == []
     assert not pidfile.exists()

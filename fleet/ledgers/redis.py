@@ -16,7 +16,6 @@ has expired, so a dead holder's tokens return to the budget without any sweeper 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import Any
 
@@ -27,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
+from ..perloop import PerLoop
 from .base import BudgetLedger, HeldReservation, LedgerState, ReserveResult, ReserveStatus
 
 __all__ = ["RedisLedger"]
@@ -188,32 +188,30 @@ class RedisLedger(BudgetLedger):
         key_prefix: prefix of every key (``{key_prefix}:budget:{workflow_id}:...``).
 
     The account outlives the process: a resumed workflow (same workflow id) continues
-    where it stopped. Safe to use from several event loops (one connection pool each).
+    where it stopped. Works from any event loop: each gets its own connection pool, made
+    on first use and closed when that loop ends, so one ledger may serve successive
+    ``asyncio.run()`` calls.
     """
 
     def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
         self.url = url
         self.key_prefix = key_prefix
-        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._clients: PerLoop[aioredis.Redis] = PerLoop(
+            lambda: aioredis.Redis.from_url(url), close=lambda client: client.aclose()
+        )
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
 
     def __repr__(self) -> str:
         return f"RedisLedger({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
     def _client(self) -> aioredis.Redis:
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            # One pool per event loop: asyncio connections cannot cross loops.
-            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            try:
-                client = self._clients[loop] = aioredis.Redis.from_url(self.url)
-            except ValueError as error:  # e.g. an unknown scheme or a port out of range
-                raise ConfigError(
-                    f"invalid budget ledger Redis URL {mask_url(self.url)}: {error}",
-                    key="redis_url",
-                ) from None
-        return client
+        try:
+            return self._clients.get()
+        except ValueError as error:  # e.g. an unknown scheme or a port out of range
+            raise ConfigError(
+                f"invalid budget ledger Redis URL {mask_url(self.url)}: {error}",
+                key="redis_url",
+            ) from None
 
     def _keys(self, workflow_id: str) -> tuple[bytes, ...]:
         keys = self._key_cache.get(workflow_id)
@@ -298,7 +296,5 @@ class RedisLedger(BudgetLedger):
             ) from None
 
     async def close(self) -> None:
-        """Close this event loop's connections (others are dropped with their loop)."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        """Close this event loop's connections (another loop's close when that loop ends)."""
+        await self._clients.aclose()
