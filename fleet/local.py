@@ -14,6 +14,12 @@ from jsonschema import Draft202012Validator
 
 from .agents.base import AgentContext, AgentDefinition, AgentResult
 from .agents.registry import AgentLike, AgentRegistry
+from .cancel.signal import (
+    Cancellation,
+    StepInterrupted,
+    cancelled_outcome,
+    current_cancellation,
+)
 from .errors import AgentError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
@@ -170,7 +176,14 @@ class LocalExecutor(AgentExecutor):
     async def execute_step(
         self, spec: AgentStepSpec, events: EventSink | None = None
     ) -> StepOutcome:
-        """Run ``spec`` here; never raises (cancelling the caller cancels the step)."""
+        """Run ``spec`` here; never raises (cancelling the caller cancels the step).
+
+        Under a cancelled workflow (:func:`fleet.cancel.current_cancellation`) nothing
+        starts and a running step is interrupted: both come back ``error="cancelled"``.
+        """
+        cancellation = current_cancellation()
+        if cancellation is not None and cancellation.cancelled:
+            return cancelled_outcome(spec, cancellation.reason, worker="local")
         try:
             definition = self.registry.resolve(spec.agent)
         except UnknownAgentError as error:
@@ -178,7 +191,11 @@ class LocalExecutor(AgentExecutor):
                 spec.task_id, spec.agent, str(error), error="unknown_agent", worker="local"
             )
         async with self._slot():
-            return await self._run(definition, spec, events)
+            if cancellation is None:
+                return await self._run(definition, spec, events, None)
+            if cancellation.cancelled:  # cancelled while waiting for a slot
+                return cancelled_outcome(spec, cancellation.reason, worker="local")
+            return await self._run(definition, spec, events, cancellation)
 
     @contextlib.asynccontextmanager
     async def _hold(
@@ -195,7 +212,11 @@ class LocalExecutor(AgentExecutor):
             yield reservation
 
     async def _run(
-        self, definition: AgentDefinition, spec: AgentStepSpec, events: EventSink | None
+        self,
+        definition: AgentDefinition,
+        spec: AgentStepSpec,
+        events: EventSink | None,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         started = time.monotonic()
         ctx = AgentContext(
@@ -205,23 +226,52 @@ class LocalExecutor(AgentExecutor):
             worker="local",
         )
         try:
-            async with self._hold(definition, spec) as reservation:
-                if reservation is not None:
-                    ctx.held_tokens = reservation.tokens
-                if events is not None:
-                    emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
-                try:
-                    outcome = await run_agent(definition, spec, ctx, started=started)
-                finally:
-                    if reservation is not None:
-                        # Tokens spent are spent, even when the step is being cancelled.
-                        await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+            with cancellation.interrupts() if cancellation else contextlib.nullcontext():
+                outcome = await self._hold_and_run(definition, spec, events, ctx, started)
+            if cancellation is not None and cancellation.cancelled:
+                # The agent returned without noticing (it blocked its thread): discard.
+                outcome = cancelled_outcome(
+                    spec,
+                    cancellation.reason,
+                    usage=outcome.usage,
+                    duration_s=time.monotonic() - started,
+                    worker="local",
+                    discarded=outcome.success,
+                )
+        except StepInterrupted as stop:
+            duration = time.monotonic() - started
+            outcome = cancelled_outcome(
+                spec, stop.reason, usage=ctx.used, duration_s=duration, worker="local"
+            )
+        except asyncio.CancelledError:
+            # The caller was cancelled: report the step, then let the cancel through.
+            reason = "the caller was cancelled"
+            emit(events, StepFinished.of(cancelled_outcome(spec, reason, usage=ctx.used)))
+            raise
         except BudgetExhaustedError as error:
             outcome = StepOutcome.failed(
                 spec.task_id, spec.agent, str(error), error="budget_exhausted", worker="local"
             )
-            emit(events, StepFinished.of(outcome))
-            return outcome
-        if events is not None:
-            emit(events, StepFinished.of(outcome))
+        emit(events, StepFinished.of(outcome))
         return outcome
+
+    async def _hold_and_run(
+        self,
+        definition: AgentDefinition,
+        spec: AgentStepSpec,
+        events: EventSink | None,
+        ctx: AgentContext,
+        started: float,
+    ) -> StepOutcome:
+        """Reserve the step's tokens, run it, settle what it used (also when cancelled)."""
+        async with self._hold(definition, spec) as reservation:
+            if reservation is not None:
+                ctx.held_tokens = reservation.tokens
+            if events is not None:
+                emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+            try:
+                return await run_agent(definition, spec, ctx, started=started)
+            finally:
+                if reservation is not None:
+                    # Tokens spent are spent, even when the step is being cancelled.
+                    await asyncio.shield(reservation.settle(ctx.used.total_tokens))
