@@ -126,6 +126,10 @@ async def run_agent(
     )
 
 
+def _interruptible(cancellation: Cancellation | None) -> contextlib.AbstractContextManager[None]:
+    return cancellation.interrupts() if cancellation is not None else contextlib.nullcontext()
+
+
 class LocalExecutor(AgentExecutor):
     """Runs steps in-process on asyncio; the embedded default host.
 
@@ -199,15 +203,16 @@ class LocalExecutor(AgentExecutor):
 
     @contextlib.asynccontextmanager
     async def _hold(
-        self, definition: AgentDefinition, spec: AgentStepSpec
+        self, definition: AgentDefinition, spec: AgentStepSpec, cancellation: Cancellation | None
     ) -> AsyncIterator[Reservation | None]:
         if self.budget is None:
             yield None
             return
         request = definition.reservation_for(spec, self.default_reserve_tokens)
-        reservation = await self.budget.reserve(
-            request, holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}"
-        )
+        with _interruptible(cancellation):
+            reservation = await self.budget.reserve(
+                request, holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}"
+            )
         async with reservation.kept_alive():
             yield reservation
 
@@ -226,8 +231,7 @@ class LocalExecutor(AgentExecutor):
             worker="local",
         )
         try:
-            with cancellation.interrupts() if cancellation else contextlib.nullcontext():
-                outcome = await self._hold_and_run(definition, spec, events, ctx, started)
+            outcome = await self._hold_and_run(definition, spec, events, ctx, started, cancellation)
             if cancellation is not None and cancellation.cancelled:
                 # The agent returned without noticing (it blocked its thread): discard.
                 outcome = cancelled_outcome(
@@ -262,15 +266,20 @@ class LocalExecutor(AgentExecutor):
         events: EventSink | None,
         ctx: AgentContext,
         started: float,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
-        """Reserve the step's tokens, run it, settle what it used (also when cancelled)."""
-        async with self._hold(definition, spec) as reservation:
+        """Reserve the step's tokens, run it, settle what it used (also when cancelled).
+
+        Only the reservation wait and the agent are interruptible, never the settlement.
+        """
+        async with self._hold(definition, spec, cancellation) as reservation:
             if reservation is not None:
                 ctx.held_tokens = reservation.tokens
             if events is not None:
                 emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
             try:
-                return await run_agent(definition, spec, ctx, started=started)
+                with _interruptible(cancellation):
+                    return await run_agent(definition, spec, ctx, started=started)
             finally:
                 if reservation is not None:
                     # Tokens spent are spent, even when the step is being cancelled.

@@ -77,15 +77,6 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def sqlite_path(store: str) -> str | None:
-    """The file of a ``sqlite:PATH`` store setting, else ``None``."""
-    text = store.strip()
-    if not text.startswith("sqlite:"):
-        return None
-    path = text[len("sqlite:") :]
-    return path[2:] if path.startswith("///") else path or None
-
-
 def open_cancel_board(
     store: str, *, redis_url: str | None = None, key_prefix: str = "fleet"
 ) -> CancelBoard:
@@ -98,6 +89,8 @@ def open_cancel_board(
     Raises:
         ConfigError: the store names no SQLite file.
     """
+    from ..stores import sqlite_path
+
     if redis_url is not None:
         from .redis import RedisCancelBoard
 

@@ -15,7 +15,15 @@ from rich.text import Text
 
 from ..budget import BudgetSnapshot
 from ..eventbus import Lagged
-from ..events import BudgetExhausted, LogEvent, PhaseEnd, PhaseStart, StepFinished, StepStarted
+from ..events import (
+    BudgetExhausted,
+    LogEvent,
+    PhaseEnd,
+    PhaseStart,
+    StepFinished,
+    StepStarted,
+    WorkflowCancelled,
+)
 from ..workflow import Workflow
 from .app import console, err_console
 
@@ -36,6 +44,8 @@ def describe_event(event: Any) -> str | None:
         return f"[{event.level}] {event.message}{_fields(event.fields)}"
     if isinstance(event, BudgetExhausted):
         return f"budget exhausted: {event.reason}"
+    if isinstance(event, WorkflowCancelled):
+        return f"workflow cancelled: {event.reason}"
     if isinstance(event, StepFinished):
         state = "ok" if event.success else f"FAILED ({event.error})"
         where = f" on {event.worker}" if event.worker else ""
@@ -132,7 +142,7 @@ class RunDisplay:
             if line is not None:
                 say(line)
             return
-        if isinstance(event, LogEvent | BudgetExhausted | Lagged):
+        if isinstance(event, LogEvent | BudgetExhausted | WorkflowCancelled | Lagged):
             self.live.console.print(describe_event(event), highlight=False, markup=False)
         if now >= self._next_refresh or not isinstance(event, StepStarted | StepFinished):
             self._next_refresh = now + 0.1

@@ -20,13 +20,15 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 
+from ..cancel import RunRecord
 from ..config import FleetSettings
-from ..errors import ConfigError
+from ..errors import ConfigError, FleetError
 from ..events import parse_event
 from ..runlog import follow
 from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan_run, read_status
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
+from .cancel import board_at, latest_run
 from .program import Program, load_program, program_agents
 from .progress import RunDisplay, describe_event, say
 
@@ -262,7 +264,7 @@ def _when(epoch: float | None) -> str:
     return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-def _print_status(report: RunStatus) -> None:
+def _print_status(report: RunStatus, run: RunRecord | None) -> None:
     summary = report.summary
     say(f"workflow {report.root_id} ({report.places.describe()})")
     if summary is not None:
@@ -287,6 +289,8 @@ def _print_status(report: RunStatus) -> None:
         say(f"  budget: {report.budget}")
     else:
         say(f"  budget: {report.budget_note or 'none recorded'}")
+    if run is not None:
+        say(f"  run: {run.describe()}")
 
 
 @app.command()
@@ -299,7 +303,11 @@ def status(
     """Show a workflow: running or ended, steps, journaled phases and budget."""
     config, located, _explicit = _where(root_id, store, redis_url, executor)
     report = asyncio.run(read_status(config, located.places, root_id))
-    if not report.known:
+    try:
+        run = asyncio.run(latest_run(board_at(config, located.places), root_id))
+    except FleetError:
+        run = None  # the journal and log above still tell what is known
+    if not report.known and run is None:
         say(f"no workflow {root_id!r} found (looked in: {'; '.join(located.looked)})")
         raise typer.Exit(1)
-    _print_status(report)
+    _print_status(report, run)
