@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .cancel.board import CancelBoard, RunStatus, new_run_id
+from .cancel.board import CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
 from .errors import FleetError, WorkflowCancelledError
@@ -576,7 +576,7 @@ class Workflow:
         """
         await self._shutdown("cancelled" if self.cancelled else "closed")
 
-    async def _shutdown(self, status: RunStatus) -> None:
+    async def _shutdown(self, status: RunState) -> None:
         run = self._run
         if run.closed:
             return

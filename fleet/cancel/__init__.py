@@ -27,7 +27,7 @@ from .board import CancelBoard as CancelBoard
 from .board import CancelNotice as CancelNotice
 from .board import MemoryCancelBoard as MemoryCancelBoard
 from .board import RunRecord as RunRecord
-from .board import RunStatus as RunStatus
+from .board import RunState as RunState
 from .board import cancel_marker_key as cancel_marker_key
 from .board import new_run_id as new_run_id
 from .board import run_record_key as run_record_key
@@ -51,7 +51,7 @@ __all__ = [
     "MemoryCancelBoard",
     "RedisCancelBoard",
     "RunRecord",
-    "RunStatus",
+    "RunState",
     "SQLiteCancelBoard",
     "StepInterrupted",
     "cancel_marker_key",

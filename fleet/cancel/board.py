@@ -29,7 +29,7 @@ __all__ = [
     "CancelNotice",
     "MemoryCancelBoard",
     "RunRecord",
-    "RunStatus",
+    "RunState",
     "cancel_marker_key",
     "new_run_id",
     "run_record_key",
@@ -38,7 +38,7 @@ __all__ = [
 CANCEL_TTL_S = 86_400
 """How long a cancel marker lives: longer than any message of the run waits in a queue."""
 
-RunStatus = Literal["running", "cancelled", "finished", "failed", "closed"]
+RunState = Literal["running", "cancelled", "finished", "failed", "closed"]
 """A run's state: ``running``; ``cancelled`` (by anyone, with when and why); ``finished``
 (succeeded, journals cleared); ``failed`` (the program raised); ``closed`` (stopped
 without finishing, journals kept)."""
@@ -77,7 +77,7 @@ class RunRecord(FleetModel):
 
     root_id: str
     run_id: str
-    status: RunStatus
+    status: RunState
     started_at: float
     """When the run began (seconds since the epoch)."""
     ended_at: float | None = None
@@ -127,7 +127,7 @@ class CancelBoard(ABC):
         """The cancel marker of ``run_id``, if one was left."""
 
     @abstractmethod
-    async def end(self, root_id: str, run_id: str, status: RunStatus) -> None:
+    async def end(self, root_id: str, run_id: str, status: RunState) -> None:
         """Record how the run ended; a cancelled run stays ``cancelled`` (when and why kept)."""
 
     @abstractmethod
@@ -174,7 +174,7 @@ class MemoryCancelBoard(CancelBoard):
         """The marker of ``run_id``."""
         return self._markers.get(run_id)
 
-    async def end(self, root_id: str, run_id: str, status: RunStatus) -> None:
+    async def end(self, root_id: str, run_id: str, status: RunState) -> None:
         """Record the end of the run (a cancelled one stays cancelled)."""
         record = self._runs.get(root_id)
         if record is None or record.run_id != run_id or record.status != "running":

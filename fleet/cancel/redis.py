@@ -25,7 +25,7 @@ from .board import (
     CancelBoard,
     CancelNotice,
     RunRecord,
-    RunStatus,
+    RunState,
     cancel_marker_key,
     run_record_key,
 )
@@ -134,7 +134,7 @@ class RedisCancelBoard(CancelBoard):
         raw = await self._call("read cancel marker", self._client().get(key))
         return None if raw is None else CancelNotice.from_json(raw)
 
-    async def end(self, root_id: str, run_id: str, status: RunStatus) -> None:
+    async def end(self, root_id: str, run_id: str, status: RunState) -> None:
         """Record how the run ended (a cancelled or superseded record is left alone)."""
         script = self._client().register_script(_END)
         keys = [self._record_key(root_id)]

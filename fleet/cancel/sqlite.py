@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import CheckpointError
-from .board import CANCEL_TTL_S, CancelBoard, CancelNotice, RunRecord, RunStatus
+from .board import CANCEL_TTL_S, CancelBoard, CancelNotice, RunRecord, RunState
 
 __all__ = ["SQLiteCancelBoard"]
 
@@ -148,7 +148,7 @@ class SQLiteCancelBoard(CancelBoard):
         raw = self._run("read a cancel marker", read)
         return None if raw is None else CancelNotice.from_json(raw)
 
-    async def end(self, root_id: str, run_id: str, status: RunStatus) -> None:
+    async def end(self, root_id: str, run_id: str, status: RunState) -> None:
         """Record how the run ended (a cancelled or superseded record is left alone)."""
 
         def write(conn: sqlite3.Connection) -> None:
