@@ -65,9 +65,14 @@ class SQLiteCancelBoard(CancelBoard):
     def __repr__(self) -> str:
         return f"SQLiteCancelBoard({str(self.path)!r})"
 
-    def _run(self, action: str, body: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(
+        self, action: str, body: Callable[[sqlite3.Connection], T], *, create: bool = False
+    ) -> T | None:
+        """Run ``body``; without ``create``, a missing file reads as empty (and stays missing)."""
         with self._lock:
             try:
+                if self._conn is None and not create and not self.path.exists():
+                    return None
                 if self._conn is None:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
                     conn = sqlite3.connect(
@@ -96,7 +101,7 @@ class SQLiteCancelBoard(CancelBoard):
             )
             conn.execute("DELETE FROM fleet_cancel_markers WHERE expires_at < ?", (time.time(),))
 
-        self._run("register a workflow run", write)
+        self._run("register a workflow run", write, create=True)
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None
