@@ -348,6 +348,11 @@ class Workflow:
         """Whether the workflow was cancelled (by this program, ``fleet cancel`` or its caller)."""
         return self._run.cancellation.cancelled
 
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the workflow was cancelled (``None`` while it is not)."""
+        return self._run.cancellation.reason
+
     def _check_open(self) -> None:
         if self._run.closed:
             raise WorkflowClosedError(self._run.root_id)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from fleet.errors import WorkflowCancelledError
 from fleet.events import WorkflowCancelled
 from fleet.stores import SQLiteCheckpointStore
 from fleet.workflow import Workflow
+from tests.test_workflow import REPO, wait_for
 
 
 def spec(task_id: str, agent: str = "slow", prompt: str = "x") -> AgentStepSpec:
@@ -315,6 +318,12 @@ async def work(spec, ctx):
         counter.write("x")
     if spec.prompt == "odd" and os.environ.get("FLOW_HANG") == "1":
         await asyncio.sleep(3600)
+    if spec.prompt == "odd" and os.environ.get("FLOW_HANG") == "stubborn":
+        while True:  # swallows every cancel: only a second Ctrl-C ends the run
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
     return spec.task_id
 
 
@@ -367,43 +376,41 @@ def test_fleet_cancel_of_an_unknown_or_finished_root_id_says_so_and_changes_noth
     assert asyncio.run(board.check(before.run_id)) is None  # type: ignore[union-attr]
 
 
-def test_fleet_cancel_stops_a_local_run_and_a_rerun_resumes(tmp_path: Path, redis_url: str) -> None:
-    """`fleet cancel` from another terminal stops a local SQLite run; the re-run resumes it."""
-    import subprocess
+@pytest.mark.parametrize("how", ["fleet cancel", "Ctrl-C"])
+def test_a_local_run_stopped_by_fleet_cancel_or_ctrl_c_resumes(
+    tmp_path: Path, redis_url: str, how: str
+) -> None:
+    """`fleet cancel` from another terminal, or SIGINT, stops a local run; the re-run resumes."""
+    from tests.test_cli_run import run_fleet
 
-    from tests.test_cli_run import env, fleet, run_fleet
-    from tests.test_workflow import REPO, wait_for
-
-    flow = tmp_path / "cancel_flow.py"
-    flow.write_text(CANCEL_FLOW)
-    counters = tmp_path / "counters"
-    counters.mkdir()
-    extra = {"FLEET_TEST_COUNTER_DIR": str(counters), "FLEET_REDIS_URL": redis_url}
-    process = subprocess.Popen(
-        fleet("run", f"{flow}:main", "--root-id", "local-cancel"),
-        cwd=REPO,
-        env=env(tmp_path, FLOW_HANG="1", **extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    counters, extra, process = _start_hanging_run(tmp_path, redis_url, "1")
     try:
         wait_for(lambda: len(_counts(counters)) == 10, 60, process)
-        cancelled = run_fleet(tmp_path, "cancel", "local-cancel", "--reason", "enough", **extra)
-        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
-        assert "cancelled workflow local-cancel" in cancelled.stdout
+        if how == "Ctrl-C":
+            process.send_signal(signal.SIGINT)
+        else:
+            cancelled = run_fleet(tmp_path, "cancel", "local-cancel", "--reason", "enough", **extra)
+            assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+            assert "cancelled workflow local-cancel" in cancelled.stdout
         out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert "workflow cancelled: enough" in out, out + err
-    assert "after" not in out  # the second phase never started
+    reason = "interrupted with Ctrl-C" if how == "Ctrl-C" else "enough"
+    assert process.returncode == (130 if how == "Ctrl-C" else 1), out + err
+    assert f"workflow cancelled: {reason}" in out, out + err
+    assert f"workflow local-cancel CANCELLED ({reason})" in out
+    if how == "Ctrl-C":
+        assert "waiting for 5 running steps to stop" in out and "s1, s3, s5, s7, s9" in out
+    assert "phase 1" not in out  # the second phase never started
     assert _counts(counters) == {f"s{i}": 1 for i in range(10)}
     status = run_fleet(tmp_path, "status", "local-cancel", **extra)
-    assert "cancelled at" in status.stdout and "enough" in status.stdout, status.stdout
+    assert "cancelled at" in status.stdout and reason in status.stdout, status.stdout
 
-    rerun = run_fleet(tmp_path, "run", f"{flow}:main", "--root-id", "local-cancel", **extra)
+    rerun = run_fleet(
+        tmp_path, "run", f"{tmp_path / 'cancel_flow.py'}:main", "--root-id", "local-cancel", **extra
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     counts = _counts(counters)
     # Even steps were journaled: they ran once. Odd ones ran again (and "after" ran all ten).
@@ -413,3 +420,42 @@ def test_fleet_cancel_stops_a_local_run_and_a_rerun_resumes(tmp_path: Path, redi
     assert {k: v for k, v in counts.items() if int(k[1:]) % 2 == 1} == {
         f"s{i}": 3 for i in range(1, 10, 2)
     }
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path: Path, redis_url: str) -> None:
+    """Steps that ignore the cancel keep the first Ctrl-C waiting; the second exits with 130."""
+    counters, _extra, process = _start_hanging_run(tmp_path, redis_url, "stubborn")
+    try:
+        wait_for(lambda: len(_counts(counters)) == 10, 60, process)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert process.poll() is None  # still waiting for the stubborn steps
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, out + err
+    assert "second Ctrl-C: exiting now" in out
+
+
+def _start_hanging_run(
+    tmp_path: Path, redis_url: str, hang: str
+) -> tuple[Path, dict[str, str], subprocess.Popen[str]]:
+    from tests.test_cli_run import env, fleet
+
+    flow = tmp_path / "cancel_flow.py"
+    flow.write_text(CANCEL_FLOW)
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    extra = {"FLEET_TEST_COUNTER_DIR": str(counters), "FLEET_REDIS_URL": redis_url}
+    process = subprocess.Popen(
+        fleet("run", f"{flow}:main", "--root-id", "local-cancel"),
+        cwd=REPO,
+        env=env(tmp_path, FLOW_HANG=hang, **extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return counters, extra, process

@@ -83,6 +83,8 @@ class RunDisplay:
     started: float = field(default_factory=time.monotonic)
     phases: list[_PhaseRow] = field(default_factory=list)
     running: int = 0
+    in_flight: dict[str, str] = field(default_factory=dict)
+    """Steps started and not finished: task id -> agent."""
     done: int = 0
     failed: int = 0
     tokens: int = 0
@@ -100,8 +102,10 @@ class RunDisplay:
         open_phase = next((row for row in reversed(self.phases) if row.open), None)
         if isinstance(event, StepStarted):
             self.running += 1
+            self.in_flight[event.task_id] = event.agent
         elif isinstance(event, StepFinished):
             self.running = max(self.running - 1, 0)
+            self.in_flight.pop(event.task_id, None)
             self.done += 1
             self.failed += not event.success
             self.tokens += event.total_tokens
