@@ -50,6 +50,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .agents.registry import AgentRegistry, load_agents, read_agents_file, resolve_target
+from .cancel.markers import leave_markers
+from .cancel.signal import CANCELLED, cancelled_outcome, current_cancellation
 from .checkpoint import step_identity
 from .combinators import crash_outcome
 from .config import FleetSettings, load_settings, mask_url
@@ -125,6 +127,9 @@ class StepMessage(FleetModel):
     """The step's token hold, when a Redis budget ledger guards the workflow."""
     journal: bool = False
     """Write the step's journal record into the fleet's Redis journal when it succeeds."""
+    cancel: list[str] = Field(default_factory=list)
+    """Cancel markers (the workflow run's id, the round's id): a worker that finds any of
+    them in Redis drops the message, or interrupts the running step."""
 
 
 class StageMessage(FleetModel):
@@ -544,6 +549,39 @@ class CeleryExecutor(AgentExecutor):
 # --------------------------------------------------------------------------- one round
 
 
+CANCEL_CHECK_S = 0.25
+"""How often a round under a cancellable workflow looks whether it was cancelled."""
+CANCEL_GRACE_S = 10.0
+"""How long a cancelled round waits for its running steps' workers to report."""
+
+
+class _CancelState:
+    """Where a round is in a cancel: requested (by a callback), begun, given up waiting."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.started = False
+        self.deadline = float("inf")
+
+    def request(self, reason: str, dispatcher: asyncio.Task[None]) -> None:
+        """Called by the workflow's cancellation: stop sending now, the rest in the collector."""
+        if self.reason is None:
+            self.reason = reason
+            dispatcher.cancel()
+
+    def due(self) -> bool:
+        return self.reason is not None and not self.started
+
+    def begin(self) -> str:
+        self.started = True
+        self.deadline = time.monotonic() + CANCEL_GRACE_S
+        self.reason = self.reason or CANCELLED
+        return self.reason
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
 class _Round:
     """One barrier round: a dispatcher and a collector sharing a reply list."""
 
@@ -578,6 +616,10 @@ class _Round:
         self.unresolved = len(self.entries)
         self.inflight: dict[str, _Entry] = {}
         self.slot = executor._slot()
+        self.cancellation = current_cancellation()
+        run_markers = self.cancellation.markers if self.cancellation is not None else ()
+        self.markers = [*run_markers, self.nonce]
+        self.cancel = _CancelState()
 
     async def run(self) -> list[StepOutcome]:
         if not self.entries:
@@ -585,9 +627,11 @@ class _Round:
         try:
             self.client = client = await self.x._redis()
             try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._dispatch())
-                    tasks.create_task(self._collect())
+                try:
+                    await self._dispatch_and_collect()
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._abandon())
+                    raise
                 if self.workflow_id is not None:
                     # The round is over and its caller has the outcomes: a later run of
                     # the same workflow must not be served this round's results.
@@ -601,6 +645,59 @@ class _Round:
         except* Exception as group_error:
             await self._fail_rest(group_error.exceptions[0], "crashed")
         return [entry.outcome for entry in self.entries]  # type: ignore[misc]
+
+    async def _dispatch_and_collect(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            dispatcher = tasks.create_task(self._dispatch())
+            tasks.create_task(self._collect())
+            if self.cancellation is not None:
+                forget = self.cancellation.add_callback(
+                    lambda reason: self.cancel.request(reason, dispatcher)
+                )
+        if self.cancellation is not None:
+            forget()
+
+    # ------------------------------------------------------------------ cancel
+
+    async def _cancel_now(self) -> None:
+        """The workflow was cancelled: mark it for the workers, then settle what never ran."""
+        reason = self.cancel.begin()
+        await leave_markers(self.client, self.markers, reason, key_prefix=self.keys.prefix)
+        for entry in self.entries:
+            if entry.outcome is None and entry.tid not in self.inflight:
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+        await self._sweep_unclaimed(reason)
+
+    async def _sweep_unclaimed(self, reason: str) -> None:
+        """After the markers are set no worker can claim a step: an unclaimed one never runs."""
+        entries = list(self.inflight.values())
+        if not entries:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.exists(self.keys.lease(entry.tid))
+                pipe.get(self.keys.result(entry.tid, self.nonce))
+            replies = await pipe.execute()
+        for i, entry in enumerate(entries):
+            leased, recorded = replies[2 * i], replies[2 * i + 1]
+            if recorded is not None:
+                await self._resolve(entry, StepOutcome.from_json(recorded))
+            elif not leased:
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+
+    async def _abandon(self) -> None:
+        """The caller was cancelled: stop this round's steps on the workers, release holds."""
+        reason = "the caller was cancelled"
+        try:
+            # The workflow's own marker only if the workflow was cancelled, not just this round.
+            markers = self.markers if self.cancel.reason is not None else [self.nonce]
+            await leave_markers(self.client, markers, reason, key_prefix=self.keys.prefix)
+            await self._sweep_unclaimed(reason)
+            for entry in self.entries:  # reserved but never sent
+                if entry.outcome is None and entry.tid not in self.inflight:
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+        except (RedisError, OSError) as error:
+            logger.warning("could not cancel the round's steps on the fleet: %s", error)
 
     async def _fail_rest(self, error: BaseException, kind: str) -> None:
         if kind == "unavailable":
@@ -639,6 +736,7 @@ class _Round:
             workflow_id=self.workflow_id,
             budget=hold,
             journal=self.x.worker_journal and self.workflow_id is not None,
+            cancel=self.markers,
         )
         return message.to_json()
 
@@ -735,11 +833,21 @@ class _Round:
 
     async def _collect(self) -> None:
         interval = self.x.check_interval_s
+        if self.cancellation is not None:
+            interval = min(interval, CANCEL_CHECK_S)  # notice a cancel promptly
         next_check = time.monotonic() + interval
         budget = self.x.budget
         renew_every = budget.lease_s / 3 if budget is not None else float("inf")
         next_renewal = time.monotonic() + renew_every
         while self.unresolved:
+            if self.cancel.due():
+                await self._cancel_now()
+            elif self.cancel.expired():
+                for entry in list(self.inflight.values()):  # its worker never answered
+                    reason = self.cancel.reason or CANCELLED
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason), settle=False)
+            if not self.unresolved:
+                break
             popped = await self.client.blpop([self.reply], timeout=interval)
             if popped is not None:
                 await self._notice(popped[1])
@@ -769,6 +877,11 @@ class _Round:
 
     async def _check_stale(self) -> None:
         """Re-send steps whose message was lost or whose worker died."""
+        if self.cancel.started:
+            # Nothing is sent again after a cancel; a step whose worker died meanwhile
+            # (its lease lapsed) will never report: it ends cancelled.
+            await self._sweep_unclaimed(self.cancel.reason or CANCELLED)
+            return
         now = time.monotonic()
         claim_timeout = self.x.settings.claim_timeout_s
         suspects = [
@@ -808,13 +921,13 @@ class _Round:
             entry.holds_slot = False
             self.slot.release()
 
-    async def _resolve(self, entry: _Entry, outcome: StepOutcome) -> None:
+    async def _resolve(self, entry: _Entry, outcome: StepOutcome, *, settle: bool = True) -> None:
         if entry.outcome is not None:
             return
         entry.outcome = outcome
         self.unresolved -= 1
         self._release(entry)
-        if entry.reservation is not None:
+        if entry.reservation is not None and settle:
             # Settling is idempotent: the worker may already have charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
         emit(self.events, StepFinished.of(outcome))

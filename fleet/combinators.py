@@ -67,6 +67,9 @@ async def run_round(
     specs = list(specs)
     if not specs:
         return []
+    cancellation = current_cancellation()
+    if cancellation is not None and cancellation.cancelled:
+        return [cancelled_outcome(spec, cancellation.reason) for spec in specs]
     native = await executor.native_round(
         specs, events=events, on_outcome=on_outcome, workflow_id=workflow_id
     )

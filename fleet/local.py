@@ -28,7 +28,7 @@ from .spec import NO_USAGE, AgentStepSpec, StepOutcome
 if TYPE_CHECKING:
     from .budget import Reservation, WorkflowBudget
 
-__all__ = ["DEFAULT_RESERVE_TOKENS", "LocalExecutor", "run_agent"]
+__all__ = ["DEFAULT_RESERVE_TOKENS", "LocalExecutor", "run_agent", "run_interruptible"]
 
 DEFAULT_RESERVE_TOKENS = 1000
 """Reservation for a step with no ``max_tokens`` whose agent names no default."""
@@ -128,6 +128,49 @@ async def run_agent(
 
 def _interruptible(cancellation: Cancellation | None) -> contextlib.AbstractContextManager[None]:
     return cancellation.interrupts() if cancellation is not None else contextlib.nullcontext()
+
+
+async def run_interruptible(
+    definition: AgentDefinition,
+    spec: AgentStepSpec,
+    ctx: AgentContext,
+    *,
+    started: float,
+    cancellation: Cancellation | None,
+) -> StepOutcome:
+    """:func:`run_agent` that a cancel interrupts: the step then ends ``error="cancelled"``.
+
+    An agent that blocked its thread and so returned without noticing the cancel has its
+    result discarded. The usage spent until then stays on the outcome (to be settled).
+    """
+    if cancellation is None:
+        return await run_agent(definition, spec, ctx, started=started)
+    outcome = None
+    try:
+        with cancellation.interrupts():
+            outcome = await run_agent(definition, spec, ctx, started=started)
+            # One turn of the loop, so a cancel that came in from another thread while the
+            # agent blocked this one lands now (and its result is discarded).
+            await asyncio.sleep(0)
+    except StepInterrupted as stop:
+        return cancelled_outcome(
+            spec,
+            stop.reason,
+            usage=ctx.used,
+            duration_s=time.monotonic() - started,
+            worker=ctx.worker,
+            discarded=outcome is not None and outcome.success,
+        )
+    if cancellation.cancelled:
+        return cancelled_outcome(
+            spec,
+            cancellation.reason,
+            usage=outcome.usage,
+            duration_s=time.monotonic() - started,
+            worker=ctx.worker,
+            discarded=outcome.success,
+        )
+    return outcome
 
 
 class LocalExecutor(AgentExecutor):
@@ -232,17 +275,7 @@ class LocalExecutor(AgentExecutor):
         )
         try:
             outcome = await self._hold_and_run(definition, spec, events, ctx, started, cancellation)
-            if cancellation is not None and cancellation.cancelled:
-                # The agent returned without noticing (it blocked its thread): discard.
-                outcome = cancelled_outcome(
-                    spec,
-                    cancellation.reason,
-                    usage=outcome.usage,
-                    duration_s=time.monotonic() - started,
-                    worker="local",
-                    discarded=outcome.success,
-                )
-        except StepInterrupted as stop:
+        except StepInterrupted as stop:  # cancelled while waiting for its tokens
             duration = time.monotonic() - started
             outcome = cancelled_outcome(
                 spec, stop.reason, usage=ctx.used, duration_s=duration, worker="local"
@@ -278,8 +311,9 @@ class LocalExecutor(AgentExecutor):
             if events is not None:
                 emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
             try:
-                with _interruptible(cancellation):
-                    return await run_agent(definition, spec, ctx, started=started)
+                return await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
             finally:
                 if reservation is not None:
                     # Tokens spent are spent, even when the step is being cancelled.

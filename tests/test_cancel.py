@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -235,25 +236,28 @@ async def test_cancel_stops_a_local_pipeline() -> None:
 
 
 async def test_a_blocking_agent_finishes_but_its_result_is_discarded() -> None:
-    """An agent that blocks its thread cannot be interrupted: it ends cancelled, result dropped."""
+    """An agent that blocks its thread cannot be interrupted: it ends cancelled, result dropped.
+
+    The cancel comes from another thread while the agent blocks, as a worker's lease
+    thread delivers it.
+    """
     agents = Slow()
     budget = WorkflowBudget(100_000)
-    workflow = Workflow.builder(agents.executor(budget=budget)).build()
-
-    async def cancel_soon() -> None:
-        await until(lambda: agents.started)
-        await workflow.cancel("stop the blocker")
-
-    async with asyncio.TaskGroup() as group:
-        round_ = group.create_task(workflow.parallel([spec("b", agent="blocking")]))
-        group.create_task(cancel_soon())
-    (outcome,) = round_.result()
+    executor = agents.executor(budget=budget)
+    cancellation = Cancellation()
+    loop = asyncio.get_running_loop()
+    timer = threading.Timer(0.1, loop.call_soon_threadsafe, (cancellation.cancel, "stop it"))
+    timer.start()
+    try:
+        with use_cancellation(cancellation):
+            outcome = await executor.execute_step(spec("b", agent="blocking"))
+    finally:
+        timer.join()
     assert agents.finished == ["b"]  # it ran to its end ...
     assert outcome.error == "cancelled"  # ... and was reported cancelled, result discarded
-    assert "could not be interrupted" in outcome.output
+    assert "could not be interrupted" in outcome.output and "stop it" in outcome.output
     assert "blocked result" not in outcome.output
     assert (await budget.snapshot()).reserved_tokens == 0
-    await workflow.close()
 
 
 async def test_a_cancelled_run_keeps_its_journal_and_the_next_run_resumes(tmp_path: Path) -> None:

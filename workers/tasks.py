@@ -12,6 +12,7 @@ loop, records the outcome and tells the host on its reply list.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ from celery.exceptions import Reject
 
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
+from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch, read_markers
+from fleet.cancel.signal import Cancellation, cancelled_outcome
 from fleet.celery import (
     CLAIM_SCRIPT,
     FINISH_SCRIPT,
@@ -43,7 +46,7 @@ from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.errors import SpecError, UnknownAgentError
 from fleet.ledgers.redis import RedisLedger
-from fleet.local import run_agent
+from fleet.local import run_interruptible
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.stores.redis import RedisCheckpointStore
@@ -108,12 +111,14 @@ class _LeaseKeeper:
     hogs its loop; it stops with the process, so a killed worker's leases lapse.
     """
 
-    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int) -> None:
+    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int, key_prefix: str) -> None:
         self._client = client
         self._lease_ms = lease_ms
         self._held: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pid = 0
+        self.markers = MarkerWatch(key_prefix)
+        """The cancel markers of the running steps, read on every tick."""
 
     def hold(self, key: str, owner: str) -> None:
         with self._lock:
@@ -128,8 +133,19 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         renew = self._client().register_script(RENEW_SCRIPT)
+        every_s = self._lease_ms / 3000
+        next_renewal = time.monotonic() + every_s
         while True:
-            time.sleep(self._lease_ms / 3000)
+            # Ticks at the cancel-watch pace; leases are renewed every third of a lease.
+            time.sleep(min(every_s, WATCH_INTERVAL_S))
+            try:
+                if len(self.markers):
+                    self.markers.poll(self._client())
+            except redis.RedisError as error:
+                logger.warning("could not read cancel markers: %s", error)
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + every_s
             with self._lock:
                 held = list(self._held.items())
             if not held:
@@ -159,7 +175,9 @@ class WorkerRuntime:
         self._redis: redis.Redis | None = None
         self._pid = 0
         self._local = threading.local()
-        self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+        self._leases = _LeaseKeeper(
+            self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
+        )
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork)."""
@@ -171,12 +189,19 @@ class WorkerRuntime:
             self._begin_link = self._redis.register_script(BEGIN_LINK_SCRIPT)
         return self._redis
 
-    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+    def _loop(self) -> asyncio.AbstractEventLoop:
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(coro)
+        return loop  # type: ignore[no-any-return]
+
+    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+        return self._loop().run_until_complete(coro)
+
+    def cancel_reason(self, markers: list[str]) -> str | None:
+        """Why the step was cancelled, if one of its cancel markers is in Redis."""
+        return read_markers(self.redis(), markers, key_prefix=self.settings.key_prefix)
 
     # ------------------------------------------------------------------ claim / finish
 
@@ -260,8 +285,20 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ the step body
 
-    def execute(self, spec: AgentStepSpec, worker: str, message: StepMessage | None) -> StepOutcome:
-        """Run one step here with the shared step body; never raises."""
+    def execute(
+        self,
+        spec: AgentStepSpec,
+        worker: str,
+        message: StepMessage | None,
+        *,
+        markers: list[str],
+        lease: str,
+    ) -> StepOutcome:
+        """Run one step here with the shared step body; never raises.
+
+        While it runs, the lease thread watches ``markers``: when one appears, the step's
+        task is cancelled on this thread's loop and the step ends ``cancelled``.
+        """
         started = time.monotonic()
         try:
             definition = self.registry.resolve(spec.agent)
@@ -278,7 +315,16 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
-        outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
+        cancellation = Cancellation(markers) if markers else None
+        if cancellation is not None:
+            stop = functools.partial(self._loop().call_soon_threadsafe, cancellation.cancel)
+            self._leases.markers.watch(lease, markers, stop)
+        try:
+            outcome: StepOutcome = self.run_async(
+                self._run(definition, spec, ctx, started, message, cancellation)
+            )
+        finally:
+            self._leases.markers.unwatch(lease)
         return outcome
 
     async def _run(
@@ -288,12 +334,15 @@ class WorkerRuntime:
         ctx: AgentContext,
         started: float,
         message: StepMessage | None,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         hold = None if message is None else message.budget
         if hold is None:
-            outcome = await run_agent(definition, spec, ctx, started=started)
+            outcome = await run_interruptible(
+                definition, spec, ctx, started=started, cancellation=cancellation
+            )
         else:
-            outcome = await self._run_held(hold, definition, spec, ctx, started)
+            outcome = await self._run_held(hold, definition, spec, ctx, started, cancellation)
         if message is not None and message.journal and message.workflow_id and outcome.success:
             await self._journal(message.workflow_id, spec, outcome)
         return outcome
@@ -305,6 +354,7 @@ class WorkerRuntime:
         spec: AgentStepSpec,
         ctx: AgentContext,
         started: float,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         """Run under the host's reservation: keep its lease alive, settle what was used."""
         ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
@@ -314,7 +364,9 @@ class WorkerRuntime:
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
         try:
             async with reservation.kept_alive():
-                outcome = await run_agent(definition, spec, ctx, started=started)
+                outcome = await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
         finally:
             try:
                 await asyncio.shield(reservation.settle(ctx.used.total_tokens))
@@ -368,6 +420,13 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.error("rejected %s message %s: %s; it will not run", STEP_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     spec = message.spec
+    reason = runtime.cancel_reason(message.cancel)
+    if reason is not None:
+        # The workflow (or this round) was cancelled while the message waited: drop it.
+        dropped = cancelled_outcome(spec, reason, worker=worker).to_json()
+        runtime.redis().rpush(message.reply, _done_notice(tid, dropped))
+        logger.info("step %s (task %s) was cancelled; dropped unrun", spec.task_id, tid)
+        return {"task_id": spec.task_id, "agent": spec.agent, "cancelled": True}
     status, value = runtime.claim(tid, message.nonce, message.reply, _start_notice(tid, worker))
     if status == "done":
         # A duplicate of a step that already finished: hand back the recorded outcome.
@@ -378,7 +437,8 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     try:
-        outcome = runtime.execute(spec, worker, message)
+        lease = runtime.keys.lease(tid)
+        outcome = runtime.execute(spec, worker, message, markers=message.cancel, lease=lease)
     except BaseException:
         runtime.abandon(tid)  # let the lease lapse: the host will send the step again
         raise
@@ -459,8 +519,14 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
         runtime.finish(link, context["nonce"], owner, json.dumps({"stop": final}), reply, stop)
         _stop_chain(request)
         return {"pipe": message.pipe, "item": i, "stage": k, "stopped": True}
+    markers = [str(m) for m in context.get("cancel", [])]
+    reason = runtime.cancel_reason(markers)
     try:
-        outcome = runtime.execute(spec, worker, None)
+        if reason is not None:  # the pipeline was cancelled while this link waited
+            outcome = cancelled_outcome(spec, reason, worker=worker)
+        else:
+            lease = runtime.keys.lease(link)
+            outcome = runtime.execute(spec, worker, None, markers=markers, lease=lease)
     except BaseException:
         runtime.abandon(link)
         raise
