@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .cancel.board import CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
-from .errors import FleetError, WorkflowCancelledError
+from .errors import WorkflowCancelledError, WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
@@ -81,21 +81,6 @@ _BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, Ste
 
 CANCEL_POLL_S = 0.25
 """How often a running workflow looks at its cancel board for a ``fleet cancel``."""
-
-
-class WorkflowClosedError(FleetError, RuntimeError):
-    """A verb was called on a workflow after ``finish()`` / ``close()``.
-
-    Attributes:
-        root_id: the workflow's root id.
-    """
-
-    def __init__(self, root_id: str) -> None:
-        super().__init__(
-            f"workflow {root_id!r} is finished; build a new Workflow to run more steps "
-            "(reuse the root id to resume from its journal)"
-        )
-        self.root_id = root_id
 
 
 def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:

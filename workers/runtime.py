@@ -1,0 +1,347 @@
+"""What a worker process knows and does around a step: claim, run, record.
+
+:class:`WorkerRuntime` holds the settings, agents and stages, this process's Redis
+client and the Lua scripts of :mod:`fleet.celery.protocol`; it claims a step (or a
+chain link), runs the shared step body :func:`fleet.step.run_agent` on this thread's
+event loop (under the host's token hold, if any), and records the outcome. A background
+thread keeps the leases of running steps alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis
+
+from fleet.agents import AgentContext, AgentRegistry
+from fleet.budget import WorkflowBudget
+from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch, marker_reason, read_markers
+from fleet.cancel.signal import Cancellation
+from fleet.celery.protocol import (
+    REPLY_TTL_S,
+    BudgetHold,
+    Keys,
+    StageMessage,
+    StepMessage,
+    lua,
+    stage_link_id,
+)
+from fleet.checkpoint import WorkflowStepRecord
+from fleet.config import FleetSettings
+from fleet.errors import PoisonMessageError, UnknownAgentError
+from fleet.ledgers.redis import RedisLedger
+from fleet.redisclient import sync_client
+from fleet.spec import AgentStepSpec, StepOutcome
+from fleet.step import run_interruptible
+from fleet.stores.redis import RedisCheckpointStore
+
+__all__ = ["WorkerRuntime"]
+
+logger = logging.getLogger("fleet.worker")
+
+
+class _LeaseKeeper:
+    """Renews this process's step leases from one background thread.
+
+    A thread rather than the step's event loop, so a lease stays alive while an agent
+    hogs its loop; it stops with the process, so a killed worker's leases lapse.
+    """
+
+    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int, key_prefix: str) -> None:
+        self._client = client
+        self._lease_ms = lease_ms
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pid = 0
+        self.markers = MarkerWatch(key_prefix)
+        """The cancel markers of the running steps, read on every tick."""
+
+    def hold(self, key: str, owner: str) -> None:
+        with self._lock:
+            self._held[key] = owner
+            if self._pid != os.getpid():  # first use in this (possibly forked) process
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="fleet-leases", daemon=True).start()
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def _run(self) -> None:
+        renew = self._client().register_script(lua("renew_lease"))
+        every_s = self._lease_ms / 3000
+        next_renewal = time.monotonic() + every_s
+        while True:
+            # Ticks at the cancel-watch pace; leases are renewed every third of a lease.
+            time.sleep(min(every_s, WATCH_INTERVAL_S))
+            try:
+                if len(self.markers):
+                    self.markers.poll(self._client())
+            except redis.RedisError as error:
+                logger.warning("could not read cancel markers: %s", error)
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + every_s
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                continue
+            try:
+                pipe = self._client().pipeline(transaction=False)
+                for key, owner in held:
+                    renew(keys=[key], args=[owner, self._lease_ms], client=pipe)
+                pipe.execute()
+            except redis.RedisError as error:
+                logger.warning("could not renew %d step leases: %s", len(held), error)
+
+
+class WorkerRuntime:
+    """What a worker process knows: settings, agents, stages, its Redis connections."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        registry: AgentRegistry,
+        stages: dict[str, Callable[..., Any]],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stages = stages
+        self.keys = Keys(settings.key_prefix)
+        self._redis: redis.Redis | None = None
+        self._pid = 0
+        self._local = threading.local()
+        self._leases = _LeaseKeeper(
+            self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
+        )
+
+    def redis(self) -> redis.Redis:
+        """This process's Redis client (re-created after a fork)."""
+        if self._redis is None or self._pid != os.getpid():
+            self._redis = sync_client(self.settings.redis_url)
+            self._pid = os.getpid()
+            self._claim = self._redis.register_script(lua("claim_step"))
+            self._finish = self._redis.register_script(lua("finish"))
+            self._begin_link = self._redis.register_script(lua("begin_link"))
+        return self._redis
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop  # type: ignore[no-any-return]
+
+    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+        return self._loop().run_until_complete(coro)
+
+    def cancel_reason(self, markers: list[str]) -> str | None:
+        """Why the step was cancelled, if one of its cancel markers is in Redis."""
+        return read_markers(self.redis(), markers, key_prefix=self.settings.key_prefix)
+
+    # ------------------------------------------------------------------ claim / finish
+
+    def claim(
+        self, tid: str, nonce: str, reply: str, notice: str, markers: list[str]
+    ) -> tuple[str, Any]:
+        """Claim a step: ``("claimed", owner)``, ``("done", outcome)``, ``("held", owner)``.
+
+        ``("cancelled", reason)`` when one of the step's cancel ``markers`` is present:
+        nothing is taken then.
+        """
+        self.redis()
+        owner = f"{uuid.uuid4().hex[:12]}"
+        status, value = self._claim(
+            keys=[
+                self.keys.done(tid),
+                self.keys.result(tid, nonce),
+                self.keys.lease(tid),
+                reply,
+                *(self.keys.cancel(marker) for marker in markers),
+            ],
+            args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S],
+        )
+        status = status.decode()
+        if status == "claimed":
+            self._leases.hold(self.keys.lease(tid), owner)
+            return status, owner
+        if status == "cancelled":
+            return status, marker_reason(value)
+        return status, value
+
+    def finish(
+        self,
+        tid: str,
+        nonce: str,
+        owner: str,
+        record: str,
+        reply: str,
+        *notices: str,
+        resumable: bool = False,
+    ) -> None:
+        """Record the result of this dispatch, notify the host, drop our lease.
+
+        ``resumable`` also records it as the step's done-marker, which a host that
+        resumes the workflow finds instead of sending the step again.
+        """
+        self.abandon(tid)
+        self._finish(
+            keys=[self.keys.result(tid, nonce), self.keys.lease(tid), reply, self.keys.done(tid)],
+            args=[
+                record,
+                self.settings.result_expires_s,
+                owner,
+                REPLY_TTL_S,
+                "1" if resumable else "0",
+                *notices,
+            ],
+        )
+
+    def begin_link(self, message: StageMessage) -> tuple[str, Any, Any, Any, str]:
+        """Read a chain link's context, item and previous outcome, and claim it: one trip.
+
+        Returns ``(status, context, item, previous, owner)``; status is ``claimed``,
+        ``done`` or ``held`` (a duplicate), or ``expired`` (the pipeline's context is gone).
+        """
+        self.redis()
+        owner = uuid.uuid4().hex[:12]
+        k = message.stage
+        link = stage_link_id(message.pipe, message.item, k)
+        previous = stage_link_id(message.pipe, message.item, k - 1) if k else link
+        reply = self._begin_link(
+            keys=[
+                self.keys.pipe(message.pipe),
+                self.keys.result(previous, message.pipe),
+                self.keys.result(link, message.pipe),
+                self.keys.lease(link),
+            ],
+            args=[f"item:{message.item}", owner, int(self.settings.step_lease_s * 1000), k],
+        )
+        status = reply[0].decode()
+        if status != "claimed":
+            return status, None, None, None, owner
+        self._leases.hold(self.keys.lease(link), owner)
+        return status, reply[1], reply[2], reply[3], owner
+
+    def abandon(self, tid: str) -> None:
+        """Stop renewing our lease on ``tid`` (it lapses; the host re-sends the step)."""
+        self._leases.release(self.keys.lease(tid))
+
+    def check_reply(self, reply: str) -> None:
+        """A message may only name a reply list under this fleet's key prefix."""
+        if not reply.startswith(self.keys.reply("")):
+            raise PoisonMessageError(
+                f"reply list {reply!r} is outside key prefix {self.settings.key_prefix!r}"
+            )
+
+    # ------------------------------------------------------------------ the step body
+
+    def execute(
+        self,
+        spec: AgentStepSpec,
+        worker: str,
+        message: StepMessage | None,
+        *,
+        markers: list[str],
+        lease: str,
+    ) -> StepOutcome:
+        """Run one step here with the shared step body; never raises.
+
+        While it runs, the lease thread watches ``markers``: when one appears, the step's
+        task is cancelled on this thread's loop and the step ends ``cancelled``.
+        """
+        started = time.monotonic()
+        try:
+            definition = self.registry.resolve(spec.agent)
+        except UnknownAgentError as error:
+            return StepOutcome.failed(
+                spec.task_id, spec.agent, str(error), error="unknown_agent", worker=worker
+            )
+        ctx = AgentContext(
+            spec=spec,
+            deadline=None if spec.timeout_s is None else started + spec.timeout_s,
+            worker=worker,
+            workflow_id=None if message is None else message.workflow_id,
+        )
+        hold = None if message is None else message.budget
+        if hold is not None:
+            ctx.held_tokens = hold.tokens
+        cancellation = Cancellation(markers) if markers else None
+        if cancellation is not None:
+            stop = functools.partial(self._loop().call_soon_threadsafe, cancellation.cancel)
+            self._leases.markers.watch(lease, markers, stop)
+        try:
+            outcome: StepOutcome = self.run_async(
+                self._run(definition, spec, ctx, started, message, cancellation)
+            )
+        finally:
+            self._leases.markers.unwatch(lease)
+        return outcome
+
+    async def _run(
+        self,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+        message: StepMessage | None,
+        cancellation: Cancellation | None,
+    ) -> StepOutcome:
+        hold = None if message is None else message.budget
+        if hold is None:
+            outcome = await run_interruptible(
+                definition, spec, ctx, started=started, cancellation=cancellation
+            )
+        else:
+            outcome = await self._run_held(hold, definition, spec, ctx, started, cancellation)
+        if message is not None and message.journal and message.workflow_id and outcome.success:
+            await self._journal(message.workflow_id, spec, outcome)
+        return outcome
+
+    async def _run_held(
+        self,
+        hold: BudgetHold,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+        cancellation: Cancellation | None,
+    ) -> StepOutcome:
+        """Run under the host's reservation: keep its lease alive, settle what was used."""
+        ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        budget = WorkflowBudget(
+            hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
+        )
+        reservation = budget.reservation(hold.reservation_id, hold.tokens)
+        try:
+            async with reservation.kept_alive():
+                outcome = await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
+        finally:
+            try:
+                await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+            except Exception:
+                # The host settles the same reservation (idempotently) with the outcome.
+                logger.exception("could not settle reservation %s", hold.reservation_id)
+            await ledger.close()
+        return outcome
+
+    async def _journal(self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome) -> None:
+        store = RedisCheckpointStore(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        try:
+            record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
+            await store.record_step(workflow_id, record)
+        except Exception:
+            # Losing a journal record must not fail the live step; the host journals too.
+            logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
+        finally:
+            await store.close()
