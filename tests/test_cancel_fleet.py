@@ -17,14 +17,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fleet.cancel import RedisCancelBoard
+from fleet import AgentStepSpec, WorkflowBudget, execute_pipeline, execute_steps_parallel
+from fleet.cancel import Cancellation, RedisCancelBoard, use_cancellation
+from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
+from fleet.events import StepStarted
 from fleet.ledgers import RedisLedger
 from fleet.localfleet import settings_env
-from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
+from tests import pipeline_stages
+from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers, until
 from tests.fake_openai import FakeOpenAI, Reply, reply
 
 pytestmark = pytest.mark.timeout(240)
@@ -267,3 +272,86 @@ def test_a_worker_dead_during_the_cancel_drops_the_queued_messages_when_it_retur
         assert errors[WARMUP:] == ["cancelled"] * STEPS
     finally:
         workers.stop()
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+async def _free(executor: Any) -> None:
+    """The workers are free again: a round of quick steps completes."""
+    quick = [
+        AgentStepSpec(task_id=f"q{i}", agent="noop", description="d", prompt="") for i in range(4)
+    ]
+    outcomes = await asyncio.wait_for(execute_steps_parallel(executor, quick), 30)
+    assert all(o.success for o in outcomes)
+
+
+async def test_cancelling_the_caller_of_a_celery_round_stops_its_steps_on_the_workers(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A cancelled caller: running steps are interrupted, queued ones dropped, holds released."""
+    settings = fleet_settings(redis_url, claim_timeout_s=60.0)
+    ledger = RedisLedger(redis_url, key_prefix=settings.key_prefix)
+    budget = WorkflowBudget(1_000_000, ledger=ledger, workflow_id="caller-cancel")
+    specs = [
+        AgentStepSpec(task_id=f"s{i}", agent="sleep_prompt", description="d", prompt="3600")
+        for i in range(8)
+    ]
+    with running_workers(settings, tmp_path, "w1", concurrency=4):
+        async with CeleryExecutor(settings=settings, budget=budget) as executor:
+            started: list[str] = []
+            task = asyncio.create_task(
+                execute_steps_parallel(executor, specs, events=_started_into(started))
+            )
+            await until(lambda: len(started) == 4, 60, "4 running steps")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+            async def released() -> bool:
+                return (await ledger.state("caller-cancel")).reserved == 0
+
+            await _until_async(released, 10)
+            await _free(executor)  # the 4 sleeping steps were interrupted
+    await ledger.close()
+
+
+async def test_a_cancelled_native_pipeline_stops_its_chains_on_the_workers(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Registered stages (Celery chains): a cancel ends every chain cancelled, workers free."""
+    settings = fleet_settings(redis_url, claim_timeout_s=60.0)
+    cancellation = Cancellation(("run-under-test",))
+    with running_workers(settings, tmp_path, "w1", concurrency=4):
+        async with CeleryExecutor(settings=settings) as executor:
+            started: list[str] = []
+            with use_cancellation(cancellation):
+                chains = asyncio.create_task(
+                    execute_pipeline(
+                        executor,
+                        [f"i{i}:3600" for i in range(8)],
+                        [pipeline_stages.sleepy],
+                        events=_started_into(started),
+                    )
+                )
+            await until(lambda: len(started) == 4, 60, "4 running links")
+            cancellation.cancel("stop the pipeline")
+            results = await asyncio.wait_for(chains, 30)
+            assert all(r is not None and r.error == "cancelled" for r in results), results
+            assert sum("stop the pipeline" in (r.output if r else "") for r in results) == 8
+            await _free(executor)
+
+
+def _started_into(started: list[str]) -> Any:
+    def sink(event: Any) -> None:
+        if isinstance(event, StepStarted):
+            started.append(event.task_id)
+
+    return sink
+
+
+async def _until_async(condition: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
