@@ -110,6 +110,7 @@ class Round(Track):
                 )
             )
         self.open = len(self.entries)
+        self._reserving: list[tuple[_Entry, asyncio.Future[Reservation]]] = []
         run_markers = self.cancellation.markers if self.cancellation is not None else ()
         self.markers = [*run_markers, self.nonce]
         """What a worker checks before and while running a step of this round."""
@@ -206,9 +207,16 @@ class Round(Track):
                 else self.x.settings.default_reserve_tokens
             )
         try:
-            entry.reservation = await budget.reserve(
-                tokens, holder=entry.tid, reservation_id=entry.tid
+            holding = asyncio.ensure_future(
+                budget.reserve(tokens, holder=entry.tid, reservation_id=entry.tid)
             )
+            try:
+                entry.reservation = await asyncio.shield(holding)
+            except asyncio.CancelledError:
+                # Cancelled mid-reservation: the ledger may still grant it; the cancel
+                # waits for the answer and settles the hold (see _release_reserving).
+                self._reserving.append((entry, holding))
+                raise
         except BudgetExhaustedError as error:
             await self._resolve(
                 entry,
@@ -318,10 +326,28 @@ class Round(Track):
         """The workflow was cancelled: mark it for the workers, settle what never ran."""
         reason = self.cancel.begin()
         await leave_markers(self.client, self.markers, reason, key_prefix=self.keys.prefix)
+        await self._release_reserving()
         for entry in self.entries:
             if entry.outcome is None and not entry.sent_at:
                 await self._resolve(entry, cancelled_outcome(entry.spec, reason))
         await self._sweep_unclaimed(reason)
+
+    async def _release_reserving(self) -> None:
+        """Settle at 0 the holds a cancelled dispatch was still asking the ledger for."""
+        for entry, holding in self._reserving:
+            try:
+                entry.reservation = await asyncio.wait_for(asyncio.shield(holding), 5.0)
+            except BudgetExhaustedError:
+                continue  # refused: nothing is held
+            except (TimeoutError, RedisError, OSError) as error:
+                logger.warning(
+                    "step %r: its reservation stays held until its lease lapses (%s)",
+                    entry.spec.task_id,
+                    error,
+                )
+                continue
+            await asyncio.shield(entry.reservation.settle(0))
+        self._reserving.clear()
 
     async def _sweep_unclaimed(self, reason: str) -> None:
         """Once the markers are set no worker can claim a step: an unclaimed one never runs."""
@@ -347,6 +373,7 @@ class Round(Track):
         markers = self.markers if self.cancel.reason is not None else [self.nonce]
         try:
             await leave_markers(self.client, markers, reason, key_prefix=self.keys.prefix)
+            await self._release_reserving()
             await self._sweep_unclaimed(reason)
             for entry in self.entries:  # reserved, never sent
                 if entry.outcome is None and not entry.sent_at:
