@@ -124,8 +124,12 @@ class _Run:
             except Exception:
                 logger.exception("cannot queue a %s event for the Redis stream", event.type)
 
-    async def record_budget(self) -> BudgetSnapshot | None:
-        """Read the budget and append it to the event log (for ``fleet status``)."""
+    async def record_budget(self, *, flush: bool = False) -> BudgetSnapshot | None:
+        """Read the budget and append it to the event log (for ``fleet status``).
+
+        With ``flush``, wait until the log holds it (and every event before it): a verb's
+        end is then durable before the next verb spends anything.
+        """
         if self.budget is None:
             return None
         try:
@@ -135,6 +139,8 @@ class _Run:
             return None
         if self.stream is not None:
             self.stream.push({"control": "budget", "snapshot": snapshot.to_json()})
+            if flush:
+                await self.stream.flush()
         return snapshot
 
     def on_step_event(self, event: Any) -> None:
@@ -526,7 +532,7 @@ class Workflow:
         if run.exhausted_reported and run.stream is None:
             return
         refused = any(outcome.error == "budget_exhausted" for outcome in outcomes)
-        snapshot = await run.record_budget()
+        snapshot = await run.record_budget(flush=True)
         exhausted = snapshot is not None and snapshot.is_exhausted
         if run.exhausted_reported or not (exhausted or refused):
             return
