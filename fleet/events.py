@@ -25,6 +25,7 @@ __all__ = [
     "RateLimited",
     "StepFinished",
     "StepStarted",
+    "WorkflowCancelled",
     "WorkflowEvent",
     "emit",
     "parse_event",
@@ -70,6 +71,14 @@ class BudgetExhausted(FleetModel):
     type: Literal["budget_exhausted"] = "budget_exhausted"
     resource: str = "workflow_tokens"
     reason: str
+
+
+class WorkflowCancelled(FleetModel):
+    """The workflow was cancelled: nothing new is dispatched, running steps are interrupted."""
+
+    type: Literal["workflow_cancelled"] = "workflow_cancelled"
+    reason: str
+    """Why (the ``--reason`` of ``fleet cancel``, the argument of ``Workflow.cancel``)."""
 
 
 class StepStarted(FleetModel):
@@ -121,7 +130,14 @@ class RateLimited(FleetModel):
 
 
 WorkflowEvent = Annotated[
-    PhaseStart | PhaseEnd | LogEvent | BudgetExhausted | StepStarted | StepFinished | RateLimited,
+    PhaseStart
+    | PhaseEnd
+    | LogEvent
+    | BudgetExhausted
+    | WorkflowCancelled
+    | StepStarted
+    | StepFinished
+    | RateLimited,
     Field(discriminator="type"),
 ]
 """Any workflow event; dispatch on ``event.type``."""

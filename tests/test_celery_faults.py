@@ -7,7 +7,11 @@ Every step here is ``count_where``: it appends the worker's node name to
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages
 from tests.celery_support import (
+    REPO,
     BrokerLog,
     CeleryWorkers,
     broker_holds,
@@ -32,6 +37,7 @@ from tests.celery_support import (
     step_ids,
     until,
 )
+from tests.faults.support import process_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults]
 
@@ -67,6 +73,38 @@ def doomed_workers(redis_url: str, tmp_path: Path, counter_dir: Path) -> Iterato
     """Two workers of this test's own: it kills one."""
     with start(redis_url, tmp_path, counter_dir) as fleet:
         yield fleet
+
+
+FIRST_HOST = """
+import asyncio, sys
+from fleet.celery import CeleryExecutor
+from fleet.config import load_settings
+from fleet.resumable import execute_steps_parallel_resumable
+from fleet.stores import RedisCheckpointStore
+from tests.test_celery_faults import specs
+
+async def main():
+    settings = load_settings()
+    store = RedisCheckpointStore(settings.redis_url, key_prefix=sys.argv[1])
+    async with CeleryExecutor(settings=settings) as executor:
+        await execute_steps_parallel_resumable(executor, specs(8, "r"), "wf-reattach", store)
+
+asyncio.run(main())
+"""
+"""The first host of the re-attach test, run as a child process that the test kills."""
+
+
+def start_first_host(workers: CeleryWorkers, key_prefix: str) -> subprocess.Popen[bytes]:
+    """Start :data:`FIRST_HOST` (in its own process group, for the kill)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", FIRST_HOST, key_prefix],
+        cwd=REPO,
+        env=process_env(workers.settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def where_ran(counter_dir: Path, prefix: str) -> dict[str, list[str]]:
@@ -279,18 +317,16 @@ async def test_resumed_host_reattaches_to_steps_in_flight(
 ) -> None:
     """A resumed host re-attaches to steps running or done: it sends none of them again.
 
-    The first host dies mid-round (its task is cancelled; the workers keep going). The
-    new host resumes once some of its steps are done (a done-marker, nothing journaled:
-    the first host never heard) and others still run (a lease); it must wait for the
-    running ones and take the done ones as they are. The messages pushed onto the queue
-    are counted at Redis: the workers' de-duplication would hide a re-send from the run
-    counters alone.
+    The first host, a child process, is SIGKILLed mid-round (the workers keep going; a
+    cancelled host task would instead be a cancel, which stops its steps). The new host
+    resumes once some of its steps are done (a done-marker, nothing journaled: the first
+    host never heard) and others still run (a lease); it must wait for the running ones
+    and take the done ones as they are. The messages pushed onto the queue are counted at
+    Redis: the workers' de-duplication would hide a re-send from the run counters alone.
     """
     settings = workers.settings
     store = RedisCheckpointStore(settings.redis_url, key_prefix=key_prefix)
     round_specs = specs(8, "r")  # two workers x three threads: a second wave of two
-    first = workers.executor()
-    started: set[str] = set()
     client = redis.Redis.from_url(settings.redis_url)
 
     def states() -> dict[str, str]:
@@ -305,21 +341,18 @@ async def test_resumed_host_reattaches_to_steps_in_flight(
 
     try:
         with BrokerLog(settings.redis_url) as log:
-            crashed = asyncio.create_task(
-                execute_steps_parallel_resumable(
-                    first,
-                    round_specs,
-                    "wf-reattach",
-                    store,
-                    events=lambda e: started.add(e.task_id) if e.type == "step_started" else None,
+            first = start_first_host(workers, key_prefix)
+            try:
+                # Six running, and all eight sent (the last two wait for a free thread).
+                await until(
+                    lambda: (
+                        len(where_ran(counter_dir, "r")) >= 6
+                        and len(step_ids(log, settings.queue)) == 8
+                    )
                 )
-            )
-            # Six running, and all eight sent (the last two wait for a free thread).
-            await until(lambda: len(started) >= 6 and len(step_ids(log, settings.queue)) == 8)
-            crashed.cancel()  # the host goes away; the workers keep running its steps
-            with pytest.raises(asyncio.CancelledError):
-                await crashed
-            await first.aclose()
+            finally:
+                os.killpg(first.pid, signal.SIGKILL)  # the host goes; the workers keep going
+                first.wait(timeout=10)
             await until(
                 lambda: {"done", "running"} <= set(states().values()),
                 what="steps both done and running",

@@ -33,7 +33,7 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
+from ..cancel.signal import current_cancellation
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
 from ..redisclient import retry_options
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from ..events import EventSink
     from .executor import CeleryExecutor
 
-__all__ = ["HOST_CONNECTIONS", "Dispatcher", "Flight", "Track"]
+__all__ = ["CANCEL_GRACE_S", "HOST_CONNECTIONS", "CancelState", "Dispatcher", "Flight", "Track"]
 
 logger = logging.getLogger("fleet.celery")
 
@@ -104,6 +105,41 @@ _Flight = TypeVar("_Flight", bound=Flight)
 _Item = tuple[Flight, Notice] | Lost | Broken | None
 
 
+CANCEL_GRACE_S = 10.0
+"""How long a cancelled track waits for the workers of its running steps to report."""
+
+
+class CancelState:
+    """Where a track is in a cancel: requested (by the workflow's cancellation), begun, over."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.started = False
+        self.deadline = float("inf")
+
+    def request(self, reason: str, dispatch: asyncio.Task[None], wake: Callable[[], None]) -> None:
+        """Stop sending now; the track's next :meth:`Track.tick` does the rest."""
+        if self.reason is None:
+            self.reason = reason
+            dispatch.cancel()
+            wake()
+
+    def due(self) -> bool:
+        """Requested and not acted on yet."""
+        return self.reason is not None and not self.started
+
+    def begin(self) -> str:
+        """Act on it now; returns the reason."""
+        self.started = True
+        self.deadline = time.monotonic() + CANCEL_GRACE_S
+        self.reason = self.reason or "cancelled"
+        return self.reason
+
+    def expired(self) -> bool:
+        """The running steps had their grace time to report."""
+        return time.monotonic() > self.deadline
+
+
 class Track(ABC):
     """A round or a pipeline: flights the dispatcher serves, notices it receives."""
 
@@ -115,6 +151,10 @@ class Track(ABC):
         self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self.open = 0
         """Flights of this track not finished yet; :meth:`receive` returns at zero."""
+        self.cancellation = current_cancellation()
+        """The workflow's cancellation this track runs under (from its caller's context)."""
+        self.cancel = CancelState()
+        """Where the track is in a cancel (see :meth:`cancellable`)."""
 
     @abstractmethod
     async def dispatch(self) -> None:
@@ -136,12 +176,24 @@ class Track(ABC):
         self.inbox.put_nowait(None)
 
     async def drive(self, flights: Sequence[Flight]) -> None:
-        """Dispatch and receive at once until every flight is finished; then free their slots."""
+        """Dispatch and receive at once until every flight is finished; then free their slots.
+
+        The workflow's cancel stops the dispatch; the track's ``cancel`` (a
+        :class:`CancelState`) is then due, for its :meth:`tick`.
+        """
+        cancellation = self.cancellation
+        forget = None
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.dispatch())
+                sender = tasks.create_task(self.dispatch())
                 tasks.create_task(self.receive())
+                if cancellation is not None:
+                    forget = cancellation.add_callback(
+                        lambda reason: self.cancel.request(reason, sender, self.closed)
+                    )
         finally:
+            if forget is not None:
+                forget()
             for flight in flights:
                 self.dispatcher.release(flight)
 
