@@ -10,6 +10,7 @@ exceptions are for misuse and for the edges (configuration, input, services)::
     ├── AgentError(FleetError)                      an agent failed in a way it can name (``kind``)
     │   └── BudgetExhaustedError                    the token budget refused a reservation or call
     ├── CheckpointError(FleetError)                 a journal cannot be read or trusted
+    ├── WorkflowCancelledError(FleetError)          a verb was called on a cancelled workflow
     ├── WorkflowClosedError(FleetError, RuntimeError) a verb called after ``finish()``
     ├── PoisonMessageError(FleetError, ValueError)  a worker refuses a task message
     └── BrokerError(FleetError, ConnectionError)    Redis / the broker is unreachable
@@ -27,6 +28,7 @@ __all__ = [
     "PoisonMessageError",
     "SpecError",
     "UnknownAgentError",
+    "WorkflowCancelledError",
     "WorkflowClosedError",
 ]
 
@@ -124,6 +126,26 @@ class BrokerError(FleetError, ConnectionError):
     def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+
+
+class WorkflowCancelledError(FleetError):
+    """A verb was called on a workflow after it was cancelled.
+
+    The steps that were running when the cancel came are returned as outcomes with
+    ``error="cancelled"``; nothing new is dispatched after it.
+
+    Attributes:
+        root_id: the workflow's root id.
+        reason: why it was cancelled.
+    """
+
+    def __init__(self, root_id: str, reason: str) -> None:
+        super().__init__(
+            f"workflow {root_id!r} was cancelled ({reason}); nothing more runs in this run. "
+            "Run the same root id again to resume: completed steps are served from the journal"
+        )
+        self.root_id = root_id
+        self.reason = reason
 
 
 class WorkflowClosedError(FleetError, RuntimeError):

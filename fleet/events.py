@@ -24,6 +24,7 @@ __all__ = [
     "PhaseStart",
     "StepFinished",
     "StepStarted",
+    "WorkflowCancelled",
     "WorkflowEvent",
     "emit",
     "parse_event",
@@ -71,6 +72,14 @@ class BudgetExhausted(FleetModel):
     reason: str
 
 
+class WorkflowCancelled(FleetModel):
+    """The workflow was cancelled: nothing new is dispatched, running steps are interrupted."""
+
+    type: Literal["workflow_cancelled"] = "workflow_cancelled"
+    reason: str
+    """Why (the ``--reason`` of ``fleet cancel``, the argument of ``Workflow.cancel``)."""
+
+
 class StepStarted(FleetModel):
     """A step got its slot and its tokens and is about to run."""
 
@@ -106,7 +115,13 @@ class StepFinished(FleetModel):
 
 
 WorkflowEvent = Annotated[
-    PhaseStart | PhaseEnd | LogEvent | BudgetExhausted | StepStarted | StepFinished,
+    PhaseStart
+    | PhaseEnd
+    | LogEvent
+    | BudgetExhausted
+    | WorkflowCancelled
+    | StepStarted
+    | StepFinished,
     Field(discriminator="type"),
 ]
 """Any workflow event; dispatch on ``event.type``."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import BudgetSnapshot, WorkflowBudget
+from .cancel import open_cancel_board
 from .config import FleetSettings, mask_url
 from .errors import CheckpointError, ConfigError
 from .executor import AgentExecutor
@@ -189,11 +190,13 @@ async def open_run(
         builder = builder.with_event_stream(
             places.events, key_prefix=config.key_prefix, maxlen=config.event_stream_maxlen
         )
+    board = open_cancel_board(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
+    builder = builder.with_cancel_board(board)
     _index_run(config.run_index, root_id, places)
     try:
         yield builder
     finally:
-        for resource in (journal, host, ledger):
+        for resource in (journal, host, ledger, board):
             if resource is not None:
                 await _close(resource)
 

@@ -26,13 +26,15 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .cancel.board import CancelBoard, RunState, new_run_id
+from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
-from .errors import WorkflowClosedError
+from .errors import WorkflowCancelledError, WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
@@ -50,6 +52,7 @@ from .events import (
     PhaseStart,
     StepFinished,
     StepStarted,
+    WorkflowCancelled,
     emit,
 )
 from .executor import AgentExecutor, PipelineStage
@@ -72,7 +75,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, StepFinished)
+
+CANCEL_POLL_S = 0.25
+"""How often a running workflow looks at its cancel board for a ``fleet cancel``."""
 
 
 def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +107,14 @@ class _Run:
     name_counts: dict[str, int] = field(default_factory=dict)
     exhausted_reported: bool = False
     closed: bool = False
+    board: CancelBoard | None = None
+    run_id: str = field(default_factory=new_run_id)
+    cancellation: Cancellation = field(init=False)
+    begun: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.cancellation = Cancellation((self.run_id,))
 
     def publish(self, event: Any) -> None:
         self.bus.publish(event)
@@ -162,6 +178,7 @@ class WorkflowBuilder:
     event_stream_url: str | None = None
     event_stream_prefix: str = "fleet"
     event_stream_maxlen: int = 10_000
+    cancel_board: CancelBoard | None = None
 
     def with_store(self, store: CheckpointStore) -> WorkflowBuilder:
         """Journal every phase in ``store``, making phases resume boundaries."""
@@ -184,6 +201,15 @@ class WorkflowBuilder:
     def with_step_events(self, sink: EventSink) -> WorkflowBuilder:
         """Also hand every step event the executor emits to ``sink``."""
         return replace(self, step_events=sink)
+
+    def with_cancel_board(self, board: CancelBoard) -> WorkflowBuilder:
+        """Register the run on ``board`` so ``fleet cancel ROOT_ID`` reaches it.
+
+        The run registers when its first verb starts, polls the board for a cancel every
+        :data:`CANCEL_POLL_S` while it is open, and records how it ended (``fleet
+        status``). Use a ``RedisCancelBoard`` on the fleet's Redis for a Celery run.
+        """
+        return replace(self, cancel_board=board)
 
     def with_event_stream(
         self, url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
@@ -237,6 +263,7 @@ class WorkflowBuilder:
                 root_id=root_id,
                 step_events=self.step_events,
                 stream=stream,
+                board=self.cancel_board,
             )
         )
 
@@ -302,9 +329,39 @@ class Workflow:
             return None
         return await self._run.budget.snapshot()
 
+    @property
+    def run_id(self) -> str:
+        """This run's id: what a cancel marker names (a new run of the root id gets a new one)."""
+        return self._run.run_id
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the workflow was cancelled (by this program, ``fleet cancel`` or its caller)."""
+        return self._run.cancellation.cancelled
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the workflow was cancelled (``None`` while it is not)."""
+        return self._run.cancellation.reason
+
     def _check_open(self) -> None:
         if self._run.closed:
             raise WorkflowClosedError(self._run.root_id)
+
+    async def _verb(self, verb: str, body: Callable[[], Awaitable[T]]) -> T:
+        """Run a verb under the workflow's cancellation; a cancel of its caller cancels it."""
+        self._check_open()
+        run = self._run
+        if run.cancellation.cancelled:
+            raise WorkflowCancelledError(run.root_id, run.cancellation.reason or "cancelled")
+        if not run.begun:
+            await self._begin()
+        try:
+            with use_cancellation(run.cancellation):
+                return await body()
+        except asyncio.CancelledError:
+            await self._cancel(f"the task awaiting Workflow.{verb} was cancelled")
+            raise
 
     async def agent(self, spec: AgentStepSpec) -> StepOutcome:
         """Run one step (not journaled); a failure comes back as a failed outcome."""
@@ -315,11 +372,14 @@ class Workflow:
 
     async def parallel(self, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
         """A barrier fan-out (:func:`fleet.execute_steps_parallel`); not journaled."""
-        self._check_open()
-        run = self._run
-        outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
-        await self._observe_budget(outcomes)
-        return outcomes
+
+        async def body() -> list[StepOutcome]:
+            run = self._run
+            outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
+            await self._observe_budget(outcomes)
+            return outcomes
+
+        return await self._verb("parallel", body)
 
     async def phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
         """A named barrier fan-out: the workflow's milestone and resume boundary.
@@ -330,11 +390,12 @@ class Workflow:
         the phase is journaled under ``"{root_id}/{name}"`` (``#2``, ``#3``… when the
         name repeats in one run); completed steps found there are not run again.
         """
-        self._check_open()
         if not isinstance(name, str) or not name:
             raise ValueError(f"a phase needs a non-empty name, got {name!r}")
+        return await self._verb("phase", lambda: self._phase(name, list(specs)))
+
+    async def _phase(self, name: str, specs: list[AgentStepSpec]) -> list[StepOutcome]:
         run = self._run
-        specs = list(specs)
         index = run.phase_count
         run.phase_count += 1
         journal = run.journal_id(name) if run.store is not None else None
@@ -361,23 +422,98 @@ class Workflow:
         self, items: Sequence[Any], stages: Sequence[PipelineStage]
     ) -> list[StepOutcome | None]:
         """Per-item chains with no barrier between stages (:func:`fleet.execute_pipeline`)."""
-        self._check_open()
-        run = self._run
-        results = await execute_pipeline(run.executor, items, stages, events=run.on_step_event)
-        await self._observe_budget([result for result in results if result is not None])
-        return results
+
+        async def body() -> list[StepOutcome | None]:
+            run = self._run
+            results = await execute_pipeline(run.executor, items, stages, events=run.on_step_event)
+            await self._observe_budget([result for result in results if result is not None])
+            return results
+
+        return await self._verb("pipeline", body)
 
     async def loop(
         self, initial: Sequence[AgentStepSpec], max_iterations: int, next: LoopPredicate
     ) -> list[StepOutcome]:
         """Barrier rounds until ``next`` stops them (:func:`fleet.execute_loop`)."""
-        self._check_open()
+
+        async def body() -> list[StepOutcome]:
+            run = self._run
+            outcomes = await execute_loop(
+                run.executor, initial, max_iterations, next, events=run.on_step_event
+            )
+            await self._observe_budget(outcomes)
+            return outcomes
+
+        return await self._verb("loop", body)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, reason: str = "cancelled by the workflow program") -> None:
+        """Cancel the workflow, here and on every worker.
+
+        Nothing new is dispatched; running steps are interrupted (within about 2 s on a
+        Celery fleet) and come back ``error="cancelled"`` from the verbs awaiting them;
+        their reservations are settled at what they used; completed steps stay
+        journaled; a ``workflow_cancelled`` event is sent; any later verb raises
+        :class:`~fleet.errors.WorkflowCancelledError`. Running the same root id again
+        resumes. Idempotent.
+        """
+        await self._cancel(str(reason) or "cancelled")
+
+    async def _cancel(self, reason: str, *, record: bool = True) -> None:
         run = self._run
-        outcomes = await execute_loop(
-            run.executor, initial, max_iterations, next, events=run.on_step_event
+        if run.closed or not run.cancellation.cancel(reason):
+            return
+        run.publish(WorkflowCancelled(reason=reason))
+        if record and run.board is not None and run.begun:
+            try:
+                await asyncio.shield(run.board.request(run.root_id, reason, run_id=run.run_id))
+            except Exception as error:
+                logger.warning(
+                    "workflow %r: cannot record the cancel on %r (%s: %s)",
+                    run.root_id,
+                    run.board,
+                    type(error).__name__,
+                    error,
+                )
+
+    async def _begin(self) -> None:
+        """Register the run on its cancel board and start watching it for a cancel."""
+        run = self._run
+        run.begun = True
+        if run.board is None:
+            return
+        try:
+            await run.board.begin(run.root_id, run.run_id)
+        except Exception as error:
+            logger.warning(
+                "workflow %r: cannot register on %r, so `fleet cancel` cannot reach it (%s: %s)",
+                run.root_id,
+                run.board,
+                type(error).__name__,
+                error,
+            )
+            return
+        run.watcher = asyncio.create_task(
+            self._watch(run.board), name=f"fleet-cancel:{run.root_id}"
         )
-        await self._observe_budget(outcomes)
-        return outcomes
+
+    async def _watch(self, board: CancelBoard) -> None:
+        run = self._run
+        warned = False
+        while not run.closed and not run.cancellation.cancelled:
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                notice = await board.check(run.run_id)
+            except Exception as error:
+                if not warned:
+                    warned = True
+                    logger.warning(
+                        "workflow %r: cannot read its cancel board: %s", run.root_id, error
+                    )
+                continue
+            if notice is not None:
+                await self._cancel(notice.reason, record=False)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Send a ``log`` event; never fails and never blocks.
@@ -412,10 +548,14 @@ class Workflow:
     async def finish(self) -> None:
         """End the workflow successfully: delete this run's phase journals, then close.
 
-        Idempotent. After it, a run with the same root id starts from scratch.
+        A cancelled workflow keeps its journals (a later run resumes it) and closes as
+        ``cancelled``. Idempotent. After it, a run with the same root id starts from scratch.
         """
         run = self._run
         if run.closed:
+            return
+        if run.cancellation.cancelled:
+            await self._shutdown("cancelled")
             return
         try:
             if run.store is not None:
@@ -430,13 +570,21 @@ class Workflow:
         Ends every subscription (after its waiting events) and flushes the event stream.
         Idempotent.
         """
-        await self._shutdown("closed")
+        await self._shutdown("cancelled" if self.cancelled else "closed")
 
-    async def _shutdown(self, status: str) -> None:
+    async def _shutdown(self, status: RunState) -> None:
         run = self._run
         if run.closed:
             return
         run.closed = True
+        if run.watcher is not None:
+            run.watcher.cancel()
+            await asyncio.wait({run.watcher})
+        if run.board is not None and run.begun:
+            try:
+                await run.board.end(run.root_id, run.run_id, status)
+            except Exception as error:
+                logger.warning("workflow %r: cannot record its end: %s", run.root_id, error)
         run.bus.close()
         if run.stream is not None:
             await run.record_budget()
@@ -446,6 +594,8 @@ class Workflow:
         self._check_open()
         if self._run.stream is not None:
             await self._run.record_budget()  # where a resumed run starts from
+        if not self._run.begun:
+            await self._begin()
         return self
 
     async def __aexit__(
@@ -456,5 +606,8 @@ class Workflow:
     ) -> None:
         if exc_type is None:
             await self.finish()
+        elif exc_type is asyncio.CancelledError:
+            await self._cancel("the workflow program was cancelled")
+            await self._shutdown("cancelled")
         else:
-            await self._shutdown("cancelled" if exc_type is asyncio.CancelledError else "failed")
+            await self._shutdown("cancelled" if self.cancelled else "failed")

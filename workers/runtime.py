@@ -10,6 +10,7 @@ thread keeps the leases of running steps alive.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -22,6 +23,8 @@ import redis
 
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
+from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch, marker_reason, read_markers
+from fleet.cancel.signal import Cancellation
 from fleet.celery.protocol import (
     REPLY_TTL_S,
     BudgetHold,
@@ -37,7 +40,7 @@ from fleet.errors import PoisonMessageError, UnknownAgentError
 from fleet.ledgers.redis import RedisLedger
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
-from fleet.step import run_agent
+from fleet.step import run_interruptible
 from fleet.stores.redis import RedisCheckpointStore
 
 __all__ = ["WorkerRuntime"]
@@ -52,12 +55,14 @@ class _LeaseKeeper:
     hogs its loop; it stops with the process, so a killed worker's leases lapse.
     """
 
-    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int) -> None:
+    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int, key_prefix: str) -> None:
         self._client = client
         self._lease_ms = lease_ms
         self._held: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pid = 0
+        self.markers = MarkerWatch(key_prefix)
+        """The cancel markers of the running steps, read on every tick."""
 
     def hold(self, key: str, owner: str) -> None:
         with self._lock:
@@ -72,8 +77,19 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         renew = self._client().register_script(lua("renew_lease"))
+        every_s = self._lease_ms / 3000
+        next_renewal = time.monotonic() + every_s
         while True:
-            time.sleep(self._lease_ms / 3000)
+            # Ticks at the cancel-watch pace; leases are renewed every third of a lease.
+            time.sleep(min(every_s, WATCH_INTERVAL_S))
+            try:
+                if len(self.markers):
+                    self.markers.poll(self._client())
+            except redis.RedisError as error:
+                logger.warning("could not read cancel markers: %s", error)
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + every_s
             with self._lock:
                 held = list(self._held.items())
             if not held:
@@ -103,7 +119,9 @@ class WorkerRuntime:
         self._redis: redis.Redis | None = None
         self._pid = 0
         self._local = threading.local()
-        self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+        self._leases = _LeaseKeeper(
+            self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
+        )
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork)."""
@@ -115,27 +133,48 @@ class WorkerRuntime:
             self._begin_link = self._redis.register_script(lua("begin_link"))
         return self._redis
 
-    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+    def _loop(self) -> asyncio.AbstractEventLoop:
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(coro)
+        return loop  # type: ignore[no-any-return]
+
+    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+        return self._loop().run_until_complete(coro)
+
+    def cancel_reason(self, markers: list[str]) -> str | None:
+        """Why the step was cancelled, if one of its cancel markers is in Redis."""
+        return read_markers(self.redis(), markers, key_prefix=self.settings.key_prefix)
 
     # ------------------------------------------------------------------ claim / finish
 
-    def claim(self, tid: str, nonce: str, reply: str, notice: str) -> tuple[str, Any]:
-        """``("claimed", owner)``, ``("done", outcome json)`` or ``("held", owner)``."""
+    def claim(
+        self, tid: str, nonce: str, reply: str, notice: str, markers: list[str]
+    ) -> tuple[str, Any]:
+        """Claim a step: ``("claimed", owner)``, ``("done", outcome)``, ``("held", owner)``.
+
+        ``("cancelled", reason)`` when one of the step's cancel ``markers`` is present:
+        nothing is taken then.
+        """
         self.redis()
         owner = f"{uuid.uuid4().hex[:12]}"
         status, value = self._claim(
-            keys=[self.keys.done(tid), self.keys.result(tid, nonce), self.keys.lease(tid), reply],
+            keys=[
+                self.keys.done(tid),
+                self.keys.result(tid, nonce),
+                self.keys.lease(tid),
+                reply,
+                *(self.keys.cancel(marker) for marker in markers),
+            ],
             args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S],
         )
         status = status.decode()
         if status == "claimed":
             self._leases.hold(self.keys.lease(tid), owner)
             return status, owner
+        if status == "cancelled":
+            return status, marker_reason(value)
         return status, value
 
     def finish(
@@ -205,8 +244,20 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ the step body
 
-    def execute(self, spec: AgentStepSpec, worker: str, message: StepMessage | None) -> StepOutcome:
-        """Run one step here with the shared step body; never raises."""
+    def execute(
+        self,
+        spec: AgentStepSpec,
+        worker: str,
+        message: StepMessage | None,
+        *,
+        markers: list[str],
+        lease: str,
+    ) -> StepOutcome:
+        """Run one step here with the shared step body; never raises.
+
+        While it runs, the lease thread watches ``markers``: when one appears, the step's
+        task is cancelled on this thread's loop and the step ends ``cancelled``.
+        """
         started = time.monotonic()
         try:
             definition = self.registry.resolve(spec.agent)
@@ -223,7 +274,16 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
-        outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
+        cancellation = Cancellation(markers) if markers else None
+        if cancellation is not None:
+            stop = functools.partial(self._loop().call_soon_threadsafe, cancellation.cancel)
+            self._leases.markers.watch(lease, markers, stop)
+        try:
+            outcome: StepOutcome = self.run_async(
+                self._run(definition, spec, ctx, started, message, cancellation)
+            )
+        finally:
+            self._leases.markers.unwatch(lease)
         return outcome
 
     async def _run(
@@ -233,12 +293,15 @@ class WorkerRuntime:
         ctx: AgentContext,
         started: float,
         message: StepMessage | None,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         hold = None if message is None else message.budget
         if hold is None:
-            outcome = await run_agent(definition, spec, ctx, started=started)
+            outcome = await run_interruptible(
+                definition, spec, ctx, started=started, cancellation=cancellation
+            )
         else:
-            outcome = await self._run_held(hold, definition, spec, ctx, started)
+            outcome = await self._run_held(hold, definition, spec, ctx, started, cancellation)
         if message is not None and message.journal and message.workflow_id and outcome.success:
             await self._journal(message.workflow_id, spec, outcome)
         return outcome
@@ -250,6 +313,7 @@ class WorkerRuntime:
         spec: AgentStepSpec,
         ctx: AgentContext,
         started: float,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         """Run under the host's reservation: keep its lease alive, settle what was used."""
         ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
@@ -259,7 +323,9 @@ class WorkerRuntime:
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
         try:
             async with reservation.kept_alive():
-                outcome = await run_agent(definition, spec, ctx, started=started)
+                outcome = await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
         finally:
             try:
                 await asyncio.shield(reservation.settle(ctx.used.total_tokens))

@@ -30,7 +30,7 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +38,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..cancel.signal import current_cancellation
 from ..redisclient import retry_options
 from .protocol import Finished, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
     from .executor import CeleryExecutor
 
-__all__ = ["HOST_CONNECTIONS", "Dispatcher", "Flight", "Track"]
+__all__ = ["CANCEL_GRACE_S", "HOST_CONNECTIONS", "CancelState", "Dispatcher", "Flight", "Track"]
 
 logger = logging.getLogger("fleet.celery")
 
@@ -91,6 +92,41 @@ Notice = Started | Finished | Stopped
 _Item = tuple[Flight, Notice] | Lost | Broken | None
 
 
+CANCEL_GRACE_S = 10.0
+"""How long a cancelled track waits for the workers of its running steps to report."""
+
+
+class CancelState:
+    """Where a track is in a cancel: requested (by the workflow's cancellation), begun, over."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.started = False
+        self.deadline = float("inf")
+
+    def request(self, reason: str, dispatch: asyncio.Task[None], wake: Callable[[], None]) -> None:
+        """Stop sending now; the track's next :meth:`Track.tick` does the rest."""
+        if self.reason is None:
+            self.reason = reason
+            dispatch.cancel()
+            wake()
+
+    def due(self) -> bool:
+        """Requested and not acted on yet."""
+        return self.reason is not None and not self.started
+
+    def begin(self) -> str:
+        """Act on it now; returns the reason."""
+        self.started = True
+        self.deadline = time.monotonic() + CANCEL_GRACE_S
+        self.reason = self.reason or "cancelled"
+        return self.reason
+
+    def expired(self) -> bool:
+        """The running steps had their grace time to report."""
+        return time.monotonic() > self.deadline
+
+
 class Track(ABC):
     """A round or a pipeline: flights the dispatcher serves, notices it receives."""
 
@@ -99,6 +135,10 @@ class Track(ABC):
         self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self.open = 0
         """Flights of this track not finished yet; :meth:`receive` returns at zero."""
+        self.cancellation = current_cancellation()
+        """The workflow's cancellation this track runs under (from its caller's context)."""
+        self.cancel = CancelState()
+        """Where the track is in a cancel (see :meth:`cancellable`)."""
 
     @abstractmethod
     async def handle(self, flight: Flight, notice: Notice) -> None:
@@ -114,6 +154,25 @@ class Track(ABC):
     def closed(self) -> None:
         """Wake :meth:`receive` (call when :attr:`open` drops to zero off a notice)."""
         self.inbox.put_nowait(None)
+
+    async def cancellable(self, dispatch: Coroutine[Any, Any, None]) -> None:
+        """Run ``dispatch`` and :meth:`receive`; the workflow's cancel stops the dispatch.
+
+        The track's ``cancel`` (a :class:`CancelState`) is then due, for its :meth:`tick`.
+        """
+        cancellation = self.cancellation
+        async with asyncio.TaskGroup() as tasks:
+            sender = tasks.create_task(dispatch)
+            tasks.create_task(self.receive())
+            forget = (
+                cancellation.add_callback(
+                    lambda reason: self.cancel.request(reason, sender, self.closed)
+                )
+                if cancellation is not None
+                else None
+            )
+        if forget is not None:
+            forget()
 
     async def receive(self) -> None:
         """Handle this track's notices until every flight is finished."""

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from celery import chain
 from redis.exceptions import RedisError
 
+from ..cancel.markers import leave_markers
+from ..cancel.signal import CANCELLED
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..spec import StepOutcome
 from .dispatch import Flight, Notice, Track
@@ -71,6 +73,9 @@ class Pipeline(Track):
             for i in range(len(items))
         ]
         self.open = len(items)
+        run_markers = self.cancellation.markers if self.cancellation is not None else ()
+        self.markers = [*run_markers, self.pipe]
+        """What a worker checks before and while running a link of this pipeline."""
 
     async def run(self) -> list[StepOutcome | None]:
         """Run every chain to its end; each item's last outcome (``None``: declined)."""
@@ -81,6 +86,7 @@ class Pipeline(Track):
             nonce=self.pipe,
             # Nobody listens for step_started: the host watches leases instead.
             announce=self.events is not None,
+            cancel=self.markers,
         ).to_json()
         key = self.keys.pipe(self.pipe)
         try:
@@ -90,9 +96,18 @@ class Pipeline(Track):
                     fields[f"item:{i}"] = json.dumps(self.items[i])
                 await client.hset(key, mapping=fields)  # type: ignore[arg-type]
             await client.expire(key, self.x.settings.result_expires_s)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._dispatch())
-                tasks.create_task(self.receive())
+            try:
+                await self.cancellable(self._dispatch())
+            except asyncio.CancelledError:
+                # The caller was cancelled: stop this pipeline's links on the workers.
+                markers = self.markers if self.cancel.reason is not None else [self.pipe]
+                with contextlib.suppress(RedisError, OSError):
+                    await asyncio.shield(
+                        leave_markers(
+                            client, markers, "the caller was cancelled", key_prefix=self.keys.prefix
+                        )
+                    )
+                raise
         finally:
             for chain_ in self.chains:
                 self.dispatcher.release(chain_)
@@ -134,8 +149,12 @@ class Pipeline(Track):
             await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
 
     async def resend(self, flights: list[Flight]) -> None:
-        """Send lost chains again from their due link."""
+        """Send lost chains again from their due link (after a cancel: they end cancelled)."""
         batch = [f for f in flights if isinstance(f, _Chain) and not f.finished]
+        if self.cancel.started:
+            for chain_ in batch:
+                self._finish(chain_, self._cancelled(chain_))
+            return
         if batch:
             await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
 
@@ -157,6 +176,31 @@ class Pipeline(Track):
                 self.dispatcher.rekey(chain_, stage_link_id(self.pipe, chain_.index, chain_.stage))
         else:
             self._finish(chain_, notice.outcome)
+
+    async def tick(self) -> None:
+        """After a cancel: mark it for the workers, end the chains that no worker runs."""
+        if self.cancel.due():
+            reason = self.cancel.begin()
+            client = self.dispatcher.client()
+            await leave_markers(client, self.markers, reason, key_prefix=self.keys.prefix)
+            for chain_ in self.chains:
+                if not chain_.finished and not chain_.sent_at:
+                    self._finish(chain_, self._cancelled(chain_))
+        elif self.cancel.expired():
+            for chain_ in self.chains:
+                if not chain_.finished:
+                    self._finish(chain_, self._cancelled(chain_))
+
+    def _cancelled(self, chain_: _Chain) -> StepOutcome:
+        """The final outcome of a chain the cancel stopped before its due link ran."""
+        stage = min(chain_.stage, len(self.stages) - 1)
+        return StepOutcome.failed(
+            stage_link_id(self.pipe, chain_.index, chain_.stage),
+            self.stages[stage],
+            f"pipeline item #{chain_.index} was cancelled before stage {chain_.stage} ran: "
+            f"{self.cancel.reason or CANCELLED}",
+            error=CANCELLED,
+        )
 
     def _finish(self, chain_: _Chain, final: StepOutcome | None) -> None:
         chain_.final, chain_.finished = final, True

@@ -26,6 +26,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from ..cancel.board import cancel_marker_key
 from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
 from ..spec import AgentStepSpec, FleetModel, StepOutcome
@@ -98,6 +99,9 @@ class StepMessage(FleetModel):
     """The step's token hold, when a Redis budget ledger guards the workflow."""
     journal: bool = False
     """Write the step's journal record into the fleet's Redis journal when it succeeds."""
+    cancel: list[str] = Field(default_factory=list)
+    """Cancel markers (the workflow run's id, the round's id): a worker that finds any of
+    them in Redis (:meth:`Keys.cancel`) drops the message, or interrupts the running step."""
 
 
 class StageMessage(FleetModel):
@@ -128,6 +132,8 @@ class PipelineContext(FleetModel):
     """Names the run: each link's record is ``result(link, nonce)``."""
     announce: bool = True
     """Push a :class:`Started` notice when a link starts (someone listens for events)."""
+    cancel: list[str] = Field(default_factory=list)
+    """Cancel markers of every link (the workflow run's id, the pipeline's id)."""
 
 
 _Model = TypeVar("_Model", bound=FleetModel)
@@ -249,6 +255,13 @@ class Keys:
     def pipe(self, pipe: str) -> str:
         """A pipeline run's hash: its :class:`PipelineContext` and items."""
         return f"{self.prefix}:pipe:{pipe}"
+
+    def cancel(self, marker: str) -> str:
+        """A cancel marker: its presence cancels every step that names it.
+
+        It holds JSON with a ``reason`` and lives a day (see :mod:`fleet.cancel.markers`).
+        """
+        return cancel_marker_key(marker, key_prefix=self.prefix)
 
 
 def step_task_id(workflow_id: str, spec: AgentStepSpec) -> str:

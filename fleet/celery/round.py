@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import MaxConnectionsError, RedisError
 
+from ..cancel.markers import leave_markers
+from ..cancel.signal import CANCELLED, cancelled_outcome
 from ..combinators import crash_outcome
 from ..config import mask_url
 from ..errors import BudgetExhaustedError
@@ -108,6 +110,9 @@ class Round(Track):
                 )
             )
         self.open = len(self.entries)
+        run_markers = self.cancellation.markers if self.cancellation is not None else ()
+        self.markers = [*run_markers, self.nonce]
+        """What a worker checks before and while running a step of this round."""
         budget = executor.budget
         self._renew_every = budget.lease_s / 3 if budget is not None else float("inf")
         self._next_renewal = time.monotonic() + self._renew_every
@@ -119,9 +124,11 @@ class Round(Track):
         try:
             self.client = client = await self.dispatcher.ready()
             try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._dispatch())
-                    tasks.create_task(self.receive())
+                try:
+                    await self.cancellable(self._dispatch())
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._abandon())
+                    raise
                 if self.workflow_id is not None:
                     # The round is over and its caller has the outcomes: a later run of
                     # the same workflow must not be served this round's results.
@@ -169,6 +176,7 @@ class Round(Track):
             workflow_id=self.workflow_id,
             budget=hold,
             journal=self.x.worker_journal and self.workflow_id is not None,
+            cancel=self.markers,
         )
         return message.to_json()
 
@@ -260,8 +268,17 @@ class Round(Track):
         await self.dispatcher.send(batch, [self._signature(e) for e in batch])
 
     async def resend(self, flights: list[Flight]) -> None:
-        """Send lost steps again, under the same task id and payload."""
-        await self._send([f for f in flights if isinstance(f, _Entry) and f.outcome is None])
+        """Send lost steps again, under the same task id and payload.
+
+        Not after a cancel: a lost step of a cancelled round never runs, it ends cancelled.
+        """
+        lost = [f for f in flights if isinstance(f, _Entry) and f.outcome is None]
+        if self.cancel.started:
+            for entry in lost:
+                reason = self.cancel.reason or CANCELLED
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+            return
+        await self._send(lost)
 
     # ------------------------------------------------------------------ receive
 
@@ -278,7 +295,14 @@ class Round(Track):
             await self._resolve(entry, notice.outcome)
 
     async def tick(self) -> None:
-        """Keep queued steps' reservations alive (the worker renews while a step runs)."""
+        """Act on a cancel; keep queued steps' reservations alive (workers renew running ones)."""
+        if self.cancel.due():
+            await self._cancel_now()
+        elif self.cancel.expired():
+            for entry in self.entries:  # running when cancelled, and its worker never said
+                if entry.outcome is None:
+                    reason = self.cancel.reason or CANCELLED
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason), settle=False)
         if time.monotonic() >= self._next_renewal:
             held = [
                 e.reservation
@@ -288,7 +312,49 @@ class Round(Track):
             await asyncio.gather(*(r.renew() for r in held))
             self._next_renewal = time.monotonic() + self._renew_every
 
-    async def _resolve(self, entry: _Entry, outcome: StepOutcome) -> None:
+    # ------------------------------------------------------------------ cancel
+
+    async def _cancel_now(self) -> None:
+        """The workflow was cancelled: mark it for the workers, settle what never ran."""
+        reason = self.cancel.begin()
+        await leave_markers(self.client, self.markers, reason, key_prefix=self.keys.prefix)
+        for entry in self.entries:
+            if entry.outcome is None and not entry.sent_at:
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+        await self._sweep_unclaimed(reason)
+
+    async def _sweep_unclaimed(self, reason: str) -> None:
+        """Once the markers are set no worker can claim a step: an unclaimed one never runs."""
+        entries = [e for e in self.entries if e.outcome is None and e.sent_at]
+        if not entries:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.exists(self.keys.lease(entry.tid))
+                pipe.get(self.keys.result(entry.tid, self.nonce))
+            replies = await pipe.execute()
+        for i, entry in enumerate(entries):
+            leased, record = replies[2 * i], replies[2 * i + 1]
+            if record is not None:
+                await self._resolve(entry, StepOutcome.from_json(record))
+            elif not leased:
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+
+    async def _abandon(self) -> None:
+        """The caller was cancelled: stop this round's steps on the workers, release holds."""
+        reason = "the caller was cancelled"
+        # The workflow's own marker only when the workflow was cancelled, not just this round.
+        markers = self.markers if self.cancel.reason is not None else [self.nonce]
+        try:
+            await leave_markers(self.client, markers, reason, key_prefix=self.keys.prefix)
+            await self._sweep_unclaimed(reason)
+            for entry in self.entries:  # reserved, never sent
+                if entry.outcome is None and not entry.sent_at:
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+        except (RedisError, OSError) as error:
+            logger.warning("could not cancel the round's steps on the fleet: %s", error)
+
+    async def _resolve(self, entry: _Entry, outcome: StepOutcome, *, settle: bool = True) -> None:
         if entry.outcome is not None:
             return
         entry.outcome = outcome
@@ -296,7 +362,7 @@ class Round(Track):
         self.dispatcher.release(entry)
         if self.open == 0:
             self.closed()
-        if entry.reservation is not None:
+        if entry.reservation is not None and settle:
             # Settling is idempotent: the worker may already have charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
         emit(self.events, StepFinished.of(outcome))
