@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -220,7 +221,17 @@ def test_live_workflow_page_in_a_real_browser(
     alert = wait(browser, "confirm dialog", lambda b: b.switch_to.alert)
     assert long_id in alert.text
     alert.accept()
-    wait(browser, "status cancelled", lambda b: b.find_element(By.ID, "status").text == "cancelled")
+    try:
+        wait(
+            browser,
+            "status cancelled",
+            lambda b: b.find_element(By.ID, "status").text == "cancelled",
+        )
+    except TimeoutException:
+        note = browser.find_element(By.ID, "cancel-note").text
+        with dashboard.client() as client:
+            body = client.get(f"/api/workflows/{long_id}").text
+        raise AssertionError(f"not cancelled; page note {note!r}; API {body[:2000]}") from None
     assert "cancelled from the dashboard" in browser.find_element(By.ID, "notes").text
     long_run.join()  # a cancelled phase returns its outcomes: the program may end normally
     assert "done" not in step_states(browser, "nap-")
