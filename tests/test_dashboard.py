@@ -18,8 +18,8 @@ import pytest
 
 from fleet.agents.echo import echo_usage
 from fleet.config import FleetSettings
-from fleet.dashboard.data import WorkflowView, public_status
 from fleet.dashboard.metrics import MAX_LABEL_VALUES, render_metrics
+from fleet.dashboard.views import WorkflowView, public_status
 from fleet.runner import open_run, plan_run
 from tests.dashboard_support import (
     Dashboard,

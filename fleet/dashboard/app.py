@@ -43,8 +43,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import FleetSettings
 from ..errors import ConfigError
-from .data import Catalog, WorkflowView
+from .data import Catalog
 from .metrics import render_metrics
+from .views import WorkflowView
 
 __all__ = ["STATUSES", "create_app", "dashboard_auth"]
 

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from decimal import Decimal
 
-from .data import WorkflowView
+from .views import WorkflowView
 
 __all__ = ["MAX_LABEL_VALUES", "render_metrics"]
 
