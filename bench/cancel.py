@@ -16,8 +16,10 @@ the run (must be 0) and how many outcomes were ``cancelled``. p50 and max over t
 
     python -m bench.cancel [--trials 5] [--steps 100] [--latency 5] [--cancel-after 1]
 
-Starts its own redis-server, provider and workers (stopped by PID). Writes
-``bench/results/cancel.json``.
+``--cancel-after 0.1`` cancels while the workers are still taking their first steps, which
+shows how late a request can still arrive. Starts its own redis-server, provider and workers
+(stopped by PID). Writes ``bench/results/cancel.json`` (``cancel_after_<s>s.json`` for
+another ``--cancel-after``).
 """
 
 from __future__ import annotations
@@ -73,13 +75,12 @@ async def trial(
         AgentStepSpec(task_id=f"s{i}", agent="llm", description="bench", prompt=f"step {i}")
         for i in range(args.steps)
     ]
-    slots = args.workers * args.concurrency
     async with workflow:
         phase = asyncio.create_task(workflow.phase("work", specs))
 
         async def busy() -> bool:
             stats = await asyncio.to_thread(provider.stats, log=False)
-            return int(stats["requests"]) >= min(slots, args.steps)
+            return int(stats["requests"]) >= 1
 
         await _wait_for(busy, 120)
         log = (await asyncio.to_thread(provider.stats))["log"]
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(summary))
     command = "python -m bench.cancel " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = write("cancel", command.strip(), rows, summary=summary, settings=vars(args))
+    name = "cancel" if args.cancel_after == 1.0 else f"cancel_after_{args.cancel_after:g}s"
+    path = write(name, command.strip(), rows, summary=summary, settings=vars(args))
     print(f"\nwrote {path}")
     return 0
 

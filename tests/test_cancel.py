@@ -349,35 +349,47 @@ def _counts(counters: Path) -> dict[str, int]:
     return {path.name: len(path.read_text()) for path in counters.iterdir()}
 
 
+@pytest.mark.parametrize("where", ["sqlite", "redis"])
 def test_fleet_cancel_of_an_unknown_or_finished_root_id_says_so_and_changes_nothing(
-    tmp_path: Path, redis_url: str, key_prefix: str
+    tmp_path: Path, redis_url: str, key_prefix: str, where: str
 ) -> None:
     """Unknown or finished root id: one line, exit status 1, the record is untouched."""
     from tests.test_cli_run import run_fleet
 
     extra = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": key_prefix}
+    if where == "redis":
+        extra["FLEET_STORE"] = redis_url
     unknown = run_fleet(tmp_path, "cancel", "nobody", **extra)
     assert unknown.returncode == 1, unknown.stderr
     lines = unknown.stdout.strip().splitlines()
     assert len(lines) == 1 and "no running workflow nobody found" in lines[0]
-    assert "looked in" in lines[0] and "journal.db" in lines[0]
+    assert "looked in" in lines[0]
     assert not (tmp_path / "journal.db").exists()  # nothing created either
 
-    board = SQLiteCancelBoard(tmp_path / "journal.db")
+    async def on_board(action: Any) -> Any:
+        board: CancelBoard = (
+            SQLiteCancelBoard(tmp_path / "journal.db")
+            if where == "sqlite"
+            else RedisCancelBoard(redis_url, key_prefix=key_prefix)
+        )
+        try:
+            return await action(board)
+        finally:
+            await board.close()
 
-    async def finished_run() -> None:
+    async def finished_run(board: CancelBoard) -> Any:
         run = new_run_id()
         await board.begin("done-wf", run)
         await board.end("done-wf", run, "finished")
+        return await board.record("done-wf")
 
-    asyncio.run(finished_run())
-    before = asyncio.run(board.record("done-wf"))
+    before = asyncio.run(on_board(finished_run))
     done = run_fleet(tmp_path, "cancel", "done-wf", "--reason", "late", **extra)
     assert done.returncode == 1, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and "is not running: finished at" in lines[0]
-    assert asyncio.run(board.record("done-wf")) == before
-    assert asyncio.run(board.check(before.run_id)) is None  # type: ignore[union-attr]
+    assert asyncio.run(on_board(lambda board: board.record("done-wf"))) == before
+    assert asyncio.run(on_board(lambda board: board.check(before.run_id))) is None
 
 
 @pytest.mark.parametrize("how", ["fleet cancel", "Ctrl-C"])

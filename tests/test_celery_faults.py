@@ -7,6 +7,10 @@ Every step here is ``count_where``: it appends the worker's node name to
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +24,8 @@ from fleet.events import StepFinished
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages
-from tests.celery_support import CeleryWorkers, fleet_settings, running_workers, until
+from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers, until
+from tests.faults.support import process_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults]
 
@@ -56,6 +61,38 @@ def doomed_workers(redis_url: str, tmp_path: Path, counter_dir: Path) -> Iterato
     """Two workers of this test's own: it kills one."""
     with start(redis_url, tmp_path, counter_dir) as fleet:
         yield fleet
+
+
+FIRST_HOST = """
+import asyncio, sys
+from fleet.celery import CeleryExecutor
+from fleet.config import load_settings
+from fleet.resumable import execute_steps_parallel_resumable
+from fleet.stores import RedisCheckpointStore
+from tests.test_celery_faults import specs
+
+async def main():
+    settings = load_settings()
+    store = RedisCheckpointStore(settings.redis_url, key_prefix=sys.argv[1])
+    async with CeleryExecutor(settings=settings) as executor:
+        await execute_steps_parallel_resumable(executor, specs(6, "r"), "wf-reattach", store)
+
+asyncio.run(main())
+"""
+"""The first host of the re-attach test, run as a child process that the test kills."""
+
+
+def start_first_host(workers: CeleryWorkers, key_prefix: str) -> subprocess.Popen[bytes]:
+    """Start :data:`FIRST_HOST` (in its own process group, for the kill)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", FIRST_HOST, key_prefix],
+        cwd=REPO,
+        env=process_env(workers.settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def where_ran(counter_dir: Path, prefix: str) -> dict[str, list[str]]:
@@ -226,27 +263,18 @@ async def test_resumed_host_reattaches_to_steps_in_flight(
 ) -> None:
     """A resumed host re-attaches to steps still running: every step runs exactly once.
 
-    The first host dies mid-round (its task is cancelled; the workers keep going); a new
-    host resumes the journal and waits for those steps instead of sending them again.
+    The first host, a child process, is SIGKILLed mid-round (the workers keep going; a
+    cancelled host task would instead be a cancel, which stops its steps); a new host
+    resumes the journal and waits for those steps instead of sending them again.
     """
     store = RedisCheckpointStore(workers.settings.redis_url, key_prefix=key_prefix)
     round_specs = specs(6, "r")
-    first = workers.executor()
-    started: set[str] = set()
-    crashed = asyncio.create_task(
-        execute_steps_parallel_resumable(
-            first,
-            round_specs,
-            "wf-reattach",
-            store,
-            events=lambda e: started.add(e.task_id) if e.type == "step_started" else None,
-        )
-    )
-    await until(lambda: len(started) == 6)
-    crashed.cancel()  # the host goes away; the workers keep running its steps
-    with pytest.raises(asyncio.CancelledError):
-        await crashed
-    await first.aclose()
+    first = start_first_host(workers, key_prefix)
+    try:
+        await until(lambda: len(where_ran(counter_dir, "r")) == 6)  # all 6 running
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the host goes away; the workers keep going
+        first.wait(timeout=10)
 
     second = workers.executor()
     try:

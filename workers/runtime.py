@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import redis
@@ -29,6 +29,7 @@ from fleet.celery.protocol import (
     REPLY_TTL_S,
     BudgetHold,
     Keys,
+    Limited,
     StageMessage,
     StepMessage,
     lua,
@@ -37,7 +38,9 @@ from fleet.celery.protocol import (
 from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.errors import PoisonMessageError, UnknownAgentError
+from fleet.events import EventSink, RateLimited
 from fleet.ledgers.redis import RedisLedger
+from fleet.limiters import RedisRateLimiter
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_interruptible
@@ -122,6 +125,8 @@ class WorkerRuntime:
         self._leases = _LeaseKeeper(
             self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
         )
+        # Provider limits, shared with every worker and host on this Redis.
+        self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork)."""
@@ -250,13 +255,16 @@ class WorkerRuntime:
         worker: str,
         message: StepMessage | None,
         *,
-        markers: list[str],
-        lease: str,
+        tid: str = "",
+        markers: Sequence[str] = (),
+        lease: str = "",
     ) -> StepOutcome:
         """Run one step here with the shared step body; never raises.
 
-        While it runs, the lease thread watches ``markers``: when one appears, the step's
-        task is cancelled on this thread's loop and the step ends ``cancelled``.
+        With a step ``message``, the ``rate_limited`` events of the step (task ``tid``)
+        go to the host on its reply list. While it runs, the lease thread watches
+        ``markers``: when one appears, the step's task is cancelled on this thread's loop
+        and the step ends ``cancelled``.
         """
         started = time.monotonic()
         try:
@@ -270,6 +278,9 @@ class WorkerRuntime:
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             worker=worker,
             workflow_id=None if message is None else message.workflow_id,
+            limit=definition.limit,
+            limiter=self.limiter,
+            events=None if message is None else self._forward(message.reply, tid),
         )
         hold = None if message is None else message.budget
         if hold is not None:
@@ -285,6 +296,18 @@ class WorkerRuntime:
         finally:
             self._leases.markers.unwatch(lease)
         return outcome
+
+    def _forward(self, reply: str, tid: str) -> EventSink:
+        """A sink that hands the host a step's ``rate_limited`` events (others stay here)."""
+
+        def sink(event: object) -> None:
+            if isinstance(event, RateLimited):
+                try:
+                    self.redis().rpush(reply, Limited(id=tid, event=event).to_json())
+                except redis.RedisError as error:
+                    logger.warning("could not tell the host of a rate_limited wait: %s", error)
+
+        return sink
 
     async def _run(
         self,

@@ -93,7 +93,9 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     try:
         lease = runtime.keys.lease(tid)
-        outcome = runtime.execute(spec, worker, message, markers=message.cancel, lease=lease)
+        outcome = runtime.execute(
+            spec, worker, message, tid=tid, markers=message.cancel, lease=lease
+        )
     except BaseException:
         runtime.abandon(tid)  # let the lease lapse: the host will send the step again
         raise

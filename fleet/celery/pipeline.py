@@ -28,9 +28,11 @@ from .protocol import (
     PROTOCOL_VERSION,
     STAGE_TASK,
     Finished,
+    Limited,
     PipelineContext,
     StageMessage,
     Started,
+    Stopped,
     stage_link_id,
 )
 from .round import SEND_BATCH
@@ -177,8 +179,10 @@ class Pipeline(Track):
                 self._finish(chain_, outcome)
             else:
                 self.dispatcher.rekey(chain_, stage_link_id(self.pipe, chain_.index, chain_.stage))
-        else:
+        elif isinstance(notice, Stopped):
             self._finish(chain_, notice.outcome)
+        elif isinstance(notice, Limited):
+            emit(self.events, notice.event)
 
     async def tick(self) -> None:
         """After a cancel: mark it for the workers, end the chains that no worker runs."""

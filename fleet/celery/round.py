@@ -24,6 +24,7 @@ from ..config import mask_url
 from ..errors import BudgetExhaustedError
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
+from ..limiters import ProviderLimit
 from ..spec import AgentStepSpec, StepOutcome
 from .dispatch import HOST_CONNECTIONS, Flight, Notice, Track
 from .protocol import (
@@ -31,6 +32,7 @@ from .protocol import (
     STEP_TASK,
     BudgetHold,
     Finished,
+    Limited,
     Started,
     StepMessage,
     step_summary,
@@ -107,15 +109,23 @@ class Round(Track):
                     owner=self,
                     index=index,
                     spec=spec,
+                    limit=self._limit_of(spec),
                 )
             )
         self.open = len(self.entries)
+        self._reserving: list[tuple[_Entry, asyncio.Future[Reservation]]] = []
         run_markers = self.cancellation.markers if self.cancellation is not None else ()
         self.markers = [*run_markers, self.nonce]
         """What a worker checks before and while running a step of this round."""
         budget = executor.budget
         self._renew_every = budget.lease_s / 3 if budget is not None else float("inf")
         self._next_renewal = time.monotonic() + self._renew_every
+
+    def _limit_of(self, spec: AgentStepSpec) -> ProviderLimit | None:
+        try:
+            return self.x.registry().resolve(spec.agent).limit
+        except LookupError:  # the worker answers unknown_agent
+            return None
 
     async def run(self) -> list[StepOutcome]:
         """Send, collect and recover every step; one outcome per spec, in order."""
@@ -206,9 +216,16 @@ class Round(Track):
                 else self.x.settings.default_reserve_tokens
             )
         try:
-            entry.reservation = await budget.reserve(
-                tokens, holder=entry.tid, reservation_id=entry.tid
+            holding = asyncio.ensure_future(
+                budget.reserve(tokens, holder=entry.tid, reservation_id=entry.tid)
             )
+            try:
+                entry.reservation = await asyncio.shield(holding)
+            except asyncio.CancelledError:
+                # Cancelled mid-reservation: the ledger may still grant it; the cancel
+                # waits for the answer and settles the hold (see _release_reserving).
+                self._reserving.append((entry, holding))
+                raise
         except BudgetExhaustedError as error:
             await self._resolve(
                 entry,
@@ -235,6 +252,8 @@ class Round(Track):
                 entry = next(pending, None)
                 if entry is None or len(batch) >= room or slots.locked():
                     break
+                if batch and not self.dispatcher.may_send(entry):
+                    break  # send what may go before waiting for this step's limit
                 await self.dispatcher.acquire(entry)
             if self.workflow_id is not None and batch:
                 batch = await self._reattach(batch)
@@ -296,6 +315,8 @@ class Round(Track):
                 emit(self.events, started)
         elif isinstance(notice, Finished):
             await self._resolve(entry, notice.outcome)
+        elif isinstance(notice, Limited):
+            emit(self.events, notice.event)
 
     async def tick(self) -> None:
         """Act on a cancel; keep queued steps' reservations alive (workers renew running ones)."""
@@ -321,10 +342,28 @@ class Round(Track):
         """The workflow was cancelled: mark it for the workers, settle what never ran."""
         reason = self.cancel.begin()
         await leave_markers(self.client, self.markers, reason, key_prefix=self.keys.prefix)
+        await self._release_reserving()
         for entry in self.entries:
             if entry.outcome is None and not entry.sent_at:
                 await self._resolve(entry, cancelled_outcome(entry.spec, reason))
         await self._sweep_unclaimed(reason)
+
+    async def _release_reserving(self) -> None:
+        """Settle at 0 the holds a cancelled dispatch was still asking the ledger for."""
+        for entry, holding in self._reserving:
+            try:
+                entry.reservation = await asyncio.wait_for(asyncio.shield(holding), 5.0)
+            except BudgetExhaustedError:
+                continue  # refused: nothing is held
+            except (TimeoutError, RedisError, OSError) as error:
+                logger.warning(
+                    "step %r: its reservation stays held until its lease lapses (%s)",
+                    entry.spec.task_id,
+                    error,
+                )
+                continue
+            await asyncio.shield(entry.reservation.settle(0))
+        self._reserving.clear()
 
     async def _sweep_unclaimed(self, reason: str) -> None:
         """Once the markers are set no worker can claim a step: an unclaimed one never runs."""
@@ -350,6 +389,7 @@ class Round(Track):
         markers = self.markers if self.cancel.reason is not None else [self.nonce]
         try:
             await leave_markers(self.client, markers, reason, key_prefix=self.keys.prefix)
+            await self._release_reserving()
             await self._sweep_unclaimed(reason)
             for entry in self.entries:  # reserved, never sent
                 if entry.outcome is None and not entry.sent_at:

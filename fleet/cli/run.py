@@ -340,6 +340,8 @@ def _print_status(report: RunStatus, run: RunRecord | None) -> None:
         say(f"  budget: {report.budget_note or 'none recorded'}")
     if run is not None:
         say(f"  run: {run.describe()}")
+    for line in report.limits:
+        say(f"  provider limit {line}")
 
 
 @app.command()
