@@ -16,11 +16,15 @@ from typing import Any
 import httpx
 import pytest
 
+from fleet import AgentExecutor, AgentStepSpec, StepOutcome, Workflow
 from fleet.agents.echo import echo_usage
 from fleet.config import FleetSettings
+from fleet.dashboard.data import Catalog
 from fleet.dashboard.metrics import MAX_LABEL_VALUES, render_metrics
 from fleet.dashboard.views import WorkflowView, public_status
+from fleet.events import EventSink, RateLimited, StepFinished, StepStarted, emit
 from fleet.runner import open_run, plan_run
+from fleet.stores import sqlite_path
 from tests.dashboard_support import (
     Dashboard,
     dashboard_env,
@@ -334,6 +338,46 @@ def test_dashboard_without_a_password_refuses_to_start(
     )
     assert result.returncode == 2
     assert "FLEET_DASHBOARD_PASSWORD" in result.stderr
+
+
+class _LimitedExecutor(AgentExecutor):
+    """Runs every step at once; its model call waited 0.25 s for a provider limit."""
+
+    async def execute_step(
+        self, spec: AgentStepSpec, events: EventSink | None = None
+    ) -> StepOutcome:
+        emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+        emit(events, RateLimited(limit="openai", wait_s=0.25, task_id=spec.task_id))
+        outcome = StepOutcome(
+            task_id=spec.task_id, session_id="s", agent=spec.agent, output="", success=True
+        )
+        emit(events, StepFinished.of(outcome))
+        return outcome
+
+
+def test_rate_limit_waits_reach_the_run_log_and_the_view(settings: FleetSettings) -> None:
+    """A host's rate_limited event is logged with the run and shown on the step and workflow."""
+    root_id = f"limited-{uuid.uuid4().hex[:8]}"
+
+    async def limited_run() -> None:
+        workflow = (
+            Workflow.builder(_LimitedExecutor())
+            .with_root_id(root_id)
+            .with_event_stream(f"sqlite:{sqlite_path(settings.store)}")
+            .build()
+        )
+        async with workflow:
+            await workflow.phase("call", steps("c", "any", ["x", "y"]))
+
+    asyncio.run(limited_run())
+    catalog = Catalog(settings)
+    try:
+        view = catalog.refresh(root_id)
+    finally:
+        catalog.close()
+    assert view is not None
+    assert view.summary(now=0.0)["rate_limited"] == {"count": 2, "wait_s": 0.5}
+    assert [step.rate_wait_s for step in view.steps()] == [0.25, 0.25]
 
 
 # --- folding, without a server -----------------------------------------------------------
