@@ -87,6 +87,9 @@ class StepStarted(FleetModel):
     type: Literal["step_started"] = "step_started"
     task_id: str
     agent: str
+    host_task_id: str | None = None
+    """The host's own id of the step (the Celery task id on the fleet), so a monitor
+    such as the dashboard can link the step to it in Flower; ``None`` in-process."""
 
 
 class StepFinished(FleetModel):
@@ -100,11 +103,14 @@ class StepFinished(FleetModel):
     duration_s: float = 0.0
     error: str | None = None
     worker: str | None = None
+    host_task_id: str | None = None
+    """The host's own id of the step, as in :class:`StepStarted`."""
 
     @classmethod
-    def of(cls, outcome: StepOutcome) -> StepFinished:
-        """The event that reports ``outcome``."""
+    def of(cls, outcome: StepOutcome, *, host_task_id: str | None = None) -> StepFinished:
+        """The event that reports ``outcome`` (of the host's task ``host_task_id``)."""
         return cls(
+            host_task_id=host_task_id,
             task_id=outcome.task_id,
             agent=outcome.agent,
             success=outcome.success,

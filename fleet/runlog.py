@@ -137,6 +137,9 @@ class LogReader(Protocol):
     def after(self, root_id: str, cursor: str, *, wait_s: float) -> list[LogEntry]:
         """Entries after ``cursor`` (``"0"``: from the oldest), waiting up to ``wait_s``."""
 
+    def root_ids(self, *, limit: int) -> list[str]:
+        """Up to ``limit`` root ids that have a log here (``fleet dashboard`` lists them)."""
+
     def close(self) -> None:
         """Release the connection."""
 
@@ -178,6 +181,16 @@ class _SQLiteReader:
             if rows or time.monotonic() >= deadline:
                 return [LogEntry(str(row[0]), _loads(row[1])) for row in rows]
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+
+    def root_ids(self, *, limit: int) -> list[str]:
+        conn = self._db()
+        if conn is None:
+            return []
+        rows = conn.execute(
+            "SELECT root_id FROM fleet_events GROUP BY root_id ORDER BY MAX(id) DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def close(self) -> None:
         if self._conn is not None:
@@ -227,6 +240,16 @@ class _RedisReader:
             reply = cast(list[Any], self._client.xread({key: cursor}, block=block, count=500))
             page = [item for _stream, items in reply or [] for item in items]
         return [LogEntry(bytes(entry_id).decode(), _decode(raw)) for entry_id, raw in page]
+
+    def root_ids(self, *, limit: int) -> list[str]:
+        head = event_stream_key("", key_prefix=self._prefix)
+        pattern = head.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
+        found: list[str] = []
+        for key in self._client.scan_iter(match=pattern, count=500, _type="stream"):
+            found.append(bytes(key).decode(errors="replace")[len(head) :])
+            if len(found) >= limit:
+                break
+        return found
 
     def close(self) -> None:
         self._client.close()

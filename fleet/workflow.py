@@ -50,6 +50,7 @@ from .events import (
     LogEvent,
     PhaseEnd,
     PhaseStart,
+    RateLimited,
     StepFinished,
     StepStarted,
     WorkflowCancelled,
@@ -77,7 +78,15 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, StepFinished)
+_BUS_EVENTS = (
+    PhaseStart,
+    PhaseEnd,
+    LogEvent,
+    BudgetExhausted,
+    StepStarted,
+    StepFinished,
+    RateLimited,  # a host's word that a step's model call waited for a provider limit
+)
 
 CANCEL_POLL_S = 0.25
 """How often a running workflow looks at its cancel board for a ``fleet cancel``."""

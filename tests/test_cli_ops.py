@@ -156,7 +156,7 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
     env = clean_env(FLEET_AGENTS_FILE=str(agents_file), FLEET_KEY_PREFIX=key_prefix)
     up = subprocess.Popen(
         [*FLEET, "up", "--workers", "2", "--concurrency", "1", "--flower-port", "0"]
-        + ["--pidfile", str(pidfile)],
+        + ["--dashboard-port", "0", "--pidfile", str(pidfile)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -179,6 +179,7 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
         assert set(pids) == {
             "redis",
             "flower",
+            "dashboard",
             f"worker1@{socket.gethostname()}",
             f"worker2@{socket.gethostname()}",
         }
@@ -191,6 +192,12 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
         assert f"export FLEET_REDIS_URL={record['redis_url']}" in text
         auth = ("fleet", password.group(1))
         assert httpx.get(f"{url.group(1)}/api/tasks", auth=auth, timeout=5).status_code == 200
+        board = re.search(r"dashboard  (http://127\.0\.0\.1:\d+)  .*password '([^']+)'", text)
+        assert board and board.group(2) != password.group(1), text
+        assert record["dashboard_url"] == board.group(1)
+        answer = httpx.get(f"{board.group(1)}/api/workflows", auth=("fleet", board.group(2)))
+        assert answer.status_code == 200 and isinstance(answer.json(), list)
+        assert httpx.get(f"{board.group(1)}/api/workflows", timeout=5).status_code == 401
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0

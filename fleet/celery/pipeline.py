@@ -157,10 +157,13 @@ class Pipeline(Track):
             return  # a finished chain, or a duplicate's late word about an earlier link
         if isinstance(notice, Started):
             chain_.started = True
-            emit(self.events, StepStarted(task_id=notice.task_id, agent=notice.agent))
+            started = StepStarted(
+                task_id=notice.task_id, agent=notice.agent, host_task_id=chain_.tid
+            )
+            emit(self.events, started)
         elif isinstance(notice, Finished):
             outcome = notice.outcome
-            emit(self.events, StepFinished.of(outcome))
+            emit(self.events, StepFinished.of(outcome, host_task_id=chain_.tid))
             chain_.stage += 1
             if not outcome.success or chain_.stage == len(self.stages):
                 self._finish(chain_, outcome)

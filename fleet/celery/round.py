@@ -289,7 +289,10 @@ class Round(Track):
         if isinstance(notice, Started):
             if not entry.started:
                 entry.started = True
-                emit(self.events, StepStarted(task_id=entry.spec.task_id, agent=entry.spec.agent))
+                started = StepStarted(
+                    task_id=entry.spec.task_id, agent=entry.spec.agent, host_task_id=entry.tid
+                )
+                emit(self.events, started)
         elif isinstance(notice, Finished):
             await self._resolve(entry, notice.outcome)
         elif isinstance(notice, Limited):
@@ -385,7 +388,7 @@ class Round(Track):
         if entry.reservation is not None and settle:
             # Settling is idempotent: the worker may already have charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
-        emit(self.events, StepFinished.of(outcome))
+        emit(self.events, StepFinished.of(outcome, host_task_id=entry.tid))
         if self.on_outcome is not None:
             try:
                 await self.on_outcome(entry.index, outcome)

@@ -2,7 +2,8 @@
 
 ``fleet worker`` and ``fleet flower`` replace themselves with the Celery process (so
 signals and exit codes are Celery's own), configured from settings; ``fleet up`` runs a
-whole :class:`~fleet.localfleet.LocalFleet` on this machine until Ctrl-C.
+whole :class:`~fleet.localfleet.LocalFleet` (with Flower and ``fleet dashboard``) on this
+machine until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def up(
     flower_port: int | None = typer.Option(
         None, "--flower-port", min=0, max=65535, help="Flower's port (0: any free port)."
     ),
+    with_dashboard: bool = typer.Option(
+        True, "--dashboard/--no-dashboard", help="Also start the workflow dashboard."
+    ),
+    dashboard_port: int | None = typer.Option(
+        None, "--dashboard-port", min=0, max=65535, help="Dashboard's port (0: any free port)."
+    ),
     directory: Annotated[
         Path | None,
         typer.Option(help="Keep Redis data and logs here (default: a temporary dir)."),
@@ -142,7 +149,7 @@ def up(
         Path | None, typer.Option(help="Write the PIDs of everything started here (JSON).")
     ] = None,
 ) -> None:
-    """Run a local fleet (embedded Redis, workers, Flower) until Ctrl-C, then stop it all."""
+    """Run a local fleet (embedded Redis, workers, Flower, dashboard) until Ctrl-C, then stop it."""
     config = settings()
     local = LocalFleet(
         workers=workers,
@@ -152,6 +159,8 @@ def up(
         directory=directory,
         settings=config,
         flower_port=config.flower_port if flower_port is None else flower_port,
+        dashboard=with_dashboard,
+        dashboard_port=config.dashboard_port if dashboard_port is None else dashboard_port,
     )
     # Ctrl-C and SIGTERM both stop the fleet (SIGINT even where a shell started us
     # in the background with it ignored).
@@ -198,6 +207,15 @@ def _announce(local: LocalFleet) -> None:
         else:
             hint = f"user {local.flower_user!r}, password from FLEET_FLOWER_PASSWORD"
         _say(f"flower  {local.flower_url}  (pid {by_name['flower']}; {hint})")
+    if local.dashboard_url is not None:
+        if local.dashboard_password_generated:
+            hint = (
+                f"user {local.dashboard_user!r}, password {local.dashboard_password!r} "
+                "(made up for this run; set FLEET_DASHBOARD_PASSWORD to choose one)"
+            )
+        else:
+            hint = f"user {local.dashboard_user!r}, password from FLEET_DASHBOARD_PASSWORD"
+        _say(f"dashboard  {local.dashboard_url}  (pid {by_name['dashboard']}; {hint})")
     _say("fleet is up; press Ctrl-C to stop.")
 
 
@@ -206,6 +224,7 @@ def _write_pidfile(path: Path, local: LocalFleet) -> None:
         "pid": os.getpid(),
         "redis_url": local.masked_redis_url,
         "flower_url": local.flower_url,
+        "dashboard_url": local.dashboard_url,
         "processes": [
             {"role": process.role, "name": process.name, "pid": process.pid}
             for process in local.processes
