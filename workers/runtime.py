@@ -41,6 +41,8 @@ from fleet.limiters import RedisRateLimiter
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_agent
+
+from .loop import StepLoop, ThreadLoops
 from fleet.stores.redis import RedisCheckpointStore
 
 __all__ = ["WorkerRuntime"]
@@ -105,7 +107,8 @@ class WorkerRuntime:
         self.keys = Keys(settings.key_prefix)
         self._redis: redis.Redis | None = None
         self._pid = 0
-        self._local = threading.local()
+        self._loop = StepLoop()
+        self._thread_loops = ThreadLoops()
         self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
         # Provider limits, shared with every worker and host on this Redis.
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
@@ -120,12 +123,9 @@ class WorkerRuntime:
             self._begin_link = self._redis.register_script(lua("begin_link"))
         return self._redis
 
-    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(coro)
+    def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:
+        """Run ``coro`` on the process's shared event loop (this thread's own if ``blocking``)."""
+        return (self._thread_loops if blocking else self._loop).run(coro)
 
     # ------------------------------------------------------------------ claim / finish
 
@@ -237,7 +237,10 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
-        outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
+        blocking = getattr(definition, "blocking", False)
+        outcome: StepOutcome = self.run_async(
+            self._run(definition, spec, ctx, started, message), blocking=blocking
+        )
         return outcome
 
     def _forward(self, reply: str, tid: str) -> EventSink:
