@@ -41,9 +41,9 @@ from fleet.limiters import RedisRateLimiter
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_agent
+from fleet.stores.redis import RedisCheckpointStore
 
 from .loop import StepLoop, ThreadLoops
-from fleet.stores.redis import RedisCheckpointStore
 
 __all__ = ["WorkerRuntime"]
 
