@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -30,3 +31,8 @@ async def hog(spec: AgentStepSpec, ctx: AgentContext) -> str:
     """An async agent that blocks its event loop (a synchronous sleep) for the prompt's seconds."""
     time.sleep(float(spec.prompt))  # noqa: ASYNC251 - blocking on purpose
     return spec.prompt
+
+
+def thread_name(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """A plain agent: the name of the thread it runs on."""
+    return threading.current_thread().name
