@@ -71,6 +71,8 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     app = configure_app(settings)
     register_tasks(app, WorkerRuntime(settings, registry, stages))
     signals.worker_ready.connect(_prestart_threads, weak=False)
+    # httpx logs every request at INFO: one line per model call is noise in a worker log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     consumer_logger = logging.getLogger(celery_consumer.logger.name)
     if _BODY_FILTER not in consumer_logger.filters:
         consumer_logger.addFilter(_BODY_FILTER)
