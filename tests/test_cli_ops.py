@@ -85,6 +85,16 @@ def test_worker_help_lists_its_options() -> None:
         assert option in result.stdout
 
 
+def test_worker_help_says_how_to_size_concurrency_for_model_calls() -> None:
+    """`fleet worker --help` gives the LLM default and how to size -c for model calls."""
+    result = subprocess.run(
+        [*FLEET, "worker", "--help"], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    assert "Default: 64 with --pool threads" in text
+    assert "(calls wanted in flight) / (worker processes)" in text
+
+
 @pytest.mark.celery
 def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
     redis_url: str, key_prefix: str, agents_file: Path

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.consumer import consumer as celery_consumer
 
 from fleet.agents import AgentRegistry, load_agents
 from fleet.celery import configure_app, load_stages
 from fleet.config import FleetSettings, load_settings
 
+from .loop import prestart_threads
 from .tasks import WorkerRuntime, register_tasks
 
 __all__ = ["WithholdMessageBodies", "create_app"]
@@ -69,10 +70,19 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     stages = load_stages(settings.agents_file)
     app = configure_app(settings)
     register_tasks(app, WorkerRuntime(settings, registry, stages))
+    signals.worker_ready.connect(_prestart_threads, weak=False)
+    # httpx logs every request at INFO: one line per model call is noise in a worker log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     consumer_logger = logging.getLogger(celery_consumer.logger.name)
     if _BODY_FILTER not in consumer_logger.filters:
         consumer_logger.addFilter(_BODY_FILTER)
     return app
+
+
+def _prestart_threads(sender: Any, **_: Any) -> None:
+    """Start a threads pool's threads when the worker is ready (see :func:`prestart_threads`)."""
+    pool = getattr(sender, "pool", None)
+    prestart_threads(getattr(pool, "executor", None), getattr(pool, "limit", 0) or 0)
 
 
 _app: Celery | None = None

@@ -10,14 +10,13 @@ thread keeps the leases of running steps alive.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -46,7 +45,42 @@ from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_interruptible
 from fleet.stores.redis import RedisCheckpointStore
 
+from .loop import StepLoop, ThreadLoops
+
 __all__ = ["WorkerRuntime"]
+
+T = TypeVar("T")
+
+
+class _OnStepLoop:
+    """Calls ``fn(reason)`` on the event loop a step runs on, from the lease thread.
+
+    The step's loop is known only once its coroutine starts there (the shared loop, or a
+    blocking step's own): a call that comes earlier waits for that moment.
+    """
+
+    def __init__(self, fn: Callable[[str], object]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self._loop is None:
+                self._pending = reason
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._fn, reason)
+
+    async def run(self, body: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._fn(pending)
+        return await body
+
 
 logger = logging.getLogger("fleet.worker")
 
@@ -121,7 +155,8 @@ class WorkerRuntime:
         self.keys = Keys(settings.key_prefix)
         self._redis: redis.Redis | None = None
         self._pid = 0
-        self._local = threading.local()
+        self._loop = StepLoop()
+        self._thread_loops = ThreadLoops()
         self._leases = _LeaseKeeper(
             self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
         )
@@ -138,15 +173,9 @@ class WorkerRuntime:
             self._begin_link = self._redis.register_script(lua("begin_link"))
         return self._redis
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-        return loop  # type: ignore[no-any-return]
-
-    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
-        return self._loop().run_until_complete(coro)
+    def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:
+        """Run ``coro`` on the process's shared event loop (this thread's own if ``blocking``)."""
+        return (self._thread_loops if blocking else self._loop).run(coro)
 
     def cancel_reason(self, markers: list[str]) -> str | None:
         """Why the step was cancelled, if one of its cancel markers is in Redis."""
@@ -285,16 +314,18 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
+        blocking = getattr(definition, "blocking", False)
         cancellation = Cancellation(markers) if markers else None
+        body = self._run(definition, spec, ctx, started, message, cancellation)
         if cancellation is not None:
-            stop = functools.partial(self._loop().call_soon_threadsafe, cancellation.cancel)
+            stop = _OnStepLoop(cancellation.cancel)
             self._leases.markers.watch(lease, markers, stop)
+            body = stop.run(body)
         try:
-            outcome: StepOutcome = self.run_async(
-                self._run(definition, spec, ctx, started, message, cancellation)
-            )
+            outcome: StepOutcome = self.run_async(body, blocking=blocking)
         finally:
-            self._leases.markers.unwatch(lease)
+            if cancellation is not None:
+                self._leases.markers.unwatch(lease)
         return outcome
 
     def _forward(self, reply: str, tid: str) -> EventSink:

@@ -73,6 +73,10 @@ class AgentDefinition:
     limit: ProviderLimit | None = None
     """The provider limit every model call of this agent counts against (``limit = "NAME"``
     in its ``[agents.NAME]`` table)."""
+    blocking: bool = False
+    """Its body blocks its thread (``blocking = true`` in the agents file): a worker runs
+    its steps each on a thread and event loop of their own instead of the loop every
+    other step of the process shares."""
 
     def reservation_for(self, spec: AgentStepSpec, default: int) -> int:
         """Tokens to reserve for ``spec``.

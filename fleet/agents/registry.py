@@ -6,7 +6,9 @@ code: ``AgentStepSpec.agent`` is a key, not an import path.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import importlib
 import inspect
 import tomllib
@@ -80,15 +82,20 @@ def _definition(name: str, agent: AgentLike) -> AgentDefinition:
         found = as_definition(name)
         if isinstance(found, AgentDefinition):
             return found
-    if not inspect.iscoroutinefunction(agent) and not inspect.iscoroutinefunction(
-        getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
-    ):
+    if not _is_async(agent):
         raise ConfigError(
             f"agent {name!r} must be an async function "
-            "`async def agent(spec, ctx) -> AgentResult | str`",
+            "`async def agent(spec, ctx) -> AgentResult | str` (a plain function runs "
+            "when its agents-file table says blocking = true)",
             key=name,
         )
     return AgentDefinition(name=name, run=agent)
+
+
+def _is_async(agent: object) -> bool:
+    return inspect.iscoroutinefunction(agent) or inspect.iscoroutinefunction(
+        getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
+    )
 
 
 class AgentRegistry(Mapping[str, AgentDefinition]):
@@ -137,13 +144,34 @@ def _python_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefi
             f"got {reserve!r}",
             key=f"agents.{name}.reserve_tokens",
         )
+    blocking = table.get("blocking", False)
+    if type(blocking) is not bool:
+        raise ConfigError(
+            f"{source}: [agents.{name}] blocking must be true or false, got {blocking!r}",
+            key=f"agents.{name}.blocking",
+        )
     try:
-        base = _definition(name, target)
+        run = _blocking_run(name, target) if blocking else _definition(name, target).run
     except ConfigError as problem:  # name the file and the table, not just the target
         raise ConfigError(
             f"{source}: [agents.{name}] {problem}", key=f"agents.{name}.target"
         ) from None
-    return AgentDefinition(name=name, run=base.run, reserve_tokens=reserve, kind="python")
+    return AgentDefinition(
+        name=name, run=run, reserve_tokens=reserve, kind="python", blocking=blocking
+    )
+
+
+def _blocking_run(name: str, target: str) -> AgentFunction:
+    """A blocking agent's run: an async one as it is, a plain function in a thread."""
+    agent = resolve_target(target)
+    if _is_async(agent):
+        return agent
+
+    @functools.wraps(agent)
+    async def in_thread(spec: Any, ctx: Any) -> Any:
+        return await asyncio.to_thread(agent, spec, ctx)
+
+    return in_thread
 
 
 def _openai_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefinition:

@@ -44,9 +44,28 @@ def _exec(args: list[str], env: dict[str, str]) -> NoReturn:
     os.execve(args[0], args, env)
 
 
+LLM_CONCURRENCY = 64
+"""``fleet worker``'s default ``-c`` with the threads pool: model calls one process keeps
+in flight (one shared event loop holds them; a waiting step costs an idle thread)."""
+
+_CONCURRENCY_HELP = (
+    "Steps this process runs at once. Default: 64 with --pool threads, the CPU count with "
+    "prefork. For agents that wait on a model, -c is the model calls you want in flight per "
+    "process: every step's coroutine runs on one shared event loop and a waiting step costs "
+    "only an idle thread (one process held 256 calls in flight at ~110 MB in "
+    "bench/llm_worker.py), so size it as (calls wanted in flight) / (worker processes), "
+    "capped by what your model server or rate limit allows at once; add processes when "
+    "one process's CPU (a few ms per step) becomes the limit. Agents declared "
+    "blocking = true use one of these threads for their whole run. CPU-bound agents: "
+    "--pool prefork with -c = cores."
+)
+
+
 @app.command()
 def worker(
-    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Steps at once."),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", min=1, help=_CONCURRENCY_HELP, show_default=False
+    ),
     pool: Annotated[PoolChoice, typer.Option("--pool", help="Worker pool.")] = PoolChoice.threads,
     queues: str | None = typer.Option(
         None, "--queues", "-Q", help="Comma-separated queues to consume (default: the app's)."
@@ -56,10 +75,22 @@ def worker(
     ),
     loglevel: str = typer.Option("info", "--loglevel", "-l", help="Celery log level."),
 ) -> None:
-    """Run a Celery worker for the configured broker (FLEET_REDIS_URL / config/fleet.toml)."""
+    """Run a Celery worker for the configured broker (FLEET_REDIS_URL / config/fleet.toml).
+
+    Defaults suit agents that wait on a model: the threads pool with 64 steps at once, and
+    no mingle or gossip at start (fleet needs neither; they cost every worker messages to
+    every other).
+    """
     config = settings()
+    if concurrency is None:
+        concurrency = LLM_CONCURRENCY if pool is PoolChoice.threads else os.cpu_count() or 1
     args = celery_command(
-        "worker", f"--pool={pool.value}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"
+        "worker",
+        f"--pool={pool.value}",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+        "--without-mingle",
+        "--without-gossip",
     )
     if queues:
         args.append(f"--queues={queues}")

@@ -31,6 +31,7 @@ import httpx
 from ...errors import AgentError
 from ...limiters import Admission
 from .config import OpenAIAgentConfig
+from .connections import AiohttpTransport
 from .wire import error_message
 
 __all__ = [
@@ -191,9 +192,9 @@ class Transport:
         found = self._clients.get(loop)
         if found is not None and not found[0].is_closed:
             return found[0]
-        client = httpx.AsyncClient(
-            verify=_tls(), limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        )
+        # aiohttp's pool underneath: httpcore's costs CPU per call in proportion to the
+        # calls in flight (see connections.py), and a worker's loop holds hundreds.
+        client = httpx.AsyncClient(transport=AiohttpTransport(ssl_context=_tls()))
         closer = _closed_with_loop(client)
         await closer.asend(None)
         with self._lock:
