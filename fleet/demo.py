@@ -24,6 +24,7 @@ from .executor import AgentExecutor
 from .spec import AgentStepSpec, StepOutcome, TokenUsage
 
 __all__ = [
+    "DEFAULT_LLM_CONCURRENCY",
     "DEMO_AGENTS",
     "DEMO_AGENT_TARGETS",
     "SAMPLE_PROJECT",
@@ -273,6 +274,10 @@ FINDINGS_SCHEMA: dict[str, Any] = {
 }
 """What an LLM reviewer must answer with (``--llm`` mode)."""
 
+DEFAULT_LLM_CONCURRENCY = 2
+"""Model calls in flight at most in ``--llm`` mode: one queued behind one running, which a
+one-slot local server (llama.cpp on a laptop) answers well within the request timeout."""
+
 _FOCUS = {
     "lint": "style: over-long lines, trailing whitespace, tabs, unresolved TODO/FIXME, "
     "a missing module docstring (mark whitespace and tab problems fixable)",
@@ -283,13 +288,19 @@ _FOCUS = {
 
 
 def llm_reviewers(
-    base_url: str, model: str, *, api_key_env: str | None = None
+    base_url: str,
+    model: str,
+    *,
+    api_key_env: str | None = None,
+    max_concurrent: int | None = DEFAULT_LLM_CONCURRENCY,
 ) -> dict[str, AgentDefinition]:
     """The four reviewers backed by a chat model on an OpenAI-compatible server.
 
     Each asks the model for its kind of review of one file, as JSON matching
     :data:`FINDINGS_SCHEMA` (validated, one repair call), and answers in the same shape as
-    the offline reviewers, so the rest of the demo is unchanged.
+    the offline reviewers, so the rest of the demo is unchanged. The four share one
+    agent, so at most ``max_concurrent`` model calls are in flight to the server (fewer
+    while it is slow: see ``fleet.agents.openai.concurrency``).
     """
     from .agents.openai import OpenAIAgent, OpenAIAgentConfig
 
@@ -301,6 +312,7 @@ def llm_reviewers(
             system="You are a meticulous Python code reviewer. Report only real problems.",
             temperature=0.0,
             max_tokens=700,
+            max_concurrent=max_concurrent,
         ),
         name="demo-llm",
     )
@@ -359,6 +371,13 @@ class DemoReport:
     fix_rounds: int = 0
     fixed_files: dict[str, int] = field(default_factory=dict)
     outcomes: list[StepOutcome] = field(default_factory=list)
+    incomplete: dict[str, str] = field(default_factory=dict)
+    """Files that got no verdict, with the reason (a failed review is never a clean one)."""
+
+    @property
+    def failed(self) -> list[StepOutcome]:
+        """The steps that failed."""
+        return [outcome for outcome in self.outcomes if not outcome.success]
 
 
 async def _review_round(
@@ -374,10 +393,19 @@ async def _review_round(
     reviews = await execute_steps_parallel(executor, specs, events=events)
     report.outcomes += reviews
     by_file: dict[str, list[dict[str, Any]]] = {path: [] for path in sources}
-    for outcome in reviews:
+    for spec, outcome in zip(specs, reviews, strict=True):
+        path = json.loads(spec.prompt)["path"]
         if outcome.success:
-            by_file[outcome.structured["path"]].append(outcome.structured)
-    return by_file
+            by_file[path].append(outcome.structured)
+        else:
+            reason = f"{spec.agent} review failed ({outcome.error}: {_first_line(outcome.output)})"
+            report.incomplete.setdefault(path, reason)
+    return {path: reviews for path, reviews in by_file.items() if path not in report.incomplete}
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 async def _verdict_pipeline(
@@ -407,6 +435,8 @@ async def _verdict_pipeline(
             report.outcomes.append(last)
             if last.success:
                 report.plans[path] = last.structured["plan"]
+            elif path not in report.verdicts:
+                report.incomplete[path] = f"judge failed ({last.error})"
 
 
 async def _fix_loop(

@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 
 from ...errors import AgentError
+from .capabilities import rejected_field, validation_error
+from .concurrency import Gate
 from .config import OpenAIAgentConfig
 from .wire import error_message
 
@@ -92,17 +94,50 @@ def retry_after(headers: httpx.Headers) -> float | None:
 class Transient(Exception):
     """A failure worth retrying (429, 5xx, timeout, dropped connection)."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        congestion: bool = False,
+        abandoned: bool = False,
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.congestion = congestion
+        """The server is saturated (a timeout, 429 or 503)."""
+        self.abandoned = abandoned
+        """We hung up on a request the server may still be working on (a timeout)."""
 
 
 class Refused(AgentError):
-    """The server refused the request with an HTTP status we do not retry."""
+    """The server refused the request with an HTTP status we do not retry.
 
-    def __init__(self, message: str, *, status: int, kind: str = "provider") -> None:
+    Attributes:
+        status: the HTTP status.
+        rejected: the request field a validation error named, if any.
+        detail: the server's error message (for choosing a fallback; never logged).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        kind: str = "provider",
+        rejected: str | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(message, kind=kind)
         self.status = status
+        self.rejected = rejected
+        self.detail = detail
+
+
+def _first_line(message: str, limit: int = 200) -> str:
+    """A server message as one short line (tracebacks and long bodies cut)."""
+    line = message.strip().splitlines()[0] if message.strip() else "(empty)"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 @functools.cache
@@ -134,6 +169,7 @@ class Transport:
         self.config = config
         self.where = where
         self.endpoint = config.base_url.rstrip("/") + "/chat/completions"
+        self.gate = Gate(config.max_concurrent)
         self._lock = threading.Lock()
         self._clients: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, _Closer]] = {}
 
@@ -247,35 +283,75 @@ class Sender:
         )
 
     async def attempt(self, body: dict[str, Any]) -> Any:
-        """One HTTP request; raises :class:`Transient` for what is worth retrying."""
+        """One HTTP request in one of the agent's slots; :class:`Transient` if worth retrying.
+
+        The slot is waited for before the request's own timeout starts; the answer (or
+        its absence) adjusts how many slots there are (see :mod:`.concurrency`).
+        """
+        gate = self.transport.gate
+        ticket = await gate.acquire()
+        try:
+            data, latency, tokens = await self._request(body)
+        except Transient as problem:
+            if problem.congestion:
+                # A timed-out request may still be running on the server: hold its slot.
+                hold_s = self.config.timeout_s if problem.abandoned else 0.0
+                remaining = self.remaining_s()
+                if remaining is not None:
+                    hold_s = min(hold_s, remaining)
+                await gate.release_congested(ticket, hold_s=hold_s)
+            else:
+                gate.forget()
+            raise
+        except BaseException:
+            gate.forget()
+            raise
+        gate.release(ticket, latency_s=latency, tokens=tokens)
+        return data
+
+    async def _request(self, body: dict[str, Any]) -> tuple[Any, float, int]:
         timeout = self.config.timeout_s
         remaining = self.remaining_s()
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.001)
         client = await self.transport.client()
+        started = time.monotonic()
         try:
             response = await client.post(
                 self.transport.endpoint, json=body, headers=self._headers, timeout=timeout
             )
         except httpx.TimeoutException:
-            raise Transient(f"no answer within {timeout:.3g} s") from None
+            raise Transient(
+                f"no answer within {timeout:.3g} s", congestion=True, abandoned=True
+            ) from None
         except httpx.TransportError as problem:
             raise Transient(self.scrub(f"{type(problem).__name__}: {problem}")) from None
+        latency = time.monotonic() - started
         text = self.scrub(response.text)
         status = response.status_code
         if 200 <= status < 300:
             try:
-                return json.loads(text)
+                data = json.loads(text)
             except ValueError:
                 raise Refused(
                     f"model server at {self.transport.where} sent a response that is not JSON",
                     status=status,
                 ) from None
-        raise self.refusal(status, error_message(text), response.headers)
+            return data, latency, _work(data)
+        raise self.refusal(status, text, response.headers, body)
 
-    def refusal(self, status: int, message: str, headers: httpx.Headers) -> Exception:
-        """The exception for an HTTP error ``status``: :class:`Transient` or :class:`Refused`."""
+    def refusal(
+        self, status: int, text: str, headers: httpx.Headers, body: dict[str, Any]
+    ) -> Exception:
+        """The exception for an HTTP error: :class:`Transient` or :class:`Refused`.
+
+        Retried: 408, 429, 502/503/504 and other 5xx unless the body is a validation
+        error. Refused at once: 401/403 (``auth``), 404 and every other 4xx, and a
+        validation error whatever its status (``provider``, naming the rejected field so
+        the conversation can fall back).
+        """
         where = self.transport.where
+        message = error_message(text)
         if status in (401, 403):
             env = self.config.api_key_env
             hint = (
@@ -297,9 +373,38 @@ class Sender:
                 "(usually ending in /v1)",
                 status=status,
             )
-        if status in (408, 429) or status >= 500:
-            return Transient(f"HTTP {status}: {message}", retry_after=retry_after(headers))
+        invalid = status not in (408, 429) and validation_error(text)
+        if status in (408, 429) or (status >= 500 and not invalid):
+            return Transient(
+                f"HTTP {status}: {_first_line(message)}",
+                retry_after=retry_after(headers),
+                congestion=status in (429, 503),
+            )
+        field = rejected_field(message, body) if invalid else None
+        if field is not None:
+            return Refused(
+                f"model server at {where} rejected the request's {field!r} "
+                f"(HTTP {status}: {_first_line(message)})",
+                status=status,
+                rejected=field,
+                detail=message,
+            )
         return Refused(
-            f"model server at {where} refused the request (HTTP {status}: {message})",
+            f"model server at {where} refused the request (HTTP {status}: "
+            f"{message if status < 500 else _first_line(message)})",
             status=status,
         )
+
+
+def _work(data: Any) -> int:
+    """A call's size for latency comparisons.
+
+    Generated tokens, plus prompt tokens at an eighth (reading a prompt is much faster
+    per token than generating).
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return 0
+    counts = [usage.get(name) for name in ("completion_tokens", "prompt_tokens")]
+    completion, prompt = (c if isinstance(c, int) and c > 0 else 0 for c in counts)
+    return completion + prompt // 8
