@@ -258,12 +258,13 @@ FINDINGS_SCHEMA: dict[str, Any] = {
     "properties": {
         "findings": {
             "type": "array",
+            "maxItems": 8,
             "items": {
                 "type": "object",
                 "properties": {
                     "line": {"type": "integer"},
-                    "rule": {"type": "string"},
-                    "message": {"type": "string"},
+                    "rule": {"type": "string", "maxLength": 16},
+                    "message": {"type": "string", "maxLength": 160},
                     "fixable": {"type": "boolean"},
                 },
                 "required": ["line", "rule", "message"],
@@ -272,7 +273,8 @@ FINDINGS_SCHEMA: dict[str, Any] = {
     },
     "required": ["findings"],
 }
-"""What an LLM reviewer must answer with (``--llm`` mode)."""
+"""What an LLM reviewer must answer with (``--llm`` mode). The bounds keep a small local
+model, whose output a server constrains to this schema, from generating for minutes."""
 
 DEFAULT_LLM_CONCURRENCY = 2
 """Model calls in flight at most in ``--llm`` mode: one queued behind one running, which a
@@ -312,6 +314,9 @@ def llm_reviewers(
             system="You are a meticulous Python code reviewer. Report only real problems.",
             temperature=0.0,
             max_tokens=700,
+            # A small model on a laptop's CPU reads a file for tens of seconds: one call is
+            # given minutes (calls wait for a slot in fleet, not in the server's queue).
+            timeout_s=300.0,
             max_concurrent=max_concurrent,
         ),
         name="demo-llm",
@@ -320,9 +325,13 @@ def llm_reviewers(
     def question(spec: AgentStepSpec, kind: str) -> AgentStepSpec:
         path, source = _source(spec)
         numbered = "\n".join(f"{n:4} {line}" for n, line in enumerate(source.splitlines(), 1))
+        # The file comes first, the question last: the four reviews of one file then share
+        # a long prompt prefix, which servers with prefix caching (llama.cpp, vLLM, hosted
+        # APIs) do not read again.
         prompt = (
-            f"Review the Python file {path} for {_FOCUS[kind]}. Give each problem's line "
-            f"number, a short rule code and a one-sentence message.\n\n{numbered}"
+            f"The Python file {path}, with line numbers:\n\n{numbered}\n\nReview it for "
+            f"{_FOCUS[kind]}. Give each problem's line number, a short rule code and a "
+            "one-sentence message."
         )
         return spec.model_copy(update={"prompt": prompt, "output_schema": FINDINGS_SCHEMA})
 

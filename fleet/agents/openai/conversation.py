@@ -207,6 +207,9 @@ class Conversation:
             body["temperature"] = self.config.temperature
         if call.tools:
             body["tools"] = self.agent.tool_schemas()
+            if "tool_choice" not in learned.dropped:
+                # OpenAI's default, but some servers (llama-cpp-python) ignore tools without it.
+                body["tool_choice"] = "auto"
         schema = call.output_schema
         if schema is not None and learned.response_format == "json_schema":
             body["response_format"] = {
