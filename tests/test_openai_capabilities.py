@@ -12,7 +12,7 @@ import pytest
 from fleet import AgentStepSpec, LocalExecutor, StepOutcome
 from fleet.agents import AgentContext, OpenAIAgent, OpenAIAgentConfig
 from fleet.agents.openai.concurrency import AdaptiveLimit
-from fleet.local import run_agent
+from fleet.step import run_agent
 
 from .fake_openai import AutoModel, FakeOpenAI, error, reply, tool_call
 

@@ -34,8 +34,8 @@ from jsonschema import Draft202012Validator
 from fleet import AgentStepSpec, LocalExecutor, StepOutcome
 from fleet.agents import AgentContext, OpenAIAgent, OpenAIAgentConfig
 from fleet.budget import WorkflowBudget
-from fleet.local import run_agent
 from fleet.redis_server import free_port
+from fleet.step import run_agent
 
 from .counting_proxy import CountingProxy, Exchange
 from .fake_openai import AutoModel, FakeOpenAI

@@ -17,10 +17,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator
-
 from ...errors import AgentError
 from ...spec import AgentStepSpec, TokenUsage
+from ...step import validate_output
 from ..base import AgentContext, AgentResult, estimate_tokens
 from .capabilities import Learned
 from .tools import run_tool_call
@@ -150,22 +149,14 @@ class Conversation:
         return AgentResult(output=output, structured=value, usage=self.ctx.used)
 
     def validate(self, text: str) -> tuple[str, Any, str | None]:
-        """``(json_text, value, problem)`` for one answer."""
+        """``(json_text, value, problem)`` for one answer (a Markdown fence tolerated)."""
         assert self.spec.output_schema is not None
         try:
-            value, stripped = parse_json(text)
+            parsed, stripped = parse_json(text)
         except ValueError as problem:
             return text, None, f"output is not JSON ({problem})"
-        validator = Draft202012Validator(self.spec.output_schema)
-        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-        if errors:
-            where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
-            return (
-                stripped,
-                None,
-                f"output does not match output_schema at {where}: {errors[0].message}",
-            )
-        return stripped, value, None
+        value, problem_text = validate_output(self.spec.output_schema, stripped, parsed)
+        return stripped, value, problem_text
 
     # -- one call ----------------------------------------------------------------------
 
