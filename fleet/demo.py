@@ -258,13 +258,13 @@ FINDINGS_SCHEMA: dict[str, Any] = {
     "properties": {
         "findings": {
             "type": "array",
-            "maxItems": 8,
+            "maxItems": 5,
             "items": {
                 "type": "object",
                 "properties": {
                     "line": {"type": "integer"},
-                    "rule": {"type": "string", "maxLength": 16},
-                    "message": {"type": "string", "maxLength": 160},
+                    "rule": {"type": "string"},
+                    "message": {"type": "string"},
                     "fixable": {"type": "boolean"},
                 },
                 "required": ["line", "rule", "message"],
