@@ -343,7 +343,11 @@ def _refusal(fake: FakeOpenAI, path: str, key: str, body: Any) -> tuple[int, Any
         return 500, {"error": {"message": _LLAMA_CPP_PYTHON_500, "type": "internal_server_error"}}
     messages = body.get("messages") or []
     if fake.reject_null_content and any(m.get("content", "") is None for m in messages):
-        message = "1 validation error: messages.content: Input should be a valid string"
+        message = (
+            "3 validation errors:\n"
+            + "  {'loc': ('body', 'messages', 1, 'role'), 'msg': \"Input should be 'user'\"}\n" * 8
+            + "  {'loc': ('body', 'messages', 1, 'content'), 'msg': 'Input should be a valid string'}"
+        )
         return 400, {"error": {"message": message, "type": "invalid_request_error"}}
     return None
 

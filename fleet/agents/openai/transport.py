@@ -380,14 +380,15 @@ class Sender:
                 retry_after=retry_after(headers),
                 congestion=status in (429, 503),
             )
-        field = rejected_field(message, body) if invalid else None
+        full = error_message(text, limit=None)
+        field = rejected_field(full, body) if invalid else None
         if field is not None:
             return Refused(
                 f"model server at {where} rejected the request's {field!r} "
                 f"(HTTP {status}: {_first_line(message)})",
                 status=status,
                 rejected=field,
-                detail=message,
+                detail=full,
             )
         return Refused(
             f"model server at {where} refused the request (HTTP {status}: "
