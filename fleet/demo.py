@@ -5,6 +5,9 @@ Four reviewer agents read every file of ``fleet/demo_project`` in one fan-out ro
 a verdict and a patch plan; a loop applies automatic fixes and re-lints until nothing
 fixable is left. Every agent does real, deterministic work (``ast`` and text analysis)
 and reports a token estimate, so the budget and the summary have something to count.
+
+One module on purpose (about 500 lines): the reviewers, their LLM-backed twins and the
+workflow that runs them are read together, as the one example of a whole program.
 """
 
 from __future__ import annotations

@@ -6,14 +6,13 @@ costs tens of milliseconds of CPU, once per process instead of once per step). A
 client is closed when the loop shuts down its async generators (``asyncio.run`` does),
 or by :meth:`Transport.aclose`.
 
-What is retried, how long to wait, and how the server's refusals are named are plain
-functions (:func:`backoff`, :func:`retry_after`) and one method (:meth:`Sender.refusal`).
+What is retried and how the server's refusals are named is :meth:`Sender.refusal`; how
+long to wait is :mod:`.retry`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import json
 import logging
@@ -30,65 +29,12 @@ from ...errors import AgentError
 from .capabilities import rejected_field, validation_error
 from .concurrency import Gate
 from .config import OpenAIAgentConfig
+from .retry import backoff, retry_after
 from .wire import error_message
 
-__all__ = [
-    "MAX_BACKOFF_S",
-    "MAX_RETRY_AFTER_S",
-    "Refused",
-    "Sender",
-    "Transient",
-    "Transport",
-    "backoff",
-    "retry_after",
-]
+__all__ = ["Refused", "Sender", "Transient", "Transport"]
 
 logger = logging.getLogger("fleet.agents.openai")
-
-MAX_RETRY_AFTER_S = 120.0
-"""The longest ``Retry-After`` honoured; a server asking for more gets this."""
-MAX_BACKOFF_S = 30.0
-"""The longest wait between retries without ``Retry-After`` (before jitter)."""
-
-
-def backoff(
-    attempt: int,
-    retry_after: float | None,
-    *,
-    base_s: float,
-    jitter: float = 0.0,
-    cap_s: float = MAX_BACKOFF_S,
-) -> float:
-    """Seconds to wait before retrying after failed attempt number ``attempt`` (1-based).
-
-    The server's ``retry_after`` wins when it gave one; otherwise ``base_s`` doubles per
-    attempt up to ``cap_s``, plus ``jitter * base_s`` (pass ``random.random()``).
-    """
-    if retry_after is not None:
-        return retry_after
-    return float(min(base_s * 2 ** (attempt - 1), cap_s) + jitter * base_s)
-
-
-def retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``)."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return min(max(float(millis) / 1000, 0.0), MAX_RETRY_AFTER_S)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class Transient(Exception):
@@ -147,11 +93,17 @@ def _tls() -> ssl.SSLContext:
 
 
 async def _closed_with_loop(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
-    # The loop finalises live async generators when it shuts down: close the pool then.
+    # The loop finalises live async generators when it shuts down (and when the agent is
+    # dropped): close the pool then. Shielded, because a loop shutting down cancels tasks,
+    # and a half-closed pool leaves sockets open.
     try:
         yield
     finally:
-        await client.aclose()
+        closing = asyncio.ensure_future(client.aclose())
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            pass  # the close goes on in the loop's last turns
 
 
 _Closer = AsyncGenerator[None, None]
