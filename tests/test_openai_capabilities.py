@@ -198,3 +198,17 @@ async def test_a_timed_out_call_waits_for_its_slot_before_the_retry() -> None:
     assert second.at - first.at >= 0.95  # timeout 0.5 s, then the slot held 0.5 s
     assert agent.transport.gate.policy.epoch == 1  # the limit was halved once
     assert agent.transport.gate.in_flight == 0
+
+
+async def test_calls_waiting_for_a_slot_use_what_was_learned_meanwhile() -> None:
+    """Eight structured steps at once: the refused json_schema is sent once, not once each."""
+    with FakeOpenAI(reject_json_schema=True, auto=AutoModel(service_s=0.02)) as server:
+        agent = make_agent(server.base_url)
+        executor = LocalExecutor(agents={"llm": agent}, max_concurrency=8)
+        outcomes = await asyncio.gather(
+            *[executor.execute_step(make_spec(f"t{i}", output_schema=SCHEMA)) for i in range(8)]
+        )
+
+    assert all(o.success for o in outcomes), [o.output for o in outcomes]
+    assert formats(server).count("json_schema") == 1
+    assert len(server.requests) == 9

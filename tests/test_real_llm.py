@@ -40,6 +40,9 @@ from fleet.step import run_agent
 from .counting_proxy import CountingProxy, Exchange
 from .fake_openai import AutoModel, FakeOpenAI
 
+# A small model on a shared 2-core machine answers in seconds to minutes, not milliseconds.
+pytestmark = pytest.mark.timeout(900)
+
 SCHEMA = {
     "type": "object",
     "properties": {"answer": {"type": "integer"}},
@@ -215,38 +218,44 @@ async def test_tool_calling_exchange_has_the_right_structure(provider: Provider)
     before = len(provider.completions())
     outcome = await run(
         agent,
-        make_spec("Use the add tool to add 2 and 3, then say the result.", max_steps=3),
+        make_spec("Use the add tool to add 2 and 3, then say the result.", max_steps=1),
     )
-    exchanges = [e for e in provider.completions()[before:] if e.status == 200]
+    exchanges = provider.completions()[before:]
 
     assert outcome.error in (None, "max_steps"), outcome.output
-    calls = [
-        (index, call)
-        for index, e in enumerate(exchanges)
+    produced = {
+        call["id"]
+        for e in exchanges
+        if e.status == 200
         for call in (e.response["choices"][0]["message"].get("tool_calls") or [])
-    ]
-    assert calls, "the server produced no tool call"
-    for index, call in calls:
-        assert call["function"]["name"]
-        assert isinstance(call["function"]["arguments"], str)
-        if index + 1 == len(exchanges):
-            continue  # the last answer's calls were refused by max_steps
-        sent = exchanges[index + 1].request["messages"]
-        assistant = next(m for m in reversed(sent) if m["role"] == "assistant")
-        assert call["id"] in [c["id"] for c in assistant["tool_calls"]]
-        results = [m for m in sent if m["role"] == "tool" and m["tool_call_id"] == call["id"]]
-        assert len(results) == 1 and isinstance(results[0]["content"], str)
+        if call["function"]["name"] and isinstance(call["function"]["arguments"], str)
+    }
+    assert produced, "the server produced no tool call"
+    rounds = 0
     for e in exchanges:
-        assert "tools" in e.request and e.request["tools"][0]["function"]["name"] == "add"
+        assert e.request["tools"][0]["function"]["name"] == "add"
+        sent = e.request["messages"]
+        for index, message in enumerate(sent):
+            if message["role"] != "assistant" or not message.get("tool_calls"):
+                continue
+            rounds += 1
+            ids = [call["id"] for call in message["tool_calls"]]
+            assert set(ids) <= produced
+            results = sent[index + 1 : index + 1 + len(ids)]
+            assert [(m["role"], m["tool_call_id"]) for m in results] == [("tool", i) for i in ids]
+            assert all(isinstance(m["content"], str) and m["content"] for m in results)
+            assert message["content"] in (None, "")
+    assert rounds >= 1, "the tool results never went back to the server"
 
 
+@pytest.mark.timeout(3000)
 def test_fleet_demo_completes_with_every_step_succeeded(provider: Provider) -> None:
     """`fleet demo --llm` on a one-slot server, default concurrency: every step succeeds."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "fleet", "demo", "--llm", provider.proxy.base_url,
          "--model", provider.model],
-        capture_output=True, text=True, timeout=1500,
+        capture_output=True, text=True, timeout=2900,
     )  # fmt: skip
     wall_s = time.monotonic() - started
 

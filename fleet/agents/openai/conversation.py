@@ -212,16 +212,26 @@ class Conversation:
         return body
 
     async def send(self, call: Call) -> Any:
-        """Send the call (retries inside), falling back on features the server refuses."""
+        """Send the call (retries inside), falling back on features the server refuses.
+
+        The body is built when the call gets its slot, so a call that waited behind one
+        whose refusal taught the agent something is sent the new way at once.
+        """
         capabilities = self.agent.capabilities
+        used = capabilities.learned
+
+        def body() -> dict[str, Any]:
+            nonlocal used
+            used = capabilities.learned
+            return self.render(call, used)
+
         for _ in range(MAX_FALLBACKS):
-            learned = capabilities.learned
             try:
-                return await self.sender.post(self.render(call, learned))
+                return await self.sender.post(body)
             except Refused as refused:
                 if refused.rejected is None:
                     raise
-                change = capabilities.fall_back(refused.rejected, refused.detail, learned)
+                change = capabilities.fall_back(refused.rejected, refused.detail, used)
                 if change is None:
                     raise
                 if change:
@@ -232,7 +242,7 @@ class Conversation:
                         refused.rejected,
                         change,
                     )
-        return await self.sender.post(self.render(call, capabilities.learned))
+        return await self.sender.post(body)
 
     def after_call(self, call: Call, completion: ChatCompletion) -> Reply:
         """After each model call: charge its usage to the step and return its message.

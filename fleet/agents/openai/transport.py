@@ -187,8 +187,11 @@ class Sender:
             text = text.replace(secret, "***")
         return text
 
-    async def post(self, body: dict[str, Any]) -> Any:
+    async def post(self, body: Callable[[], dict[str, Any]]) -> Any:
         """POST one request, retrying transient failures within the step's deadline.
+
+        ``body()`` builds the request when its slot is granted, so each try is sent in the
+        features the server is known to accept by then.
 
         Returns:
             The decoded JSON body of a 2xx answer.
@@ -234,7 +237,7 @@ class Sender:
             kind="unavailable",
         )
 
-    async def attempt(self, body: dict[str, Any]) -> Any:
+    async def attempt(self, body: Callable[[], dict[str, Any]]) -> Any:
         """One HTTP request in one of the agent's slots; :class:`Transient` if worth retrying.
 
         The slot is waited for before the request's own timeout starts; the answer (or
@@ -243,7 +246,7 @@ class Sender:
         gate = self.transport.gate
         ticket = await gate.acquire()
         try:
-            data, latency, tokens = await self._request(body)
+            data, latency, tokens = await self._request(body())
         except Transient as problem:
             if problem.congestion:
                 # A timed-out request may still be running on the server: hold its slot.
