@@ -14,6 +14,7 @@ from .agents.registry import AgentLike, AgentRegistry
 from .errors import BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
+from .limiters import MemoryRateLimiter, RateLimiter
 from .spec import AgentStepSpec, StepOutcome
 from .step import DEFAULT_RESERVE_TOKENS, run_agent
 
@@ -35,6 +36,9 @@ class LocalExecutor(AgentExecutor):
             through this executor (also its concurrency hint).
         default_reserve_tokens: reservation for a step with no ``max_tokens`` whose agent
             names no default.
+        limiter: where the provider limits of agents with ``limit = "NAME"`` are kept
+            (default: a :class:`~fleet.limiters.MemoryRateLimiter` of this executor;
+            pass a :class:`~fleet.limiters.RedisRateLimiter` to share them with a fleet).
     """
 
     def __init__(
@@ -44,8 +48,10 @@ class LocalExecutor(AgentExecutor):
         budget: WorkflowBudget | None = None,
         max_concurrency: int = DEFAULT_CONCURRENCY_HINT,
         default_reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.registry = AgentRegistry(agents)
+        self.limiter = limiter if limiter is not None else MemoryRateLimiter()
         self.budget = budget
         self.max_concurrency = max(int(max_concurrency), 1)
         self.default_reserve_tokens = default_reserve_tokens
@@ -106,6 +112,8 @@ class LocalExecutor(AgentExecutor):
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             events=events,
             worker="local",
+            limit=definition.limit,
+            limiter=self.limiter,
         )
         try:
             async with self._hold(definition, spec) as reservation:

@@ -26,6 +26,7 @@ from fleet.celery.protocol import (
     REPLY_TTL_S,
     BudgetHold,
     Keys,
+    Limited,
     StageMessage,
     StepMessage,
     lua,
@@ -34,7 +35,9 @@ from fleet.celery.protocol import (
 from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.errors import PoisonMessageError, UnknownAgentError
+from fleet.events import EventSink, RateLimited
 from fleet.ledgers.redis import RedisLedger
+from fleet.limiters import RedisRateLimiter
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_agent
@@ -104,6 +107,8 @@ class WorkerRuntime:
         self._pid = 0
         self._local = threading.local()
         self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+        # Provider limits, shared with every worker and host on this Redis.
+        self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork)."""
@@ -205,8 +210,14 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ the step body
 
-    def execute(self, spec: AgentStepSpec, worker: str, message: StepMessage | None) -> StepOutcome:
-        """Run one step here with the shared step body; never raises."""
+    def execute(
+        self, spec: AgentStepSpec, worker: str, message: StepMessage | None, *, tid: str = ""
+    ) -> StepOutcome:
+        """Run one step here with the shared step body; never raises.
+
+        With a step ``message``, the ``rate_limited`` events of the step (task ``tid``)
+        go to the host on its reply list.
+        """
         started = time.monotonic()
         try:
             definition = self.registry.resolve(spec.agent)
@@ -219,12 +230,27 @@ class WorkerRuntime:
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             worker=worker,
             workflow_id=None if message is None else message.workflow_id,
+            limit=definition.limit,
+            limiter=self.limiter,
+            events=None if message is None else self._forward(message.reply, tid),
         )
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
         outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
         return outcome
+
+    def _forward(self, reply: str, tid: str) -> EventSink:
+        """A sink that hands the host a step's ``rate_limited`` events (others stay here)."""
+
+        def sink(event: object) -> None:
+            if isinstance(event, RateLimited):
+                try:
+                    self.redis().rpush(reply, Limited(id=tid, event=event).to_json())
+                except redis.RedisError as error:
+                    logger.warning("could not tell the host of a rate_limited wait: %s", error)
+
+        return sink
 
     async def _run(
         self,

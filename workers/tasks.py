@@ -83,7 +83,7 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     try:
-        outcome = runtime.execute(spec, worker, message)
+        outcome = runtime.execute(spec, worker, message, tid=tid)
     except BaseException:
         runtime.abandon(tid)  # let the lease lapse: the host will send the step again
         raise

@@ -4,6 +4,9 @@ What is written once here, for steps and chain links alike:
 
 * **slots** — at most ``max_in_flight`` flights (a step, or one item's chain) are queued
   or running; a caller past that waits on a semaphore and holds no Redis connection;
+  a step whose agent has a provider limit also waits its turn at the limit's
+  :class:`~fleet.limiters.dispatch.DispatchGate`, so steps that could only wait for
+  the window do not fill the broker and the workers' slots;
 * **send** — register the flights, then hand their Celery signatures to the executor's
   sender; sending pauses while the broker queue is at ``queue_high_water``;
 * **collect** — one collector task reads the one reply list of this host (``BLPOP``,
@@ -38,8 +41,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..limiters import ProviderLimit, RedisRateLimiter
+from ..limiters.dispatch import DispatchGate
 from ..redisclient import retry_options
-from .protocol import Finished, Started, Stopped, read_notice, recorded
+from .protocol import Finished, Limited, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
     from .executor import CeleryExecutor
@@ -71,6 +76,8 @@ class Flight:
     started: bool = False
     holds_slot: bool = False
     owner: Track | None = None
+    limit: ProviderLimit | None = None
+    """The provider limit of the step's agent (paces sending; ``None``: none)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class Broken:
     error: BaseException
 
 
-Notice = Started | Finished | Stopped
+Notice = Started | Finished | Stopped | Limited
 _Item = tuple[Flight, Notice] | Lost | Broken | None
 
 
@@ -159,6 +166,9 @@ class Dispatcher:
         self._credit = 0
         self._credit_at = float("-inf")
         self._room_lock = asyncio.Lock()
+        settings = executor.settings
+        self._limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
+        self.gate = DispatchGate(self._limiter, recheck_s=min(self.check_interval_s, 0.1))
 
     # ------------------------------------------------------------------ Redis
 
@@ -198,6 +208,7 @@ class Dispatcher:
         if self._collector is not None:
             self._collector.cancel()
             await asyncio.gather(self._collector, return_exceptions=True)
+        await self._limiter.close()
         if self._client is not None:
             await self._client.aclose()
             await self._client.connection_pool.disconnect()
@@ -206,17 +217,27 @@ class Dispatcher:
     # ------------------------------------------------------------------ slots and send
 
     async def acquire(self, flight: Flight) -> None:
-        """Wait for a slot for ``flight`` (nothing else is held while waiting)."""
+        """Wait for a slot for ``flight``, then for its provider limit's turn."""
         await self.slots.acquire()
+        try:
+            await self.gate.turn(flight.limit)
+        except BaseException:
+            self.slots.release()
+            raise
         flight.holds_slot = True
 
+    def may_send(self, flight: Flight) -> bool:
+        """Whether :meth:`acquire` of ``flight`` would not wait for its provider limit."""
+        return self.gate.ready(flight.limit)
+
     def release(self, flight: Flight) -> None:
-        """``flight`` is finished: forget it and give its slot back."""
+        """``flight`` is finished: forget it and give its slot (and limit turn) back."""
         if self.flights.get(flight.tid) is flight:
             del self.flights[flight.tid]
         if flight.holds_slot:
             flight.holds_slot = False
             self.slots.release()
+            self.gate.finished(flight.limit)
 
     async def room(self) -> int:
         """How many more messages the step queue takes; waits while it is at high water.

@@ -26,9 +26,11 @@ from .protocol import (
     PROTOCOL_VERSION,
     STAGE_TASK,
     Finished,
+    Limited,
     PipelineContext,
     StageMessage,
     Started,
+    Stopped,
     stage_link_id,
 )
 from .round import SEND_BATCH
@@ -155,8 +157,10 @@ class Pipeline(Track):
                 self._finish(chain_, outcome)
             else:
                 self.dispatcher.rekey(chain_, stage_link_id(self.pipe, chain_.index, chain_.stage))
-        else:
+        elif isinstance(notice, Stopped):
             self._finish(chain_, notice.outcome)
+        elif isinstance(notice, Limited):
+            emit(self.events, notice.event)
 
     def _finish(self, chain_: _Chain, final: StepOutcome | None) -> None:
         chain_.final, chain_.finished = final, True

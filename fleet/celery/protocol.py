@@ -28,6 +28,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
+from ..events import RateLimited
 from ..spec import AgentStepSpec, FleetModel, StepOutcome
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "STEP_TASK",
     "BudgetHold",
     "Finished",
+    "Limited",
     "Keys",
     "Notice",
     "PipelineContext",
@@ -196,13 +198,23 @@ class Stopped(FleetModel):
     """The item's final outcome (the previous link's), or ``None`` (first stage, or a crash)."""
 
 
-Notice = Annotated[Started | Finished | Stopped, Field(discriminator="kind")]
+class Limited(FleetModel):
+    """A step's model call waited noticeably for its provider limit (the host emits the event)."""
+
+    kind: Literal["rate_limited"] = "rate_limited"
+    id: str
+    """The step's task id."""
+    event: RateLimited
+    """The ``rate_limited`` workflow event to emit."""
+
+
+Notice = Annotated[Started | Finished | Stopped | Limited, Field(discriminator="kind")]
 """Everything a worker pushes on a host's reply list."""
 
-_NOTICES: TypeAdapter[Started | Finished | Stopped] = TypeAdapter(Notice)
+_NOTICES: TypeAdapter[Started | Finished | Stopped | Limited] = TypeAdapter(Notice)
 
 
-def read_notice(raw: str | bytes) -> Started | Finished | Stopped | None:
+def read_notice(raw: str | bytes) -> Started | Finished | Stopped | Limited | None:
     """Parse one reply-list entry; ``None`` for one this host cannot read (it is skipped)."""
     try:
         return _NOTICES.validate_json(raw)

@@ -22,6 +22,7 @@ from ..config import mask_url
 from ..errors import BudgetExhaustedError
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
+from ..limiters import ProviderLimit
 from ..spec import AgentStepSpec, StepOutcome
 from .dispatch import HOST_CONNECTIONS, Flight, Notice, Track
 from .protocol import (
@@ -29,6 +30,7 @@ from .protocol import (
     STEP_TASK,
     BudgetHold,
     Finished,
+    Limited,
     Started,
     StepMessage,
     step_summary,
@@ -105,12 +107,19 @@ class Round(Track):
                     owner=self,
                     index=index,
                     spec=spec,
+                    limit=self._limit_of(spec),
                 )
             )
         self.open = len(self.entries)
         budget = executor.budget
         self._renew_every = budget.lease_s / 3 if budget is not None else float("inf")
         self._next_renewal = time.monotonic() + self._renew_every
+
+    def _limit_of(self, spec: AgentStepSpec) -> ProviderLimit | None:
+        try:
+            return self.x.registry().resolve(spec.agent).limit
+        except LookupError:  # the worker answers unknown_agent
+            return None
 
     async def run(self) -> list[StepOutcome]:
         """Send, collect and recover every step; one outcome per spec, in order."""
@@ -227,6 +236,8 @@ class Round(Track):
                 entry = next(pending, None)
                 if entry is None or len(batch) >= room or slots.locked():
                     break
+                if batch and not self.dispatcher.may_send(entry):
+                    break  # send what may go before waiting for this step's limit
                 await self.dispatcher.acquire(entry)
             if self.workflow_id is not None and batch:
                 batch = await self._reattach(batch)
@@ -276,6 +287,8 @@ class Round(Track):
                 emit(self.events, StepStarted(task_id=entry.spec.task_id, agent=entry.spec.agent))
         elif isinstance(notice, Finished):
             await self._resolve(entry, notice.outcome)
+        elif isinstance(notice, Limited):
+            emit(self.events, notice.event)
 
     async def tick(self) -> None:
         """Keep queued steps' reservations alive (the worker renews while a step runs)."""

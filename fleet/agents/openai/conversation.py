@@ -219,6 +219,8 @@ class Conversation:
         """
         capabilities = self.agent.capabilities
         used = capabilities.learned
+        cap = call.max_tokens if call.max_tokens is not None else self.config.max_tokens
+        tokens = call.prompt_estimate + cap
 
         def body() -> dict[str, Any]:
             nonlocal used
@@ -227,7 +229,7 @@ class Conversation:
 
         for _ in range(MAX_FALLBACKS):
             try:
-                return await self.sender.post(body)
+                return await self.sender.post(body, call_tokens=tokens)
             except Refused as refused:
                 if refused.rejected is None:
                     raise
@@ -242,7 +244,7 @@ class Conversation:
                         refused.rejected,
                         change,
                     )
-        return await self.sender.post(body)
+        return await self.sender.post(body, call_tokens=tokens)
 
     def after_call(self, call: Call, completion: ChatCompletion) -> Reply:
         """After each model call: charge its usage to the step and return its message.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import math
+import re
 import time
 
 import httpx
 
-__all__ = ["MAX_BACKOFF_S", "MAX_RETRY_AFTER_S", "backoff", "retry_after"]
+__all__ = ["MAX_BACKOFF_S", "MAX_RETRY_AFTER_S", "backoff", "reset_after", "retry_after"]
 
 MAX_RETRY_AFTER_S = 120.0
 """The longest ``Retry-After`` honoured; a server asking for more gets this."""
@@ -53,3 +55,25 @@ def retry_after(headers: httpx.Headers) -> float | None:
             return None
         seconds = when.timestamp() - time.time()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def reset_after(headers: httpx.Headers) -> float | None:
+    """Seconds until the provider's windows reset (``x-ratelimit-reset-*``, e.g. ``6m0s``)."""
+    longest: float | None = None
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        value = headers.get(name, "").strip()
+        parts = _DURATION.findall(value)
+        if parts and not _DURATION.sub("", value):
+            seconds = sum(float(n) * _UNIT_S[unit] for n, unit in parts)
+        else:
+            try:  # a bare number of seconds
+                seconds = float(value)
+            except ValueError:
+                continue
+        if math.isfinite(seconds):
+            longest = max(longest or 0.0, min(max(seconds, 0.0), MAX_RETRY_AFTER_S))
+    return longest

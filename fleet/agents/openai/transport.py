@@ -21,18 +21,40 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from ...errors import AgentError
+from ...limiters import Admission
 from .capabilities import rejected_field, validation_error
 from .concurrency import Gate
 from .config import OpenAIAgentConfig
-from .retry import backoff, retry_after
+from .retry import backoff, reset_after, retry_after
 from .wire import error_message
 
-__all__ = ["Refused", "Sender", "Transient", "Transport"]
+__all__ = ["CallGate", "Refused", "Sender", "Transient", "Transport"]
+
+LEASE_MARGIN_S = 5.0
+"""A call's in-flight slot under a provider limit outlives its request timeout by this."""
+
+
+def _usage_total(data: Any) -> int | None:
+    """The ``usage.total_tokens`` of a completion body (``None`` when absent)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if type(total) is int and total > 0 else None
+
+
+class CallGate(Protocol):
+    """Admission under the agent's provider limit (``AgentContext`` is one)."""
+
+    async def admit_call(self, tokens: int, *, lease_s: float = ...) -> Admission:
+        """Wait until a call of ``tokens`` fits under the limit; count it."""
+
+    async def pause_limit(self, seconds: float) -> None:
+        """The provider answered 429: pause the limit fleet-wide for ``seconds``."""
+
 
 logger = logging.getLogger("fleet.agents.openai")
 
@@ -47,9 +69,11 @@ class Transient(Exception):
         retry_after: float | None = None,
         congestion: bool = False,
         abandoned: bool = False,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
         self.congestion = congestion
         """The server is saturated (a timeout, 429 or 503)."""
         self.abandoned = abandoned
@@ -149,10 +173,15 @@ class Transport:
             await found[1].aclose()
 
     def sender(
-        self, *, key: str | None, label: str, remaining_s: Callable[[], float | None]
+        self,
+        *,
+        key: str | None,
+        label: str,
+        remaining_s: Callable[[], float | None],
+        limit: CallGate | None = None,
     ) -> Sender:
-        """What one step sends requests through (its key, its deadline, its log label)."""
-        return Sender(self, key=key, label=label, remaining_s=remaining_s)
+        """What one step sends requests through (its key, deadline, log label, limit)."""
+        return Sender(self, key=key, label=label, remaining_s=remaining_s, limit=limit)
 
 
 class Sender:
@@ -163,6 +192,8 @@ class Sender:
         key: the API key (``None``: no ``Authorization`` header).
         label: names the agent and step in log lines.
         remaining_s: seconds left before the step's deadline (``None``: no deadline).
+        limit: admits every HTTP request under the agent's provider limit first
+            (``None``: no limit).
     """
 
     def __init__(
@@ -172,8 +203,10 @@ class Sender:
         key: str | None,
         label: str,
         remaining_s: Callable[[], float | None],
+        limit: CallGate | None = None,
     ) -> None:
         self.transport = transport
+        self.limit = limit
         self.config = transport.config
         self.label = label
         self.remaining_s = remaining_s
@@ -187,8 +220,11 @@ class Sender:
             text = text.replace(secret, "***")
         return text
 
-    async def post(self, body: Callable[[], dict[str, Any]]) -> Any:
+    async def post(self, body: Callable[[], dict[str, Any]], *, call_tokens: int = 0) -> Any:
         """POST one request, retrying transient failures within the step's deadline.
+
+        Each attempt is admitted under the provider limit first, as ``call_tokens``
+        (the prompt estimate plus the call's ``max_tokens``).
 
         ``body()`` builds the request when its slot is granted, so each try is sent in the
         features the server is known to accept by then.
@@ -203,7 +239,7 @@ class Sender:
         attempt = 1
         while True:
             try:
-                return await self.attempt(body)
+                return await self.admitted_attempt(body, call_tokens)
             except Transient as problem:
                 last = problem
             if attempt > self.config.max_retries:
@@ -237,7 +273,46 @@ class Sender:
             kind="unavailable",
         )
 
-    async def attempt(self, body: Callable[[], dict[str, Any]]) -> Any:
+    async def admitted_attempt(self, body: Callable[[], dict[str, Any]], call_tokens: int) -> Any:
+        """One request admitted under the provider limit, settled with its real usage.
+
+        A 429 spends nothing at the provider and pauses the limit for the whole fleet
+        until the provider's reset (``Retry-After``, ``retry-after-ms`` or
+        ``x-ratelimit-reset-*``); an answer without usage keeps the estimate.
+        """
+        if self.limit is None:
+            return await self.attempt(body)
+        # The client first: building one (TLS context) can hold the loop for a while, and
+        # the window counts a call from its admission, so send right after it.
+        await self.transport.client()
+        lease_s = self.config.timeout_s + LEASE_MARGIN_S
+        admission = await self.limit.admit_call(call_tokens, lease_s=lease_s)
+        used: int | None = None
+        sent: list[float] = []
+        try:
+            data = await self.attempt(body, on_429=self._pause, on_sent=sent.append)
+            used = _usage_total(data)
+            return data
+        except Transient as problem:
+            if problem.status == 429:
+                used = 0
+            raise
+        finally:
+            await asyncio.shield(admission.settle(used, sent_at=sent[0] if sent else None))
+
+    async def _pause(self, headers: httpx.Headers) -> None:
+        assert self.limit is not None
+        reset = retry_after(headers) or reset_after(headers)
+        if reset:
+            await self.limit.pause_limit(reset)
+
+    async def attempt(
+        self,
+        body: Callable[[], dict[str, Any]],
+        *,
+        on_429: Callable[[httpx.Headers], Any] | None = None,
+        on_sent: Callable[[float], None] | None = None,
+    ) -> Any:
         """One HTTP request in one of the agent's slots; :class:`Transient` if worth retrying.
 
         The slot is waited for before the request's own timeout starts; the answer (or
@@ -246,7 +321,7 @@ class Sender:
         gate = self.transport.gate
         ticket = await gate.acquire()
         try:
-            data, latency, tokens = await self._request(body())
+            data, latency, tokens = await self._request(body(), on_429, on_sent)
         except Transient as problem:
             if problem.congestion:
                 # A timed-out request may still be running on the server: hold its slot.
@@ -264,7 +339,21 @@ class Sender:
         gate.release(ticket, latency_s=latency, tokens=tokens)
         return data
 
-    async def _request(self, body: dict[str, Any]) -> tuple[Any, float, int]:
+    async def _request(
+        self,
+        body: dict[str, Any],
+        on_429: Callable[[httpx.Headers], Any] | None,
+        on_sent: Callable[[float], None] | None,
+    ) -> tuple[Any, float, int]:
+        """The HTTP request itself; ``on_sent`` gets ``time.monotonic()`` once it is written."""
+        extensions: dict[str, Any] = {}
+        if on_sent is not None:
+
+            async def trace(event: str, info: dict[str, Any]) -> None:
+                if event.endswith("send_request_body.complete"):
+                    on_sent(time.monotonic())
+
+            extensions["trace"] = trace
         timeout = self.config.timeout_s
         remaining = self.remaining_s()
         if remaining is not None:
@@ -273,7 +362,11 @@ class Sender:
         started = time.monotonic()
         try:
             response = await client.post(
-                self.transport.endpoint, json=body, headers=self._headers, timeout=timeout
+                self.transport.endpoint,
+                json=body,
+                headers=self._headers,
+                timeout=timeout,
+                extensions=extensions,
             )
         except httpx.TimeoutException:
             raise Transient(
@@ -293,6 +386,8 @@ class Sender:
                     status=status,
                 ) from None
             return data, latency, _work(data)
+        if status == 429 and on_429 is not None:
+            await on_429(response.headers)
         raise self.refusal(status, text, response.headers, body)
 
     def refusal(
@@ -330,10 +425,14 @@ class Sender:
             )
         invalid = status not in (408, 429) and validation_error(text)
         if status in (408, 429) or (status >= 500 and not invalid):
+            wait = retry_after(headers)
+            if wait is None and status == 429:
+                wait = reset_after(headers)
             return Transient(
                 f"HTTP {status}: {_first_line(message)}",
-                retry_after=retry_after(headers),
+                retry_after=wait,
                 congestion=status in (429, 503),
+                status=status,
             )
         full = error_message(text, limit=None)
         field = rejected_field(full, body) if invalid else None
