@@ -7,9 +7,9 @@ window (additive increase, multiplicative decrease):
 
 - it starts at one call and doubles per round of successes (slow start) until the first
   sign of congestion, then grows by one call per round;
-- a timeout, a 429/503, or a call whose latency per token climbs well above the best
-  seen halves the limit (once per round: calls that were already in flight when it was
-  halved do not halve it again);
+- a timeout, a 429/503, or a call that took more than half its timeout or whose latency
+  per token climbs well above the best seen halves the limit (once per round: calls that
+  were already in flight when it was halved do not halve it again);
 - ``max_concurrent`` caps it.
 
 Calls over the limit wait here, in fleet, not in the server's queue; a timed-out call's
@@ -61,8 +61,14 @@ class AdaptiveLimit:
         """Calls allowed in flight now."""
         return max(int(self.limit), 1)
 
-    def congested(self, latency_s: float, tokens: int) -> bool:
-        """Whether a successful call's latency says the server is queueing."""
+    def congested(self, latency_s: float, tokens: int, timeout_s: float | None = None) -> bool:
+        """Whether a successful call's latency says the server is queueing.
+
+        It is when the call took more than half its timeout (one more call queued ahead
+        of the next would make it time out), or twice the best latency per token seen.
+        """
+        if timeout_s is not None and latency_s > timeout_s / 2:
+            return True
         per_token = latency_s / max(tokens, 1)
         best = self.best_s_per_token
         if best is None or per_token < best:
@@ -71,11 +77,13 @@ class AdaptiveLimit:
         expected = best * max(tokens, 1)
         return latency_s > CLIMB * expected and latency_s - expected > CLIMB_SLACK_S
 
-    def on_success(self, started_epoch: int, latency_s: float, tokens: int) -> None:
+    def on_success(
+        self, started_epoch: int, latency_s: float, tokens: int, timeout_s: float | None = None
+    ) -> None:
         """A call succeeded: grow, unless its latency shows congestion."""
         typical = self.typical_s
         self.typical_s = latency_s if typical is None else 0.8 * typical + 0.2 * latency_s
-        if self.congested(latency_s, tokens):
+        if self.congested(latency_s, tokens, timeout_s):
             self.on_congestion(started_epoch)
             return
         step = 1.0 if self.slow_start else 1.0 / self.limit
@@ -130,10 +138,12 @@ class Gate:
             raise
         return Ticket(self.policy.epoch)
 
-    def release(self, ticket: Ticket, *, latency_s: float, tokens: int = 0) -> None:
-        """Give a slot back after a success that took ``latency_s``."""
+    def release(
+        self, ticket: Ticket, *, latency_s: float, tokens: int = 0, timeout_s: float | None = None
+    ) -> None:
+        """Give a slot back after a success that took ``latency_s`` (of ``timeout_s``)."""
         with self._lock:
-            self.policy.on_success(ticket.epoch, latency_s, tokens)
+            self.policy.on_success(ticket.epoch, latency_s, tokens, timeout_s)
             self._give_back()
 
     async def release_congested(self, ticket: Ticket, *, hold_s: float) -> None:

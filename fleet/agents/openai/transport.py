@@ -336,7 +336,7 @@ class Sender:
         except BaseException:
             gate.forget()
             raise
-        gate.release(ticket, latency_s=latency, tokens=tokens)
+        gate.release(ticket, latency_s=latency, tokens=tokens, timeout_s=self.config.timeout_s)
         return data
 
     async def _request(
