@@ -261,7 +261,7 @@ def test_fleet_demo_completes_with_every_step_succeeded(provider: Provider) -> N
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "33 steps: 33 succeeded, 0 failed" in result.stdout, result.stdout[-3000:]
-    assert "incomplete" not in result.stdout
+    assert "file(s) incomplete" not in result.stdout  # (a model may write the word)
     print(f"{provider.name}: fleet demo --llm took {wall_s:.1f} s")
 
 
