@@ -13,6 +13,7 @@ from ...config import mask_url
 from ...errors import ConfigError
 from ...spec import AgentStepSpec, describe_validation_error
 from ..base import AgentContext, AgentDefinition, AgentResult, estimate_tokens
+from .capabilities import Capabilities
 from .config import OpenAIAgentConfig
 from .conversation import CONTRACT, Conversation
 from .tools import Tool, build_tool
@@ -53,6 +54,7 @@ class OpenAIAgent:
         self.tools: Mapping[str, Tool] = tools
         self.where = mask_url(config.base_url)
         self.transport = Transport(config, where=self.where)
+        self.capabilities = Capabilities(json_schema_format=config.json_schema_format)
         self.endpoint = self.transport.endpoint
 
     def __repr__(self) -> str:
@@ -108,7 +110,7 @@ class OpenAIAgent:
             key=key,
             label=f"agent {self.name!r} step {spec.task_id!r}",
             remaining_s=ctx.remaining_s,
-            gate=ctx if ctx.limit is not None else None,
+            limit=ctx if ctx.limit is not None else None,
         )
         return await Conversation(self, spec, ctx, sender).run()
 
