@@ -57,6 +57,8 @@ class Recorded:
     body: Any
     at: float
     """``time.monotonic()`` when it arrived."""
+    peer: tuple[str, int] = ("", 0)
+    """The client's address and port (one port per TCP connection)."""
 
 
 def reply(
@@ -287,7 +289,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        request = Recorded(self.path, dict(self.headers.items()), body, time.monotonic())
+        request = Recorded(
+            self.path, dict(self.headers.items()), body, time.monotonic(), self.client_address[:2]
+        )
         refusal = _refusal(self.fake, self.path, self.headers.get("Authorization", ""), body)
         if refusal is not None:
             self.fake._record(request, take=False)
