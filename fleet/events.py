@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
@@ -64,7 +65,10 @@ class LogEvent(FleetModel):
 
 
 class BudgetExhausted(FleetModel):
-    """The workflow's token budget ran out (emitted once per workflow)."""
+    """The workflow's budget ran out (emitted once per workflow).
+
+    ``resource`` is ``workflow_tokens`` or ``workflow_usd``.
+    """
 
     type: Literal["budget_exhausted"] = "budget_exhausted"
     resource: str = "workflow_tokens"
@@ -90,6 +94,8 @@ class StepFinished(FleetModel):
     duration_s: float = 0.0
     error: str | None = None
     worker: str | None = None
+    cost_usd: Decimal | None = None
+    """What the step's model calls cost in dollars; ``None`` when none was priced."""
 
     @classmethod
     def of(cls, outcome: StepOutcome) -> StepFinished:
@@ -102,6 +108,7 @@ class StepFinished(FleetModel):
             duration_s=outcome.duration_s,
             error=outcome.error,
             worker=outcome.worker,
+            cost_usd=outcome.cost_usd,
         )
 
 

@@ -79,6 +79,7 @@ async def run_agent(
             usage=ctx.used,
             duration_s=time.monotonic() - started,
             worker=worker,
+            cost_usd=ctx.cost_usd,
         )
 
     timeout = asyncio.timeout(spec.timeout_s)
@@ -117,6 +118,7 @@ async def run_agent(
         error=None,
         duration_s=time.monotonic() - started,
         worker=worker,
+        cost_usd=ctx.cost_usd,
     )
 
 
@@ -208,6 +210,7 @@ class LocalExecutor(AgentExecutor):
             async with self._hold(definition, spec) as reservation:
                 if reservation is not None:
                     ctx.held_tokens = reservation.tokens
+                    ctx.budget = self.budget
                 if events is not None:
                     emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
                 try:
