@@ -296,3 +296,29 @@ def test_cost_shows_in_step_finished_events() -> None:
     assert event.cost_usd == Decimal("0.25")
     assert parse_event(event.model_dump_json()).cost_usd == Decimal("0.25")
     assert StepOutcome.from_json(outcome.model_dump_json()).cost_usd == Decimal("0.25")
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "unpriced-m"])
+def test_demo_summary_prints_the_cost_when_its_model_is_priced(model: str) -> None:
+    """`fleet demo --llm` prints the run's cost when the model has a price, and none otherwise."""
+    import json
+    import subprocess
+    import sys
+
+    finding = {"line": 1, "rule": "LLM1", "message": "found", "fixable": False}
+    with FakeOpenAI() as server:
+        server.script(*[reply(json.dumps({"findings": [finding]})) for _ in range(20)])
+        result = subprocess.run(
+            [sys.executable, "-m", "fleet", "demo", "--llm", server.base_url, "--model", model],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert len(server.requests) == 20
+    assert result.returncode == 0, result.stderr
+    price = price_model(model, base_url=server.base_url)
+    if price is None:
+        assert "cost $" not in result.stdout
+    else:
+        each = price.cost_micros(10, 5)  # the fake's default usage per call
+        assert f"cost ${micros_to_usd(20 * each)};" in result.stdout
