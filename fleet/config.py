@@ -59,6 +59,9 @@ class FleetSettings(BaseSettings):
     """The agents file (TOML, ``[agents.NAME]`` tables)."""
     store: str = "sqlite:.fleet/journal.db"
     """The journal: ``memory``, ``sqlite:PATH`` or a ``redis://`` / ``rediss://`` URL."""
+    run_index: Path = Path(".fleet/runs.db")
+    """Where ``fleet run`` notes the places of each root id (never a password), so a bare
+    ``fleet status ROOT`` / ``fleet watch ROOT`` finds a run whatever journal it used."""
     default_reserve_tokens: int = Field(default=1000, ge=0)
     """Reservation for a step with no ``max_tokens`` whose agent names no default."""
     budget_lease_s: float = Field(default=30.0, gt=0)
@@ -76,7 +79,7 @@ class FleetSettings(BaseSettings):
     result_expires_s: int = Field(default=86400, ge=60)
     """How long Celery keeps task results."""
     event_stream_maxlen: int = Field(default=10000, ge=100)
-    """Events kept per workflow in its Redis stream."""
+    """Events kept per workflow in its event log (Redis stream or SQLite table)."""
     flower_port: int = Field(default=5555, ge=1, le=65535)
     """Port Flower listens on (loopback)."""
     flower_user: str = "fleet"

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SUBSCRIBER_CAPACITY",
+    "BufferedLog",
     "EventBus",
     "EventStream",
     "Lagged",
@@ -154,20 +155,21 @@ class EventBus:
         self._subscriptions.clear()
 
 
-class EventStream:
-    """Appends events to a capped Redis stream from one background writer task.
+class BufferedLog:
+    """Appends log entries from one background writer task; subclasses say where.
 
-    The writer is owned by the workflow and joined when it closes. A Redis outage
-    drops events (with one warning), never fails or stalls the workflow.
+    :meth:`push` never blocks and never raises; the writer, started on the first running
+    event loop, flushes what is queued in batches through :meth:`_append` and is joined
+    by :meth:`close`. An outage drops entries (with one warning), never fails or stalls the
+    workflow. Subclasses implement ``_open``, ``_append`` and ``_shut``.
     """
 
     _BUFFER = 10_000
+    _BATCH = 256
 
-    def __init__(self, redis_url: str, key: str, *, maxlen: int, run_id: str) -> None:
-        self.key = key
-        self.maxlen = maxlen
+    def __init__(self, where: str, *, run_id: str) -> None:
+        self.where = where
         self.run_id = run_id
-        self._url = redis_url
         self._buffer: deque[dict[str, str]] = deque(maxlen=self._BUFFER)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -175,8 +177,17 @@ class EventStream:
         self._warned = False
         self.push({"control": "start", "run": run_id, "at": f"{time.time():.3f}"})
 
+    async def _open(self) -> None:
+        """Connect (called once, in the writer task)."""
+
+    async def _append(self, batch: list[dict[str, str]]) -> None:
+        raise NotImplementedError
+
+    async def _shut(self) -> None:
+        """Disconnect (called once, when the writer ends)."""
+
     def push(self, entry: dict[str, str]) -> None:
-        """Queue one stream entry (an ``event`` or ``control`` field); never blocks."""
+        """Queue one entry (an ``event`` or ``control`` field); never blocks."""
         if self._closing:
             return
         self._buffer.append(entry)
@@ -193,45 +204,42 @@ class EventStream:
             return  # no loop yet: the entry waits in the buffer for the first one
         self._wakeup = asyncio.Event()
         self._wakeup.set()
-        self._task = asyncio.create_task(self._write(), name=f"fleet-events:{self.key}")
+        self._task = asyncio.create_task(self._write(), name=f"fleet-events:{self.where}")
 
     async def _write(self) -> None:
-        from redis.asyncio import Redis
-
-        client: Redis = Redis.from_url(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
         assert self._wakeup is not None
         try:
+            await self._open()
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 while self._buffer:
-                    await self._flush(client)
+                    await self._flush()
                 if self._closing:
                     return
         finally:
-            await client.aclose()
+            await self._shut()
 
-    async def _flush(self, client: Redis) -> None:
-        batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 256))]
+    async def _flush(self) -> None:
+        batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), self._BATCH))]
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for entry in batch:
-                    pipe.xadd(self.key, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-                await pipe.execute()
-        except Exception as error:  # a dead stream must not fail the workflow
+            await self._append(batch)
+        except Exception as error:  # a dead log must not fail the workflow
             if not self._warned:
                 self._warned = True
                 logger.warning(
-                    "cannot append workflow events to Redis stream %r (%s: %s); "
+                    "cannot append workflow events to %s (%s: %s); "
                     "events are dropped until it answers",
-                    self.key,
+                    self.where,
                     type(error).__name__,
                     error,
                 )
 
     async def close(self, status: str, *, timeout_s: float = 10.0) -> None:
         """Append the ``end`` marker, flush what is queued (up to ``timeout_s``), stop."""
-        self.push({"control": "end", "run": self.run_id, "status": status})
+        self.push(
+            {"control": "end", "run": self.run_id, "status": status, "at": f"{time.time():.3f}"}
+        )
         self._closing = True
         self._ensure_writer()
         if self._task is None:
@@ -240,11 +248,41 @@ class EventStream:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
-            logger.warning("gave up flushing workflow events to %r after %s s", self.key, timeout_s)
+            logger.warning(
+                "gave up flushing workflow events to %s after %s s", self.where, timeout_s
+            )
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        except Exception as error:  # e.g. a malformed URL: the stream is lost, the run is not
+        except Exception as error:  # e.g. a malformed URL: the log is lost, the run is not
             logger.warning(
-                "workflow event stream %r failed: %s: %s", self.key, type(error).__name__, error
+                "workflow event log %s failed: %s: %s", self.where, type(error).__name__, error
             )
+
+
+class EventStream(BufferedLog):
+    """Appends a run's log entries to a capped Redis stream (see :mod:`fleet.runlog`)."""
+
+    def __init__(self, redis_url: str, key: str, *, maxlen: int, run_id: str) -> None:
+        self.key = key
+        self.maxlen = maxlen
+        self._url = redis_url
+        self._client: Redis | None = None
+        super().__init__(f"Redis stream {key!r}", run_id=run_id)
+
+    async def _open(self) -> None:
+        from redis.asyncio import Redis
+
+        self._client = Redis.from_url(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
+
+    async def _append(self, batch: list[dict[str, str]]) -> None:
+        assert self._client is not None
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry in batch:
+                pipe.xadd(self.key, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def _shut(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -35,6 +35,7 @@ from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_
 from .errors import FleetError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
+    BufferedLog,
     EventBus,
     EventStream,
     Lagged,
@@ -106,7 +107,7 @@ class _Run:
     budget: WorkflowBudget | None
     root_id: str
     step_events: EventSink | None
-    stream: EventStream | None
+    stream: BufferedLog | None
     bus: EventBus = field(default_factory=EventBus)
     phase_count: int = 0
     phase_journals: list[str] = field(default_factory=list)
@@ -121,6 +122,19 @@ class _Run:
                 self.stream.push({"event": event.to_json()})
             except Exception:
                 logger.exception("cannot queue a %s event for the Redis stream", event.type)
+
+    async def record_budget(self) -> BudgetSnapshot | None:
+        """Read the budget and append it to the event log (for ``fleet status``)."""
+        if self.budget is None:
+            return None
+        try:
+            snapshot = await self.budget.snapshot()
+        except Exception:
+            logger.exception("cannot read the budget of workflow %r", self.root_id)
+            return None
+        if self.stream is not None:
+            self.stream.push({"control": "budget", "snapshot": snapshot.to_json()})
+        return snapshot
 
     def on_step_event(self, event: Any) -> None:
         if isinstance(event, _BUS_EVENTS):
@@ -181,17 +195,20 @@ class WorkflowBuilder:
         return replace(self, step_events=sink)
 
     def with_event_stream(
-        self, redis_url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
+        self, url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
     ) -> WorkflowBuilder:
-        """Also append events to the Redis stream ``{key_prefix}:events:{root_id}``.
+        """Also log events where another process can follow them (see :mod:`fleet.runlog`).
 
-        The stream is capped at about ``maxlen`` entries (``FleetSettings.
-        event_stream_maxlen``). Close the workflow (``async with`` / ``finish()`` /
-        ``close()``) so the last events are flushed.
+        ``url`` is a Redis URL (the stream ``{key_prefix}:events:{root_id}``) or
+        ``sqlite:PATH`` (the ``fleet_events`` table of that file, e.g. the run's journal).
+        The log keeps about ``maxlen`` entries per root id (``FleetSettings.
+        event_stream_maxlen``) and a budget snapshot after each phase and at the end.
+        Close the workflow (``async with`` / ``finish()`` / ``close()``) so the last
+        events are flushed.
         """
         return replace(
             self,
-            event_stream_url=redis_url,
+            event_stream_url=url,
             event_stream_prefix=key_prefix,
             event_stream_maxlen=max(int(maxlen), 1),
         )
@@ -203,10 +220,20 @@ class WorkflowBuilder:
         run can never find this run's journals: resuming after a crash is impossible.
         """
         root_id = self.root_id or f"wf-{uuid.uuid4().hex}"
-        stream = None
-        if self.event_stream_url is not None:
+        stream: BufferedLog | None = None
+        url = self.event_stream_url
+        if url is not None and url.startswith("sqlite:"):
+            from .runlog import SQLiteEventLog
+
+            stream = SQLiteEventLog(
+                url.removeprefix("sqlite:"),
+                root_id,
+                maxlen=self.event_stream_maxlen,
+                run_id=uuid.uuid4().hex,
+            )
+        elif url is not None:
             stream = EventStream(
-                self.event_stream_url,
+                url,
                 event_stream_key(root_id, key_prefix=self.event_stream_prefix),
                 maxlen=self.event_stream_maxlen,
                 run_id=uuid.uuid4().hex,
@@ -375,15 +402,10 @@ class Workflow:
 
     async def _observe_budget(self, outcomes: Sequence[StepOutcome]) -> None:
         run = self._run
-        if run.exhausted_reported:
+        if run.exhausted_reported and run.stream is None:
             return
         refused = any(outcome.error == "budget_exhausted" for outcome in outcomes)
-        snapshot = None
-        if run.budget is not None:
-            try:
-                snapshot = await run.budget.snapshot()
-            except Exception:
-                logger.exception("cannot read the budget of workflow %r", run.root_id)
+        snapshot = await run.record_budget()
         exhausted = snapshot is not None and snapshot.is_exhausted
         if run.exhausted_reported or not (exhausted or refused):
             return
@@ -435,10 +457,13 @@ class Workflow:
         run.closed = True
         run.bus.close()
         if run.stream is not None:
+            await run.record_budget()
             await run.stream.close(status)
 
     async def __aenter__(self) -> Workflow:
         self._check_open()
+        if self._run.stream is not None:
+            await self._run.record_budget()  # where a resumed run starts from
         return self
 
     async def __aexit__(

@@ -25,6 +25,7 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
         PYTHONPATH=str(REPO),
         FLEET_AGENTS_FILE=str(tmp_path / "no-agents.toml"),
         FLEET_STORE=f"sqlite:{tmp_path / 'journal.db'}",
+        FLEET_RUN_INDEX=str(tmp_path / "runs.db"),
     )
     values.update(extra)
     return values
@@ -76,9 +77,11 @@ def test_fleet_run_runs_each_example(tmp_path: Path, example: str, expected: lis
     assert f"workflow ex-{example} finished" in done.stdout
     for line in expected:
         assert line in done.stdout
-    # Finished: the journals of the run were cleared.
+    # Finished: the journals of the run were cleared, the run itself is still known.
     status = run_fleet(tmp_path, "status", f"ex-{example}")
-    assert "no phases journaled" in status.stdout
+    assert status.returncode == 0, status.stderr
+    assert "  finished: started " in status.stdout
+    assert "journal: no phases kept (a finished run clears them)" in status.stdout
 
 
 def test_fleet_run_accepts_a_module_path(tmp_path: Path) -> None:
@@ -169,7 +172,9 @@ def test_fleet_status_shows_journaled_phases_and_budget_after_a_crash(
         "phase gather: 3 steps journaled",
         "phase review: 2 steps journaled",
     ]
-    assert any(line.startswith("budget: 0 consumed") and "of 9000 tokens" in line for line in lines)
+    assert any(
+        line.strip().startswith("budget: 0 consumed") and "of 9000 tokens" in line for line in lines
+    )
 
 
 @pytest.mark.redis
@@ -206,7 +211,7 @@ def test_fleet_watch_follows_a_run_from_another_process(
             os.kill(watcher.pid, signal.SIGKILL)
             watcher.communicate(timeout=30)
     assert watcher.returncode == 0, err
-    assert first == f"waiting for workflow watched-1 to start ({key_prefix}:events:watched-1)"
+    assert first.startswith("waiting for workflow watched-1 to start (looking in: ")
     lines = out.splitlines()
     assert lines[0] == "workflow watched-1 started"
     assert "phase 0 review: 20 steps" in lines
@@ -248,3 +253,179 @@ def test_fleet_run_on_celery_workers(tmp_path: Path, redis_url: str) -> None:
     steps = [line for line in replay.stdout.splitlines() if line.startswith("  step ")]
     assert len(steps) == 25
     assert all(" on worker1@" in line for line in steps)
+
+
+def _readme_blocks(language: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = text.split("```" + language + "\n")[1:]
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+def test_readme_run_status_watch_sequence_works_verbatim(tmp_path: Path) -> None:
+    """The README's flow and its run / status / watch lines work as shown, on the defaults."""
+    (flow,) = [b for b in _readme_blocks("python") if "async def main(workflow: Workflow)" in b]
+    (tmp_path / "flow.py").write_text(flow)
+    (commands,) = [b for b in _readme_blocks("bash") if b.startswith("fleet run flow.py:main")]
+    run_line, status_line, watch_line = [
+        line.split("#")[0].split() for line in commands.strip().splitlines()
+    ]
+    values = env(tmp_path, PYTHONUNBUFFERED="1")
+    for key in ("FLEET_STORE", "FLEET_RUN_INDEX"):  # the defaults, as a user has them
+        del values[key]
+
+    def cli(words: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        assert words[0] == "fleet"
+        return subprocess.run(
+            fleet(*words[1:]),
+            cwd=tmp_path,
+            env=values,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    unknown = cli(["fleet", "status", "nightly"])
+    assert unknown.returncode == 1
+    assert unknown.stdout.startswith("no workflow 'nightly' found (looked in: journal sqlite:")
+    assert len(unknown.stdout.strip().splitlines()) == 1
+    # A watcher started before the run follows it live from another process.
+    watcher = subprocess.Popen(
+        fleet(*watch_line[1:], "--timeout", "60"),
+        cwd=tmp_path,
+        env=values,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        done = cli(run_line)
+        assert done.returncode == 0, done.stderr
+        assert "workflow nightly finished" in done.stdout
+        live, err = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            os.kill(watcher.pid, signal.SIGKILL)
+            watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    lines = live.splitlines()
+    assert lines[0].startswith("waiting for workflow nightly to start")
+    assert "workflow nightly started" in lines
+    assert "phase 0 review: 3 steps" in lines
+    assert "phase 0 review: 3 ok, 0 failed" in lines
+    assert lines[-1] == "workflow nightly finished"
+    # After the run: status finds it by its root id and shows the budget it spent.
+    status = cli(status_line)
+    assert status.returncode == 0, status.stderr
+    assert "  finished: started " in status.stdout
+    assert "steps: 3 done, 0 failed, 0 in flight" in status.stdout
+    (budget,) = [line.strip() for line in status.stdout.splitlines() if "budget:" in line]
+    assert budget.startswith("budget: ") and "consumed + 0 reserved of 20000 tokens" in budget
+    assert not budget.startswith("budget: 0 consumed")
+    replay = cli(watch_line + ["--timeout", "10"])
+    assert replay.returncode == 0
+    assert replay.stdout.splitlines()[-1] == "workflow nightly finished"
+
+
+@pytest.mark.redis
+def test_status_and_watch_find_a_run_on_a_redis_journal_without_options(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """After `fleet run --store redis://…`, a bare `fleet status ROOT` finds it (run index)."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    other = {"FLEET_KEY_PREFIX": key_prefix, "FLEET_TEST_COUNTER_DIR": str(counters)}
+    done = run_fleet(
+        tmp_path,
+        "run",
+        f"{flow}:main",
+        "--root-id",
+        "on-redis",
+        "--store",
+        redis_url,
+        "--budget",
+        "9000",
+        **other,
+    )
+    assert done.returncode == 0, done.stderr
+    # FLEET_REDIS_URL is not set: only the run index can say where the run lived.
+    status = run_fleet(tmp_path, "status", "on-redis", **other)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"journal {redis_url}" in status.stdout
+    assert "  finished: started " in status.stdout
+    assert "of 9000 tokens" in status.stdout
+    watch = run_fleet(tmp_path, "watch", "on-redis", "--timeout", "10", **other)
+    assert watch.returncode == 0, watch.stderr
+    assert watch.stdout.splitlines()[-1] == "workflow on-redis finished"
+    missing = run_fleet(tmp_path, "status", "never-ran", **other)
+    assert missing.returncode == 1
+    assert missing.stdout.count("\n") == 1 and "looked in:" in missing.stdout
+
+
+RESUMABLE_FLOW = """
+import asyncio
+import os
+from pathlib import Path
+
+from fleet import AgentStepSpec
+
+
+async def hang(spec, ctx):
+    Path(os.environ["FLOW_MARK"]).touch()
+    if os.environ.get("FLOW_HANG") == "1":
+        await asyncio.sleep(3600)
+    return spec.prompt
+
+
+AGENTS = {"hang": hang}
+
+
+def step(task_id, agent="echo"):
+    return AgentStepSpec(task_id=task_id, agent=agent, description=task_id, prompt=task_id * 9)
+
+
+async def main(workflow):
+    await workflow.phase("one", [step("a"), step("b"), step("c")])
+    await workflow.phase("two", [step("d"), step("e")])
+    await workflow.phase("three", [step("h", "hang")])
+"""
+
+
+def _consumed(status: subprocess.CompletedProcess[str]) -> int:
+    (line,) = [line.strip() for line in status.stdout.splitlines() if "budget:" in line]
+    return int(line.split()[1])
+
+
+@pytest.mark.faults
+def test_a_resumed_local_run_continues_its_budget(tmp_path: Path) -> None:
+    """Killed in phase 3 and re-run, a local run ends with the consumption of an unbroken run."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(RESUMABLE_FLOW)
+    mark = tmp_path / "reached-three"
+    common = ("run", f"{flow}:main", "--budget", "100000")
+    whole = run_fleet(tmp_path, *common, "--root-id", "whole", FLOW_MARK=str(mark))
+    assert whole.returncode == 0, whole.stderr
+    expected = _consumed(run_fleet(tmp_path, "status", "whole"))
+    assert expected > 0
+    mark.unlink()
+    child = subprocess.Popen(
+        fleet(*common, "--root-id", "broken"),
+        cwd=REPO,
+        env=env(tmp_path, FLOW_MARK=str(mark), FLOW_HANG="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(mark.exists, 60, child)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    crashed = run_fleet(tmp_path, "status", "broken")
+    assert "  running: started " in crashed.stdout  # killed: no end entry was written
+    assert _consumed(crashed) == expected  # phases one and two, all that was spent
+    resumed = run_fleet(tmp_path, *common, "--root-id", "broken", FLOW_MARK=str(mark))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "5 served from the journal" in resumed.stdout
+    assert _consumed(run_fleet(tmp_path, "status", "broken")) == expected

@@ -10,27 +10,22 @@ local executor beside the agents file.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 from rich.live import Live
 
-from ..budget import BudgetSnapshot, WorkflowBudget
-from ..config import FleetSettings, mask_url
-from ..errors import CheckpointError, ConfigError
-from ..eventbus import event_stream_key
-from ..executor import AgentExecutor
-from ..ledgers import BudgetLedger, MemoryLedger, RedisLedger
-from ..local import LocalExecutor
-from ..stores import CheckpointStore, open_store
-from ..workflow import Workflow
+from ..config import FleetSettings
+from ..errors import ConfigError
+from ..events import parse_event
+from ..runlog import follow
+from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan_run, read_status
+from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
 from .program import Program, load_program, program_agents
 from .progress import RunDisplay, describe_event, say
@@ -41,62 +36,6 @@ __all__ = ["run", "status", "watch"]
 # --- fleet run ---------------------------------------------------------------------------
 
 
-def _ledger(config: FleetSettings, shared: bool) -> BudgetLedger:
-    return RedisLedger(config.redis_url, key_prefix=config.key_prefix) if shared else MemoryLedger()
-
-
-def _executor(
-    kind: str,
-    agents: dict[str, Any],
-    budget: WorkflowBudget | None,
-    concurrency: int,
-    config: FleetSettings,
-) -> AgentExecutor:
-    if kind == "local":
-        return LocalExecutor(
-            agents=agents,
-            budget=budget,
-            max_concurrency=concurrency,
-            default_reserve_tokens=config.default_reserve_tokens,
-        )
-    if kind == "celery":
-        try:
-            from ..celery import CeleryExecutor
-        except ImportError as error:
-            raise ConfigError(f"the Celery host cannot be loaded: {error}") from None
-        if agents:
-            say(
-                "note: Celery workers run the agents of their own agents file; make sure "
-                f"it declares {', '.join(sorted(agents))}"
-            )
-        executor: AgentExecutor = CeleryExecutor(settings=config, budget=budget)
-        return executor
-    raise ConfigError(f"unknown executor {kind!r}; use 'local' or 'celery'", key="--executor")
-
-
-def _stream_url(option: str, shared: bool, config: FleetSettings) -> str | None:
-    if option == "off":
-        return None
-    if option == "auto":
-        return config.redis_url if shared else None
-    if option.startswith(("redis://", "rediss://", "unix://")):
-        return option
-    raise ConfigError(
-        f"--event-stream must be 'auto', 'off' or a redis:// URL, got {option!r}",
-        key="--event-stream",
-    )
-
-
-async def _close(resource: Any) -> None:
-    for name in ("aclose", "close"):
-        method = getattr(resource, name, None)
-        if method is not None:
-            result = method()
-            if inspect.isawaitable(result):
-                await result
-            return
-
-
 @dataclass
 class _Outcome:
     result: Any = None
@@ -104,9 +43,8 @@ class _Outcome:
     display: RunDisplay | None = None
 
 
-async def _drive(
-    program: Program, builder: Any, budget: WorkflowBudget | None, outcome: _Outcome
-) -> None:
+async def _drive(program: Program, builder: WorkflowBuilder, outcome: _Outcome) -> None:
+    budget = builder.budget
     workflow: Workflow = builder.build()
     display = outcome.display = RunDisplay(workflow)
     subscription = workflow.subscribe(capacity=10_000)
@@ -182,8 +120,8 @@ def run(
         str,
         typer.Option(
             "--event-stream",
-            help="Redis URL for `fleet watch`; 'auto' uses FLEET_REDIS_URL when the run uses "
-            "Redis (celery executor or redis store), 'off' disables it.",
+            help="Where `fleet watch` follows the run: 'auto' (the SQLite journal's file, or "
+            "FLEET_REDIS_URL when the run uses Redis), a redis:// URL, sqlite:PATH, or 'off'.",
         ),
     ] = "auto",
 ) -> None:
@@ -191,34 +129,29 @@ def run(
     config = settings(store=store)
     program, module = load_program(target)
     root = root_id or f"wf-{uuid.uuid4().hex[:12]}"
-    shared = executor == "celery" or config.store.startswith(("redis://", "rediss://"))
-    stream = _stream_url(event_stream, shared, config)
+    places = plan_run(config, executor=executor, event_stream=event_stream)
     outcome = _Outcome()
+    program_agents_ = program_agents(module, agents, config)
+    if executor == "celery" and program_agents_:
+        say(
+            "note: Celery workers run the agents of their own agents file; make sure "
+            f"it declares {', '.join(sorted(program_agents_))}"
+        )
 
     async def main() -> None:
-        ledger = _ledger(config, shared) if budget is not None else None
-        plan = None if ledger is None else WorkflowBudget(budget, ledger=ledger, workflow_id=root)
-        host = _executor(
-            executor, program_agents(module, agents, config), plan, concurrency, config
-        )
-        journal: CheckpointStore = open_store(config.store, key_prefix=config.key_prefix)
-        builder = Workflow.builder(host).with_store(journal).with_root_id(root)
-        if plan is not None:
-            builder = builder.with_budget(plan)
-        if stream is not None:
-            builder = builder.with_event_stream(
-                stream, key_prefix=config.key_prefix, maxlen=config.event_stream_maxlen
-            )
-        try:
-            await _drive(program, builder, plan, outcome)
-        finally:
-            for resource in (journal, host, ledger):
-                if resource is not None:
-                    await _close(resource)
+        async with open_run(
+            config,
+            places,
+            root_id=root,
+            executor=executor,
+            agents=program_agents_,
+            budget_tokens=budget,
+            concurrency=concurrency,
+        ) as builder:
+            await _drive(program, builder, outcome)
 
     say(
-        f"running {target} as workflow {root} on the {executor} executor "
-        f"(journal {mask_url(config.store)}"
+        f"running {target} as workflow {root} on the {executor} executor ({places.describe()}"
         + (f", budget {budget} tokens)" if budget is not None else ")")
     )
     started = time.monotonic()
@@ -232,150 +165,141 @@ def run(
         raise typer.Exit(1)
 
 
-# --- fleet watch -------------------------------------------------------------------------
+# --- fleet watch and fleet status --------------------------------------------------------
 
 
-def _decode(entry: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {
-        key.decode(errors="replace"): value.decode(errors="replace") for key, value in entry.items()
-    }
+def _where(
+    root_id: str, store: str | None, redis_url: str | None, executor: str
+) -> tuple[FleetSettings, Located, bool]:
+    config = settings(store=store, redis_url=redis_url)
+    explicit = store is not None or redis_url is not None
+    return config, locate_run(config, root_id, executor=executor, explicit=explicit), explicit
 
 
-def _last_start(client: Any, key: str) -> bytes | None:
-    """Id of the newest ``start`` marker in the stream, if any."""
-    newest = "+"
-    while True:
-        page = cast(list[Any], client.xrevrange(key, max=newest, count=500))
-        for entry_id, entry in page:
-            if entry.get(b"control") == b"start":
-                return bytes(entry_id)
-        if len(page) < 500:
-            return None
-        newest = "(" + page[-1][0].decode()
+def _wait_for_start(
+    config: FleetSettings,
+    located: Located,
+    root_id: str,
+    executor: str,
+    deadline: float | None,
+    timeout: float | None,
+) -> Located:
+    """Look again in every place until the run starts in one of them (or time is up)."""
+    say(f"waiting for workflow {root_id} to start (looking in: {'; '.join(located.looked)})")
+    while not located.found:
+        if deadline is not None and time.monotonic() >= deadline:
+            say(f"gave up after {timeout} s; workflow {root_id} never started")
+            raise typer.Exit(1)
+        time.sleep(0.3)
+        located = locate_run(config, root_id, executor=executor)
+    return located
+
+
+def _print_event(cursor: str, text: str) -> None:
+    try:
+        event = parse_event(text)
+    except ValueError as error:  # pydantic's ValidationError included
+        say(f"skipping an unreadable event (entry {cursor}: {type(error).__name__})")
+        return
+    line = describe_event(event)
+    if line is not None:
+        say(line)
+
+
+_STORE_HELP = "Journal the run used (default FLEET_STORE, as for `fleet run`)."
+_REDIS_HELP = "The fleet's Redis (default FLEET_REDIS_URL)."
+_EXECUTOR_HELP = "The executor the run used (local or celery), as for `fleet run`."
 
 
 @app.command()
 def watch(
     root_id: Annotated[str, typer.Argument(help="The workflow's root id.")],
-    redis_url: Annotated[
-        str | None, typer.Option("--redis-url", help="Default FLEET_REDIS_URL.")
-    ] = None,
+    store: Annotated[str | None, typer.Option("--store", help=_STORE_HELP)] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help=_REDIS_HELP)] = None,
+    executor: Annotated[str, typer.Option("--executor", help=_EXECUTOR_HELP)] = "local",
     timeout: Annotated[
         float | None,
         typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
     ] = None,
 ) -> None:
-    """Follow a running workflow's events from another terminal (needs its event stream)."""
-    from redis import Redis
-    from redis.exceptions import RedisError
-
-    from ..events import parse_event
-
-    config = settings(redis_url=redis_url)
-    key = event_stream_key(root_id, key_prefix=config.key_prefix)
-    try:
-        client = Redis.from_url(config.redis_url)
-    except ValueError as error:  # e.g. an unknown scheme or a port out of range
-        raise ConfigError(
-            f"invalid Redis URL {config.masked_redis_url()}: {error}", key="redis_url"
-        ) from None
+    """Follow a workflow's events live, from any terminal that reaches its journal or Redis."""
+    config, located, explicit = _where(root_id, store, redis_url, executor)
     deadline = None if timeout is None else time.monotonic() + timeout
+    waited = not located.found and not explicit
+    if waited:
+        located = _wait_for_start(config, located, root_id, executor, deadline, timeout)
+    reader = open_reader(config, located.places)
     try:
-        start = _last_start(client, key)
-        cursor: bytes | str = b"0" if start is None else start
-        if start is None:
-            say(f"waiting for workflow {root_id} to start ({key})")
-        else:
-            say(f"following workflow {root_id} ({key})")
-        while deadline is None or time.monotonic() < deadline:
-            reply = cast(list[Any], client.xread({key: cursor}, block=500, count=200))
-            for _stream, entries in reply or []:
-                for entry_id, raw in entries:
-                    cursor = entry_id
-                    entry = _decode(raw)
-                    if entry.get("control") == "start" and start is None:
-                        say(f"workflow {root_id} started")
-                    elif entry.get("control") == "end":
-                        say(f"workflow {root_id} {entry.get('status', 'ended')}")
-                        return
-                    elif "event" in entry:
-                        try:
-                            event = parse_event(entry["event"])
-                        except ValueError as error:  # pydantic's ValidationError included
-                            name = type(error).__name__
-                            say(f"skipping an unreadable event (stream entry {entry_id!r}: {name})")
-                            continue
-                        line = describe_event(event)
-                        if line is not None:
-                            say(line)
-    except RedisError as error:
+        started = not waited and reader.last_start(root_id) is not None
+        if started:
+            say(f"following workflow {root_id} ({reader.where})")
+        elif not waited:
+            say(f"waiting for workflow {root_id} to start ({reader.where})")
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        for entry in follow(reader, root_id, timeout_s=remaining):
+            fields = entry.fields
+            control = fields.get("control")
+            if control == "start" and not started:
+                say(f"workflow {root_id} started")
+            elif control == "end":
+                say(f"workflow {root_id} {fields.get('status', 'ended')}")
+                return
+            elif "event" in fields:
+                _print_event(entry.cursor, fields["event"])
+    except Exception as error:
+        if isinstance(error, ConfigError):
+            raise
         raise ConfigError(
-            f"cannot read the event stream at {config.masked_redis_url()}: {error}"
+            f"cannot read the event log at {reader.where}: {type(error).__name__}: {error}"
         ) from None
     finally:
-        client.close()
-    say(f"gave up after {timeout} s; workflow {root_id} has not ended")
+        reader.close()
+    say(f"gave up after {timeout} s; workflow {root_id} has not ended (looked in {reader.where})")
     raise typer.Exit(1)
 
 
-# --- fleet status ------------------------------------------------------------------------
+def _when(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-async def _journal_rows(journal: CheckpointStore, root_id: str) -> list[tuple[int, str, str]]:
-    rows: list[tuple[int, str, str]] = []
-    prefix = f"{root_id}/"
-    for workflow_id in await journal.list_workflows():
-        if not workflow_id.startswith(prefix):
-            continue
-        name = workflow_id[len(prefix) :]
-        try:
-            checkpoint = await journal.load(workflow_id)
-        except CheckpointError as error:
-            rows.append((0, name, f"unreadable: {error}"))
-            continue
-        steps = checkpoint.steps if checkpoint is not None else ()
-        first = min((record.recorded_ms for record in steps), default=0)
-        last = max((record.recorded_ms for record in steps), default=0)
-        when = time.strftime("%H:%M:%S", time.localtime(last / 1000)) if last else "-"
-        rows.append((first, name, f"{len(steps)} steps journaled (last at {when})"))
-    return sorted(rows)
-
-
-async def _budget_line(config: FleetSettings, root_id: str) -> str:
-    ledger = RedisLedger(config.redis_url, key_prefix=config.key_prefix)
-    try:
-        state = await asyncio.wait_for(ledger.state(root_id), 5.0)
-    except Exception as error:
-        return f"budget: no shared ledger readable ({error})"
-    finally:
-        await ledger.close()
-    if not state.limit_set and state.consumed == 0 and state.reserved == 0:
-        return "budget: none recorded"
-    snapshot = BudgetSnapshot(
-        consumed_tokens=state.consumed, reserved_tokens=state.reserved, limit_tokens=state.limit
-    )
-    return f"budget: {snapshot}"
+def _print_status(report: RunStatus) -> None:
+    summary = report.summary
+    say(f"workflow {report.root_id} ({report.places.describe()})")
+    if summary is not None:
+        line = f"  {summary.status}: started {_when(summary.started_at)}"
+        if summary.ended_at is not None and summary.started_at is not None:
+            took = summary.ended_at - summary.started_at
+            line += f", ended {_when(summary.ended_at)} ({took:.1f} s)"
+        say(line)
+        say(
+            f"  steps: {summary.steps_done} done, {summary.steps_failed} failed, "
+            f"{summary.steps_in_flight} in flight; {summary.tokens} tokens"
+            + (f"; phases: {', '.join(summary.phases)}" if summary.phases else "")
+        )
+    if report.phases:
+        say("  journal:")
+    for row in report.phases:
+        text = row.error or f"{row.steps} steps journaled (last at {_when(row.last_recorded)})"
+        say(f"    phase {row.name}: {text}")
+    if not report.phases and summary is not None:
+        say("  journal: no phases kept (a finished run clears them)")
+    if report.budget is not None:
+        say(f"  budget: {report.budget}")
+    else:
+        say(f"  budget: {report.budget_note or 'none recorded'}")
 
 
 @app.command()
 def status(
     root_id: Annotated[str, typer.Argument(help="The workflow's root id.")],
-    store: Annotated[
-        str | None, typer.Option("--store", help="Journal (default FLEET_STORE).")
-    ] = None,
+    store: Annotated[str | None, typer.Option("--store", help=_STORE_HELP)] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help=_REDIS_HELP)] = None,
+    executor: Annotated[str, typer.Option("--executor", help=_EXECUTOR_HELP)] = "local",
 ) -> None:
-    """Print a workflow's journal progress (phases journaled, steps) and its budget."""
-    config = settings(store=store)
-
-    async def read() -> tuple[list[tuple[int, str, str]], str]:
-        async with open_store(config.store, key_prefix=config.key_prefix) as journal:
-            rows = await _journal_rows(journal, root_id)
-        return rows, await _budget_line(config, root_id)
-
-    rows, budget_line = asyncio.run(read())
-    say(f"workflow {root_id} (journal {mask_url(config.store)})")
-    if not rows:
-        say("no phases journaled (never run here, or finished and cleared)")
-    for _first, name, text in rows:
-        say(f"  phase {name}: {text}")
-    say(budget_line)
+    """Show a workflow: running or ended, steps, journaled phases and budget."""
+    config, located, _explicit = _where(root_id, store, redis_url, executor)
+    report = asyncio.run(read_status(config, located.places, root_id))
+    if not report.known:
+        say(f"no workflow {root_id!r} found (looked in: {'; '.join(located.looked)})")
+        raise typer.Exit(1)
+    _print_status(report)

@@ -20,7 +20,17 @@ __all__ = [
     "RedisCheckpointStore",
     "SQLiteCheckpointStore",
     "open_store",
+    "sqlite_path",
 ]
+
+
+def sqlite_path(target: str) -> str | None:
+    """The file a ``sqlite:PATH`` (or URL-style ``sqlite:///abs``) target names; else ``None``."""
+    text = target.strip()
+    if not text.startswith("sqlite:"):
+        return None
+    path = text[len("sqlite:") :]
+    return path[2:] if path.startswith("///") else path
 
 
 def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
@@ -37,10 +47,8 @@ def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
     text = target.strip()
     if text == "memory":
         return MemoryCheckpointStore()
-    if text.startswith("sqlite:"):
-        path = text[len("sqlite:") :]
-        if path.startswith("///"):  # sqlite:///abs/path, URL style
-            path = path[2:]
+    path = sqlite_path(text)
+    if path is not None:
         if not path:
             raise ConfigError(
                 "journal store 'sqlite:' names no file; use e.g. 'sqlite:.fleet/journal.db'",
