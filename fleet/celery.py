@@ -53,7 +53,7 @@ from .agents.registry import AgentRegistry, load_agents, read_agents_file, resol
 from .checkpoint import step_identity
 from .combinators import crash_outcome
 from .config import FleetSettings, load_settings, mask_url
-from .errors import BudgetExhaustedError, ConfigError
+from .errors import BudgetError, BudgetExhaustedError, ConfigError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import AgentExecutor, OutcomeCallback, PipelineStage
 from .redisclient import OUTAGE_TOLERANCE_S, async_client
@@ -671,10 +671,10 @@ class _Round:
             entry.reservation = await budget.reserve(
                 tokens, holder=entry.tid, reservation_id=entry.tid
             )
-        except BudgetExhaustedError as error:
+        except (BudgetExhaustedError, BudgetError) as error:
+            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
             await self._resolve(
-                entry,
-                StepOutcome.failed(spec.task_id, spec.agent, str(error), error="budget_exhausted"),
+                entry, StepOutcome.failed(spec.task_id, spec.agent, str(error), error=kind)
             )
             return False
         return True

@@ -14,7 +14,7 @@ from jsonschema import Draft202012Validator
 
 from .agents.base import AgentContext, AgentDefinition, AgentResult
 from .agents.registry import AgentLike, AgentRegistry
-from .errors import AgentError, BudgetExhaustedError, UnknownAgentError
+from .errors import AgentError, BudgetError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
 from .spec import NO_USAGE, AgentStepSpec, StepOutcome
@@ -219,9 +219,11 @@ class LocalExecutor(AgentExecutor):
                     if reservation is not None:
                         # Tokens spent are spent, even when the step is being cancelled.
                         await asyncio.shield(reservation.settle(ctx.used.total_tokens))
-        except BudgetExhaustedError as error:
+        except (BudgetExhaustedError, BudgetError) as error:
+            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
+            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
             outcome = StepOutcome.failed(
-                spec.task_id, spec.agent, str(error), error="budget_exhausted", worker="local"
+                spec.task_id, spec.agent, str(error), error=kind, worker="local"
             )
             emit(events, StepFinished.of(outcome))
             return outcome

@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,13 @@ async def open_run(
     agents: Mapping[str, Any] | None = None,
     budget_tokens: int | None = None,
     concurrency: int = 8,
+    budget_usd: Decimal | None = None,
+    account: str | None = None,
 ) -> AsyncIterator[WorkflowBuilder]:
     """A workflow builder wired to the run's places; its resources close on exit.
+
+    ``budget_usd`` is the run's dollar limit; ``account`` a shared account above the run
+    (it must exist in the Redis ledger: ``fleet budget set``).
 
     A local budget (no Redis ledger) starts from the consumption the log recorded for an
     unfinished earlier run of the same root id, so a resumed local run never spends more
@@ -172,12 +178,19 @@ async def open_run(
 
     ledger: BudgetLedger | None = None
     plan: WorkflowBudget | None = None
-    if budget_tokens is not None:
+    if budget_tokens is not None or budget_usd is not None or account is not None:
         if places.ledger is not None:
             ledger = RedisLedger(places.ledger, key_prefix=config.key_prefix)
         else:
             ledger = MemoryLedger()
-        plan = WorkflowBudget(budget_tokens, ledger=ledger, workflow_id=root_id)
+        plan = WorkflowBudget(
+            budget_tokens,
+            limit_usd=budget_usd,
+            parents=[account] if account else [],
+            ledger=ledger,
+            workflow_id=root_id,
+        )
+        await plan.ancestors()  # an unknown account or a cycle fails the run at its start
         if places.ledger is None:
             await _carry_local_consumption(config, places, root_id, plan)
     host = build_executor(executor, agents or {}, plan, concurrency, config)
@@ -400,12 +413,8 @@ async def _read_budget(
             return
         finally:
             await ledger.close()
-        if state.limit_set or state.consumed or state.reserved:
-            status.budget = BudgetSnapshot(
-                consumed_tokens=state.consumed,
-                reserved_tokens=state.reserved,
-                limit_tokens=state.limit,
-            )
+        if state.exists or state.consumed or state.reserved or state.consumed_micros:
+            status.budget = BudgetSnapshot.from_state(state)
         else:
             status.budget_note = "none recorded"
         return

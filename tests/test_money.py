@@ -322,3 +322,72 @@ def test_demo_summary_prints_the_cost_when_its_model_is_priced(model: str) -> No
     else:
         each = price.cost_micros(10, 5)  # the fake's default usage per call
         assert f"cost ${micros_to_usd(20 * each)};" in result.stdout
+
+
+@pytest.mark.redis
+def test_fleet_run_with_budget_usd_and_account(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """`fleet run --budget-usd --account` charges the run and its team; status shows dollars."""
+    from tests.test_cli_run import run_fleet
+
+    completion = 30
+    shared = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": key_prefix}
+    flow = tmp_path / "ask.py"
+    flow.write_text(
+        textwrap.dedent(
+            """
+            from fleet import AgentStepSpec
+
+            async def main(workflow):
+                specs = [AgentStepSpec(task_id=f"q{i}", agent="llm", description="d",
+                                       prompt="Same question.") for i in range(3)]
+                outcomes = await workflow.phase("ask", specs)
+                return {"ok": sum(o.success for o in outcomes)}
+            """
+        )
+    )
+    with FakeOpenAI() as server:
+        path = agents_file(
+            tmp_path,
+            f"""
+            [prices."house-model"]
+            input_per_mtok = 0.25
+            output_per_mtok = 2.00
+
+            [agents.llm]
+            kind = "openai"
+            base_url = "{server.base_url}"
+            model = "house-model"
+            max_tokens = {completion}
+            """,
+        )
+        agent = load_agents(path)["llm"].run
+        assert isinstance(agent, OpenAIAgent) and agent.price is not None
+        estimate = agent.prompt_estimate(
+            agent.first_messages(spec(prompt="Same question.")), tools=False
+        )
+        cost = agent.price.cost_micros(estimate, completion)
+        server.script(*[reply("ok", prompt_tokens=estimate, completion_tokens=completion)] * 3)
+        made = run_fleet(tmp_path, "budget", "set", "team:cli", "--usd", "1", **shared)
+        assert made.returncode == 0, made.stdout + made.stderr
+        common = ("--agents", str(path), "--store", redis_url, "--root-id", "money-run")
+        ghost = run_fleet(
+            tmp_path, "run", f"{flow}:main", *common, "--account", "team:ghost", **shared
+        )
+        assert ghost.returncode == 2 and "'team:ghost'" in ghost.stderr + ghost.stdout
+        assert server.requests == []
+        bad = run_fleet(tmp_path, "run", f"{flow}:main", *common, "--budget-usd", "-2", **shared)
+        assert bad.returncode == 2 and "non-negative" in bad.stderr + bad.stdout
+        done = run_fleet(
+            tmp_path, "run", f"{flow}:main", *common, "--budget-usd", "5", "--account", "team:cli",
+            **shared,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert len(server.requests) == 3
+    total = micros_to_usd(3 * cost)
+    assert "budget $5.000000, account team:cli" in done.stdout
+    team = run_fleet(tmp_path, "budget", "show", "team:cli", **shared)
+    assert "money-run" in team.stdout and str(total) in team.stdout
+    status = run_fleet(tmp_path, "status", "money-run", "--store", redis_url, **shared)
+    assert f"${total} consumed + $0.000000 reserved of $5.000000" in status.stdout, status.stdout
