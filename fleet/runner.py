@@ -35,6 +35,7 @@ from .config import FleetSettings, mask_url
 from .errors import CheckpointError, ConfigError
 from .executor import AgentExecutor
 from .local import LocalExecutor
+from .pricing import usd_to_micros
 from .runlog import LogReader, RunSummary, open_log_reader, summarize
 from .stores import CheckpointStore, open_store, sqlite_path
 from .workflow import Workflow, WorkflowBuilder
@@ -222,9 +223,14 @@ async def _carry_local_consumption(
     consumed = summary.consumed_tokens
     if budget.limit_tokens is not None:
         consumed = min(consumed, budget.limit_tokens)
-    if consumed > 0:
-        reservation = await budget.reserve(consumed, holder="spent by the previous run")
-        await reservation.settle(consumed)
+    micros = usd_to_micros(summary.consumed_usd or 0, "the previous run's cost")
+    if budget.limit_usd is not None:
+        micros = min(micros, usd_to_micros(budget.limit_usd, "limit_usd"))
+    if consumed > 0 or micros > 0:
+        reservation = await budget.reserve(
+            consumed, holder="spent by the previous run", micros=micros
+        )
+        await reservation.settle(consumed, used_micros=micros)
 
 
 def _summary_at(url: str, key_prefix: str, root_id: str) -> RunSummary | None:
@@ -422,8 +428,13 @@ async def _read_budget(
     if summary is None or summary.budget is None:
         status.budget_note = status.budget_note or "none recorded"
         return
-    fields = {**summary.budget, "consumed_tokens": summary.consumed_tokens}
-    fields.pop("remaining_tokens", None)  # derived again from the fields above
+    fields = {
+        **summary.budget,
+        "consumed_tokens": summary.consumed_tokens,
+        "consumed_usd": summary.consumed_usd,
+    }
+    for derived in ("remaining_tokens", "remaining_usd", "is_exhausted"):
+        fields.pop(derived, None)  # derived again from the fields above
     status.budget = BudgetSnapshot.model_validate(fields)
 
 
