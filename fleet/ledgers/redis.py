@@ -93,17 +93,19 @@ _RESERVE = (
 local wid, id = ARGV[1], ARGV[2]
 local tokens, micros = tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease = tonumber(ARGV[6])
-if redis.call('HEXISTS', key(1, 1), 'limit') == 0 then
-  redis.call('HSET', key(1, 1), 'limit', ARGV[7])
-end
-if redis.call('HEXISTS', key(1, 1), 'ulimit') == 0 then
-  redis.call('HSET', key(1, 1), 'ulimit', ARGV[8])
-end
 local function rid(i) if i == 1 then return id end return wid .. '/' .. id end
 local accounts, room = {}, -1
 for i = 1, n do
   accounts[i] = account(i)
   local a = accounts[i]
+  if i == 1 and a[1] == -2 then
+    redis.call('HSET', key(1, 1), 'limit', ARGV[7])
+    a[1] = tonumber(ARGV[7])
+  end
+  if i == 1 and a[4] == -2 then
+    redis.call('HSET', key(1, 1), 'ulimit', ARGV[8])
+    a[4] = tonumber(ARGV[8])
+  end
   if a[4] >= 0 and (room < 0 or a[4] - a[5] < room) then room = math.max(a[4] - a[5], 0) end
 end
 local existing = redis.call('HGET', key(1, 2), id)
