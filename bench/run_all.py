@@ -27,9 +27,11 @@ BENCHMARKS: dict[str, list[str]] = {
     "journal": [],
     "budget": [],
     "celery_host": [],
+    "rate_limits": [],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "local_overhead": ["--repeat", "3"],
+    "rate_limits": ["--steps", "200", "--requests", "40", "--tokens", "1440", "--workers", "2"],
 }
 
 

@@ -6,6 +6,8 @@ async Python against one seam, :class:`AgentExecutor`; run them in-process
 (:class:`fleet.celery.CeleryExecutor`) without changing a line.
 """
 
+import typing as _typing
+
 # Specs
 # Agents
 from .agents import AgentContext as AgentContext
@@ -43,14 +45,29 @@ from .spec import StepOutcome as StepOutcome
 from .spec import TokenUsage as TokenUsage
 from .stores import CheckpointStore as CheckpointStore
 from .stores import MemoryCheckpointStore as MemoryCheckpointStore
-from .stores import RedisCheckpointStore as RedisCheckpointStore
 from .stores import SQLiteCheckpointStore as SQLiteCheckpointStore
 
 # Workflow
 from .workflow import Workflow as Workflow
 from .workflow import WorkflowBuilder as WorkflowBuilder
 
+if _typing.TYPE_CHECKING:
+    from .stores.redis import RedisCheckpointStore as RedisCheckpointStore
+
 __version__ = "0.1.0"
+
+_LAZY = frozenset({"RedisCheckpointStore"})
+"""Exported names imported on first use: ``import fleet`` loads neither Redis nor Celery."""
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """Import a lazily exported name (see ``_LAZY``) when it is first asked for."""
+    if name in _LAZY:
+        from . import stores
+
+        return getattr(stores, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     # Specs

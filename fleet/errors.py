@@ -11,6 +11,8 @@ exceptions are for misuse and for the edges (configuration, input, services)::
     ├── AgentError(FleetError)                      an agent failed in a way it can name (``kind``)
     │   └── BudgetExhaustedError                    the budget refused a reservation or call
     ├── CheckpointError(FleetError)                 a journal cannot be read or trusted
+    ├── WorkflowClosedError(FleetError, RuntimeError) a verb called after ``finish()``
+    ├── PoisonMessageError(FleetError, ValueError)  a worker refuses a task message
     └── BrokerError(FleetError, ConnectionError)    Redis / the broker is unreachable
 """
 
@@ -24,8 +26,10 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FleetError",
+    "PoisonMessageError",
     "SpecError",
     "UnknownAgentError",
+    "WorkflowClosedError",
 ]
 
 
@@ -148,3 +152,25 @@ class BrokerError(FleetError, ConnectionError):
     def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+
+
+class WorkflowClosedError(FleetError, RuntimeError):
+    """A verb was called on a workflow after ``finish()`` / ``close()``.
+
+    Attributes:
+        root_id: the workflow's root id.
+    """
+
+    def __init__(self, root_id: str) -> None:
+        super().__init__(
+            f"workflow {root_id!r} is finished; build a new Workflow to run more steps "
+            "(reuse the root id to resume from its journal)"
+        )
+        self.root_id = root_id
+
+
+class PoisonMessageError(FleetError, ValueError):
+    """A worker received a task message it cannot trust; it is rejected, never executed.
+
+    The message says why (not JSON, another protocol version, an invalid field).
+    """

@@ -172,6 +172,7 @@ class BufferedLog:
         self.run_id = run_id
         self._buffer: deque[dict[str, str]] = deque(maxlen=self._BUFFER)
         self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._warned = False
@@ -191,6 +192,8 @@ class BufferedLog:
         if self._closing:
             return
         self._buffer.append(entry)
+        if self._idle is not None:
+            self._idle.clear()
         self._ensure_writer()
 
     def _ensure_writer(self) -> None:
@@ -204,6 +207,7 @@ class BufferedLog:
             return  # no loop yet: the entry waits in the buffer for the first one
         self._wakeup = asyncio.Event()
         self._wakeup.set()
+        self._idle = asyncio.Event()
         self._task = asyncio.create_task(self._write(), name=f"fleet-events:{self.where}")
 
     async def _write(self) -> None:
@@ -215,6 +219,8 @@ class BufferedLog:
                 self._wakeup.clear()
                 while self._buffer:
                     await self._flush()
+                assert self._idle is not None
+                self._idle.set()
                 if self._closing:
                     return
         finally:
@@ -234,6 +240,13 @@ class BufferedLog:
                     type(error).__name__,
                     error,
                 )
+
+    async def flush(self, *, timeout_s: float = 5.0) -> None:
+        """Wait until everything pushed so far is written (or ``timeout_s`` passes)."""
+        if self._task is None or self._task.done() or self._idle is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def close(self, status: str, *, timeout_s: float = 10.0) -> None:
         """Append the ``end`` marker, flush what is queued (up to ``timeout_s``), stop."""

@@ -23,6 +23,7 @@ __all__ = [
     "LogEvent",
     "PhaseEnd",
     "PhaseStart",
+    "RateLimited",
     "StepFinished",
     "StepStarted",
     "WorkflowEvent",
@@ -112,8 +113,22 @@ class StepFinished(FleetModel):
         )
 
 
+class RateLimited(FleetModel):
+    """A model call waited noticeably for room under its provider limit."""
+
+    type: Literal["rate_limited"] = "rate_limited"
+    limit: str
+    """The ``[limits.NAME]`` the call counted against."""
+    wait_s: float
+    """How long the call waited before it was admitted."""
+    task_id: str | None = None
+    """The step that made the call."""
+    agent: str | None = None
+    """The step's agent."""
+
+
 WorkflowEvent = Annotated[
-    PhaseStart | PhaseEnd | LogEvent | BudgetExhausted | StepStarted | StepFinished,
+    PhaseStart | PhaseEnd | LogEvent | BudgetExhausted | StepStarted | StepFinished | RateLimited,
     Field(discriminator="type"),
 ]
 """Any workflow event; dispatch on ``event.type``."""

@@ -4,122 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from jsonschema import Draft202012Validator
-
-from .agents.base import AgentContext, AgentDefinition, AgentResult
+from .agents.base import AgentContext, AgentDefinition
 from .agents.registry import AgentLike, AgentRegistry
-from .errors import AgentError, BudgetError, BudgetExhaustedError, UnknownAgentError
+from .errors import BudgetError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
-from .spec import NO_USAGE, AgentStepSpec, StepOutcome
+from .limiters import MemoryRateLimiter, RateLimiter
+from .spec import AgentStepSpec, StepOutcome
+from .step import DEFAULT_RESERVE_TOKENS, run_agent
 
 if TYPE_CHECKING:
     from .budget import Reservation, WorkflowBudget
 
-__all__ = ["DEFAULT_RESERVE_TOKENS", "LocalExecutor", "run_agent"]
-
-DEFAULT_RESERVE_TOKENS = 1000
-"""Reservation for a step with no ``max_tokens`` whose agent names no default."""
-
-
-def _as_result(raw: object, agent: str) -> AgentResult:
-    if isinstance(raw, AgentResult):
-        return raw
-    if isinstance(raw, str):
-        # Hot path: nothing to validate in a plain string result.
-        return AgentResult.model_construct(output=raw, structured=None, usage=NO_USAGE)
-    raise TypeError(
-        f"agent {agent!r} returned {type(raw).__name__}; return an AgentResult or a str"
-    )
-
-
-def _structured(spec: AgentStepSpec, result: AgentResult) -> tuple[Any, str | None]:
-    """Validate the step's structured value; returns ``(value, problem)``."""
-    assert spec.output_schema is not None
-    value = result.structured
-    if value is None:
-        try:
-            value = json.loads(result.output)
-        except ValueError as error:
-            return None, f"output is not JSON ({error.args[0] if error.args else error})"
-    validator = Draft202012Validator(spec.output_schema)
-    problems = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-    if problems:
-        first = problems[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-        return None, f"output does not match output_schema at {where}: {first.message}"
-    return value, None
-
-
-async def run_agent(
-    definition: AgentDefinition,
-    spec: AgentStepSpec,
-    ctx: AgentContext,
-    *,
-    started: float,
-) -> StepOutcome:
-    """Run one agent with the step's timeout and turn whatever happens into an outcome.
-
-    This is the step body every host shares (in-process, or inside a Celery worker).
-    """
-    task_id, agent, worker = spec.task_id, spec.agent, ctx.worker
-
-    def failed(message: str, error: str) -> StepOutcome:
-        return StepOutcome.failed(
-            task_id,
-            agent,
-            message,
-            error=error,
-            usage=ctx.used,
-            duration_s=time.monotonic() - started,
-            worker=worker,
-            cost_usd=ctx.cost_usd,
-        )
-
-    timeout = asyncio.timeout(spec.timeout_s)
-    try:
-        async with timeout:
-            raw = await definition.run(spec, ctx)
-        result = _as_result(raw, agent)
-    except TimeoutError:
-        if timeout.expired():
-            return failed(f"step {task_id!r} timed out after {spec.timeout_s} s", "timeout")
-        return failed(f"step {task_id!r} failed: agent {agent!r} raised TimeoutError", "crashed")
-    except AgentError as error:
-        return failed(f"step {task_id!r} failed: {error}", error.kind)
-    except Exception as error:
-        return failed(
-            f"step {task_id!r} crashed: agent {agent!r} raised {type(error).__name__}: {error}",
-            "crashed",
-        )
-    usage = result.usage if result.usage.total_tokens >= ctx.used.total_tokens else ctx.used
-    ctx.used = usage
-    structured = result.structured
-    if spec.output_schema is not None:
-        structured, problem = _structured(spec, result)
-        if problem is not None:
-            return failed(f"step {task_id!r} failed: {problem}", "schema")
-    # Every field comes from validated values (the spec, the agent's result, the clock):
-    # construct without validating again, on the path every step takes.
-    return StepOutcome.model_construct(
-        task_id=task_id,
-        session_id=f"task-run-{task_id}",
-        agent=agent,
-        output=result.output,
-        success=True,
-        structured=structured,
-        usage=usage,
-        error=None,
-        duration_s=time.monotonic() - started,
-        worker=worker,
-        cost_usd=ctx.cost_usd,
-    )
+__all__ = ["LocalExecutor"]
 
 
 class LocalExecutor(AgentExecutor):
@@ -134,6 +36,9 @@ class LocalExecutor(AgentExecutor):
             through this executor (also its concurrency hint).
         default_reserve_tokens: reservation for a step with no ``max_tokens`` whose agent
             names no default.
+        limiter: where the provider limits of agents with ``limit = "NAME"`` are kept
+            (default: a :class:`~fleet.limiters.MemoryRateLimiter` of this executor;
+            pass a :class:`~fleet.limiters.RedisRateLimiter` to share them with a fleet).
     """
 
     def __init__(
@@ -143,8 +48,10 @@ class LocalExecutor(AgentExecutor):
         budget: WorkflowBudget | None = None,
         max_concurrency: int = DEFAULT_CONCURRENCY_HINT,
         default_reserve_tokens: int = DEFAULT_RESERVE_TOKENS,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.registry = AgentRegistry(agents)
+        self.limiter = limiter if limiter is not None else MemoryRateLimiter()
         self.budget = budget
         self.max_concurrency = max(int(max_concurrency), 1)
         self.default_reserve_tokens = default_reserve_tokens
@@ -205,6 +112,8 @@ class LocalExecutor(AgentExecutor):
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             events=events,
             worker="local",
+            limit=definition.limit,
+            limiter=self.limiter,
         )
         try:
             async with self._hold(definition, spec) as reservation:

@@ -314,6 +314,8 @@ class RunStatus:
     budget: BudgetSnapshot | None = None
     budget_note: str | None = None
     """Why no budget is shown (no budget, or the ledger cannot be read)."""
+    limits: list[str] = field(default_factory=list)
+    """Each provider limit of the agents file with its current use (a fleet run only)."""
 
     @property
     def known(self) -> bool:
@@ -402,7 +404,37 @@ async def read_status(config: FleetSettings, places: RunPlaces, root_id: str) ->
         except Exception as error:
             status.budget_note = f"event log unreadable ({type(error).__name__}: {error})"
     await _read_budget(config, places, root_id, status)
+    if places.ledger is not None:
+        status.limits = await _limit_lines(config, places.ledger)
     return status
+
+
+async def _limit_lines(config: FleetSettings, redis_url: str) -> list[str]:
+    """``NAME: use`` of every ``[limits.NAME]`` in the agents file (shared by the fleet)."""
+    from .agents.registry import load_limits
+    from .limiters import ProviderLimit, RedisRateLimiter
+    from .limiters.admission import describe
+
+    def read() -> dict[str, ProviderLimit]:
+        return load_limits(config.agents_file) if Path(config.agents_file).is_file() else {}
+
+    try:
+        limits = await asyncio.to_thread(read)
+    except ConfigError as error:
+        return [f"(agents file unreadable: {error})"]
+    limiter = RedisRateLimiter(redis_url, key_prefix=config.key_prefix)
+    lines = []
+    try:
+        for name, limit in limits.items():
+            try:
+                state = await asyncio.wait_for(limiter.state(limit), 5.0)
+            except Exception as error:
+                lines.append(f"{name}: unreadable ({type(error).__name__}: {error})")
+            else:
+                lines.append(f"{name}: {describe(limit, state)}")
+    finally:
+        await limiter.close()
+    return lines
 
 
 async def _read_budget(

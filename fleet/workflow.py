@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
-from .errors import FleetError
+from .errors import WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
@@ -75,21 +75,6 @@ logger = logging.getLogger(__name__)
 _BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, StepFinished)
 
 
-class WorkflowClosedError(FleetError, RuntimeError):
-    """A verb was called on a workflow after ``finish()`` / ``close()``.
-
-    Attributes:
-        root_id: the workflow's root id.
-    """
-
-    def __init__(self, root_id: str) -> None:
-        super().__init__(
-            f"workflow {root_id!r} is finished; build a new Workflow to run more steps "
-            "(reuse the root id to resume from its journal)"
-        )
-        self.root_id = root_id
-
-
 def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:
     try:
         safe = json.loads(json.dumps(fields, default=str))
@@ -123,8 +108,12 @@ class _Run:
             except Exception:
                 logger.exception("cannot queue a %s event for the Redis stream", event.type)
 
-    async def record_budget(self) -> BudgetSnapshot | None:
-        """Read the budget and append it to the event log (for ``fleet status``)."""
+    async def record_budget(self, *, flush: bool = False) -> BudgetSnapshot | None:
+        """Read the budget and append it to the event log (for ``fleet status``).
+
+        With ``flush``, wait until the log holds it (and every event before it): a verb's
+        end is then durable before the next verb spends anything.
+        """
         if self.budget is None:
             return None
         try:
@@ -134,6 +123,8 @@ class _Run:
             return None
         if self.stream is not None:
             self.stream.push({"control": "budget", "snapshot": snapshot.to_json()})
+            if flush:
+                await self.stream.flush()
         return snapshot
 
     def on_step_event(self, event: Any) -> None:
@@ -405,7 +396,7 @@ class Workflow:
         if run.exhausted_reported and run.stream is None:
             return
         refused = any(outcome.error == "budget_exhausted" for outcome in outcomes)
-        snapshot = await run.record_budget()
+        snapshot = await run.record_budget(flush=True)
         exhausted = snapshot is not None and snapshot.is_exhausted
         if run.exhausted_reported or not (exhausted or refused):
             return

@@ -6,9 +6,15 @@ import os
 import uuid
 from collections.abc import Iterator
 
+import hypothesis  # noqa: F401 - see below
 import pytest
 
 from fleet.redis_server import RedisServer
+
+# hypothesis's pytest plugin imports hypothesis lazily, in the terminal summary; after a
+# long session CPython 3.11.7 can then fail to compile it (pytest's assertion rewriting)
+# with "SystemError: AST constructor recursion depth mismatch" and exit 1 although every
+# test passed. Importing it here, at collection, compiles it while the counters are sane.
 
 
 @pytest.fixture(scope="session")

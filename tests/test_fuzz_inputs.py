@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from fleet import AgentStepSpec, StepOutcome, TokenUsage, load_agents
 from fleet.agents import AgentRegistry
 from fleet.celery import PROTOCOL_VERSION, StepMessage
+from fleet.celery.protocol import decode as _parse
 from fleet.checkpoint import WorkflowStepRecord
 from fleet.cli.app import app
 from fleet.config import FleetSettings, load_settings
@@ -47,7 +48,7 @@ from fleet.stores import (
 from fleet.stores.base import encode_meta
 from fleet.stores.memory import _Journal
 from tests.test_resumable import EchoExecutor
-from workers.tasks import PoisonMessage, WorkerRuntime, _parse, run_step
+from workers.tasks import PoisonMessage, WorkerRuntime, run_step
 
 FUZZ = settings(
     max_examples=40,

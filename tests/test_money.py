@@ -23,6 +23,7 @@ from fleet.ledgers import BudgetLedger, MemoryLedger, RedisLedger
 from fleet.pricing import ModelPrice, micros_to_usd, parse_prices, price_model
 
 from .fake_openai import FakeOpenAI, reply
+from .test_cli_run import run_fleet
 
 # hypothesis is imported here on purpose: run alone, this file's concurrent Redis test
 # otherwise leaves hypothesis' pytest plugin to import it at the end of the session,
@@ -329,8 +330,6 @@ def test_fleet_run_with_budget_usd_and_account(
     tmp_path: Path, redis_url: str, key_prefix: str
 ) -> None:
     """`fleet run --budget-usd --account` charges the run and its team; status shows dollars."""
-    from tests.test_cli_run import run_fleet
-
     completion = 30
     shared = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": key_prefix}
     flow = tmp_path / "ask.py"

@@ -19,8 +19,8 @@ from fleet.agents import AgentContext, OpenAIAgent, OpenAIAgentConfig
 from fleet.agents.openai import definition_from_config
 from fleet.budget import WorkflowBudget
 from fleet.errors import ConfigError
-from fleet.local import run_agent
 from fleet.redis_server import free_port
+from fleet.step import run_agent
 
 from .fake_openai import FakeOpenAI, Reply, error, reply, tool_call
 

@@ -10,6 +10,7 @@ for ``AgentResult(output=...)``). To fail with a named kind, raise
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..errors import AgentError, BudgetExhaustedError
-from ..events import EventSink, emit
+from ..events import EventSink, RateLimited, emit
+from ..limiters.admission import Admission, admit
+from ..limiters.base import ProviderLimit, RateLimiter
 from ..pricing import ModelPrice, UnknownPrice, micros_to_usd, no_price_message
 from ..spec import NO_USAGE, AgentStepSpec, FleetModel, TokenUsage
 
@@ -75,6 +78,9 @@ class AgentDefinition:
     """Default reservation for a step that sets no ``max_tokens``."""
     kind: str = "python"
     """Where it came from: ``builtin``, ``python`` or ``openai``."""
+    limit: ProviderLimit | None = None
+    """The provider limit every model call of this agent counts against (``limit = "NAME"``
+    in its ``[agents.NAME]`` table)."""
 
     def reservation_for(self, spec: AgentStepSpec, default: int) -> int:
         """Tokens to reserve for ``spec``.
@@ -97,6 +103,9 @@ class AgentContext:
     ``held_tokens`` is what the step reserved from the workflow budget (``None`` when
     there is no cap). Before each LLM call an agent calls :meth:`check_tokens` (which
     refuses when the hold is spent and caps the call), and after it :meth:`charge`.
+    Under a provider limit it also waits for :meth:`admit_call` before each request,
+    settles the admission with the call's real usage, and reports a 429 with
+    :meth:`pause_limit`.
     """
 
     spec: AgentStepSpec
@@ -160,6 +169,11 @@ class AgentContext:
         )
         return CallHold(self, price, reservation, cap)
 
+    limit: ProviderLimit | None = None
+    """The provider limit the agent's calls count against (``None``: none)."""
+    limiter: RateLimiter | None = None
+    """Where the host keeps provider limits (in memory locally, Redis on a fleet)."""
+
     def tokens_left(self) -> int | None:
         """Tokens the step may still spend (``None`` when uncapped)."""
         if self.held_tokens is None:
@@ -204,6 +218,65 @@ class AgentContext:
         if self.deadline is None:
             return None
         return max(self.deadline - time.monotonic(), 0.0)
+
+    async def admit_call(self, tokens: int, *, lease_s: float = 60.0) -> Admission:
+        """Wait until one model call of ``tokens`` fits under the agent's provider limit.
+
+        Args:
+            tokens: the call's estimate: prompt estimate plus its ``max_tokens``.
+            lease_s: the longest the call can take (its in-flight slot lapses after it).
+
+        Returns:
+            The admission; settle it with the call's real usage. Without a limit (or a
+            limiter) nothing is counted and the admission settles to nothing.
+
+        Raises:
+            AgentError: ``timeout`` when no room opens before the step's deadline,
+                ``rate_limit`` when one call needs more tokens than the whole window.
+        """
+        if self.limit is None or self.limiter is None:
+            return Admission(None, None)
+        limit = self.limit
+
+        def waited(seconds: float) -> None:
+            self.emit(
+                RateLimited(
+                    limit=limit.name,
+                    wait_s=round(seconds, 3),
+                    task_id=self.spec.task_id,
+                    agent=self.spec.agent,
+                )
+            )
+
+        return await admit(
+            self.limiter,
+            limit,
+            tokens,
+            deadline=self.deadline,
+            lease_s=lease_s,
+            label=f"step {self.spec.task_id!r} (agent {self.spec.agent!r})",
+            on_wait=waited,
+        )
+
+    async def pause_limit(self, seconds: float) -> None:
+        """The provider answered 429: admit no call under the limit, fleet-wide, for ``seconds``."""
+        if self.limit is None or self.limiter is None:
+            return
+        log = logging.getLogger("fleet.limits")
+        try:
+            left = await self.limiter.pause(self.limit, seconds)
+        except Exception as error:  # the call's own retry still honours the wait
+            log.warning(
+                "limit %r: could not record the provider's pause (%s)", self.limit.name, error
+            )
+        else:
+            log.warning(
+                "limit %r: the provider answered 429 to step %r; every call under it waits "
+                "%.2f s, fleet-wide",
+                self.limit.name,
+                self.spec.task_id,
+                left,
+            )
 
     def emit(self, event: Any) -> None:
         """Send an event to the step's sink (never blocks, never raises)."""

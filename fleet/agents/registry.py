@@ -6,6 +6,7 @@ code: ``AgentStepSpec.agent`` is a key, not an import path.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import tomllib
@@ -15,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, UnknownAgentError
+from ..limiters.base import ProviderLimit, parse_limits
 from ..pricing import ModelPrice, UnknownPrice, parse_prices
 from .base import AgentDefinition, AgentFunction
 from .echo import ECHO
 
-__all__ = ["AgentLike", "AgentRegistry", "load_agents", "read_agents_file", "resolve_target"]
+__all__ = [
+    "AgentLike",
+    "AgentRegistry",
+    "load_agents",
+    "load_limits",
+    "read_agents_file",
+    "resolve_target",
+]
 
 AgentLike = AgentFunction | str | AgentDefinition
 """What ``LocalExecutor(agents=...)`` accepts per name: a coroutine function, a dotted
@@ -64,11 +73,7 @@ def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
 
 def _definition(name: str, agent: AgentLike) -> AgentDefinition:
     if isinstance(agent, AgentDefinition):
-        return (
-            agent
-            if agent.name == name
-            else AgentDefinition(name, agent.run, agent.reserve_tokens, agent.kind)
-        )
+        return agent if agent.name == name else dataclasses.replace(agent, name=name)
     if isinstance(agent, str):
         agent = resolve_target(agent)
     as_definition = getattr(agent, "definition", None)
@@ -209,22 +214,55 @@ def read_agents_file(path: str | Path, section: str | None) -> tuple[str, dict[s
     return source, tables
 
 
+def load_limits(path: str | Path) -> dict[str, ProviderLimit]:
+    """Read the ``[limits.NAME]`` tables (provider limits) of an agents file.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a limit is invalid (the
+            message names the table and the key).
+    """
+    source, tables = read_agents_file(path, "limits")
+    return parse_limits(tables, source=source)
+
+
+def _agent_limit(
+    name: str, table: dict[str, Any], limits: Mapping[str, ProviderLimit], source: str
+) -> ProviderLimit | None:
+    """The provider limit an ``[agents.NAME]`` table names with ``limit = "NAME"``."""
+    if "limit" not in table:
+        return None
+    wanted = table.pop("limit")
+    if isinstance(wanted, str) and wanted in limits:
+        return limits[wanted]
+    known = ", ".join(repr(k) for k in sorted(limits)) or "none"
+    raise ConfigError(
+        f"{source}: [agents.{name}] limit = {wanted!r} names no [limits.NAME] table "
+        f"(declared limits: {known}); declare it or fix the name",
+        key=f"agents.{name}.limit",
+    )
+
+
 def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
     """Read an agents file (TOML, ``[agents.NAME]`` tables) into a name → definition map.
 
-    The result is what ``LocalExecutor(agents=...)`` takes. The file's
-    ``[prices."MODEL"]`` tables and top-level ``unknown_price`` go to its model agents.
+    An agent's ``limit = "NAME"`` attaches the file's ``[limits.NAME]`` provider limit
+    to its definition; the file's ``[prices."MODEL"]`` tables and top-level
+    ``unknown_price`` go to its model agents. The result is what
+    ``LocalExecutor(agents=...)`` takes.
 
     Raises:
         ConfigError: the file is missing or unreadable, or a table is invalid (the
             message names the file and the key).
     """
+    limits = load_limits(path)
     source, tables = read_agents_file(path, "agents")
     money = _file_money(path)
     agents: dict[str, AgentDefinition] = {}
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: agents.{name} must be a table", key=f"agents.{name}")
+        table = dict(table)
+        limit = _agent_limit(name, table, limits, source)
         kind = table.get("kind", "python")
         builder = _KINDS.get(kind) if isinstance(kind, str) else None
         if builder is None:
@@ -233,5 +271,6 @@ def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
                 + ", ".join(repr(k) for k in _KINDS),
                 key=f"agents.{name}.kind",
             )
-        agents[name] = builder(name, table, source, money)
+        definition = builder(name, table, source, money)
+        agents[name] = dataclasses.replace(definition, limit=limit) if limit else definition
     return agents

@@ -4,6 +4,7 @@ from . import budget as budget  # fleet budget show|set
 from . import demo as demo  # fleet demo
 from . import fleetops as fleetops  # fleet worker, fleet flower, fleet up
 from . import journal as journal  # fleet journal list|show|rm
+from . import limits as limits  # fleet limits show
 from . import run as run  # fleet run, fleet watch, fleet status
 from .app import app as app
 from .app import main as main

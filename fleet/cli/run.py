@@ -323,6 +323,8 @@ def _print_status(report: RunStatus) -> None:
         say(f"  budget: {report.budget}")
     else:
         say(f"  budget: {report.budget_note or 'none recorded'}")
+    for line in report.limits:
+        say(f"  provider limit {line}")
 
 
 @app.command()

@@ -1,4 +1,10 @@
-"""Budget ledgers: where a workflow's token account lives (in memory, or in Redis)."""
+"""Budget ledgers: where a workflow's token account lives (in memory, or in Redis).
+
+:class:`RedisLedger` is imported when it is first named, so ``import fleet`` loads no
+Redis client.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from .base import KEEP as KEEP
 from .base import BudgetLedger as BudgetLedger
@@ -8,7 +14,9 @@ from .base import Keep as Keep
 from .base import LedgerState as LedgerState
 from .base import ReserveResult as ReserveResult
 from .memory import MemoryLedger as MemoryLedger
-from .redis import RedisLedger as RedisLedger
+
+if TYPE_CHECKING:
+    from .redis import RedisLedger as RedisLedger
 
 __all__ = [
     "KEEP",
@@ -21,3 +29,12 @@ __all__ = [
     "RedisLedger",
     "ReserveResult",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Redis ledger only when it is named."""
+    if name == "RedisLedger":
+        from .redis import RedisLedger
+
+        return RedisLedger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

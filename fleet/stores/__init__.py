@@ -8,11 +8,15 @@ machine) all implement :class:`CheckpointStore`. :func:`open_store` builds one f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..errors import ConfigError
 from .base import CheckpointStore as CheckpointStore
 from .memory import MemoryCheckpointStore as MemoryCheckpointStore
-from .redis import RedisCheckpointStore as RedisCheckpointStore
 from .sqlite import SQLiteCheckpointStore as SQLiteCheckpointStore
+
+if TYPE_CHECKING:
+    from .redis import RedisCheckpointStore as RedisCheckpointStore
 
 __all__ = [
     "CheckpointStore",
@@ -31,6 +35,15 @@ def sqlite_path(target: str) -> str | None:
         return None
     path = text[len("sqlite:") :]
     return path[2:] if path.startswith("///") else path
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Redis store only when it is named (``import fleet`` loads no Redis client)."""
+    if name == "RedisCheckpointStore":
+        from .redis import RedisCheckpointStore
+
+        return RedisCheckpointStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
@@ -56,6 +69,8 @@ def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
             )
         return SQLiteCheckpointStore(path)
     if text.startswith(("redis://", "rediss://")):
+        from .redis import RedisCheckpointStore
+
         return RedisCheckpointStore(text, key_prefix=key_prefix)
     shown = "<a URL with a password>" if "@" in text else repr(text)
     raise ConfigError(

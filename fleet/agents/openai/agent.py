@@ -137,7 +137,10 @@ class OpenAIAgent:
         env = self.config.api_key_env
         key = (os.environ.get(env) or None) if env else None
         sender = self.transport.sender(
-            key=key, label=f"agent {self.name!r} step {spec.task_id!r}", remaining_s=ctx.remaining_s
+            key=key,
+            label=f"agent {self.name!r} step {spec.task_id!r}",
+            remaining_s=ctx.remaining_s,
+            gate=ctx if ctx.limit is not None else None,
         )
         return await Conversation(self, spec, ctx, sender).run()
 

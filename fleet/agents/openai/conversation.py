@@ -217,8 +217,9 @@ class Conversation:
     async def send(self, call: Call) -> Any:
         """Send the call (retries inside); a rejected ``response_format`` is dropped."""
         body = call.body
+        tokens = call.prompt_estimate + body.get("max_tokens", self.config.max_tokens)
         try:
-            return await self.sender.post(body)
+            return await self.sender.post(body, call_tokens=tokens)
         except Refused as refused:
             if refused.status != 400 or "response_format" not in body:
                 raise
@@ -227,7 +228,7 @@ class Conversation:
             )
             self.use_format = False
             del body["response_format"]
-            return await self.sender.post(body)
+            return await self.sender.post(body, call_tokens=tokens)
 
     def after_call(self, call: Call, completion: ChatCompletion) -> Reply:
         """After each model call: charge its usage to the step and return its message.

@@ -17,16 +17,19 @@ import email.utils
 import functools
 import json
 import logging
+import math
 import random
+import re
 import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from ...errors import AgentError
+from ...limiters import Admission
 from .config import OpenAIAgentConfig
 from .wire import error_message
 
@@ -38,6 +41,7 @@ __all__ = [
     "Transient",
     "Transport",
     "backoff",
+    "reset_after",
     "retry_after",
 ]
 
@@ -47,6 +51,8 @@ MAX_RETRY_AFTER_S = 120.0
 """The longest ``Retry-After`` honoured; a server asking for more gets this."""
 MAX_BACKOFF_S = 30.0
 """The longest wait between retries without ``Retry-After`` (before jitter)."""
+LEASE_MARGIN_S = 5.0
+"""A call's in-flight slot under a provider limit outlives its request timeout by this."""
 
 
 def backoff(
@@ -89,12 +95,54 @@ def retry_after(headers: httpx.Headers) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def reset_after(headers: httpx.Headers) -> float | None:
+    """Seconds until the provider's windows reset (``x-ratelimit-reset-*``, e.g. ``6m0s``)."""
+    longest: float | None = None
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        value = headers.get(name, "").strip()
+        parts = _DURATION.findall(value)
+        if parts and not _DURATION.sub("", value):
+            seconds = sum(float(n) * _UNIT_S[unit] for n, unit in parts)
+        else:
+            try:  # a bare number of seconds
+                seconds = float(value)
+            except ValueError:
+                continue
+        if math.isfinite(seconds):
+            longest = max(longest or 0.0, min(max(seconds, 0.0), MAX_RETRY_AFTER_S))
+    return longest
+
+
+def _usage_total(data: Any) -> int | None:
+    """The ``usage.total_tokens`` of a completion body (``None`` when absent)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if type(total) is int and total > 0 else None
+
+
+class CallGate(Protocol):
+    """Admission under the agent's provider limit (``AgentContext`` is one)."""
+
+    async def admit_call(self, tokens: int, *, lease_s: float = ...) -> Admission:
+        """Wait until a call of ``tokens`` fits under the limit; count it."""
+
+    async def pause_limit(self, seconds: float) -> None:
+        """The provider answered 429: pause the limit fleet-wide for ``seconds``."""
+
+
 class Transient(Exception):
     """A failure worth retrying (429, 5xx, timeout, dropped connection)."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 class Refused(AgentError):
@@ -161,10 +209,15 @@ class Transport:
             await found[1].aclose()
 
     def sender(
-        self, *, key: str | None, label: str, remaining_s: Callable[[], float | None]
+        self,
+        *,
+        key: str | None,
+        label: str,
+        remaining_s: Callable[[], float | None],
+        gate: CallGate | None = None,
     ) -> Sender:
-        """What one step sends requests through (its key, its deadline, its log label)."""
-        return Sender(self, key=key, label=label, remaining_s=remaining_s)
+        """What one step sends requests through (its key, deadline, log label, limit)."""
+        return Sender(self, key=key, label=label, remaining_s=remaining_s, gate=gate)
 
 
 class Sender:
@@ -175,6 +228,8 @@ class Sender:
         key: the API key (``None``: no ``Authorization`` header).
         label: names the agent and step in log lines.
         remaining_s: seconds left before the step's deadline (``None``: no deadline).
+        gate: admits every HTTP request under the agent's provider limit first
+            (``None``: no limit).
     """
 
     def __init__(
@@ -184,8 +239,10 @@ class Sender:
         key: str | None,
         label: str,
         remaining_s: Callable[[], float | None],
+        gate: CallGate | None = None,
     ) -> None:
         self.transport = transport
+        self.gate = gate
         self.config = transport.config
         self.label = label
         self.remaining_s = remaining_s
@@ -199,8 +256,11 @@ class Sender:
             text = text.replace(secret, "***")
         return text
 
-    async def post(self, body: dict[str, Any]) -> Any:
+    async def post(self, body: dict[str, Any], *, call_tokens: int = 0) -> Any:
         """POST one request, retrying transient failures within the step's deadline.
+
+        Each attempt is admitted under the provider limit first, as ``call_tokens``
+        (the prompt estimate plus the call's ``max_tokens``).
 
         Returns:
             The decoded JSON body of a 2xx answer.
@@ -212,7 +272,7 @@ class Sender:
         attempt = 1
         while True:
             try:
-                return await self.attempt(body)
+                return await self.admitted_attempt(body, call_tokens)
             except Transient as problem:
                 last = problem
             if attempt > self.config.max_retries:
@@ -246,8 +306,58 @@ class Sender:
             kind="unavailable",
         )
 
-    async def attempt(self, body: dict[str, Any]) -> Any:
-        """One HTTP request; raises :class:`Transient` for what is worth retrying."""
+    async def admitted_attempt(self, body: dict[str, Any], call_tokens: int) -> Any:
+        """One request admitted under the provider limit, settled with its real usage.
+
+        A 429 spends nothing at the provider and pauses the limit for the whole fleet
+        until the provider's reset (``Retry-After``, ``retry-after-ms`` or
+        ``x-ratelimit-reset-*``); an answer without usage keeps the estimate.
+        """
+        if self.gate is None:
+            return await self.attempt(body)
+        # The client first: building one (TLS context) can hold the loop for a while, and
+        # the window counts a call from its admission, so send right after it.
+        await self.transport.client()
+        lease_s = self.config.timeout_s + LEASE_MARGIN_S
+        admission = await self.gate.admit_call(call_tokens, lease_s=lease_s)
+        used: int | None = None
+        sent: list[float] = []
+        try:
+            data = await self.attempt(body, on_429=self._pause, on_sent=sent.append)
+            used = _usage_total(data)
+            return data
+        except Transient as problem:
+            if problem.status == 429:
+                used = 0
+            raise
+        finally:
+            await asyncio.shield(admission.settle(used, sent_at=sent[0] if sent else None))
+
+    async def _pause(self, headers: httpx.Headers) -> None:
+        assert self.gate is not None
+        reset = retry_after(headers) or reset_after(headers)
+        if reset:
+            await self.gate.pause_limit(reset)
+
+    async def attempt(
+        self,
+        body: dict[str, Any],
+        *,
+        on_429: Callable[[httpx.Headers], Any] | None = None,
+        on_sent: Callable[[float], None] | None = None,
+    ) -> Any:
+        """One HTTP request; raises :class:`Transient` for what is worth retrying.
+
+        ``on_sent`` is called with ``time.monotonic()`` once the request is written.
+        """
+        extensions: dict[str, Any] = {}
+        if on_sent is not None:
+
+            async def trace(event: str, info: dict[str, Any]) -> None:
+                if event.endswith("send_request_body.complete"):
+                    on_sent(time.monotonic())
+
+            extensions["trace"] = trace
         timeout = self.config.timeout_s
         remaining = self.remaining_s()
         if remaining is not None:
@@ -255,7 +365,11 @@ class Sender:
         client = await self.transport.client()
         try:
             response = await client.post(
-                self.transport.endpoint, json=body, headers=self._headers, timeout=timeout
+                self.transport.endpoint,
+                json=body,
+                headers=self._headers,
+                timeout=timeout,
+                extensions=extensions,
             )
         except httpx.TimeoutException:
             raise Transient(f"no answer within {timeout:.3g} s") from None
@@ -271,6 +385,8 @@ class Sender:
                     f"model server at {self.transport.where} sent a response that is not JSON",
                     status=status,
                 ) from None
+        if status == 429 and on_429 is not None:
+            await on_429(response.headers)
         raise self.refusal(status, error_message(text), response.headers)
 
     def refusal(self, status: int, message: str, headers: httpx.Headers) -> Exception:
@@ -298,7 +414,10 @@ class Sender:
                 status=status,
             )
         if status in (408, 429) or status >= 500:
-            return Transient(f"HTTP {status}: {message}", retry_after=retry_after(headers))
+            wait = retry_after(headers)
+            if wait is None and status == 429:
+                wait = reset_after(headers)
+            return Transient(f"HTTP {status}: {message}", retry_after=wait, status=status)
         return Refused(
             f"model server at {where} refused the request (HTTP {status}: {message})",
             status=status,

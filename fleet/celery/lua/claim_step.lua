@@ -1,0 +1,25 @@
+-- claim_step.lua: a worker takes one step, unless its outcome is already recorded.
+--
+-- KEYS[1]  {prefix}:done:{tid}             a journaled step's success (resumed hosts)
+-- KEYS[2]  {prefix}:result:{tid}:{nonce}   the outcome of this dispatch (duplicates read it)
+-- KEYS[3]  {prefix}:lease:{tid}            the claim on the running step (SET NX PX)
+-- KEYS[4]  {prefix}:reply:{name}           the host's reply list
+-- ARGV[1]  owner (random, names this claim)
+-- ARGV[2]  lease in milliseconds
+-- ARGV[3]  the "started" notice to push ('' for none)
+-- ARGV[4]  reply list TTL in seconds
+--
+-- Returns {'done', outcome json} when recorded, {'claimed', ''} when taken,
+-- {'held', owner} when another worker holds the lease.
+local d = redis.call('GET', KEYS[1])
+if d then return {'done', d} end
+d = redis.call('GET', KEYS[2])
+if d then return {'done', d} end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] ~= '' then
+    redis.call('RPUSH', KEYS[4], ARGV[3])
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
+  return {'claimed', ''}
+end
+return {'held', redis.call('GET', KEYS[3]) or ''}

@@ -1,0 +1,170 @@
+"""One pipeline on the Celery host: per-item Celery chains of registered stages.
+
+The host writes the items and a :class:`~fleet.celery.protocol.PipelineContext` into
+one Redis hash and sends one chain per item (a window of ``max_in_flight`` chains)
+through the executor's shared :class:`~fleet.celery.dispatch.Dispatcher`. Then it only
+watches: the workers move each item stage to stage and tell the host about every link;
+a chain whose due link was lost is sent again from that link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import chain
+from redis.exceptions import RedisError
+
+from ..events import EventSink, StepFinished, StepStarted, emit
+from ..spec import StepOutcome
+from .dispatch import Flight, Notice, Track
+from .protocol import (
+    PROTOCOL_VERSION,
+    STAGE_TASK,
+    Finished,
+    Limited,
+    PipelineContext,
+    StageMessage,
+    Started,
+    Stopped,
+    stage_link_id,
+)
+from .round import SEND_BATCH
+
+if TYPE_CHECKING:
+    from .executor import CeleryExecutor
+
+__all__ = ["Pipeline"]
+
+
+@dataclass(eq=False, kw_only=True)
+class _Chain(Flight):
+    """One item's chain as the host tracks it: which link is due, and what came of it."""
+
+    index: int
+    stage: int = 0
+    finished: bool = False
+    final: StepOutcome | None = None
+
+
+class Pipeline(Track):
+    """Per-item Celery chains of registered stages; the host only watches and recovers."""
+
+    def __init__(
+        self,
+        executor: CeleryExecutor,
+        items: list[Any],
+        stages: list[str],
+        events: EventSink | None,
+    ) -> None:
+        super().__init__(executor._dispatcher())
+        self.x = executor
+        self.keys = executor.keys
+        self.items = items
+        self.stages = stages
+        self.events = events
+        self.pipe = uuid.uuid4().hex[:20]
+        self.chains = [
+            _Chain(tid=stage_link_id(self.pipe, i, 0), nonce=self.pipe, owner=self, index=i)
+            for i in range(len(items))
+        ]
+        self.open = len(items)
+
+    async def run(self) -> list[StepOutcome | None]:
+        """Run every chain to its end; each item's last outcome (``None``: declined)."""
+        client = await self.dispatcher.ready()
+        context = PipelineContext(
+            stages=self.stages,
+            reply=self.dispatcher.reply,
+            nonce=self.pipe,
+            # Nobody listens for step_started: the host watches leases instead.
+            announce=self.events is not None,
+        ).to_json()
+        key = self.keys.pipe(self.pipe)
+        try:
+            for start in range(0, len(self.items), 500):
+                fields: dict[str | bytes, str | bytes] = {"ctx": context}
+                for i in range(start, min(start + 500, len(self.items))):
+                    fields[f"item:{i}"] = json.dumps(self.items[i])
+                await client.hset(key, mapping=fields)  # type: ignore[arg-type]
+            await client.expire(key, self.x.settings.result_expires_s)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._dispatch())
+                tasks.create_task(self.receive())
+        finally:
+            for chain_ in self.chains:
+                self.dispatcher.release(chain_)
+            with contextlib.suppress(RedisError):
+                await client.delete(key)
+        return [chain_.final for chain_ in self.chains]
+
+    def _signatures(self, chain_: _Chain) -> Any:
+        links = []
+        for stage in range(chain_.stage, len(self.stages)):
+            pointer = StageMessage(
+                v=PROTOCOL_VERSION, pipe=self.pipe, item=chain_.index, stage=stage
+            )
+            links.append(
+                self.x.app.signature(
+                    STAGE_TASK,
+                    args=(pointer.to_json(),) if stage == chain_.stage else (),
+                    task_id=stage_link_id(self.pipe, chain_.index, stage),
+                    queue=self.x.settings.queue,
+                    argsrepr=f"{self.pipe} item {chain_.index} stage {stage}",
+                    kwargsrepr="{}",
+                )
+            )
+        return chain(*links)
+
+    async def _dispatch(self) -> None:
+        slots = self.dispatcher.slots
+        pending = iter(self.chains)
+        chain_ = next(pending, None)
+        while chain_ is not None:
+            await self.dispatcher.acquire(chain_)
+            room = min(await self.dispatcher.room(), SEND_BATCH)
+            batch = [chain_]
+            chain_ = next(pending, None)
+            while chain_ is not None and len(batch) < room and not slots.locked():
+                await self.dispatcher.acquire(chain_)
+                batch.append(chain_)
+                chain_ = next(pending, None)
+            await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
+
+    async def resend(self, flights: list[Flight]) -> None:
+        """Send lost chains again from their due link."""
+        batch = [f for f in flights if isinstance(f, _Chain) and not f.finished]
+        if batch:
+            await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
+
+    async def handle(self, flight: Flight, notice: Notice) -> None:
+        """A link started, ran (the chain moves on or ends), or its stage stopped the chain."""
+        chain_ = flight
+        if not isinstance(chain_, _Chain) or chain_.finished or notice.id != chain_.tid:
+            return  # a finished chain, or a duplicate's late word about an earlier link
+        if isinstance(notice, Started):
+            chain_.started = True
+            emit(self.events, StepStarted(task_id=notice.task_id, agent=notice.agent))
+        elif isinstance(notice, Finished):
+            outcome = notice.outcome
+            emit(self.events, StepFinished.of(outcome))
+            chain_.stage += 1
+            if not outcome.success or chain_.stage == len(self.stages):
+                self._finish(chain_, outcome)
+            else:
+                self.dispatcher.rekey(chain_, stage_link_id(self.pipe, chain_.index, chain_.stage))
+        elif isinstance(notice, Stopped):
+            self._finish(chain_, notice.outcome)
+        elif isinstance(notice, Limited):
+            emit(self.events, notice.event)
+
+    def _finish(self, chain_: _Chain, final: StepOutcome | None) -> None:
+        chain_.final, chain_.finished = final, True
+        self.open -= 1
+        self.dispatcher.release(chain_)
+        if self.open == 0:
+            self.closed()

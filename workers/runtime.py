@@ -1,0 +1,308 @@
+"""What a worker process knows and does around a step: claim, run, record.
+
+:class:`WorkerRuntime` holds the settings, agents and stages, this process's Redis
+client and the Lua scripts of :mod:`fleet.celery.protocol`; it claims a step (or a
+chain link), runs the shared step body :func:`fleet.step.run_agent` on this thread's
+event loop (under the host's token hold, if any), and records the outcome. A background
+thread keeps the leases of running steps alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis
+
+from fleet.agents import AgentContext, AgentRegistry
+from fleet.budget import WorkflowBudget
+from fleet.celery.protocol import (
+    REPLY_TTL_S,
+    BudgetHold,
+    Keys,
+    Limited,
+    StageMessage,
+    StepMessage,
+    lua,
+    stage_link_id,
+)
+from fleet.checkpoint import WorkflowStepRecord
+from fleet.config import FleetSettings
+from fleet.errors import PoisonMessageError, UnknownAgentError
+from fleet.events import EventSink, RateLimited
+from fleet.ledgers.redis import RedisLedger
+from fleet.limiters import RedisRateLimiter
+from fleet.redisclient import sync_client
+from fleet.spec import AgentStepSpec, StepOutcome
+from fleet.step import run_agent
+from fleet.stores.redis import RedisCheckpointStore
+
+__all__ = ["WorkerRuntime"]
+
+logger = logging.getLogger("fleet.worker")
+
+
+class _LeaseKeeper:
+    """Renews this process's step leases from one background thread.
+
+    A thread rather than the step's event loop, so a lease stays alive while an agent
+    hogs its loop; it stops with the process, so a killed worker's leases lapse.
+    """
+
+    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int) -> None:
+        self._client = client
+        self._lease_ms = lease_ms
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def hold(self, key: str, owner: str) -> None:
+        with self._lock:
+            self._held[key] = owner
+            if self._pid != os.getpid():  # first use in this (possibly forked) process
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="fleet-leases", daemon=True).start()
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def _run(self) -> None:
+        renew = self._client().register_script(lua("renew_lease"))
+        while True:
+            time.sleep(self._lease_ms / 3000)
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                continue
+            try:
+                pipe = self._client().pipeline(transaction=False)
+                for key, owner in held:
+                    renew(keys=[key], args=[owner, self._lease_ms], client=pipe)
+                pipe.execute()
+            except redis.RedisError as error:
+                logger.warning("could not renew %d step leases: %s", len(held), error)
+
+
+class WorkerRuntime:
+    """What a worker process knows: settings, agents, stages, its Redis connections."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        registry: AgentRegistry,
+        stages: dict[str, Callable[..., Any]],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stages = stages
+        self.keys = Keys(settings.key_prefix)
+        self._redis: redis.Redis | None = None
+        self._pid = 0
+        self._local = threading.local()
+        self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+        # Provider limits, shared with every worker and host on this Redis.
+        self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
+
+    def redis(self) -> redis.Redis:
+        """This process's Redis client (re-created after a fork)."""
+        if self._redis is None or self._pid != os.getpid():
+            self._redis = sync_client(self.settings.redis_url)
+            self._pid = os.getpid()
+            self._claim = self._redis.register_script(lua("claim_step"))
+            self._finish = self._redis.register_script(lua("finish"))
+            self._begin_link = self._redis.register_script(lua("begin_link"))
+        return self._redis
+
+    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(coro)
+
+    # ------------------------------------------------------------------ claim / finish
+
+    def claim(self, tid: str, nonce: str, reply: str, notice: str) -> tuple[str, Any]:
+        """``("claimed", owner)``, ``("done", outcome json)`` or ``("held", owner)``."""
+        self.redis()
+        owner = f"{uuid.uuid4().hex[:12]}"
+        status, value = self._claim(
+            keys=[self.keys.done(tid), self.keys.result(tid, nonce), self.keys.lease(tid), reply],
+            args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S],
+        )
+        status = status.decode()
+        if status == "claimed":
+            self._leases.hold(self.keys.lease(tid), owner)
+            return status, owner
+        return status, value
+
+    def finish(
+        self,
+        tid: str,
+        nonce: str,
+        owner: str,
+        record: str,
+        reply: str,
+        *notices: str,
+        resumable: bool = False,
+    ) -> None:
+        """Record the result of this dispatch, notify the host, drop our lease.
+
+        ``resumable`` also records it as the step's done-marker, which a host that
+        resumes the workflow finds instead of sending the step again.
+        """
+        self.abandon(tid)
+        self._finish(
+            keys=[self.keys.result(tid, nonce), self.keys.lease(tid), reply, self.keys.done(tid)],
+            args=[
+                record,
+                self.settings.result_expires_s,
+                owner,
+                REPLY_TTL_S,
+                "1" if resumable else "0",
+                *notices,
+            ],
+        )
+
+    def begin_link(self, message: StageMessage) -> tuple[str, Any, Any, Any, str]:
+        """Read a chain link's context, item and previous outcome, and claim it: one trip.
+
+        Returns ``(status, context, item, previous, owner)``; status is ``claimed``,
+        ``done`` or ``held`` (a duplicate), or ``expired`` (the pipeline's context is gone).
+        """
+        self.redis()
+        owner = uuid.uuid4().hex[:12]
+        k = message.stage
+        link = stage_link_id(message.pipe, message.item, k)
+        previous = stage_link_id(message.pipe, message.item, k - 1) if k else link
+        reply = self._begin_link(
+            keys=[
+                self.keys.pipe(message.pipe),
+                self.keys.result(previous, message.pipe),
+                self.keys.result(link, message.pipe),
+                self.keys.lease(link),
+            ],
+            args=[f"item:{message.item}", owner, int(self.settings.step_lease_s * 1000), k],
+        )
+        status = reply[0].decode()
+        if status != "claimed":
+            return status, None, None, None, owner
+        self._leases.hold(self.keys.lease(link), owner)
+        return status, reply[1], reply[2], reply[3], owner
+
+    def abandon(self, tid: str) -> None:
+        """Stop renewing our lease on ``tid`` (it lapses; the host re-sends the step)."""
+        self._leases.release(self.keys.lease(tid))
+
+    def check_reply(self, reply: str) -> None:
+        """A message may only name a reply list under this fleet's key prefix."""
+        if not reply.startswith(self.keys.reply("")):
+            raise PoisonMessageError(
+                f"reply list {reply!r} is outside key prefix {self.settings.key_prefix!r}"
+            )
+
+    # ------------------------------------------------------------------ the step body
+
+    def execute(
+        self, spec: AgentStepSpec, worker: str, message: StepMessage | None, *, tid: str = ""
+    ) -> StepOutcome:
+        """Run one step here with the shared step body; never raises.
+
+        With a step ``message``, the ``rate_limited`` events of the step (task ``tid``)
+        go to the host on its reply list.
+        """
+        started = time.monotonic()
+        try:
+            definition = self.registry.resolve(spec.agent)
+        except UnknownAgentError as error:
+            return StepOutcome.failed(
+                spec.task_id, spec.agent, str(error), error="unknown_agent", worker=worker
+            )
+        ctx = AgentContext(
+            spec=spec,
+            deadline=None if spec.timeout_s is None else started + spec.timeout_s,
+            worker=worker,
+            workflow_id=None if message is None else message.workflow_id,
+            limit=definition.limit,
+            limiter=self.limiter,
+            events=None if message is None else self._forward(message.reply, tid),
+        )
+        hold = None if message is None else message.budget
+        if hold is not None:
+            ctx.held_tokens = hold.tokens
+        outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
+        return outcome
+
+    def _forward(self, reply: str, tid: str) -> EventSink:
+        """A sink that hands the host a step's ``rate_limited`` events (others stay here)."""
+
+        def sink(event: object) -> None:
+            if isinstance(event, RateLimited):
+                try:
+                    self.redis().rpush(reply, Limited(id=tid, event=event).to_json())
+                except redis.RedisError as error:
+                    logger.warning("could not tell the host of a rate_limited wait: %s", error)
+
+        return sink
+
+    async def _run(
+        self,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+        message: StepMessage | None,
+    ) -> StepOutcome:
+        hold = None if message is None else message.budget
+        if hold is None:
+            outcome = await run_agent(definition, spec, ctx, started=started)
+        else:
+            outcome = await self._run_held(hold, definition, spec, ctx, started)
+        if message is not None and message.journal and message.workflow_id and outcome.success:
+            await self._journal(message.workflow_id, spec, outcome)
+        return outcome
+
+    async def _run_held(
+        self,
+        hold: BudgetHold,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+    ) -> StepOutcome:
+        """Run under the host's reservation: keep its lease alive, settle what was used."""
+        ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        budget = WorkflowBudget(
+            hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
+        )
+        reservation = budget.reservation(hold.reservation_id, hold.tokens)
+        ctx.budget = budget  # model calls reserve their dollars in the same accounts
+        try:
+            async with reservation.kept_alive():
+                outcome = await run_agent(definition, spec, ctx, started=started)
+        finally:
+            try:
+                await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+            except Exception:
+                # The host settles the same reservation (idempotently) with the outcome.
+                logger.exception("could not settle reservation %s", hold.reservation_id)
+            await ledger.close()
+        return outcome
+
+    async def _journal(self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome) -> None:
+        store = RedisCheckpointStore(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        try:
+            record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
+            await store.record_step(workflow_id, record)
+        except Exception:
+            # Losing a journal record must not fail the live step; the host journals too.
+            logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
+        finally:
+            await store.close()
