@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
@@ -66,7 +67,10 @@ class LogEvent(FleetModel):
 
 
 class BudgetExhausted(FleetModel):
-    """The workflow's token budget ran out (emitted once per workflow)."""
+    """The workflow's budget ran out (emitted once per workflow).
+
+    ``resource`` is ``workflow_tokens`` or ``workflow_usd``.
+    """
 
     type: Literal["budget_exhausted"] = "budget_exhausted"
     resource: str = "workflow_tokens"
@@ -105,6 +109,8 @@ class StepFinished(FleetModel):
     worker: str | None = None
     host_task_id: str | None = None
     """The host's own id of the step, as in :class:`StepStarted`."""
+    cost_usd: Decimal | None = None
+    """What the step's model calls cost in dollars; ``None`` when none was priced."""
 
     @classmethod
     def of(cls, outcome: StepOutcome, *, host_task_id: str | None = None) -> StepFinished:
@@ -118,6 +124,7 @@ class StepFinished(FleetModel):
             duration_s=outcome.duration_s,
             error=outcome.error,
             worker=outcome.worker,
+            cost_usd=outcome.cost_usd,
         )
 
 

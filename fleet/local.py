@@ -17,7 +17,7 @@ from .cancel.signal import (
     cancelled_outcome,
     current_cancellation,
 )
-from .errors import BudgetExhaustedError, UnknownAgentError
+from .errors import BudgetError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
 from .limiters import MemoryRateLimiter, RateLimiter
@@ -151,9 +151,11 @@ class LocalExecutor(AgentExecutor):
             reason = "the caller was cancelled"
             emit(events, StepFinished.of(cancelled_outcome(spec, reason, usage=ctx.used)))
             raise
-        except BudgetExhaustedError as error:
+        except (BudgetExhaustedError, BudgetError) as error:
+            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
+            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
             outcome = StepOutcome.failed(
-                spec.task_id, spec.agent, str(error), error="budget_exhausted", worker="local"
+                spec.task_id, spec.agent, str(error), error=kind, worker="local"
             )
         emit(events, StepFinished.of(outcome))
         return outcome
@@ -174,6 +176,7 @@ class LocalExecutor(AgentExecutor):
         async with self._hold(definition, spec, cancellation) as reservation:
             if reservation is not None:
                 ctx.held_tokens = reservation.tokens
+                ctx.budget = self.budget
             if events is not None:
                 emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
             try:

@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -314,6 +315,8 @@ class RunSummary:
     """The last budget snapshot (``BudgetSnapshot`` fields), if the run had a budget."""
     tokens_after_budget: int = 0
     """Tokens of the steps that finished after the last budget snapshot."""
+    cost_after_budget: Decimal = Decimal(0)
+    """Dollars of the steps that finished after the last budget snapshot."""
 
     @property
     def consumed_tokens(self) -> int | None:
@@ -325,6 +328,17 @@ class RunSummary:
         if self.budget is None:
             return None
         return int(self.budget.get("consumed_tokens") or 0) + self.tokens_after_budget
+
+    @property
+    def consumed_usd(self) -> Decimal | None:
+        """Dollars the run's budget had consumed at its last entry (``None``: no budget)."""
+        if self.budget is None:
+            return None
+        try:
+            last = Decimal(str(self.budget.get("consumed_usd") or 0))
+        except ArithmeticError:
+            last = Decimal(0)
+        return last + self.cost_after_budget
 
     @property
     def steps_in_flight(self) -> int:
@@ -361,6 +375,7 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
         with contextlib.suppress(ValueError):
             summary.budget = json.loads(fields.get("snapshot", ""))
             summary.tokens_after_budget = 0
+            summary.cost_after_budget = Decimal(0)
     elif "event" in fields:
         try:
             event = json.loads(fields["event"])
@@ -379,6 +394,8 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
             tokens = int(event.get("total_tokens") or 0)
             summary.tokens += tokens
             summary.tokens_after_budget += tokens
+            with contextlib.suppress(ArithmeticError, TypeError, ValueError):
+                summary.cost_after_budget += Decimal(str(event.get("cost_usd") or 0))
 
 
 def _float(text: str | None) -> float | None:

@@ -99,6 +99,7 @@ async def run_agent(
             usage=ctx.used,
             duration_s=time.monotonic() - started,
             worker=worker,
+            cost_usd=ctx.cost_usd,
         )
 
     timeout = asyncio.timeout(spec.timeout_s)
@@ -137,6 +138,7 @@ async def run_agent(
         error=None,
         duration_s=time.monotonic() - started,
         worker=worker,
+        cost_usd=ctx.cost_usd,
     )
 
 

@@ -546,13 +546,22 @@ class Workflow:
         if run.exhausted_reported or not (exhausted or refused):
             return
         run.exhausted_reported = True
-        reason = "workflow token budget exhausted"
+        resource, reason = "workflow_tokens", "workflow token budget exhausted"
         if snapshot is not None:
-            limit = "unlimited" if snapshot.limit_tokens is None else snapshot.limit_tokens
-            reason += f" ({snapshot.consumed_tokens} / {limit} tokens)"
+            if snapshot.limit_usd is not None and snapshot.consumed_usd >= snapshot.limit_usd:
+                resource, reason = "workflow_usd", "workflow dollar budget exhausted"
+                reason += f" (${snapshot.consumed_usd} / ${snapshot.limit_usd})"
+            else:
+                limit = "unlimited" if snapshot.limit_tokens is None else snapshot.limit_tokens
+                reason += f" ({snapshot.consumed_tokens} / {limit} tokens)"
         if not exhausted:
-            reason += "; a step was refused its token reservation"
-        run.publish(BudgetExhausted(resource="workflow_tokens", reason=reason))
+            refusal = next(o for o in outcomes if o.error == "budget_exhausted")
+            if "dollar budget" in refusal.output:
+                resource = "workflow_usd"
+            reason += "; a step was refused its " + (
+                "dollar reservation" if resource == "workflow_usd" else "token reservation"
+            )
+        run.publish(BudgetExhausted(resource=resource, reason=reason))
 
     async def finish(self) -> None:
         """End the workflow successfully: delete this run's phase journals, then close.

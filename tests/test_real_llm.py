@@ -154,6 +154,7 @@ def make_agent(provider: Provider, **options: Any) -> OpenAIAgent:
     options.setdefault("max_tokens", 32)
     options.setdefault("temperature", 0.0)
     options.setdefault("backoff_s", 0.05)
+    options.setdefault("unknown_price", "allow")  # a local model has no price
     config = OpenAIAgentConfig(base_url=provider.proxy.base_url, model=provider.model, **options)
     return OpenAIAgent(config, name="llm")
 

@@ -375,6 +375,7 @@ class WorkerRuntime:
             hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
         )
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
+        ctx.budget = budget  # model calls reserve their dollars in the same accounts
         try:
             async with reservation.kept_alive():
                 outcome = await run_interruptible(

@@ -21,7 +21,7 @@ from ..cancel.markers import leave_markers
 from ..cancel.signal import CANCELLED, cancelled_outcome
 from ..combinators import crash_outcome
 from ..config import mask_url
-from ..errors import BudgetExhaustedError
+from ..errors import BudgetError, BudgetExhaustedError
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
 from ..limiters import ProviderLimit
@@ -221,10 +221,11 @@ class Round(Track):
                 # waits for the answer and settles the hold (see _release_reserving).
                 self._reserving.append((entry, holding))
                 raise
-        except BudgetExhaustedError as error:
+        except (BudgetExhaustedError, BudgetError) as error:
+            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
+            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
             await self._resolve(
-                entry,
-                StepOutcome.failed(spec.task_id, spec.agent, str(error), error="budget_exhausted"),
+                entry, StepOutcome.failed(spec.task_id, spec.agent, str(error), error=kind)
             )
             return False
         return True

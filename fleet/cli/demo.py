@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import typer
@@ -32,6 +33,8 @@ class Progress:
     done: int = 0
     failed: int = 0
     tokens: int = 0
+    cost_usd: Decimal | None = None
+    """What priced model calls cost; ``None`` while no step reported a cost."""
     last: str = ""
     live: Live | None = None
     _next_line: float = 0.0
@@ -46,6 +49,8 @@ class Progress:
             self.done += 1
             self.failed += not event.success
             self.tokens += event.total_tokens
+            if event.cost_usd is not None:
+                self.cost_usd = (self.cost_usd or Decimal(0)) + event.cost_usd
         if self.live is not None:
             self.live.update(self.render())
         elif time.monotonic() >= self._next_line:
@@ -57,6 +62,7 @@ class Progress:
         return (
             f"[{time.monotonic() - self.started:6.2f}s] steps done {self.done} "
             f"(failed {self.failed}), running {self.running}, tokens {self.tokens}"
+            + ("" if self.cost_usd is None else f", cost ${self.cost_usd}")
         )
 
     def render(self) -> Table:
@@ -65,6 +71,8 @@ class Progress:
         table.add_row("[bold]fleet demo[/]", f"{time.monotonic() - self.started:5.2f} s")
         table.add_row("steps", f"{self.done} done, {self.failed} failed, {self.running} running")
         table.add_row("tokens", str(self.tokens))
+        if self.cost_usd is not None:
+            table.add_row("cost", f"${self.cost_usd}")
         table.add_row("last", self.last)
         return table
 
@@ -89,7 +97,9 @@ def _summary(report: DemoReport, progress: Progress, wall_s: float) -> None:
     console.print(
         f"[bold]{progress.done} steps[/]: {progress.done - progress.failed} succeeded, "
         f"{progress.failed} failed; {report.fix_rounds} fix round(s); "
-        f"{progress.tokens} tokens; wall time {wall_s:.2f} s",
+        f"{progress.tokens} tokens; "
+        + ("" if progress.cost_usd is None else f"cost ${progress.cost_usd}; ")
+        + f"wall time {wall_s:.2f} s",
         highlight=False,
     )
     if report.incomplete:

@@ -49,9 +49,10 @@ def describe_event(event: Any) -> str | None:
     if isinstance(event, StepFinished):
         state = "ok" if event.success else f"FAILED ({event.error})"
         where = f" on {event.worker}" if event.worker else ""
+        cost = "" if event.cost_usd is None else f", ${event.cost_usd}"
         return (
-            f"  step {event.task_id} [{event.agent}] {state}, {event.total_tokens} tokens, "
-            f"{event.duration_s:.2f} s{where}"
+            f"  step {event.task_id} [{event.agent}] {state}, {event.total_tokens} tokens"
+            f"{cost}, {event.duration_s:.2f} s{where}"
         )
     if isinstance(event, Lagged):
         return f"... {event.missed} events not shown (the display fell behind)"

@@ -16,16 +16,19 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.live import Live
 
+from ..accounts import check_account_name
 from ..cancel import RunRecord
 from ..config import FleetSettings
-from ..errors import ConfigError, FleetError, WorkflowCancelledError
+from ..errors import BudgetError, ConfigError, FleetError, WorkflowCancelledError
 from ..events import parse_event
+from ..pricing import micros_to_usd, usd_to_micros
 from ..runlog import follow
 from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan_run, read_status
 from ..workflow import Workflow, WorkflowBuilder
@@ -143,6 +146,16 @@ def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None
         say(f"result: {text}")
 
 
+def _dollar_limit(text: str | None) -> Decimal | None:
+    """``--budget-usd`` as exact dollars (checked like ``WorkflowBudget(limit_usd=...)``)."""
+    if text is None:
+        return None
+    try:
+        return micros_to_usd(usd_to_micros(text.strip().removeprefix("$"), "--budget-usd"))
+    except BudgetError as error:
+        raise typer.BadParameter(str(error), param_hint="--budget-usd") from None
+
+
 @app.command()
 def run(
     target: Annotated[str, typer.Argument(help="path/to/flow.py:main or package.module:main")],
@@ -152,6 +165,18 @@ def run(
     ] = None,
     budget: Annotated[
         int | None, typer.Option("--budget", min=0, help="Token limit of the run.")
+    ] = None,
+    budget_usd: Annotated[
+        str | None,
+        typer.Option("--budget-usd", help="Dollar limit of the run (e.g. 5 or 2.50)."),
+    ] = None,
+    account: Annotated[
+        str | None,
+        typer.Option(
+            "--account",
+            help="Shared account above the run (e.g. team:research; create it with "
+            "`fleet budget set`); its limits bind too.",
+        ),
     ] = None,
     store: Annotated[
         str | None,
@@ -176,6 +201,12 @@ def run(
 ) -> None:
     """Run a workflow program: `async def main(workflow)`."""
     config = settings(store=store)
+    usd = _dollar_limit(budget_usd)
+    if account is not None:
+        try:
+            check_account_name(account)
+        except BudgetError as error:
+            raise typer.BadParameter(str(error), param_hint="--account") from None
     program, module = load_program(target)
     root = root_id or f"wf-{uuid.uuid4().hex[:12]}"
     places = plan_run(config, executor=executor, event_stream=event_stream)
@@ -196,12 +227,17 @@ def run(
             agents=program_agents_,
             budget_tokens=budget,
             concurrency=concurrency,
+            budget_usd=usd,
+            account=account,
         ) as builder:
             await _drive(program, builder, outcome)
 
     say(
         f"running {target} as workflow {root} on the {executor} executor ({places.describe()}"
-        + (f", budget {budget} tokens)" if budget is not None else ")")
+        + (f", budget {budget} tokens" if budget is not None else "")
+        + (f", budget ${usd}" if usd is not None else "")
+        + (f", account {account}" if account is not None else "")
+        + ")"
     )
     started = time.monotonic()
     try:

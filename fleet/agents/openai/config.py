@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -77,6 +77,13 @@ class OpenAIAgentConfig(_ConfigModel):
     rejects it gets ``json_object``, then none, remembered for the process)."""
     tools: tuple[OpenAIToolConfig, ...] = ()
     """Python functions the model may call."""
+    provider: str | None = None
+    """genai-prices' provider id for pricing (e.g. ``"openai"``); by default the provider
+    whose API ``base_url`` is, else the one whose models match ``model``."""
+    unknown_price: Literal["refuse", "allow"] | None = None
+    """A model with no price under a budget: ``"refuse"`` fails the step ``no_price``
+    before any request; ``"allow"`` runs it uncounted. Default: the agents file's
+    top-level ``unknown_price``, else ``"refuse"``."""
 
     @field_validator("tools", mode="before")
     @classmethod

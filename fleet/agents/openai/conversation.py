@@ -8,10 +8,16 @@ concerns hook into:
 2. the request itself (:meth:`Conversation.send`, retries inside);
 3. :meth:`Conversation.after_call` — *after each model call, usage known*: the usage the
    server reported (or an estimate) is charged to the step.
+
+Around the request, the call's worst case in dollars is held in the budget (its
+``max_tokens`` capped to fit) and its real cost settled from the reported usage
+(:meth:`fleet.agents.AgentContext.hold_call`); an unpriced model fails ``no_price``
+before the request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -163,9 +169,29 @@ class Conversation:
     async def complete(self, messages: list[dict[str, Any]], *, tools: bool) -> Reply:
         """One model call: :meth:`before_call`, :meth:`send`, :meth:`after_call`."""
         call = self.before_call(messages, tools=tools)
-        data = await self.send(call)
-        completion = ChatCompletion.parse(data)
-        return self.after_call(call, completion)
+        money = await self.ctx.hold_call(
+            self.agent.price,
+            model=self.config.model,
+            agent=self.agent.name,
+            prompt_tokens=call.prompt_estimate,
+            max_tokens=self.config.max_tokens if call.max_tokens is None else call.max_tokens,
+            unknown_price=self.agent.unknown_price,
+        )
+        if money.reservation is not None:
+            call.max_tokens = money.max_tokens
+        before, charged = self.ctx.used, None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if money.reservation is not None:
+                    await stack.enter_async_context(money.reservation.kept_alive())
+                data = await self.send(call)
+            completion = ChatCompletion.parse(data)
+            try:
+                return self.after_call(call, completion)
+            finally:
+                charged = _since(before, self.ctx.used)
+        finally:
+            await money.settle(charged)
 
     def before_call(self, messages: list[dict[str, Any]], *, tools: bool) -> Call:
         """Before each model call: check the step's hold and cap the call's tokens.
@@ -275,6 +301,14 @@ class Conversation:
             tool_calls=message.tool_calls,
             finish_reason=choice.finish_reason if choice is not None else None,
         )
+
+
+def _since(before: TokenUsage, after: TokenUsage) -> TokenUsage:
+    """The usage charged between two readings of a step's total."""
+    return TokenUsage(
+        prompt_tokens=after.prompt_tokens - before.prompt_tokens,
+        completion_tokens=after.completion_tokens - before.completion_tokens,
+    )
 
 
 def _message_json(message: Message | None) -> str:
