@@ -5,6 +5,11 @@
 ``asyncio.gather`` bounded by a semaphore of 64, in one run, several repetitions;
 medians reported. Target: overhead ≤ 30 µs per step.
 
+With ``opentelemetry`` installed (``fleet[otel]``) a third side runs the same steps with
+tracing on, under one phase span, exporting over OTLP/HTTP to a loopback receiver
+(:mod:`bench.otlp_receiver`); its time includes flushing every span to the receiver.
+Target: tracing adds ≤ 30 µs per step, and tracing off costs what it did before.
+
     python -m bench.local_overhead [--steps 10000] [--repeat 5]
 """
 
@@ -13,12 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
+import os
 import time
 
 from bench._common import median, table, write
-from fleet import AgentContext, AgentStepSpec, LocalExecutor, execute_steps_parallel
+from fleet import AgentContext, AgentStepSpec, LocalExecutor, execute_steps_parallel, telemetry
 
 HINT = 64
+TRACED = "fleet LocalExecutor, tracing on (OTLP loopback)"
 
 
 async def noop(spec: AgentStepSpec, ctx: AgentContext) -> str:
@@ -49,6 +57,31 @@ async def fleet_local(specs: list[AgentStepSpec]) -> float:
     return elapsed
 
 
+async def fleet_traced(specs: list[AgentStepSpec]) -> float:
+    """Fleet with tracing on: one phase span, a step span each, flushed to the receiver."""
+    executor = LocalExecutor(agents={"noop": noop}, max_concurrency=HINT)
+    started = time.perf_counter()
+    with telemetry.span("phase", {"fleet.phase.name": "bench"}):
+        outcomes = await execute_steps_parallel(executor, specs)
+    assert telemetry.flush(60_000)
+    elapsed = time.perf_counter() - started
+    assert all(o.success for o in outcomes)
+    return elapsed
+
+
+def _tracing_on(endpoint: str, steps: int) -> None:
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(steps * 2)  # no span dropped
+    telemetry.reset()
+    assert telemetry.active() is not None
+
+
+def _tracing_off() -> None:
+    os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    telemetry.reset()
+    assert telemetry.active() is None
+
+
 def main() -> None:
     """Run both sides ``--repeat`` times, alternating, and print the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,13 +92,34 @@ def main() -> None:
         AgentStepSpec(task_id=f"s{i}", agent="noop", description="", prompt="")
         for i in range(args.steps)
     ]
-    times: dict[str, list[float]] = {"bare asyncio.gather": [], "fleet LocalExecutor": []}
-    for _ in range(args.repeat):
-        for name, side in (("bare asyncio.gather", bare), ("fleet LocalExecutor", fleet_local)):
-            gc.collect()
-            times[name].append(asyncio.run(side(specs)))
+    sides = [("bare asyncio.gather", bare), ("fleet LocalExecutor", fleet_local)]
+    receiver = None
+    if importlib.util.find_spec("opentelemetry.sdk") is not None:
+        from bench.otlp_receiver import OTLPReceiver
+
+        receiver = OTLPReceiver().start()
+        sides.append((TRACED, fleet_traced))
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    try:
+        for _ in range(args.repeat):
+            for name, side in sides:
+                if side is fleet_traced and receiver is not None:
+                    _tracing_on(receiver.endpoint, args.steps)
+                else:
+                    _tracing_off()
+                gc.collect()
+                times[name].append(asyncio.run(side(specs)))
+    finally:
+        _tracing_off()
+        if receiver is not None:
+            receiver.stop()
     floor = median(times["bare asyncio.gather"])
     ours = median(times["fleet LocalExecutor"])
+    extra = {}
+    if receiver is not None:
+        received = len(receiver.named("invoke_agent"))
+        traced_us = (median(times[TRACED]) - ours) / args.steps * 1e6
+        extra = {"tracing_us_per_step": traced_us, "step_spans_received": received}
     rows = [
         {
             "side": name,
@@ -79,6 +133,9 @@ def main() -> None:
     print(table(rows))
     print(f"\nfleet overhead per step: {overhead_us:.1f} µs (target ≤ 30 µs); "
           f"ratio fleet/bare = {ours / floor:.2f}")  # fmt: skip
+    if extra:
+        print(f"tracing on adds {extra['tracing_us_per_step']:.1f} µs per step (target ≤ 30 µs); "
+              f"{extra['step_spans_received']} step spans received")  # fmt: skip
     command = f"python -m bench.local_overhead --steps {args.steps} --repeat {args.repeat}"
     path = write(
         "local_overhead",
@@ -88,6 +145,7 @@ def main() -> None:
         ratio=ours / floor,
         target_us=30,
         repeats=args.repeat,
+        **extra,
     )
     print(f"written to {path}")
 

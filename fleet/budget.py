@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from . import metrics
 from .errors import BrokerError, BudgetExhaustedError, SpecError
 from .ledgers.base import BudgetLedger, LedgerState
 from .ledgers.memory import MemoryLedger
@@ -200,6 +201,7 @@ class WorkflowBudget:
             if result.status == "granted":
                 return Reservation(self, rid, result.tokens, holder=holder)
             if result.status == "refused":
+                metrics.budget_refused()
                 state = result.state
                 raise BudgetExhaustedError(
                     exhausted_message(state.consumed, state.limit, tokens),

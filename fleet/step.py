@@ -16,6 +16,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from . import metrics, telemetry
 from .agents.base import AgentContext, AgentDefinition, AgentResult
 from .errors import AgentError
 from .spec import NO_USAGE, AgentStepSpec, StepOutcome
@@ -76,11 +77,33 @@ async def run_agent(
     ctx: AgentContext,
     *,
     started: float,
+    traceparent: str | None = None,
 ) -> StepOutcome:
     """Run one agent with the step's timeout and turn whatever happens into an outcome.
 
-    This is the step body every host shares (in-process, or inside a Celery worker).
+    This is the step body every host shares (in-process, or inside a Celery worker). With
+    tracing on (:mod:`fleet.telemetry`) the step is an ``invoke_agent`` span, the child of
+    ``traceparent`` (its round on another process) or else of the current span; with
+    metrics on (:mod:`fleet.metrics`) it is counted.
     """
+    metrics.step_started(spec.agent)
+    if telemetry.active() is None:
+        outcome = await _run_agent(definition, spec, ctx, started)
+    else:
+        with telemetry.span(
+            f"invoke_agent {spec.agent}",
+            telemetry.step_attributes(spec.task_id, spec.agent, ctx.workflow_id),
+            traceparent=traceparent,
+        ) as span:
+            outcome = await _run_agent(definition, spec, ctx, started)
+            telemetry.end_step(span, outcome)
+    metrics.step_finished(outcome, time.monotonic() - started, ctx.model)
+    return outcome
+
+
+async def _run_agent(
+    definition: AgentDefinition, spec: AgentStepSpec, ctx: AgentContext, started: float
+) -> StepOutcome:
     task_id, agent, worker = spec.task_id, spec.agent, ctx.worker
 
     def failed(message: str, error: str) -> StepOutcome:

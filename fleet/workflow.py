@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import telemetry
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
 from .errors import WorkflowClosedError
 from .eventbus import (
@@ -99,6 +100,8 @@ class _Run:
     name_counts: dict[str, int] = field(default_factory=dict)
     exhausted_reported: bool = False
     closed: bool = False
+    span: Any = None
+    """The workflow's trace span, when tracing is on (:mod:`fleet.telemetry`)."""
 
     def publish(self, event: Any) -> None:
         self.bus.publish(event)
@@ -317,12 +320,40 @@ class Workflow:
         """A barrier fan-out (:func:`fleet.execute_steps_parallel`); not journaled."""
         self._check_open()
         run = self._run
-        outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
+        if telemetry.active() is not None:
+            with telemetry.span(
+                "parallel", {"fleet.workflow.id": run.root_id}, parent=self._trace()
+            ):
+                outcomes = await execute_steps_parallel(
+                    run.executor, specs, events=run.on_step_event
+                )
+        else:
+            outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
         await self._observe_budget(outcomes)
         return outcomes
 
+    def _trace(self) -> Any:
+        """The workflow's span (opened on first use; ``None`` when tracing is off)."""
+        run = self._run
+        if run.span is None and not run.closed:
+            run.span = telemetry.open_span(
+                "workflow", {"fleet.workflow.id": run.root_id, "gen_ai.operation.name": "workflow"}
+            )
+        return run.span
+
     async def phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
         """A named barrier fan-out: the workflow's milestone and resume boundary.
+
+        With tracing on it is a ``phase`` span, a child of the workflow's span.
+        """
+        if telemetry.active() is None:
+            return await self._phase(name, specs)
+        attributes = {"fleet.workflow.id": self._run.root_id, "fleet.phase.name": str(name)}
+        with telemetry.span("phase", attributes, parent=self._trace()):
+            return await self._phase(name, specs)
+
+    async def _phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
+        """The body of :meth:`phase`.
 
         Emits ``phase_start`` before any step runs and ``phase_end`` (counts of
         succeeded / failed outcomes, journaled ones counted as succeeded) after, then
@@ -437,6 +468,9 @@ class Workflow:
         if run.closed:
             return
         run.closed = True
+        if run.span is not None:
+            run.span.set_attribute("fleet.workflow.status", status)
+            run.span.end()
         run.bus.close()
         if run.stream is not None:
             await run.record_budget()
@@ -444,6 +478,7 @@ class Workflow:
 
     async def __aenter__(self) -> Workflow:
         self._check_open()
+        self._trace()
         if self._run.stream is not None:
             await self._run.record_budget()  # where a resumed run starts from
         return self

@@ -262,9 +262,12 @@ class WorkerRuntime:
     ) -> StepOutcome:
         hold = None if message is None else message.budget
         if hold is None:
-            outcome = await run_agent(definition, spec, ctx, started=started)
+            traceparent = None if message is None else message.traceparent
+            outcome = await run_agent(
+                definition, spec, ctx, started=started, traceparent=traceparent
+            )
         else:
-            outcome = await self._run_held(hold, definition, spec, ctx, started)
+            outcome = await self._run_held(hold, definition, spec, ctx, started, message)
         if message is not None and message.journal and message.workflow_id and outcome.success:
             await self._journal(message.workflow_id, spec, outcome)
         return outcome
@@ -276,6 +279,7 @@ class WorkerRuntime:
         spec: AgentStepSpec,
         ctx: AgentContext,
         started: float,
+        message: StepMessage,
     ) -> StepOutcome:
         """Run under the host's reservation: keep its lease alive, settle what was used."""
         ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
@@ -285,7 +289,9 @@ class WorkerRuntime:
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
         try:
             async with reservation.kept_alive():
-                outcome = await run_agent(definition, spec, ctx, started=started)
+                outcome = await run_agent(
+                    definition, spec, ctx, started=started, traceparent=message.traceparent
+                )
         finally:
             try:
                 await asyncio.shield(reservation.settle(ctx.used.total_tokens))

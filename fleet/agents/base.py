@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
+from .. import metrics
 from ..errors import BudgetExhaustedError
 from ..events import EventSink, RateLimited, emit
 from ..limiters.admission import Admission, admit
@@ -118,6 +119,8 @@ class AgentContext:
     """The provider limit the agent's calls count against (``None``: none)."""
     limiter: RateLimiter | None = None
     """Where the host keeps provider limits (in memory locally, Redis on a fleet)."""
+    model: str = ""
+    """The model of the step's last model call (``""`` before any): a metrics label."""
 
     def tokens_left(self) -> int | None:
         """Tokens the step may still spend (``None`` when uncapped)."""
@@ -143,6 +146,7 @@ class AgentContext:
             return wanted
         room = left - prompt_estimate
         if room <= 0:
+            metrics.budget_refused()
             raise BudgetExhaustedError(
                 f"step {self.spec.task_id!r} has spent its token hold "
                 f"({self.used.total_tokens} / {self.held_tokens} tokens"
@@ -184,6 +188,7 @@ class AgentContext:
         limit = self.limit
 
         def waited(seconds: float) -> None:
+            metrics.rate_limit_wait(limit.name, seconds)
             self.emit(
                 RateLimited(
                     limit=limit.name,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 
+from ... import metrics, telemetry
 from ...errors import AgentError
 from ...spec import AgentStepSpec, TokenUsage
 from ..base import AgentContext, AgentResult, estimate_tokens
@@ -160,11 +161,44 @@ class Conversation:
     # -- one call ----------------------------------------------------------------------
 
     async def complete(self, messages: list[dict[str, Any]], *, tools: bool) -> Reply:
-        """One model call: :meth:`before_call`, :meth:`send`, :meth:`after_call`."""
+        """One model call: :meth:`before_call`, :meth:`send`, :meth:`after_call`.
+
+        With tracing on, the call is a ``chat {model}`` span (GenAI conventions, no text).
+        """
         call = self.before_call(messages, tools=tools)
-        data = await self.send(call)
-        completion = ChatCompletion.parse(data)
-        return self.after_call(call, completion)
+        if telemetry.active() is None:
+            reply = self.after_call(call, ChatCompletion.parse(await self.send(call)))
+        else:
+            with telemetry.span(f"chat {self.config.model}", self._call_attributes(call)) as span:
+                before = self.ctx.used
+                reply = self.after_call(call, ChatCompletion.parse(await self.send(call)))
+                used = self.ctx.used
+                span.set_attribute(
+                    "gen_ai.usage.input_tokens", used.prompt_tokens - before.prompt_tokens
+                )
+                span.set_attribute(
+                    "gen_ai.usage.output_tokens", used.completion_tokens - before.completion_tokens
+                )
+                if reply.finish_reason is not None:
+                    span.set_attribute("gen_ai.response.finish_reasons", [str(reply.finish_reason)])
+        self.ctx.model = self.config.model
+        metrics.model_call(self.spec.agent, self.config.model)
+        return reply
+
+    def _call_attributes(self, call: Call) -> dict[str, Any]:
+        body = call.body
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": "openai",
+            "gen_ai.request.model": self.config.model,
+            "fleet.step.task_id": self.spec.task_id,
+            "fleet.step.agent": self.spec.agent,
+        }
+        if "max_tokens" in body:
+            attributes["gen_ai.request.max_tokens"] = body["max_tokens"]
+        if "temperature" in body:
+            attributes["gen_ai.request.temperature"] = body["temperature"]
+        return attributes
 
     def before_call(self, messages: list[dict[str, Any]], *, tools: bool) -> Call:
         """Before each model call: check the step's hold and build the capped request.
