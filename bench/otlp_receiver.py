@@ -2,13 +2,21 @@
 
 It accepts ``POST /v1/traces`` bodies (``ExportTraceServiceRequest`` protobuf, gzip or
 not), decodes them with ``opentelemetry-proto`` and keeps every span as a
-:class:`ReceivedSpan`. Stop it with :meth:`OTLPReceiver.stop`.
+:class:`ReceivedSpan`. Stop it with :meth:`OTLPReceiver.stop`. ``GET /count`` answers the
+number of spans received so far.
+
+Benchmarks run it as its own process (a collector is never inside the traced program):
+``python -m bench.otlp_receiver`` prints its port on the first line and serves until
+killed; :class:`ReceiverProcess` starts and stops one by PID.
 """
 
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -72,6 +80,14 @@ class OTLPReceiver:
                 self.end_headers()
                 self.wfile.write(reply)
 
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                with receiver._lock:
+                    reply = str(len(receiver.spans)).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
@@ -110,3 +126,37 @@ class OTLPReceiver:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class ReceiverProcess:
+    """An :class:`OTLPReceiver` in a child process (started and stopped by PID)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.otlp_receiver"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.endpoint = f"http://127.0.0.1:{int(self.process.stdout.readline())}"
+
+    def count(self) -> int:
+        """Spans the receiver decoded so far."""
+        with urllib.request.urlopen(f"{self.endpoint}/count", timeout=10) as reply:
+            return int(reply.read())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def main() -> None:
+    """Serve until killed; the first line printed is the port."""
+    receiver = OTLPReceiver().start()
+    assert receiver._server is not None
+    print(receiver._server.server_port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

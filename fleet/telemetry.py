@@ -27,7 +27,6 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -177,17 +176,13 @@ def span(
     tracer = _tracer if _tracer is not _UNCHECKED else active()
     if tracer is None:
         return _NULL
-    return _started(tracer, name, attributes, _parent(traceparent, parent))
-
-
-@contextlib.contextmanager
-def _started(
-    tracer: Any, name: str, attributes: dict[str, Any] | None, context: Any
-) -> Iterator[Any]:
-    with tracer.start_as_current_span(
-        name, context=context, attributes=attributes, record_exception=False
-    ) as opened:
-        yield opened
+    opened: contextlib.AbstractContextManager[Any] = tracer.start_as_current_span(
+        name,
+        context=_parent(traceparent, parent),
+        attributes=attributes,
+        record_exception=False,
+    )
+    return opened
 
 
 def open_span(name: str, attributes: dict[str, Any] | None = None) -> Any:
@@ -228,17 +223,20 @@ def end_step(opened: Any, outcome: Any) -> None:
     if opened is None:
         return
     usage = outcome.usage
-    opened.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
-    opened.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
-    opened.set_attribute("fleet.step.success", bool(outcome.success))
+    attributes: dict[str, Any] = {
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": usage.completion_tokens,
+        "fleet.step.success": bool(outcome.success),
+    }
     if outcome.worker:
-        opened.set_attribute("fleet.step.worker", outcome.worker)
+        attributes["fleet.step.worker"] = outcome.worker
     cost = getattr(outcome, "cost_usd", None)
     if cost is not None:
-        opened.set_attribute("fleet.step.cost_usd", float(cost))
+        attributes["fleet.step.cost_usd"] = float(cost)
     if outcome.error is not None:
         from opentelemetry.trace import Status, StatusCode
 
-        opened.set_attribute("fleet.step.error", outcome.error)
-        opened.set_attribute("error.type", outcome.error)
+        attributes["fleet.step.error"] = outcome.error
+        attributes["error.type"] = outcome.error
         opened.set_status(Status(StatusCode.ERROR, outcome.error))
+    opened.set_attributes(attributes)
