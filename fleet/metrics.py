@@ -30,6 +30,7 @@ __all__ = [
     "model_call",
     "rate_limit_wait",
     "serve",
+    "step_ended",
     "step_finished",
     "step_started",
     "watch_queue",
@@ -145,6 +146,12 @@ def step_started(agent: str) -> None:
     m.in_flight.inc()
 
 
+def step_ended() -> None:
+    """A step that :func:`step_started` counted is no longer running (finished or not)."""
+    if _m is not None:
+        _m.in_flight.dec()
+
+
 def step_finished(outcome: Any, duration_s: float, model: str = "") -> None:
     """A step that :func:`step_started` counted finished with ``outcome``.
 
@@ -155,7 +162,6 @@ def step_finished(outcome: Any, duration_s: float, model: str = "") -> None:
     if m is None:
         return
     agent = m.agent(outcome.agent)
-    m.in_flight.dec()
     m.finished.labels(agent, m.outcome(outcome.error or "success")).inc()
     m.duration.labels(agent).observe(duration_s)
     usage = outcome.usage

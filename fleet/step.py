@@ -87,16 +87,19 @@ async def run_agent(
     metrics on (:mod:`fleet.metrics`) it is counted.
     """
     metrics.step_started(spec.agent)
-    if telemetry.active() is None:
-        outcome = await _run_agent(definition, spec, ctx, started)
-    else:
-        with telemetry.span(
-            f"invoke_agent {spec.agent}",
-            telemetry.step_attributes(spec.task_id, spec.agent, ctx.workflow_id),
-            traceparent=traceparent,
-        ) as span:
+    try:
+        if telemetry.active() is None:
             outcome = await _run_agent(definition, spec, ctx, started)
-            telemetry.end_step(span, outcome)
+        else:
+            with telemetry.span(
+                f"invoke_agent {spec.agent}",
+                telemetry.step_attributes(spec.task_id, spec.agent, ctx.workflow_id),
+                traceparent=traceparent,
+            ) as span:
+                outcome = await _run_agent(definition, spec, ctx, started)
+                telemetry.end_step(span, outcome)
+    finally:
+        metrics.step_ended()  # also when the step is cancelled
     metrics.step_finished(outcome, time.monotonic() - started, ctx.model)
     return outcome
 

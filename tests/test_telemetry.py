@@ -285,3 +285,93 @@ def test_without_otel_fleet_imports_nothing(case: str, otel_env: dict[str, str])
         assert seen["asked_by_fleet"] == []
     else:  # configured: fleet looked once whether the extra is there, and went on without
         assert seen["asked_by_fleet"] == ["opentelemetry"]
+
+
+_OPENAI_PROGRAM = r"""
+import asyncio, json, sys
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)  # the program's own provider: fleet uses it
+
+from fleet import AgentStepSpec, LocalExecutor, Workflow
+from fleet.agents.openai import OpenAIAgent, OpenAIAgentConfig
+from tests.fake_openai import FakeOpenAI, reply, tool_call
+
+
+async def main():
+    with FakeOpenAI() as server:
+        server.script(
+            reply(tool_calls=[tool_call("add", {"a": 2, "b": 3}, call_id="c1")],
+                  prompt_tokens=11, completion_tokens=4),
+            reply("five, PROMPT-TEXT-7f3a", prompt_tokens=20, completion_tokens=6),
+        )
+        config = OpenAIAgentConfig(
+            base_url=server.base_url, model="test-model", backoff_s=0.01, max_tokens=64,
+            tools=["tests.test_openai_agent:add"],
+        )
+        agent = OpenAIAgent(config, name="llm").definition("llm")
+        executor = LocalExecutor(agents={"llm": agent})
+        spec = AgentStepSpec(task_id="t1", agent="llm", description="", prompt="PROMPT-TEXT-7f3a")
+        async with Workflow.builder(executor).with_root_id("oa").build() as workflow:
+            (outcome,) = await workflow.phase("ask", [spec])
+    assert outcome.success, outcome
+    spans = [
+        {
+            "name": s.name,
+            "id": s.context.span_id,
+            "parent": s.parent.span_id if s.parent else None,
+            "trace": s.context.trace_id,
+            "attributes": dict(s.attributes),
+        }
+        for s in exporter.get_finished_spans()
+    ]
+    print(json.dumps({"spans": spans, "usage": outcome.usage.model_dump()}))
+
+asyncio.run(main())
+"""
+
+
+def test_local_workflow_spans_model_and_tool_calls() -> None:
+    """In-process: workflow → phase → invoke_agent → chat (each model call) and execute_tool."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FLEET_"))}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", _OPENAI_PROGRAM],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout)
+    spans = {s["name"]: s for s in seen["spans"]}
+    chats = [s for s in seen["spans"] if s["name"] == "chat test-model"]
+    assert len({s["trace"] for s in seen["spans"]}) == 1
+    workflow, phase = spans["workflow"], spans["phase"]
+    step, tool = spans["invoke_agent llm"], spans["execute_tool add"]
+    assert workflow["parent"] is None and phase["parent"] == workflow["id"]
+    assert step["parent"] == phase["id"]
+    assert [c["parent"] for c in chats] == [step["id"], step["id"]]
+    assert tool["parent"] == step["id"]
+    assert tool["attributes"]["gen_ai.tool.name"] == "add"
+    assert tool["attributes"]["gen_ai.tool.call.id"] == "c1"
+    assert [c["attributes"]["gen_ai.usage.input_tokens"] for c in chats] == [11, 20]
+    assert [c["attributes"]["gen_ai.usage.output_tokens"] for c in chats] == [4, 6]
+    assert [c["attributes"]["gen_ai.response.finish_reasons"] for c in chats] == [
+        ["tool_calls"],
+        ["stop"],
+    ]
+    assert chats[0]["attributes"]["gen_ai.request.model"] == "test-model"
+    assert chats[0]["attributes"]["gen_ai.operation.name"] == "chat"
+    assert step["attributes"]["gen_ai.usage.input_tokens"] == seen["usage"]["prompt_tokens"] == 31
+    assert step["attributes"]["gen_ai.usage.output_tokens"] == seen["usage"]["completion_tokens"]
+    for span in seen["spans"]:
+        assert SECRET not in json.dumps(span["attributes"]), span
