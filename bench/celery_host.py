@@ -275,6 +275,7 @@ def tracing(url: str, directory: Path, args: argparse.Namespace) -> int:
             "steps": steps,
             "median_s": statistics.median(values),
             "per_step_us": statistics.median(values) / steps * 1e6,
+            "runs_s": [round(v, 3) for v in values],
         }
         for mode, values in times.items()
     ]
