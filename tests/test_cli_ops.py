@@ -91,9 +91,7 @@ def test_worker_help_lists_its_options() -> None:
 def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
     redis_url: str, key_prefix: str, agents_file: Path
 ) -> None:
-    """`fleet worker` execs Celery (same PID) on FLEET_REDIS_URL; it answers pings, serves
-    metrics on --metrics-port, stops on TERM.
-    """
+    """`fleet worker` execs Celery on FLEET_REDIS_URL: pings, --metrics-port, stops on TERM."""
     node = f"cli-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     metrics_port = free_port()
     env = clean_env(
