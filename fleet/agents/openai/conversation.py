@@ -169,7 +169,7 @@ class Conversation:
         if telemetry.active() is None:
             reply = self.after_call(call, ChatCompletion.parse(await self.send(call)))
         else:
-            with telemetry.span(f"chat {self.config.model}", self._call_attributes(call)) as span:
+            with telemetry.span(f"chat {self.config.model}", self._call_attributes()) as span:
                 before = self.ctx.used
                 reply = self.after_call(call, ChatCompletion.parse(await self.send(call)))
                 used = self.ctx.used
@@ -185,19 +185,19 @@ class Conversation:
         metrics.model_call(self.spec.agent, self.config.model)
         return reply
 
-    def _call_attributes(self, call: Call) -> dict[str, Any]:
-        body = call.body
+    def _call_attributes(self) -> dict[str, Any]:
+        config = self.config
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.system": "openai",
-            "gen_ai.request.model": self.config.model,
+            "gen_ai.request.model": config.model,
             "fleet.step.task_id": self.spec.task_id,
             "fleet.step.agent": self.spec.agent,
         }
-        if "max_tokens" in body:
-            attributes["gen_ai.request.max_tokens"] = body["max_tokens"]
-        if "temperature" in body:
-            attributes["gen_ai.request.temperature"] = body["temperature"]
+        if config.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = config.max_tokens
+        if config.temperature is not None:
+            attributes["gen_ai.request.temperature"] = config.temperature
         return attributes
 
     def before_call(self, messages: list[dict[str, Any]], *, tools: bool) -> Call:
