@@ -77,13 +77,12 @@ async def run_agent(
     ctx: AgentContext,
     *,
     started: float,
-    traceparent: str | None = None,
 ) -> StepOutcome:
     """Run one agent with the step's timeout and turn whatever happens into an outcome.
 
     This is the step body every host shares (in-process, or inside a Celery worker). With
     tracing on (:mod:`fleet.telemetry`) the step is an ``invoke_agent`` span, the child of
-    ``traceparent`` (its round on another process) or else of the current span; with
+    ``ctx.traceparent`` (its round on another process) or else of the current span; with
     metrics on (:mod:`fleet.metrics`) it is counted.
     """
     metrics.step_started(spec.agent)
@@ -94,7 +93,7 @@ async def run_agent(
             with telemetry.span(
                 f"invoke_agent {spec.agent}",
                 telemetry.step_attributes(spec.task_id, spec.agent, ctx.workflow_id),
-                traceparent=traceparent,
+                traceparent=ctx.traceparent,
             ) as span:
                 outcome = await _run_agent(definition, spec, ctx, started)
                 telemetry.end_step(span, outcome)

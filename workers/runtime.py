@@ -230,6 +230,7 @@ class WorkerRuntime:
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             worker=worker,
             workflow_id=None if message is None else message.workflow_id,
+            traceparent=None if message is None else message.traceparent,
             limit=definition.limit,
             limiter=self.limiter,
             events=None if message is None else self._forward(message.reply, tid),
@@ -262,12 +263,9 @@ class WorkerRuntime:
     ) -> StepOutcome:
         hold = None if message is None else message.budget
         if hold is None:
-            traceparent = None if message is None else message.traceparent
-            outcome = await run_agent(
-                definition, spec, ctx, started=started, traceparent=traceparent
-            )
+            outcome = await run_agent(definition, spec, ctx, started=started)
         else:
-            outcome = await self._run_held(hold, definition, spec, ctx, started, message)
+            outcome = await self._run_held(hold, definition, spec, ctx, started)
         if message is not None and message.journal and message.workflow_id and outcome.success:
             await self._journal(message.workflow_id, spec, outcome)
         return outcome
@@ -279,7 +277,6 @@ class WorkerRuntime:
         spec: AgentStepSpec,
         ctx: AgentContext,
         started: float,
-        message: StepMessage,
     ) -> StepOutcome:
         """Run under the host's reservation: keep its lease alive, settle what was used."""
         ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
@@ -289,9 +286,7 @@ class WorkerRuntime:
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
         try:
             async with reservation.kept_alive():
-                outcome = await run_agent(
-                    definition, spec, ctx, started=started, traceparent=message.traceparent
-                )
+                outcome = await run_agent(definition, spec, ctx, started=started)
         finally:
             try:
                 await asyncio.shield(reservation.settle(ctx.used.total_tokens))

@@ -121,6 +121,9 @@ class AgentContext:
     """Where the host keeps provider limits (in memory locally, Redis on a fleet)."""
     model: str = ""
     """The model of the step's last model call (``""`` before any): a metrics label."""
+    traceparent: str | None = None
+    """The W3C trace context the step's span descends from (its round on another process);
+    ``None``: the current span, if any."""
 
     def tokens_left(self) -> int | None:
         """Tokens the step may still spend (``None`` when uncapped)."""
