@@ -375,3 +375,24 @@ def test_local_workflow_spans_model_and_tool_calls() -> None:
     assert step["attributes"]["gen_ai.usage.output_tokens"] == seen["usage"]["completion_tokens"]
     for span in seen["spans"]:
         assert SECRET not in json.dumps(span["attributes"]), span
+
+
+async def test_metric_labels_stay_bounded() -> None:
+    """Past MAX_LABEL_VALUES distinct agents, further ones are counted as 'other'."""
+    registry = metrics.enable()
+    extra = 5
+    names = [f"bounded-agent-{i}" for i in range(metrics.MAX_LABEL_VALUES + extra)]
+    for name in names:
+        metrics.step_started(name)
+        metrics.step_ended()
+    started = {
+        sample.labels["agent"]: sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        if family.name == "fleet_steps_started"
+        for sample in family.samples
+        if sample.name == "fleet_steps_started_total"
+    }
+    assert len(started) <= metrics.MAX_LABEL_VALUES + 1
+    assert started["other"] >= extra
+    assert not any(name in started for name in names[-extra:])
+    assert registry.get_sample_value("fleet_steps_in_flight") is not None
