@@ -73,6 +73,7 @@ async def test_two_phase_workflow_on_two_workers_is_one_trace(
         monkeypatch.setenv(name, value)
     telemetry.reset()
     drafts, reviews = _specs("draft", 6), _specs("review", 4)
+    reviews.append(AgentStepSpec(task_id="review-bad", agent="fail", description="", prompt=SECRET))
     env = _otel_env(receiver, "fleet-worker")
     try:
         with running_workers(settings, tmp_path, "w1", "w2", concurrency=2, env=env) as workers:
@@ -91,9 +92,9 @@ async def test_two_phase_workflow_on_two_workers_is_one_trace(
             finally:
                 await executor.aclose()
                 await store.close()
-            assert all(o.success for o in first + second)
+            assert [o.task_id for o in first + second if not o.success] == ["review-bad"]
             assert telemetry.flush()
-            await until(lambda: len(receiver.named("invoke_agent")) >= 10, 30, "10 step spans")
+            await until(lambda: len(receiver.named("invoke_agent")) >= 11, 30, "11 step spans")
     finally:
         monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
         telemetry.reset()
@@ -108,6 +109,10 @@ async def test_two_phase_workflow_on_two_workers_is_one_trace(
     assert all(p.parent_span_id == root.span_id for p in phases.values())
 
     steps = receiver.named("invoke_agent")
+    (bad,) = [s for s in steps if s.attributes["fleet.step.task_id"] == "review-bad"]
+    assert bad.attributes["fleet.step.error"] == "failed"
+    assert by_id[by_id[bad.parent_span_id].parent_span_id] is phases["review"]
+    steps.remove(bad)
     assert sorted(s.attributes["fleet.step.task_id"] for s in steps) == sorted(journal)
     assert {s.service for s in steps} == {"fleet-worker"}
     for step in steps:
