@@ -4,8 +4,8 @@ One process-wide registry (:data:`REGISTRY`, built by :func:`enable`) holds what
 process did: steps started and finished by agent and outcome, step duration, tokens and
 dollars by agent and model, budget refusals, rate-limit waits, in-flight steps, and the
 step queue's depth (read from Redis at scrape time). ``fleet worker --metrics-port P``
-(setting ``metrics_port``) serves it at ``http://HOST:P/metrics``; the dashboard adds the
-same exposition to its own ``/metrics``.
+(setting ``metrics_port``) serves it at ``http://HOST:P/metrics``; :func:`exposition` gives
+the same text to any other endpoint (the dashboard's ``/metrics``).
 
 Labels are bounded: an agent, model, error kind or limit name is kept for the first
 :data:`MAX_LABEL_VALUES` distinct values of that label, later ones fold into ``other``;
