@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 from typing import Any
@@ -73,27 +74,40 @@ def _program_provider() -> Any:
 
 
 def _own_provider() -> Any:
-    """A tracer provider built from the ``OTEL_*`` variables (the SDK reads them)."""
+    """A tracer provider built from the ``OTEL_*`` variables (the SDK reads them).
+
+    Returns ``None`` (tracing off, logged once) when ``OTEL_TRACES_EXPORTER`` names an
+    exporter fleet does not ship: a step must never fail for want of its trace.
+    """
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
-    if exporter_name not in _ON_EXPORTERS:
-        raise ValueError(
-            f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported by fleet; "
-            "use 'otlp', 'console' or 'none'"
+    value = os.environ.get("OTEL_TRACES_EXPORTER", "") or "otlp"
+    names = [
+        n for n in (part.strip().lower() for part in value.split(",")) if n not in ("", "none")
+    ]
+    unknown = [name for name in names if name not in _ON_EXPORTERS]
+    if unknown:
+        logging.getLogger("fleet.telemetry").error(
+            "tracing off: OTEL_TRACES_EXPORTER=%r names %s, which fleet does not ship; "
+            "use otlp, console or none",
+            value,
+            ", ".join(unknown),
         )
-    exporter: Any
-    if exporter_name == "console":
-        exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return None
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "fleet")})
+    )
+    for name in names:
+        exporter: Any
+        if name == "console":
+            exporter = ConsoleSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter()
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "fleet")})
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+            exporter = OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
@@ -113,6 +127,8 @@ def _check() -> Any:
         if not _configured() or not _installed():
             return None
         provider = _provider = _own_provider()
+        if provider is None:
+            return None
     from fleet import __version__
 
     return provider.get_tracer("fleet", __version__)

@@ -401,3 +401,19 @@ async def test_metric_labels_stay_bounded() -> None:
     assert started["other"] >= extra
     assert not any(name in started for name in names[-extra:])
     assert registry.get_sample_value("fleet_steps_in_flight") is not None
+
+
+def test_an_exporter_fleet_does_not_ship_turns_tracing_off_with_a_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    telemetry.reset()
+    try:
+        assert telemetry.active() is None
+    finally:
+        monkeypatch.delenv("OTEL_TRACES_EXPORTER")
+        telemetry.reset()
+    (record,) = [r for r in caplog.records if r.name == "fleet.telemetry"]
+    assert "OTEL_TRACES_EXPORTER='zipkin'" in record.getMessage()
+    assert "otlp, console or none" in record.getMessage()
+    assert telemetry.active() is None
