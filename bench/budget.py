@@ -1,10 +1,12 @@
 """Cost of the hard budget: reserve + settle on Redis versus a plain GET + SET pair.
 
 One client on loopback Redis: median and p99 latency of ``WorkflowBudget.reserve`` +
-``Reservation.settle`` (two EVALSHA round trips), of the same two ledger scripts
-called directly, and of a plain ``GET`` + ``SET`` pair (two round trips, the floor).
-Then throughput with 8 client processes, one sequential loop each, for both.
-Target: reserve + settle ≤ 2x the plain pair.
+``Reservation.settle`` (two EVALSHA round trips) holding tokens *and* dollars, for a
+workflow alone and for a workflow under two ancestor accounts (team under org, every
+account capped, so each script checks and updates three accounts); of the same two
+ledger scripts called directly; and of a plain ``GET`` + ``SET`` pair (two round trips,
+the floor). Then throughput with 8 client processes, one sequential loop each.
+Target: reserve + settle ≤ 2x the plain pair, also with two ancestors.
 
     python -m bench.budget [--ops 5000] [--repeat 3] [--processes 8] [--redis-url URL]
 
@@ -29,12 +31,14 @@ import redis.asyncio as aioredis
 
 from bench._common import median, percentile, table, write
 from fleet import WorkflowBudget
+from fleet.accounts import set_account
 from fleet.ledgers import RedisLedger
 from fleet.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = "plain GET+SET"
 FLEET = "fleet reserve+settle"
+NESTED = "fleet reserve+settle, 2 ancestors"
 SCRIPTS = "ledger scripts only"
 
 Op = Callable[[], Awaitable[None]]
@@ -46,7 +50,21 @@ async def _sides(url: str, prefix: str) -> tuple[dict[str, Op], Callable[[], Awa
     key = f"{prefix}:plain"
     await client.set(key, "0")
     ledger = RedisLedger(url, key_prefix=prefix)
-    budget = WorkflowBudget(None, ledger=ledger, workflow_id=f"bench-{uuid.uuid4().hex[:8]}")
+    big = 10**12  # capped accounts (so every limit is checked) that never run out
+    await set_account(ledger, "org:bench", limit_tokens=big, limit_usd=big // 10**6)
+    await set_account(
+        ledger, "team:bench", limit_tokens=big, limit_usd=big // 10**6, parents=["org:bench"]
+    )
+    budget = WorkflowBudget(
+        big, limit_usd=10**6, ledger=ledger, workflow_id=f"bench-{uuid.uuid4().hex[:8]}"
+    )
+    nested = WorkflowBudget(
+        big,
+        limit_usd=10**6,
+        parents=["team:bench"],
+        ledger=ledger,
+        workflow_id=f"bench-{uuid.uuid4().hex[:8]}",
+    )
     raw_wf = f"raw-{uuid.uuid4().hex[:8]}"
     counter = iter(range(10**12))
 
@@ -55,8 +73,12 @@ async def _sides(url: str, prefix: str) -> tuple[dict[str, Op], Callable[[], Awa
         await client.set(key, value or b"0")
 
     async def fleet() -> None:
-        reservation = await budget.reserve(100, holder="bench")
-        await reservation.settle(60)
+        reservation = await budget.reserve(100, holder="bench", micros=2500)
+        await reservation.settle(60, used_micros=1234)
+
+    async def fleet_nested() -> None:
+        reservation = await nested.reserve(100, holder="bench", micros=2500)
+        await reservation.settle(60, used_micros=1234)
 
     async def scripts() -> None:
         rid = f"r{next(counter)}"
@@ -67,7 +89,7 @@ async def _sides(url: str, prefix: str) -> tuple[dict[str, Op], Callable[[], Awa
         await ledger.close()
         await client.aclose()
 
-    return {PLAIN: plain, FLEET: fleet, SCRIPTS: scripts}, close
+    return {PLAIN: plain, FLEET: fleet, NESTED: fleet_nested, SCRIPTS: scripts}, close
 
 
 async def latency(url: str, prefix: str, ops: int, repeat: int) -> dict[str, list[float]]:
@@ -162,7 +184,7 @@ def main() -> None:
             per_process = max(args.ops // 2, 500)
             rates = {
                 side: throughput(url, prefix, side, args.processes, per_process)
-                for side in (PLAIN, FLEET)
+                for side in (PLAIN, FLEET, NESTED)
             }
         finally:
             if server is not None:
@@ -181,10 +203,15 @@ def main() -> None:
     ratio = median(samples[FLEET]) / floor
     p99_ratio = percentile(samples[FLEET], 99) / percentile(samples[PLAIN], 99)
     throughput_ratio = rates[PLAIN] / rates[FLEET]
+    nested_ratio = median(samples[NESTED]) / floor
+    nested_p99_ratio = percentile(samples[NESTED], 99) / percentile(samples[PLAIN], 99)
+    nested_throughput_ratio = rates[PLAIN] / rates[NESTED]
     print(table(rows))
     print(
         f"\nreserve+settle / GET+SET: median {ratio:.2f}x, p99 {p99_ratio:.2f}x, "
         f"throughput cost {throughput_ratio:.2f}x (target ≤ 2x)"
+        f"\nwith 2 ancestors:         median {nested_ratio:.2f}x, p99 {nested_p99_ratio:.2f}x, "
+        f"throughput cost {nested_throughput_ratio:.2f}x (target ≤ 2x)"
     )
     command = (
         f"python -m bench.budget --ops {args.ops} --repeat {args.repeat} "
@@ -197,6 +224,9 @@ def main() -> None:
         median_ratio=ratio,
         p99_ratio=p99_ratio,
         throughput_ratio=throughput_ratio,
+        nested_median_ratio=nested_ratio,
+        nested_p99_ratio=nested_p99_ratio,
+        nested_throughput_ratio=nested_throughput_ratio,
         target_ratio=2.0,
         samples_per_side=args.ops * args.repeat,
     )

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from .cancel.signal import cancelled_outcome, current_cancellation
 from .events import EventSink
 from .executor import AgentExecutor, OutcomeCallback, PipelineStage
 from .fanout import run_ordered
@@ -44,6 +45,16 @@ def crash_outcome(spec: AgentStepSpec, error: BaseException) -> StepOutcome:
     )
 
 
+async def _execute(
+    executor: AgentExecutor, spec: AgentStepSpec, events: EventSink | None
+) -> StepOutcome:
+    """``executor.execute_step``, unless the workflow is cancelled: then nothing is sent."""
+    cancellation = current_cancellation()
+    if cancellation is not None and cancellation.cancelled:
+        return cancelled_outcome(spec, cancellation.reason)
+    return await executor.execute_step(spec, events)
+
+
 async def run_round(
     executor: AgentExecutor,
     specs: Sequence[AgentStepSpec],
@@ -56,6 +67,9 @@ async def run_round(
     specs = list(specs)
     if not specs:
         return []
+    cancellation = current_cancellation()
+    if cancellation is not None and cancellation.cancelled:
+        return [cancelled_outcome(spec, cancellation.reason) for spec in specs]
     native = await executor.native_round(
         specs, events=events, on_outcome=on_outcome, workflow_id=workflow_id
     )
@@ -68,7 +82,7 @@ async def run_round(
         return native
 
     async def run(index: int, spec: AgentStepSpec) -> StepOutcome:
-        outcome = await executor.execute_step(spec, events)
+        outcome = await _execute(executor, spec, events)
         if on_outcome is not None:
             await on_outcome(index, outcome)
         return outcome
@@ -105,7 +119,7 @@ async def _run_chain(
         spec = stage(previous, item)
         if spec is None:
             break
-        previous = await executor.execute_step(spec, events)
+        previous = await _execute(executor, spec, events)
         if not previous.success:
             break
     return previous
@@ -197,6 +211,9 @@ async def execute_loop(
     while specs:
         last = await execute_steps_parallel(executor, specs, events=events)
         rounds += 1
+        cancellation = current_cancellation()
+        if cancellation is not None and cancellation.cancelled:
+            break  # a cancelled workflow asks for no further round
         decision = next(list(last))
         if inspect.isawaitable(decision):
             decision = await decision

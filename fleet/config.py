@@ -92,6 +92,19 @@ class FleetSettings(BaseSettings):
     unset; ``fleet worker --metrics-port``)."""
     metrics_host: str = "127.0.0.1"
     """Address the worker's metrics endpoint binds (``0.0.0.0`` for a remote Prometheus)."""
+    dashboard_port: int = Field(default=8080, ge=1, le=65535)
+    """Port ``fleet dashboard`` listens on."""
+    dashboard_user: str = "fleet"
+    """Dashboard basic-auth user."""
+    dashboard_password: str | None = None
+    """Dashboard basic-auth password (``FLEET_DASHBOARD_PASSWORD``); the dashboard refuses
+    to start without one."""
+    dashboard_flower_url: str | None = None
+    """Flower's address as a browser reaches it (``http://127.0.0.1:5555``); when set, each
+    step on the dashboard links to its task in Flower."""
+    dashboard_show_text: bool = False
+    """Let the dashboard show step outputs (from the journal) and workflow log lines; off,
+    it shows no prompt or output text at all."""
 
     @classmethod
     def settings_customise_sources(

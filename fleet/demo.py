@@ -5,6 +5,9 @@ Four reviewer agents read every file of ``fleet/demo_project`` in one fan-out ro
 a verdict and a patch plan; a loop applies automatic fixes and re-lints until nothing
 fixable is left. Every agent does real, deterministic work (``ast`` and text analysis)
 and reports a token estimate, so the budget and the summary have something to count.
+
+One module on purpose (about 500 lines): the reviewers, their LLM-backed twins and the
+workflow that runs them are read together, as the one example of a whole program.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .executor import AgentExecutor
 from .spec import AgentStepSpec, StepOutcome, TokenUsage
 
 __all__ = [
+    "DEFAULT_LLM_CONCURRENCY",
     "DEMO_AGENTS",
     "DEMO_AGENT_TARGETS",
     "SAMPLE_PROJECT",
@@ -257,6 +261,7 @@ FINDINGS_SCHEMA: dict[str, Any] = {
     "properties": {
         "findings": {
             "type": "array",
+            "maxItems": 5,
             "items": {
                 "type": "object",
                 "properties": {
@@ -271,7 +276,12 @@ FINDINGS_SCHEMA: dict[str, Any] = {
     },
     "required": ["findings"],
 }
-"""What an LLM reviewer must answer with (``--llm`` mode)."""
+"""What an LLM reviewer must answer with (``--llm`` mode). The bounds keep a small local
+model, whose output a server constrains to this schema, from generating for minutes."""
+
+DEFAULT_LLM_CONCURRENCY = 2
+"""Model calls in flight at most in ``--llm`` mode: one queued behind one running, which a
+one-slot local server (llama.cpp on a laptop) answers well within the request timeout."""
 
 _FOCUS = {
     "lint": "style: over-long lines, trailing whitespace, tabs, unresolved TODO/FIXME, "
@@ -283,13 +293,19 @@ _FOCUS = {
 
 
 def llm_reviewers(
-    base_url: str, model: str, *, api_key_env: str | None = None
+    base_url: str,
+    model: str,
+    *,
+    api_key_env: str | None = None,
+    max_concurrent: int | None = DEFAULT_LLM_CONCURRENCY,
 ) -> dict[str, AgentDefinition]:
     """The four reviewers backed by a chat model on an OpenAI-compatible server.
 
     Each asks the model for its kind of review of one file, as JSON matching
     :data:`FINDINGS_SCHEMA` (validated, one repair call), and answers in the same shape as
-    the offline reviewers, so the rest of the demo is unchanged.
+    the offline reviewers, so the rest of the demo is unchanged. The four share one
+    agent, so at most ``max_concurrent`` model calls are in flight to the server (fewer
+    while it is slow: see ``fleet.agents.openai.concurrency``).
     """
     from .agents.openai import OpenAIAgent, OpenAIAgentConfig
 
@@ -301,6 +317,10 @@ def llm_reviewers(
             system="You are a meticulous Python code reviewer. Report only real problems.",
             temperature=0.0,
             max_tokens=700,
+            # A small model on a laptop's CPU reads a file for tens of seconds: one call is
+            # given minutes (calls wait for a slot in fleet, not in the server's queue).
+            timeout_s=300.0,
+            max_concurrent=max_concurrent,
         ),
         name="demo-llm",
     )
@@ -308,9 +328,13 @@ def llm_reviewers(
     def question(spec: AgentStepSpec, kind: str) -> AgentStepSpec:
         path, source = _source(spec)
         numbered = "\n".join(f"{n:4} {line}" for n, line in enumerate(source.splitlines(), 1))
+        # The file comes first, the question last: the four reviews of one file then share
+        # a long prompt prefix, which servers with prefix caching (llama.cpp, vLLM, hosted
+        # APIs) do not read again.
         prompt = (
-            f"Review the Python file {path} for {_FOCUS[kind]}. Give each problem's line "
-            f"number, a short rule code and a one-sentence message.\n\n{numbered}"
+            f"The Python file {path}, with line numbers:\n\n{numbered}\n\nReview it for "
+            f"{_FOCUS[kind]}. Give each problem's line number, a short rule code and a "
+            "one-sentence message."
         )
         return spec.model_copy(update={"prompt": prompt, "output_schema": FINDINGS_SCHEMA})
 
@@ -359,6 +383,13 @@ class DemoReport:
     fix_rounds: int = 0
     fixed_files: dict[str, int] = field(default_factory=dict)
     outcomes: list[StepOutcome] = field(default_factory=list)
+    incomplete: dict[str, str] = field(default_factory=dict)
+    """Files that got no verdict, with the reason (a failed review is never a clean one)."""
+
+    @property
+    def failed(self) -> list[StepOutcome]:
+        """The steps that failed."""
+        return [outcome for outcome in self.outcomes if not outcome.success]
 
 
 async def _review_round(
@@ -374,10 +405,19 @@ async def _review_round(
     reviews = await execute_steps_parallel(executor, specs, events=events)
     report.outcomes += reviews
     by_file: dict[str, list[dict[str, Any]]] = {path: [] for path in sources}
-    for outcome in reviews:
+    for spec, outcome in zip(specs, reviews, strict=True):
+        path = json.loads(spec.prompt)["path"]
         if outcome.success:
-            by_file[outcome.structured["path"]].append(outcome.structured)
-    return by_file
+            by_file[path].append(outcome.structured)
+        else:
+            reason = f"{spec.agent} review failed ({outcome.error}: {_first_line(outcome.output)})"
+            report.incomplete.setdefault(path, reason)
+    return {path: reviews for path, reviews in by_file.items() if path not in report.incomplete}
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 async def _verdict_pipeline(
@@ -407,6 +447,8 @@ async def _verdict_pipeline(
             report.outcomes.append(last)
             if last.success:
                 report.plans[path] = last.structured["plan"]
+            elif path not in report.verdicts:
+                report.incomplete[path] = f"judge failed ({last.error})"
 
 
 async def _fix_loop(

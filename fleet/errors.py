@@ -6,10 +6,12 @@ exceptions are for misuse and for the edges (configuration, input, services)::
     FleetError
     ├── ConfigError(FleetError, ValueError)        bad setting or agents file
     ├── SpecError(FleetError, ValueError)          invalid AgentStepSpec / StepOutcome input
+    │   └── BudgetError                             invalid budget input (limit, account, cycle)
     ├── UnknownAgentError(FleetError, LookupError)  no agent registered under that name
     ├── AgentError(FleetError)                      an agent failed in a way it can name (``kind``)
-    │   └── BudgetExhaustedError                    the token budget refused a reservation or call
+    │   └── BudgetExhaustedError                    the budget refused a reservation or call
     ├── CheckpointError(FleetError)                 a journal cannot be read or trusted
+    ├── WorkflowCancelledError(FleetError)          a verb was called on a cancelled workflow
     ├── WorkflowClosedError(FleetError, RuntimeError) a verb called after ``finish()``
     ├── PoisonMessageError(FleetError, ValueError)  a worker refuses a task message
     └── BrokerError(FleetError, ConnectionError)    Redis / the broker is unreachable
@@ -20,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "AgentError",
     "BrokerError",
+    "BudgetError",
     "BudgetExhaustedError",
     "CheckpointError",
     "ConfigError",
@@ -27,6 +30,7 @@ __all__ = [
     "PoisonMessageError",
     "SpecError",
     "UnknownAgentError",
+    "WorkflowCancelledError",
     "WorkflowClosedError",
 ]
 
@@ -49,6 +53,21 @@ class ConfigError(FleetError, ValueError):
 
 class SpecError(FleetError, ValueError):
     """Input for a spec, outcome or other fleet value does not validate."""
+
+
+class BudgetError(SpecError):
+    """A budget was given invalid input.
+
+    A negative or non-finite limit, an account name with forbidden characters, an
+    unknown parent account, or a parent cycle.
+
+    Attributes:
+        account: the workflow or account concerned, when known.
+    """
+
+    def __init__(self, message: str, *, account: str | None = None) -> None:
+        super().__init__(message)
+        self.account = account
 
 
 class UnknownAgentError(FleetError, LookupError):
@@ -85,21 +104,32 @@ class AgentError(FleetError):
 
 
 class BudgetExhaustedError(AgentError):
-    """The workflow token budget refused a step or an LLM call.
+    """The budget (tokens or dollars, the workflow's or an ancestor's) refused a step or call.
 
     Attributes:
-        consumed: tokens already charged to the workflow.
-        limit: the workflow's token limit.
-        requested: tokens that were asked for.
+        consumed: tokens (or micro-dollars, when ``unit`` is ``"usd"``) already charged.
+        limit: the limit in the same unit.
+        requested: the amount that was asked for.
+        unit: ``"tokens"`` or ``"usd"`` (micro-dollars).
+        account: the account that refused (the workflow or an ancestor), when known.
     """
 
     def __init__(
-        self, message: str, *, consumed: int = 0, limit: int | None = None, requested: int = 0
+        self,
+        message: str,
+        *,
+        consumed: int = 0,
+        limit: int | None = None,
+        requested: int = 0,
+        unit: str = "tokens",
+        account: str | None = None,
     ) -> None:
         super().__init__(message, kind="budget_exhausted")
         self.consumed = consumed
         self.limit = limit
         self.requested = requested
+        self.unit = unit
+        self.account = account
 
 
 class CheckpointError(FleetError):
@@ -124,6 +154,26 @@ class BrokerError(FleetError, ConnectionError):
     def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+
+
+class WorkflowCancelledError(FleetError):
+    """A verb was called on a workflow after it was cancelled.
+
+    The steps that were running when the cancel came are returned as outcomes with
+    ``error="cancelled"``; nothing new is dispatched after it.
+
+    Attributes:
+        root_id: the workflow's root id.
+        reason: why it was cancelled.
+    """
+
+    def __init__(self, root_id: str, reason: str) -> None:
+        super().__init__(
+            f"workflow {root_id!r} was cancelled ({reason}); nothing more runs in this run. "
+            "Run the same root id again to resume: completed steps are served from the journal"
+        )
+        self.root_id = root_id
+        self.reason = reason
 
 
 class WorkflowClosedError(FleetError, RuntimeError):

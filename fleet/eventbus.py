@@ -197,14 +197,16 @@ class BufferedLog:
         self._ensure_writer()
 
     def _ensure_writer(self) -> None:
-        if self._task is not None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the entry waits in the buffer for the first one
+        if self._task is not None and self._task.get_loop() is loop:
             assert self._wakeup is not None
             self._wakeup.set()
             return
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop yet: the entry waits in the buffer for the first one
+        # First entry, or a new event loop (the workflow outlived an asyncio.run(), whose
+        # end cancelled the old writer): what is still buffered goes out from this loop.
         self._wakeup = asyncio.Event()
         self._wakeup.set()
         self._idle = asyncio.Event()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
@@ -25,6 +26,7 @@ __all__ = [
     "RateLimited",
     "StepFinished",
     "StepStarted",
+    "WorkflowCancelled",
     "WorkflowEvent",
     "emit",
     "parse_event",
@@ -65,11 +67,22 @@ class LogEvent(FleetModel):
 
 
 class BudgetExhausted(FleetModel):
-    """The workflow's token budget ran out (emitted once per workflow)."""
+    """The workflow's budget ran out (emitted once per workflow).
+
+    ``resource`` is ``workflow_tokens`` or ``workflow_usd``.
+    """
 
     type: Literal["budget_exhausted"] = "budget_exhausted"
     resource: str = "workflow_tokens"
     reason: str
+
+
+class WorkflowCancelled(FleetModel):
+    """The workflow was cancelled: nothing new is dispatched, running steps are interrupted."""
+
+    type: Literal["workflow_cancelled"] = "workflow_cancelled"
+    reason: str
+    """Why (the ``--reason`` of ``fleet cancel``, the argument of ``Workflow.cancel``)."""
 
 
 class StepStarted(FleetModel):
@@ -78,6 +91,9 @@ class StepStarted(FleetModel):
     type: Literal["step_started"] = "step_started"
     task_id: str
     agent: str
+    host_task_id: str | None = None
+    """The host's own id of the step (the Celery task id on the fleet), so a monitor
+    such as the dashboard can link the step to it in Flower; ``None`` in-process."""
 
 
 class StepFinished(FleetModel):
@@ -91,11 +107,16 @@ class StepFinished(FleetModel):
     duration_s: float = 0.0
     error: str | None = None
     worker: str | None = None
+    host_task_id: str | None = None
+    """The host's own id of the step, as in :class:`StepStarted`."""
+    cost_usd: Decimal | None = None
+    """What the step's model calls cost in dollars; ``None`` when none was priced."""
 
     @classmethod
-    def of(cls, outcome: StepOutcome) -> StepFinished:
-        """The event that reports ``outcome``."""
+    def of(cls, outcome: StepOutcome, *, host_task_id: str | None = None) -> StepFinished:
+        """The event that reports ``outcome`` (of the host's task ``host_task_id``)."""
         return cls(
+            host_task_id=host_task_id,
             task_id=outcome.task_id,
             agent=outcome.agent,
             success=outcome.success,
@@ -103,6 +124,7 @@ class StepFinished(FleetModel):
             duration_s=outcome.duration_s,
             error=outcome.error,
             worker=outcome.worker,
+            cost_usd=outcome.cost_usd,
         )
 
 
@@ -121,7 +143,14 @@ class RateLimited(FleetModel):
 
 
 WorkflowEvent = Annotated[
-    PhaseStart | PhaseEnd | LogEvent | BudgetExhausted | StepStarted | StepFinished | RateLimited,
+    PhaseStart
+    | PhaseEnd
+    | LogEvent
+    | BudgetExhausted
+    | WorkflowCancelled
+    | StepStarted
+    | StepFinished
+    | RateLimited,
     Field(discriminator="type"),
 ]
 """Any workflow event; dispatch on ``event.type``."""

@@ -11,17 +11,28 @@ from typing import TYPE_CHECKING
 
 from .agents.base import AgentContext, AgentDefinition
 from .agents.registry import AgentLike, AgentRegistry
-from .errors import BudgetExhaustedError, UnknownAgentError
+from .cancel.signal import (
+    Cancellation,
+    StepInterrupted,
+    cancelled_outcome,
+    current_cancellation,
+)
+from .errors import BudgetError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
 from .limiters import MemoryRateLimiter, RateLimiter
+from .perloop import PerLoop
 from .spec import AgentStepSpec, StepOutcome
-from .step import DEFAULT_RESERVE_TOKENS, run_agent
+from .step import DEFAULT_RESERVE_TOKENS, run_interruptible
 
 if TYPE_CHECKING:
     from .budget import Reservation, WorkflowBudget
 
 __all__ = ["LocalExecutor"]
+
+
+def _interruptible(cancellation: Cancellation | None) -> contextlib.AbstractContextManager[None]:
+    return cancellation.interrupts() if cancellation is not None else contextlib.nullcontext()
 
 
 class LocalExecutor(AgentExecutor):
@@ -55,7 +66,10 @@ class LocalExecutor(AgentExecutor):
         self.budget = budget
         self.max_concurrency = max(int(max_concurrency), 1)
         self.default_reserve_tokens = default_reserve_tokens
-        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        # One semaphore per event loop: an executor may outlive an asyncio.run().
+        self._slots: PerLoop[asyncio.Semaphore] = PerLoop(
+            lambda: asyncio.Semaphore(self.max_concurrency)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -68,18 +82,19 @@ class LocalExecutor(AgentExecutor):
         return self.max_concurrency
 
     def _slot(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        slot = self._slots.get(loop)
-        if slot is None:
-            # One semaphore per event loop: an executor may outlive an asyncio.run().
-            self._slots = {lp: s for lp, s in self._slots.items() if not lp.is_closed()}
-            slot = self._slots[loop] = asyncio.Semaphore(self.max_concurrency)
-        return slot
+        return self._slots.get()
 
     async def execute_step(
         self, spec: AgentStepSpec, events: EventSink | None = None
     ) -> StepOutcome:
-        """Run ``spec`` here; never raises (cancelling the caller cancels the step)."""
+        """Run ``spec`` here; never raises (cancelling the caller cancels the step).
+
+        Under a cancelled workflow (:func:`fleet.cancel.current_cancellation`) nothing
+        starts and a running step is interrupted: both come back ``error="cancelled"``.
+        """
+        cancellation = current_cancellation()
+        if cancellation is not None and cancellation.cancelled:
+            return cancelled_outcome(spec, cancellation.reason, worker="local")
         try:
             definition = self.registry.resolve(spec.agent)
         except UnknownAgentError as error:
@@ -87,24 +102,33 @@ class LocalExecutor(AgentExecutor):
                 spec.task_id, spec.agent, str(error), error="unknown_agent", worker="local"
             )
         async with self._slot():
-            return await self._run(definition, spec, events)
+            if cancellation is None:
+                return await self._run(definition, spec, events, None)
+            if cancellation.cancelled:  # cancelled while waiting for a slot
+                return cancelled_outcome(spec, cancellation.reason, worker="local")
+            return await self._run(definition, spec, events, cancellation)
 
     @contextlib.asynccontextmanager
     async def _hold(
-        self, definition: AgentDefinition, spec: AgentStepSpec
+        self, definition: AgentDefinition, spec: AgentStepSpec, cancellation: Cancellation | None
     ) -> AsyncIterator[Reservation | None]:
         if self.budget is None:
             yield None
             return
         request = definition.reservation_for(spec, self.default_reserve_tokens)
-        reservation = await self.budget.reserve(
-            request, holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}"
-        )
+        with _interruptible(cancellation):
+            reservation = await self.budget.reserve(
+                request, holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}"
+            )
         async with reservation.kept_alive():
             yield reservation
 
     async def _run(
-        self, definition: AgentDefinition, spec: AgentStepSpec, events: EventSink | None
+        self,
+        definition: AgentDefinition,
+        spec: AgentStepSpec,
+        events: EventSink | None,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         started = time.monotonic()
         ctx = AgentContext(
@@ -116,23 +140,50 @@ class LocalExecutor(AgentExecutor):
             limiter=self.limiter,
         )
         try:
-            async with self._hold(definition, spec) as reservation:
-                if reservation is not None:
-                    ctx.held_tokens = reservation.tokens
-                if events is not None:
-                    emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
-                try:
-                    outcome = await run_agent(definition, spec, ctx, started=started)
-                finally:
-                    if reservation is not None:
-                        # Tokens spent are spent, even when the step is being cancelled.
-                        await asyncio.shield(reservation.settle(ctx.used.total_tokens))
-        except BudgetExhaustedError as error:
-            outcome = StepOutcome.failed(
-                spec.task_id, spec.agent, str(error), error="budget_exhausted", worker="local"
+            outcome = await self._hold_and_run(definition, spec, events, ctx, started, cancellation)
+        except StepInterrupted as stop:  # cancelled while waiting for its tokens
+            duration = time.monotonic() - started
+            outcome = cancelled_outcome(
+                spec, stop.reason, usage=ctx.used, duration_s=duration, worker="local"
             )
-            emit(events, StepFinished.of(outcome))
-            return outcome
-        if events is not None:
-            emit(events, StepFinished.of(outcome))
+        except asyncio.CancelledError:
+            # The caller was cancelled: report the step, then let the cancel through.
+            reason = "the caller was cancelled"
+            emit(events, StepFinished.of(cancelled_outcome(spec, reason, usage=ctx.used)))
+            raise
+        except (BudgetExhaustedError, BudgetError) as error:
+            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
+            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
+            outcome = StepOutcome.failed(
+                spec.task_id, spec.agent, str(error), error=kind, worker="local"
+            )
+        emit(events, StepFinished.of(outcome))
         return outcome
+
+    async def _hold_and_run(
+        self,
+        definition: AgentDefinition,
+        spec: AgentStepSpec,
+        events: EventSink | None,
+        ctx: AgentContext,
+        started: float,
+        cancellation: Cancellation | None,
+    ) -> StepOutcome:
+        """Reserve the step's tokens, run it, settle what it used (also when cancelled).
+
+        Only the reservation wait and the agent are interruptible, never the settlement.
+        """
+        async with self._hold(definition, spec, cancellation) as reservation:
+            if reservation is not None:
+                ctx.held_tokens = reservation.tokens
+                ctx.budget = self.budget
+            if events is not None:
+                emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+            try:
+                return await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
+            finally:
+                if reservation is not None:
+                    # Tokens spent are spent, even when the step is being cancelled.
+                    await asyncio.shield(reservation.settle(ctx.used.total_tokens))

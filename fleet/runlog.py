@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -137,6 +138,9 @@ class LogReader(Protocol):
     def after(self, root_id: str, cursor: str, *, wait_s: float) -> list[LogEntry]:
         """Entries after ``cursor`` (``"0"``: from the oldest), waiting up to ``wait_s``."""
 
+    def root_ids(self, *, limit: int) -> list[str]:
+        """Up to ``limit`` root ids that have a log here (``fleet dashboard`` lists them)."""
+
     def close(self) -> None:
         """Release the connection."""
 
@@ -178,6 +182,16 @@ class _SQLiteReader:
             if rows or time.monotonic() >= deadline:
                 return [LogEntry(str(row[0]), _loads(row[1])) for row in rows]
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+
+    def root_ids(self, *, limit: int) -> list[str]:
+        conn = self._db()
+        if conn is None:
+            return []
+        rows = conn.execute(
+            "SELECT root_id FROM fleet_events GROUP BY root_id ORDER BY MAX(id) DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def close(self) -> None:
         if self._conn is not None:
@@ -227,6 +241,16 @@ class _RedisReader:
             reply = cast(list[Any], self._client.xread({key: cursor}, block=block, count=500))
             page = [item for _stream, items in reply or [] for item in items]
         return [LogEntry(bytes(entry_id).decode(), _decode(raw)) for entry_id, raw in page]
+
+    def root_ids(self, *, limit: int) -> list[str]:
+        head = event_stream_key("", key_prefix=self._prefix)
+        pattern = head.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
+        found: list[str] = []
+        for key in self._client.scan_iter(match=pattern, count=500, _type="stream"):
+            found.append(bytes(key).decode(errors="replace")[len(head) :])
+            if len(found) >= limit:
+                break
+        return found
 
     def close(self) -> None:
         self._client.close()
@@ -291,6 +315,8 @@ class RunSummary:
     """The last budget snapshot (``BudgetSnapshot`` fields), if the run had a budget."""
     tokens_after_budget: int = 0
     """Tokens of the steps that finished after the last budget snapshot."""
+    cost_after_budget: Decimal = Decimal(0)
+    """Dollars of the steps that finished after the last budget snapshot."""
 
     @property
     def consumed_tokens(self) -> int | None:
@@ -302,6 +328,17 @@ class RunSummary:
         if self.budget is None:
             return None
         return int(self.budget.get("consumed_tokens") or 0) + self.tokens_after_budget
+
+    @property
+    def consumed_usd(self) -> Decimal | None:
+        """Dollars the run's budget had consumed at its last entry (``None``: no budget)."""
+        if self.budget is None:
+            return None
+        try:
+            last = Decimal(str(self.budget.get("consumed_usd") or 0))
+        except ArithmeticError:
+            last = Decimal(0)
+        return last + self.cost_after_budget
 
     @property
     def steps_in_flight(self) -> int:
@@ -338,6 +375,7 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
         with contextlib.suppress(ValueError):
             summary.budget = json.loads(fields.get("snapshot", ""))
             summary.tokens_after_budget = 0
+            summary.cost_after_budget = Decimal(0)
     elif "event" in fields:
         try:
             event = json.loads(fields["event"])
@@ -356,6 +394,8 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
             tokens = int(event.get("total_tokens") or 0)
             summary.tokens += tokens
             summary.tokens_after_budget += tokens
+            with contextlib.suppress(ArithmeticError, TypeError, ValueError):
+                summary.cost_after_budget += Decimal(str(event.get("cost_usd") or 0))
 
 
 def _float(text: str | None) -> float | None:

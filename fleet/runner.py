@@ -26,14 +26,17 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from .budget import BudgetSnapshot, WorkflowBudget
+from .cancel import open_cancel_board
 from .config import FleetSettings, mask_url
 from .errors import CheckpointError, ConfigError
 from .executor import AgentExecutor
 from .local import LocalExecutor
+from .pricing import usd_to_micros
 from .runlog import LogReader, RunSummary, open_log_reader, summarize
 from .stores import CheckpointStore, open_store, sqlite_path
 from .workflow import Workflow, WorkflowBuilder
@@ -161,8 +164,13 @@ async def open_run(
     agents: Mapping[str, Any] | None = None,
     budget_tokens: int | None = None,
     concurrency: int = 8,
+    budget_usd: Decimal | None = None,
+    account: str | None = None,
 ) -> AsyncIterator[WorkflowBuilder]:
     """A workflow builder wired to the run's places; its resources close on exit.
+
+    ``budget_usd`` is the run's dollar limit; ``account`` a shared account above the run
+    (it must exist in the Redis ledger: ``fleet budget set``).
 
     A local budget (no Redis ledger) starts from the consumption the log recorded for an
     unfinished earlier run of the same root id, so a resumed local run never spends more
@@ -172,12 +180,19 @@ async def open_run(
 
     ledger: BudgetLedger | None = None
     plan: WorkflowBudget | None = None
-    if budget_tokens is not None:
+    if budget_tokens is not None or budget_usd is not None or account is not None:
         if places.ledger is not None:
             ledger = RedisLedger(places.ledger, key_prefix=config.key_prefix)
         else:
             ledger = MemoryLedger()
-        plan = WorkflowBudget(budget_tokens, ledger=ledger, workflow_id=root_id)
+        plan = WorkflowBudget(
+            budget_tokens,
+            limit_usd=budget_usd,
+            parents=[account] if account else [],
+            ledger=ledger,
+            workflow_id=root_id,
+        )
+        await plan.ancestors()  # an unknown account or a cycle fails the run at its start
         if places.ledger is None:
             await _carry_local_consumption(config, places, root_id, plan)
     host = build_executor(executor, agents or {}, plan, concurrency, config)
@@ -189,11 +204,13 @@ async def open_run(
         builder = builder.with_event_stream(
             places.events, key_prefix=config.key_prefix, maxlen=config.event_stream_maxlen
         )
+    board = open_cancel_board(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
+    builder = builder.with_cancel_board(board)
     _index_run(config.run_index, root_id, places)
     try:
         yield builder
     finally:
-        for resource in (journal, host, ledger):
+        for resource in (journal, host, ledger, board):
             if resource is not None:
                 await _close(resource)
 
@@ -209,9 +226,14 @@ async def _carry_local_consumption(
     consumed = summary.consumed_tokens
     if budget.limit_tokens is not None:
         consumed = min(consumed, budget.limit_tokens)
-    if consumed > 0:
-        reservation = await budget.reserve(consumed, holder="spent by the previous run")
-        await reservation.settle(consumed)
+    micros = usd_to_micros(summary.consumed_usd or 0, "the previous run's cost")
+    if budget.limit_usd is not None:
+        micros = min(micros, usd_to_micros(budget.limit_usd, "limit_usd"))
+    if consumed > 0 or micros > 0:
+        reservation = await budget.reserve(
+            consumed, holder="spent by the previous run", micros=micros
+        )
+        await reservation.settle(consumed, used_micros=micros)
 
 
 def _summary_at(url: str, key_prefix: str, root_id: str) -> RunSummary | None:
@@ -432,12 +454,8 @@ async def _read_budget(
             return
         finally:
             await ledger.close()
-        if state.limit_set or state.consumed or state.reserved:
-            status.budget = BudgetSnapshot(
-                consumed_tokens=state.consumed,
-                reserved_tokens=state.reserved,
-                limit_tokens=state.limit,
-            )
+        if state.exists or state.consumed or state.reserved or state.consumed_micros:
+            status.budget = BudgetSnapshot.from_state(state)
         else:
             status.budget_note = "none recorded"
         return
@@ -445,8 +463,13 @@ async def _read_budget(
     if summary is None or summary.budget is None:
         status.budget_note = status.budget_note or "none recorded"
         return
-    fields = {**summary.budget, "consumed_tokens": summary.consumed_tokens}
-    fields.pop("remaining_tokens", None)  # derived again from the fields above
+    fields = {
+        **summary.budget,
+        "consumed_tokens": summary.consumed_tokens,
+        "consumed_usd": summary.consumed_usd,
+    }
+    for derived in ("remaining_tokens", "remaining_usd", "is_exhausted"):
+        fields.pop(derived, None)  # derived again from the fields above
     status.budget = BudgetSnapshot.model_validate(fields)
 
 

@@ -10,6 +10,7 @@ field and never quoting its value (prompts stay out of error messages).
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any, ClassVar, Self
 
 from jsonschema import Draft202012Validator
@@ -217,6 +218,9 @@ class StepOutcome(FleetModel):
     """Wall-clock seconds the step ran."""
     worker: str | None = None
     """Where it ran, for humans: ``local`` in-process, a Celery node name on the fleet."""
+    cost_usd: Decimal | None = Field(default=None, ge=0)
+    """What the step's model calls cost in dollars (exact, six decimals; a string in
+    JSON), charged to the budget; ``None`` when no priced model call was made."""
 
     @classmethod
     def failed(
@@ -229,6 +233,7 @@ class StepOutcome(FleetModel):
         usage: TokenUsage | None = None,
         duration_s: float = 0.0,
         worker: str | None = None,
+        cost_usd: Decimal | None = None,
     ) -> StepOutcome:
         """Build the outcome of a step that failed, was refused or could not start."""
         return cls(
@@ -241,4 +246,5 @@ class StepOutcome(FleetModel):
             usage=usage or TokenUsage(),
             duration_s=duration_s,
             worker=worker,
+            cost_usd=cost_usd,
         )

@@ -18,10 +18,17 @@ from jsonschema import Draft202012Validator
 
 from . import metrics, telemetry
 from .agents.base import AgentContext, AgentDefinition, AgentResult
+from .cancel.signal import Cancellation, StepInterrupted, cancelled_outcome
 from .errors import AgentError
 from .spec import NO_USAGE, AgentStepSpec, StepOutcome
 
-__all__ = ["DEFAULT_RESERVE_TOKENS", "as_result", "run_agent", "validate_output"]
+__all__ = [
+    "DEFAULT_RESERVE_TOKENS",
+    "as_result",
+    "run_agent",
+    "run_interruptible",
+    "validate_output",
+]
 
 DEFAULT_RESERVE_TOKENS = 1000
 """Reservation for a step with no ``max_tokens`` whose agent names no default."""
@@ -117,6 +124,7 @@ async def _run_agent(
             usage=ctx.used,
             duration_s=time.monotonic() - started,
             worker=worker,
+            cost_usd=ctx.cost_usd,
         )
 
     timeout = asyncio.timeout(spec.timeout_s)
@@ -155,4 +163,48 @@ async def _run_agent(
         error=None,
         duration_s=time.monotonic() - started,
         worker=worker,
+        cost_usd=ctx.cost_usd,
     )
+
+
+async def run_interruptible(
+    definition: AgentDefinition,
+    spec: AgentStepSpec,
+    ctx: AgentContext,
+    *,
+    started: float,
+    cancellation: Cancellation | None,
+) -> StepOutcome:
+    """:func:`run_agent` that a cancel interrupts: the step then ends ``error="cancelled"``.
+
+    An agent that blocked its thread, and so returned without noticing the cancel, has its
+    result discarded. The usage spent until then stays on the outcome (to be settled).
+    """
+    if cancellation is None:
+        return await run_agent(definition, spec, ctx, started=started)
+    outcome = None
+    try:
+        with cancellation.interrupts():
+            outcome = await run_agent(definition, spec, ctx, started=started)
+            # One turn of the loop, so a cancel that came in from another thread while the
+            # agent blocked this one lands now (and its result is discarded).
+            await asyncio.sleep(0)
+    except StepInterrupted as stop:
+        return cancelled_outcome(
+            spec,
+            stop.reason,
+            usage=ctx.used,
+            duration_s=time.monotonic() - started,
+            worker=ctx.worker,
+            discarded=outcome is not None and outcome.success,
+        )
+    if cancellation.cancelled:
+        return cancelled_outcome(
+            spec,
+            cancellation.reason,
+            usage=outcome.usage,
+            duration_s=time.monotonic() - started,
+            worker=ctx.worker,
+            discarded=outcome.success,
+        )
+    return outcome

@@ -26,14 +26,16 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import telemetry
+from .cancel.board import CancelBoard, RunState, new_run_id
+from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
-from .errors import WorkflowClosedError
+from .errors import WorkflowCancelledError, WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
@@ -49,8 +51,10 @@ from .events import (
     LogEvent,
     PhaseEnd,
     PhaseStart,
+    RateLimited,
     StepFinished,
     StepStarted,
+    WorkflowCancelled,
     emit,
 )
 from .executor import AgentExecutor, PipelineStage
@@ -73,7 +77,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_BUS_EVENTS = (PhaseStart, PhaseEnd, LogEvent, BudgetExhausted, StepStarted, StepFinished)
+T = TypeVar("T")
+
+_BUS_EVENTS = (
+    PhaseStart,
+    PhaseEnd,
+    LogEvent,
+    BudgetExhausted,
+    StepStarted,
+    StepFinished,
+    RateLimited,  # a host's word that a step's model call waited for a provider limit
+)
+
+CANCEL_POLL_S = 0.25
+"""How often a running workflow looks at its cancel board for a ``fleet cancel``."""
 
 
 def _json_safe(fields: dict[str, Any]) -> dict[str, Any]:
@@ -102,6 +119,14 @@ class _Run:
     closed: bool = False
     span: Any = None
     """The workflow's trace span, when tracing is on (:mod:`fleet.telemetry`)."""
+    board: CancelBoard | None = None
+    run_id: str = field(default_factory=new_run_id)
+    cancellation: Cancellation = field(init=False)
+    begun: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.cancellation = Cancellation((self.run_id,))
 
     def publish(self, event: Any) -> None:
         self.bus.publish(event)
@@ -165,6 +190,7 @@ class WorkflowBuilder:
     event_stream_url: str | None = None
     event_stream_prefix: str = "fleet"
     event_stream_maxlen: int = 10_000
+    cancel_board: CancelBoard | None = None
 
     def with_store(self, store: CheckpointStore) -> WorkflowBuilder:
         """Journal every phase in ``store``, making phases resume boundaries."""
@@ -187,6 +213,15 @@ class WorkflowBuilder:
     def with_step_events(self, sink: EventSink) -> WorkflowBuilder:
         """Also hand every step event the executor emits to ``sink``."""
         return replace(self, step_events=sink)
+
+    def with_cancel_board(self, board: CancelBoard) -> WorkflowBuilder:
+        """Register the run on ``board`` so ``fleet cancel ROOT_ID`` reaches it.
+
+        The run registers when its first verb starts, polls the board for a cancel every
+        :data:`CANCEL_POLL_S` while it is open, and records how it ended (``fleet
+        status``). Use a ``RedisCancelBoard`` on the fleet's Redis for a Celery run.
+        """
+        return replace(self, cancel_board=board)
 
     def with_event_stream(
         self, url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
@@ -240,6 +275,7 @@ class WorkflowBuilder:
                 root_id=root_id,
                 step_events=self.step_events,
                 stream=stream,
+                board=self.cancel_board,
             )
         )
 
@@ -305,9 +341,39 @@ class Workflow:
             return None
         return await self._run.budget.snapshot()
 
+    @property
+    def run_id(self) -> str:
+        """This run's id: what a cancel marker names (a new run of the root id gets a new one)."""
+        return self._run.run_id
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the workflow was cancelled (by this program, ``fleet cancel`` or its caller)."""
+        return self._run.cancellation.cancelled
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the workflow was cancelled (``None`` while it is not)."""
+        return self._run.cancellation.reason
+
     def _check_open(self) -> None:
         if self._run.closed:
             raise WorkflowClosedError(self._run.root_id)
+
+    async def _verb(self, verb: str, body: Callable[[], Awaitable[T]]) -> T:
+        """Run a verb under the workflow's cancellation; a cancel of its caller cancels it."""
+        self._check_open()
+        run = self._run
+        if run.cancellation.cancelled:
+            raise WorkflowCancelledError(run.root_id, run.cancellation.reason or "cancelled")
+        if not run.begun:
+            await self._begin()
+        try:
+            with use_cancellation(run.cancellation):
+                return await body()
+        except asyncio.CancelledError:
+            await self._cancel(f"the task awaiting Workflow.{verb} was cancelled")
+            raise
 
     async def agent(self, spec: AgentStepSpec) -> StepOutcome:
         """Run one step (not journaled); a failure comes back as a failed outcome."""
@@ -318,19 +384,23 @@ class Workflow:
 
     async def parallel(self, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
         """A barrier fan-out (:func:`fleet.execute_steps_parallel`); not journaled."""
-        self._check_open()
-        run = self._run
-        if telemetry.active() is not None:
-            with telemetry.span(
-                "parallel", {"fleet.workflow.id": run.root_id}, parent=self._trace()
-            ):
+
+        async def body() -> list[StepOutcome]:
+            run = self._run
+            if telemetry.active() is None:
                 outcomes = await execute_steps_parallel(
                     run.executor, specs, events=run.on_step_event
                 )
-        else:
-            outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
-        await self._observe_budget(outcomes)
-        return outcomes
+            else:
+                attributes = {"fleet.workflow.id": run.root_id}
+                with telemetry.span("parallel", attributes, parent=self._trace()):
+                    outcomes = await execute_steps_parallel(
+                        run.executor, specs, events=run.on_step_event
+                    )
+            await self._observe_budget(outcomes)
+            return outcomes
+
+        return await self._verb("parallel", body)
 
     def _trace(self) -> Any:
         """The workflow's span (opened on first use; ``None`` when tracing is off)."""
@@ -344,28 +414,26 @@ class Workflow:
     async def phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
         """A named barrier fan-out: the workflow's milestone and resume boundary.
 
-        With tracing on it is a ``phase`` span, a child of the workflow's span.
-        """
-        if telemetry.active() is None:
-            return await self._phase(name, specs)
-        attributes = {"fleet.workflow.id": self._run.root_id, "fleet.phase.name": str(name)}
-        with telemetry.span("phase", attributes, parent=self._trace()):
-            return await self._phase(name, specs)
-
-    async def _phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
-        """The body of :meth:`phase`.
-
         Emits ``phase_start`` before any step runs and ``phase_end`` (counts of
         succeeded / failed outcomes, journaled ones counted as succeeded) after, then
         ``budget_exhausted`` if the budget ran out (once per workflow). With a store,
         the phase is journaled under ``"{root_id}/{name}"`` (``#2``, ``#3``… when the
-        name repeats in one run); completed steps found there are not run again.
+        name repeats in one run); completed steps found there are not run again. With
+        tracing on it is a ``phase`` span, a child of the workflow's span.
         """
-        self._check_open()
         if not isinstance(name, str) or not name:
             raise ValueError(f"a phase needs a non-empty name, got {name!r}")
+        return await self._verb("phase", lambda: self._traced_phase(name, list(specs)))
+
+    async def _traced_phase(self, name: str, specs: list[AgentStepSpec]) -> list[StepOutcome]:
+        if telemetry.active() is None:
+            return await self._phase(name, specs)
+        attributes = {"fleet.workflow.id": self._run.root_id, "fleet.phase.name": name}
+        with telemetry.span("phase", attributes, parent=self._trace()):
+            return await self._phase(name, specs)
+
+    async def _phase(self, name: str, specs: list[AgentStepSpec]) -> list[StepOutcome]:
         run = self._run
-        specs = list(specs)
         index = run.phase_count
         run.phase_count += 1
         journal = run.journal_id(name) if run.store is not None else None
@@ -392,23 +460,98 @@ class Workflow:
         self, items: Sequence[Any], stages: Sequence[PipelineStage]
     ) -> list[StepOutcome | None]:
         """Per-item chains with no barrier between stages (:func:`fleet.execute_pipeline`)."""
-        self._check_open()
-        run = self._run
-        results = await execute_pipeline(run.executor, items, stages, events=run.on_step_event)
-        await self._observe_budget([result for result in results if result is not None])
-        return results
+
+        async def body() -> list[StepOutcome | None]:
+            run = self._run
+            results = await execute_pipeline(run.executor, items, stages, events=run.on_step_event)
+            await self._observe_budget([result for result in results if result is not None])
+            return results
+
+        return await self._verb("pipeline", body)
 
     async def loop(
         self, initial: Sequence[AgentStepSpec], max_iterations: int, next: LoopPredicate
     ) -> list[StepOutcome]:
         """Barrier rounds until ``next`` stops them (:func:`fleet.execute_loop`)."""
-        self._check_open()
+
+        async def body() -> list[StepOutcome]:
+            run = self._run
+            outcomes = await execute_loop(
+                run.executor, initial, max_iterations, next, events=run.on_step_event
+            )
+            await self._observe_budget(outcomes)
+            return outcomes
+
+        return await self._verb("loop", body)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, reason: str = "cancelled by the workflow program") -> None:
+        """Cancel the workflow, here and on every worker.
+
+        Nothing new is dispatched; running steps are interrupted (within about 2 s on a
+        Celery fleet) and come back ``error="cancelled"`` from the verbs awaiting them;
+        their reservations are settled at what they used; completed steps stay
+        journaled; a ``workflow_cancelled`` event is sent; any later verb raises
+        :class:`~fleet.errors.WorkflowCancelledError`. Running the same root id again
+        resumes. Idempotent.
+        """
+        await self._cancel(str(reason) or "cancelled")
+
+    async def _cancel(self, reason: str, *, record: bool = True) -> None:
         run = self._run
-        outcomes = await execute_loop(
-            run.executor, initial, max_iterations, next, events=run.on_step_event
+        if run.closed or not run.cancellation.cancel(reason):
+            return
+        run.publish(WorkflowCancelled(reason=reason))
+        if record and run.board is not None and run.begun:
+            try:
+                await asyncio.shield(run.board.request(run.root_id, reason, run_id=run.run_id))
+            except Exception as error:
+                logger.warning(
+                    "workflow %r: cannot record the cancel on %r (%s: %s)",
+                    run.root_id,
+                    run.board,
+                    type(error).__name__,
+                    error,
+                )
+
+    async def _begin(self) -> None:
+        """Register the run on its cancel board and start watching it for a cancel."""
+        run = self._run
+        run.begun = True
+        if run.board is None:
+            return
+        try:
+            await run.board.begin(run.root_id, run.run_id)
+        except Exception as error:
+            logger.warning(
+                "workflow %r: cannot register on %r, so `fleet cancel` cannot reach it (%s: %s)",
+                run.root_id,
+                run.board,
+                type(error).__name__,
+                error,
+            )
+            return
+        run.watcher = asyncio.create_task(
+            self._watch(run.board), name=f"fleet-cancel:{run.root_id}"
         )
-        await self._observe_budget(outcomes)
-        return outcomes
+
+    async def _watch(self, board: CancelBoard) -> None:
+        run = self._run
+        warned = False
+        while not run.closed and not run.cancellation.cancelled:
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                notice = await board.check(run.run_id)
+            except Exception as error:
+                if not warned:
+                    warned = True
+                    logger.warning(
+                        "workflow %r: cannot read its cancel board: %s", run.root_id, error
+                    )
+                continue
+            if notice is not None:
+                await self._cancel(notice.reason, record=False)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Send a ``log`` event; never fails and never blocks.
@@ -432,21 +575,34 @@ class Workflow:
         if run.exhausted_reported or not (exhausted or refused):
             return
         run.exhausted_reported = True
-        reason = "workflow token budget exhausted"
+        resource, reason = "workflow_tokens", "workflow token budget exhausted"
         if snapshot is not None:
-            limit = "unlimited" if snapshot.limit_tokens is None else snapshot.limit_tokens
-            reason += f" ({snapshot.consumed_tokens} / {limit} tokens)"
+            if snapshot.limit_usd is not None and snapshot.consumed_usd >= snapshot.limit_usd:
+                resource, reason = "workflow_usd", "workflow dollar budget exhausted"
+                reason += f" (${snapshot.consumed_usd} / ${snapshot.limit_usd})"
+            else:
+                limit = "unlimited" if snapshot.limit_tokens is None else snapshot.limit_tokens
+                reason += f" ({snapshot.consumed_tokens} / {limit} tokens)"
         if not exhausted:
-            reason += "; a step was refused its token reservation"
-        run.publish(BudgetExhausted(resource="workflow_tokens", reason=reason))
+            refusal = next(o for o in outcomes if o.error == "budget_exhausted")
+            if "dollar budget" in refusal.output:
+                resource = "workflow_usd"
+            reason += "; a step was refused its " + (
+                "dollar reservation" if resource == "workflow_usd" else "token reservation"
+            )
+        run.publish(BudgetExhausted(resource=resource, reason=reason))
 
     async def finish(self) -> None:
         """End the workflow successfully: delete this run's phase journals, then close.
 
-        Idempotent. After it, a run with the same root id starts from scratch.
+        A cancelled workflow keeps its journals (a later run resumes it) and closes as
+        ``cancelled``. Idempotent. After it, a run with the same root id starts from scratch.
         """
         run = self._run
         if run.closed:
+            return
+        if run.cancellation.cancelled:
+            await self._shutdown("cancelled")
             return
         try:
             if run.store is not None:
@@ -461,9 +617,9 @@ class Workflow:
         Ends every subscription (after its waiting events) and flushes the event stream.
         Idempotent.
         """
-        await self._shutdown("closed")
+        await self._shutdown("cancelled" if self.cancelled else "closed")
 
-    async def _shutdown(self, status: str) -> None:
+    async def _shutdown(self, status: RunState) -> None:
         run = self._run
         if run.closed:
             return
@@ -471,6 +627,14 @@ class Workflow:
         if run.span is not None:
             run.span.set_attribute("fleet.workflow.status", status)
             run.span.end()
+        if run.watcher is not None:
+            run.watcher.cancel()
+            await asyncio.wait({run.watcher})
+        if run.board is not None and run.begun:
+            try:
+                await run.board.end(run.root_id, run.run_id, status)
+            except Exception as error:
+                logger.warning("workflow %r: cannot record its end: %s", run.root_id, error)
         run.bus.close()
         if run.stream is not None:
             await run.record_budget()
@@ -481,6 +645,8 @@ class Workflow:
         self._trace()
         if self._run.stream is not None:
             await self._run.record_budget()  # where a resumed run starts from
+        if not self._run.begun:
+            await self._begin()
         return self
 
     async def __aexit__(
@@ -491,5 +657,8 @@ class Workflow:
     ) -> None:
         if exc_type is None:
             await self.finish()
+        elif exc_type is asyncio.CancelledError:
+            await self._cancel("the workflow program was cancelled")
+            await self._shutdown("cancelled")
         else:
-            await self._shutdown("cancelled" if exc_type is asyncio.CancelledError else "failed")
+            await self._shutdown("cancelled" if self.cancelled else "failed")

@@ -65,10 +65,16 @@ def _append(path: Path, text: str = "x") -> None:
 async def count_where(spec: AgentStepSpec, ctx: AgentContext) -> str:
     """Append this worker's name to FLEET_TEST_COUNTER_DIR/<task_id>, sleep, echo.
 
-    One line per run, so a test sees how many times a step ran and where.
+    One line per run, so a test sees how many times a step ran and where. While the file
+    ``~hang-<worker node>`` exists, a step starting on that worker marks itself
+    ``~hung-<task_id>`` and never finishes: a kill test uses it to be sure it kills the
+    worker in the middle of a step.
     """
     directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
     _append(directory / spec.task_id, f"{ctx.worker}\n")
+    if (directory / f"~hang-{ctx.worker}").exists():
+        (directory / f"~hung-{spec.task_id}").touch()
+        await asyncio.Event().wait()  # until the test kills this worker
     await asyncio.sleep(float(os.environ.get("FLEET_TEST_STEP_SLEEP", "0")))
     return spec.prompt
 

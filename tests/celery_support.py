@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
@@ -199,3 +204,168 @@ def running_workers(
         yield fleet
     finally:
         fleet.stop()
+
+
+_ARG = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
+
+
+def _unescape(raw: bytes) -> bytes:
+    """One argument of a MONITOR line (Redis's sdscatrepr quoting) back to its bytes."""
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i : i + 1] == b"\\":
+            code = raw[i + 1 : i + 2]
+            if code == b"x":
+                out += bytes([int(raw[i + 2 : i + 4], 16)])
+                i += 4
+                continue
+            out += _ESCAPES.get(code, code)
+            i += 2
+            continue
+        out += raw[i : i + 1]
+        i += 1
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command Redis executed, as MONITOR saw it."""
+
+    at: float
+    """Redis's own clock (Unix seconds) when it ran the command."""
+    client: str
+    """``ip:port`` of the connection, or ``lua`` for a command run by a script."""
+    args: tuple[bytes, ...]
+
+    @property
+    def name(self) -> str:
+        return self.args[0].decode().upper()
+
+
+class BrokerLog:
+    """Every command Redis runs while open, seen from outside fleet (a MONITOR connection).
+
+    The tests count with it what the host really sends (``LPUSH`` of step messages onto the
+    queue) and when it looks at a step's lease, on Redis's own clock, without hooking any
+    fleet code. Use as a context manager; read the results after it is closed.
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self._client = redis.Redis.from_url(redis_url)
+        self.commands: list[Command] = []
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> BrokerLog:
+        self._monitor = self._client.monitor()
+        self._monitor.__enter__()  # MONITOR is on when this returns
+        self._thread = threading.Thread(target=self._read, name="broker-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        connection = self._monitor.connection
+        while True:
+            try:
+                line = connection.read_response(disable_decoding=True)
+            except (redis.ConnectionError, OSError, AttributeError, TypeError):
+                return  # closed by __exit__
+            stamp, _, rest = line.partition(b" ")
+            client = rest[rest.index(b" ") + 1 : rest.index(b"]")].decode()
+            args = tuple(_unescape(raw) for raw in _ARG.findall(rest[rest.index(b"]") + 1 :]))
+            self.commands.append(Command(float(stamp), client, args))
+
+    def __exit__(self, *exc_info: object) -> None:
+        time.sleep(0.1)  # let the last commands reach the reader
+        self._monitor.connection.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._client.close()
+
+    def sends(self, queue: str) -> dict[str, list[float]]:
+        """Task id -> Redis time of every message pushed onto ``queue`` for it, in order."""
+        found: dict[str, list[float]] = {}
+        for command in self.commands:
+            if command.name == "LPUSH" and command.args[1].decode() == queue:
+                for raw in command.args[2:]:
+                    task_id = json.loads(raw)["headers"]["id"]
+                    found.setdefault(task_id, []).append(command.at)
+        return found
+
+    def lease_checks(self, key_prefix: str, task_id: str) -> list[float]:
+        """Redis time of every ``EXISTS`` a client (the host) ran on this step's lease."""
+        key = f"{key_prefix}:lease:{task_id}".encode()
+        return [
+            c.at
+            for c in self.commands
+            if c.client != "lua" and c.name == "EXISTS" and key in c.args[1:]
+        ]
+
+
+def broker_holds(settings: FleetSettings, task_ids: set[str]) -> set[str]:
+    """Which of ``task_ids`` still have a message queued, or taken and not acknowledged.
+
+    Kombu keeps a message a worker took (``acks_late``) in its ``unacked`` hash until the
+    task returns, so an empty answer means every delivery of these tasks was handled.
+    """
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        queued = [json.loads(raw) for raw in client.lrange(settings.queue, 0, -1)]
+        taken = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+    finally:
+        client.close()
+    return {m["headers"]["id"] for m in queued + taken} & task_ids
+
+
+def step_ids(log: BrokerLog, queue: str) -> dict[str, str]:
+    """Step task id -> Celery task id, from the ``argsrepr`` of the messages sent."""
+    found = {}
+    for command in log.commands:
+        if command.name == "LPUSH" and command.args[1].decode() == queue:
+            headers = json.loads(command.args[2])["headers"]
+            found[headers["argsrepr"].split()[1]] = headers["id"]
+    return found
+
+
+def lease_lapsed_at(log: BrokerLog, key: str, before: float) -> float:
+    """When a lease lapsed (Redis time): its last ``SET ... PX`` or ``PEXPIRE`` plus the TTL."""
+    last = 0.0
+    for command in log.commands:
+        if command.at >= before or command.client != "lua" or command.args[1:2] != (key.encode(),):
+            continue
+        if command.name == "PEXPIRE":
+            last = command.at + int(command.args[2]) / 1000
+        elif command.name == "SET" and b"PX" in command.args:
+            last = command.at + int(command.args[command.args.index(b"PX") + 1]) / 1000
+    assert last, f"no lease was ever taken on {key}"
+    return last
+
+
+def check_resent_at_first_check_after_lapse(
+    log: BrokerLog, settings: FleetSettings, tid: str, dead_at: float
+) -> str:
+    """The recovery bound of docs/CELERY.md, on Redis's clock, one part at a time.
+
+    ``max(step_lease_s, claim_timeout_s) + check_interval`` is: the dead worker's lease
+    lapses at most ``step_lease_s`` after its last renewal (which precedes the death), and
+    the host re-sends at its first check after that. Checked here: no renewal after the
+    death, no re-send while the lease lived, and no second look at the lapsed lease before
+    the re-send. How long the host's checks took to come round on this loaded machine is
+    reported, not asserted.
+    """
+    key = f"{settings.key_prefix}:lease:{tid}"
+    sends = log.sends(settings.queue)[tid]
+    assert len(sends) >= 2, "the host never sent the step again"
+    resent = sends[1]
+    lapsed = lease_lapsed_at(log, key, before=resent)
+    assert lapsed <= dead_at + settings.step_lease_s, "the lease was renewed after the death"
+    assert resent >= lapsed, f"re-sent {lapsed - resent:.3f} s before the lease lapsed"
+    # A check within a few ms of the lapse may still see the key (Redis rounds to ms).
+    looks = [at for at in log.lease_checks(settings.key_prefix, tid) if lapsed + 0.005 <= at]
+    assert looks and looks[0] <= resent, "re-sent without the host seeing the lease gone"
+    before_resend = [at for at in looks if at <= resent]
+    assert len(before_resend) == 1, f"the host saw the lapsed lease {len(before_resend)} times"
+    return (
+        f"lease lapsed {lapsed - dead_at:.2f} s after the death, host noticed "
+        f"{looks[0] - lapsed:.2f} s later, re-sent {resent - looks[0]:.3f} s after noticing"
+    )

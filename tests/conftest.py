@@ -6,8 +6,8 @@ import os
 import uuid
 from collections.abc import Iterator
 
-import hypothesis  # noqa: F401 - see below
 import pytest
+from hypothesis import settings  # also imports hypothesis at collection: see below
 
 from fleet.redis_server import RedisServer
 
@@ -15,6 +15,12 @@ from fleet.redis_server import RedisServer
 # long session CPython 3.11.7 can then fail to compile it (pytest's assertion rewriting)
 # with "SystemError: AST constructor recursion depth mismatch" and exit 1 although every
 # test passed. Importing it here, at collection, compiles it while the counters are sane.
+
+# No per-example deadline: hypothesis's default (200 ms) is a timing assertion, and on a
+# shared 2-core runner an example that writes a file or parses a megabyte can take longer
+# without anything being wrong. Timings belong in bench/, never in a test's verdict.
+settings.register_profile("fleet", deadline=None)
+settings.load_profile("fleet")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeOpenAI", "Recorded", "Reply", "error", "reply", "tool_call"]
+__all__ = [
+    "AutoModel",
+    "FakeOpenAI",
+    "Recorded",
+    "Reply",
+    "error",
+    "example",
+    "reply",
+    "tool_call",
+]
 
 
 @dataclass
@@ -102,6 +111,64 @@ def error(status: int, message: str, *, headers: dict[str, str] | None = None) -
     )
 
 
+@dataclass
+class AutoModel:
+    """Answers whatever it is asked, like a (very obedient) small model, one slot at a time.
+
+    A request offering tools, before any tool result, gets a call of the first tool with
+    example arguments (``content: null``); a request asking for JSON (a
+    ``response_format`` schema, or the output contract in the prompt) gets an example
+    of the schema; anything else gets ``"ok"``. ``slots`` requests are served at once,
+    ``service_s`` each; the others queue, as on a one-slot llama.cpp server.
+    """
+
+    service_s: float = 0.05
+    slots: int = 1
+
+    def answer(self, body: dict[str, Any]) -> Reply:
+        """The reply to one request."""
+        messages = body.get("messages") or []
+        prompt = sum(len(json.dumps(m)) for m in messages) // 4 + 1
+        tools = body.get("tools") or []
+        if tools and not any(m.get("role") == "tool" for m in messages):
+            function = tools[0]["function"]
+            arguments = example(function.get("parameters") or {"type": "object"})
+            call = tool_call(function["name"], arguments, call_id="call_auto")
+            return reply(None, tool_calls=[call], prompt_tokens=prompt, completion_tokens=9)
+        schema = _asked_schema(body)
+        content = "ok" if schema is None else json.dumps(example(schema))
+        return reply(content, prompt_tokens=prompt, completion_tokens=len(content) // 4 + 1)
+
+
+def _asked_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    format_ = body.get("response_format") or {}
+    if isinstance(format_.get("schema"), dict):
+        return format_["schema"]
+    if isinstance((format_.get("json_schema") or {}).get("schema"), dict):
+        return format_["json_schema"]["schema"]
+    for message in body.get("messages") or []:
+        text = message.get("content")
+        if isinstance(text, str) and "FINAL OUTPUT CONTRACT" in text:
+            schema = json.loads(text[text.index("{", text.index("FINAL OUTPUT CONTRACT")) :])
+            return schema if isinstance(schema, dict) else None
+    return None
+
+
+def example(schema: dict[str, Any]) -> Any:
+    """A small value that satisfies a (simple) JSON Schema."""
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: example(properties.get(name, {})) for name in schema.get("required", [])}
+    if kind == "array":
+        return [example(schema.get("items", {}))] * schema.get("minItems", 0)
+    return {"string": "x", "integer": 1, "number": 1.5, "boolean": False}.get(kind)
+
+
 class FakeOpenAI:
     """The server. Use as a context manager, or call :meth:`start` and :meth:`stop`.
 
@@ -111,6 +178,14 @@ class FakeOpenAI:
         models: when set, a request for any other model gets a 404 ``model_not_found``.
         reject_response_format: answer 400 to any request with a ``response_format``
             (a server without JSON-schema support).
+        reject_json_schema: answer ``response_format: {"type": "json_schema"}`` with a
+            500 whose body is a pydantic validation error and a traceback, as
+            llama-cpp-python's server does (``json_object`` is accepted).
+        reject_null_content: answer 400 (a validation error naming ``content``) to a
+            request with a message whose ``content`` is ``null``.
+        drop_every: close the connection without answering every Nth request that
+            reaches the model (0: never).
+        auto: when the script is empty, answer like a model would (see :class:`AutoModel`).
     """
 
     def __init__(
@@ -119,10 +194,22 @@ class FakeOpenAI:
         api_key: str | None = None,
         models: set[str] | None = None,
         reject_response_format: bool = False,
+        reject_json_schema: bool = False,
+        reject_null_content: bool = False,
+        drop_every: int = 0,
+        auto: AutoModel | None = None,
     ) -> None:
         self.api_key = api_key
         self.models = models
         self.reject_response_format = reject_response_format
+        self.reject_json_schema = reject_json_schema
+        self.reject_null_content = reject_null_content
+        self.drop_every = drop_every
+        self.auto = auto
+        self.dropped = 0
+        self.served = 0
+        self._model_requests = 0
+        self._slots = threading.BoundedSemaphore(auto.slots if auto is not None else 1)
         self.requests: list[Recorded] = []
         self.disconnects = 0
         self._replies: list[Reply] = []
@@ -200,6 +287,13 @@ class FakeOpenAI:
             self._changed.notify_all()
             return self._replies.pop(0) if take and self._replies else None
 
+    def _next_is_dropped(self) -> bool:
+        with self._lock:
+            self._model_requests += 1
+            drop = self.drop_every > 0 and self._model_requests % self.drop_every == 0
+            self.dropped += drop
+            return drop
+
     def _hung_up(self) -> None:
         with self._changed:
             self.disconnects += 1
@@ -240,9 +334,33 @@ def _refusal(fake: FakeOpenAI, path: str, key: str, body: Any) -> tuple[int, Any
     if fake.models is not None and model not in fake.models:
         message = f"The model `{model}` does not exist."
         return 404, {"error": {"message": message, "code": "model_not_found"}}
-    if fake.reject_response_format and isinstance(body, dict) and "response_format" in body:
+    if not isinstance(body, dict):
+        return None
+    if fake.reject_response_format and "response_format" in body:
         return 400, {"error": {"message": "response_format is not supported"}}
+    kind = (body.get("response_format") or {}).get("type")
+    if fake.reject_json_schema and kind not in (None, "text", "json_object"):
+        return 500, {"error": {"message": _LLAMA_CPP_PYTHON_500, "type": "internal_server_error"}}
+    messages = body.get("messages") or []
+    if fake.reject_null_content and any(m.get("content", "") is None for m in messages):
+        message = (
+            "3 validation errors:\n"
+            + "  {'loc': ('body', 'messages', 1, 'role'), 'msg': \"Input should be 'user'\"}\n" * 8
+            + "  {'loc': ('body', 'messages', 1, 'content'), 'msg': 'Input should be a valid string'}"
+        )
+        return 400, {"error": {"message": message, "type": "invalid_request_error"}}
     return None
+
+
+_LLAMA_CPP_PYTHON_500 = (
+    "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n"
+    "  Input should be 'text' or 'json_object' [type=literal_error, "
+    "input_value='json_schema', input_type=str]\n"
+    "Traceback (most recent call last):\n"
+    '  File "/srv/llama_cpp/server/errors.py", line 170, in custom_route_handler\n'
+    "    response = await original_route_handler(request)\n"
+    "SECRET-LOOKING-SERVER-INTERNALS"
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -283,6 +401,32 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(0.01)
         return True
 
+    def _serve_auto(self, body: Any) -> None:
+        """One slot-limited, fixed-time answer (a client gone while queued is skipped)."""
+        fake, auto = self.fake, self.fake.auto
+        assert auto is not None
+        if fake._next_is_dropped():
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        while not fake._slots.acquire(timeout=0.01):
+            if self._client_gone() or fake._stopping.is_set():
+                fake._hung_up()
+                self.close_connection = True
+                return
+        try:
+            time.sleep(auto.service_s)
+            with fake._lock:
+                fake.served += 1
+        finally:
+            fake._slots.release()
+        if self._client_gone():
+            fake._hung_up()
+            self.close_connection = True
+            return
+        model = body.get("model") if isinstance(body, dict) else None
+        self._send(200, _completion(str(model), auto.answer(body)))
+
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         try:
@@ -298,6 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(*refusal)
             return
         scripted = self.fake._record(request, take=True)
+        if scripted is None and self.fake.auto is not None:
+            self._serve_auto(body)
+            return
         if scripted is None:
             self._send(418, {"error": {"message": "fake server: no scripted reply left"}})
             return

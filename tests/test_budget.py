@@ -139,10 +139,12 @@ async def test_lease_expiry_releases_a_silent_holders_tokens(ledger: BudgetLedge
 
 async def test_kept_alive_renews_the_lease(ledger: BudgetLedger) -> None:
     """While kept alive a reservation outlives several lease periods."""
-    budget = budget_of(ledger, 100, lease_s=0.2)
+    # A 1 s lease renewed every 1/3 s lapses only if the loop stalls for a whole second,
+    # which a loaded 2-core runner does not do; a 0.2 s lease lapsed on a 67 ms stall.
+    budget = budget_of(ledger, 100, lease_s=1.0)
     reservation = await budget.reserve(70, holder="busy")
     async with reservation.kept_alive():
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(3.0)
         assert (await budget.snapshot()).reserved_tokens == 70
         await reservation.settle(5)
     snap = await budget.snapshot()
@@ -232,6 +234,16 @@ async def test_account_survives_a_new_budget_object(new_ledger: LedgerFactory) -
     assert (await first.reserve(100, holder="run-1")).tokens == 100
 
 
+def test_one_ledger_serves_two_event_loops(ledger: BudgetLedger) -> None:
+    """One ledger object works from successive asyncio.run() calls: reserve, settle, read."""
+    budget = budget_of(ledger, 100)
+    reservation = asyncio.run(budget.reserve(40, holder="run-1"))
+    assert asyncio.run(budget.snapshot()).reserved_tokens == 40
+    asyncio.run(reservation.settle(30))
+    snap = asyncio.run(budget.snapshot())
+    assert (snap.consumed_tokens, snap.reserved_tokens, snap.remaining_tokens) == (30, 0, 70)
+
+
 async def test_invalid_amounts_are_rejected(ledger: BudgetLedger) -> None:
     """Negative limits, requests and usage are misuse, reported with the value."""
     with pytest.raises(SpecError, match="-5"):
@@ -286,7 +298,8 @@ async def test_redis_account_survives_the_process(redis_url: str, key_prefix: st
         key_prefix,
         workflow_id,
     )
-    assert child.wait(timeout=60) == 0
+    child.communicate(timeout=60)  # waits, and closes its stdout pipe
+    assert child.returncode == 0
     ledger = RedisLedger(redis_url, key_prefix=key_prefix)
     try:
         budget = WorkflowBudget(1000, ledger=ledger, workflow_id=workflow_id)

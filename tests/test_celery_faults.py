@@ -7,12 +7,18 @@ Every step here is ``count_where``: it appends the worker's node name to
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from fleet import AgentStepSpec, StepOutcome, execute_pipeline, execute_steps_parallel
 from fleet.celery import CeleryExecutor
@@ -20,7 +26,18 @@ from fleet.events import StepFinished
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages
-from tests.celery_support import CeleryWorkers, fleet_settings, running_workers, until
+from tests.celery_support import (
+    REPO,
+    BrokerLog,
+    CeleryWorkers,
+    broker_holds,
+    check_resent_at_first_check_after_lapse,
+    fleet_settings,
+    running_workers,
+    step_ids,
+    until,
+)
+from tests.faults.support import process_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults]
 
@@ -58,6 +75,38 @@ def doomed_workers(redis_url: str, tmp_path: Path, counter_dir: Path) -> Iterato
         yield fleet
 
 
+FIRST_HOST = """
+import asyncio, sys
+from fleet.celery import CeleryExecutor
+from fleet.config import load_settings
+from fleet.resumable import execute_steps_parallel_resumable
+from fleet.stores import RedisCheckpointStore
+from tests.test_celery_faults import specs
+
+async def main():
+    settings = load_settings()
+    store = RedisCheckpointStore(settings.redis_url, key_prefix=sys.argv[1])
+    async with CeleryExecutor(settings=settings) as executor:
+        await execute_steps_parallel_resumable(executor, specs(8, "r"), "wf-reattach", store)
+
+asyncio.run(main())
+"""
+"""The first host of the re-attach test, run as a child process that the test kills."""
+
+
+def start_first_host(workers: CeleryWorkers, key_prefix: str) -> subprocess.Popen[bytes]:
+    """Start :data:`FIRST_HOST` (in its own process group, for the kill)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", FIRST_HOST, key_prefix],
+        cwd=REPO,
+        env=process_env(workers.settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def where_ran(counter_dir: Path, prefix: str) -> dict[str, list[str]]:
     """Task id -> the node of every run, in order (steps whose id starts with ``prefix``)."""
     return {
@@ -76,49 +125,48 @@ def specs(n: int, prefix: str = "s") -> list[AgentStepSpec]:
     ]
 
 
-def recovery_bound_s(executor: CeleryExecutor) -> float:
-    """The documented bound (docs/CELERY.md) on how long a dead worker's steps stay stuck."""
-    settings = executor.settings
-    return max(settings.claim_timeout_s, settings.step_lease_s) + executor.check_interval_s
+def hung(counter_dir: Path, prefix: str) -> set[str]:
+    """Steps stuck on a worker marked to hang (see ``tests.agents.count_where``)."""
+    return {p.name[len("~hung-") :] for p in counter_dir.glob(f"~hung-{prefix}*")}
 
 
 async def test_worker_killed_mid_round(doomed_workers: CeleryWorkers, counter_dir: Path) -> None:
-    """SIGKILL a worker mid-round: nothing lost, only its in-flight steps run twice.
+    """SIGKILL a worker holding unfinished steps: they re-run elsewhere, nothing else does.
 
-    The round completes; steps that had completed never run again.
+    The victim completes steps, then its next steps stay in flight until it is killed
+    (``~hang-<node>``), so the kill is always mid-step. The round completes; steps that
+    had completed never run again; only the victim's unfinished steps run a second time,
+    on the survivor, each re-sent at the host's first check after its lease lapsed.
     """
     workers = doomed_workers
     executor = workers.executor()
     victim = workers.workers["worker2"].node
-    finished_before_kill: set[str] = set()
-    finished: set[str] = set()
+    survivor = workers.workers["worker1"].node
+    hang = counter_dir / f"~hang-{victim}"
+    finished: dict[str, str | None] = {}
 
     def sink(event: Any) -> None:
         if isinstance(event, StepFinished):
-            finished.add(event.task_id)
+            finished[event.task_id] = event.worker
 
-    round_ = asyncio.create_task(execute_steps_parallel(executor, specs(24, "k"), events=sink))
-    # Wait until the victim is mid-step and some steps have already completed.
-    await until(
-        lambda: (
-            len(finished) >= 3
-            and any(victim in runs for runs in where_ran(counter_dir, "k").values())
-        )
-    )
-    finished_before_kill = set(finished)
-    killed_at = time.monotonic()
-    await asyncio.to_thread(workers.kill, "worker2")
-    # Nothing runs on the victim any more: these are the steps it took down with it.
-    on_victim = {t for t, runs in where_ran(counter_dir, "k").items() if runs == [victim]}
-
-    # The broker alone would restore the lost messages only after its visibility timeout
-    # (900 s here); the host must recover on its own, within the documented bound plus
-    # the time the survivor needs to run what is left.
-    left = 24 - len(finished_before_kill)
-    budget_s = recovery_bound_s(executor) + left * STEP_SLEEP_S + 20
-    outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=budget_s)
-    recovered_in = time.monotonic() - killed_at
-    await executor.aclose()
+    try:
+        with BrokerLog(workers.settings.redis_url) as log:
+            round_ = asyncio.create_task(
+                execute_steps_parallel(executor, specs(24, "k"), events=sink)
+            )
+            await until(lambda: victim in finished.values(), what="a step done on the victim")
+            hang.touch()
+            await until(lambda: bool(hung(counter_dir, "k")), what="a step stuck on the victim")
+            finished_before_kill = set(finished)
+            await asyncio.to_thread(workers.kill, "worker2")
+            dead_at = time.time()  # the victim is reaped: nothing of it runs after this
+            started_on_victim = {
+                t for t, runs in where_ran(counter_dir, "k").items() if victim in runs
+            }
+            outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=60)
+    finally:
+        hang.unlink(missing_ok=True)
+        await executor.aclose()
 
     assert [o.output for o in outcomes] == [f"p{i}" for i in range(24)]
     assert all(o.success for o in outcomes)
@@ -126,42 +174,59 @@ async def test_worker_killed_mid_round(doomed_workers: CeleryWorkers, counter_di
     assert set(ran) == {f"k{i}" for i in range(24)}  # no step lost
     for task in finished_before_kill:
         assert len(ran[task]) == 1, f"{task} completed before the kill but ran again"
+    in_flight = started_on_victim - finished_before_kill
     twice = {task for task, runs in ran.items() if len(runs) > 1}
-    assert twice <= on_victim - finished_before_kill  # only what was in flight on the victim
-    assert len(twice) <= 3  # the victim ran three steps at a time
-    survivor = workers.workers["worker1"].node
+    assert hung(counter_dir, "k") <= twice  # every step stuck on the victim ran again
+    assert 1 <= len(twice) <= 3 and twice <= in_flight  # the victim ran three at a time
+    tids = step_ids(log, workers.settings.queue)
     for task in twice:
         assert ran[task] == [victim, survivor]
         assert outcomes[int(task[1:])].worker == survivor
-    assert recovered_in < budget_s
+        print(
+            task,
+            check_resent_at_first_check_after_lapse(log, workers.settings, tids[task], dead_at),
+        )
 
 
 async def test_worker_killed_mid_pipeline(doomed_workers: CeleryWorkers, counter_dir: Path) -> None:
-    """SIGKILL a worker while Celery chains run: every chain finishes, no link is lost."""
+    """SIGKILL a worker holding an unfinished link: every chain finishes, no link is lost.
+
+    Only links in flight on the victim run twice, and at least one does (the kill is
+    always mid-step, as in the round test).
+    """
     workers = doomed_workers
     executor = workers.executor()
     victim = workers.workers["worker2"].node
+    survivor = workers.workers["worker1"].node
+    hang = counter_dir / f"~hang-{victim}"
     items = [f"x{i}" for i in range(12)]
-    run = asyncio.create_task(
-        execute_pipeline(executor, items, [pipeline_stages.counted, pipeline_stages.counted])
-    )
-    await until(lambda: any(victim in runs for runs in where_ran(counter_dir, "c").values()))
-    await asyncio.to_thread(workers.kill, "worker2")
-    on_victim = {t for t, runs in where_ran(counter_dir, "c").items() if runs == [victim]}
-    outcomes = await asyncio.wait_for(run, timeout=recovery_bound_s(executor) + 60)
-    await executor.aclose()
+    try:
+        run = asyncio.create_task(
+            execute_pipeline(executor, items, [pipeline_stages.counted, pipeline_stages.counted])
+        )
+        await until(lambda: any(victim in runs for runs in where_ran(counter_dir, "c").values()))
+        hang.touch()
+        await until(lambda: bool(hung(counter_dir, "c")), what="a link stuck on the victim")
+        await asyncio.to_thread(workers.kill, "worker2")
+        on_victim = {t for t, runs in where_ran(counter_dir, "c").items() if victim in runs}
+        outcomes = await asyncio.wait_for(run, timeout=60)
+    finally:
+        hang.unlink(missing_ok=True)
+        await executor.aclose()
     assert [o.output if o else None for o in outcomes] == [f"{item}/2" for item in items]
     ran = where_ran(counter_dir, "c")
     assert set(ran) == {f"c{stage}-{item}" for item in items for stage in (1, 2)}
     twice = {task for task, runs in ran.items() if len(runs) > 1}
-    assert twice <= on_victim
-    assert all(len(runs) <= 2 for runs in ran.values())
+    stuck = hung(counter_dir, "c")
+    assert stuck and stuck <= twice  # every link stuck on the victim ran again
+    assert twice <= on_victim  # only links the victim had started
+    assert all(ran[task] == [victim, survivor] for task in twice), {t: ran[t] for t in twice}
 
 
 async def test_duplicated_message_runs_the_agent_once(
     workers: CeleryWorkers, counter_dir: Path
 ) -> None:
-    """Every task message is delivered twice: each agent still runs exactly once."""
+    """Every task message is delivered twice: each agent runs once, each copy is refused."""
 
     class Duplicating(CeleryExecutor):
         async def _send(self, signatures: list[Any], *, as_group: bool) -> None:
@@ -169,21 +234,38 @@ async def test_duplicated_message_runs_the_agent_once(
             await super()._send([s.clone() for s in signatures], as_group=as_group)
 
     executor = Duplicating(settings=workers.settings)
+    logs_before = {w.name: len(w.log_text()) for w in workers.workers.values()}
     try:
-        outcomes = await execute_steps_parallel(executor, specs(10, "d"))
+        with BrokerLog(workers.settings.redis_url) as log:
+            outcomes = await execute_steps_parallel(executor, specs(10, "d"))
+            tids = step_ids(log, workers.settings.queue)
+            await until(
+                lambda: not broker_holds(workers.settings, set(tids.values())),
+                what="every copy to be delivered and acknowledged",
+            )
     finally:
         await executor.aclose()
     assert all(o.success for o in outcomes)
-    await asyncio.sleep(STEP_SLEEP_S * 2)  # let the duplicates reach the workers
+    sends = log.sends(workers.settings.queue)
+    assert {task: len(sends[tid]) for task, tid in tids.items()} == {f"d{i}": 2 for i in range(10)}
     assert {task: len(runs) for task, runs in where_ran(counter_dir, "d").items()} == {
         f"d{i}": 1 for i in range(10)
     }
+    # The second copy of each step reached a worker and was refused (recorded result,
+    # or the lease of the run still going).
+    logs = "".join(w.log_text()[logs_before[w.name] :] for w in workers.workers.values())
+    refused = re.findall(r"step (d\d+) \(task \S+\) (?:already ran|is running elsewhere)", logs)
+    assert sorted(refused) == sorted(f"d{i}" for i in range(10)), logs[-3000:]
 
 
 async def test_lost_message_is_resent_after_the_claim_timeout(
     workers: CeleryWorkers, counter_dir: Path
 ) -> None:
-    """A message that never reaches a worker is re-sent under the same id and runs once."""
+    """A message that never reaches a worker is re-sent under the same id and runs once.
+
+    On Redis's clock: the host looks at the step only once the claim timeout has run, and
+    re-sends it on that first look.
+    """
     dropped: list[str] = []
 
     class Lossy(CeleryExecutor):
@@ -198,9 +280,10 @@ async def test_lost_message_is_resent_after_the_claim_timeout(
 
     executor = Lossy(settings=workers.settings)
     try:
-        outcomes = await asyncio.wait_for(
-            execute_steps_parallel(executor, specs(3, "l")), timeout=CLAIM_TIMEOUT_S * 10
-        )
+        with BrokerLog(workers.settings.redis_url) as log:
+            outcomes = await asyncio.wait_for(
+                execute_steps_parallel(executor, specs(3, "l")), timeout=CLAIM_TIMEOUT_S * 20
+            )
     finally:
         await executor.aclose()
     assert dropped and all(o.success for o in outcomes)
@@ -209,6 +292,14 @@ async def test_lost_message_is_resent_after_the_claim_timeout(
         "l1": 1,
         "l2": 1,
     }
+    sends = log.sends(workers.settings.queue)
+    (resent,) = sends[dropped[0]]  # the first copy never reached Redis
+    batch_sent = min(min(sends[tid]) for tid in sends if tid != dropped[0])
+    looks = log.lease_checks(workers.settings.key_prefix, dropped[0])
+    assert looks and looks[0] <= resent, "re-sent without looking at the step first"
+    # The host set the step's send time just before the batch reached Redis.
+    assert looks[0] - batch_sent >= CLAIM_TIMEOUT_S / 2, "looked long before the claim timeout"
+    assert len([at for at in looks if at <= resent]) == 1, "did not re-send on its first look"
 
 
 async def test_two_workers_share_a_round(workers: CeleryWorkers) -> None:
@@ -224,37 +315,64 @@ async def test_two_workers_share_a_round(workers: CeleryWorkers) -> None:
 async def test_resumed_host_reattaches_to_steps_in_flight(
     workers: CeleryWorkers, counter_dir: Path, key_prefix: str
 ) -> None:
-    """A resumed host re-attaches to steps still running: every step runs exactly once.
+    """A resumed host re-attaches to steps running or done: it sends none of them again.
 
-    The first host dies mid-round (its task is cancelled; the workers keep going); a new
-    host resumes the journal and waits for those steps instead of sending them again.
+    The first host, a child process, is SIGKILLed mid-round (the workers keep going; a
+    cancelled host task would instead be a cancel, which stops its steps). The new host
+    resumes once some of its steps are done (a done-marker, nothing journaled: the first
+    host never heard) and others still run (a lease); it must wait for the running ones
+    and take the done ones as they are. The messages pushed onto the queue are counted at
+    Redis: the workers' de-duplication would hide a re-send from the run counters alone.
     """
-    store = RedisCheckpointStore(workers.settings.redis_url, key_prefix=key_prefix)
-    round_specs = specs(6, "r")
-    first = workers.executor()
-    started: set[str] = set()
-    crashed = asyncio.create_task(
-        execute_steps_parallel_resumable(
-            first,
-            round_specs,
-            "wf-reattach",
-            store,
-            events=lambda e: started.add(e.task_id) if e.type == "step_started" else None,
-        )
-    )
-    await until(lambda: len(started) == 6)
-    crashed.cancel()  # the host goes away; the workers keep running its steps
-    with pytest.raises(asyncio.CancelledError):
-        await crashed
-    await first.aclose()
+    settings = workers.settings
+    store = RedisCheckpointStore(settings.redis_url, key_prefix=key_prefix)
+    round_specs = specs(8, "r")  # two workers x three threads: a second wave of two
+    client = redis.Redis.from_url(settings.redis_url)
 
-    second = workers.executor()
+    def states() -> dict[str, str]:
+        tids = step_ids(log, settings.queue)
+        found = {}
+        for task, tid in tids.items():
+            if client.exists(f"{settings.key_prefix}:done:{tid}"):
+                found[task] = "done"
+            elif client.exists(f"{settings.key_prefix}:lease:{tid}"):
+                found[task] = "running"
+        return found
+
     try:
-        outcomes = await execute_steps_parallel_resumable(second, round_specs, "wf-reattach", store)
+        with BrokerLog(settings.redis_url) as log:
+            first = start_first_host(workers, key_prefix)
+            try:
+                # Six running, and all eight sent (the last two wait for a free thread).
+                await until(
+                    lambda: (
+                        len(where_ran(counter_dir, "r")) >= 6
+                        and len(step_ids(log, settings.queue)) == 8
+                    )
+                )
+            finally:
+                os.killpg(first.pid, signal.SIGKILL)  # the host goes; the workers keep going
+                first.wait(timeout=10)
+            await until(
+                lambda: {"done", "running"} <= set(states().values()),
+                what="steps both done and running",
+            )
+            resumed_at = time.time()
+            attached = states()
+            second = workers.executor()
+            try:
+                outcomes = await execute_steps_parallel_resumable(
+                    second, round_specs, "wf-reattach", store
+                )
+            finally:
+                await second.aclose()
     finally:
-        await second.aclose()
         await store.close()
-    assert [o.output for o in outcomes] == [f"p{i}" for i in range(6)]
+        client.close()
+    assert [o.output for o in outcomes] == [f"p{i}" for i in range(8)]
     assert {task: len(runs) for task, runs in where_ran(counter_dir, "r").items()} == {
-        f"r{i}": 1 for i in range(6)
+        f"r{i}": 1 for i in range(8)
     }
+    tids, sends = step_ids(log, settings.queue), log.sends(settings.queue)
+    resent = {task for task in attached if any(at > resumed_at for at in sends[tids[task]])}
+    assert not resent, f"the resumed host sent steps again that were {attached}: {resent}"

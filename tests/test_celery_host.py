@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 
 from fleet import AgentStepSpec, execute_steps_parallel
 from fleet.budget import WorkflowBudget
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app, step_task_id
+from fleet.celery.dispatch import HOST_CONNECTIONS
+from fleet.celery.round import broker_failure
 from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 from fleet.ledgers import RedisLedger
@@ -271,6 +275,60 @@ async def test_dispatch_pauses_at_the_queue_high_water_mark(
         client.close()
 
 
+_IN_FLIGHT = """
+local queued = redis.call('LRANGE', KEYS[1], 0, -1)
+local leased = redis.call('KEYS', ARGV[1])
+return {queued, leased}
+"""
+
+
+async def test_at_most_max_in_flight_steps_are_queued_or_running(
+    redis_url: str, tmp_path: Path, counter_dir: Path
+) -> None:
+    """max_in_flight 3, 12 steps of 0.2 s on 8 worker threads: never over 3 queued or running.
+
+    An atomic snapshot (one script) of the steps waiting in the broker queue and the steps a
+    worker holds a lease on; the workers have room for 8 at once, so only the host's
+    admission keeps the count at 3.
+    """
+    settings = fleet_settings(
+        redis_url, max_in_flight=3, queue_high_water=1000, claim_timeout_s=60.0, step_lease_s=5.0
+    )
+    executor = CeleryExecutor(settings=settings)
+    client = redis.Redis.from_url(redis_url)
+    snapshot = client.register_script(_IN_FLIGHT)
+    lease_head = f"{settings.key_prefix}:lease:"
+
+    def in_flight() -> tuple[set[str], set[str]]:
+        raw_queued, raw_leased = snapshot(keys=[settings.queue], args=[lease_head + "*"])
+        queued = {json.loads(raw)["headers"]["id"] for raw in raw_queued}
+        return queued, {key.decode()[len(lease_head) :] for key in raw_leased}
+
+    specs = [spec(f"m{i}", "count_and_echo") for i in range(12)]
+    round_ = asyncio.create_task(execute_steps_parallel(executor, specs))
+    samples: list[tuple[set[str], set[str]]] = []
+    try:
+        # Nobody consumes yet: exactly max_in_flight steps wait in the queue.
+        for _ in range(25):
+            samples.append(in_flight())
+            await asyncio.sleep(0.02)
+        assert [len(q) for q, _ in samples[-5:]] == [3] * 5
+        env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir), "FLEET_TEST_STEP_SLEEP": "0.2"}
+        with running_workers(settings, tmp_path, "bp1", "bp2", concurrency=4, env=env):
+            while not round_.done():
+                samples.append(in_flight())
+                await asyncio.sleep(0.01)
+            outcomes = await round_
+    finally:
+        round_.cancel()
+        await executor.aclose()
+        client.delete(settings.queue)
+        client.close()
+    assert [o.output for o in outcomes] == [f"p-m{i}" for i in range(12)]
+    assert max(len(queued | leased) for queued, leased in samples) == 3
+    assert max(len(leased) for _, leased in samples) >= 2  # running steps were observed
+
+
 # --------------------------------------------------------------------------- journal
 
 
@@ -294,3 +352,13 @@ async def test_workers_journal_each_step_at_the_step_boundary(
     assert checkpoint is not None
     assert sorted(checkpoint.completed()) == ["a", "b"]
     assert checkpoint.completed()["a"].worker == workers.workers["worker1"].node
+
+
+def test_a_busy_connection_pool_is_not_blamed_on_redis() -> None:
+    """An exhausted host pool says so; only a real connection failure asks whether Redis runs."""
+    url = "redis://:secret@127.0.0.1:6399/0"
+    busy = broker_failure(url, MaxConnectionsError("Too many connections"))
+    assert "is Redis running" not in busy
+    assert f"{HOST_CONNECTIONS} Redis connections" in busy and "secret" not in busy
+    down = broker_failure(url, RedisConnectionError("Connection refused"))
+    assert down.endswith("is Redis running?") and "secret" not in down

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -21,7 +22,7 @@ from fleet import (
     WorkflowStepRecord,
 )
 from fleet.checkpoint import STEP_IDENTITY_DOMAIN, step_identity
-from fleet.errors import CheckpointError, FleetError
+from fleet.errors import CheckpointError, FleetError, SpecError
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import MemoryCheckpointStore
 from fleet.stores.base import decode_checkpoint
@@ -198,26 +199,34 @@ def checkpoints(draw: st.DrawFn) -> WorkflowCheckpoint:
 
 
 @st.composite
-def damaged(draw: st.DrawFn) -> str:
-    """Valid checkpoint JSON, then truncated, retyped, enlarged, or replaced by junk."""
+def damaged_cases(draw: st.DrawFn) -> tuple[str, str, str | None]:
+    """Valid checkpoint JSON, then truncated, retyped, enlarged, or replaced by junk.
+
+    Returns the text, how it was damaged, and for a retyped field the field's name.
+    """
     text = draw(checkpoints()).to_json()
     how = draw(st.sampled_from(["valid", "truncate", "retype", "huge", "deep", "junk"]))
     if how == "truncate":
-        return text[: draw(st.integers(0, max(len(text) - 1, 0)))]
+        return text[: draw(st.integers(0, max(len(text) - 1, 0)))], how, None
     if how == "retype":
         data = json.loads(text)
         target = data["steps"][0] if data["steps"] and draw(st.booleans()) else data
         key = draw(st.sampled_from(sorted(target) + ["outcome", "schema_version"]))
         target[key] = draw(json_values)
-        return json.dumps(data)
+        return json.dumps(data), how, key
     if how == "huge":
-        return text[:-1] + ',"padding":"' + "x" * draw(st.integers(10_000, 2_000_000)) + '"}'
+        padding = "x" * draw(st.integers(10_000, 2_000_000))
+        return text[:-1] + ',"padding":"' + padding + '"}', how, None
     if how == "deep":
         depth = draw(st.integers(100, 5000))
-        return "[" * depth + "]" * depth
+        return "[" * depth + "]" * depth, how, None
     if how == "junk":
-        return json.dumps(draw(json_values))
-    return text
+        return json.dumps(draw(json_values)), how, None
+    return text, how, None
+
+
+def damaged() -> st.SearchStrategy[str]:
+    return damaged_cases().map(lambda case: case[0])
 
 
 @given(checkpoints())
@@ -227,14 +236,47 @@ def test_valid_checkpoints_round_trip_byte_identically(checkpoint: WorkflowCheck
     assert WorkflowCheckpoint.from_json(text).to_json() == text
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(damaged())
-def test_loading_any_checkpoint_json_raises_only_fleet_errors(text: str) -> None:
-    """Whatever the bytes, loading either yields a checkpoint or raises a FleetError."""
+def expected_problem(text: str) -> str | None:
+    """What loading ``text`` must fail with, decided without fleet; None if it may load."""
     try:
-        WorkflowCheckpoint.from_json(text).ensure_loadable()
-    except FleetError:
-        pass
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return "not valid JSON"
+    if not isinstance(data, dict):
+        return "expected a JSON object"
+    if data.get("workflow_id") is None:
+        return "workflow_id: "
+    return None
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(damaged_cases())
+def test_any_checkpoint_json_loads_or_names_the_problem(case: tuple[str, str, str | None]) -> None:
+    """Intact, enlarged or harmlessly retyped journals load; damage fails naming what is wrong."""
+    text, how, field = case
+    problem = expected_problem(text)
+    try:
+        loaded = WorkflowCheckpoint.from_json(text)
+        loaded.ensure_loadable()
+    except (SpecError, CheckpointError) as error:
+        message = str(error)
+        assert how not in ("valid", "huge"), message
+        if problem is not None:
+            assert problem in message, (problem, message)
+        else:
+            assert how == "retype" and field is not None, message
+            # Pydantic names the field (``steps.0.outcome.usage``), ensure_loadable its rule.
+            assert field in message or (
+                field in ("schema_version", "task_id", "identity", "outcome")
+                and re.search("schema version|task id mismatch|malformed identity", message)
+            ), (field, message)
+        return
+    assert problem is None, (problem, how)
+    assert how in ("valid", "huge", "retype"), how
+    if how in ("valid", "huge"):  # the padding is an unknown key: ignored
+        assert json.loads(loaded.to_json()) == {
+            k: v for k, v in json.loads(text).items() if k != "padding"
+        }
 
 
 @settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow], deadline=None)

@@ -87,6 +87,16 @@ def test_worker_help_lists_its_options() -> None:
         assert option in result.stdout
 
 
+def test_worker_help_says_how_to_size_concurrency_for_model_calls() -> None:
+    """`fleet worker --help` gives the LLM default and how to size -c for model calls."""
+    result = subprocess.run(
+        [*FLEET, "worker", "--help"], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    assert "Default: 64 with --pool threads" in text
+    assert "(calls wanted in flight) / (worker processes)" in text
+
+
 @pytest.mark.celery
 def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
     redis_url: str, key_prefix: str, agents_file: Path
@@ -171,7 +181,7 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
     env = clean_env(FLEET_AGENTS_FILE=str(agents_file), FLEET_KEY_PREFIX=key_prefix)
     up = subprocess.Popen(
         [*FLEET, "up", "--workers", "2", "--concurrency", "1", "--flower-port", "0"]
-        + ["--pidfile", str(pidfile)],
+        + ["--dashboard-port", "0", "--pidfile", str(pidfile)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -194,6 +204,7 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
         assert set(pids) == {
             "redis",
             "flower",
+            "dashboard",
             f"worker1@{socket.gethostname()}",
             f"worker2@{socket.gethostname()}",
         }
@@ -206,6 +217,12 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
         assert f"export FLEET_REDIS_URL={record['redis_url']}" in text
         auth = ("fleet", password.group(1))
         assert httpx.get(f"{url.group(1)}/api/tasks", auth=auth, timeout=5).status_code == 200
+        board = re.search(r"dashboard  (http://127\.0\.0\.1:\d+)  .*password '([^']+)'", text)
+        assert board and board.group(2) != password.group(1), text
+        assert record["dashboard_url"] == board.group(1)
+        answer = httpx.get(f"{board.group(1)}/api/workflows", auth=("fleet", board.group(2)))
+        assert answer.status_code == 200 and isinstance(answer.json(), list)
+        assert httpx.get(f"{board.group(1)}/api/workflows", timeout=5).status_code == 401
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
@@ -215,6 +232,8 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
             up.wait(timeout=60)
     while (line := lines.get(timeout=10)) != "":
         output.append(line)
+    assert up.stdout is not None
+    up.stdout.close()  # the reader thread saw its end
     assert "stopped." in "".join(output)
     assert [name for name, pid in pids.items() if alive(pid)] == []
     assert not pidfile.exists()

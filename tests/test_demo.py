@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,25 @@ def test_fleet_demo_on_a_local_fleet() -> None:
     ran_on = next(line for line in result.stdout.splitlines() if line.startswith("steps ran on:"))
     assert "worker1@" in ran_on and "worker2@" in ran_on and "local" not in ran_on
     assert "local fleet stopped" in result.stdout
+
+
+def test_fleet_demo_never_approves_a_file_whose_reviews_failed() -> None:
+    """Failed reviews make a file `incomplete` with the reason, and the demo exits 1."""
+    from tests.fake_openai import FakeOpenAI, error
+
+    with FakeOpenAI() as server:
+        server.script(*[error(400, "context length exceeded") for _ in range(20)])
+        result = subprocess.run(
+            [sys.executable, "-m", "fleet", "demo", "--llm", server.base_url, "--model", "m"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "approve" not in result.stdout and "reject" not in result.stdout
+    incomplete = [line for line in result.stdout.splitlines() if "incomplete" in line]
+    assert len([line for line in incomplete if ".py" in line]) == 5
+    assert "review failed (provider" in result.stdout
+    assert "5 file(s) incomplete" in result.stdout
+    assert "20 failed" in result.stdout

@@ -61,6 +61,14 @@ async def test_requests_per_window(limiter: RateLimiter) -> None:
     assert (state.requests, state.tokens) == (3, 30)
 
 
+def test_one_limiter_serves_two_event_loops(limiter: RateLimiter) -> None:
+    """One limiter object works from successive asyncio.run() calls and counts across them."""
+    limit = _limit(requests=3, window_s=30)
+    assert asyncio.run(_ask(limiter, limit)) is AdmitStatus.ADMITTED
+    assert asyncio.run(_ask(limiter, limit)) is AdmitStatus.ADMITTED
+    assert asyncio.run(limiter.state(limit)).requests == 2
+
+
 async def test_tokens_per_window(limiter: RateLimiter) -> None:
     """Token weights count: a call that would overrun the tokens waits though requests are free."""
     limit = _limit(requests=100, tokens=1000)

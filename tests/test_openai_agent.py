@@ -328,7 +328,10 @@ async def test_usage_charged_exactly_to_the_workflow_budget(server: FakeOpenAI) 
         reply("not json", prompt_tokens=11, completion_tokens=2),
         reply("still not json", prompt_tokens=13, completion_tokens=4),
     )
-    agent = make_agent(server.base_url, tools=["tests.test_openai_agent:add"])
+    # "test-model" has no price: allowed explicitly (tests/test_money.py covers money)
+    agent = make_agent(
+        server.base_url, tools=["tests.test_openai_agent:add"], unknown_price="allow"
+    )
     budget = WorkflowBudget(10_000)
     executor = LocalExecutor(agents={"llm": agent.definition("llm")}, budget=budget)
 

@@ -70,7 +70,8 @@ async def test_agent_object_keeps_its_own_reservation(form: str) -> None:
     """Registered as the object or as its definition, a step reserves the agent's default."""
     with FakeOpenAI() as server:
         server.script(reply("ok", delay_s=0.5))
-        agent = make_agent(server.base_url, reserve_tokens=321)
+        # "test-model" has no price: allowed explicitly (tests/test_money.py covers money)
+        agent = make_agent(server.base_url, reserve_tokens=321, unknown_price="allow")
         budget = WorkflowBudget(10_000)
         registered = agent if form == "object" else agent.definition("llm")
         executor = LocalExecutor(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -180,11 +181,87 @@ def test_outcome_reserialisation_is_byte_identical(outcome: StepOutcome) -> None
     assert StepOutcome.from_json(text).to_json() == text
 
 
-@given(st.text(max_size=300) | json_values.map(json.dumps))
-def test_arbitrary_input_only_raises_fleet_errors(text: str) -> None:
-    """Whatever arrives, loading either works or raises a FleetError."""
+REQUIRED = {
+    AgentStepSpec: ("task_id", "agent", "description", "prompt"),
+    StepOutcome: ("task_id", "session_id", "agent", "output", "success"),
+}
+
+
+def expected_problem(model: type[AgentStepSpec] | type[StepOutcome], text: str) -> str | None:
+    """What the error for ``text`` must name, decided without fleet; None if it may load."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return "not valid JSON"
+    if not isinstance(data, dict):
+        return "expected a JSON object"
+    missing = [name for name in REQUIRED[model] if data.get(name) is None]
+    return f"{missing[0]}: " if missing else None
+
+
+def check_load(model: type[AgentStepSpec] | type[StepOutcome], text: str) -> None:
+    """Valid input loads with its values; invalid input fails naming the problem."""
+    problem = expected_problem(model, text)
+    try:
+        loaded = model.from_json(text)
+    except SpecError as error:
+        message = str(error)
+        assert message.startswith(f"invalid {model.__name__}: "), message
+        if problem is not None:
+            assert problem in message, (problem, message)
+        else:
+            # Every required field is there: the message names the fields that are wrong,
+            # and those are fields the input really has.
+            named = [f for f in model.model_fields if re.search(rf"\b{f}[.:]", message)]
+            assert named, message
+            assert set(named) <= set(json.loads(text)), (named, message)
+        return
+    assert problem is None, (problem, text)
+    data = json.loads(text)
+    for name in REQUIRED[model]:
+        if isinstance(data[name], str):
+            assert getattr(loaded, name) == data[name]
+
+
+def with_noise(value: AgentStepSpec | StepOutcome) -> st.SearchStrategy[str]:
+    """The JSON of ``value`` with unknown keys added and unset optionals as explicit nulls."""
+    data = value.model_dump(mode="json")
+    return st.dictionaries(st.text(max_size=8), json_values, max_size=3).map(
+        lambda extra: json.dumps({**{k: v for k, v in extra.items() if k not in data}, **data})
+    )
+
+
+def retyped(value: AgentStepSpec | StepOutcome) -> st.SearchStrategy[str]:
+    """The JSON of ``value`` with one field replaced by an arbitrary JSON value."""
+    data = value.to_dict()
+    return st.tuples(st.sampled_from(sorted(data)), json_values).map(
+        lambda change: json.dumps({**data, change[0]: change[1]})
+    )
+
+
+valid_texts = specs.flatmap(with_noise) | outcomes.flatmap(with_noise)
+any_texts = (
+    st.text(max_size=300)
+    | json_values.map(json.dumps)
+    | valid_texts
+    | specs.flatmap(retyped)
+    | outcomes.flatmap(retyped)
+)
+
+
+@given(valid_texts)
+def test_valid_json_with_unknown_keys_and_nulls_loads(text: str) -> None:
+    """A valid spec or outcome with unknown keys and explicit nulls loads as the model it is."""
+    data = json.loads(text)
+    model = StepOutcome if "session_id" in data else AgentStepSpec
+    loaded = model.from_json(text)
+    assert loaded.to_dict() == {
+        k: v for k, v in data.items() if k in model.model_fields and v is not None
+    }
+
+
+@given(any_texts)
+def test_arbitrary_input_loads_or_names_the_problem(text: str) -> None:
+    """Whatever arrives either loads with its values or fails with a SpecError naming the problem."""
     for model in (AgentStepSpec, StepOutcome):
-        try:
-            model.from_json(text)
-        except FleetError:
-            pass
+        check_load(model, text)

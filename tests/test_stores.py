@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from fleet import AgentStepSpec, StepOutcome, TokenUsage
+from fleet import AgentStepSpec, LocalExecutor, StepOutcome, TokenUsage
 from fleet.checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from fleet.errors import CheckpointError, ConfigError, FleetError
 from fleet.redis_server import RedisServer, free_port
+from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import (
     CheckpointStore,
     MemoryCheckpointStore,
@@ -249,6 +250,45 @@ async def test_odd_ids_round_trip(backend: Backend) -> None:
         checkpoint = await backend.store.load(workflow_id)
         assert checkpoint is not None
         assert sorted(checkpoint.completed()) == sorted(odd)
+
+
+def test_one_store_serves_two_event_loops(backend: Backend) -> None:
+    """One store object works from successive asyncio.run() calls (a script, a CLI, a notebook)."""
+    store = backend.store
+    asyncio.run(store.record_step("wf", record("a")))
+    asyncio.run(store.record_step("wf", record("b")))
+    loaded = asyncio.run(store.load("wf"))
+    assert loaded is not None and sorted(loaded.completed()) == ["a", "b"]
+    assert asyncio.run(store.list_workflows()) == ["wf"]
+    assert asyncio.run(store.delete("wf")) is True
+
+
+def test_resumed_under_a_second_event_loop_runs_only_the_failed_step(backend: Backend) -> None:
+    """The issue's reproduction: step b fails under one asyncio.run; the next run runs b only."""
+    ran: list[str] = []
+    fail_once = {"b"}
+
+    async def flaky(spec: AgentStepSpec, ctx: object) -> str:
+        ran.append(spec.task_id)
+        if spec.task_id in fail_once:
+            fail_once.discard(spec.task_id)
+            raise RuntimeError("fails the first time")
+        return f"ok {spec.task_id}"
+
+    executor = LocalExecutor(agents={"flaky": flaky})
+    specs = [AgentStepSpec(task_id=t, agent="flaky", description="d", prompt="p") for t in "abc"]
+    first = asyncio.run(execute_steps_parallel_resumable(executor, specs, "w1", backend.store))
+    assert [o.success for o in first] == [True, False, True]
+    assert sorted(ran) == ["a", "b", "c"]
+    ran.clear()
+    second = asyncio.run(execute_steps_parallel_resumable(executor, specs, "w1", backend.store))
+    assert ran == ["b"]
+    assert [(o.success, o.output) for o in second] == [
+        (True, "ok a"),
+        (True, "ok b"),
+        (True, "ok c"),
+    ]
+    assert asyncio.run(backend.store.load("w1")) is None  # full success clears the journal
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)

@@ -446,6 +446,38 @@ async def test_events_are_appended_to_a_redis_stream(redis_url: str, key_prefix:
     assert [parse_event(f["event"]) for f in fields[1:-1]] == await collected(local)
 
 
+def test_one_workflow_streams_events_from_two_event_loops(redis_url: str, key_prefix: str) -> None:
+    """A workflow (and its event stream) used from two asyncio.run() calls streams both runs."""
+    import redis as redis_sync
+
+    store = open_store(redis_url, key_prefix=key_prefix)
+    workflow = (
+        Workflow.builder(Recorder().executor())
+        .with_store(store)
+        .with_root_id("two-loops")
+        .with_event_stream(redis_url, key_prefix=key_prefix, maxlen=1000)
+        .build()
+    )
+    first = asyncio.run(workflow.phase("one", [spec("a")]))
+    second = asyncio.run(workflow.phase("two", [spec("b")]))
+    asyncio.run(workflow.finish())
+    assert [o.success for o in first + second] == [True, True]
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(event_stream_key("two-loops", key_prefix=key_prefix))
+    finally:
+        client.close()
+    fields = [{k.decode(): v.decode() for k, v in entry.items()} for _id, entry in entries]
+    assert fields[0]["control"] == "start"
+    assert fields[-1]["control"] == "end" and fields[-1]["status"] == "finished"
+    phases = [
+        event.name
+        for event in (parse_event(f["event"]) for f in fields[1:-1])
+        if isinstance(event, PhaseStart)
+    ]
+    assert phases == ["one", "two"]
+
+
 async def test_an_unreachable_event_stream_never_fails_the_workflow(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

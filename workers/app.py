@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.consumer import consumer as celery_consumer
 
 from fleet import metrics
@@ -19,6 +19,7 @@ from fleet.agents import AgentRegistry, load_agents
 from fleet.celery import configure_app, load_stages
 from fleet.config import FleetSettings, load_settings
 
+from .loop import prestart_threads
 from .tasks import WorkerRuntime, register_tasks
 
 __all__ = ["WithholdMessageBodies", "create_app"]
@@ -73,6 +74,9 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     register_tasks(app, runtime)
     if settings.metrics_port is not None:
         _serve_metrics(settings, runtime)
+    signals.worker_ready.connect(_prestart_threads, weak=False)
+    # httpx logs every request at INFO: one line per model call is noise in a worker log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     consumer_logger = logging.getLogger(celery_consumer.logger.name)
     if _BODY_FILTER not in consumer_logger.filters:
         consumer_logger.addFilter(_BODY_FILTER)
@@ -95,6 +99,12 @@ def _serve_metrics(settings: FleetSettings, runtime: WorkerRuntime) -> None:
     logging.getLogger("fleet.worker").info(
         "metrics at http://%s:%d/metrics", settings.metrics_host, port
     )
+
+
+def _prestart_threads(sender: Any, **_: Any) -> None:
+    """Start a threads pool's threads when the worker is ready (see :func:`prestart_threads`)."""
+    pool = getattr(sender, "pool", None)
+    prestart_threads(getattr(pool, "executor", None), getattr(pool, "limit", 0) or 0)
 
 
 _app: Celery | None = None

@@ -15,13 +15,15 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import redis
 
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
+from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch, marker_reason, read_markers
+from fleet.cancel.signal import Cancellation
 from fleet.celery.protocol import (
     REPLY_TTL_S,
     BudgetHold,
@@ -40,10 +42,45 @@ from fleet.ledgers.redis import RedisLedger
 from fleet.limiters import RedisRateLimiter
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
-from fleet.step import run_agent
+from fleet.step import run_interruptible
 from fleet.stores.redis import RedisCheckpointStore
 
+from .loop import StepLoop, ThreadLoops
+
 __all__ = ["WorkerRuntime"]
+
+T = TypeVar("T")
+
+
+class _OnStepLoop:
+    """Calls ``fn(reason)`` on the event loop a step runs on, from the lease thread.
+
+    The step's loop is known only once its coroutine starts there (the shared loop, or a
+    blocking step's own): a call that comes earlier waits for that moment.
+    """
+
+    def __init__(self, fn: Callable[[str], object]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self._loop is None:
+                self._pending = reason
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._fn, reason)
+
+    async def run(self, body: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._fn(pending)
+        return await body
+
 
 logger = logging.getLogger("fleet.worker")
 
@@ -55,12 +92,14 @@ class _LeaseKeeper:
     hogs its loop; it stops with the process, so a killed worker's leases lapse.
     """
 
-    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int) -> None:
+    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int, key_prefix: str) -> None:
         self._client = client
         self._lease_ms = lease_ms
         self._held: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pid = 0
+        self.markers = MarkerWatch(key_prefix)
+        """The cancel markers of the running steps, read on every tick."""
 
     def hold(self, key: str, owner: str) -> None:
         with self._lock:
@@ -75,8 +114,19 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         renew = self._client().register_script(lua("renew_lease"))
+        every_s = self._lease_ms / 3000
+        next_renewal = time.monotonic() + every_s
         while True:
-            time.sleep(self._lease_ms / 3000)
+            # Ticks at the cancel-watch pace; leases are renewed every third of a lease.
+            time.sleep(min(every_s, WATCH_INTERVAL_S))
+            try:
+                if len(self.markers):
+                    self.markers.poll(self._client())
+            except redis.RedisError as error:
+                logger.warning("could not read cancel markers: %s", error)
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + every_s
             with self._lock:
                 held = list(self._held.items())
             if not held:
@@ -105,8 +155,11 @@ class WorkerRuntime:
         self.keys = Keys(settings.key_prefix)
         self._redis: redis.Redis | None = None
         self._pid = 0
-        self._local = threading.local()
-        self._leases = _LeaseKeeper(self.redis, int(settings.step_lease_s * 1000))
+        self._loop = StepLoop()
+        self._thread_loops = ThreadLoops()
+        self._leases = _LeaseKeeper(
+            self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
+        )
         # Provider limits, shared with every worker and host on this Redis.
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
 
@@ -120,27 +173,42 @@ class WorkerRuntime:
             self._begin_link = self._redis.register_script(lua("begin_link"))
         return self._redis
 
-    def run_async(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on this thread's own event loop (kept for the thread's lifetime)."""
-        loop = getattr(self._local, "loop", None)
-        if loop is None:
-            loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(coro)
+    def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:
+        """Run ``coro`` on the process's shared event loop (this thread's own if ``blocking``)."""
+        return (self._thread_loops if blocking else self._loop).run(coro)
+
+    def cancel_reason(self, markers: list[str]) -> str | None:
+        """Why the step was cancelled, if one of its cancel markers is in Redis."""
+        return read_markers(self.redis(), markers, key_prefix=self.settings.key_prefix)
 
     # ------------------------------------------------------------------ claim / finish
 
-    def claim(self, tid: str, nonce: str, reply: str, notice: str) -> tuple[str, Any]:
-        """``("claimed", owner)``, ``("done", outcome json)`` or ``("held", owner)``."""
+    def claim(
+        self, tid: str, nonce: str, reply: str, notice: str, markers: list[str]
+    ) -> tuple[str, Any]:
+        """Claim a step: ``("claimed", owner)``, ``("done", outcome)``, ``("held", owner)``.
+
+        ``("cancelled", reason)`` when one of the step's cancel ``markers`` is present:
+        nothing is taken then.
+        """
         self.redis()
         owner = f"{uuid.uuid4().hex[:12]}"
         status, value = self._claim(
-            keys=[self.keys.done(tid), self.keys.result(tid, nonce), self.keys.lease(tid), reply],
+            keys=[
+                self.keys.done(tid),
+                self.keys.result(tid, nonce),
+                self.keys.lease(tid),
+                reply,
+                *(self.keys.cancel(marker) for marker in markers),
+            ],
             args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S],
         )
         status = status.decode()
         if status == "claimed":
             self._leases.hold(self.keys.lease(tid), owner)
             return status, owner
+        if status == "cancelled":
+            return status, marker_reason(value)
         return status, value
 
     def finish(
@@ -211,12 +279,21 @@ class WorkerRuntime:
     # ------------------------------------------------------------------ the step body
 
     def execute(
-        self, spec: AgentStepSpec, worker: str, message: StepMessage | None, *, tid: str = ""
+        self,
+        spec: AgentStepSpec,
+        worker: str,
+        message: StepMessage | None,
+        *,
+        tid: str = "",
+        markers: Sequence[str] = (),
+        lease: str = "",
     ) -> StepOutcome:
         """Run one step here with the shared step body; never raises.
 
         With a step ``message``, the ``rate_limited`` events of the step (task ``tid``)
-        go to the host on its reply list.
+        go to the host on its reply list. While it runs, the lease thread watches
+        ``markers``: when one appears, the step's task is cancelled on this thread's loop
+        and the step ends ``cancelled``.
         """
         started = time.monotonic()
         try:
@@ -238,7 +315,18 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
-        outcome: StepOutcome = self.run_async(self._run(definition, spec, ctx, started, message))
+        blocking = getattr(definition, "blocking", False)
+        cancellation = Cancellation(markers) if markers else None
+        body = self._run(definition, spec, ctx, started, message, cancellation)
+        if cancellation is not None:
+            stop = _OnStepLoop(cancellation.cancel)
+            self._leases.markers.watch(lease, markers, stop)
+            body = stop.run(body)
+        try:
+            outcome: StepOutcome = self.run_async(body, blocking=blocking)
+        finally:
+            if cancellation is not None:
+                self._leases.markers.unwatch(lease)
         return outcome
 
     def _forward(self, reply: str, tid: str) -> EventSink:
@@ -260,12 +348,15 @@ class WorkerRuntime:
         ctx: AgentContext,
         started: float,
         message: StepMessage | None,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         hold = None if message is None else message.budget
         if hold is None:
-            outcome = await run_agent(definition, spec, ctx, started=started)
+            outcome = await run_interruptible(
+                definition, spec, ctx, started=started, cancellation=cancellation
+            )
         else:
-            outcome = await self._run_held(hold, definition, spec, ctx, started)
+            outcome = await self._run_held(hold, definition, spec, ctx, started, cancellation)
         if message is not None and message.journal and message.workflow_id and outcome.success:
             await self._journal(message.workflow_id, spec, outcome)
         return outcome
@@ -277,6 +368,7 @@ class WorkerRuntime:
         spec: AgentStepSpec,
         ctx: AgentContext,
         started: float,
+        cancellation: Cancellation | None,
     ) -> StepOutcome:
         """Run under the host's reservation: keep its lease alive, settle what was used."""
         ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
@@ -284,9 +376,12 @@ class WorkerRuntime:
             hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
         )
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
+        ctx.budget = budget  # model calls reserve their dollars in the same accounts
         try:
             async with reservation.kept_alive():
-                outcome = await run_agent(definition, spec, ctx, started=started)
+                outcome = await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
         finally:
             try:
                 await asyncio.shield(reservation.settle(ctx.used.total_tokens))

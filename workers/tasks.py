@@ -19,6 +19,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Reject
 
+from fleet.cancel.signal import cancelled_outcome
 from fleet.celery.protocol import (
     STAGE_TASK,
     STEP_TASK,
@@ -71,8 +72,15 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.error("rejected %s message %s: %s; it will not run", STEP_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     spec = message.spec
-    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent)
-    status, value = runtime.claim(tid, message.nonce, message.reply, started.to_json())
+    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent).to_json()
+    notice = started if message.announce else ""
+    status, value = runtime.claim(tid, message.nonce, message.reply, notice, message.cancel)
+    if status == "cancelled":
+        # The workflow (or this round) was cancelled while the message waited: drop it.
+        dropped = Finished(id=tid, outcome=cancelled_outcome(spec, value, worker=worker))
+        runtime.redis().rpush(message.reply, dropped.to_json())
+        logger.info("step %s (task %s) was cancelled; dropped unrun", spec.task_id, tid)
+        return {"task_id": spec.task_id, "agent": spec.agent, "cancelled": True}
     if status == "done":
         # A duplicate of a step that already finished: hand back the recorded outcome.
         recorded = Finished(id=tid, outcome=StepOutcome.from_json(value))
@@ -83,7 +91,10 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     try:
-        outcome = runtime.execute(spec, worker, message, tid=tid)
+        lease = runtime.keys.lease(tid)
+        outcome = runtime.execute(
+            spec, worker, message, tid=tid, markers=message.cancel, lease=lease
+        )
     except BaseException:
         runtime.abandon(tid)  # let the lease lapse: the host will send the step again
         raise
@@ -162,8 +173,13 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
         runtime.finish(link, context.nonce, owner, stop, reply, stop)
         _stop_chain(request)
         return {"pipe": message.pipe, "item": i, "stage": k, "stopped": True}
+    reason = runtime.cancel_reason(context.cancel)
     try:
-        outcome = runtime.execute(spec, worker, None)
+        if reason is not None:  # the pipeline was cancelled while this link waited
+            outcome = cancelled_outcome(spec, reason, worker=worker)
+        else:
+            lease = runtime.keys.lease(link)
+            outcome = runtime.execute(spec, worker, None, markers=context.cancel, lease=lease)
     except BaseException:
         runtime.abandon(link)
         raise

@@ -9,26 +9,34 @@ for ``AgentResult(output=...)``). To fail with a named kind, raise
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from .. import metrics
-from ..errors import BudgetExhaustedError
+from ..errors import AgentError, BudgetExhaustedError
 from ..events import EventSink, RateLimited, emit
 from ..limiters.admission import Admission, admit
 from ..limiters.base import ProviderLimit, RateLimiter
+from ..pricing import ModelPrice, UnknownPrice, micros_to_usd, no_price_message
 from ..spec import NO_USAGE, AgentStepSpec, FleetModel, TokenUsage
+
+if TYPE_CHECKING:
+    from ..budget import Reservation, WorkflowBudget
 
 __all__ = [
     "AgentContext",
     "AgentDefinition",
     "AgentFunction",
     "AgentResult",
+    "CallHold",
     "ReserveRule",
     "estimate_tokens",
 ]
@@ -74,6 +82,10 @@ class AgentDefinition:
     limit: ProviderLimit | None = None
     """The provider limit every model call of this agent counts against (``limit = "NAME"``
     in its ``[agents.NAME]`` table)."""
+    blocking: bool = False
+    """Its body blocks its thread (``blocking = true`` in the agents file): a worker runs
+    its steps each on a thread and event loop of their own instead of the loop every
+    other step of the process shares."""
 
     def reservation_for(self, spec: AgentStepSpec, default: int) -> int:
         """Tokens to reserve for ``spec``.
@@ -115,6 +127,53 @@ class AgentContext:
     """The workflow (journal / budget key) the step belongs to, when known."""
     used: TokenUsage = NO_USAGE
     """Tokens charged so far by this step."""
+    budget: WorkflowBudget | None = None
+    """The workflow budget the step draws from; model calls reserve their dollars in it."""
+    cost_micros: int = 0
+    """Micro-dollars this step's priced model calls cost so far."""
+    priced_calls: int = 0
+    """Model calls of this step that had a price (``cost_usd`` is ``None`` without any)."""
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """Dollars this step's model calls cost (``None`` when none was priced)."""
+        return micros_to_usd(self.cost_micros) if self.priced_calls else None
+
+    async def hold_call(
+        self,
+        price: ModelPrice | None,
+        *,
+        model: str,
+        agent: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        unknown_price: UnknownPrice = "refuse",
+    ) -> CallHold:
+        """Before a model call: reserve its worst case in dollars, capping ``max_tokens``.
+
+        Without a budget nothing is reserved (the cost is still counted). An unpriced
+        model under a budget is refused unless ``unknown_price`` is ``"allow"``: its
+        cost could not be counted, and a silent zero would overspend the budget.
+
+        Raises:
+            AgentError: ``no_price`` — the model has no price (before any request).
+            BudgetExhaustedError: not even one completion token fits the dollars left.
+        """
+        if price is None:
+            if self.budget is not None and unknown_price != "allow":
+                raise AgentError(no_price_message(model, agent), kind="no_price")
+            return CallHold(self, None, None, max_tokens)
+        if self.budget is None:
+            return CallHold(self, price, None, max_tokens)
+        reservation, cap = await self.budget.reserve_call(
+            price,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            holder=self.spec.task_id,
+            reservation_id=f"{self.spec.task_id}:call:{uuid.uuid4().hex[:12]}",
+        )
+        return CallHold(self, price, reservation, cap)
+
     limit: ProviderLimit | None = None
     """The provider limit the agent's calls count against (``None``: none)."""
     limiter: RateLimiter | None = None
@@ -234,3 +293,30 @@ class AgentContext:
     def emit(self, event: Any) -> None:
         """Send an event to the step's sink (never blocks, never raises)."""
         emit(self.events, event)
+
+
+@dataclass
+class CallHold:
+    """One model call's dollars, from :meth:`AgentContext.hold_call` until :meth:`settle`."""
+
+    ctx: AgentContext
+    """The step's context (its cost is added up there)."""
+    price: ModelPrice | None
+    """The model's price; ``None`` for an unpriced model run with ``unknown_price = "allow"``."""
+    reservation: Reservation | None
+    """The call's worst case held in the budget (``None`` without a budget or a price)."""
+    max_tokens: int
+    """The call's ``max_tokens``, capped so that its worst case fits the dollars left."""
+
+    async def settle(self, usage: TokenUsage | None) -> None:
+        """After the call: charge its real cost (``None``: no usage known, nothing billed).
+
+        Runs to the end even when the caller is being cancelled: money spent is spent.
+        """
+        cost = 0
+        if self.price is not None and usage is not None:
+            cost = self.price.cost_micros(usage.prompt_tokens, usage.completion_tokens)
+            self.ctx.cost_micros += cost
+            self.ctx.priced_calls += 1
+        if self.reservation is not None:
+            await asyncio.shield(self.reservation.settle(0, used_micros=cost))

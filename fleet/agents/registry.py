@@ -6,16 +6,20 @@ code: ``AgentStepSpec.agent`` is a key, not an import path.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import importlib
 import inspect
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, UnknownAgentError
 from ..limiters.base import ProviderLimit, parse_limits
+from ..pricing import ModelPrice, UnknownPrice, parse_prices
 from .base import AgentDefinition, AgentFunction
 from .echo import ECHO
 
@@ -80,15 +84,20 @@ def _definition(name: str, agent: AgentLike) -> AgentDefinition:
         found = as_definition(name)
         if isinstance(found, AgentDefinition):
             return found
-    if not inspect.iscoroutinefunction(agent) and not inspect.iscoroutinefunction(
-        getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
-    ):
+    if not _is_async(agent):
         raise ConfigError(
             f"agent {name!r} must be an async function "
-            "`async def agent(spec, ctx) -> AgentResult | str`",
+            "`async def agent(spec, ctx) -> AgentResult | str` (a plain function runs "
+            "when its agents-file table says blocking = true)",
             key=name,
         )
     return AgentDefinition(name=name, run=agent)
+
+
+def _is_async(agent: object) -> bool:
+    return inspect.iscoroutinefunction(agent) or inspect.iscoroutinefunction(
+        getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
+    )
 
 
 class AgentRegistry(Mapping[str, AgentDefinition]):
@@ -123,7 +132,9 @@ class AgentRegistry(Mapping[str, AgentDefinition]):
             raise UnknownAgentError(name, list(self._agents)) from None
 
 
-def _python_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefinition:
+def _python_agent(
+    name: str, table: Mapping[str, Any], source: str, money: _FileMoney
+) -> AgentDefinition:
     target = table.get("target")
     if not isinstance(target, str):
         raise ConfigError(
@@ -137,29 +148,75 @@ def _python_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefi
             f"got {reserve!r}",
             key=f"agents.{name}.reserve_tokens",
         )
+    blocking = table.get("blocking", False)
+    if type(blocking) is not bool:
+        raise ConfigError(
+            f"{source}: [agents.{name}] blocking must be true or false, got {blocking!r}",
+            key=f"agents.{name}.blocking",
+        )
     try:
-        base = _definition(name, target)
+        run = _blocking_run(name, target) if blocking else _definition(name, target).run
     except ConfigError as problem:  # name the file and the table, not just the target
         raise ConfigError(
             f"{source}: [agents.{name}] {problem}", key=f"agents.{name}.target"
         ) from None
-    return AgentDefinition(name=name, run=base.run, reserve_tokens=reserve, kind="python")
+    return AgentDefinition(
+        name=name, run=run, reserve_tokens=reserve, kind="python", blocking=blocking
+    )
 
 
-def _openai_agent(name: str, table: Mapping[str, Any], source: str) -> AgentDefinition:
+def _blocking_run(name: str, target: str) -> AgentFunction:
+    """A blocking agent's run: an async one as it is, a plain function in a thread."""
+    agent = resolve_target(target)
+    if _is_async(agent):
+        return agent
+
+    @functools.wraps(agent)
+    async def in_thread(spec: Any, ctx: Any) -> Any:
+        return await asyncio.to_thread(agent, spec, ctx)
+
+    return in_thread
+
+
+def _openai_agent(
+    name: str, table: Mapping[str, Any], source: str, money: _FileMoney
+) -> AgentDefinition:
     from .openai import definition_from_config
 
-    return definition_from_config(name, table, source=source)
+    return definition_from_config(
+        name, table, source=source, prices=money.prices, unknown_price=money.unknown_price
+    )
 
 
-_KINDS: dict[str, Callable[[str, Mapping[str, Any], str], AgentDefinition]] = {
+@dataclass(frozen=True)
+class _FileMoney:
+    """An agents file's ``[prices."MODEL"]`` tables and top-level ``unknown_price``."""
+
+    prices: dict[str, ModelPrice]
+    unknown_price: UnknownPrice
+
+
+def _file_money(path: str | Path) -> _FileMoney:
+    source, prices = read_agents_file(path, "prices")
+    unknown = read_agents_file(path, None)[1].get("unknown_price", "refuse")
+    if unknown not in ("refuse", "allow"):
+        raise ConfigError(
+            f"{source}: unknown_price must be 'refuse' or 'allow', got {unknown!r}",
+            key="unknown_price",
+        )
+    return _FileMoney(parse_prices(prices, source), unknown)
+
+
+_KINDS: dict[str, Callable[[str, Mapping[str, Any], str, _FileMoney], AgentDefinition]] = {
     "python": _python_agent,
     "openai": _openai_agent,
 }
 
 
-def read_agents_file(path: str | Path, section: str) -> tuple[str, dict[str, Any]]:
+def read_agents_file(path: str | Path, section: str | None) -> tuple[str, dict[str, Any]]:
     """Read an agents file and return ``(path as text, its [section.NAME] tables)``.
+
+    ``section=None`` returns the whole document.
 
     Raises:
         ConfigError: the file is missing or unreadable, or ``section`` is not a table.
@@ -175,6 +232,8 @@ def read_agents_file(path: str | Path, section: str) -> tuple[str, dict[str, Any
         ) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"agents file {source!r} cannot be read: {error}", key=source) from None
+    if section is None:
+        return source, document
     tables = document.get(section, {})
     if not isinstance(tables, dict):
         raise ConfigError(
@@ -215,7 +274,9 @@ def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
     """Read an agents file (TOML, ``[agents.NAME]`` tables) into a name → definition map.
 
     An agent's ``limit = "NAME"`` attaches the file's ``[limits.NAME]`` provider limit
-    to its definition. The result is what ``LocalExecutor(agents=...)`` takes.
+    to its definition; the file's ``[prices."MODEL"]`` tables and top-level
+    ``unknown_price`` go to its model agents. The result is what
+    ``LocalExecutor(agents=...)`` takes.
 
     Raises:
         ConfigError: the file is missing or unreadable, or a table is invalid (the
@@ -223,6 +284,7 @@ def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
     """
     limits = load_limits(path)
     source, tables = read_agents_file(path, "agents")
+    money = _file_money(path)
     agents: dict[str, AgentDefinition] = {}
     for name, table in tables.items():
         if not isinstance(table, dict):
@@ -237,6 +299,6 @@ def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
                 + ", ".join(repr(k) for k in _KINDS),
                 key=f"agents.{name}.kind",
             )
-        definition = builder(name, table, source)
+        definition = builder(name, table, source, money)
         agents[name] = dataclasses.replace(definition, limit=limit) if limit else definition
     return agents

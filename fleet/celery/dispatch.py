@@ -33,23 +33,26 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
+from ..cancel.signal import current_cancellation
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
 from ..redisclient import retry_options
 from .protocol import Finished, Limited, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
+    from ..events import EventSink
     from .executor import CeleryExecutor
 
-__all__ = ["HOST_CONNECTIONS", "Dispatcher", "Flight", "Track"]
+__all__ = ["CANCEL_GRACE_S", "HOST_CONNECTIONS", "CancelState", "Dispatcher", "Flight", "Track"]
 
 logger = logging.getLogger("fleet.celery")
 
@@ -72,6 +75,9 @@ class Flight:
     """Its record is ``result(tid, nonce)``."""
     journaled: bool = False
     """A ``done(tid)`` marker may answer for it (a journaled step)."""
+    routes: tuple[str, ...] = ()
+    """Other task ids whose notices belong to it (the later links of a chain): a link's
+    notice may arrive before its track has heard that the previous link finished."""
     sent_at: float = 0.0
     started: bool = False
     holds_slot: bool = False
@@ -95,17 +101,64 @@ class Broken:
 
 
 Notice = Started | Finished | Stopped | Limited
+_Flight = TypeVar("_Flight", bound=Flight)
 _Item = tuple[Flight, Notice] | Lost | Broken | None
+
+
+CANCEL_GRACE_S = 10.0
+"""How long a cancelled track waits for the workers of its running steps to report."""
+
+
+class CancelState:
+    """Where a track is in a cancel: requested (by the workflow's cancellation), begun, over."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.started = False
+        self.deadline = float("inf")
+
+    def request(self, reason: str, dispatch: asyncio.Task[None], wake: Callable[[], None]) -> None:
+        """Stop sending now; the track's next :meth:`Track.tick` does the rest."""
+        if self.reason is None:
+            self.reason = reason
+            dispatch.cancel()
+            wake()
+
+    def due(self) -> bool:
+        """Requested and not acted on yet."""
+        return self.reason is not None and not self.started
+
+    def begin(self) -> str:
+        """Act on it now; returns the reason."""
+        self.started = True
+        self.deadline = time.monotonic() + CANCEL_GRACE_S
+        self.reason = self.reason or "cancelled"
+        return self.reason
+
+    def expired(self) -> bool:
+        """The running steps had their grace time to report."""
+        return time.monotonic() > self.deadline
 
 
 class Track(ABC):
     """A round or a pipeline: flights the dispatcher serves, notices it receives."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, executor: CeleryExecutor, events: EventSink | None) -> None:
+        self.x = executor
+        self.keys = executor.keys
+        self.events = events
+        self.dispatcher = executor._dispatcher()
         self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self.open = 0
         """Flights of this track not finished yet; :meth:`receive` returns at zero."""
+        self.cancellation = current_cancellation()
+        """The workflow's cancellation this track runs under (from its caller's context)."""
+        self.cancel = CancelState()
+        """Where the track is in a cancel (see :meth:`cancellable`)."""
+
+    @abstractmethod
+    async def dispatch(self) -> None:
+        """Send this track's flights (see :meth:`Dispatcher.batches`)."""
 
     @abstractmethod
     async def handle(self, flight: Flight, notice: Notice) -> None:
@@ -121,6 +174,28 @@ class Track(ABC):
     def closed(self) -> None:
         """Wake :meth:`receive` (call when :attr:`open` drops to zero off a notice)."""
         self.inbox.put_nowait(None)
+
+    async def drive(self, flights: Sequence[Flight]) -> None:
+        """Dispatch and receive at once until every flight is finished; then free their slots.
+
+        The workflow's cancel stops the dispatch; the track's ``cancel`` (a
+        :class:`CancelState`) is then due, for its :meth:`tick`.
+        """
+        cancellation = self.cancellation
+        forget = None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                sender = tasks.create_task(self.dispatch())
+                tasks.create_task(self.receive())
+                if cancellation is not None:
+                    forget = cancellation.add_callback(
+                        lambda reason: self.cancel.request(reason, sender, self.closed)
+                    )
+        finally:
+            if forget is not None:
+                forget()
+            for flight in flights:
+                self.dispatcher.release(flight)
 
     async def receive(self) -> None:
         """Handle this track's notices until every flight is finished."""
@@ -159,10 +234,14 @@ class Dispatcher:
         """This host's reply list: every step and chain link it sends names it."""
         self.slots = asyncio.Semaphore(executor.settings.max_in_flight)
         self.flights: dict[str, Flight] = {}
+        """The flights out, by the task id of the message each waits for."""
+        self.routes: dict[str, Flight] = {}
+        """Every task id whose notices go to a flight (its ``tid`` and its ``routes``)."""
         self._client: aioredis.Redis | None = None
         self._probed = False
         self._probe_lock = asyncio.Lock()
         self._collector: asyncio.Task[None] | None = None
+        self._blmpop = True
         self._credit = 0
         self._credit_at = float("-inf")
         self._room_lock = asyncio.Lock()
@@ -230,10 +309,38 @@ class Dispatcher:
         """Whether :meth:`acquire` of ``flight`` would not wait for its provider limit."""
         return self.gate.ready(flight.limit)
 
+    async def batches(self, flights: Sequence[_Flight], limit: int) -> AsyncIterator[list[_Flight]]:
+        """``flights`` in batches that hold their slots, sized to the room in the queue.
+
+        The first flight of a batch waits for a slot before anything touches Redis; the
+        batch grows while slots are free and the next flight's provider limit lets it go
+        (a batch is sent before waiting on a saturated limit), up to ``limit`` and the
+        queue's room.
+        """
+        pending = iter(flights)
+        flight = next(pending, None)
+        while flight is not None:
+            await self.acquire(flight)
+            room = min(await self.room(), limit)
+            batch = [flight]
+            flight = next(pending, None)
+            while (
+                flight is not None
+                and len(batch) < room
+                and not self.slots.locked()
+                and self.may_send(flight)
+            ):
+                await self.acquire(flight)
+                batch.append(flight)
+                flight = next(pending, None)
+            yield batch
+
     def release(self, flight: Flight) -> None:
         """``flight`` is finished: forget it and give its slot (and limit turn) back."""
-        if self.flights.get(flight.tid) is flight:
-            del self.flights[flight.tid]
+        self.release_route(flight)
+        for tid in flight.routes:
+            if self.routes.get(tid) is flight:
+                del self.routes[tid]
         if flight.holds_slot:
             flight.holds_slot = False
             self.slots.release()
@@ -261,17 +368,25 @@ class Dispatcher:
         """Follow ``flight`` (sent now, or found running): route its notices, check it."""
         flight.sent_at, flight.started = time.monotonic(), started
         self.flights[flight.tid] = flight
+        for tid in (flight.tid, *flight.routes):
+            self.routes[tid] = flight
         if self._collector is None:
             self._collector = asyncio.get_running_loop().create_task(
                 self._collect(), name="fleet-celery-collector"
             )
 
     def rekey(self, flight: Flight, tid: str) -> None:
-        """``flight``'s message is now ``tid`` (a chain moved to its next link)."""
-        if self.flights.get(flight.tid) is flight:
-            del self.flights[flight.tid]
+        """``flight`` now waits for ``tid`` (a chain moved on to its next link)."""
+        self.release_route(flight)
         flight.tid = tid
         self.watch(flight)
+
+    def release_route(self, flight: Flight) -> None:
+        """Stop following the message ``flight`` waits for (late words about it are dropped)."""
+        if self.flights.get(flight.tid) is flight:
+            del self.flights[flight.tid]
+        if self.routes.get(flight.tid) is flight:
+            del self.routes[flight.tid]
 
     async def send(self, flights: Sequence[Flight], signatures: list[Any]) -> None:
         """Send ``signatures`` (one Celery group) for ``flights`` and follow them."""
@@ -288,12 +403,8 @@ class Dispatcher:
         try:
             client = self.client()
             while self.flights:
-                popped = await client.blpop([self.reply], timeout=interval)
-                if popped is not None:
-                    self._route(popped[1])
-                    more: Any = await client.lpop(self.reply, _DRAIN)
-                    for raw in more or ():
-                        self._route(raw)
+                for raw in await self._pop(client, interval):
+                    self._route(raw)
                 if time.monotonic() >= next_check:
                     await self._check()
                     next_check = time.monotonic() + interval
@@ -304,9 +415,30 @@ class Dispatcher:
         finally:
             self._collector = None
 
+    async def _pop(self, client: aioredis.Redis, wait_s: float) -> list[Any]:
+        """Wait up to ``wait_s`` for notices; take every one waiting, in one round trip.
+
+        ``BLMPOP ... COUNT`` (Redis 7) returns them all at once; an older server gets
+        ``BLPOP`` and then ``LPOP count``.
+        """
+        if self._blmpop:
+            try:
+                popped = await client.blmpop(wait_s, 1, self.reply, direction="LEFT", count=_DRAIN)
+            except ResponseError as error:
+                if "unknown command" not in str(error).lower():
+                    raise
+                self._blmpop = False
+            else:
+                return [] if popped is None else list(popped[1])
+        first = await client.blpop([self.reply], timeout=wait_s)
+        if first is None:
+            return []
+        more: Any = await client.lpop(self.reply, _DRAIN)
+        return [first[1], *(more or ())]
+
     def _route(self, raw: Any) -> None:
         notice = read_notice(raw)
-        flight = None if notice is None else self.flights.get(notice.id)
+        flight = None if notice is None else self.routes.get(notice.id)
         if flight is not None and flight.owner is not None and notice is not None:
             flight.owner.inbox.put_nowait((flight, notice))
 

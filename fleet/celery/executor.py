@@ -45,6 +45,7 @@ from ..config import FleetSettings, load_settings
 from ..errors import ConfigError
 from ..events import EventSink
 from ..executor import AgentExecutor, OutcomeCallback, PipelineStage
+from ..perloop import PerLoop
 from ..spec import AgentStepSpec, StepOutcome
 from .app import configure_app, load_stages
 from .dispatch import Dispatcher
@@ -132,7 +133,11 @@ class CeleryExecutor(AgentExecutor):
         self.keys = Keys(self.settings.key_prefix)
         self._app: Celery | None = None
         self._sender: ThreadPoolExecutor | None = None
-        self._dispatchers: dict[asyncio.AbstractEventLoop, Dispatcher] = {}
+        # One dispatcher per event loop (an executor may outlive an asyncio.run()); its
+        # collector and Redis connections are closed when that loop ends, if not before.
+        self._dispatchers: PerLoop[Dispatcher] = PerLoop(
+            lambda: Dispatcher(self), close=lambda dispatcher: dispatcher.aclose()
+        )
         self._registry: AgentRegistry | None = None
         self._stage_names: dict[int, str] | None = None
         lease, claim = self.settings.step_lease_s, self.settings.claim_timeout_s
@@ -155,7 +160,13 @@ class CeleryExecutor(AgentExecutor):
     def app(self) -> Celery:
         """The Celery app used to send tasks (created on first use)."""
         if self._app is None:
-            self._app = configure_app(self.settings)
+            app = configure_app(self.settings)
+            # Outcomes come back on the reply lists, never through Celery's result backend.
+            # With one, sending a group subscribes a Redis channel per step (the group's
+            # barrier), and each AsyncResult.__del__ unsubscribes: Redis I/O from the
+            # garbage collector, which raises while Redis restarts.
+            app.conf.result_backend = "disabled"
+            self._app = app
         return self._app
 
     def close(self) -> None:
@@ -169,9 +180,7 @@ class CeleryExecutor(AgentExecutor):
 
     async def aclose(self) -> None:
         """Like :meth:`close`, and close this event loop's Redis connections too."""
-        dispatcher = self._dispatchers.pop(asyncio.get_running_loop(), None)
-        if dispatcher is not None:
-            await dispatcher.aclose()
+        await self._dispatchers.aclose()
         await asyncio.to_thread(self.close)
 
     async def __aenter__(self) -> CeleryExecutor:
@@ -182,13 +191,7 @@ class CeleryExecutor(AgentExecutor):
 
     def _dispatcher(self) -> Dispatcher:
         """This event loop's dispatcher (slots, reply list, collector, Redis client)."""
-        loop = asyncio.get_running_loop()
-        dispatcher = self._dispatchers.get(loop)
-        if dispatcher is None:
-            # One per event loop: an executor may outlive an asyncio.run().
-            self._dispatchers = {lp: d for lp, d in self._dispatchers.items() if not lp.is_closed()}
-            dispatcher = self._dispatchers[loop] = Dispatcher(self)
-        return dispatcher
+        return self._dispatchers.get()
 
     def _client(self) -> aioredis.Redis:
         """This event loop's Redis client (built without I/O; closed by :meth:`aclose`).
@@ -219,7 +222,8 @@ class CeleryExecutor(AgentExecutor):
 
         def send() -> None:
             with self.app.producer_or_acquire() as producer:
-                if as_group:
+                # A group of one costs a group id and result bookkeeping for nothing.
+                if as_group and len(signatures) > 1:
                     group(signatures).apply_async(producer=producer)
                 else:
                     for signature in signatures:

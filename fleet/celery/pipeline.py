@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from celery import chain
 from redis.exceptions import RedisError
 
+from ..cancel.markers import leave_markers
+from ..cancel.signal import CANCELLED
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..spec import StepOutcome
 from .dispatch import Flight, Notice, Track
@@ -61,18 +63,18 @@ class Pipeline(Track):
         stages: list[str],
         events: EventSink | None,
     ) -> None:
-        super().__init__(executor._dispatcher())
-        self.x = executor
-        self.keys = executor.keys
+        super().__init__(executor, events)
         self.items = items
         self.stages = stages
-        self.events = events
         self.pipe = uuid.uuid4().hex[:20]
         self.chains = [
             _Chain(tid=stage_link_id(self.pipe, i, 0), nonce=self.pipe, owner=self, index=i)
             for i in range(len(items))
         ]
         self.open = len(items)
+        run_markers = self.cancellation.markers if self.cancellation is not None else ()
+        self.markers = [*run_markers, self.pipe]
+        """What a worker checks before and while running a link of this pipeline."""
 
     async def run(self) -> list[StepOutcome | None]:
         """Run every chain to its end; each item's last outcome (``None``: declined)."""
@@ -83,6 +85,7 @@ class Pipeline(Track):
             nonce=self.pipe,
             # Nobody listens for step_started: the host watches leases instead.
             announce=self.events is not None,
+            cancel=self.markers,
         ).to_json()
         key = self.keys.pipe(self.pipe)
         try:
@@ -92,17 +95,29 @@ class Pipeline(Track):
                     fields[f"item:{i}"] = json.dumps(self.items[i])
                 await client.hset(key, mapping=fields)  # type: ignore[arg-type]
             await client.expire(key, self.x.settings.result_expires_s)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._dispatch())
-                tasks.create_task(self.receive())
+            try:
+                await self.drive(self.chains)
+            except asyncio.CancelledError:
+                # The caller was cancelled: stop this pipeline's links on the workers.
+                markers = self.markers if self.cancel.reason is not None else [self.pipe]
+                with contextlib.suppress(RedisError, OSError):
+                    await asyncio.shield(
+                        leave_markers(
+                            client, markers, "the caller was cancelled", key_prefix=self.keys.prefix
+                        )
+                    )
+                raise
         finally:
-            for chain_ in self.chains:
-                self.dispatcher.release(chain_)
             with contextlib.suppress(RedisError):
                 await client.delete(key)
         return [chain_.final for chain_ in self.chains]
 
     def _signatures(self, chain_: _Chain) -> Any:
+        """The chain from its due link on (whose later links' notices route to it too)."""
+        chain_.routes = tuple(
+            stage_link_id(self.pipe, chain_.index, stage)
+            for stage in range(chain_.stage + 1, len(self.stages))
+        )
         links = []
         for stage in range(chain_.stage, len(self.stages)):
             pointer = StageMessage(
@@ -120,24 +135,18 @@ class Pipeline(Track):
             )
         return chain(*links)
 
-    async def _dispatch(self) -> None:
-        slots = self.dispatcher.slots
-        pending = iter(self.chains)
-        chain_ = next(pending, None)
-        while chain_ is not None:
-            await self.dispatcher.acquire(chain_)
-            room = min(await self.dispatcher.room(), SEND_BATCH)
-            batch = [chain_]
-            chain_ = next(pending, None)
-            while chain_ is not None and len(batch) < room and not slots.locked():
-                await self.dispatcher.acquire(chain_)
-                batch.append(chain_)
-                chain_ = next(pending, None)
+    async def dispatch(self) -> None:
+        """Send one chain per item, each once it holds a slot."""
+        async for batch in self.dispatcher.batches(self.chains, SEND_BATCH):
             await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
 
     async def resend(self, flights: list[Flight]) -> None:
-        """Send lost chains again from their due link."""
+        """Send lost chains again from their due link (after a cancel: they end cancelled)."""
         batch = [f for f in flights if isinstance(f, _Chain) and not f.finished]
+        if self.cancel.started:
+            for chain_ in batch:
+                self._finish(chain_, self._cancelled(chain_))
+            return
         if batch:
             await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
 
@@ -148,10 +157,13 @@ class Pipeline(Track):
             return  # a finished chain, or a duplicate's late word about an earlier link
         if isinstance(notice, Started):
             chain_.started = True
-            emit(self.events, StepStarted(task_id=notice.task_id, agent=notice.agent))
+            started = StepStarted(
+                task_id=notice.task_id, agent=notice.agent, host_task_id=chain_.tid
+            )
+            emit(self.events, started)
         elif isinstance(notice, Finished):
             outcome = notice.outcome
-            emit(self.events, StepFinished.of(outcome))
+            emit(self.events, StepFinished.of(outcome, host_task_id=chain_.tid))
             chain_.stage += 1
             if not outcome.success or chain_.stage == len(self.stages):
                 self._finish(chain_, outcome)
@@ -161,6 +173,31 @@ class Pipeline(Track):
             self._finish(chain_, notice.outcome)
         elif isinstance(notice, Limited):
             emit(self.events, notice.event)
+
+    async def tick(self) -> None:
+        """After a cancel: mark it for the workers, end the chains that no worker runs."""
+        if self.cancel.due():
+            reason = self.cancel.begin()
+            client = self.dispatcher.client()
+            await leave_markers(client, self.markers, reason, key_prefix=self.keys.prefix)
+            for chain_ in self.chains:
+                if not chain_.finished and not chain_.sent_at:
+                    self._finish(chain_, self._cancelled(chain_))
+        elif self.cancel.expired():
+            for chain_ in self.chains:
+                if not chain_.finished:
+                    self._finish(chain_, self._cancelled(chain_))
+
+    def _cancelled(self, chain_: _Chain) -> StepOutcome:
+        """The final outcome of a chain the cancel stopped before its due link ran."""
+        stage = min(chain_.stage, len(self.stages) - 1)
+        return StepOutcome.failed(
+            stage_link_id(self.pipe, chain_.index, chain_.stage),
+            self.stages[stage],
+            f"pipeline item #{chain_.index} was cancelled before stage {chain_.stage} ran: "
+            f"{self.cancel.reason or CANCELLED}",
+            error=CANCELLED,
+        )
 
     def _finish(self, chain_: _Chain, final: StepOutcome | None) -> None:
         chain_.final, chain_.finished = final, True

@@ -26,6 +26,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from ..cancel.board import cancel_marker_key
 from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
 from ..events import RateLimited
@@ -107,6 +108,11 @@ class StepMessage(FleetModel):
     one: unknown keys are ignored) runs the step the same; a malformed value only starts
     a new trace on the worker.
     """
+    announce: bool = True
+    """Push a :class:`Started` notice when the step is claimed (someone listens for events)."""
+    cancel: list[str] = Field(default_factory=list)
+    """Cancel markers (the workflow run's id, the round's id): a worker that finds any of
+    them in Redis (:meth:`Keys.cancel`) drops the message, or interrupts the running step."""
 
 
 class StageMessage(FleetModel):
@@ -137,6 +143,8 @@ class PipelineContext(FleetModel):
     """Names the run: each link's record is ``result(link, nonce)``."""
     announce: bool = True
     """Push a :class:`Started` notice when a link starts (someone listens for events)."""
+    cancel: list[str] = Field(default_factory=list)
+    """Cancel markers of every link (the workflow run's id, the pipeline's id)."""
 
 
 _Model = TypeVar("_Model", bound=FleetModel)
@@ -268,6 +276,13 @@ class Keys:
     def pipe(self, pipe: str) -> str:
         """A pipeline run's hash: its :class:`PipelineContext` and items."""
         return f"{self.prefix}:pipe:{pipe}"
+
+    def cancel(self, marker: str) -> str:
+        """A cancel marker: its presence cancels every step that names it.
+
+        It holds JSON with a ``reason`` and lives a day (see :mod:`fleet.cancel.markers`).
+        """
+        return cancel_marker_key(marker, key_prefix=self.prefix)
 
 
 def step_task_id(workflow_id: str, spec: AgentStepSpec) -> str:

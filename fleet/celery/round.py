@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import telemetry
+from ..cancel.markers import leave_markers
+from ..cancel.signal import CANCELLED, cancelled_outcome
 from ..combinators import crash_outcome
 from ..config import mask_url
-from ..errors import BudgetExhaustedError
+from ..errors import BudgetError, BudgetExhaustedError
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
 from ..limiters import ProviderLimit
@@ -82,10 +84,7 @@ class Round(Track):
         on_outcome: OutcomeCallback | None,
         workflow_id: str | None,
     ) -> None:
-        super().__init__(executor._dispatcher())
-        self.x = executor
-        self.keys = executor.keys
-        self.events = events
+        super().__init__(executor, events)
         self.on_outcome = on_outcome
         self.workflow_id = workflow_id
         self.nonce = uuid.uuid4().hex
@@ -113,6 +112,10 @@ class Round(Track):
                 )
             )
         self.open = len(self.entries)
+        self._reserving: list[tuple[_Entry, asyncio.Future[Reservation]]] = []
+        run_markers = self.cancellation.markers if self.cancellation is not None else ()
+        self.markers = [*run_markers, self.nonce]
+        """What a worker checks before and while running a step of this round."""
         budget = executor.budget
         self._renew_every = budget.lease_s / 3 if budget is not None else float("inf")
         self._next_renewal = time.monotonic() + self._renew_every
@@ -143,16 +146,14 @@ class Round(Track):
         try:
             self.client = client = await self.dispatcher.ready()
             try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._dispatch())
-                    tasks.create_task(self.receive())
-                if self.workflow_id is not None:
-                    # The round is over and its caller has the outcomes: a later run of
-                    # the same workflow must not be served this round's results.
-                    await client.delete(*(self.keys.done(e.tid) for e in self.entries))
-            finally:
-                for entry in self.entries:
-                    self.dispatcher.release(entry)
+                await self.drive(self.entries)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._abandon())
+                raise
+            if self.workflow_id is not None:
+                # The round is over and its caller has the outcomes: a later run of
+                # the same workflow must not be served this round's results.
+                await client.delete(*(self.keys.done(e.tid) for e in self.entries))
         except* (RedisError, OSError) as group_error:
             await self._fail_rest(group_error.exceptions[0], "unavailable")
         except* Exception as group_error:
@@ -194,6 +195,9 @@ class Round(Track):
             budget=hold,
             journal=self.x.worker_journal and self.workflow_id is not None,
             traceparent=self.traceparent,
+            # Nobody listens for step_started: the dispatcher watches leases instead.
+            announce=self.events is not None,
+            cancel=self.markers,
         )
         return message.to_json()
 
@@ -223,42 +227,35 @@ class Round(Track):
                 else self.x.settings.default_reserve_tokens
             )
         try:
-            entry.reservation = await budget.reserve(
-                tokens, holder=entry.tid, reservation_id=entry.tid
+            holding = asyncio.ensure_future(
+                budget.reserve(tokens, holder=entry.tid, reservation_id=entry.tid)
             )
-        except BudgetExhaustedError as error:
+            try:
+                entry.reservation = await asyncio.shield(holding)
+            except asyncio.CancelledError:
+                # Cancelled mid-reservation: the ledger may still grant it; the cancel
+                # waits for the answer and settles the hold (see _release_reserving).
+                self._reserving.append((entry, holding))
+                raise
+        except (BudgetExhaustedError, BudgetError) as error:
+            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
+            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
             await self._resolve(
-                entry,
-                StepOutcome.failed(spec.task_id, spec.agent, str(error), error="budget_exhausted"),
+                entry, StepOutcome.failed(spec.task_id, spec.agent, str(error), error=kind)
             )
             return False
         return True
 
-    async def _dispatch(self) -> None:
-        slots = self.dispatcher.slots
-        pending = iter(self.entries)
-        entry = next(pending, None)
+    async def dispatch(self) -> None:
+        """Reserve and send each step once it holds a slot (a waiting step holds nothing)."""
         # With a budget, a reservation may wait for in-flight steps to settle: send each
         # step as soon as it holds its tokens so nothing waits on an unsent sibling.
-        batch_limit = 1 if self.x.budget is not None else SEND_BATCH
-        while entry is not None:
-            # Wait for a slot before anything touches Redis: a waiting step holds nothing.
-            await self.dispatcher.acquire(entry)
-            room = min(await self.dispatcher.room(), batch_limit)
-            batch: list[_Entry] = []
-            while True:
-                if await self._reserve(entry):
-                    batch.append(entry)
-                entry = next(pending, None)
-                if entry is None or len(batch) >= room or slots.locked():
-                    break
-                if batch and not self.dispatcher.may_send(entry):
-                    break  # send what may go before waiting for this step's limit
-                await self.dispatcher.acquire(entry)
+        limit = 1 if self.x.budget is not None else SEND_BATCH
+        async for batch in self.dispatcher.batches(self.entries, limit):
+            batch = [entry for entry in batch if await self._reserve(entry)]
             if self.workflow_id is not None and batch:
                 batch = await self._reattach(batch)
-            if batch:
-                await self._send(batch)
+            await self._send(batch)
 
     async def _reattach(self, batch: list[_Entry]) -> list[_Entry]:
         """A journaled step already running or done (e.g. before a host restart) is not resent."""
@@ -287,8 +284,17 @@ class Round(Track):
         await self.dispatcher.send(batch, [self._signature(e) for e in batch])
 
     async def resend(self, flights: list[Flight]) -> None:
-        """Send lost steps again, under the same task id and payload."""
-        await self._send([f for f in flights if isinstance(f, _Entry) and f.outcome is None])
+        """Send lost steps again, under the same task id and payload.
+
+        Not after a cancel: a lost step of a cancelled round never runs, it ends cancelled.
+        """
+        lost = [f for f in flights if isinstance(f, _Entry) and f.outcome is None]
+        if self.cancel.started:
+            for entry in lost:
+                reason = self.cancel.reason or CANCELLED
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+            return
+        await self._send(lost)
 
     # ------------------------------------------------------------------ receive
 
@@ -300,14 +306,24 @@ class Round(Track):
         if isinstance(notice, Started):
             if not entry.started:
                 entry.started = True
-                emit(self.events, StepStarted(task_id=entry.spec.task_id, agent=entry.spec.agent))
+                started = StepStarted(
+                    task_id=entry.spec.task_id, agent=entry.spec.agent, host_task_id=entry.tid
+                )
+                emit(self.events, started)
         elif isinstance(notice, Finished):
             await self._resolve(entry, notice.outcome)
         elif isinstance(notice, Limited):
             emit(self.events, notice.event)
 
     async def tick(self) -> None:
-        """Keep queued steps' reservations alive (the worker renews while a step runs)."""
+        """Act on a cancel; keep queued steps' reservations alive (workers renew running ones)."""
+        if self.cancel.due():
+            await self._cancel_now()
+        elif self.cancel.expired():
+            for entry in self.entries:  # running when cancelled, and its worker never said
+                if entry.outcome is None:
+                    reason = self.cancel.reason or CANCELLED
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason), settle=False)
         if time.monotonic() >= self._next_renewal:
             held = [
                 e.reservation
@@ -317,7 +333,68 @@ class Round(Track):
             await asyncio.gather(*(r.renew() for r in held))
             self._next_renewal = time.monotonic() + self._renew_every
 
-    async def _resolve(self, entry: _Entry, outcome: StepOutcome) -> None:
+    # ------------------------------------------------------------------ cancel
+
+    async def _cancel_now(self) -> None:
+        """The workflow was cancelled: mark it for the workers, settle what never ran."""
+        reason = self.cancel.begin()
+        await leave_markers(self.client, self.markers, reason, key_prefix=self.keys.prefix)
+        await self._release_reserving()
+        for entry in self.entries:
+            if entry.outcome is None and not entry.sent_at:
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+        await self._sweep_unclaimed(reason)
+
+    async def _release_reserving(self) -> None:
+        """Settle at 0 the holds a cancelled dispatch was still asking the ledger for."""
+        for entry, holding in self._reserving:
+            try:
+                entry.reservation = await asyncio.wait_for(asyncio.shield(holding), 5.0)
+            except BudgetExhaustedError:
+                continue  # refused: nothing is held
+            except (TimeoutError, RedisError, OSError) as error:
+                logger.warning(
+                    "step %r: its reservation stays held until its lease lapses (%s)",
+                    entry.spec.task_id,
+                    error,
+                )
+                continue
+            await asyncio.shield(entry.reservation.settle(0))
+        self._reserving.clear()
+
+    async def _sweep_unclaimed(self, reason: str) -> None:
+        """Once the markers are set no worker can claim a step: an unclaimed one never runs."""
+        entries = [e for e in self.entries if e.outcome is None and e.sent_at]
+        if not entries:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.exists(self.keys.lease(entry.tid))
+                pipe.get(self.keys.result(entry.tid, self.nonce))
+            replies = await pipe.execute()
+        for i, entry in enumerate(entries):
+            leased, record = replies[2 * i], replies[2 * i + 1]
+            if record is not None:
+                await self._resolve(entry, StepOutcome.from_json(record))
+            elif not leased:
+                await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+
+    async def _abandon(self) -> None:
+        """The caller was cancelled: stop this round's steps on the workers, release holds."""
+        reason = "the caller was cancelled"
+        # The workflow's own marker only when the workflow was cancelled, not just this round.
+        markers = self.markers if self.cancel.reason is not None else [self.nonce]
+        try:
+            await leave_markers(self.client, markers, reason, key_prefix=self.keys.prefix)
+            await self._release_reserving()
+            await self._sweep_unclaimed(reason)
+            for entry in self.entries:  # reserved, never sent
+                if entry.outcome is None and not entry.sent_at:
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+        except (RedisError, OSError) as error:
+            logger.warning("could not cancel the round's steps on the fleet: %s", error)
+
+    async def _resolve(self, entry: _Entry, outcome: StepOutcome, *, settle: bool = True) -> None:
         if entry.outcome is not None:
             return
         entry.outcome = outcome
@@ -325,10 +402,10 @@ class Round(Track):
         self.dispatcher.release(entry)
         if self.open == 0:
             self.closed()
-        if entry.reservation is not None:
+        if entry.reservation is not None and settle:
             # Settling is idempotent: the worker may already have charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
-        emit(self.events, StepFinished.of(outcome))
+        emit(self.events, StepFinished.of(outcome, host_task_id=entry.tid))
         if self.on_outcome is not None:
             try:
                 await self.on_outcome(entry.index, outcome)

@@ -1,6 +1,8 @@
 """The ``fleet`` command line. Each module registers its commands on :data:`app`."""
 
 from . import budget as budget  # fleet budget show|set
+from . import cancel as cancel  # fleet cancel
+from . import dashboard as dashboard  # fleet dashboard
 from . import demo as demo  # fleet demo
 from . import fleetops as fleetops  # fleet worker, fleet flower, fleet up
 from . import journal as journal  # fleet journal list|show|rm

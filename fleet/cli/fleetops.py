@@ -2,7 +2,8 @@
 
 ``fleet worker`` and ``fleet flower`` replace themselves with the Celery process (so
 signals and exit codes are Celery's own), configured from settings; ``fleet up`` runs a
-whole :class:`~fleet.localfleet.LocalFleet` on this machine until Ctrl-C.
+whole :class:`~fleet.localfleet.LocalFleet` (with Flower and ``fleet dashboard``) on this
+machine until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -43,9 +44,28 @@ def _exec(args: list[str], env: dict[str, str]) -> NoReturn:
     os.execve(args[0], args, env)
 
 
+LLM_CONCURRENCY = 64
+"""``fleet worker``'s default ``-c`` with the threads pool: model calls one process keeps
+in flight (one shared event loop holds them; a waiting step costs an idle thread)."""
+
+_CONCURRENCY_HELP = (
+    "Steps this process runs at once. Default: 64 with --pool threads, the CPU count with "
+    "prefork. For agents that wait on a model, -c is the model calls you want in flight per "
+    "process: every step's coroutine runs on one shared event loop and a waiting step costs "
+    "only an idle thread (one process held 256 calls in flight at ~110 MB in "
+    "bench/llm_worker.py), so size it as (calls wanted in flight) / (worker processes), "
+    "capped by what your model server or rate limit allows at once; add processes when "
+    "one process's CPU (a few ms per step) becomes the limit. Agents declared "
+    "blocking = true use one of these threads for their whole run. CPU-bound agents: "
+    "--pool prefork with -c = cores."
+)
+
+
 @app.command()
 def worker(
-    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Steps at once."),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", min=1, help=_CONCURRENCY_HELP, show_default=False
+    ),
     pool: Annotated[PoolChoice, typer.Option("--pool", help="Worker pool.")] = PoolChoice.threads,
     queues: str | None = typer.Option(
         None, "--queues", "-Q", help="Comma-separated queues to consume (default: the app's)."
@@ -62,12 +82,24 @@ def worker(
         help="Serve Prometheus metrics on this port (setting metrics_port).",
     ),
 ) -> None:
-    """Run a Celery worker for the configured broker (FLEET_REDIS_URL / config/fleet.toml)."""
+    """Run a Celery worker for the configured broker (FLEET_REDIS_URL / config/fleet.toml).
+
+    Defaults suit agents that wait on a model: the threads pool with 64 steps at once, and
+    no mingle or gossip at start (fleet needs neither; they cost every worker messages to
+    every other).
+    """
     config = settings()
+    if concurrency is None:
+        concurrency = LLM_CONCURRENCY if pool is PoolChoice.threads else os.cpu_count() or 1
     if metrics_port is not None:
         config = config.model_copy(update={"metrics_port": metrics_port})
     args = celery_command(
-        "worker", f"--pool={pool.value}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"
+        "worker",
+        f"--pool={pool.value}",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+        "--without-mingle",
+        "--without-gossip",
     )
     if queues:
         args.append(f"--queues={queues}")
@@ -143,6 +175,12 @@ def up(
     flower_port: int | None = typer.Option(
         None, "--flower-port", min=0, max=65535, help="Flower's port (0: any free port)."
     ),
+    with_dashboard: bool = typer.Option(
+        True, "--dashboard/--no-dashboard", help="Also start the workflow dashboard."
+    ),
+    dashboard_port: int | None = typer.Option(
+        None, "--dashboard-port", min=0, max=65535, help="Dashboard's port (0: any free port)."
+    ),
     directory: Annotated[
         Path | None,
         typer.Option(help="Keep Redis data and logs here (default: a temporary dir)."),
@@ -151,7 +189,7 @@ def up(
         Path | None, typer.Option(help="Write the PIDs of everything started here (JSON).")
     ] = None,
 ) -> None:
-    """Run a local fleet (embedded Redis, workers, Flower) until Ctrl-C, then stop it all."""
+    """Run a local fleet (embedded Redis, workers, Flower, dashboard) until Ctrl-C, then stop it."""
     config = settings()
     local = LocalFleet(
         workers=workers,
@@ -161,6 +199,8 @@ def up(
         directory=directory,
         settings=config,
         flower_port=config.flower_port if flower_port is None else flower_port,
+        dashboard=with_dashboard,
+        dashboard_port=config.dashboard_port if dashboard_port is None else dashboard_port,
     )
     # Ctrl-C and SIGTERM both stop the fleet (SIGINT even where a shell started us
     # in the background with it ignored).
@@ -207,6 +247,15 @@ def _announce(local: LocalFleet) -> None:
         else:
             hint = f"user {local.flower_user!r}, password from FLEET_FLOWER_PASSWORD"
         _say(f"flower  {local.flower_url}  (pid {by_name['flower']}; {hint})")
+    if local.dashboard_url is not None:
+        if local.dashboard_password_generated:
+            hint = (
+                f"user {local.dashboard_user!r}, password {local.dashboard_password!r} "
+                "(made up for this run; set FLEET_DASHBOARD_PASSWORD to choose one)"
+            )
+        else:
+            hint = f"user {local.dashboard_user!r}, password from FLEET_DASHBOARD_PASSWORD"
+        _say(f"dashboard  {local.dashboard_url}  (pid {by_name['dashboard']}; {hint})")
     _say("fleet is up; press Ctrl-C to stop.")
 
 
@@ -215,6 +264,7 @@ def _write_pidfile(path: Path, local: LocalFleet) -> None:
         "pid": os.getpid(),
         "redis_url": local.masked_redis_url,
         "flower_url": local.flower_url,
+        "dashboard_url": local.dashboard_url,
         "processes": [
             {"role": process.role, "name": process.name, "pid": process.pid}
             for process in local.processes

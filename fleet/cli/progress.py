@@ -15,7 +15,15 @@ from rich.text import Text
 
 from ..budget import BudgetSnapshot
 from ..eventbus import Lagged
-from ..events import BudgetExhausted, LogEvent, PhaseEnd, PhaseStart, StepFinished, StepStarted
+from ..events import (
+    BudgetExhausted,
+    LogEvent,
+    PhaseEnd,
+    PhaseStart,
+    StepFinished,
+    StepStarted,
+    WorkflowCancelled,
+)
 from ..workflow import Workflow
 from .app import console, err_console
 
@@ -36,12 +44,15 @@ def describe_event(event: Any) -> str | None:
         return f"[{event.level}] {event.message}{_fields(event.fields)}"
     if isinstance(event, BudgetExhausted):
         return f"budget exhausted: {event.reason}"
+    if isinstance(event, WorkflowCancelled):
+        return f"workflow cancelled: {event.reason}"
     if isinstance(event, StepFinished):
         state = "ok" if event.success else f"FAILED ({event.error})"
         where = f" on {event.worker}" if event.worker else ""
+        cost = "" if event.cost_usd is None else f", ${event.cost_usd}"
         return (
-            f"  step {event.task_id} [{event.agent}] {state}, {event.total_tokens} tokens, "
-            f"{event.duration_s:.2f} s{where}"
+            f"  step {event.task_id} [{event.agent}] {state}, {event.total_tokens} tokens"
+            f"{cost}, {event.duration_s:.2f} s{where}"
         )
     if isinstance(event, Lagged):
         return f"... {event.missed} events not shown (the display fell behind)"
@@ -73,6 +84,8 @@ class RunDisplay:
     started: float = field(default_factory=time.monotonic)
     phases: list[_PhaseRow] = field(default_factory=list)
     running: int = 0
+    in_flight: dict[str, str] = field(default_factory=dict)
+    """Steps started and not finished: task id -> agent."""
     done: int = 0
     failed: int = 0
     tokens: int = 0
@@ -90,8 +103,10 @@ class RunDisplay:
         open_phase = next((row for row in reversed(self.phases) if row.open), None)
         if isinstance(event, StepStarted):
             self.running += 1
+            self.in_flight[event.task_id] = event.agent
         elif isinstance(event, StepFinished):
             self.running = max(self.running - 1, 0)
+            self.in_flight.pop(event.task_id, None)
             self.done += 1
             self.failed += not event.success
             self.tokens += event.total_tokens
@@ -132,7 +147,7 @@ class RunDisplay:
             if line is not None:
                 say(line)
             return
-        if isinstance(event, LogEvent | BudgetExhausted | Lagged):
+        if isinstance(event, LogEvent | BudgetExhausted | WorkflowCancelled | Lagged):
             self.live.console.print(describe_event(event), highlight=False, markup=False)
         if now >= self._next_refresh or not isinstance(event, StepStarted | StepFinished):
             self._next_refresh = now + 0.1

@@ -11,22 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.live import Live
 
+from ..accounts import check_account_name
+from ..cancel import RunRecord
 from ..config import FleetSettings
-from ..errors import ConfigError
+from ..errors import BudgetError, ConfigError, FleetError, WorkflowCancelledError
 from ..events import parse_event
+from ..pricing import micros_to_usd, usd_to_micros
 from ..runlog import follow
 from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan_run, read_status
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
+from .cancel import board_at, latest_run
 from .program import Program, load_program, program_agents
 from .progress import RunDisplay, describe_event, say
 
@@ -41,6 +48,41 @@ class _Outcome:
     result: Any = None
     error: BaseException | None = None
     display: RunDisplay | None = None
+    cancelled: str | None = None
+    """Why the workflow was cancelled, if it was."""
+    interrupted: bool = False
+    """Ctrl-C cancelled it."""
+
+
+INTERRUPT_REASON = "interrupted with Ctrl-C"
+
+
+class _Interrupts:
+    """SIGINT on ``fleet run``: the first cancels the workflow and waits, the second exits."""
+
+    def __init__(self, workflow: Workflow, outcome: _Outcome) -> None:
+        self.workflow = workflow
+        self.outcome = outcome
+        self.cancelling: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        if self.cancelling is not None:
+            say("second Ctrl-C: exiting now; the cancel is recorded, workers still stop its steps")
+            console.file.flush()
+            os._exit(130)
+        self.outcome.interrupted = True
+        display = self.outcome.display
+        waiting = dict(display.in_flight) if display is not None else {}
+        shown = ", ".join(sorted(waiting)[:8]) + (", ..." if len(waiting) > 8 else "")
+        say(
+            f"cancelling workflow {self.workflow.root_id}: nothing new starts; waiting for "
+            f"{len(waiting)} running steps to stop and settle their tokens"
+            + (f" ({shown})" if waiting else "")
+            + "; Ctrl-C again to exit at once"
+        )
+        self.cancelling = asyncio.get_running_loop().create_task(
+            self.workflow.cancel(INTERRUPT_REASON)
+        )
 
 
 async def _drive(program: Program, builder: WorkflowBuilder, outcome: _Outcome) -> None:
@@ -55,12 +97,20 @@ async def _drive(program: Program, builder: WorkflowBuilder, outcome: _Outcome) 
     if live is not None:
         live.start()
     follower = asyncio.create_task(display.follow(subscription))
+    interrupts = _Interrupts(workflow, outcome)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupts)
     try:
         async with workflow:
             outcome.result = await program(workflow)
     except Exception as error:
         outcome.error = error
     finally:
+        if interrupts.cancelling is not None:
+            await interrupts.cancelling
+        loop.remove_signal_handler(signal.SIGINT)
+        if workflow.cancelled:
+            outcome.cancelled = workflow.cancel_reason
         await follower  # ends once the workflow closed and its events are drained
         if budget is not None:
             await display.refresh_budget()
@@ -76,22 +126,34 @@ def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None
     done, failed = (display.done, display.failed) if display else (0, 0)
     tokens = display.tokens_text() if display else ""
     verb = "finished" if outcome.error is None else "FAILED"
+    if outcome.cancelled is not None:
+        verb = f"CANCELLED ({outcome.cancelled})"
     say(
         f"workflow {root_id} {verb} in {wall_s:.2f} s: {phases} phases, {done} steps run "
         f"({failed} failed), {journaled} served from the journal; {tokens}"
     )
-    if outcome.error is not None:
+    if outcome.error is not None and not isinstance(outcome.error, WorkflowCancelledError):
         err_console.print(
             f"{type(outcome.error).__name__}: {outcome.error}", highlight=False, markup=False
         )
-        if store != "memory":
-            say(f"completed phases stay journaled: re-run with --root-id {root_id} to resume")
-    elif outcome.result is not None:
+    if (outcome.error is not None or outcome.cancelled is not None) and store != "memory":
+        say(f"completed steps stay journaled: re-run with --root-id {root_id} to resume")
+    elif outcome.error is None and outcome.result is not None:
         try:
             text = json.dumps(outcome.result, indent=2, default=str)
         except (TypeError, ValueError):
             text = repr(outcome.result)
         say(f"result: {text}")
+
+
+def _dollar_limit(text: str | None) -> Decimal | None:
+    """``--budget-usd`` as exact dollars (checked like ``WorkflowBudget(limit_usd=...)``)."""
+    if text is None:
+        return None
+    try:
+        return micros_to_usd(usd_to_micros(text.strip().removeprefix("$"), "--budget-usd"))
+    except BudgetError as error:
+        raise typer.BadParameter(str(error), param_hint="--budget-usd") from None
 
 
 @app.command()
@@ -103,6 +165,18 @@ def run(
     ] = None,
     budget: Annotated[
         int | None, typer.Option("--budget", min=0, help="Token limit of the run.")
+    ] = None,
+    budget_usd: Annotated[
+        str | None,
+        typer.Option("--budget-usd", help="Dollar limit of the run (e.g. 5 or 2.50)."),
+    ] = None,
+    account: Annotated[
+        str | None,
+        typer.Option(
+            "--account",
+            help="Shared account above the run (e.g. team:research; create it with "
+            "`fleet budget set`); its limits bind too.",
+        ),
     ] = None,
     store: Annotated[
         str | None,
@@ -127,6 +201,12 @@ def run(
 ) -> None:
     """Run a workflow program: `async def main(workflow)`."""
     config = settings(store=store)
+    usd = _dollar_limit(budget_usd)
+    if account is not None:
+        try:
+            check_account_name(account)
+        except BudgetError as error:
+            raise typer.BadParameter(str(error), param_hint="--account") from None
     program, module = load_program(target)
     root = root_id or f"wf-{uuid.uuid4().hex[:12]}"
     places = plan_run(config, executor=executor, event_stream=event_stream)
@@ -147,12 +227,17 @@ def run(
             agents=program_agents_,
             budget_tokens=budget,
             concurrency=concurrency,
+            budget_usd=usd,
+            account=account,
         ) as builder:
             await _drive(program, builder, outcome)
 
     say(
         f"running {target} as workflow {root} on the {executor} executor ({places.describe()}"
-        + (f", budget {budget} tokens)" if budget is not None else ")")
+        + (f", budget {budget} tokens" if budget is not None else "")
+        + (f", budget ${usd}" if usd is not None else "")
+        + (f", account {account}" if account is not None else "")
+        + ")"
     )
     started = time.monotonic()
     try:
@@ -161,7 +246,9 @@ def run(
         say(f"interrupted; re-run with --root-id {root} to resume")
         raise
     _summary(root, outcome, time.monotonic() - started, config.store)
-    if outcome.error is not None:
+    if outcome.interrupted:
+        raise typer.Exit(130)
+    if outcome.error is not None or outcome.cancelled is not None:
         raise typer.Exit(1)
 
 
@@ -262,7 +349,7 @@ def _when(epoch: float | None) -> str:
     return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-def _print_status(report: RunStatus) -> None:
+def _print_status(report: RunStatus, run: RunRecord | None) -> None:
     summary = report.summary
     say(f"workflow {report.root_id} ({report.places.describe()})")
     if summary is not None:
@@ -287,6 +374,8 @@ def _print_status(report: RunStatus) -> None:
         say(f"  budget: {report.budget}")
     else:
         say(f"  budget: {report.budget_note or 'none recorded'}")
+    if run is not None:
+        say(f"  run: {run.describe()}")
     for line in report.limits:
         say(f"  provider limit {line}")
 
@@ -301,7 +390,11 @@ def status(
     """Show a workflow: running or ended, steps, journaled phases and budget."""
     config, located, _explicit = _where(root_id, store, redis_url, executor)
     report = asyncio.run(read_status(config, located.places, root_id))
-    if not report.known:
+    try:
+        run = asyncio.run(latest_run(board_at(config, located.places), root_id))
+    except FleetError:
+        run = None  # the journal and log above still tell what is known
+    if not report.known and run is None:
         say(f"no workflow {root_id!r} found (looked in: {'; '.join(located.looked)})")
         raise typer.Exit(1)
-    _print_status(report)
+    _print_status(report, run)

@@ -1,23 +1,32 @@
 """The fleet-wide ledger: accounts in Redis, every operation one atomic Lua script.
 
-Keys of one workflow's account (``P`` is the key prefix, ``W`` the workflow id)::
+Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name)::
 
-    P:budget:W:account   hash   limit (-1 = uncapped; absent = not set), consumed, reserved
-    P:budget:W:held      hash   reservation id -> "<tokens>|<holder>"
-    P:budget:W:leases    zset   reservation id -> lease expiry (Redis server time, ms)
-    P:budget:W:settled   hash   reservation id -> tokens charged (makes settle idempotent)
+    P:budget:A:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
+                                reserved, uconsumed, ureserved (u = micro-dollars), parents
+    P:budget:A:held      hash   reservation id -> "<tokens>|<micros>|<holder>"
+    P:budget:A:leases    zset   reservation id -> lease expiry (Redis server time, ms)
+    P:budget:A:settled   hash   reservation id -> "<tokens>|<micros>" (settle is idempotent)
+    P:budget:A:children  hash   "t:W" / "u:W" -> tokens / micro-dollars workflow W consumed
+
+A reservation is taken from a chain of accounts, the workflow first and then every
+ancestor, in **one** script: ``KEYS`` holds five keys per account of the chain. In an
+ancestor the reservation is held under ``W/ID`` (workflow id, reservation id) with the
+same lease, so each account releases a dead holder's amounts on its own. ``parents``
+is the newline-joined list of the accounts directly above.
 
 Each call is one ``EVALSHA`` round trip. Amounts are written from their decimal text,
-never through a Lua number's ``%.14g`` form, so counts stay exact up to 2**53 tokens.
-Lease times come from the Redis server's clock (``TIME``), so hosts with skewed clocks
-agree on when a lease ends. Every script first releases the reservations whose lease
-has expired, so a dead holder's tokens return to the budget without any sweeper process.
+never through a Lua number's ``%.14g`` form, and compared as Lua numbers (doubles),
+which are exact up to 2**53 (tokens, or micro-dollars: nine billion dollars). Lease
+times come from the Redis server's clock (``TIME``), so hosts with skewed clocks agree
+on when a lease ends. Every script first releases the reservations whose lease has
+expired, so a dead holder's amounts return to the budget without any sweeper process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,119 +36,185 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
-from .base import BudgetLedger, HeldReservation, LedgerState, ReserveResult, ReserveStatus
+from ..perloop import PerLoop
+from .base import (
+    KEEP,
+    BudgetLedger,
+    ChildUsage,
+    HeldReservation,
+    Keep,
+    LedgerState,
+    ReserveResult,
+    ReserveStatus,
+)
 
 __all__ = ["RedisLedger"]
 
-# KEYS: account, held, leases, settled. Defines `now` (ms) and releases expired leases.
+_PARTS = ("account", "held", "leases", "settled", "children")
+
+# KEYS: five per account (see _PARTS). Defines `now` (ms), `n` (accounts), `key(i, part)`,
+# `expire(i)` and `account(i)`; releases the expired leases of every account.
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-if #dead > 0 then
-  for _, id in ipairs(dead) do
-    local v = redis.call('HGET', KEYS[2], id)
-    if v then
-      redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. string.match(v, '^(%d+)'))
-    end
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('ZREM', KEYS[3], id)
+local n = #KEYS / 5
+local function key(i, part) return KEYS[(i - 1) * 5 + part] end
+local function release(i, id)
+  local v = redis.call('HGET', key(i, 2), id)
+  if v then
+    local tok, usd = string.match(v, '^(%d+)|(%d+)|')
+    -- Redis refuses "-0" as an increment.
+    if tok ~= '0' then redis.call('HINCRBY', key(i, 1), 'reserved', '-' .. tok) end
+    if usd ~= '0' then redis.call('HINCRBY', key(i, 1), 'ureserved', '-' .. usd) end
+    redis.call('HDEL', key(i, 2), id)
   end
+  redis.call('ZREM', key(i, 3), id)
 end
-local function account()
-  local a = redis.call('HMGET', KEYS[1], 'limit', 'consumed', 'reserved')
-  return tonumber(a[1]) or -2, tonumber(a[2]) or 0, tonumber(a[3]) or 0
+local function expire(i)
+  local dead = redis.call('ZRANGEBYSCORE', key(i, 3), '-inf', now)
+  for _, id in ipairs(dead) do release(i, id) end
 end
+local function account(i)
+  local a = redis.call('HMGET', key(i, 1), 'limit', 'consumed', 'reserved', 'ulimit',
+    'uconsumed', 'ureserved', 'parents')
+  return {tonumber(a[1]) or -2, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
+    tonumber(a[4]) or -2, tonumber(a[5]) or 0, tonumber(a[6]) or 0, a[7] or ''}
+end
+for i = 1, n do expire(i) end
 """
 
-# ARGV: id, tokens, holder, lease_ms, initial_limit (-1 = uncapped).
-# Returns {status, tokens, consumed, reserved, limit, retry_ms};
-# status 0 granted, 1 wait, 2 refused.
+# ARGV: workflow id, id, tokens, micros, holder, lease_ms, initial limit, initial ulimit
+# (-1 = uncapped). Returns {status, tokens, micros, account 1..., blocking index, unit,
+# retry_ms, room, blocking account...}; status 0 granted, 1 wait, 2 refused; unit 0
+# tokens, 1 usd; room -1 = uncapped.
 _RESERVE = (
     _PRELUDE
     + """
-local limit, consumed, reserved = account()
-if limit == -2 then
-  limit = tonumber(ARGV[5])
-  redis.call('HSET', KEYS[1], 'limit', ARGV[5])
+local wid, id = ARGV[1], ARGV[2]
+local tokens, micros = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease = tonumber(ARGV[6])
+local function rid(i) if i == 1 then return id end return wid .. '/' .. id end
+local accounts, room = {}, -1
+for i = 1, n do
+  accounts[i] = account(i)
+  local a = accounts[i]
+  if i == 1 and a[1] == -2 then
+    redis.call('HSET', key(1, 1), 'limit', ARGV[7])
+    a[1] = tonumber(ARGV[7])
+  end
+  if i == 1 and a[4] == -2 then
+    redis.call('HSET', key(1, 1), 'ulimit', ARGV[8])
+    a[4] = tonumber(ARGV[8])
+  end
+  if a[4] >= 0 and (room < 0 or a[4] - a[5] < room) then room = math.max(a[4] - a[5], 0) end
 end
-local id = ARGV[1]
-local lease = tonumber(ARGV[4])
-local existing = redis.call('HGET', KEYS[2], id)
+local existing = redis.call('HGET', key(1, 2), id)
 if existing then
-  redis.call('ZADD', KEYS[3], now + lease, id)
-  return {0, tonumber(string.match(existing, '^(%d+)')), consumed, reserved, limit, 0}
+  for i = 1, n do
+    if redis.call('HEXISTS', key(i, 2), rid(i)) == 1 then
+      redis.call('ZADD', key(i, 3), now + lease, rid(i))
+    end
+  end
+  local tok, usd = string.match(existing, '^(%d+)|(%d+)|')
+  local a = accounts[1]
+  return {0, tonumber(tok), tonumber(usd), a[2], a[3], a[1], a[5], a[6], a[4], a[7],
+    0, 0, 0, room}
 end
-local tokens = tonumber(ARGV[2])
-if limit >= 0 then
-  if consumed >= limit or consumed + tokens > limit then
-    return {2, 0, consumed, reserved, limit, 0}
-  end
-  if consumed + reserved + tokens > limit then
-    local soonest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    local retry = 0
+local function verdict(limit, consumed, reserved, request)
+  if limit < 0 then return 0 end
+  if consumed >= limit or consumed + request > limit then return 2 end
+  if consumed + reserved + request > limit then return 1 end
+  return 0
+end
+local status, who, unit = 0, 0, 0
+for i = 1, n do
+  local a = accounts[i]
+  local st, u = verdict(a[1], a[2], a[3], tokens), 0
+  local su = verdict(a[4], a[5], a[6], micros)
+  if su > st then st, u = su, 1 end
+  if st > status then status, who, unit = st, i, u end
+  if status == 2 then break end
+end
+local a = accounts[1]
+if status > 0 then
+  local retry = 0
+  if status == 1 then
+    local soonest = redis.call('ZRANGE', key(who, 3), 0, 0, 'WITHSCORES')
     if soonest[2] then retry = tonumber(soonest[2]) - now end
-    return {1, 0, consumed, reserved, limit, retry}
   end
+  local b = accounts[who]
+  return {status, 0, 0, a[2], a[3], a[1], a[5], a[6], a[4], a[7], who, unit, retry, room,
+    b[2], b[3], b[1], b[5], b[6], b[4], b[7]}
 end
 -- A settled id reserved again is a new attempt of the same step: settle anew.
-redis.call('HDEL', KEYS[4], id)
-redis.call('HSET', KEYS[2], id, ARGV[2] .. '|' .. ARGV[3])
-redis.call('ZADD', KEYS[3], now + lease, id)
-reserved = redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[2])
-return {0, tokens, consumed, reserved, limit, 0}
+redis.call('HDEL', key(1, 4), id)
+local value = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5]
+for i = 1, n do
+  redis.call('HSET', key(i, 2), rid(i), value)
+  redis.call('ZADD', key(i, 3), now + lease, rid(i))
+  redis.call('HINCRBY', key(i, 1), 'reserved', ARGV[3])
+  redis.call('HINCRBY', key(i, 1), 'ureserved', ARGV[4])
+end
+return {0, tokens, micros, a[2], a[3] + tokens, a[1], a[5], a[6] + micros, a[4], a[7],
+  0, 0, 0, room}
 """
 )
 
-# ARGV: id, used. Returns {consumed, reserved, limit}.
+# ARGV: workflow id, id, used tokens, used micros. Returns the workflow's account.
 _SETTLE = (
     _PRELUDE
     + """
-local id = ARGV[1]
-if redis.call('HSETNX', KEYS[4], id, ARGV[2]) == 1 then
-  local v = redis.call('HGET', KEYS[2], id)
-  if v then
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. string.match(v, '^(%d+)'))
+local wid, id = ARGV[1], ARGV[2]
+if redis.call('HSETNX', key(1, 4), id, ARGV[3] .. '|' .. ARGV[4]) == 1 then
+  for i = 1, n do
+    if i == 1 then release(i, id) else release(i, wid .. '/' .. id) end
+    redis.call('HINCRBY', key(i, 1), 'consumed', ARGV[3])
+    redis.call('HINCRBY', key(i, 1), 'uconsumed', ARGV[4])
+    if i > 1 then
+      redis.call('HINCRBY', key(i, 5), 't:' .. wid, ARGV[3])
+      redis.call('HINCRBY', key(i, 5), 'u:' .. wid, ARGV[4])
+    end
   end
-  redis.call('HINCRBY', KEYS[1], 'consumed', ARGV[2])
 end
-local limit, consumed, reserved = account()
-return {consumed, reserved, limit}
+local a = account(1)
+return {a[2], a[3], a[1], a[5], a[6], a[4], a[7]}
 """
 )
 
-# ARGV: id, lease_ms. Returns 1 if the reservation is live (and renewed), else 0.
+# ARGV: workflow id, id, lease_ms. Returns 1 if the reservation is live (and renewed).
 _RENEW = (
     _PRELUDE
     + """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-  return 1
+if redis.call('HEXISTS', key(1, 2), ARGV[2]) == 0 then return 0 end
+for i = 1, n do
+  local id = ARGV[2]
+  if i > 1 then id = ARGV[1] .. '/' .. id end
+  if redis.call('HEXISTS', key(i, 2), id) == 1 then
+    redis.call('ZADD', key(i, 3), now + tonumber(ARGV[3]), id)
+  end
 end
-return 0
+return 1
 """
 )
 
-# ARGV: none, or a new limit (-1 = uncapped). Returns {consumed, reserved, limit}.
+# ARGV: pairs of field, value to store (limit, ulimit, parents). Returns the account.
 _STATE = (
     _PRELUDE
     + """
-if ARGV[1] then redis.call('HSET', KEYS[1], 'limit', ARGV[1]) end
-local limit, consumed, reserved = account()
-return {consumed, reserved, limit}
+for i = 1, #ARGV, 2 do redis.call('HSET', key(1, 1), ARGV[i], ARGV[i + 1]) end
+local a = account(1)
+return {a[2], a[3], a[1], a[5], a[6], a[4], a[7]}
 """
 )
 
-# Returns a flat list: id, "<tokens>|<holder>", expires_in_ms, ...
+# Returns a flat list: id, "<tokens>|<micros>|<holder>", expires_in_ms, ...
 _HELD = (
     _PRELUDE
     + """
 local out = {}
-local leases = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+local leases = redis.call('ZRANGE', key(1, 3), 0, -1, 'WITHSCORES')
 for i = 1, #leases, 2 do
-  local v = redis.call('HGET', KEYS[2], leases[i])
+  local v = redis.call('HGET', key(1, 2), leases[i])
   if v then
     table.insert(out, leases[i])
     table.insert(out, v)
@@ -171,13 +246,31 @@ def _limit(raw: int) -> tuple[int | None, bool]:
     return int(raw), True
 
 
-def _state(consumed: int, reserved: int, raw_limit: int) -> LedgerState:
+def _state(row: Sequence[Any]) -> LedgerState:
+    """Decode ``consumed, reserved, limit, uconsumed, ureserved, ulimit, parents``."""
+    consumed, reserved, raw_limit, uconsumed, ureserved, raw_ulimit, parents = row
     limit, limit_set = _limit(raw_limit)
-    return LedgerState(int(consumed), int(reserved), limit, limit_set)
+    ulimit, ulimit_set = _limit(raw_ulimit)
+    text = parents.decode() if isinstance(parents, bytes) else str(parents)
+    return LedgerState(
+        int(consumed),
+        int(reserved),
+        limit,
+        limit_set,
+        int(uconsumed),
+        int(ureserved),
+        ulimit,
+        ulimit_set,
+        tuple(name for name in text.split("\n") if name),
+    )
 
 
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1)
+
+
+def _stored(limit: int | None) -> int:
+    return -1 if limit is None else limit
 
 
 class RedisLedger(BudgetLedger):
@@ -185,63 +278,62 @@ class RedisLedger(BudgetLedger):
 
     Args:
         url: ``redis://`` or ``rediss://`` URL (password in the URL).
-        key_prefix: prefix of every key (``{key_prefix}:budget:{workflow_id}:...``).
+        key_prefix: prefix of every key (``{key_prefix}:budget:{account}:...``).
 
-    The account outlives the process: a resumed workflow (same workflow id) continues
-    where it stopped. Safe to use from several event loops (one connection pool each).
+    Accounts outlive the process: a resumed workflow (same workflow id) continues
+    where it stopped. Works from any event loop: each gets its own connection pool, made
+    on first use and closed when that loop ends, so one ledger may serve successive
+    ``asyncio.run()`` calls.
     """
 
     def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
         self.url = url
         self.key_prefix = key_prefix
-        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._clients: PerLoop[aioredis.Redis] = PerLoop(
+            lambda: aioredis.Redis.from_url(url), close=lambda client: client.aclose()
+        )
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
 
     def __repr__(self) -> str:
         return f"RedisLedger({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
     def _client(self) -> aioredis.Redis:
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            # One pool per event loop: asyncio connections cannot cross loops.
-            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            try:
-                client = self._clients[loop] = aioredis.Redis.from_url(self.url)
-            except ValueError as error:  # e.g. an unknown scheme or a port out of range
-                raise ConfigError(
-                    f"invalid budget ledger Redis URL {mask_url(self.url)}: {error}",
-                    key="redis_url",
-                ) from None
-        return client
+        try:
+            return self._clients.get()
+        except ValueError as error:  # e.g. an unknown scheme or a port out of range
+            raise ConfigError(
+                f"invalid budget ledger Redis URL {mask_url(self.url)}: {error}",
+                key="redis_url",
+            ) from None
 
-    def _keys(self, workflow_id: str) -> tuple[bytes, ...]:
-        keys = self._key_cache.get(workflow_id)
+    def _keys(self, account_id: str) -> tuple[bytes, ...]:
+        keys = self._key_cache.get(account_id)
         if keys is None:
             if len(self._key_cache) >= _KEY_CACHE_SIZE:
                 self._key_cache.clear()
-            base = f"{self.key_prefix}:budget:{workflow_id}"
-            keys = self._key_cache[workflow_id] = tuple(
-                f"{base}:{part}".encode() for part in ("account", "held", "leases", "settled")
-            )
+            base = f"{self.key_prefix}:budget:{account_id}"
+            keys = self._key_cache[account_id] = tuple(f"{base}:{p}".encode() for p in _PARTS)
         return keys
 
-    async def _run(self, script: str, workflow_id: str, *args: str | int) -> Any:
-        """Run one script: one EVALSHA round trip (a SCRIPT LOAD first on a new server)."""
+    def _unreachable(self, error: Exception) -> BrokerError:
+        return BrokerError(
+            f"cannot reach the budget ledger at {mask_url(self.url)} ({error}); "
+            "is Redis running and is FLEET_REDIS_URL right?",
+            url=mask_url(self.url),
+        )
+
+    async def _run(self, script: str, chain: Sequence[str], *args: str | int) -> Any:
+        """Run one script over a chain of accounts: one EVALSHA round trip."""
         client = self._client()
-        keys = self._keys(workflow_id)
+        keys = [key for account_id in chain for key in self._keys(account_id)]
         try:
             try:
-                return await client.evalsha(_SHAS[script], 4, *keys, *args)
+                return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
             except NoScriptError:
                 await client.script_load(_SCRIPTS[script])
-                return await client.evalsha(_SHAS[script], 4, *keys, *args)
+                return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
         except (RedisConnectionError, RedisTimeoutError) as error:
-            raise BrokerError(
-                f"cannot reach the budget ledger at {mask_url(self.url)} ({error}); "
-                "is Redis running and is FLEET_REDIS_URL right?",
-                url=mask_url(self.url),
-            ) from None
+            raise self._unreachable(error) from None
 
     async def reserve(
         self,
@@ -252,53 +344,133 @@ class RedisLedger(BudgetLedger):
         holder: str,
         lease_s: float,
         initial_limit: int | None,
+        micros: int = 0,
+        initial_limit_micros: int | None = None,
+        ancestors: Sequence[str] = (),
     ) -> ReserveResult:
-        """Try to hold ``tokens`` (one script); see :meth:`BudgetLedger.reserve`."""
-        initial = -1 if initial_limit is None else initial_limit
-        status, held, consumed, reserved, limit, retry_ms = await self._run(
-            "reserve", workflow_id, reservation_id, tokens, holder, _ms(lease_s), initial
+        """Try to hold the amounts in the whole chain (one script); see the contract."""
+        chain = (workflow_id, *ancestors)
+        row = await self._run(
+            "reserve",
+            chain,
+            workflow_id,
+            reservation_id,
+            tokens,
+            micros,
+            holder,
+            _ms(lease_s),
+            _stored(initial_limit),
+            _stored(initial_limit_micros),
         )
-        retry = max(retry_ms, 0) / 1000 if status == 1 else None
-        return ReserveResult(_STATUS[status], int(held), _state(consumed, reserved, limit), retry)
+        status, held, held_micros = row[0], int(row[1]), int(row[2])
+        who, unit, retry_ms, room = row[10], row[11], row[12], row[13]
+        result = ReserveResult(
+            _STATUS[status],
+            held,
+            _state(row[3:10]),
+            max(retry_ms, 0) / 1000 if status == 1 else None,
+            micros=held_micros,
+            room_micros=None if room < 0 else int(room),
+        )
+        if status == 0:
+            return result
+        return ReserveResult(
+            result.status,
+            0,
+            result.state,
+            result.retry_after_s,
+            blocked_by=chain[who - 1],
+            blocked_unit="usd" if unit == 1 else "tokens",
+            blocked_state=_state(row[14:21]),
+            room_micros=result.room_micros,
+        )
 
-    async def renew(self, workflow_id: str, reservation_id: str, *, lease_s: float) -> bool:
-        """Extend a live lease (one script); see :meth:`BudgetLedger.renew`."""
-        return bool(await self._run("renew", workflow_id, reservation_id, _ms(lease_s)))
+    async def renew(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        *,
+        lease_s: float,
+        ancestors: Sequence[str] = (),
+    ) -> bool:
+        """Extend a live lease in the whole chain (one script); see the contract."""
+        chain = (workflow_id, *ancestors)
+        return bool(await self._run("renew", chain, workflow_id, reservation_id, _ms(lease_s)))
 
-    async def settle(self, workflow_id: str, reservation_id: str, used_tokens: int) -> LedgerState:
-        """Charge once and release (one script); see :meth:`BudgetLedger.settle`."""
-        return _state(*await self._run("settle", workflow_id, reservation_id, used_tokens))
+    async def settle(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        used_tokens: int,
+        *,
+        used_micros: int = 0,
+        ancestors: Sequence[str] = (),
+    ) -> LedgerState:
+        """Charge once and release in the whole chain (one script); see the contract."""
+        chain = (workflow_id, *ancestors)
+        row = await self._run(
+            "settle", chain, workflow_id, reservation_id, used_tokens, used_micros
+        )
+        return _state(row)
 
-    async def state(self, workflow_id: str) -> LedgerState:
+    async def state(self, account_id: str) -> LedgerState:
         """The account now (one script); see :meth:`BudgetLedger.state`."""
-        return _state(*await self._run("state", workflow_id))
+        return _state(await self._run("state", (account_id,)))
 
-    async def set_limit(self, workflow_id: str, limit: int | None) -> LedgerState:
-        """Store a new limit (one script); see :meth:`BudgetLedger.set_limit`."""
-        raw = -1 if limit is None else limit
-        return _state(*await self._run("state", workflow_id, raw))
+    async def configure(
+        self,
+        account_id: str,
+        *,
+        limit: int | None | Keep = KEEP,
+        limit_micros: int | None | Keep = KEEP,
+        parents: Sequence[str] | Keep = KEEP,
+    ) -> LedgerState:
+        """Create or change an account (one script); see :meth:`BudgetLedger.configure`."""
+        pairs: list[str | int] = []
+        if not isinstance(limit, Keep):
+            pairs += ["limit", _stored(limit)]
+        if not isinstance(limit_micros, Keep):
+            pairs += ["ulimit", _stored(limit_micros)]
+        if not isinstance(parents, Keep):
+            pairs += ["parents", "\n".join(parents)]
+        return _state(await self._run("state", (account_id,), *pairs))
 
-    async def reservations(self, workflow_id: str) -> list[HeldReservation]:
+    async def reservations(self, account_id: str) -> list[HeldReservation]:
         """Live reservations (one script); see :meth:`BudgetLedger.reservations`."""
-        flat = await self._run("held", workflow_id)
+        flat = await self._run("held", (account_id,))
         rows = []
         for i in range(0, len(flat), 3):
-            tokens, _, holder = flat[i + 1].decode().partition("|")
-            rows.append(HeldReservation(flat[i].decode(), int(tokens), holder, flat[i + 2] / 1000))
+            value = flat[i + 1]
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            tokens, micros, holder = text.split("|", 2)
+            rows.append(
+                HeldReservation(
+                    flat[i].decode(), int(tokens), holder, flat[i + 2] / 1000, int(micros)
+                )
+            )
         return rows
 
-    async def delete(self, workflow_id: str) -> None:
+    async def children(self, account_id: str) -> list[ChildUsage]:
+        """Consumption per workflow (one read); see :meth:`BudgetLedger.children`."""
+        try:
+            raw = await self._client().hgetall(self._keys(account_id)[4])
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise self._unreachable(error) from None
+        usage: dict[str, list[int]] = {}
+        for field, value in raw.items():
+            name = field.decode() if isinstance(field, bytes) else str(field)
+            unit, _, workflow_id = name.partition(":")
+            usage.setdefault(workflow_id, [0, 0])[0 if unit == "t" else 1] = int(value)
+        rows = [ChildUsage(wid, tokens, micros) for wid, (tokens, micros) in usage.items()]
+        return sorted(rows, key=lambda row: (-row.micros, -row.tokens, row.workflow_id))
+
+    async def delete(self, account_id: str) -> None:
         """Delete the account's keys; see :meth:`BudgetLedger.delete`."""
         try:
-            await self._client().delete(*self._keys(workflow_id))
+            await self._client().delete(*self._keys(account_id))
         except (RedisConnectionError, RedisTimeoutError) as error:
-            raise BrokerError(
-                f"cannot reach the budget ledger at {mask_url(self.url)} ({error})",
-                url=mask_url(self.url),
-            ) from None
+            raise self._unreachable(error) from None
 
     async def close(self) -> None:
-        """Close this event loop's connections (others are dropped with their loop)."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        """Close this event loop's connections (another loop's close when that loop ends)."""
+        await self._clients.aclose()

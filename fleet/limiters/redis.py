@@ -21,7 +21,6 @@ leases, so nothing needs a sweeper; every key expires once the limit goes unused
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import Any
 
@@ -32,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
+from ..perloop import PerLoop
 from .base import AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["RedisRateLimiter"]
@@ -169,7 +169,7 @@ class RedisRateLimiter(RateLimiter):
         socket_timeout_s: how long one command may take before it counts as an outage
             (the caller then waits and asks again within the step's deadline).
 
-    Safe to use from several event loops (one connection pool each).
+    Works from any event loop (one connection pool each, closed when its loop ends).
     """
 
     def __init__(
@@ -178,31 +178,27 @@ class RedisRateLimiter(RateLimiter):
         self.url = url
         self.key_prefix = key_prefix
         self.socket_timeout_s = socket_timeout_s
-        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        # One pool per event loop, closed when that loop ends. No retry inside the
+        # client: the admission loop retries within the step's deadline.
+        self._clients: PerLoop[aioredis.Redis] = PerLoop(
+            lambda: aioredis.Redis.from_url(
+                url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+            ),
+            close=lambda client: client.aclose(),
+        )
         self._keys: dict[str, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"RedisRateLimiter({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
     def _client(self) -> aioredis.Redis:
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            # One pool per event loop: asyncio connections cannot cross loops. No retry
-            # inside the client: the admission loop retries within the step's deadline.
-            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            try:
-                client = self._clients[loop] = aioredis.Redis.from_url(
-                    self.url,
-                    socket_timeout=self.socket_timeout_s,
-                    socket_connect_timeout=self.socket_timeout_s,
-                )
-            except ValueError as error:
-                raise ConfigError(
-                    f"invalid rate limiter Redis URL {mask_url(self.url)}: {error}",
-                    key="redis_url",
-                ) from None
-        return client
+        try:
+            return self._clients.get()
+        except ValueError as error:
+            raise ConfigError(
+                f"invalid rate limiter Redis URL {mask_url(self.url)}: {error}",
+                key="redis_url",
+            ) from None
 
     def keys(self, name: str) -> tuple[str, ...]:
         """The Redis keys of limit ``name`` (calls, cost, meta, flight)."""
@@ -273,7 +269,5 @@ class RedisRateLimiter(RateLimiter):
             ) from None
 
     async def close(self) -> None:
-        """Close this event loop's connections (others are dropped with their loop)."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        """Close this event loop's connections (another loop's close when that loop ends)."""
+        await self._clients.aclose()

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from ..checkpoint import WORKFLOW_CHECKPOINT_SCHEMA_VERSION, WorkflowCheckpoint, WorkflowStepRecord
 from ..errors import CheckpointError
+from ..perloop import PerLoop
 from ..spec import describe_validation_error
 
 __all__ = ["CheckpointStore", "GroupCommit", "decode_checkpoint", "encode_meta"]
@@ -208,21 +209,13 @@ class GroupCommit:
 
     def __init__(self, write: Callable[[Batch], Awaitable[None]]) -> None:
         self._write = write
-        self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}
-
-    def _queue(self) -> _Queue:
-        loop = asyncio.get_running_loop()
-        queue = self._queues.get(loop)
-        if queue is None:
-            # One queue per event loop: a store may outlive an asyncio.run().
-            self._queues = {lp: q for lp, q in self._queues.items() if not lp.is_closed()}
-            queue = self._queues[loop] = _Queue()
-        return queue
+        # One queue per event loop: a store may outlive an asyncio.run().
+        self._queues: PerLoop[_Queue] = PerLoop(_Queue)
 
     async def submit(self, workflow_id: str, record: WorkflowStepRecord) -> None:
         """Write ``record`` (with whatever else is waiting) and return once it is stored."""
         ticket = _Ticket()
-        queue = self._queue()
+        queue = self._queues.get()
         queue.pending.append((workflow_id, record, ticket))
         async with queue.lock:
             if not ticket.settled:

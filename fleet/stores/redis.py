@@ -12,11 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..config import mask_url
 from ..errors import CheckpointError, ConfigError
+from ..perloop import PerLoop
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 __all__ = ["RedisCheckpointStore"]
@@ -40,7 +42,8 @@ class RedisCheckpointStore(CheckpointStore):
         client_options: extra keyword arguments for ``redis.asyncio.from_url``
             (e.g. ``ssl_ca_certs`` for ``rediss://``).
 
-    The client connects lazily and belongs to the event loop that first uses it.
+    The store works from any event loop (each gets its own client, made on first use and
+    closed when that loop ends), so one store may serve successive ``asyncio.run()`` calls.
 
     Raises:
         ConfigError: ``url`` is not a usable Redis URL.
@@ -50,13 +53,20 @@ class RedisCheckpointStore(CheckpointStore):
         self.url = url
         self.key_prefix = key_prefix
         try:
-            self._client: Any = aioredis.from_url(url, **client_options)
+            parse_url(url)
         except ValueError as error:  # e.g. an unknown scheme or a port out of range
             raise ConfigError(
                 f"invalid Redis journal URL {mask_url(url)}: {error}", key="store"
             ) from None
-        self._record = self._client.register_script(_RECORD)
+        self._clients: PerLoop[aioredis.Redis] = PerLoop(
+            lambda: aioredis.from_url(url, **client_options), close=lambda c: c.aclose()
+        )
         self._group = GroupCommit(self._write_batch)
+
+    @property
+    def _client(self) -> Any:  # redis-py's command annotations reject plain str mappings
+        """The running event loop's client."""
+        return self._clients.get()
 
     def __repr__(self) -> str:
         return f"RedisCheckpointStore({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
@@ -114,14 +124,16 @@ class RedisCheckpointStore(CheckpointStore):
             meta = encode_meta(workflow_id)
             for start in range(0, len(fields), 2 * _CHUNK):
                 calls.append((self.key(workflow_id), [meta, *fields[start : start + 2 * _CHUNK]]))
+        client = self._client
+        script = client.register_script(_RECORD)
         try:
             if len(calls) == 1:
                 key, args = calls[0]
-                await self._record(keys=[key], args=args)
+                await script(keys=[key], args=args)
                 return
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for key, args in calls:
-                    await self._record(keys=[key], args=args, client=pipe)
+                    await script(keys=[key], args=args, client=pipe)
                 await pipe.execute()
         except RedisError as error:
             raise self._error("record a step", batch[0][0], error) from error
@@ -161,8 +173,8 @@ class RedisCheckpointStore(CheckpointStore):
         return sorted(found)
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close this event loop's connection pool (another loop's closes with its loop)."""
+        await self._clients.aclose()
 
 
 def _glob_escape(text: str) -> str:

@@ -24,8 +24,17 @@ def record_attempt(spec: AgentStepSpec, ctx: AgentContext) -> None:
 
 
 async def attempt(spec: AgentStepSpec, ctx: AgentContext) -> str:
-    """Record the run, sleep ``$FLEET_TEST_STEP_SLEEP`` seconds, echo the prompt."""
+    """Record the run, sleep ``$FLEET_TEST_STEP_SLEEP`` seconds, echo the prompt.
+
+    While ``~hang-<worker node>`` exists in the counter directory, a step starting on that
+    worker marks itself ``~hung-<task id>`` and never finishes: a kill trial uses it to be
+    sure the victim dies in the middle of a step.
+    """
     record_attempt(spec, ctx)
+    directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
+    if (directory / f"~hang-{ctx.worker}").exists():
+        (directory / f"~hung-{spec.task_id}").touch()
+        await asyncio.Event().wait()  # until the trial kills this worker
     await asyncio.sleep(float(os.environ.get("FLEET_TEST_STEP_SLEEP", "0")))
     return spec.prompt
 

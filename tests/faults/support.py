@@ -39,6 +39,8 @@ def attempts(counter_dir: Path) -> dict[str, list[Attempt]]:
     """Task id -> every run of that step, in order (see ``tests/faults/agents.py``)."""
     found: dict[str, list[Attempt]] = {}
     for path in counter_dir.iterdir():
+        if path.name.startswith("~"):  # a trial's marker (see agents.attempt), not a step
+            continue
         runs = []
         for line in path.read_text(encoding="utf-8").splitlines():
             worker, at = line.rsplit(" ", 1)

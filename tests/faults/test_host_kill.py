@@ -6,7 +6,10 @@ Each trial: its own redis-server and two workers. A child process runs
 still running on the workers. A second process resumes the same workflow id. Every step
 must run exactly once: journaled steps are served from the journal, steps that were
 running are re-attached to (their lease, then their done-marker) instead of being sent
-again, and the rest run.
+again, and the rest run. What the hosts send is counted at Redis (a MONITOR connection,
+``tests.celery_support.BrokerLog``): the workers' de-duplication would hide a re-sent step
+from the run counters, so the trial asserts that no step in flight at the kill was sent
+again.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from fleet import StepOutcome
 from fleet.config import FleetSettings
 from fleet.stores import RedisCheckpointStore
-from tests.celery_support import REPO, until
+from tests.celery_support import REPO, BrokerLog, step_ids, until
 from tests.faults.support import (
     attempts,
     fresh_redis,
@@ -75,6 +79,21 @@ def host_process(
         process.wait(timeout=10)
 
 
+def step_states(url: str, settings: FleetSettings, tids: dict[str, str]) -> dict[str, str]:
+    """Step task id -> ``done`` (its done-marker is set) or ``running`` (a lease is held)."""
+    client = redis.Redis.from_url(url)
+    try:
+        states = {}
+        for task, tid in tids.items():
+            if client.exists(f"{settings.key_prefix}:done:{tid}"):
+                states[task] = "done"
+            elif client.exists(f"{settings.key_prefix}:lease:{tid}"):
+                states[task] = "running"
+        return states
+    finally:
+        client.close()
+
+
 async def journaled(store: RedisCheckpointStore, workflow_id: str) -> set[str]:
     checkpoint = await store.load(workflow_id)
     return set() if checkpoint is None else set(checkpoint.completed())
@@ -86,8 +105,10 @@ async def one_trial(directory: Path) -> str:
     env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir), "FLEET_TEST_STEP_SLEEP": str(STEP_SLEEP_S)}
     workflow_id = f"wf-{directory.name}"
     first_out, second_out = directory / "first.json", directory / "second.json"
-    with fresh_redis(directory) as server:
-        settings = trial_settings(server.url, claim_timeout_s=2.0, step_lease_s=1.0)
+    with fresh_redis(directory) as server, BrokerLog(server.url) as log:
+        # A lease long enough that a worker starved of CPU keeps its steps: a lapsed
+        # lease would (rightly) be re-sent, which is not what this trial is about.
+        settings = trial_settings(server.url, claim_timeout_s=2.0, step_lease_s=5.0)
         store = RedisCheckpointStore(settings.redis_url, key_prefix=settings.key_prefix)
         names = ["worker1", "worker2"]
         try:
@@ -112,10 +133,12 @@ async def one_trial(directory: Path) -> str:
                 # Started but not journaled: running, or finished unheard by the dead host.
                 in_flight = started_at_kill - journal_at_kill
                 assert not first_out.exists(), "the first host finished before it was killed"
+                at_resume = step_states(server.url, settings, step_ids(log, settings.queue))
                 with host_process(settings, workflow_id, second_out, directory / "host2.log") as h2:
                     await until(lambda: h2.poll() is not None, 60, "the resumed host to finish")
                     assert h2.returncode == 0, (directory / "host2.log").read_text()[-3000:]
-                    resumed_in = time.time() - killed_at
+                    resumed_done_at = time.time()
+                    resumed_in = resumed_done_at - killed_at
                 left_journal = await journaled(store, workflow_id)
         finally:
             await store.close()
@@ -126,6 +149,13 @@ async def one_trial(directory: Path) -> str:
     assert in_flight, "no step was in flight when the host died (the trial proves nothing)"
     runs = {task: len(r) for task, r in attempts(counter_dir).items()}
     assert runs == {f"h{i}": 1 for i in range(STEPS)}, {t: n for t, n in runs.items() if n != 1}
+    tids, sends = step_ids(log, settings.queue), log.sends(settings.queue)
+    resent = {
+        task: at_resume.get(task, "queued")
+        for task in in_flight
+        if any(killed_at < at < resumed_done_at for at in sends[tids[task]])
+    }
+    assert not resent, f"the resumed host sent steps in flight at the kill again: {resent}"
     assert not left_journal, "the journal outlived a fully successful round"
     return (
         f"killed with {len(journal_at_kill)} journaled and {len(in_flight)} started but not "

@@ -77,11 +77,11 @@ async def one_trial(how: str, directory: Path) -> str:
         names = ["worker1", "worker2"]
         with fresh_workers(settings, directory, names, concurrency=CONCURRENCY, env=env) as fleet:
             executor = CeleryExecutor(settings=settings)
-            finished: set[str] = set()
+            finished: dict[str, float] = {}
 
             def sink(event: object) -> None:
                 if isinstance(event, StepFinished):
-                    finished.add(event.task_id)
+                    finished[event.task_id] = time.time()
 
             round_ = asyncio.create_task(
                 execute_steps_parallel(executor, specs(STEPS, "r"), events=sink)
@@ -89,7 +89,17 @@ async def one_trial(how: str, directory: Path) -> str:
             try:
                 await until(lambda: len(finished) >= STEPS // 3, 60, "a third of the round")
                 down_at, up_at = await asyncio.to_thread(restart, server, how)
-                outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=90)
+                try:
+                    outcomes: list[StepOutcome] = await asyncio.wait_for(round_, timeout=90)
+                except TimeoutError:
+                    open_steps = sorted({f"r{i}" for i in range(STEPS)} - set(finished))
+                    logs = {w.name: w.log_text()[-1500:] for w in fleet.workers.values()}
+                    alive = {w.name: w.process.poll() is None for w in fleet.workers.values()}
+                    raise AssertionError(
+                        f"the round did not finish 90 s after the restart; open: {open_steps}, "
+                        f"ran: { {t: len(attempts(counter_dir).get(t, [])) for t in open_steps} }"
+                        f", workers alive: {alive}, logs: {logs}"
+                    ) from None
                 ended_at = time.time()
             finally:
                 if not round_.done():
@@ -97,11 +107,16 @@ async def one_trial(how: str, directory: Path) -> str:
                     await asyncio.gather(round_, return_exceptions=True)
                 await executor.aclose()
             alive = [w.name for w in fleet.workers.values() if w.process.poll() is None]
+            dead_logs = {
+                w.name: w.log_text()[-3000:]
+                for w in fleet.workers.values()
+                if w.process.poll() is not None
+            }
 
     failed = [(o.task_id, o.error, o.output[:200]) for o in outcomes if not o.success]
     assert not failed, f"steps failed after the Redis restart: {failed[:5]}"
     assert [o.output for o in outcomes] == [f"p{i}" for i in range(STEPS)]
-    assert alive == names, f"workers died: {alive}"
+    assert alive == names, f"workers died (alive: {alive}): {dead_logs}"
     ran = attempts(counter_dir)
     assert set(ran) == {f"r{i}" for i in range(STEPS)}
     too_many = {task: len(runs) for task, runs in ran.items() if len(runs) > 2}
@@ -114,9 +129,13 @@ async def one_trial(how: str, directory: Path) -> str:
     assert not early, f"steps that had finished well before the outage ran again: {early}"
     late = {task for task in twice if ran[task][0].at > up_at}
     assert not late, f"steps first started after Redis was back ran twice: {late}"
+    # The outage must have hit work in flight: steps a worker had started before Redis
+    # went down whose outcome reached the host only after it went down.
+    overlapped = {t for t, runs in ran.items() if runs[0].at < down_at < finished[t]}
+    assert overlapped, "no step was in flight when Redis went down (the trial proves nothing)"
     return (
-        f"{how}: down {up_at - down_at:.2f} s, round done {ended_at - up_at:.2f} s after "
-        f"restart, {len(twice)} step(s) ran twice"
+        f"{how}: down {up_at - down_at:.2f} s with {len(overlapped)} steps in flight, round "
+        f"done {ended_at - up_at:.2f} s after restart, {len(twice)} step(s) ran twice"
     )
 
 

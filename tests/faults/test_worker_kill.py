@@ -1,11 +1,16 @@
 """kill -9 one of three workers while a 300-step round is half done.
 
 Each trial: its own redis-server, three workers (threads pool, 4 threads each), 300 steps
-of 200 ms. When half the round has finished and the victim has steps running, the victim
-is SIGKILLed. The round must complete with every step successful; no step that had
+of 200 ms. When half the round has finished, the victim's next steps hang (see
+``agents.attempt``) and, once one does, the victim is SIGKILLed: always mid-step. The round must complete with every step successful; no step that had
 completed runs again; only steps in flight on the victim run a second time (at most its
-concurrency); and the host re-sends each of them within the recovery bound of
-docs/CELERY.md, computed from the settings the trial passes:
+concurrency); and the host re-sends each of them as the recovery bound of docs/CELERY.md
+says, checked part by part on Redis's own clock (a MONITOR connection, see
+``tests.celery_support.BrokerLog``): the dead worker's lease is not renewed after its
+death, the step is not re-sent while the lease lives, and it is re-sent on the host's
+first look at the lapsed lease. The wall-clock time to the re-send is reported, not
+asserted: on a loaded 2-core runner the host's checks come round late, which is
+scheduling, not a broken bound.
 
     max(step_lease_s, claim_timeout_s) + check_interval
 """
@@ -14,16 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fleet import StepOutcome, execute_steps_parallel
 from fleet.celery import CeleryExecutor
 from fleet.events import StepFinished
-from tests.celery_support import until
+from tests.celery_support import (
+    BrokerLog,
+    check_resent_at_first_check_after_lapse,
+    step_ids,
+    until,
+)
 from tests.faults.support import (
     attempts,
     fresh_redis,
@@ -42,23 +50,6 @@ CONCURRENCY = 4
 CLAIM_TIMEOUT_S = 2.0
 STEP_LEASE_S = 1.0
 MAX_IN_FLIGHT = 24
-SCHEDULING_SLACK_S = 0.5
-"""Allowance for the host's event loop and the send thread on a loaded 2-core machine."""
-
-
-class RecordingExecutor(CeleryExecutor):
-    """A CeleryExecutor that notes when each step's message is sent (first send, re-sends)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.sends: dict[str, list[float]] = defaultdict(list)
-
-    async def _send(self, signatures: list[Any], *, as_group: bool) -> None:
-        now = time.time()
-        for signature in signatures:
-            # argsrepr is "<workflow id> <task id> <agent>" (fleet.celery.step_summary)
-            self.sends[signature.options["argsrepr"].split()[1]].append(now)
-        await super()._send(signatures, as_group=as_group)
 
 
 def recovery_bound_s(executor: CeleryExecutor) -> float:
@@ -72,7 +63,7 @@ async def one_trial(directory: Path) -> str:
     counter_dir.mkdir()
     env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir), "FLEET_TEST_STEP_SLEEP": str(STEP_SLEEP_S)}
     names = ["worker1", "worker2", "worker3"]
-    with fresh_redis(directory) as server:
+    with fresh_redis(directory) as server, BrokerLog(server.url) as log:
         settings = trial_settings(
             server.url,
             claim_timeout_s=CLAIM_TIMEOUT_S,
@@ -82,31 +73,29 @@ async def one_trial(directory: Path) -> str:
         with fresh_workers(settings, directory, names, concurrency=CONCURRENCY, env=env) as fleet:
             victim = fleet.workers["worker2"].node
             survivors = {fleet.workers[name].node for name in ("worker1", "worker3")}
-            executor = RecordingExecutor(settings=settings)
+            executor = CeleryExecutor(settings=settings)
             finished: dict[str, str] = {}
 
             def sink(event: object) -> None:
                 if isinstance(event, StepFinished):
                     finished[event.task_id] = event.worker
 
-            def victim_busy() -> bool:
-                started = {
-                    t for t, runs in attempts(counter_dir).items() if runs[-1].worker == victim
-                }
-                return bool(started - set(finished))
-
+            hang = counter_dir / f"~hang-{victim}"
             round_ = asyncio.create_task(
                 execute_steps_parallel(executor, specs(STEPS, "w"), events=sink)
             )
             try:
+                await until(lambda: len(finished) >= STEPS // 2, 90, "half the round done")
+                # From now on the victim's steps stay in flight until it dies: the kill is
+                # always mid-step (a victim that just finished its steps proves nothing).
+                hang.touch()
                 await until(
-                    lambda: len(finished) >= STEPS // 2 and victim_busy(),
-                    90,
-                    "half the round done with the victim busy",
+                    lambda: any(counter_dir.glob("~hung-*")), 60, "a step stuck on the victim"
                 )
                 finished_before = set(finished)
                 killed_at = time.time()
                 await asyncio.to_thread(fleet.kill, "worker2")
+                dead_at = time.time()  # reaped: nothing of the victim runs after this
                 # The victim is gone: every step it ever started is on disk now.
                 started_on_victim = {
                     task
@@ -132,22 +121,23 @@ async def one_trial(directory: Path) -> str:
     assert all(len(ran[task]) == 2 for task in twice), {t: ran[t] for t in twice}
     assert twice <= in_flight, f"re-run steps not in flight on the victim: {twice - in_flight}"
     assert 1 <= len(twice) <= CONCURRENCY, f"{len(twice)} steps ran twice: {sorted(twice)}"
+    stuck = {p.name[len("~hung-") :] for p in counter_dir.glob("~hung-*")}
+    assert stuck <= twice, f"steps stuck on the victim did not run again: {stuck - twice}"
     for task in twice:
         first, second = ran[task]
         assert first.worker == victim and second.worker in survivors, ran[task]
         assert outcomes[int(task[1:])].worker == second.worker
-    # The documented bound: each orphaned step was sent again within it after the kill.
-    bound = recovery_bound_s(executor)
-    resent_after = {
-        task: min(at for at in executor.sends[task] if at > killed_at) - killed_at for task in twice
-    }
-    late = {task: round(s, 3) for task, s in resent_after.items() if s > bound + SCHEDULING_SLACK_S}
-    assert not late, f"re-sent later than the {bound:.3f} s bound (+{SCHEDULING_SLACK_S} s): {late}"
+    # The documented bound, part by part on Redis's clock (see the module docstring).
+    tids = step_ids(log, settings.queue)
+    for task in twice:
+        check_resent_at_first_check_after_lapse(log, settings, tids[task], dead_at)
+    sends = log.sends(settings.queue)
+    resent_after = max(sends[tids[task]][1] for task in twice) - killed_at
     rerun_started = max(ran[task][1].at for task in twice) - killed_at
     return (
-        f"{len(in_flight)} in flight on the victim, {len(twice)} ran twice; re-sent "
-        f"{max(resent_after.values()):.2f} s after the kill (bound {bound:.3f} s), re-run "
-        f"started {rerun_started:.2f} s after, round done {ended_at - killed_at:.2f} s after"
+        f"{len(in_flight)} in flight on the victim, {len(twice)} ran twice; last re-sent "
+        f"{resent_after:.2f} s after the kill (bound {recovery_bound_s(executor):.3f} s), "
+        f"re-run started {rerun_started:.2f} s after, round done {ended_at - killed_at:.2f} s after"
     )
 
 

@@ -21,15 +21,17 @@ server sends back, so it never reaches an outcome, an event or a log line.
 
 The package, by role: :mod:`.config` (the agents-file table), :mod:`.tools` (python
 functions the model may call), :mod:`.wire` (typed, lenient parsing of what the server
-sends), :mod:`.transport` (pooled HTTP clients, retries, backoff), :mod:`.conversation`
-(one step: calls, tool rounds, structured output) and :mod:`.agent` (the agent object).
+sends), :mod:`.transport` (pooled HTTP clients, retries), :mod:`.retry` (backoff),
+:mod:`.capabilities` (what the server accepts), :mod:`.concurrency` (calls in flight),
+:mod:`.conversation` (one step: calls, tool rounds, structured output) and :mod:`.agent`
+(the agent object).
 """
 
 from .agent import OpenAIAgent as OpenAIAgent
 from .agent import definition_from_config as definition_from_config
 from .config import OpenAIAgentConfig as OpenAIAgentConfig
 from .config import OpenAIToolConfig as OpenAIToolConfig
-from .transport import backoff as backoff
+from .retry import backoff as backoff
 
 __all__ = [
     "OpenAIAgent",

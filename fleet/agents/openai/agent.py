@@ -11,8 +11,10 @@ from pydantic import ValidationError
 
 from ...config import mask_url
 from ...errors import ConfigError
+from ...pricing import ModelPrice, UnknownPrice, price_model
 from ...spec import AgentStepSpec, describe_validation_error
 from ..base import AgentContext, AgentDefinition, AgentResult, estimate_tokens
+from .capabilities import Capabilities
 from .config import OpenAIAgentConfig
 from .conversation import CONTRACT, Conversation
 from .tools import Tool, build_tool
@@ -32,15 +34,28 @@ class OpenAIAgent:
     Args:
         config: the server, model and behaviour.
         name: the agent's name in log lines.
+        prices: the agents file's ``[prices."MODEL"]`` tables; they win over genai-prices.
+        unknown_price: the default for an unpriced model when ``config.unknown_price``
+            is not set (the agents file's top-level key).
 
     Raises:
         ConfigError: a tool cannot be imported or its parameters are not a JSON Schema,
             or two tools share a name.
     """
 
-    def __init__(self, config: OpenAIAgentConfig, *, name: str = "openai") -> None:
+    def __init__(
+        self,
+        config: OpenAIAgentConfig,
+        *,
+        name: str = "openai",
+        prices: Mapping[str, ModelPrice] | None = None,
+        unknown_price: UnknownPrice = "refuse",
+    ) -> None:
         self.config = config
         self.name = name
+        self.prices = dict(prices or {})
+        self.unknown_price: UnknownPrice = config.unknown_price or unknown_price
+        self._price: tuple[ModelPrice | None] | None = None
         tools: dict[str, Tool] = {}
         for tool_config in config.tools:
             tool = build_tool(tool_config)
@@ -53,6 +68,7 @@ class OpenAIAgent:
         self.tools: Mapping[str, Tool] = tools
         self.where = mask_url(config.base_url)
         self.transport = Transport(config, where=self.where)
+        self.capabilities = Capabilities(json_schema_format=config.json_schema_format)
         self.endpoint = self.transport.endpoint
 
     def __repr__(self) -> str:
@@ -72,6 +88,24 @@ class OpenAIAgent:
             prompt = f"{prompt}\n\n{CONTRACT.format(schema=schema)}"
         messages.append({"role": "user", "content": prompt})
         return messages
+
+    @property
+    def price(self) -> ModelPrice | None:
+        """The model's price (the agents file's table, else genai-prices); ``None``: unpriced.
+
+        Looked up on first use: genai-prices' bundled data takes a moment to load.
+        """
+        if self._price is None:
+            config = self.config
+            self._price = (
+                price_model(
+                    config.model,
+                    prices=self.prices,
+                    provider=config.provider,
+                    base_url=config.base_url,
+                ),
+            )
+        return self._price[0]
 
     def tool_schemas(self) -> list[dict[str, Any]]:
         """The ``tools`` array sent to the server."""
@@ -108,18 +142,27 @@ class OpenAIAgent:
             key=key,
             label=f"agent {self.name!r} step {spec.task_id!r}",
             remaining_s=ctx.remaining_s,
-            gate=ctx if ctx.limit is not None else None,
+            limit=ctx if ctx.limit is not None else None,
         )
         return await Conversation(self, spec, ctx, sender).run()
 
 
-def definition_from_config(name: str, table: Mapping[str, Any], *, source: str) -> AgentDefinition:
+def definition_from_config(
+    name: str,
+    table: Mapping[str, Any],
+    *,
+    source: str,
+    prices: Mapping[str, ModelPrice] | None = None,
+    unknown_price: UnknownPrice = "refuse",
+) -> AgentDefinition:
     """Build the agent of one ``[agents.NAME]`` table of kind ``openai``.
 
     Args:
         name: the agent's name.
         table: the table's keys (``kind`` included).
         source: where the table came from (the file path), for messages.
+        prices: the file's ``[prices."MODEL"]`` tables.
+        unknown_price: the file's top-level ``unknown_price`` (default ``"refuse"``).
 
     Raises:
         ConfigError: a key is missing, unknown or of the wrong type, or a tool is
@@ -144,7 +187,7 @@ def definition_from_config(name: str, table: Mapping[str, Any], *, source: str) 
             key=f"agents.{name}.{field}",
         ) from None
     try:
-        agent = OpenAIAgent(config, name=name)
+        agent = OpenAIAgent(config, name=name, prices=prices, unknown_price=unknown_price)
     except ConfigError as problem:
         raise ConfigError(f"{where}: {problem}", key=problem.key) from None
     return agent.definition(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -66,13 +66,24 @@ class OpenAIAgentConfig(_ConfigModel):
     attempts per call at most)."""
     backoff_s: float = Field(default=0.5, ge=0)
     """First retry's delay without ``Retry-After``; doubles per retry (jittered, ≤ 30 s)."""
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Model calls this agent keeps in flight to its server at most, per process
+    (``None``: up to 64). Below it the agent adapts: it starts at one and backs off when
+    calls time out or slow down (see ``fleet.agents.openai.concurrency``)."""
     max_tool_rounds: int = Field(default=8, ge=0)
     """Tool rounds allowed when the spec sets no ``max_steps``."""
     json_schema_format: bool = True
-    """Send ``response_format: json_schema`` with an ``output_schema`` (dropped for the rest
-    of the step if the server rejects it)."""
+    """Send a ``response_format`` with an ``output_schema`` (``json_schema``; a server that
+    rejects it gets ``json_object``, then none, remembered for the process)."""
     tools: tuple[OpenAIToolConfig, ...] = ()
     """Python functions the model may call."""
+    provider: str | None = None
+    """genai-prices' provider id for pricing (e.g. ``"openai"``); by default the provider
+    whose API ``base_url`` is, else the one whose models match ``model``."""
+    unknown_price: Literal["refuse", "allow"] | None = None
+    """A model with no price under a budget: ``"refuse"`` fails the step ``no_price``
+    before any request; ``"allow"`` runs it uncounted. Default: the agents file's
+    top-level ``unknown_price``, else ``"refuse"``."""
 
     @field_validator("tools", mode="before")
     @classmethod

@@ -8,21 +8,27 @@ concerns hook into:
 2. the request itself (:meth:`Conversation.send`, retries inside);
 3. :meth:`Conversation.after_call` — *after each model call, usage known*: the usage the
    server reported (or an estimate) is charged to the step.
+
+Around the request, the call's worst case in dollars is held in the budget (its
+``max_tokens`` capped to fit) and its real cost settled from the reported usage
+(:meth:`fleet.agents.AgentContext.hold_call`); an unpriced model fails ``no_price``
+before the request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator
-
 from ... import metrics, telemetry
 from ...errors import AgentError
 from ...spec import AgentStepSpec, TokenUsage
+from ...step import validate_output
 from ..base import AgentContext, AgentResult, estimate_tokens
+from .capabilities import Learned
 from .tools import run_tool_call
 from .transport import Refused, Sender
 from .wire import ChatCompletion, Message, ToolCall, parse_json
@@ -44,14 +50,24 @@ _REPAIR = (
 )
 
 
+MAX_FALLBACKS = 6
+"""Request features one call may fall back on before the refusal is final."""
+
+
 @dataclass
 class Call:
-    """One model call about to be made."""
+    """One model call about to be made (the request body is rendered from it per try)."""
 
-    body: dict[str, Any]
-    """The request body (``max_tokens`` already capped to the step's hold)."""
+    messages: list[dict[str, Any]]
+    """The conversation so far."""
+    tools: bool
+    """Whether the tools are offered."""
+    max_tokens: int | None
+    """The completion-token cap (already capped to the step's hold; ``None``: no cap)."""
     prompt_estimate: int
     """Tokens the prompt is expected to take."""
+    output_schema: dict[str, Any] | None
+    """The schema to ask for through ``response_format``, if any."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,6 @@ class Conversation:
         self.ctx = ctx
         self.sender = sender
         self.label = sender.label
-        self.use_format = self.config.json_schema_format and spec.output_schema is not None
 
     async def run(self) -> AgentResult:
         """The whole step: calls and tool rounds until a final answer."""
@@ -141,22 +156,14 @@ class Conversation:
         return AgentResult(output=output, structured=value, usage=self.ctx.used)
 
     def validate(self, text: str) -> tuple[str, Any, str | None]:
-        """``(json_text, value, problem)`` for one answer."""
+        """``(json_text, value, problem)`` for one answer (a Markdown fence tolerated)."""
         assert self.spec.output_schema is not None
         try:
-            value, stripped = parse_json(text)
+            parsed, stripped = parse_json(text)
         except ValueError as problem:
             return text, None, f"output is not JSON ({problem})"
-        validator = Draft202012Validator(self.spec.output_schema)
-        errors = sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-        if errors:
-            where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
-            return (
-                stripped,
-                None,
-                f"output does not match output_schema at {where}: {errors[0].message}",
-            )
-        return stripped, value, None
+        value, problem_text = validate_output(self.spec.output_schema, stripped, parsed)
+        return stripped, value, problem_text
 
     # -- one call ----------------------------------------------------------------------
 
@@ -167,11 +174,11 @@ class Conversation:
         """
         call = self.before_call(messages, tools=tools)
         if telemetry.active() is None:
-            reply = self.after_call(call, ChatCompletion.parse(await self.send(call)))
+            reply = await self._priced_call(call)
         else:
             with telemetry.span(f"chat {self.config.model}", self._call_attributes()) as span:
                 before = self.ctx.used
-                reply = self.after_call(call, ChatCompletion.parse(await self.send(call)))
+                reply = await self._priced_call(call)
                 used = self.ctx.used
                 span.set_attribute(
                     "gen_ai.usage.input_tokens", used.prompt_tokens - before.prompt_tokens
@@ -200,43 +207,110 @@ class Conversation:
             attributes["gen_ai.request.temperature"] = config.temperature
         return attributes
 
+    async def _priced_call(self, call: Call) -> Reply:
+        """Send ``call`` under its dollar hold (if any); charge and settle what it used."""
+        money = await self.ctx.hold_call(
+            self.agent.price,
+            model=self.config.model,
+            agent=self.agent.name,
+            prompt_tokens=call.prompt_estimate,
+            max_tokens=self.config.max_tokens if call.max_tokens is None else call.max_tokens,
+            unknown_price=self.agent.unknown_price,
+        )
+        if money.reservation is not None:
+            call.max_tokens = money.max_tokens
+        before, charged = self.ctx.used, None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if money.reservation is not None:
+                    await stack.enter_async_context(money.reservation.kept_alive())
+                data = await self.send(call)
+            completion = ChatCompletion.parse(data)
+            try:
+                return self.after_call(call, completion)
+            finally:
+                charged = _since(before, self.ctx.used)
+        finally:
+            await money.settle(charged)
+
     def before_call(self, messages: list[dict[str, Any]], *, tools: bool) -> Call:
-        """Before each model call: check the step's hold and build the capped request.
+        """Before each model call: check the step's hold and cap the call's tokens.
 
         Raises:
             BudgetExhaustedError: the hold cannot cover the prompt.
         """
         estimate = self.agent.prompt_estimate(messages, tools=tools)
         cap = self.ctx.check_tokens(self.config.max_tokens, prompt_estimate=estimate)
+        return Call(
+            messages=messages,
+            tools=tools,
+            max_tokens=cap,
+            prompt_estimate=estimate,
+            output_schema=self.spec.output_schema,
+        )
+
+    def render(self, call: Call, learned: Learned) -> dict[str, Any]:
+        """The request body for ``call``, in the features the server is known to accept."""
+        messages = call.messages
+        if not learned.null_content:
+            messages = [
+                {**m, "content": ""} if "content" in m and m["content"] is None else m
+                for m in messages
+            ]
         body: dict[str, Any] = {"model": self.config.model, "messages": messages}
-        if cap is not None:
-            body["max_tokens"] = cap
-        if self.config.temperature is not None:
+        if call.max_tokens is not None:
+            body[learned.token_field] = call.max_tokens
+        if self.config.temperature is not None and "temperature" not in learned.dropped:
             body["temperature"] = self.config.temperature
-        if tools:
+        if call.tools:
             body["tools"] = self.agent.tool_schemas()
-        if self.use_format:
+            if "tool_choice" not in learned.dropped:
+                # OpenAI's default, but some servers (llama-cpp-python) ignore tools without it.
+                body["tool_choice"] = "auto"
+        schema = call.output_schema
+        if schema is not None and learned.response_format == "json_schema":
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "step_output", "schema": self.spec.output_schema},
+                "json_schema": {"name": "step_output", "schema": schema},
             }
-        return Call(body=body, prompt_estimate=estimate)
+        elif schema is not None and learned.response_format == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        return body
 
     async def send(self, call: Call) -> Any:
-        """Send the call (retries inside); a rejected ``response_format`` is dropped."""
-        body = call.body
-        tokens = call.prompt_estimate + body.get("max_tokens", self.config.max_tokens)
-        try:
-            return await self.sender.post(body, call_tokens=tokens)
-        except Refused as refused:
-            if refused.status != 400 or "response_format" not in body:
-                raise
-            logger.info(
-                "%s: server rejected response_format; asking in the prompt only", self.label
-            )
-            self.use_format = False
-            del body["response_format"]
-            return await self.sender.post(body, call_tokens=tokens)
+        """Send the call (retries inside), falling back on features the server refuses.
+
+        The body is built when the call gets its slot, so a call that waited behind one
+        whose refusal taught the agent something is sent the new way at once.
+        """
+        capabilities = self.agent.capabilities
+        used = capabilities.learned
+        cap = call.max_tokens if call.max_tokens is not None else self.config.max_tokens
+        tokens = call.prompt_estimate + cap
+
+        def body() -> dict[str, Any]:
+            nonlocal used
+            used = capabilities.learned
+            return self.render(call, used)
+
+        for _ in range(MAX_FALLBACKS):
+            try:
+                return await self.sender.post(body, call_tokens=tokens)
+            except Refused as refused:
+                if refused.rejected is None:
+                    raise
+                change = capabilities.fall_back(refused.rejected, refused.detail, used)
+                if change is None:
+                    raise
+                if change:
+                    logger.warning(
+                        "agent %r: the model server at %s rejects %r; using %s from now on",
+                        self.agent.name,
+                        self.agent.where,
+                        refused.rejected,
+                        change,
+                    )
+        return await self.sender.post(body, call_tokens=tokens)
 
     def after_call(self, call: Call, completion: ChatCompletion) -> Reply:
         """After each model call: charge its usage to the step and return its message.
@@ -267,6 +341,14 @@ class Conversation:
             tool_calls=message.tool_calls,
             finish_reason=choice.finish_reason if choice is not None else None,
         )
+
+
+def _since(before: TokenUsage, after: TokenUsage) -> TokenUsage:
+    """The usage charged between two readings of a step's total."""
+    return TokenUsage(
+        prompt_tokens=after.prompt_tokens - before.prompt_tokens,
+        completion_tokens=after.completion_tokens - before.completion_tokens,
+    )
 
 
 def _message_json(message: Message | None) -> str:

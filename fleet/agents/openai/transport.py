@@ -6,20 +6,17 @@ costs tens of milliseconds of CPU, once per process instead of once per step). A
 client is closed when the loop shuts down its async generators (``asyncio.run`` does),
 or by :meth:`Transport.aclose`.
 
-What is retried, how long to wait, and how the server's refusals are named are plain
-functions (:func:`backoff`, :func:`retry_after`) and one method (:meth:`Sender.refusal`).
+What is retried and how the server's refusals are named is :meth:`Sender.refusal`; how
+long to wait is :mod:`.retry`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import json
 import logging
-import math
 import random
-import re
 import ssl
 import threading
 import time
@@ -30,91 +27,17 @@ import httpx
 
 from ...errors import AgentError
 from ...limiters import Admission
+from .capabilities import rejected_field, validation_error
+from .concurrency import Gate
 from .config import OpenAIAgentConfig
+from .connections import AiohttpTransport
+from .retry import backoff, reset_after, retry_after
 from .wire import error_message
 
-__all__ = [
-    "MAX_BACKOFF_S",
-    "MAX_RETRY_AFTER_S",
-    "Refused",
-    "Sender",
-    "Transient",
-    "Transport",
-    "backoff",
-    "reset_after",
-    "retry_after",
-]
+__all__ = ["CallGate", "Refused", "Sender", "Transient", "Transport"]
 
-logger = logging.getLogger("fleet.agents.openai")
-
-MAX_RETRY_AFTER_S = 120.0
-"""The longest ``Retry-After`` honoured; a server asking for more gets this."""
-MAX_BACKOFF_S = 30.0
-"""The longest wait between retries without ``Retry-After`` (before jitter)."""
 LEASE_MARGIN_S = 5.0
 """A call's in-flight slot under a provider limit outlives its request timeout by this."""
-
-
-def backoff(
-    attempt: int,
-    retry_after: float | None,
-    *,
-    base_s: float,
-    jitter: float = 0.0,
-    cap_s: float = MAX_BACKOFF_S,
-) -> float:
-    """Seconds to wait before retrying after failed attempt number ``attempt`` (1-based).
-
-    The server's ``retry_after`` wins when it gave one; otherwise ``base_s`` doubles per
-    attempt up to ``cap_s``, plus ``jitter * base_s`` (pass ``random.random()``).
-    """
-    if retry_after is not None:
-        return retry_after
-    return float(min(base_s * 2 ** (attempt - 1), cap_s) + jitter * base_s)
-
-
-def retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``)."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return min(max(float(millis) / 1000, 0.0), MAX_RETRY_AFTER_S)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def reset_after(headers: httpx.Headers) -> float | None:
-    """Seconds until the provider's windows reset (``x-ratelimit-reset-*``, e.g. ``6m0s``)."""
-    longest: float | None = None
-    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
-        value = headers.get(name, "").strip()
-        parts = _DURATION.findall(value)
-        if parts and not _DURATION.sub("", value):
-            seconds = sum(float(n) * _UNIT_S[unit] for n, unit in parts)
-        else:
-            try:  # a bare number of seconds
-                seconds = float(value)
-            except ValueError:
-                continue
-        if math.isfinite(seconds):
-            longest = max(longest or 0.0, min(max(seconds, 0.0), MAX_RETRY_AFTER_S))
-    return longest
 
 
 def _usage_total(data: Any) -> int | None:
@@ -134,23 +57,58 @@ class CallGate(Protocol):
         """The provider answered 429: pause the limit fleet-wide for ``seconds``."""
 
 
+logger = logging.getLogger("fleet.agents.openai")
+
+
 class Transient(Exception):
     """A failure worth retrying (429, 5xx, timeout, dropped connection)."""
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, status: int | None = None
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        congestion: bool = False,
+        abandoned: bool = False,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
+        self.congestion = congestion
+        """The server is saturated (a timeout, 429 or 503)."""
+        self.abandoned = abandoned
+        """We hung up on a request the server may still be working on (a timeout)."""
 
 
 class Refused(AgentError):
-    """The server refused the request with an HTTP status we do not retry."""
+    """The server refused the request with an HTTP status we do not retry.
 
-    def __init__(self, message: str, *, status: int, kind: str = "provider") -> None:
+    Attributes:
+        status: the HTTP status.
+        rejected: the request field a validation error named, if any.
+        detail: the server's error message (for choosing a fallback; never logged).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        kind: str = "provider",
+        rejected: str | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(message, kind=kind)
         self.status = status
+        self.rejected = rejected
+        self.detail = detail
+
+
+def _first_line(message: str, limit: int = 200) -> str:
+    """A server message as one short line (tracebacks and long bodies cut)."""
+    line = message.strip().splitlines()[0] if message.strip() else "(empty)"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 @functools.cache
@@ -160,11 +118,17 @@ def _tls() -> ssl.SSLContext:
 
 
 async def _closed_with_loop(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
-    # The loop finalises live async generators when it shuts down: close the pool then.
+    # The loop finalises live async generators when it shuts down (and when the agent is
+    # dropped): close the pool then. Shielded, because a loop shutting down cancels tasks,
+    # and a half-closed pool leaves sockets open.
     try:
         yield
     finally:
-        await client.aclose()
+        closing = asyncio.ensure_future(client.aclose())
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            pass  # the close goes on in the loop's last turns
 
 
 _Closer = AsyncGenerator[None, None]
@@ -182,6 +146,7 @@ class Transport:
         self.config = config
         self.where = where
         self.endpoint = config.base_url.rstrip("/") + "/chat/completions"
+        self.gate = Gate(config.max_concurrent)
         self._lock = threading.Lock()
         self._clients: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, _Closer]] = {}
 
@@ -191,9 +156,9 @@ class Transport:
         found = self._clients.get(loop)
         if found is not None and not found[0].is_closed:
             return found[0]
-        client = httpx.AsyncClient(
-            verify=_tls(), limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        )
+        # aiohttp's pool underneath: httpcore's costs CPU per call in proportion to the
+        # calls in flight (see connections.py), and a worker's loop holds hundreds.
+        client = httpx.AsyncClient(transport=AiohttpTransport(ssl_context=_tls()))
         closer = _closed_with_loop(client)
         await closer.asend(None)
         with self._lock:
@@ -214,10 +179,10 @@ class Transport:
         key: str | None,
         label: str,
         remaining_s: Callable[[], float | None],
-        gate: CallGate | None = None,
+        limit: CallGate | None = None,
     ) -> Sender:
         """What one step sends requests through (its key, deadline, log label, limit)."""
-        return Sender(self, key=key, label=label, remaining_s=remaining_s, gate=gate)
+        return Sender(self, key=key, label=label, remaining_s=remaining_s, limit=limit)
 
 
 class Sender:
@@ -228,7 +193,7 @@ class Sender:
         key: the API key (``None``: no ``Authorization`` header).
         label: names the agent and step in log lines.
         remaining_s: seconds left before the step's deadline (``None``: no deadline).
-        gate: admits every HTTP request under the agent's provider limit first
+        limit: admits every HTTP request under the agent's provider limit first
             (``None``: no limit).
     """
 
@@ -239,10 +204,10 @@ class Sender:
         key: str | None,
         label: str,
         remaining_s: Callable[[], float | None],
-        gate: CallGate | None = None,
+        limit: CallGate | None = None,
     ) -> None:
         self.transport = transport
-        self.gate = gate
+        self.limit = limit
         self.config = transport.config
         self.label = label
         self.remaining_s = remaining_s
@@ -256,11 +221,14 @@ class Sender:
             text = text.replace(secret, "***")
         return text
 
-    async def post(self, body: dict[str, Any], *, call_tokens: int = 0) -> Any:
+    async def post(self, body: Callable[[], dict[str, Any]], *, call_tokens: int = 0) -> Any:
         """POST one request, retrying transient failures within the step's deadline.
 
         Each attempt is admitted under the provider limit first, as ``call_tokens``
         (the prompt estimate plus the call's ``max_tokens``).
+
+        ``body()`` builds the request when its slot is granted, so each try is sent in the
+        features the server is known to accept by then.
 
         Returns:
             The decoded JSON body of a 2xx answer.
@@ -306,20 +274,20 @@ class Sender:
             kind="unavailable",
         )
 
-    async def admitted_attempt(self, body: dict[str, Any], call_tokens: int) -> Any:
+    async def admitted_attempt(self, body: Callable[[], dict[str, Any]], call_tokens: int) -> Any:
         """One request admitted under the provider limit, settled with its real usage.
 
         A 429 spends nothing at the provider and pauses the limit for the whole fleet
         until the provider's reset (``Retry-After``, ``retry-after-ms`` or
         ``x-ratelimit-reset-*``); an answer without usage keeps the estimate.
         """
-        if self.gate is None:
+        if self.limit is None:
             return await self.attempt(body)
         # The client first: building one (TLS context) can hold the loop for a while, and
         # the window counts a call from its admission, so send right after it.
         await self.transport.client()
         lease_s = self.config.timeout_s + LEASE_MARGIN_S
-        admission = await self.gate.admit_call(call_tokens, lease_s=lease_s)
+        admission = await self.limit.admit_call(call_tokens, lease_s=lease_s)
         used: int | None = None
         sent: list[float] = []
         try:
@@ -334,22 +302,51 @@ class Sender:
             await asyncio.shield(admission.settle(used, sent_at=sent[0] if sent else None))
 
     async def _pause(self, headers: httpx.Headers) -> None:
-        assert self.gate is not None
+        assert self.limit is not None
         reset = retry_after(headers) or reset_after(headers)
         if reset:
-            await self.gate.pause_limit(reset)
+            await self.limit.pause_limit(reset)
 
     async def attempt(
         self,
-        body: dict[str, Any],
+        body: Callable[[], dict[str, Any]],
         *,
         on_429: Callable[[httpx.Headers], Any] | None = None,
         on_sent: Callable[[float], None] | None = None,
     ) -> Any:
-        """One HTTP request; raises :class:`Transient` for what is worth retrying.
+        """One HTTP request in one of the agent's slots; :class:`Transient` if worth retrying.
 
-        ``on_sent`` is called with ``time.monotonic()`` once the request is written.
+        The slot is waited for before the request's own timeout starts; the answer (or
+        its absence) adjusts how many slots there are (see :mod:`.concurrency`).
         """
+        gate = self.transport.gate
+        ticket = await gate.acquire()
+        try:
+            data, latency, tokens = await self._request(body(), on_429, on_sent)
+        except Transient as problem:
+            if problem.congestion:
+                # A timed-out request may still be running on the server: hold its slot.
+                hold_s = self.config.timeout_s if problem.abandoned else 0.0
+                remaining = self.remaining_s()
+                if remaining is not None:
+                    hold_s = min(hold_s, remaining)
+                await gate.release_congested(ticket, hold_s=hold_s)
+            else:
+                gate.forget()
+            raise
+        except BaseException:
+            gate.forget()
+            raise
+        gate.release(ticket, latency_s=latency, tokens=tokens, timeout_s=self.config.timeout_s)
+        return data
+
+    async def _request(
+        self,
+        body: dict[str, Any],
+        on_429: Callable[[httpx.Headers], Any] | None,
+        on_sent: Callable[[float], None] | None,
+    ) -> tuple[Any, float, int]:
+        """The HTTP request itself; ``on_sent`` gets ``time.monotonic()`` once it is written."""
         extensions: dict[str, Any] = {}
         if on_sent is not None:
 
@@ -363,6 +360,7 @@ class Sender:
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.001)
         client = await self.transport.client()
+        started = time.monotonic()
         try:
             response = await client.post(
                 self.transport.endpoint,
@@ -372,26 +370,39 @@ class Sender:
                 extensions=extensions,
             )
         except httpx.TimeoutException:
-            raise Transient(f"no answer within {timeout:.3g} s") from None
+            raise Transient(
+                f"no answer within {timeout:.3g} s", congestion=True, abandoned=True
+            ) from None
         except httpx.TransportError as problem:
             raise Transient(self.scrub(f"{type(problem).__name__}: {problem}")) from None
+        latency = time.monotonic() - started
         text = self.scrub(response.text)
         status = response.status_code
         if 200 <= status < 300:
             try:
-                return json.loads(text)
+                data = json.loads(text)
             except ValueError:
                 raise Refused(
                     f"model server at {self.transport.where} sent a response that is not JSON",
                     status=status,
                 ) from None
+            return data, latency, _work(data)
         if status == 429 and on_429 is not None:
             await on_429(response.headers)
-        raise self.refusal(status, error_message(text), response.headers)
+        raise self.refusal(status, text, response.headers, body)
 
-    def refusal(self, status: int, message: str, headers: httpx.Headers) -> Exception:
-        """The exception for an HTTP error ``status``: :class:`Transient` or :class:`Refused`."""
+    def refusal(
+        self, status: int, text: str, headers: httpx.Headers, body: dict[str, Any]
+    ) -> Exception:
+        """The exception for an HTTP error: :class:`Transient` or :class:`Refused`.
+
+        Retried: 408, 429, 502/503/504 and other 5xx unless the body is a validation
+        error. Refused at once: 401/403 (``auth``), 404 and every other 4xx, and a
+        validation error whatever its status (``provider``, naming the rejected field so
+        the conversation can fall back).
+        """
         where = self.transport.where
+        message = error_message(text)
         if status in (401, 403):
             env = self.config.api_key_env
             hint = (
@@ -413,12 +424,43 @@ class Sender:
                 "(usually ending in /v1)",
                 status=status,
             )
-        if status in (408, 429) or status >= 500:
+        invalid = status not in (408, 429) and validation_error(text)
+        if status in (408, 429) or (status >= 500 and not invalid):
             wait = retry_after(headers)
             if wait is None and status == 429:
                 wait = reset_after(headers)
-            return Transient(f"HTTP {status}: {message}", retry_after=wait, status=status)
+            return Transient(
+                f"HTTP {status}: {_first_line(message)}",
+                retry_after=wait,
+                congestion=status in (429, 503),
+                status=status,
+            )
+        full = error_message(text, limit=None)
+        field = rejected_field(full, body) if invalid else None
+        if field is not None:
+            return Refused(
+                f"model server at {where} rejected the request's {field!r} "
+                f"(HTTP {status}: {_first_line(message)})",
+                status=status,
+                rejected=field,
+                detail=full,
+            )
         return Refused(
-            f"model server at {where} refused the request (HTTP {status}: {message})",
+            f"model server at {where} refused the request (HTTP {status}: "
+            f"{message if status < 500 else _first_line(message)})",
             status=status,
         )
+
+
+def _work(data: Any) -> int:
+    """A call's size for latency comparisons.
+
+    Generated tokens, plus prompt tokens at an eighth (reading a prompt is much faster
+    per token than generating).
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return 0
+    counts = [usage.get(name) for name in ("completion_tokens", "prompt_tokens")]
+    completion, prompt = (c if isinstance(c, int) and c > 0 else 0 for c in counts)
+    return completion + prompt // 8

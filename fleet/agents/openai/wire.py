@@ -111,8 +111,8 @@ class ChatCompletion(_Lenient):
         return self.choices[0] if self.choices else None
 
 
-def error_message(text: str) -> str:
-    """The ``error.message`` of an error body, else the body itself (shortened)."""
+def error_message(text: str, *, limit: int | None = 500) -> str:
+    """The ``error.message`` of an error body, else the body itself (cut at ``limit``)."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -120,10 +120,10 @@ def error_message(text: str) -> str:
     if isinstance(data, dict):
         inner = data.get("error", data)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])[:500]
+            return str(inner["message"])[:limit]
         if isinstance(inner, str):
-            return inner[:500]
-    return text.strip()[:500] or "(empty body)"
+            return inner[:limit]
+    return text.strip()[:limit] or "(empty body)"
 
 
 def parse_json(text: str) -> tuple[Any, str]:

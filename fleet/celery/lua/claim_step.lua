@@ -4,13 +4,19 @@
 -- KEYS[2]  {prefix}:result:{tid}:{nonce}   the outcome of this dispatch (duplicates read it)
 -- KEYS[3]  {prefix}:lease:{tid}            the claim on the running step (SET NX PX)
 -- KEYS[4]  {prefix}:reply:{name}           the host's reply list
+-- KEYS[5..] {prefix}:cancel:{marker}       the step's cancel markers (any present: drop)
 -- ARGV[1]  owner (random, names this claim)
 -- ARGV[2]  lease in milliseconds
 -- ARGV[3]  the "started" notice to push ('' for none)
 -- ARGV[4]  reply list TTL in seconds
 --
--- Returns {'done', outcome json} when recorded, {'claimed', ''} when taken,
+-- Returns {'cancelled', marker json} when a cancel marker is present (nothing taken),
+-- {'done', outcome json} when recorded, {'claimed', ''} when taken,
 -- {'held', owner} when another worker holds the lease.
+for i = 5, #KEYS do
+  local c = redis.call('GET', KEYS[i])
+  if c then return {'cancelled', c} end
+end
 local d = redis.call('GET', KEYS[1])
 if d then return {'done', d} end
 d = redis.call('GET', KEYS[2])

@@ -1,0 +1,181 @@
+"""How many model calls one worker process keeps in flight: old worker code vs this tree's.
+
+The setup of issue 13: ``fleet worker -c C --pool threads`` processes, an ``openai`` agent
+pointed at bench/provider.py answering every call after 2.0 s, one round of 2 x C steps
+per worker through ``CeleryExecutor(max_in_flight=C x workers)``; ideal wall time 4.0 s.
+For each tree (``--base`` a checkout of the old code, e.g. ``git worktree add
+/work/wt/scale-base 0c4f346``; and this tree) and each case it reports wall time,
+efficiency (ideal / wall), peak calls in flight at the provider, worker peak RSS
+(VmHWM) and worker CPU seconds per step (utime + stime over the round)::
+
+    python -m bench.llm_worker --base /work/wt/scale-base [--cases 1x16,1x64,1x256,4x64]
+
+The host of each round runs in a subprocess (bench/llm_round.py) with the same tree
+first on ``PYTHONPATH`` as its workers, so host and worker speak the same protocol.
+Writes bench/results/llm_worker.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench._common import table, write
+from bench.provider import ProviderProcess
+from fleet.redis_server import RedisServer
+
+HERE = Path(__file__).resolve().parent.parent
+ROUND = Path(__file__).resolve().parent / "llm_round.py"
+LATENCY_S = 2.0
+
+
+def _proc(pid: int) -> tuple[float, float]:
+    """``(cpu_seconds, peak_rss_mb)`` of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return cpu, int(hwm.split()[1]) / 1024
+
+
+def _env(tree: Path, redis_url: str, agents_file: Path) -> dict[str, str]:
+    prefix = f"bench-llm-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        PYTHONPATH=str(tree),
+        FLEET_CONFIG=str(tree / "config" / "fleet.toml"),
+        FLEET_REDIS_URL=redis_url,
+        FLEET_KEY_PREFIX=prefix,
+        FLEET_QUEUE=f"{prefix}.steps",
+        FLEET_AGENTS_FILE=str(agents_file),
+    )
+    return env
+
+
+def _stop(process: subprocess.Popen[Any]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def run_case(
+    label: str, tree: Path, workers: int, concurrency: int, redis_url: str, provider: Any, tmp: Path
+) -> dict[str, Any]:
+    agents = tmp / f"agents-{uuid.uuid4().hex[:6]}.toml"
+    agents.write_text(
+        f'[agents.llm]\nkind = "openai"\nbase_url = "{provider.base_url}"\n'
+        'model = "bench"\nmax_tokens = 16\n'
+    )
+    env = _env(tree, redis_url, agents)
+    log = open(tmp / f"{label}-{workers}x{concurrency}.log", "ab")  # noqa: SIM115 - closed below
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fleet", "worker", "-c", str(concurrency)]
+            + ["--pool", "threads", "--hostname", f"w{i}-{uuid.uuid4().hex[:4]}@%h"],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for i in range(workers)
+    ]
+    steps, in_flight = 2 * concurrency * workers, concurrency * workers
+    driver = subprocess.Popen(
+        [sys.executable, str(ROUND), str(workers), str(steps), str(in_flight)],
+        cwd=tree,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert driver.stdin is not None and driver.stdout is not None
+        if driver.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{label}: the round driver did not start; see {log.name}")
+        provider.reset()
+        before = [_proc(p.pid)[0] for p in [driver, *procs]]
+        go = time.time()
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        result = json.loads(driver.stdout.readline())
+        host_cpu, *after = [_proc(p.pid) for p in [driver, *procs]]
+        stats = provider.stats()
+    finally:
+        for process in [driver, *procs]:
+            _stop(process)
+        log.close()
+    ideal = 2 * LATENCY_S
+    calls = sorted(entry["at"] - go for entry in stats["log"])
+    cpu = [a[0] - b for a, b in zip([host_cpu, *after], before, strict=True)]
+    return {
+        "code": label,
+        "workers": workers,
+        "C": concurrency,
+        "steps": steps,
+        "ok": result["ok"],
+        "wall_s": result["wall_s"],
+        "efficiency": ideal / result["wall_s"],
+        "peak_in_flight": stats["peak_in_flight"],
+        "rss_mb": max(rss for _, rss in after),
+        "cpu_ms_per_step": 1000 * sum(cpu[1:]) / steps,
+        "host_cpu_ms_per_step": 1000 * cpu[0] / steps,
+        "first_call_s": calls[0],
+        "C_th_call_s": calls[min(in_flight, len(calls)) - 1],
+        "last_call_s": calls[-1],
+        "errors": result["errors"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=Path, help="a checkout of the old code to compare")
+    parser.add_argument("--cases", default="1x16,1x64,1x256,4x64", help="WORKERSxC,...")
+    parser.add_argument("--only", choices=["base", "new"], help="run one side only")
+    args = parser.parse_args(argv)
+    cases = [tuple(int(n) for n in case.split("x")) for case in args.cases.split(",")]
+    sides = [("new", HERE)]
+    if args.base is not None and args.only != "new":
+        sides.insert(0, ("base", args.base.resolve()))
+    if args.only == "base":
+        sides = sides[:1]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp_name:
+        tmp = Path(tmp_name)
+        redis = RedisServer(tmp / "redis").start()
+        try:
+            with ProviderProcess(latency_s=LATENCY_S) as provider:
+                for workers, concurrency in cases:
+                    for label, tree in sides:
+                        row = run_case(label, tree, workers, concurrency, redis.url, provider, tmp)
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+                        time.sleep(1.0)
+        finally:
+            redis.stop()
+    print(table(rows))
+    command = "python -m bench.llm_worker " + " ".join(argv if argv is not None else sys.argv[1:])
+    note = "shared 2-core machine with other sessions' tests running: timings are noisy"
+    print(write("llm_worker", command.strip(), rows, latency_s=LATENCY_S, note=note))
+
+
+if __name__ == "__main__":
+    main()
