@@ -9,6 +9,11 @@
    pool): throughput and efficiency vs linear. Target ≥ 0.8 at 4 workers.
 
     python -m bench.celery_host [--workers 2] [--concurrency 4] [--repeat 3] [--quick]
+    python -m bench.celery_host --tracing [--workers 2] [--repeat 3]
+
+``--tracing`` instead times a round of 2,000 no-op steps with tracing off and on (host and
+workers exporting over OTLP/HTTP to a loopback receiver process), alternating, each on
+freshly started workers; writes bench/results/celery_tracing.json.
 
 It starts its own redis-server and worker processes (stopped by PID) and uses the test
 agents and stages (tests/agents.toml). Writes bench/results/celery_host.json.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +36,7 @@ from typing import Any
 from celery import chain, group
 
 from bench._common import table, write
-from fleet import AgentStepSpec, execute_pipeline, execute_steps_parallel
+from fleet import AgentStepSpec, execute_pipeline, execute_steps_parallel, telemetry
 from fleet.celery import configure_app
 from fleet.redis_server import RedisServer
 from tests import pipeline_stages
@@ -216,13 +222,95 @@ def scaling(url: str, directory: Path, concurrency: int, steps: int) -> list[dic
     return rows
 
 
+async def traced_round(workers: CeleryWorkers, steps: int) -> float:
+    """One warm-up round, then the timed round of ``steps`` (spans flushed inside the time)."""
+    executor = workers.executor()
+    try:
+        await execute_steps_parallel(executor, noop_specs(50))
+        started = time.perf_counter()
+        outcomes = await execute_steps_parallel(executor, noop_specs(steps))
+        assert telemetry.flush(60_000)
+        elapsed = time.perf_counter() - started
+    finally:
+        await executor.aclose()
+    assert all(o.success for o in outcomes)
+    return elapsed
+
+
+def tracing(url: str, directory: Path, args: argparse.Namespace) -> int:
+    """Round of 2,000 steps, tracing off vs on, alternating on fresh workers."""
+    from bench.otlp_receiver import ReceiverProcess
+
+    steps = 400 if args.quick else 2000
+    receiver = ReceiverProcess()
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_MAX_QUEUE_SIZE": str(steps * 2),
+    }
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for _ in range(args.repeat):
+            for mode in ("off", "on"):
+                env = otel if mode == "on" else {}
+                for name in otel:
+                    os.environ.pop(name, None)
+                os.environ.update(env)
+                telemetry.reset()
+                settings = fleet_settings(url, max_in_flight=64, claim_timeout_s=30.0)
+                fleet = CeleryWorkers(settings, directory, args.concurrency, env)
+                try:
+                    fleet.start(*(f"{mode}{i}" for i in range(1, args.workers + 1)))
+                    times[mode].append(asyncio.run(traced_round(fleet, steps)))
+                finally:
+                    fleet.stop()
+        received = receiver.count()
+    finally:
+        for name in otel:
+            os.environ.pop(name, None)
+        telemetry.reset()
+        receiver.stop()
+    rows = [
+        {
+            "tracing": mode,
+            "steps": steps,
+            "median_s": statistics.median(values),
+            "per_step_us": statistics.median(values) / steps * 1e6,
+            "runs_s": [round(v, 3) for v in values],
+        }
+        for mode, values in times.items()
+    ]
+    added = rows[1]["per_step_us"] - rows[0]["per_step_us"]
+    print(table(rows))
+    print(f"tracing on adds {added:.1f} µs per step to a round; {received} spans received")
+    path = write(
+        "celery_tracing",
+        " ".join(["python -m bench.celery_host", *sys.argv[1:]]),
+        rows,
+        tracing_us_per_step=added,
+        spans_received=received,
+        workers=args.workers,
+        threads_per_worker=args.concurrency,
+        repeats=args.repeat,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="workers for the comparisons")
     parser.add_argument("--concurrency", type=int, default=4, help="threads per worker")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--tracing", action="store_true", help="only: tracing off vs on")
     args = parser.parse_args()
+    if args.tracing:
+        with tempfile.TemporaryDirectory() as tmp:
+            server = RedisServer(Path(tmp)).start()
+            try:
+                return tracing(server.url, Path(tmp), args)
+            finally:
+                server.stop()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         server = RedisServer(directory).start()

@@ -5,6 +5,11 @@
 ``asyncio.gather`` bounded by a semaphore of 64, in one run, several repetitions;
 medians reported. Target: overhead ≤ 30 µs per step.
 
+With ``opentelemetry`` installed (``fleet[otel]``) a third side runs the same steps with
+tracing on, under one phase span, exporting over OTLP/HTTP to a loopback receiver
+(:mod:`bench.otlp_receiver`, its own process); its time includes flushing every span.
+Target: tracing adds ≤ 30 µs per step, and tracing off costs what it did before.
+
     python -m bench.local_overhead [--steps 10000] [--repeat 5]
 """
 
@@ -13,12 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
+import os
 import time
 
 from bench._common import median, table, write
-from fleet import AgentContext, AgentStepSpec, LocalExecutor, execute_steps_parallel
+from fleet import AgentContext, AgentStepSpec, LocalExecutor, execute_steps_parallel, telemetry
 
 HINT = 64
+TRACED = "fleet LocalExecutor, tracing on (OTLP loopback)"
+SDK = "OpenTelemetry SDK alone, 1 span/step (same export)"
 
 
 async def noop(spec: AgentStepSpec, ctx: AgentContext) -> str:
@@ -49,6 +58,53 @@ async def fleet_local(specs: list[AgentStepSpec]) -> float:
     return elapsed
 
 
+async def fleet_traced(specs: list[AgentStepSpec]) -> float:
+    """Fleet with tracing on: one phase span, a step span each, flushed to the receiver."""
+    executor = LocalExecutor(agents={"noop": noop}, max_concurrency=HINT)
+    started = time.perf_counter()
+    with telemetry.span("phase", {"fleet.phase.name": "bench"}):
+        outcomes = await execute_steps_parallel(executor, specs)
+    assert telemetry.flush(60_000)
+    elapsed = time.perf_counter() - started
+    assert all(o.success for o in outcomes)
+    return elapsed
+
+
+async def sdk_floor(specs: list[AgentStepSpec]) -> float:
+    """The OpenTelemetry SDK alone: the same span per step, same exporter, no fleet.
+
+    What any Python program pays for one exported span; fleet's tracing cost on top of
+    its untraced path is compared with it.
+    """
+    tracer = telemetry.active()
+    started = time.perf_counter()
+    with tracer.start_as_current_span("phase"):
+        for spec in specs:
+            attributes = telemetry.step_attributes(spec.task_id, spec.agent, None)
+            with tracer.start_as_current_span(
+                "invoke_agent noop", attributes=attributes, record_exception=False
+            ) as span:
+                await noop(spec, AgentContext(spec=spec))
+                span.set_attribute("gen_ai.usage.input_tokens", 0)
+                span.set_attribute("gen_ai.usage.output_tokens", 0)
+                span.set_attribute("fleet.step.success", True)
+    assert telemetry.flush(60_000)
+    return time.perf_counter() - started
+
+
+def _tracing_on(endpoint: str, steps: int) -> None:
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(steps * 2)  # no span dropped
+    telemetry.reset()
+    assert telemetry.active() is not None
+
+
+def _tracing_off() -> None:
+    os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    telemetry.reset()
+    assert telemetry.active() is None
+
+
 def main() -> None:
     """Run both sides ``--repeat`` times, alternating, and print the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,13 +115,39 @@ def main() -> None:
         AgentStepSpec(task_id=f"s{i}", agent="noop", description="", prompt="")
         for i in range(args.steps)
     ]
-    times: dict[str, list[float]] = {"bare asyncio.gather": [], "fleet LocalExecutor": []}
-    for _ in range(args.repeat):
-        for name, side in (("bare asyncio.gather", bare), ("fleet LocalExecutor", fleet_local)):
-            gc.collect()
-            times[name].append(asyncio.run(side(specs)))
+    sides = [("bare asyncio.gather", bare), ("fleet LocalExecutor", fleet_local)]
+    receiver = None
+    if importlib.util.find_spec("opentelemetry.sdk") is not None:
+        from bench.otlp_receiver import ReceiverProcess
+
+        receiver = ReceiverProcess()
+        sides += [(TRACED, fleet_traced), (SDK, sdk_floor)]
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    try:
+        for _ in range(args.repeat):
+            for name, side in sides:
+                if side in (fleet_traced, sdk_floor) and receiver is not None:
+                    _tracing_on(receiver.endpoint, args.steps)
+                else:
+                    _tracing_off()
+                gc.collect()
+                times[name].append(asyncio.run(side(specs)))
+        received = receiver.count() if receiver is not None else 0
+    finally:
+        _tracing_off()
+        if receiver is not None:
+            receiver.stop()
     floor = median(times["bare asyncio.gather"])
     ours = median(times["fleet LocalExecutor"])
+    extra = {}
+    if receiver is not None:
+        traced_us = (median(times[TRACED]) - ours) / args.steps * 1e6
+        sdk_us = (median(times[SDK]) - floor) / args.steps * 1e6
+        extra = {
+            "tracing_us_per_step": traced_us,
+            "sdk_span_us_per_step": sdk_us,
+            "spans_received": received,
+        }
     rows = [
         {
             "side": name,
@@ -79,6 +161,11 @@ def main() -> None:
     print(table(rows))
     print(f"\nfleet overhead per step: {overhead_us:.1f} µs (target ≤ 30 µs); "
           f"ratio fleet/bare = {ours / floor:.2f}")  # fmt: skip
+    if extra:
+        print(f"tracing on adds {extra['tracing_us_per_step']:.1f} µs per step (target ≤ 30 µs); "
+              f"{extra['spans_received']} spans received")  # fmt: skip
+        print(f"the OpenTelemetry SDK alone costs {extra['sdk_span_us_per_step']:.1f} µs per "
+              "exported span in this run (its per-step time minus the bare gather's)")  # fmt: skip
     command = f"python -m bench.local_overhead --steps {args.steps} --repeat {args.repeat}"
     path = write(
         "local_overhead",
@@ -88,6 +175,7 @@ def main() -> None:
         ratio=ours / floor,
         target_us=30,
         repeats=args.repeat,
+        **extra,
     )
     print(f"written to {path}")
 

@@ -27,10 +27,12 @@ BENCHMARKS: dict[str, list[str]] = {
     "journal": [],
     "budget": [],
     "celery_host": [],
+    "celery_tracing": [],
     "rate_limits": [],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "local_overhead": ["--repeat", "3"],
+    "celery_tracing": ["--quick", "--repeat", "1"],
     "rate_limits": ["--steps", "200", "--requests", "40", "--tokens", "1440", "--workers", "2"],
 }
 

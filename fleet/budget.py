@@ -44,6 +44,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from . import metrics
 from .accounts import check_account_name, check_tokens_limit, resolve_ancestors, usd_limit_micros
 from .errors import BrokerError, BudgetError, BudgetExhaustedError
 from .ledgers.base import KEEP, BudgetLedger, Keep, LedgerState, ReserveResult
@@ -164,6 +165,7 @@ def refusal(
     result: ReserveResult, workflow_id: str, tokens: int, micros: int
 ) -> BudgetExhaustedError:
     """The error for a refused reservation: which account, which unit, and why."""
+    metrics.budget_refused()
     state = result.blocked_state or result.state
     account = result.blocked_by or workflow_id
     whose = "workflow" if account == workflow_id else "account"

@@ -87,6 +87,11 @@ class FleetSettings(BaseSettings):
     flower_password: str | None = None
     """Flower basic-auth password (``FLEET_FLOWER_PASSWORD``); Flower refuses to start
     without one."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """A worker serves Prometheus metrics at ``http://metrics_host:PORT/metrics`` (off when
+    unset; ``fleet worker --metrics-port``)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the worker's metrics endpoint binds (``0.0.0.0`` for a remote Prometheus)."""
     dashboard_port: int = Field(default=8080, ge=1, le=65535)
     """Port ``fleet dashboard`` listens on."""
     dashboard_user: str = "fleet"

@@ -16,6 +16,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from . import metrics, telemetry
 from .agents.base import AgentContext, AgentDefinition, AgentResult
 from .cancel.signal import Cancellation, StepInterrupted, cancelled_outcome
 from .errors import AgentError
@@ -86,8 +87,32 @@ async def run_agent(
 ) -> StepOutcome:
     """Run one agent with the step's timeout and turn whatever happens into an outcome.
 
-    This is the step body every host shares (in-process, or inside a Celery worker).
+    This is the step body every host shares (in-process, or inside a Celery worker). With
+    tracing on (:mod:`fleet.telemetry`) the step is an ``invoke_agent`` span, the child of
+    ``ctx.traceparent`` (its round on another process) or else of the current span; with
+    metrics on (:mod:`fleet.metrics`) it is counted.
     """
+    metrics.step_started(spec.agent)
+    try:
+        if telemetry.active() is None:
+            outcome = await _run_agent(definition, spec, ctx, started)
+        else:
+            with telemetry.span(
+                f"invoke_agent {spec.agent}",
+                telemetry.step_attributes(spec.task_id, spec.agent, ctx.workflow_id),
+                traceparent=ctx.traceparent,
+            ) as span:
+                outcome = await _run_agent(definition, spec, ctx, started)
+                telemetry.end_step(span, outcome)
+    finally:
+        metrics.step_ended()  # also when the step is cancelled
+    metrics.step_finished(outcome, time.monotonic() - started, ctx.model)
+    return outcome
+
+
+async def _run_agent(
+    definition: AgentDefinition, spec: AgentStepSpec, ctx: AgentContext, started: float
+) -> StepOutcome:
     task_id, agent, worker = spec.task_id, spec.agent, ctx.worker
 
     def failed(message: str, error: str) -> StepOutcome:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import telemetry
 from .cancel.board import CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
@@ -116,6 +117,8 @@ class _Run:
     name_counts: dict[str, int] = field(default_factory=dict)
     exhausted_reported: bool = False
     closed: bool = False
+    span: Any = None
+    """The workflow's trace span, when tracing is on (:mod:`fleet.telemetry`)."""
     board: CancelBoard | None = None
     run_id: str = field(default_factory=new_run_id)
     cancellation: Cancellation = field(init=False)
@@ -384,11 +387,29 @@ class Workflow:
 
         async def body() -> list[StepOutcome]:
             run = self._run
-            outcomes = await execute_steps_parallel(run.executor, specs, events=run.on_step_event)
+            if telemetry.active() is None:
+                outcomes = await execute_steps_parallel(
+                    run.executor, specs, events=run.on_step_event
+                )
+            else:
+                attributes = {"fleet.workflow.id": run.root_id}
+                with telemetry.span("parallel", attributes, parent=self._trace()):
+                    outcomes = await execute_steps_parallel(
+                        run.executor, specs, events=run.on_step_event
+                    )
             await self._observe_budget(outcomes)
             return outcomes
 
         return await self._verb("parallel", body)
+
+    def _trace(self) -> Any:
+        """The workflow's span (opened on first use; ``None`` when tracing is off)."""
+        run = self._run
+        if run.span is None and not run.closed:
+            run.span = telemetry.open_span(
+                "workflow", {"fleet.workflow.id": run.root_id, "gen_ai.operation.name": "workflow"}
+            )
+        return run.span
 
     async def phase(self, name: str, specs: Sequence[AgentStepSpec]) -> list[StepOutcome]:
         """A named barrier fan-out: the workflow's milestone and resume boundary.
@@ -397,11 +418,19 @@ class Workflow:
         succeeded / failed outcomes, journaled ones counted as succeeded) after, then
         ``budget_exhausted`` if the budget ran out (once per workflow). With a store,
         the phase is journaled under ``"{root_id}/{name}"`` (``#2``, ``#3``… when the
-        name repeats in one run); completed steps found there are not run again.
+        name repeats in one run); completed steps found there are not run again. With
+        tracing on it is a ``phase`` span, a child of the workflow's span.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a phase needs a non-empty name, got {name!r}")
-        return await self._verb("phase", lambda: self._phase(name, list(specs)))
+        return await self._verb("phase", lambda: self._traced_phase(name, list(specs)))
+
+    async def _traced_phase(self, name: str, specs: list[AgentStepSpec]) -> list[StepOutcome]:
+        if telemetry.active() is None:
+            return await self._phase(name, specs)
+        attributes = {"fleet.workflow.id": self._run.root_id, "fleet.phase.name": name}
+        with telemetry.span("phase", attributes, parent=self._trace()):
+            return await self._phase(name, specs)
 
     async def _phase(self, name: str, specs: list[AgentStepSpec]) -> list[StepOutcome]:
         run = self._run
@@ -595,6 +624,9 @@ class Workflow:
         if run.closed:
             return
         run.closed = True
+        if run.span is not None:
+            run.span.set_attribute("fleet.workflow.status", status)
+            run.span.end()
         if run.watcher is not None:
             run.watcher.cancel()
             await asyncio.wait({run.watcher})
@@ -610,6 +642,7 @@ class Workflow:
 
     async def __aenter__(self) -> Workflow:
         self._check_open()
+        self._trace()
         if self._run.stream is not None:
             await self._run.record_budget()  # where a resumed run starts from
         if not self._run.begun:

@@ -21,6 +21,7 @@ import pytest
 
 from fleet.config import FleetSettings
 from fleet.localfleet import celery_command
+from fleet.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEET = [sys.executable, "-m", "fleet"]
@@ -81,7 +82,8 @@ def test_worker_help_lists_its_options() -> None:
         [*FLEET, "worker", "--help"], env=clean_env(), capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    for option in ("--concurrency", "--pool", "threads", "prefork", "--queues", "--loglevel"):
+    options = ("--concurrency", "--pool", "threads", "prefork", "--queues", "--loglevel")
+    for option in (*options, "--metrics-port"):
         assert option in result.stdout
 
 
@@ -99,8 +101,9 @@ def test_worker_help_says_how_to_size_concurrency_for_model_calls() -> None:
 def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
     redis_url: str, key_prefix: str, agents_file: Path
 ) -> None:
-    """`fleet worker` execs Celery (same PID) on FLEET_REDIS_URL; it answers pings, stops on TERM."""
+    """`fleet worker` execs Celery on FLEET_REDIS_URL: pings, --metrics-port, stops on TERM."""
     node = f"cli-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    metrics_port = free_port()
     env = clean_env(
         FLEET_REDIS_URL=redis_url,
         FLEET_KEY_PREFIX=key_prefix,
@@ -108,7 +111,16 @@ def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
         FLEET_AGENTS_FILE=str(agents_file),
     )
     worker = subprocess.Popen(
-        [*FLEET, "worker", "-c", "1", "--hostname", node.replace(socket.gethostname(), "%h")],
+        [
+            *FLEET,
+            "worker",
+            "-c",
+            "1",
+            "--hostname",
+            node.replace(socket.gethostname(), "%h"),
+            "--metrics-port",
+            str(metrics_port),
+        ],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -129,6 +141,9 @@ def test_fleet_worker_becomes_a_celery_worker_for_the_configured_broker(
             )
             if ping.returncode == 0:
                 replies = json.loads(ping.stdout.strip().splitlines()[-1])
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert f'fleet_queue_depth{{queue="{key_prefix}.steps"}} 0.0' in scraped
+        assert "fleet_steps_in_flight 0.0" in scraped
         cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
         assert b"celery" in cmdline and b"worker" in cmdline  # exec'd, not a child
         assert children_of(worker.pid) == set()  # threads pool: no helper processes

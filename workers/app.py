@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker.consumer import consumer as celery_consumer
 
+from fleet import metrics
 from fleet.agents import AgentRegistry, load_agents
 from fleet.celery import configure_app, load_stages
 from fleet.config import FleetSettings, load_settings
@@ -69,7 +70,10 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     registry = AgentRegistry(load_agents(settings.agents_file))
     stages = load_stages(settings.agents_file)
     app = configure_app(settings)
-    register_tasks(app, WorkerRuntime(settings, registry, stages))
+    runtime = WorkerRuntime(settings, registry, stages)
+    register_tasks(app, runtime)
+    if settings.metrics_port is not None:
+        _serve_metrics(settings, runtime)
     _survive_restore_on_a_lost_connection()
     signals.worker_ready.connect(_prestart_threads, weak=False)
     # httpx logs every request at INFO: one line per model call is noise in a worker log.
@@ -111,6 +115,24 @@ def _survive_restore_on_a_lost_connection() -> None:
 
     restore_unacked.fleet_guarded = True  # type: ignore[attr-defined]
     kombu_redis.QoS.restore_unacked = restore_unacked
+
+
+def _serve_metrics(settings: FleetSettings, runtime: WorkerRuntime) -> None:
+    """Serve this process's Prometheus metrics (a port already taken is logged, not fatal)."""
+    try:
+        port = metrics.serve(settings.metrics_port or 0, settings.metrics_host)
+    except OSError as error:
+        logging.getLogger("fleet.worker").error(
+            "metrics: cannot listen on %s:%s (%s); set another metrics_port",
+            settings.metrics_host,
+            settings.metrics_port,
+            error,
+        )
+        return
+    metrics.watch_queue(settings.queue, lambda: int(runtime.redis().llen(settings.queue)))
+    logging.getLogger("fleet.worker").info(
+        "metrics at http://%s:%d/metrics", settings.metrics_host, port
+    )
 
 
 def _prestart_threads(sender: Any, **_: Any) -> None:

@@ -307,6 +307,7 @@ class WorkerRuntime:
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
             worker=worker,
             workflow_id=None if message is None else message.workflow_id,
+            traceparent=None if message is None else message.traceparent,
             limit=definition.limit,
             limiter=self.limiter,
             events=None if message is None else self._forward(message.reply, tid),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from .. import metrics
 from ..errors import AgentError, BudgetExhaustedError
 from ..events import EventSink, RateLimited, emit
 from ..limiters.admission import Admission, admit
@@ -177,6 +178,11 @@ class AgentContext:
     """The provider limit the agent's calls count against (``None``: none)."""
     limiter: RateLimiter | None = None
     """Where the host keeps provider limits (in memory locally, Redis on a fleet)."""
+    model: str = ""
+    """The model of the step's last model call (``""`` before any): a metrics label."""
+    traceparent: str | None = None
+    """The W3C trace context the step's span descends from (its round on another process);
+    ``None``: the current span, if any."""
 
     def tokens_left(self) -> int | None:
         """Tokens the step may still spend (``None`` when uncapped)."""
@@ -202,6 +208,7 @@ class AgentContext:
             return wanted
         room = left - prompt_estimate
         if room <= 0:
+            metrics.budget_refused()
             raise BudgetExhaustedError(
                 f"step {self.spec.task_id!r} has spent its token hold "
                 f"({self.used.total_tokens} / {self.held_tokens} tokens"
@@ -243,6 +250,7 @@ class AgentContext:
         limit = self.limit
 
         def waited(seconds: float) -> None:
+            metrics.rate_limit_wait(limit.name, seconds)
             self.emit(
                 RateLimited(
                     limit=limit.name,

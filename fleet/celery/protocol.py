@@ -101,6 +101,13 @@ class StepMessage(FleetModel):
     """The step's token hold, when a Redis budget ledger guards the workflow."""
     journal: bool = False
     """Write the step's journal record into the fleet's Redis journal when it succeeds."""
+    traceparent: str | None = Field(default=None, max_length=256)
+    """The W3C trace context of the step's round, when the host traces (fleet[otel]).
+
+    Optional and ignorable, so no version bump: a worker without tracing (or an older
+    one: unknown keys are ignored) runs the step the same; a malformed value only starts
+    a new trace on the worker.
+    """
     announce: bool = True
     """Push a :class:`Started` notice when the step is claimed (someone listens for events)."""
     cancel: list[str] = Field(default_factory=list)

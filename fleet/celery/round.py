@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import MaxConnectionsError, RedisError
 
+from .. import telemetry
 from ..cancel.markers import leave_markers
 from ..cancel.signal import CANCELLED, cancelled_outcome
 from ..combinators import crash_outcome
@@ -87,6 +88,7 @@ class Round(Track):
         self.on_outcome = on_outcome
         self.workflow_id = workflow_id
         self.nonce = uuid.uuid4().hex
+        self.traceparent: str | None = None
         self.entries: list[_Entry] = []
         seen: set[str] = set()
         for index, spec in enumerate(specs):
@@ -125,9 +127,22 @@ class Round(Track):
             return None
 
     async def run(self) -> list[StepOutcome]:
-        """Send, collect and recover every step; one outcome per spec, in order."""
+        """Send, collect and recover every step; one outcome per spec, in order.
+
+        With tracing on, the round is a span its steps' spans (on the workers) descend from.
+        """
         if not self.entries:
             return []
+        if telemetry.active() is None:
+            return await self._run()
+        attributes: dict[str, Any] = {"fleet.round.steps": len(self.entries)}
+        if self.workflow_id is not None:
+            attributes["fleet.workflow.id"] = self.workflow_id
+        with telemetry.span("round", attributes):
+            self.traceparent = telemetry.current_traceparent()
+            return await self._run()
+
+    async def _run(self) -> list[StepOutcome]:
         try:
             self.client = client = await self.dispatcher.ready()
             try:
@@ -179,6 +194,7 @@ class Round(Track):
             workflow_id=self.workflow_id,
             budget=hold,
             journal=self.x.worker_journal and self.workflow_id is not None,
+            traceparent=self.traceparent,
             # Nobody listens for step_started: the dispatcher watches leases instead.
             announce=self.events is not None,
             cancel=self.markers,

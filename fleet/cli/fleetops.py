@@ -74,6 +74,13 @@ def worker(
         None, "--hostname", "-n", help="Node name, e.g. 'worker1@%h' (default: Celery's)."
     ),
     loglevel: str = typer.Option("info", "--loglevel", "-l", help="Celery log level."),
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics on this port (setting metrics_port).",
+    ),
 ) -> None:
     """Run a Celery worker for the configured broker (FLEET_REDIS_URL / config/fleet.toml).
 
@@ -84,6 +91,8 @@ def worker(
     config = settings()
     if concurrency is None:
         concurrency = LLM_CONCURRENCY if pool is PoolChoice.threads else os.cpu_count() or 1
+    if metrics_port is not None:
+        config = config.model_copy(update={"metrics_port": metrics_port})
     args = celery_command(
         "worker",
         f"--pool={pool.value}",

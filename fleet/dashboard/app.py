@@ -41,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import metrics as process_metrics
 from ..config import FleetSettings
 from ..errors import ConfigError
 from .data import Catalog
@@ -198,7 +199,8 @@ class Dashboard:
 
     async def metrics(self, request: Request) -> Response:
         await asyncio.to_thread(self.catalog.refresh_all)
-        text = render_metrics(self.catalog.views())
+        # The workflows' figures, then this process's own registry (fleet.metrics), if on.
+        text = render_metrics(self.catalog.views()) + process_metrics.exposition().decode()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def api_sources(self, request: Request) -> Response:

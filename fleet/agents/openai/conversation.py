@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ... import metrics, telemetry
 from ...errors import AgentError
 from ...spec import AgentStepSpec, TokenUsage
 from ...step import validate_output
@@ -167,8 +168,47 @@ class Conversation:
     # -- one call ----------------------------------------------------------------------
 
     async def complete(self, messages: list[dict[str, Any]], *, tools: bool) -> Reply:
-        """One model call: :meth:`before_call`, :meth:`send`, :meth:`after_call`."""
+        """One model call: :meth:`before_call`, :meth:`send`, :meth:`after_call`.
+
+        With tracing on, the call is a ``chat {model}`` span (GenAI conventions, no text).
+        """
         call = self.before_call(messages, tools=tools)
+        if telemetry.active() is None:
+            reply = await self._priced_call(call)
+        else:
+            with telemetry.span(f"chat {self.config.model}", self._call_attributes()) as span:
+                before = self.ctx.used
+                reply = await self._priced_call(call)
+                used = self.ctx.used
+                span.set_attribute(
+                    "gen_ai.usage.input_tokens", used.prompt_tokens - before.prompt_tokens
+                )
+                span.set_attribute(
+                    "gen_ai.usage.output_tokens", used.completion_tokens - before.completion_tokens
+                )
+                if reply.finish_reason is not None:
+                    span.set_attribute("gen_ai.response.finish_reasons", [str(reply.finish_reason)])
+        self.ctx.model = self.config.model
+        metrics.model_call(self.spec.agent, self.config.model)
+        return reply
+
+    def _call_attributes(self) -> dict[str, Any]:
+        config = self.config
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": "openai",
+            "gen_ai.request.model": config.model,
+            "fleet.step.task_id": self.spec.task_id,
+            "fleet.step.agent": self.spec.agent,
+        }
+        if config.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = config.max_tokens
+        if config.temperature is not None:
+            attributes["gen_ai.request.temperature"] = config.temperature
+        return attributes
+
+    async def _priced_call(self, call: Call) -> Reply:
+        """Send ``call`` under its dollar hold (if any); charge and settle what it used."""
         money = await self.ctx.hold_call(
             self.agent.price,
             model=self.config.model,

@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ValidationError, create_model
 
+from ... import telemetry
 from ...errors import ConfigError
 from ..registry import resolve_target
 from .config import OpenAIToolConfig
@@ -137,6 +138,18 @@ async def run_tool_call(tools: Mapping[str, Tool], call: ToolCall, *, label: str
     text is the result, so the model can correct itself.
     """
     name = call.function.name
+    if telemetry.active() is None:
+        return await _run_tool_call(tools, call, name, label)
+    attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": str(name)}
+    if call.id:
+        attributes["gen_ai.tool.call.id"] = call.id
+    with telemetry.span(f"execute_tool {name}", attributes):
+        return await _run_tool_call(tools, call, name, label)
+
+
+async def _run_tool_call(
+    tools: Mapping[str, Tool], call: ToolCall, name: str | None, label: str
+) -> dict[str, Any]:
     tool = tools.get(name) if name is not None else None
     if tool is None:
         known = ", ".join(sorted(tools)) or "none"
