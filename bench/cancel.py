@@ -125,7 +125,7 @@ async def main_async(args: argparse.Namespace, directory: Path) -> list[dict[str
         agents = directory / "agents.toml"
         agents.write_text(
             f'[agents.llm]\nkind = "openai"\nbase_url = "{provider.base_url}"\nmodel = "m"\n'
-            "max_tokens = 64\ntimeout_s = 120\n"
+            "max_tokens = 64\ntimeout_s = 120\nmax_concurrent = 256\n"
         )
         settings = _settings(server.url, agents, args.steps)
         workers = CeleryWorkers(settings, directory, concurrency=args.concurrency)

@@ -78,6 +78,7 @@ def _settings(redis_url: str, tmp_path: Path, server: FakeOpenAI) -> FleetSettin
         f'[agents.llm]\nkind = "openai"\nbase_url = "{server.base_url}"\nmodel = "m"\n'
         "max_tokens = 50\ntimeout_s = 60\n"
         'unknown_price = "allow"\n'  # the test model has no price; tokens are still held
+        "max_concurrent = 64\n"  # every worker thread in a model call at once
     )
     return fleet_settings(
         redis_url,

@@ -42,6 +42,7 @@ base_url = "{base_url}"
 model = "m"
 max_tokens = {max_tokens}
 limit = "provider"
+max_concurrent = 64
 """,
         encoding="utf-8",
     )

@@ -31,7 +31,7 @@ def agents_file(directory: Path, provider: ProviderProcess) -> Path:
     path.write_text(
         AGENTS_FILE.read_text()
         + f'\n[agents.llm]\nkind = "openai"\nbase_url = "{provider.base_url}"\n'
-        'model = "bench"\nmax_tokens = 16\n'
+        'model = "bench"\nmax_tokens = 16\nmax_concurrent = 256\n'
         '\n[agents.wait_for_calls]\ntarget = "tests.worker_agents:wait_for_calls"\n'
         "blocking = true\n"
         '\n[agents.hog]\ntarget = "tests.worker_agents:hog"\n'

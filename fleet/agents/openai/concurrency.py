@@ -5,8 +5,9 @@ longer, until they time out and their retries join the back of the same queue. S
 agent keeps at most a *limit* of calls in flight and adapts it the way TCP adapts its
 window (additive increase, multiplicative decrease):
 
-- it starts at one call and doubles per round of successes (slow start) until the first
-  sign of congestion, then grows by one call per round;
+- without ``max_concurrent`` it starts at one call and doubles per round of successes
+  (slow start) until the first sign of congestion, then grows by one call per round; with
+  ``max_concurrent`` (the width the operator says the server takes) it starts there;
 - a timeout, a 429/503, or a call that took more than half its timeout or whose latency
   per token climbs well above the best seen halves the limit (once per round: calls that
   were already in flight when it was halved do not halve it again);
@@ -113,7 +114,13 @@ class Gate:
     """
 
     def __init__(self, ceiling: int | None) -> None:
-        self.policy = AdaptiveLimit(ceiling or DEFAULT_CEILING)
+        # An explicit max_concurrent says what the server takes: start there (a worker
+        # asked for 256 calls in flight gets them at once) and only back off on
+        # congestion. Without one, start at one call and find the width (slow start).
+        if ceiling is None:
+            self.policy = AdaptiveLimit(DEFAULT_CEILING)
+        else:
+            self.policy = AdaptiveLimit(ceiling, limit=float(ceiling), slow_start=False)
         self.in_flight = 0
         self.peak = 0
         self._lock = threading.Lock()
