@@ -83,6 +83,13 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "flower_port": st.integers(1, 65535),
     "flower_user": names,
     "flower_password": names,
+    "metrics_port": st.integers(0, 65535),
+    "metrics_host": st.sampled_from(["127.0.0.1", "0.0.0.0", "metrics.internal"]),
+    "dashboard_port": st.integers(1, 65535),
+    "dashboard_user": names,
+    "dashboard_password": names,
+    "dashboard_flower_url": st.sampled_from(["http://127.0.0.1:5555", "https://flower.example"]),
+    "dashboard_show_text": st.booleans(),
 }
 """A valid value for every setting (a test below checks that none is missing)."""
 
@@ -98,6 +105,9 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "result_expires_s": bad_scalars | st.integers(max_value=59),
     "event_stream_maxlen": bad_scalars | st.integers(max_value=99),
     "flower_port": bad_scalars | st.integers(max_value=0) | st.integers(min_value=65536),
+    "metrics_port": bad_scalars | st.integers(max_value=-1) | st.integers(min_value=65536),
+    "dashboard_port": bad_scalars | st.integers(max_value=0) | st.integers(min_value=65536),
+    "dashboard_show_text": st.sampled_from([[1], {"a": 1}, "maybe", 2, -1]),
 }
 """A value of the wrong type or out of range for every setting."""
 
