@@ -161,6 +161,15 @@ class Round(Track):
         return [entry.outcome for entry in self.entries]  # type: ignore[misc]
 
     async def _fail_rest(self, error: BaseException, kind: str) -> None:
+        cancellation = self.cancellation
+        reason = self.cancel.reason or (cancellation.reason if cancellation is not None else None)
+        if reason is not None:
+            # The workflow was cancelled while these steps were being placed (e.g. a
+            # reservation interrupted mid-command): they are cancelled, not failed.
+            for entry in self.entries:
+                if entry.outcome is None:
+                    await self._resolve(entry, cancelled_outcome(entry.spec, reason))
+            return
         if kind == "unavailable":
             message = broker_failure(self.x.settings.redis_url, error)
         else:
