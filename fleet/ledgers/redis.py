@@ -48,7 +48,10 @@ from .base import (
     ReserveStatus,
 )
 
-__all__ = ["RedisLedger"]
+__all__ = ["LEDGER_CONNECTIONS", "RedisLedger"]
+
+LEDGER_CONNECTIONS = 32
+"""Redis connections one ledger keeps per event loop; more callers wait for one."""
 
 _PARTS = ("account", "held", "leases", "settled", "children")
 
@@ -289,8 +292,15 @@ class RedisLedger(BudgetLedger):
     def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
         self.url = url
         self.key_prefix = key_prefix
+        # A blocking pool: a burst of reservations (a host-driven pipeline of hundreds of
+        # items) waits for a connection instead of failing "Too many connections".
         self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: aioredis.Redis.from_url(url), close=lambda client: client.aclose()
+            lambda: aioredis.Redis(
+                connection_pool=aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=LEDGER_CONNECTIONS, timeout=30
+                )
+            ),
+            close=lambda client: client.aclose(close_connection_pool=True),
         )
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
 
