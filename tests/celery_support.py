@@ -360,11 +360,14 @@ def check_resent_at_first_check_after_lapse(
     lapsed = lease_lapsed_at(log, key, before=resent)
     assert lapsed <= dead_at + settings.step_lease_s, "the lease was renewed after the death"
     assert resent >= lapsed, f"re-sent {lapsed - resent:.3f} s before the lease lapsed"
-    # A check within a few ms of the lapse may still see the key (Redis rounds to ms).
-    looks = [at for at in log.lease_checks(settings.key_prefix, tid) if lapsed + 0.005 <= at]
-    assert looks and looks[0] <= resent, "re-sent without the host seeing the lease gone"
-    before_resend = [at for at in looks if at <= resent]
-    assert len(before_resend) == 1, f"the host saw the lapsed lease {len(before_resend)} times"
+    # Redis keeps expiry in ms while MONITOR stamps µs: a check within 5 ms either side of
+    # the lapse may or may not have seen the key, so it counts as the host's look but not
+    # as a second, wasted one.
+    checks = log.lease_checks(settings.key_prefix, tid)
+    looks = [at for at in checks if lapsed - 0.005 <= at <= resent]
+    assert looks, "re-sent without the host looking at the lapsed lease"
+    surely_gone = [at for at in looks if at >= lapsed + 0.005]
+    assert len(surely_gone) <= 1, f"the host saw the lapsed lease {len(surely_gone)} times"
     return (
         f"lease lapsed {lapsed - dead_at:.2f} s after the death, host noticed "
         f"{looks[0] - lapsed:.2f} s later, re-sent {resent - looks[0]:.3f} s after noticing"
