@@ -353,8 +353,9 @@ def locate_run(
     """
     planned = plan_run(config, executor=executor)
     looked = [planned.describe()]
-    if _has_log(config, planned, root_id) or explicit:
-        return Located(planned, looked, _has_log(config, planned, root_id))
+    found = _has_log(config, planned, root_id)
+    if found or explicit:
+        return Located(planned, looked, found)
     indexed = _indexed(config.run_index, root_id)
     if indexed is not None and indexed != planned:
         if "***" in indexed.store or "***" in (indexed.events or ""):
