@@ -212,3 +212,16 @@ async def test_calls_waiting_for_a_slot_use_what_was_learned_meanwhile() -> None
     assert all(o.success for o in outcomes), [o.output for o in outcomes]
     assert formats(server).count("json_schema") == 1
     assert len(server.requests) == 9
+
+
+def test_slow_start_ends_when_a_call_waited_a_quarter_of_its_timeout() -> None:
+    """A call that queued past a quarter of its timeout ends doubling without halving."""
+    policy = AdaptiveLimit(ceiling=16)
+    for _ in range(3):
+        policy.on_success(policy.epoch, latency_s=0.3, tokens=8, timeout_s=1.5)
+    assert policy.slots == 4 and policy.slow_start
+    policy.on_success(policy.epoch, latency_s=0.6, tokens=8, timeout_s=1.5)  # queued
+    assert not policy.slow_start and policy.epoch == 0
+    assert policy.slots == 4  # +1/4: growth is a call per round now
+    policy.on_success(policy.epoch, latency_s=0.9, tokens=8, timeout_s=1.5)  # > half
+    assert policy.slots == 2 and policy.epoch == 1

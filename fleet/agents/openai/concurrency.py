@@ -6,8 +6,10 @@ agent keeps at most a *limit* of calls in flight and adapts it the way TCP adapt
 window (additive increase, multiplicative decrease):
 
 - without ``max_concurrent`` it starts at one call and doubles per round of successes
-  (slow start) until the first sign of congestion, then grows by one call per round; with
-  ``max_concurrent`` (the width the operator says the server takes) it starts there;
+  (slow start) until the first sign of congestion, or until a call waited more than a
+  quarter of its timeout (the server has begun to queue: doubling again would push the
+  queue past the timeout before the news came back), then grows by one call per round;
+  with ``max_concurrent`` (the width the operator says the server takes) it starts there;
 - a timeout, a 429/503, or a call that took more than half its timeout or whose latency
   per token climbs well above the best seen halves the limit (once per round: calls that
   were already in flight when it was halved do not halve it again);
@@ -32,6 +34,8 @@ CLIMB = 2.0
 """A call is congested when it took this many times the best latency per token ..."""
 CLIMB_SLACK_S = 0.5
 """... and at least this many seconds more (small calls jitter)."""
+QUEUEING = 0.25
+"""Slow start ends when a call took more than this share of its timeout."""
 
 
 @dataclass
@@ -87,6 +91,10 @@ class AdaptiveLimit:
         if self.congested(latency_s, tokens, timeout_s):
             self.on_congestion(started_epoch)
             return
+        if timeout_s is not None and latency_s > QUEUEING * timeout_s:
+            # Its news arrives one call late: by then slow start has admitted that many
+            # calls more. Grow by a call per round from here, and halve at half a timeout.
+            self.slow_start = False
         step = 1.0 if self.slow_start else 1.0 / self.limit
         self.limit = min(self.limit + step, float(self.ceiling))
 
