@@ -23,6 +23,7 @@ subscriber that falls behind loses its oldest events and is told how many
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -370,10 +371,16 @@ class Workflow:
             await self._begin()
         try:
             with use_cancellation(run.cancellation):
-                return await body()
+                result = await body()
         except asyncio.CancelledError:
             await self._cancel(f"the task awaiting Workflow.{verb} was cancelled")
             raise
+        if run.board is not None and not run.cancellation.cancelled:
+            # The workers read the board too, and may stop their steps before the
+            # watcher's next look: without this, a cancelled run could end 'finished'.
+            with contextlib.suppress(Exception):  # the watcher warns about an unreadable board
+                await self._heed(run.board)
+        return result
 
     async def agent(self, spec: AgentStepSpec) -> StepOutcome:
         """Run one step (not journaled); a failure comes back as a failed outcome."""
@@ -542,16 +549,19 @@ class Workflow:
         while not run.closed and not run.cancellation.cancelled:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
-                notice = await board.check(run.run_id)
+                await self._heed(board)
             except Exception as error:
                 if not warned:
                     warned = True
                     logger.warning(
                         "workflow %r: cannot read its cancel board: %s", run.root_id, error
                     )
-                continue
-            if notice is not None:
-                await self._cancel(notice.reason, record=False)
+
+    async def _heed(self, board: CancelBoard) -> None:
+        """Look at the board once; cancel the run if a cancel is waiting there."""
+        notice = await board.check(self._run.run_id)
+        if notice is not None:
+            await self._cancel(notice.reason, record=False)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Send a ``log`` event; never fails and never blocks.

@@ -26,6 +26,7 @@ from fleet.cancel import (
     new_run_id,
     use_cancellation,
 )
+from fleet.cancel.signal import cancelled_outcome
 from fleet.errors import WorkflowCancelledError
 from fleet.events import WorkflowCancelled
 from fleet.stores import SQLiteCheckpointStore
@@ -258,6 +259,36 @@ async def test_a_blocking_agent_finishes_but_its_result_is_discarded() -> None:
     assert "could not be interrupted" in outcome.output and "stop it" in outcome.output
     assert "blocked result" not in outcome.output
     assert (await budget.snapshot()).reserved_tokens == 0
+
+
+async def test_steps_a_worker_stopped_before_the_watcher_looked_end_the_run_cancelled() -> None:
+    """Steps a worker cancelled before the host's watcher looked still end the run cancelled.
+
+    A worker reads the board too; the phase's end looks at it, so the run ends 'cancelled'
+    (not 'finished') and no verb follows.
+    """
+    board = MemoryCancelBoard()
+
+    class WorkerSawItFirst(LocalExecutor):
+        """What a Celery worker does when it finds the run's cancel marker first."""
+
+        async def execute_step(self, spec: AgentStepSpec, *args: Any, **kw: Any) -> StepOutcome:
+            await board.request("seen-first", "cancelled from the dashboard")
+            return cancelled_outcome(spec, "cancelled from the dashboard")
+
+    executor = WorkerSawItFirst(agents={})
+    workflow = (
+        Workflow.builder(executor).with_cancel_board(board).with_root_id("seen-first").build()
+    )
+    async with workflow:
+        outcomes = await workflow.phase("work", [spec("w1")])
+        assert [o.error for o in outcomes] == ["cancelled"]
+        assert workflow.cancelled, "the phase ended without looking at the board"
+        assert workflow.cancel_reason == "cancelled from the dashboard"
+        with pytest.raises(WorkflowCancelledError):
+            await workflow.phase("next", [spec("w2")])
+    record = await board.record("seen-first")
+    assert record is not None and record.status == "cancelled"
 
 
 async def test_a_cancelled_run_keeps_its_journal_and_the_next_run_resumes(tmp_path: Path) -> None:

@@ -76,12 +76,18 @@ def runs() -> Iterator[list[Run]]:
 
 
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver, "chromium / chromedriver missing: run scripts/install-browser"
+    profile = tmp_path / "chromium-profile"
     options = Options()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+        # a closed network refuses Chromium's own background connections, many at a time
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-quic", "--no-first-run", f"--user-data-dir={profile}",
+    ):  # fmt: skip
         options.add_argument(flag)
     options.add_argument("--window-size=1280,1000")
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
