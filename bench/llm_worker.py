@@ -10,6 +10,12 @@ efficiency (ideal / wall), peak calls in flight at the provider, worker peak RSS
 
     python -m bench.llm_worker --base /work/wt/scale-base [--cases 1x16,1x64,1x256,4x64]
 
+The agent declares ``max_concurrent = C`` (what docs/AGENTS.md tells an operator whose
+provider takes C calls at once), so its adaptive limit starts at C. A case written
+``1x64:slow`` leaves ``max_concurrent`` out: the agent then finds the width by slow start
+from one call (doubling per 2 s round), which is what an undeclared provider costs a
+worker process once, at its start.
+
 The host of each round runs in a subprocess (bench/llm_round.py) with the same tree
 first on ``PYTHONPATH`` as its workers, so host and worker speak the same protocol.
 Writes bench/results/llm_worker.json.
@@ -74,12 +80,20 @@ def _stop(process: subprocess.Popen[Any]) -> None:
 
 
 def run_case(
-    label: str, tree: Path, workers: int, concurrency: int, redis_url: str, provider: Any, tmp: Path
+    label: str,
+    tree: Path,
+    case: tuple[int, int, bool],
+    redis_url: str,
+    provider: Any,
+    tmp: Path,
 ) -> dict[str, Any]:
+    workers, concurrency, declared = case
+    declared = declared and label == "new"  # the old code knows no max_concurrent
     agents = tmp / f"agents-{uuid.uuid4().hex[:6]}.toml"
     agents.write_text(
         f'[agents.llm]\nkind = "openai"\nbase_url = "{provider.base_url}"\n'
         'model = "bench"\nmax_tokens = 16\n'
+        + (f"max_concurrent = {concurrency}\n" if declared else "")
     )
     env = _env(tree, redis_url, agents)
     log = open(tmp / f"{label}-{workers}x{concurrency}.log", "ab")  # noqa: SIM115 - closed below
@@ -130,6 +144,7 @@ def run_case(
         "code": label,
         "workers": workers,
         "C": concurrency,
+        "max_concurrent": concurrency if declared else "-",
         "steps": steps,
         "ok": result["ok"],
         "wall_s": result["wall_s"],
@@ -145,13 +160,26 @@ def run_case(
     }
 
 
+def _case(text: str) -> tuple[int, int, bool]:
+    """``"4x64"`` -> ``(4, 64, True)``; ``"1x64:slow"`` -> ``(1, 64, False)``."""
+    shape, _, mode = text.strip().partition(":")
+    if mode not in ("", "slow") or shape.count("x") != 1:
+        raise SystemExit(f"bad case {text!r}: write WORKERSxC or WORKERSxC:slow, e.g. 1x64:slow")
+    workers, concurrency = (int(n) for n in shape.split("x"))
+    return workers, concurrency, mode != "slow"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, help="a checkout of the old code to compare")
-    parser.add_argument("--cases", default="1x16,1x64,1x256,4x64", help="WORKERSxC,...")
+    parser.add_argument(
+        "--cases",
+        default="1x16,1x64,1x256,4x64",
+        help="WORKERSxC[:slow],... (:slow: the agent declares no max_concurrent)",
+    )
     parser.add_argument("--only", choices=["base", "new"], help="run one side only")
     args = parser.parse_args(argv)
-    cases = [tuple(int(n) for n in case.split("x")) for case in args.cases.split(",")]
+    cases = [_case(text) for text in args.cases.split(",")]
     sides = [("new", HERE)]
     if args.base is not None and args.only != "new":
         sides.insert(0, ("base", args.base.resolve()))
@@ -163,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         redis = RedisServer(tmp / "redis").start()
         try:
             with ProviderProcess(latency_s=LATENCY_S) as provider:
-                for workers, concurrency in cases:
+                for case in cases:
                     for label, tree in sides:
-                        row = run_case(label, tree, workers, concurrency, redis.url, provider, tmp)
+                        row = run_case(label, tree, case, redis.url, provider, tmp)
                         print(json.dumps(row), flush=True)
                         rows.append(row)
                         time.sleep(1.0)
