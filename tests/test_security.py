@@ -423,7 +423,7 @@ def test_rediss_urls_build_verifying_tls_clients(tmp_path: Path) -> None:
         executor = CeleryExecutor(settings=settings)
         try:
             async with executor._client() as host_client:
-                return [ledger._client().connection_pool, host_client.connection_pool]
+                return [ledger._client()[0].connection_pool, host_client.connection_pool]
         finally:
             await ledger.close()
 
