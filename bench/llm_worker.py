@@ -16,7 +16,8 @@ provider takes C calls at once), so its adaptive limit starts at C. A case writt
 from one call (doubling per 2 s round), which is what an undeclared provider costs a
 worker process once, at its start.
 
-The host of each round runs in a subprocess (bench/llm_round.py) with the same tree
+Both trees run on this interpreter: the old one also needs ``tenacity`` (``pip install
+tenacity``), which fleet no longer uses. The host of each round runs in a subprocess (bench/llm_round.py) with the same tree
 first on ``PYTHONPATH`` as its workers, so host and worker speak the same protocol.
 Writes bench/results/llm_worker.json.
 """
