@@ -8,6 +8,7 @@ behind your back. A bad value fails at start with the key's name and expected ty
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,12 +25,21 @@ from .errors import ConfigError
 
 __all__ = ["DEFAULT_CONFIG_FILE", "FleetSettings", "load_settings", "mask_url"]
 
+_SECRET_QUERY = re.compile(r"((?:^|[?&])sentinel_password=)[^&]*")
+
 DEFAULT_CONFIG_FILE = Path("config/fleet.toml")
 """Where settings are read from unless ``FLEET_CONFIG`` names another file."""
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    """``url`` with any password replaced by ``***`` (safe for logs and errors).
+
+    A sentinel URL (``sentinel://...;sentinel://...``) has each part masked, and a
+    ``sentinel_password=`` in its query too.
+    """
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
+    url = _SECRET_QUERY.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
     except ValueError:
