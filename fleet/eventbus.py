@@ -286,9 +286,11 @@ class EventStream(BufferedLog):
         super().__init__(f"Redis stream {key!r}", run_id=run_id)
 
     async def _open(self) -> None:
-        from redis.asyncio import Redis
+        from .redisclient import async_client
 
-        self._client = Redis.from_url(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        self._client = async_client(
+            self._url, retry=False, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
 
     async def _append(self, batch: list[dict[str, str]]) -> None:
         assert self._client is not None

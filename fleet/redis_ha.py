@@ -139,9 +139,10 @@ class SentinelGroup:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self, timeout_s: float = 30.0) -> SentinelGroup:
-        """Start both data nodes (node2 replicating node1) and the sentinels; wait until
-        the replica is in sync and every sentinel sees the master, the replica and the
-        other sentinels.
+        """Start both data nodes (node2 replicating node1) and the sentinels.
+
+        Returns once the replica is in sync and every sentinel sees the master, the
+        replica and the other sentinels.
 
         Raises:
             BrokerError: a process did not come up in time (everything started is stopped).
@@ -172,10 +173,13 @@ class SentinelGroup:
         others = len(self.sentinels) - 1
         while True:
             state = [self._sentinel_view(s) for s in self.sentinels]
-            if all(
-                view is not None and view["slaves"] >= 1 and view["sentinels"] >= others
-                for view in state
-            ) and self._replica_in_sync():
+            if (
+                all(
+                    view is not None and view["slaves"] >= 1 and view["sentinels"] >= others
+                    for view in state
+                )
+                and self._replica_in_sync()
+            ):
                 return
             if time.monotonic() > deadline:
                 raise BrokerError(
@@ -213,8 +217,9 @@ class SentinelGroup:
         raise BrokerError(f"no sentinel names a master of this group (says {address})")
 
     def wait_for_new_master(self, old_port: int, timeout_s: float = 60.0) -> RedisServer:
-        """Wait until every live sentinel names a master other than ``old_port``, and it
-        accepts writes; return it.
+        """Wait until every live sentinel names a new master (not ``old_port``); return it.
+
+        The node returned reports itself master (it accepts writes).
 
         Raises:
             BrokerError: no failover within ``timeout_s``.

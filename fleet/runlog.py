@@ -208,12 +208,14 @@ def _loads(text: str) -> dict[str, str]:
 
 class _RedisReader:
     def __init__(self, url: str, key_prefix: str) -> None:
-        from redis import Redis
+        from .redisclient import sync_client
 
         self.where = mask_url(url)
         self._prefix = key_prefix
         try:
-            self._client = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+            self._client = sync_client(
+                url, retry=False, socket_timeout=5.0, socket_connect_timeout=5.0
+            )
         except ValueError as error:  # an unknown scheme, a port out of range
             raise ConfigError(f"invalid Redis URL {self.where}: {error}", key="redis_url") from None
 
@@ -268,7 +270,7 @@ def open_log_reader(url: str, *, key_prefix: str = "fleet") -> LogReader:
     """
     if url.startswith("sqlite:"):
         return _SQLiteReader(Path(url.removeprefix("sqlite:")))
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
         return _RedisReader(url, key_prefix)
     raise ConfigError(
         f"run logs live in a sqlite:PATH file or a redis:// URL, not {mask_url(url)!r}",

@@ -14,7 +14,6 @@ problem), and :func:`celery_options` turns it into kombu's and Celery's settings
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -96,7 +95,9 @@ class SentinelURL:
         if self.password:
             user = quote(self.username or "", safe="")
             auth = f"{user}:{quote(self.password, safe='')}@"
-        return ";".join(f"sentinel://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels)
+        return ";".join(
+            f"sentinel://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels
+        )
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -117,9 +118,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
             split = urlsplit(part)
             port = split.port or DEFAULT_SENTINEL_PORT
         except ValueError as error:
-            raise ConfigError(
-                f"invalid sentinel URL {shown}: {error}", key="redis_url"
-            ) from None
+            raise ConfigError(f"invalid sentinel URL {shown}: {error}", key="redis_url") from None
         if split.scheme.lower() != "sentinel" or not split.hostname:
             raise ConfigError(
                 f"invalid sentinel URL {shown}: every ';'-separated part must read "
@@ -270,7 +269,10 @@ def _ask_sentinels(target: SentinelURL, timeout_s: float) -> tuple[tuple[str, in
     for host, port in target.sentinels:
         try:
             with redis.Redis(
-                host=host, port=port, retry=_no_retry(), **target.sentinel_kwargs(timeout_s=timeout_s)
+                host=host,
+                port=port,
+                retry=_no_retry(),
+                **target.sentinel_kwargs(timeout_s=timeout_s),
             ) as client:
                 reply = client.sentinel_get_master_addr_by_name(target.master_name)
         except AuthenticationError:
@@ -286,7 +288,7 @@ def _ask_sentinels(target: SentinelURL, timeout_s: float) -> tuple[tuple[str, in
                 ) from None
             answered += 1
             continue
-        except (RedisError, OSError, socket.timeout):
+        except (RedisError, OSError):
             continue
         answered += 1
         if reply:

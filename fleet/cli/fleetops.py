@@ -23,6 +23,7 @@ import typer
 from ..config import FleetSettings
 from ..errors import ConfigError
 from ..localfleet import LocalFleet, celery_command, settings_env
+from ..sentinel import check_redis, is_sentinel
 from .app import app, console, err_console, settings
 
 __all__ = ["PoolChoice", "flower", "up", "worker"]
@@ -89,6 +90,9 @@ def worker(
     every other).
     """
     config = settings()
+    if is_sentinel(config.redis_url):
+        # kombu would retry a sentinel URL that reaches no master for ever; say why now.
+        check_redis(config.redis_url)
     if concurrency is None:
         concurrency = LLM_CONCURRENCY if pool is PoolChoice.threads else os.cpu_count() or 1
     if metrics_port is not None:

@@ -365,7 +365,9 @@ class RedisLedger(BudgetLedger):
         """
         client = self._client()
         keys = [key for account_id in chain for key in self._keys(account_id)]
-        wait = self.replicated and script in _WRITES and time.monotonic() >= self._unreplicated_until
+        wait = (
+            self.replicated and script in _WRITES and time.monotonic() >= self._unreplicated_until
+        )
         try:
             try:
                 return await self._eval(client, script, keys, args, wait)

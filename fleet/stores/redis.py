@@ -19,6 +19,8 @@ from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..config import mask_url
 from ..errors import CheckpointError, ConfigError
 from ..perloop import PerLoop
+from ..redisclient import async_client
+from ..sentinel import is_sentinel, parse_sentinel_url
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 __all__ = ["RedisCheckpointStore"]
@@ -53,13 +55,17 @@ class RedisCheckpointStore(CheckpointStore):
         self.url = url
         self.key_prefix = key_prefix
         try:
-            parse_url(url)
+            if is_sentinel(url):
+                parse_sentinel_url(url)
+            else:
+                parse_url(url)
         except ValueError as error:  # e.g. an unknown scheme or a port out of range
             raise ConfigError(
                 f"invalid Redis journal URL {mask_url(url)}: {error}", key="store"
             ) from None
         self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: aioredis.from_url(url, **client_options), close=lambda c: c.aclose()
+            lambda: async_client(url, retry=is_sentinel(url), **client_options),
+            close=lambda c: c.aclose(),
         )
         self._group = GroupCommit(self._write_batch)
 
