@@ -62,6 +62,51 @@ def retry_options(*, asynchronous: bool, tolerance_s: float = OUTAGE_TOLERANCE_S
     }
 
 
+class _AsyncSentinelConnection(aioredis.sentinel.SentinelManagedConnection):
+    """Asks the sentinels for the master on every socket connect.
+
+    redis-py (8.1) reconnects a connection that dropped inside a command's retry through
+    the plain connect path, to the address it last had: after a failover that is the
+    dead master, for the whole retry budget. Resolving here sends the retry to the new one.
+    """
+
+    async def _connect(self) -> None:
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
+
+
+class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """The blocking twin of :class:`_AsyncSentinelConnection`."""
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
+
+
+class _AsyncSentinelRedis(aioredis.Redis):
+    """A master client that also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the client, its pool (as redis-py decides) and the sentinel clients."""
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        if manager is not None:
+            await manager.aclose()
+
+
+class _SentinelRedis(redis.Redis):
+    """A master client that also closes its connections to the sentinels."""
+
+    def close(self) -> None:
+        """Close the client, its pool (as redis-py decides) and the sentinel clients."""
+        super().close()
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for client in getattr(manager, "sentinels", ()):
+            client.close()
+
+
 class _AsyncBlockingSentinelPool(
     aioredis.sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool
 ):
@@ -98,12 +143,14 @@ def async_client(
         sentinel = aioredis.sentinel.Sentinel(
             target.sentinels,
             sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout),
+            connection_class=_AsyncSentinelConnection,
             **target.connection_kwargs(),
         )
         if max_connections is None:
-            return sentinel.master_for(target.master_name, **kwargs)
+            return sentinel.master_for(target.master_name, _AsyncSentinelRedis, **kwargs)
         return sentinel.master_for(
             target.master_name,
+            _AsyncSentinelRedis,
             connection_pool_class=_AsyncBlockingSentinelPool,
             max_connections=max_connections,
             timeout=pool_timeout_s,
@@ -133,12 +180,14 @@ def sync_client(
         sentinel = redis.sentinel.Sentinel(
             target.sentinels,
             sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout),
+            connection_class=_SentinelConnection,
             **target.connection_kwargs(),
         )
         if max_connections is None:
-            return sentinel.master_for(target.master_name, **kwargs)
+            return sentinel.master_for(target.master_name, _SentinelRedis, **kwargs)
         return sentinel.master_for(
             target.master_name,
+            _SentinelRedis,
             connection_pool_class=_BlockingSentinelPool,
             max_connections=max_connections,
             timeout=pool_timeout_s,
