@@ -142,7 +142,7 @@ def async_client(
         timeout = float(options.get("socket_connect_timeout") or 1.0)
         sentinel = aioredis.sentinel.Sentinel(
             target.sentinels,
-            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout),
+            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout, asynchronous=True),
             connection_class=_AsyncSentinelConnection,
             **target.connection_kwargs(),
         )

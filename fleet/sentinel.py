@@ -36,11 +36,12 @@ DEFAULT_SENTINEL_PORT = 26379
 _QUERY_KEYS = ("master_name", "sentinel_password")
 
 
-def _no_retry() -> Any:
+def _no_retry(asynchronous: bool = False) -> Any:
+    from redis.asyncio.retry import Retry as AsyncRetry
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return Retry(NoBackoff(), 0)
+    return (AsyncRetry if asynchronous else Retry)(NoBackoff(), 0)
 
 
 def is_sentinel(url: str) -> bool:
@@ -74,11 +75,18 @@ class SentinelURL:
             kwargs["password"] = self.password
         return kwargs
 
-    def sentinel_kwargs(self, *, timeout_s: float = 1.0) -> dict[str, Any]:
-        """Keyword arguments for a connection to a sentinel (redis-py)."""
+    def sentinel_kwargs(
+        self, *, timeout_s: float = 1.0, asynchronous: bool = False
+    ) -> dict[str, Any]:
+        """Keyword arguments for a connection to a sentinel (redis-py).
+
+        No retries: redis-py's default (3, backing off from 1 s) made every master lookup
+        that met a dead sentinel first cost seconds; the next sentinel is the retry.
+        """
         kwargs: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
+            "retry": _no_retry(asynchronous),
         }
         if self.sentinel_password:
             kwargs["password"] = self.sentinel_password
@@ -171,14 +179,15 @@ def celery_options(url: str) -> dict[str, Any]:
     if not is_sentinel(url):
         return {"broker_url": url, "result_backend": url}
     target = parse_sentinel_url(url)
-    transport: dict[str, Any] = {"master_name": target.master_name}
-    if target.sentinel_password:
-        transport["sentinel_kwargs"] = {"password": target.sentinel_password}
+    transport: dict[str, Any] = {
+        "master_name": target.master_name,
+        "sentinel_kwargs": target.sentinel_kwargs(),
+    }
     return {
         "broker_url": target.celery_url(),
         "result_backend": target.celery_url(),
         "broker_transport_options": transport,
-        "result_backend_transport_options": dict(transport),
+        "result_backend_transport_options": {**transport},
     }
 
 
@@ -271,7 +280,6 @@ def _ask_sentinels(target: SentinelURL, timeout_s: float) -> tuple[tuple[str, in
             with redis.Redis(
                 host=host,
                 port=port,
-                retry=_no_retry(),
                 **target.sentinel_kwargs(timeout_s=timeout_s),
             ) as client:
                 reply = client.sentinel_get_master_addr_by_name(target.master_name)
