@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -70,8 +71,21 @@ class RoundTripProxy:
             self._pipe(up_reader, client_writer, state, "server"),
         )
 
-    async def serve(self) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+    def start(self) -> None:
+        """Serve on a thread (and event loop) of its own.
+
+        So the bench's loop never stalls the workers' traffic, also while it waits for
+        them to exit.
+        """
+        ready = threading.Event()
+
+        async def serve() -> None:
+            await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            ready.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+        ready.wait(10)
 
 
 def _stats(client: redis.Redis) -> tuple[dict[str, int], float]:
@@ -97,7 +111,7 @@ async def _round(executor: CeleryExecutor, n: int, tag: str) -> float:
 
 async def measure(server: RedisServer, steps: int, directory: Path) -> dict[str, Any]:
     proxy = RoundTripProxy(server.port)
-    listener = await proxy.serve()
+    proxy.start()
     url = f"redis://127.0.0.1:{proxy.port}/0"
     prefix = f"cost-{uuid.uuid4().hex[:8]}"
     settings = FleetSettings(
@@ -133,7 +147,6 @@ async def measure(server: RedisServer, steps: int, directory: Path) -> dict[str,
             process.wait(timeout=30)
             log.close()
         direct.close()
-        listener.close()
     per_command = {
         name: (after.get(name, 0) - before.get(name, 0)) / steps
         for name in after
