@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
+from .keytags import tagged
 from .spec import FleetModel
 
 if TYPE_CHECKING:
@@ -39,8 +40,8 @@ DEFAULT_SUBSCRIBER_CAPACITY = 256
 
 
 def event_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
-    """The Redis stream a workflow's events are appended to."""
-    return f"{key_prefix}:events:{root_id}"
+    """The Redis stream a workflow's events are appended to (hash-tagged by its root id)."""
+    return f"{key_prefix}:events:{tagged(root_id)}"
 
 
 class Lagged(FleetModel):

@@ -32,6 +32,7 @@ from typing import Any, Protocol, cast
 from .config import mask_url
 from .errors import ConfigError
 from .eventbus import BufferedLog, event_stream_key
+from .keytags import untagged
 
 __all__ = [
     "LogEntry",
@@ -245,11 +246,11 @@ class _RedisReader:
         return [LogEntry(bytes(entry_id).decode(), _decode(raw)) for entry_id, raw in page]
 
     def root_ids(self, *, limit: int) -> list[str]:
-        head = event_stream_key("", key_prefix=self._prefix)
+        head = f"{self._prefix}:events:"
         pattern = head.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
         found: list[str] = []
         for key in self._client.scan_iter(match=pattern, count=500, _type="stream"):
-            found.append(bytes(key).decode(errors="replace")[len(head) :])
+            found.append(untagged(bytes(key).decode(errors="replace")[len(head) :]))
             if len(found) >= limit:
                 break
         return found

@@ -158,7 +158,7 @@ async def test_every_part_works_through_a_sentinel_url_with_the_first_sentinel_d
     # The writes reached the replica as well (WAIT 1 after each ledger write).
     replica = next(node for node in group.nodes if node is not group.master())
     with sync_client(replica.url) as client:
-        assert client.hget(f"{key_prefix}:budget:wf:account", "consumed") == b"40"
+        assert client.hget(f"{key_prefix}:budget:{{wf}}:account", "consumed") == b"40"
 
 
 def test_compose_ha_file_names_a_sentinel_group_every_service_can_use() -> None:

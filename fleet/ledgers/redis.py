@@ -1,16 +1,19 @@
 """The fleet-wide ledger: accounts in Redis, every operation one atomic Lua script.
 
-Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name)::
+Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name, in
+braces: the Redis Cluster hash tag that keeps an account's keys in one slot, see
+:mod:`fleet.keytags`)::
 
-    P:budget:A:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
+    P:budget:{A}:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
                                 reserved, uconsumed, ureserved (u = micro-dollars), parents
-    P:budget:A:held      hash   reservation id -> "<tokens>|<micros>|<holder>"
-    P:budget:A:leases    zset   reservation id -> lease expiry (Redis server time, ms)
-    P:budget:A:settled   hash   reservation id -> "<tokens>|<micros>" (settle is idempotent)
-    P:budget:A:children  hash   "t:W" / "u:W" -> tokens / micro-dollars workflow W consumed
+    P:budget:{A}:held      hash   reservation id -> "<tokens>|<micros>|<holder>"
+    P:budget:{A}:leases    zset   reservation id -> lease expiry (Redis server time, ms)
+    P:budget:{A}:settled   hash   reservation id -> "<tokens>|<micros>" (settle is idempotent)
+    P:budget:{A}:children  hash   "t:W" / "u:W" -> tokens / micro-dollars workflow W consumed
 
 A reservation is taken from a chain of accounts, the workflow first and then every
-ancestor, in **one** script: ``KEYS`` holds five keys per account of the chain. In an
+ancestor, in **one** script: ``KEYS`` holds five keys per account of the chain (so a chain of
+several accounts spans hash slots: on Redis Cluster only one-account chains run). In an
 ancestor the reservation is held under ``W/ID`` (workflow id, reservation id) with the
 same lease, so each account releases a dead holder's amounts on its own. ``parents``
 is the newline-joined list of the accounts directly above.
@@ -37,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
+from ..keytags import tagged
 from ..perloop import PerLoop
 from ..redisclient import async_client
 from ..sentinel import is_sentinel
@@ -293,7 +297,7 @@ class RedisLedger(BudgetLedger):
 
     Args:
         url: ``redis://``, ``rediss://`` or ``sentinel://`` URL (password in the URL).
-        key_prefix: prefix of every key (``{key_prefix}:budget:{account}:...``).
+        key_prefix: prefix of every key (``{key_prefix}:budget:{{account}}:...``).
 
     Accounts outlive the process: a resumed workflow (same workflow id) continues
     where it stopped. Works from any event loop: each gets its own connection pool, made
@@ -345,7 +349,7 @@ class RedisLedger(BudgetLedger):
         if keys is None:
             if len(self._key_cache) >= _KEY_CACHE_SIZE:
                 self._key_cache.clear()
-            base = f"{self.key_prefix}:budget:{account_id}"
+            base = f"{self.key_prefix}:budget:{tagged(account_id)}"
             keys = self._key_cache[account_id] = tuple(f"{base}:{p}".encode() for p in _PARTS)
         return keys
 
