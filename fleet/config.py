@@ -8,11 +8,12 @@ behind your back. A bad value fails at start with the key's name and expected ty
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,12 +25,21 @@ from .errors import ConfigError
 
 __all__ = ["DEFAULT_CONFIG_FILE", "FleetSettings", "load_settings", "mask_url"]
 
+_SECRET_QUERY = re.compile(r"((?:^|[?&])sentinel_password=)[^&]*")
+
 DEFAULT_CONFIG_FILE = Path("config/fleet.toml")
 """Where settings are read from unless ``FLEET_CONFIG`` names another file."""
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    """``url`` with any password replaced by ``***`` (safe for logs and errors).
+
+    A sentinel URL (``sentinel://...;sentinel://...``) has each part masked, and a
+    ``sentinel_password=`` in its query too.
+    """
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
+    url = _SECRET_QUERY.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -51,8 +61,9 @@ class FleetSettings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Broker, result backend, journal and budget store of a fleet (``redis://`` or
-    ``rediss://``, password in the URL)."""
+    """Broker, result backend, journal and budget store of a fleet (``redis://``,
+    ``rediss://`` or a Sentinel URL ``sentinel://h:p;sentinel://h:p/DB?master_name=NAME``;
+    password in the URL)."""
     key_prefix: str = "fleet"
     """Prefix of every Redis key fleet writes."""
     agents_file: Path = Path("config/agents.toml")
@@ -122,6 +133,15 @@ class FleetSettings(BaseSettings):
             env_settings,
             TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
         )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _sentinel_url_names_a_master(cls, url: str) -> str:
+        from .sentinel import is_sentinel, parse_sentinel_url
+
+        if is_sentinel(url):
+            parse_sentinel_url(url)  # ConfigError (a ValueError): names the fix
+        return url
 
     def masked_redis_url(self) -> str:
         """The Redis URL with its password masked."""

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
+from .keytags import tagged
 from .spec import FleetModel
 
 if TYPE_CHECKING:
@@ -39,8 +40,8 @@ DEFAULT_SUBSCRIBER_CAPACITY = 256
 
 
 def event_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
-    """The Redis stream a workflow's events are appended to."""
-    return f"{key_prefix}:events:{root_id}"
+    """The Redis stream a workflow's events are appended to (hash-tagged by its root id)."""
+    return f"{key_prefix}:events:{tagged(root_id)}"
 
 
 class Lagged(FleetModel):
@@ -286,9 +287,11 @@ class EventStream(BufferedLog):
         super().__init__(f"Redis stream {key!r}", run_id=run_id)
 
     async def _open(self) -> None:
-        from redis.asyncio import Redis
+        from .redisclient import async_client
 
-        self._client = Redis.from_url(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        self._client = async_client(
+            self._url, retry=False, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
 
     async def _append(self, batch: list[dict[str, str]]) -> None:
         assert self._client is not None

@@ -39,6 +39,7 @@ import httpx
 
 from .config import FleetSettings, load_settings, mask_url
 from .errors import BrokerError, ConfigError
+from .redis_ha import SentinelGroup
 from .redis_server import RedisServer, free_port
 
 __all__ = ["POOLS", "FleetProcess", "LocalFleet", "Pool", "celery_command", "settings_env"]
@@ -116,6 +117,9 @@ class LocalFleet:
             embedded server, which always listens on a free loopback port.
         flower_port: Flower's port; a free one when ``None`` or 0.
         dashboard_port: the dashboard's port; a free one when ``None`` or 0.
+        ha: instead of one Redis, a Sentinel group (1 master, 1 replica, 3 sentinels, AOF
+            on both data nodes; :class:`~fleet.redis_ha.SentinelGroup`), reached through
+            one ``sentinel://`` URL.
         loglevel: the workers' and Flower's log level.
         ready_timeout_s: how long to wait for every part to answer at start.
         stop_grace_s: how long each part gets to exit after SIGTERM before SIGKILL.
@@ -136,6 +140,7 @@ class LocalFleet:
         flower_port: int | None = None,
         dashboard: bool = False,
         dashboard_port: int | None = None,
+        ha: bool = False,
         loglevel: str = "warning",
         ready_timeout_s: float = 60.0,
         stop_grace_s: float = 10.0,
@@ -169,7 +174,9 @@ class LocalFleet:
         self.directory: Path | None = None
         self.flower_port: int | None = None
         self._owns_directory = False
+        self.ha = ha
         self._redis: RedisServer | None = None
+        self._group: SentinelGroup | None = None
         self._children: list[tuple[FleetProcess, subprocess.Popen[bytes], IO[bytes]]] = []
 
     # -- what the fleet offers --------------------------------------------------------
@@ -177,6 +184,8 @@ class LocalFleet:
     @property
     def redis_url(self) -> str:
         """URL of the embedded Redis (broker, results, journal, budget); password included."""
+        if self._group is not None:
+            return self._group.url
         if self._redis is None:
             raise BrokerError("the local fleet is not running; start() it first")
         return self._redis.url
@@ -213,23 +222,29 @@ class LocalFleet:
     @property
     def processes(self) -> list[FleetProcess]:
         """Every process this fleet started and has not stopped yet."""
-        redis = self._redis_process()
-        return ([redis] if redis else []) + [process for process, _, _ in self._children]
+        return [process for process, _ in self._redis_processes()] + [
+            process for process, _, _ in self._children
+        ]
 
-    def _redis_process(self) -> FleetProcess | None:
+    def _redis_processes(self) -> list[tuple[FleetProcess, subprocess.Popen[bytes]]]:
+        if self._group is not None:
+            return [
+                (FleetProcess("redis", name, popen.pid, log), popen)
+                for name, popen, log in self._group.processes()
+            ]
         redis = self._redis
         if redis is None or redis.process is None:
-            return None
-        return FleetProcess("redis", "redis", redis.process.pid, redis.directory / "redis.log")
+            return []
+        log = redis.directory / "redis.log"
+        return [(FleetProcess("redis", "redis", redis.process.pid, log), redis.process)]
 
     def exited(self) -> list[tuple[FleetProcess, int]]:
         """Processes that ended on their own, with their exit codes (empty while healthy)."""
         gone: list[tuple[FleetProcess, int]] = []
-        redis = self._redis_process()
-        if redis is not None and self._redis is not None and self._redis.process is not None:
-            code = self._redis.process.poll()
+        for process, popen in self._redis_processes():
+            code = popen.poll()
             if code is not None:
-                gone.append((redis, code))
+                gone.append((process, code))
         for process, popen, _ in self._children:
             code = popen.poll()
             if code is not None:
@@ -245,7 +260,7 @@ class LocalFleet:
             BrokerError: a part exited or did not answer within ``ready_timeout_s``
                 (the message quotes the end of its log); everything started is stopped.
         """
-        if self._redis is not None:
+        if self._redis is not None or self._group is not None:
             raise BrokerError("this local fleet is already running")
         try:
             self._start_all()
@@ -263,8 +278,12 @@ class LocalFleet:
             self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "logs").mkdir(exist_ok=True)
         password = urlsplit(self.base_settings.redis_url).password
-        self._redis = RedisServer(self.directory / "redis", password=password, appendonly=True)
-        self._redis.start()
+        if self.ha:
+            self._group = SentinelGroup(self.directory / "redis-ha", password=password)
+            self._group.start()
+        else:
+            self._redis = RedisServer(self.directory / "redis", password=password, appendonly=True)
+            self._redis.start()
         env = {**os.environ, **settings_env(self.settings)}
         for name in self.worker_names:
             self._spawn("worker", name, self._worker_args(name), env)
@@ -411,6 +430,9 @@ class LocalFleet:
         redis, self._redis = self._redis, None
         if redis is not None:
             redis.stop(timeout_s=self.stop_grace_s)
+        group, self._group = self._group, None
+        if group is not None:
+            group.stop()
         if self._owns_directory and self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self._owns_directory = False

@@ -32,6 +32,7 @@ from typing import Any, Protocol, cast
 from .config import mask_url
 from .errors import ConfigError
 from .eventbus import BufferedLog, event_stream_key
+from .keytags import untagged
 
 __all__ = [
     "LogEntry",
@@ -208,12 +209,14 @@ def _loads(text: str) -> dict[str, str]:
 
 class _RedisReader:
     def __init__(self, url: str, key_prefix: str) -> None:
-        from redis import Redis
+        from .redisclient import sync_client
 
         self.where = mask_url(url)
         self._prefix = key_prefix
         try:
-            self._client = Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+            self._client = sync_client(
+                url, retry=False, socket_timeout=5.0, socket_connect_timeout=5.0
+            )
         except ValueError as error:  # an unknown scheme, a port out of range
             raise ConfigError(f"invalid Redis URL {self.where}: {error}", key="redis_url") from None
 
@@ -243,11 +246,11 @@ class _RedisReader:
         return [LogEntry(bytes(entry_id).decode(), _decode(raw)) for entry_id, raw in page]
 
     def root_ids(self, *, limit: int) -> list[str]:
-        head = event_stream_key("", key_prefix=self._prefix)
+        head = f"{self._prefix}:events:"
         pattern = head.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
         found: list[str] = []
         for key in self._client.scan_iter(match=pattern, count=500, _type="stream"):
-            found.append(bytes(key).decode(errors="replace")[len(head) :])
+            found.append(untagged(bytes(key).decode(errors="replace")[len(head) :]))
             if len(found) >= limit:
                 break
         return found
@@ -268,7 +271,7 @@ def open_log_reader(url: str, *, key_prefix: str = "fleet") -> LogReader:
     """
     if url.startswith("sqlite:"):
         return _SQLiteReader(Path(url.removeprefix("sqlite:")))
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
         return _RedisReader(url, key_prefix)
     raise ConfigError(
         f"run logs live in a sqlite:PATH file or a redis:// URL, not {mask_url(url)!r}",

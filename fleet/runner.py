@@ -53,7 +53,7 @@ __all__ = [
     "read_status",
 ]
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 
 
 @dataclass(frozen=True)
@@ -382,9 +382,11 @@ def _has_log(
         return False
     try:
         if quick and places.events.startswith(_REDIS_SCHEMES):
-            from redis import Redis
+            from .redisclient import sync_client
 
-            with Redis.from_url(places.events, socket_connect_timeout=1.0, socket_timeout=1.0) as r:
+            with sync_client(
+                places.events, retry=False, socket_connect_timeout=1.0, socket_timeout=1.0
+            ) as r:
                 r.ping()
         reader = open_log_reader(places.events, key_prefix=config.key_prefix)
         try:

@@ -37,6 +37,7 @@ from fleet.checkpoint import WorkflowStepRecord
 from fleet.cli.app import app
 from fleet.config import FleetSettings, load_settings
 from fleet.errors import CheckpointError, ConfigError, FleetError, SpecError
+from fleet.keytags import tagged
 from fleet.redis_server import free_port
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import (
@@ -278,7 +279,7 @@ def _sqlite_raw(path: Path) -> Raw:
 
 def _redis_raw(url: str, prefix: str) -> Raw:
     def key(workflow_id: str) -> str:
-        return f"{prefix}:journal:{workflow_id}"
+        return f"{prefix}:journal:{tagged(workflow_id)}"
 
     def inject(workflow_id: str, meta: object, steps: dict[str, object]) -> None:
         client = redis_sync.Redis.from_url(url)
@@ -451,7 +452,7 @@ def test_redis_hash_fields_fleet_never_writes_fail_closed(
     raw = _redis_raw(redis_url, key_prefix)
     workflow_id = "wf"
     client = redis_sync.Redis.from_url(redis_url)
-    key = f"{key_prefix}:journal:{workflow_id}"
+    key = f"{key_prefix}:journal:{{{workflow_id}}}"
     client.hset(key, mapping={"meta": encode_meta(workflow_id), "step:a": record_json("wf", "a")})
     client.hset(key, mapping=fields)  # type: ignore[arg-type]
     client.close()

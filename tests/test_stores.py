@@ -374,12 +374,12 @@ async def test_sqlite_file_that_is_not_a_database_fails_as_checkpoint_error(
 
 
 async def test_redis_layout_is_one_hash_per_workflow(redis_url: str, key_prefix: str) -> None:
-    """Redis keeps meta and one field per step in {prefix}:journal:{workflow_id}."""
+    """Redis keeps meta and one field per step in {prefix}:journal:{{workflow_id}}."""
     async with RedisCheckpointStore(redis_url, key_prefix=key_prefix) as store:
         await store.record_step("wf", record("a"))
         await store.record_step("wf", record("b"))
     client = redis_sync.Redis.from_url(redis_url, decode_responses=True)
-    fields = client.hgetall(f"{key_prefix}:journal:wf")
+    fields = client.hgetall(f"{key_prefix}:journal:{{wf}}")
     client.close()
     assert sorted(fields) == ["meta", "step:a", "step:b"]
     assert fields["meta"] == '{"schema_version":1,"workflow_id":"wf"}'
@@ -451,7 +451,8 @@ def test_open_store_understands_each_target(tmp_path: Path) -> None:
     assert open_store(f"sqlite://{tmp_path}/k.db").path == tmp_path / "k.db"  # type: ignore[attr-defined]
     redis_store = open_store("rediss://:pw@example.invalid:6380/1", key_prefix="p")
     assert isinstance(redis_store, RedisCheckpointStore)
-    assert redis_store.key("w") == "p:journal:w"
+    assert redis_store.key("w") == "p:journal:{w}"
+    assert redis_store.key("w/review#2") == "p:journal:{w}/review#2"
 
 
 @pytest.mark.parametrize("target", ["postgres://x", "sqlite:", "file:/tmp/x", "mysql://u:pw@h"])

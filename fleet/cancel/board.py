@@ -21,6 +21,7 @@ import uuid
 from abc import ABC, abstractmethod
 from typing import Literal
 
+from ..keytags import tagged
 from ..spec import FleetModel
 
 __all__ = [
@@ -51,7 +52,7 @@ def new_run_id() -> str:
 
 def run_record_key(root_id: str, *, key_prefix: str = "fleet") -> str:
     """The Redis hash that records the latest run of ``root_id``."""
-    return f"{key_prefix}:workflow:{root_id}"
+    return f"{key_prefix}:workflow:{tagged(root_id)}"
 
 
 def cancel_marker_key(marker: str, *, key_prefix: str = "fleet") -> str:

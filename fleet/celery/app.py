@@ -18,6 +18,7 @@ from ..agents.registry import read_agents_file, resolve_target
 from ..config import FleetSettings
 from ..errors import ConfigError
 from ..redisclient import OUTAGE_TOLERANCE_S
+from ..sentinel import celery_options
 
 __all__ = ["configure_app", "load_stages"]
 
@@ -27,9 +28,16 @@ def configure_app(settings: FleetSettings) -> Celery:
 
     The host sends by task name with it; ``workers.app.create_app`` adds the tasks.
     """
+    urls = celery_options(settings.redis_url)
     app = Celery(
-        "fleet", broker=settings.redis_url, backend=settings.redis_url, set_as_current=False
+        "fleet", broker=urls["broker_url"], backend=urls["result_backend"], set_as_current=False
     )
+    # Recovery from a lost worker is the host's job (claim timeout); the broker's own
+    # restore is a slower backstop, so it only has to outlast a long step. On Sentinel,
+    # kombu and the result backend are also told the master's name.
+    transport = {"visibility_timeout": 900, **urls.get("broker_transport_options", {})}
+    if "result_backend_transport_options" in urls:
+        app.conf.result_backend_transport_options = urls["result_backend_transport_options"]
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -42,9 +50,7 @@ def configure_app(settings: FleetSettings) -> Celery:
         task_send_sent_event=True,
         result_expires=settings.result_expires_s,
         task_default_queue=settings.queue,
-        # Recovery from a lost worker is the host's job (claim timeout); the broker's own
-        # restore is a slower backstop, so it only has to outlast a long step.
-        broker_transport_options={"visibility_timeout": 900},
+        broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # Publishing rides out a Redis restart as long as the host's own client does

@@ -38,14 +38,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from ..cancel.signal import current_cancellation
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
-from ..redisclient import retry_options
+from ..redisclient import async_client
+from ..sentinel import check_redis
 from .protocol import Finished, Limited, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
@@ -254,31 +253,27 @@ class Dispatcher:
     def client(self) -> aioredis.Redis:
         """This loop's Redis client: retries through a restart, :data:`HOST_CONNECTIONS` max."""
         if self._client is None:
-            pool = aioredis.BlockingConnectionPool.from_url(
+            self._client = async_client(
                 self.x.settings.redis_url,
                 max_connections=HOST_CONNECTIONS,
-                timeout=None,
+                pool_timeout_s=None,
                 client_name=f"fleet-host-{os.getpid()}",
-                **retry_options(asynchronous=True),
             )
-            self._client = aioredis.Redis(connection_pool=pool)
         return self._client
 
     async def ready(self) -> aioredis.Redis:
         """The client, after a one-time check (no retries) that Redis answers.
 
-        So an unreachable broker fails the first round at once, not after the client's
-        outage tolerance; every caller that arrives meanwhile waits for the same check.
+        So an unreachable broker (or a sentinel URL that reaches no master) fails the
+        first round at once, not after the client's outage tolerance; every caller that
+        arrives meanwhile waits for the same check.
         """
         if not self._probed:
             async with self._probe_lock:
                 if not self._probed:
-                    url = self.x.settings.redis_url
-                    probe = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
-                    try:
-                        await probe.ping()
-                    finally:
-                        await probe.aclose()
+                    # One line naming the problem (unreachable, wrong password, no
+                    # sentinel, unknown master), before anything is reserved or sent.
+                    await asyncio.to_thread(check_redis, self.x.settings.redis_url)
                     self._probed = True
         return self.client()
 

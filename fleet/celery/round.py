@@ -22,7 +22,7 @@ from ..cancel.markers import leave_markers
 from ..cancel.signal import CANCELLED, cancelled_outcome
 from ..combinators import crash_outcome
 from ..config import mask_url
-from ..errors import BudgetError, BudgetExhaustedError
+from ..errors import BrokerError, BudgetError, BudgetExhaustedError
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
 from ..limiters import ProviderLimit
@@ -54,6 +54,8 @@ SEND_BATCH = 256
 
 def broker_failure(url: str, error: BaseException) -> str:
     """The output of a step the host could not place because Redis failed it."""
+    if isinstance(error, BrokerError):  # the start check's one line, already masked
+        return str(error)
     if isinstance(error, MaxConnectionsError) or "No connection available" in str(error):
         return (
             f"the fleet host ran out of its {HOST_CONNECTIONS} Redis connections to "

@@ -40,7 +40,8 @@ def main() -> None:
     try:
         app()
     except FleetError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap: one error stays one line in a log or pipe, whatever the width.
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

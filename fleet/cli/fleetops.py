@@ -23,6 +23,7 @@ import typer
 from ..config import FleetSettings
 from ..errors import ConfigError
 from ..localfleet import LocalFleet, celery_command, settings_env
+from ..sentinel import check_redis, is_sentinel
 from .app import app, console, err_console, settings
 
 __all__ = ["PoolChoice", "flower", "up", "worker"]
@@ -89,6 +90,9 @@ def worker(
     every other).
     """
     config = settings()
+    if is_sentinel(config.redis_url):
+        # kombu would retry a sentinel URL that reaches no master for ever; say why now.
+        check_redis(config.redis_url)
     if concurrency is None:
         concurrency = LLM_CONCURRENCY if pool is PoolChoice.threads else os.cpu_count() or 1
     if metrics_port is not None:
@@ -188,6 +192,12 @@ def up(
     pidfile: Annotated[
         Path | None, typer.Option(help="Write the PIDs of everything started here (JSON).")
     ] = None,
+    ha: bool = typer.Option(
+        False,
+        "--ha",
+        help="A Sentinel-managed Redis instead of one server: 1 master, 1 replica, "
+        "3 sentinels on loopback (AOF on both data nodes); prints the sentinel URL.",
+    ),
 ) -> None:
     """Run a local fleet (embedded Redis, workers, Flower, dashboard) until Ctrl-C, then stop it."""
     config = settings()
@@ -201,12 +211,14 @@ def up(
         flower_port=config.flower_port if flower_port is None else flower_port,
         dashboard=with_dashboard,
         dashboard_port=config.dashboard_port if dashboard_port is None else dashboard_port,
+        ha=ha,
     )
     # Ctrl-C and SIGTERM both stop the fleet (SIGINT even where a shell started us
     # in the background with it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    console.print(f"starting a local fleet: {workers} workers ...", highlight=False)
+    redis_kind = "a Sentinel group (1 master, 1 replica, 3 sentinels)" if ha else "Redis"
+    console.print(f"starting a local fleet: {redis_kind}, {workers} workers ...", highlight=False)
     local.start()
     code = 0
     try:
@@ -234,7 +246,13 @@ def _say(text: str) -> None:
 
 def _announce(local: LocalFleet) -> None:
     by_name = {process.name: process.pid for process in local.processes}
-    _say(f"redis   {local.masked_redis_url}  (pid {by_name['redis']})")
+    if local.ha:
+        redis_pids = ", ".join(
+            f"{p.name} pid {p.pid}" for p in local.processes if p.role == "redis"
+        )
+        _say(f"redis   {local.masked_redis_url}  ({redis_pids})")
+    else:
+        _say(f"redis   {local.masked_redis_url}  (pid {by_name['redis']})")
     _say(f"        export FLEET_REDIS_URL={local.masked_redis_url}")
     for name in local.worker_names:
         _say(f"worker  {name}  (pid {by_name[name]}, {local.pool} x{local.concurrency})")

@@ -31,6 +31,7 @@ from ..events import parse_event
 from ..pricing import micros_to_usd, usd_to_micros
 from ..runlog import follow
 from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan_run, read_status
+from ..sentinel import check_redis, is_sentinel
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
 from .cancel import board_at, latest_run
@@ -212,6 +213,8 @@ def run(
     places = plan_run(config, executor=executor, event_stream=event_stream)
     outcome = _Outcome()
     program_agents_ = program_agents(module, agents, config)
+    if is_sentinel(config.redis_url) and (executor == "celery" or places.ledger is not None):
+        check_redis(config.redis_url)  # one line naming what is wrong, before anything runs
     if executor == "celery" and program_agents_:
         say(
             "note: Celery workers run the agents of their own agents file; make sure "

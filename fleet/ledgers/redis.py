@@ -1,16 +1,19 @@
 """The fleet-wide ledger: accounts in Redis, every operation one atomic Lua script.
 
-Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name)::
+Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name, in
+braces: the Redis Cluster hash tag that keeps an account's keys in one slot, see
+:mod:`fleet.keytags`)::
 
-    P:budget:A:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
+    P:budget:{A}:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
                                 reserved, uconsumed, ureserved (u = micro-dollars), parents
-    P:budget:A:held      hash   reservation id -> "<tokens>|<micros>|<holder>"
-    P:budget:A:leases    zset   reservation id -> lease expiry (Redis server time, ms)
-    P:budget:A:settled   hash   reservation id -> "<tokens>|<micros>" (settle is idempotent)
-    P:budget:A:children  hash   "t:W" / "u:W" -> tokens / micro-dollars workflow W consumed
+    P:budget:{A}:held      hash   reservation id -> "<tokens>|<micros>|<holder>"
+    P:budget:{A}:leases    zset   reservation id -> lease expiry (Redis server time, ms)
+    P:budget:{A}:settled   hash   reservation id -> "<tokens>|<micros>" (settle is idempotent)
+    P:budget:{A}:children  hash   "t:W" / "u:W" -> tokens / micro-dollars workflow W consumed
 
 A reservation is taken from a chain of accounts, the workflow first and then every
-ancestor, in **one** script: ``KEYS`` holds five keys per account of the chain. In an
+ancestor, in **one** script: ``KEYS`` holds five keys per account of the chain (so a chain of
+several accounts spans hash slots: on Redis Cluster only one-account chains run). In an
 ancestor the reservation is held under ``W/ID`` (workflow id, reservation id) with the
 same lease, so each account releases a dead holder's amounts on its own. ``parents``
 is the newline-joined list of the accounts directly above.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +41,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
+from ..keytags import tagged
 from ..perloop import PerLoop
+from ..redisclient import async_client
+from ..sentinel import is_sentinel
 from .base import (
     KEEP,
     BudgetLedger,
@@ -49,10 +56,19 @@ from .base import (
     ReserveStatus,
 )
 
-__all__ = ["LEDGER_CONNECTIONS", "RedisLedger"]
+__all__ = ["LEDGER_CONNECTIONS", "REPLICA_WAIT_MS", "RedisLedger", "UNREPLICATED_BACKOFF_S"]
 
 LEDGER_CONNECTIONS = 32
 """Redis connections one ledger keeps per event loop; more callers wait for one."""
+
+REPLICA_WAIT_MS = 100
+"""On Sentinel, how long a ledger write waits for one replica to acknowledge it."""
+
+UNREPLICATED_BACKOFF_S = 1.0
+"""After a write no replica acknowledged, writes skip the wait for this long."""
+
+_WRITES = frozenset({"reserve", "settle", "renew", "state"})
+"""Scripts that may write (``state`` writes when it configures an account)."""
 
 _PARTS = ("account", "held", "leases", "settled", "children")
 
@@ -292,14 +308,21 @@ class RedisLedger(BudgetLedger):
     """Accounts in Redis, shared by every process and machine that uses the same server.
 
     Args:
-        url: ``redis://`` or ``rediss://`` URL (password in the URL).
-        key_prefix: prefix of every key (``{key_prefix}:budget:{account}:...``).
+        url: ``redis://``, ``rediss://`` or ``sentinel://`` URL (password in the URL).
+        key_prefix: prefix of every key (``{key_prefix}:budget:{{account}}:...``).
 
     Accounts outlive the process: a resumed workflow (same workflow id) continues
     where it stopped. Works from any event loop: each gets its own connection pool, made
     on first use and closed when that loop ends, so one ledger may serve successive
     ``asyncio.run()`` calls.
+
+    On a sentinel URL the ledger retries through a failover (each script is idempotent
+    by reservation id: a repeated reserve renews, a repeated settle charges nothing) and
+    waits for one replica after each write; :attr:`unreplicated_writes` counts the
+    writes no replica acknowledged in time.
     """
+
+    unreplicated_writes: int = 0
 
     def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
         self.url = url
@@ -308,10 +331,17 @@ class RedisLedger(BudgetLedger):
         # one of LEDGER_CONNECTIONS slots instead of failing "Too many connections". The
         # slots are a semaphore, not redis-py's BlockingConnectionPool: that pool's
         # condition and timeout cost ~50 us per call, a third of a reserve round trip.
+        # On Sentinel the client retries through a failover (every script is idempotent
+        # by reservation id) and each write waits for one replica (see _run).
+        self.replicated = is_sentinel(url)
         self._clients: PerLoop[tuple[aioredis.Redis, asyncio.Semaphore]] = PerLoop(
-            lambda: (aioredis.Redis.from_url(url), asyncio.Semaphore(LEDGER_CONNECTIONS)),
+            lambda: (
+                async_client(url, retry=self.replicated),
+                asyncio.Semaphore(LEDGER_CONNECTIONS),
+            ),
             close=lambda pair: pair[0].aclose(close_connection_pool=True),
         )
+        self._unreplicated_until = 0.0
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
 
     def __repr__(self) -> str:
@@ -331,7 +361,7 @@ class RedisLedger(BudgetLedger):
         if keys is None:
             if len(self._key_cache) >= _KEY_CACHE_SIZE:
                 self._key_cache.clear()
-            base = f"{self.key_prefix}:budget:{account_id}"
+            base = f"{self.key_prefix}:budget:{tagged(account_id)}"
             keys = self._key_cache[account_id] = tuple(f"{base}:{p}".encode() for p in _PARTS)
         return keys
 
@@ -343,18 +373,48 @@ class RedisLedger(BudgetLedger):
         )
 
     async def _run(self, script: str, chain: Sequence[str], *args: str | int) -> Any:
-        """Run one script over a chain of accounts: one EVALSHA round trip."""
+        """Run one script over a chain of accounts: one EVALSHA round trip.
+
+        On Sentinel a writing script is pipelined with ``WAIT 1 REPLICA_WAIT_MS`` on the
+        same connection (still one round trip), so a write the caller sees acknowledged
+        is on a replica too and survives a failover (see ``docs/RELIABILITY.md``).
+        """
         client, slots = self._client()
         keys = [key for account_id in chain for key in self._keys(account_id)]
+        wait = (
+            self.replicated and script in _WRITES and time.monotonic() >= self._unreplicated_until
+        )
         try:
             async with slots:
                 try:
-                    return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
+                    return await self._eval(client, script, keys, args, wait)
                 except NoScriptError:
                     await client.script_load(_SCRIPTS[script])
-                    return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
+                    return await self._eval(client, script, keys, args, wait)
         except (RedisConnectionError, RedisTimeoutError) as error:
             raise self._unreachable(error) from None
+
+    async def _eval(
+        self,
+        client: aioredis.Redis,
+        script: str,
+        keys: list[bytes],
+        args: Sequence[str | int],
+        wait: bool,
+    ) -> Any:
+        if not wait:
+            return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(_SHAS[script], len(keys), *keys, *args)
+            pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+            row, replicas = await pipe.execute()
+        if int(replicas) < 1:
+            # No replica acknowledged within the wait: none is connected (right after a
+            # failover, until the old master rejoins) or it lags. Stop paying the wait
+            # on every write for a while; the next write after that asks again.
+            self.unreplicated_writes += 1
+            self._unreplicated_until = time.monotonic() + UNREPLICATED_BACKOFF_S
+        return row
 
     async def reserve(
         self,

@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
 from ..perloop import PerLoop
+from ..redisclient import async_client
 from .base import AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["RedisRateLimiter"]
@@ -181,8 +182,11 @@ class RedisRateLimiter(RateLimiter):
         # One pool per event loop, closed when that loop ends. No retry inside the
         # client: the admission loop retries within the step's deadline.
         self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: aioredis.Redis.from_url(
-                url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+            lambda: async_client(
+                url,
+                retry=False,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s,
             ),
             close=lambda client: client.aclose(),
         )

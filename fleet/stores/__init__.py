@@ -68,7 +68,7 @@ def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
                 key="store",
             )
         return SQLiteCheckpointStore(path)
-    if text.startswith(("redis://", "rediss://")):
+    if text.startswith(("redis://", "rediss://", "sentinel://")):
         from .redis import RedisCheckpointStore
 
         return RedisCheckpointStore(text, key_prefix=key_prefix)

@@ -1,6 +1,8 @@
 """The fleet journal: one Redis hash per workflow, shared by the host and every worker.
 
-Layout: key ``{key_prefix}:journal:{workflow_id}``; field ``meta`` holds
+Layout: key ``{key_prefix}:journal:{workflow_id}`` with the workflow's root id (the part
+before the first ``/``) in braces, its Redis Cluster hash tag (:mod:`fleet.keytags`:
+``fleet:journal:{nightly}/review``); field ``meta`` holds
 ``{"schema_version":1,"workflow_id":...}``; field ``step:{task_id}`` holds one step's record
 JSON. Recording a step is one round trip (a small Lua script that creates ``meta`` if it is
 missing and sets the step's field), O(1) however long the journal already is; steps that
@@ -18,7 +20,10 @@ from redis.exceptions import RedisError
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..config import mask_url
 from ..errors import CheckpointError, ConfigError
+from ..keytags import tagged, untagged
 from ..perloop import PerLoop
+from ..redisclient import async_client
+from ..sentinel import is_sentinel, parse_sentinel_url
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 __all__ = ["RedisCheckpointStore"]
@@ -53,13 +58,17 @@ class RedisCheckpointStore(CheckpointStore):
         self.url = url
         self.key_prefix = key_prefix
         try:
-            parse_url(url)
+            if is_sentinel(url):
+                parse_sentinel_url(url)
+            else:
+                parse_url(url)
         except ValueError as error:  # e.g. an unknown scheme or a port out of range
             raise ConfigError(
                 f"invalid Redis journal URL {mask_url(url)}: {error}", key="store"
             ) from None
         self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: aioredis.from_url(url, **client_options), close=lambda c: c.aclose()
+            lambda: async_client(url, retry=is_sentinel(url), **client_options),
+            close=lambda c: c.aclose(),
         )
         self._group = GroupCommit(self._write_batch)
 
@@ -73,7 +82,7 @@ class RedisCheckpointStore(CheckpointStore):
 
     def key(self, workflow_id: str) -> str:
         """The hash key holding ``workflow_id``'s journal."""
-        return f"{self.key_prefix}:journal:{workflow_id}"
+        return f"{self.key_prefix}:journal:{tagged(workflow_id)}"
 
     def _error(self, action: str, workflow_id: str | None, error: RedisError) -> CheckpointError:
         return CheckpointError(
@@ -167,7 +176,7 @@ class RedisCheckpointStore(CheckpointStore):
         found: list[str] = []
         try:
             async for name in self._client.scan_iter(match=pattern, count=1000):
-                found.append(name.decode(errors="replace")[len(head) :])
+                found.append(untagged(name.decode(errors="replace")[len(head) :]))
         except RedisError as error:
             raise self._error("list workflows", None, error) from error
         return sorted(found)

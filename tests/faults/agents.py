@@ -59,3 +59,14 @@ async def hang(spec: AgentStepSpec, ctx: AgentContext) -> str:
     ctx.charge(TokenUsage(prompt_tokens=int(spec.prompt), completion_tokens=0))
     await asyncio.Event().wait()
     raise AssertionError("unreachable: nothing sets the event")
+
+
+async def attempt_charged(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
+    """Like :func:`attempt`, then use ``$FLEET_TEST_STEP_TOKENS`` tokens (default 10)."""
+    record_attempt(spec, ctx)
+    await asyncio.sleep(float(os.environ.get("FLEET_TEST_STEP_SLEEP", "0")))
+    tokens = int(os.environ.get("FLEET_TEST_STEP_TOKENS", "10"))
+    ctx.check_tokens(tokens)
+    usage = TokenUsage(prompt_tokens=0, completion_tokens=tokens)
+    ctx.charge(usage)
+    return AgentResult(output=spec.prompt, usage=usage)
