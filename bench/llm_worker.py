@@ -17,8 +17,9 @@ from one call (doubling per 2 s round), which is what an undeclared provider cos
 worker process once, at its start.
 
 Both trees run on this interpreter: the old one also needs ``tenacity`` (``pip install
-tenacity``), which fleet no longer uses. The host of each round runs in a subprocess (bench/llm_round.py) with the same tree
-first on ``PYTHONPATH`` as its workers, so host and worker speak the same protocol.
+tenacity``), which fleet no longer uses. The host of each round runs in a subprocess
+(bench/llm_round.py) with the same tree first on ``PYTHONPATH`` as its workers, so host
+and worker speak the same protocol.
 Writes bench/results/llm_worker.json.
 """
 
