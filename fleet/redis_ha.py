@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 from .errors import BrokerError
@@ -266,8 +267,9 @@ class SentinelGroup:
         import redis
 
         try:
+            no_retry: Any = None  # redis-py's own spelling for "do not retry"
             with redis.Redis(
-                port=node.port, password=self.password, socket_timeout=1.0, retry=None
+                port=node.port, password=self.password, socket_timeout=1.0, retry=no_retry
             ) as client:
                 return dict(client.info(section))
         except (redis.RedisError, OSError):

@@ -73,7 +73,8 @@ class _AsyncSentinelConnection(aioredis.sentinel.SentinelManagedConnection):
     async def _connect(self) -> None:
         if self.connection_pool.is_master:
             self.host, self.port = await self.connection_pool.get_master_address()
-        await super()._connect()
+        connect: Any = super()._connect  # typed in some redis-py releases, not in others
+        await connect()
 
 
 class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
@@ -82,7 +83,8 @@ class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
     def _connect(self) -> Any:
         if self.connection_pool.is_master:
             self.host, self.port = self.connection_pool.get_master_address()
-        return super()._connect()
+        connect: Any = super()._connect
+        return connect()
 
 
 class _AsyncSentinelRedis(aioredis.Redis):
@@ -140,15 +142,19 @@ def async_client(
     if is_sentinel(url):
         target = parse_sentinel_url(url)
         timeout = float(options.get("socket_connect_timeout") or 1.0)
-        sentinel = aioredis.sentinel.Sentinel(
+        sentinel_class: Any = aioredis.sentinel.Sentinel  # untyped in some redis-py releases
+        sentinel = sentinel_class(
             target.sentinels,
             sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout, asynchronous=True),
             connection_class=_AsyncSentinelConnection,
             **target.connection_kwargs(),
         )
         if max_connections is None:
-            return sentinel.master_for(target.master_name, _AsyncSentinelRedis, **kwargs)
-        return sentinel.master_for(
+            client: aioredis.Redis = sentinel.master_for(
+                target.master_name, _AsyncSentinelRedis, **kwargs
+            )
+            return client
+        client = sentinel.master_for(
             target.master_name,
             _AsyncSentinelRedis,
             connection_pool_class=_AsyncBlockingSentinelPool,
@@ -156,6 +162,7 @@ def async_client(
             timeout=pool_timeout_s,
             **kwargs,
         )
+        return client
     if max_connections is None:
         return aioredis.Redis.from_url(url, **kwargs)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -177,15 +184,17 @@ def sync_client(
     if is_sentinel(url):
         target = parse_sentinel_url(url)
         timeout = float(options.get("socket_connect_timeout") or 1.0)
-        sentinel = redis.sentinel.Sentinel(
+        sentinel_class: Any = redis.sentinel.Sentinel
+        sentinel = sentinel_class(
             target.sentinels,
             sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout),
             connection_class=_SentinelConnection,
             **target.connection_kwargs(),
         )
         if max_connections is None:
-            return sentinel.master_for(target.master_name, _SentinelRedis, **kwargs)
-        return sentinel.master_for(
+            sync: redis.Redis = sentinel.master_for(target.master_name, _SentinelRedis, **kwargs)
+            return sync
+        sync = sentinel.master_for(
             target.master_name,
             _SentinelRedis,
             connection_pool_class=_BlockingSentinelPool,
@@ -193,6 +202,7 @@ def sync_client(
             timeout=pool_timeout_s,
             **kwargs,
         )
+        return sync
     if max_connections is None:
         return redis.Redis.from_url(url, **kwargs)
     pool = redis.BlockingConnectionPool.from_url(

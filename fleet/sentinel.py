@@ -162,7 +162,8 @@ def parse_sentinel_url(url: str) -> SentinelURL:
             "sentinel://h1:26379;sentinel://h2:26379/0?master_name=fleet",
             key="redis_url",
         )
-    sentinel_password = (query.get("sentinel_password") or [None])[-1]
+    sentinel_passwords = query.get("sentinel_password")
+    sentinel_password = sentinel_passwords[-1] if sentinel_passwords else None
     return SentinelURL(
         tuple(sentinels), master_name, db or 0, username, password, sentinel_password
     )
