@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
@@ -146,21 +147,30 @@ class CeleryWorkers:
         return started
 
     def wait_ready(self, nodes: list[str], timeout: float = 60.0) -> None:
-        app = configure_app(self.settings)
-        try:
-            deadline = time.monotonic() + timeout
-            waiting = set(nodes)
-            while waiting:
-                for worker in self.workers.values():
-                    if worker.node in waiting and worker.process.poll() is not None:
-                        raise RuntimeError(f"{worker.name} exited:\n{worker.log_text()[-3000:]}")
+        deadline = time.monotonic() + timeout
+        waiting = set(nodes)
+        while waiting:
+            for worker in self.workers.values():
+                if worker.node in waiting and worker.process.poll() is not None:
+                    raise RuntimeError(f"{worker.name} exited:\n{worker.log_text()[-3000:]}")
+            app = configure_app(self.settings)
+            try:
                 replies = app.control.ping(destination=sorted(waiting), timeout=0.5)
-                for reply in replies:
-                    waiting -= set(reply)
-                if waiting and time.monotonic() > deadline:
-                    raise RuntimeError(f"workers {sorted(waiting)} did not answer a ping")
-        finally:
-            app.close()
+            except (OSError, redis.RedisError, OperationalError) as error:
+                # A readiness poll: a broker connection that dropped is asked again, on a
+                # new connection, until the deadline.
+                replies, failure = [], error
+            else:
+                failure = None
+            finally:
+                app.close()
+            for reply in replies:
+                waiting -= set(reply)
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"workers {sorted(waiting)} did not answer a ping"
+                    + (f" (last error: {failure!r})" if failure else "")
+                )
 
     def kill(self, name: str) -> None:
         """SIGKILL one worker (its whole process group: no warm shutdown, no acks)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +19,12 @@ import pytest
 
 from bench.provider import ProviderProcess
 from fleet import AgentStepSpec, StepOutcome, execute_steps_parallel
+from fleet.agents import AgentRegistry
 from fleet.celery import CeleryExecutor
 from tests.celery_support import AGENTS_FILE, CeleryWorkers, fleet_settings
+from workers import runtime as worker_runtime
 from workers.loop import StepEscaped, StepLoop
+from workers.runtime import WorkerRuntime
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -83,11 +87,15 @@ async def test_one_worker_holds_64_model_calls_in_flight(redis_url: str, tmp_pat
 def small_worker(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[CeleryWorkers, ProviderProcess]]:
-    """One worker with 8 threads, and a provider answering after 0.5 s."""
+    """One worker with 8 threads, and a provider answering after 0.5 s.
+
+    Its node name is its own: the other tests here start a ``worker1`` while this one
+    lives, and a ping to a shared node name would be answered by this worker.
+    """
     with ProviderProcess(latency_s=0.5) as provider:
         fleet = fleet_for(provider, redis_url, tmp_path_factory.mktemp("small"))
         try:
-            fleet.start("worker1", concurrency=8)
+            fleet.start("small1", concurrency=8)
             yield fleet, provider
         finally:
             fleet.stop()
@@ -122,7 +130,7 @@ async def test_crashing_agent_fails_only_its_own_step(
     outcomes = await execute_steps_parallel(executor, mixed)
     await executor.aclose()
     assert [o.error for o in outcomes] == ["crashed"] * 4 + [None] * 12
-    assert fleet.workers["worker1"].process.poll() is None
+    assert fleet.workers["small1"].process.poll() is None
 
 
 async def test_agent_hogging_the_shared_loop_is_reported(
@@ -136,7 +144,7 @@ async def test_agent_hogging_the_shared_loop_is_reported(
     )
     await executor.aclose()
     assert all(o.success for o in outcomes)
-    log = fleet.workers["worker1"].log_text()
+    log = fleet.workers["small1"].log_text()
     assert "blocked this worker's event loop" in log
     assert "worker_agents.py" in log
 
@@ -225,3 +233,38 @@ def test_steps_share_one_loop_and_an_exiting_step_fails_alone() -> None:
         assert loop.run(which_loop()) in loops  # still serving after the escape
     finally:
         loop.close()
+
+
+def test_a_fresh_worker_claims_on_many_threads_at_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first steps of a fresh worker arrive together: none finds a half-built client.
+
+    Registering the Lua scripts is made slow, so that a thread arriving while another
+    builds the client would see the client without its scripts (AttributeError).
+    """
+    real = worker_runtime.sync_client
+
+    def slow_client(url: str, **options: Any) -> Any:
+        client = real(url, **options)
+        register = client.register_script
+
+        def slow_register(script: str) -> Any:
+            time.sleep(0.02)
+            return register(script)
+
+        client.register_script = slow_register
+        return client
+
+    monkeypatch.setattr(worker_runtime, "sync_client", slow_client)
+    runtime = WorkerRuntime(fleet_settings(redis_url), AgentRegistry(), {})
+    start = threading.Barrier(16)
+
+    def claim(i: int) -> str:
+        start.wait()
+        status, _ = runtime.claim(f"t{i}", "n", runtime.keys.reply("r"), "", [])
+        runtime.abandon(f"t{i}")
+        return status
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(claim, range(16))) == ["claimed"] * 16

@@ -154,6 +154,7 @@ class WorkerRuntime:
         self.stages = stages
         self.keys = Keys(settings.key_prefix)
         self._redis: redis.Redis | None = None
+        self._redis_lock = threading.Lock()
         self._pid = 0
         self._loop = StepLoop()
         self._thread_loops = ThreadLoops()
@@ -164,14 +165,24 @@ class WorkerRuntime:
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
 
     def redis(self) -> redis.Redis:
-        """This process's Redis client (re-created after a fork)."""
-        if self._redis is None or self._pid != os.getpid():
-            self._redis = sync_client(self.settings.redis_url)
-            self._pid = os.getpid()
-            self._claim = self._redis.register_script(lua("claim_step"))
-            self._finish = self._redis.register_script(lua("finish"))
-            self._begin_link = self._redis.register_script(lua("begin_link"))
-        return self._redis
+        """This process's Redis client (re-created after a fork), with its scripts.
+
+        The first steps of a fresh worker arrive on many threads at once: the client is
+        published only once its scripts are registered, so no thread sees one without
+        the other.
+        """
+        client = self._redis
+        if client is None or self._pid != os.getpid():
+            with self._redis_lock:
+                client = self._redis
+                if client is None or self._pid != os.getpid():
+                    client = sync_client(self.settings.redis_url)
+                    self._claim = client.register_script(lua("claim_step"))
+                    self._finish = client.register_script(lua("finish"))
+                    self._begin_link = client.register_script(lua("begin_link"))
+                    self._pid = os.getpid()
+                    self._redis = client
+        return client
 
     def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:
         """Run ``coro`` on the process's shared event loop (this thread's own if ``blocking``)."""
