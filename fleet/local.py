@@ -157,7 +157,8 @@ class LocalExecutor(AgentExecutor):
             outcome = StepOutcome.failed(
                 spec.task_id, spec.agent, str(error), error=kind, worker="local"
             )
-        emit(events, StepFinished.of(outcome))
+        if events is not None:  # building the event costs as much as a no-op step
+            emit(events, StepFinished.of(outcome))
         return outcome
 
     async def _hold_and_run(
@@ -173,6 +174,12 @@ class LocalExecutor(AgentExecutor):
 
         Only the reservation wait and the agent are interruptible, never the settlement.
         """
+        if self.budget is None:  # the common case, without a context manager's cost
+            if events is not None:
+                emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+            return await run_interruptible(
+                definition, spec, ctx, started=started, cancellation=cancellation
+            )
         async with self._hold(definition, spec, cancellation) as reservation:
             if reservation is not None:
                 ctx.held_tokens = reservation.tokens
