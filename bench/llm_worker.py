@@ -4,11 +4,11 @@ The setup of issue 13: ``fleet worker -c C --pool threads`` processes, an ``open
 pointed at bench/provider.py answering every call after 2.0 s, one round of 2 x C steps
 per worker through ``CeleryExecutor(max_in_flight=C x workers)``; ideal wall time 4.0 s.
 For each tree (``--base`` a checkout of the old code, e.g. ``git worktree add
-/work/wt/scale-base 0c4f346``; and this tree) and each case it reports wall time,
+../fleet-base 0c4f346``; and this tree) and each case it reports wall time,
 efficiency (ideal / wall), peak calls in flight at the provider, worker peak RSS
 (VmHWM) and worker CPU seconds per step (utime + stime over the round)::
 
-    python -m bench.llm_worker --base /work/wt/scale-base [--cases 1x16,1x64,1x256,4x64]
+    python -m bench.llm_worker --base ../fleet-base [--cases 1x16,1x64,1x256,4x64]
 
 The agent declares ``max_concurrent = C`` (what docs/AGENTS.md tells an operator whose
 provider takes C calls at once), so its adaptive limit starts at C. A case written
