@@ -268,3 +268,21 @@ def test_a_fresh_worker_claims_on_many_threads_at_once(
 
     with ThreadPoolExecutor(16) as pool:
         assert list(pool.map(claim, range(16))) == ["claimed"] * 16
+
+
+def test_a_step_with_a_done_marker_is_answered_from_it_under_any_send_id(redis_url: str) -> None:
+    """A journaled step that finished is not run again when it arrives under a new send id.
+
+    E.g. a resumed host re-sent a step still queued when the old host died, and the old
+    copy ran first: the new copy's result key (per send id) is empty and no lease is
+    held, so only the done-marker stops it.
+    """
+    runtime = WorkerRuntime(fleet_settings(redis_url), AgentRegistry(), {})
+    recorded = StepOutcome(
+        task_id="j1", session_id="s-j1", agent="echo", output="done once", success=True
+    ).to_json()
+    runtime.redis().set(runtime.keys.done("tid-j1"), recorded)
+    status, value = runtime.claim("tid-j1", "new-send", runtime.keys.reply("r"), "", [])
+    assert status == "done"
+    assert StepOutcome.from_json(value).output == "done once"
+    assert not runtime.redis().exists(runtime.keys.lease("tid-j1"))
