@@ -26,7 +26,7 @@ from .spec import AgentStepSpec, StepOutcome
 from .step import DEFAULT_RESERVE_TOKENS, run_interruptible
 
 if TYPE_CHECKING:
-    from .budget import Reservation, WorkflowBudget
+    from .budget import WorkflowBudget
 
 __all__ = ["LocalExecutor"]
 
@@ -110,18 +110,30 @@ class LocalExecutor(AgentExecutor):
 
     @contextlib.asynccontextmanager
     async def _hold(
-        self, definition: AgentDefinition, spec: AgentStepSpec, cancellation: Cancellation | None
-    ) -> AsyncIterator[Reservation | None]:
-        if self.budget is None:
-            yield None
-            return
+        self,
+        budget: WorkflowBudget,
+        definition: AgentDefinition,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        cancellation: Cancellation | None,
+    ) -> AsyncIterator[None]:
+        """Reserve the step's tokens for the block, then settle what ``ctx`` used.
+
+        Only the reservation wait is interruptible, never the settlement.
+        """
         request = definition.reservation_for(spec, self.default_reserve_tokens)
         with _interruptible(cancellation):
-            reservation = await self.budget.reserve(
+            reservation = await budget.reserve(
                 request, holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}"
             )
+        ctx.held_tokens = reservation.tokens
+        ctx.budget = budget
         async with reservation.kept_alive():
-            yield reservation
+            try:
+                yield
+            finally:
+                # Tokens spent are spent, even when the step is being cancelled.
+                await asyncio.shield(reservation.settle(ctx.used.total_tokens))
 
     async def _run(
         self,
@@ -174,23 +186,24 @@ class LocalExecutor(AgentExecutor):
 
         Only the reservation wait and the agent are interruptible, never the settlement.
         """
-        if self.budget is None:  # the common case, without a context manager's cost
-            if events is not None:
-                emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
-            return await run_interruptible(
-                definition, spec, ctx, started=started, cancellation=cancellation
-            )
-        async with self._hold(definition, spec, cancellation) as reservation:
-            if reservation is not None:
-                ctx.held_tokens = reservation.tokens
-                ctx.budget = self.budget
-            if events is not None:
-                emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
-            try:
-                return await run_interruptible(
-                    definition, spec, ctx, started=started, cancellation=cancellation
-                )
-            finally:
-                if reservation is not None:
-                    # Tokens spent are spent, even when the step is being cancelled.
-                    await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+        budget = self.budget
+        if budget is None:  # the common case, without a context manager's cost
+            return await self._start(definition, spec, events, ctx, started, cancellation)
+        async with self._hold(budget, definition, spec, ctx, cancellation):
+            return await self._start(definition, spec, events, ctx, started, cancellation)
+
+    async def _start(
+        self,
+        definition: AgentDefinition,
+        spec: AgentStepSpec,
+        events: EventSink | None,
+        ctx: AgentContext,
+        started: float,
+        cancellation: Cancellation | None,
+    ) -> StepOutcome:
+        """Announce the step and run its agent (interruptible by ``cancellation``)."""
+        if events is not None:
+            emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+        return await run_interruptible(
+            definition, spec, ctx, started=started, cancellation=cancellation
+        )
