@@ -119,6 +119,19 @@ class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.Blockin
     """A sentinel-managed pool that waits for a free connection instead of failing."""
 
 
+def _blocking(
+    pool_class: type, max_connections: int | None, timeout_s: float | None
+) -> dict[str, Any]:
+    """``master_for`` options for a blocking pool of ``max_connections`` (none: the default)."""
+    if max_connections is None:
+        return {}
+    return {
+        "connection_pool_class": pool_class,
+        "max_connections": max_connections,
+        "timeout": timeout_s,
+    }
+
+
 def async_client(
     url: str,
     *,
@@ -149,18 +162,9 @@ def async_client(
             connection_class=_AsyncSentinelConnection,
             **target.connection_kwargs(),
         )
-        if max_connections is None:
-            client: aioredis.Redis = sentinel.master_for(
-                target.master_name, _AsyncSentinelRedis, **kwargs
-            )
-            return client
-        client = sentinel.master_for(
-            target.master_name,
-            _AsyncSentinelRedis,
-            connection_pool_class=_AsyncBlockingSentinelPool,
-            max_connections=max_connections,
-            timeout=pool_timeout_s,
-            **kwargs,
+        blocking = _blocking(_AsyncBlockingSentinelPool, max_connections, pool_timeout_s)
+        client: aioredis.Redis = sentinel.master_for(
+            target.master_name, _AsyncSentinelRedis, **blocking, **kwargs
         )
         return client
     if max_connections is None:
@@ -191,16 +195,9 @@ def sync_client(
             connection_class=_SentinelConnection,
             **target.connection_kwargs(),
         )
-        if max_connections is None:
-            sync: redis.Redis = sentinel.master_for(target.master_name, _SentinelRedis, **kwargs)
-            return sync
-        sync = sentinel.master_for(
-            target.master_name,
-            _SentinelRedis,
-            connection_pool_class=_BlockingSentinelPool,
-            max_connections=max_connections,
-            timeout=pool_timeout_s,
-            **kwargs,
+        blocking = _blocking(_BlockingSentinelPool, max_connections, pool_timeout_s)
+        sync: redis.Redis = sentinel.master_for(
+            target.master_name, _SentinelRedis, **blocking, **kwargs
         )
         return sync
     if max_connections is None:
