@@ -3,12 +3,14 @@
 Run as a script with the tree under test first on ``PYTHONPATH`` (so the host code
 matches the workers' code, old or new), configured by ``FLEET_*`` variables::
 
-    python bench/llm_round.py NODES STEPS MAX_IN_FLIGHT
+    python bench/llm_round.py NODES STEPS MAX_IN_FLIGHT [SLEEP_S]
 
 It waits until NODES workers answer a ping, prints ``ready``, waits for a line on
 stdin, sends STEPS steps of agent ``llm`` with ``execute_steps_parallel`` and prints one
 JSON line: ``{"wall_s": ..., "ok": ..., "errors": {...}}``. It imports only fleet's
-public API, which the compared trees share.
+public API, which the compared trees share. With SLEEP_S it sends no fleet step: one raw
+Celery group of STEPS ``bench.sleep`` tasks of SLEEP_S each (Celery alone, on the same
+workers), and waits for their results.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import collections
 import json
 import sys
 import time
+
+from celery import group
 
 from fleet import AgentStepSpec, execute_steps_parallel
 from fleet.celery import CeleryExecutor, configure_app
@@ -51,12 +55,33 @@ async def round_of(steps: int, max_in_flight: int) -> dict[str, object]:
     return {"wall_s": wall, "ok": sum(o.success for o in outcomes), "errors": dict(errors)}
 
 
+def raw_group_of(steps: int, sleep_s: float) -> dict[str, object]:
+    settings = load_settings()
+    app = configure_app(settings)
+    try:
+        started = time.perf_counter()
+        tasks = [
+            app.signature("bench.sleep", args=(sleep_s,), queue=settings.queue)
+            for _ in range(steps)
+        ]
+        group(tasks).apply_async().get(timeout=600)
+        wall = time.perf_counter() - started
+    finally:
+        app.close()
+    return {"wall_s": wall, "ok": steps, "errors": {}}
+
+
 def main() -> None:
     nodes, steps, max_in_flight = (int(a) for a in sys.argv[1:4])
+    sleep_s = float(sys.argv[4]) if len(sys.argv) > 4 else None
     wait_for_workers(nodes)
     print("ready", flush=True)
     sys.stdin.readline()
-    print(json.dumps(asyncio.run(round_of(steps, max_in_flight))), flush=True)
+    if sleep_s is None:
+        result = asyncio.run(round_of(steps, max_in_flight))
+    else:
+        result = raw_group_of(steps, sleep_s)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

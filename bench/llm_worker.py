@@ -91,6 +91,7 @@ def run_case(
 ) -> dict[str, Any]:
     workers, concurrency, declared = case
     declared = declared and label == "new"  # the old code knows no max_concurrent
+    raw = label == "celery"  # Celery alone: bench.sleep tasks of the same latency, no fleet
     agents = tmp / f"agents-{uuid.uuid4().hex[:6]}.toml"
     agents.write_text(
         f'[agents.llm]\nkind = "openai"\nbase_url = "{provider.base_url}"\n'
@@ -114,7 +115,8 @@ def run_case(
     ]
     steps, in_flight = 2 * concurrency * workers, concurrency * workers
     driver = subprocess.Popen(
-        [sys.executable, str(ROUND), str(workers), str(steps), str(in_flight)],
+        [sys.executable, str(ROUND), str(workers), str(steps), str(in_flight)]
+        + ([str(LATENCY_S)] if raw else []),
         cwd=tree,
         env=env,
         stdin=subprocess.PIPE,
@@ -146,18 +148,18 @@ def run_case(
         "code": label,
         "workers": workers,
         "C": concurrency,
-        "max_concurrent": concurrency if declared else "-",
+        "max_concurrent": concurrency if declared and not raw else "-",
         "steps": steps,
         "ok": result["ok"],
         "wall_s": result["wall_s"],
         "efficiency": ideal / result["wall_s"],
-        "peak_in_flight": stats["peak_in_flight"],
+        "peak_in_flight": "-" if raw else stats["peak_in_flight"],
         "rss_mb": max(rss for _, rss in after),
         "cpu_ms_per_step": 1000 * sum(cpu[1:]) / steps,
         "host_cpu_ms_per_step": 1000 * cpu[0] / steps,
-        "first_call_s": calls[0],
-        "C_th_call_s": calls[min(in_flight, len(calls)) - 1],
-        "last_call_s": calls[-1],
+        "first_call_s": calls[0] if calls else "-",
+        "C_th_call_s": calls[min(in_flight, len(calls)) - 1] if calls else "-",
+        "last_call_s": calls[-1] if calls else "-",
         "errors": result["errors"],
     }
 
@@ -180,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         help="WORKERSxC[:slow],... (:slow: the agent declares no max_concurrent)",
     )
     parser.add_argument("--only", choices=["base", "new"], help="run one side only")
+    parser.add_argument(
+        "--celery",
+        action="store_true",
+        help="also run Celery alone: bench.sleep tasks of the same latency on the same workers",
+    )
     args = parser.parse_args(argv)
     cases = [_case(text) for text in args.cases.split(",")]
     sides = [("new", HERE)]
@@ -187,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         sides.insert(0, ("base", args.base.resolve()))
     if args.only == "base":
         sides = sides[:1]
+    if args.celery:
+        sides.append(("celery", HERE))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp_name:
         tmp = Path(tmp_name)

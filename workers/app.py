@@ -137,8 +137,12 @@ def _serve_metrics(settings: FleetSettings, runtime: WorkerRuntime) -> None:
 
 def _prestart_threads(sender: Any, **_: Any) -> None:
     """Start a threads pool's threads when the worker is ready (see :func:`prestart_threads`)."""
-    pool = getattr(sender, "pool", None)
-    prestart_threads(getattr(pool, "executor", None), getattr(pool, "limit", 0) or 0)
+    pool, app = getattr(sender, "pool", None), getattr(sender, "app", None)
+    prestart_threads(
+        getattr(pool, "executor", None),
+        getattr(pool, "limit", 0) or 0,
+        warm=None if app is None else lambda: app.backend,
+    )
 
 
 _app: Celery | None = None

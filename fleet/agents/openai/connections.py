@@ -1,53 +1,92 @@
-"""An httpx transport whose connection pool is aiohttp's.
+"""An agent's HTTP connections to its model server: one aiohttp session per event loop.
 
-httpcore's pool (httpx's default transport) scans every connection for every queued
-request each time a request starts or ends, so its CPU per request grows with the
-requests in flight: on the 2-core benchmark machine one call cost ~3.5 ms of CPU with
-64 in flight and ~10 ms with 256, and a worker holding 256 model calls spent its time
-there. aiohttp's connector hands out idle connections in constant time (~0.6 ms per
-call at 256 in flight, same machine). The agent keeps httpx's API (requests, responses,
-exceptions); only the transport underneath changes.
+Why aiohttp, measured on the 2-core benchmark machine with 256 calls in flight:
+httpcore's pool (httpx's default) scans every connection for every queued request each
+time a request starts or ends, so its CPU per call grows with the calls in flight (~3.5 ms
+per call at 64, ~10 ms at 256); aiohttp's connector hands out idle connections in
+constant time. httpx's request and response layer on top of aiohttp's pool still cost
+~0.7 ms of CPU per call against ~0.27 ms for aiohttp alone, so the agent talks to
+aiohttp directly: a step's POST builds one aiohttp request, nothing more.
 
-Errors are mapped onto httpx's: timeouts onto ``ConnectTimeout``/``ReadTimeout``, a
-refused connection onto ``ConnectError``, a connection dropped mid-answer onto
-``RemoteProtocolError``/``ReadError``, so retry decisions stay as they were.
+A failure comes back as :class:`ConnectionFailed`, named the way the log has always named
+it (``ConnectError``, ``ReadTimeout``, ...), with ``timed_out`` telling a request the
+server may still be working on from one that never arrived or was cut off.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
-import httpx
 
-__all__ = ["AiohttpTransport"]
-
-_NOT_FORWARDED = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-"""Headers aiohttp sets itself from the URL and the body."""
+__all__ = ["Answer", "ConnectionFailed", "Connections"]
 
 
-@contextlib.contextmanager
-def _as_httpx_errors(request: httpx.Request) -> Iterator[None]:
+@dataclass(frozen=True)
+class Answer:
+    """A model server's whole answer."""
+
+    status: int
+    headers: Mapping[str, str]
+    """Case-insensitive, as the server sent them."""
+    text: str
+
+
+class ConnectionFailed(Exception):
+    """No answer: the connection could not be made, timed out, or broke.
+
+    Args:
+        name: what failed, e.g. ``ConnectError`` or ``ReadTimeout``.
+        message: aiohttp's description (may name the server's address).
+        timed_out: no answer within the timeout (the server may still be working on it).
+    """
+
+    def __init__(self, name: str, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(f"{name}: {message}" if message else name)
+        self.name = name
+        self.timed_out = timed_out
+
+
+def _failure(error: BaseException) -> ConnectionFailed | None:
+    """The :class:`ConnectionFailed` for an aiohttp error (``None``: not a connection error)."""
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return ConnectionFailed("ConnectTimeout", str(error) or "connect timed out", timed_out=True)
+    if isinstance(error, TimeoutError):  # aiohttp's read timeouts are TimeoutErrors too
+        return ConnectionFailed("ReadTimeout", str(error) or "read timed out", timed_out=True)
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return ConnectionFailed("ConnectError", str(error))
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return ConnectionFailed("RemoteProtocolError", str(error))
+    if isinstance(error, aiohttp.ClientPayloadError | aiohttp.ClientOSError):
+        return ConnectionFailed("ReadError", str(error))
+    if isinstance(error, aiohttp.ClientError):
+        return ConnectionFailed(type(error).__name__, str(error))
+    return None
+
+
+async def _on_body_sent(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    notify = getattr(context, "trace_request_ctx", None)
+    if notify is not None:
+        notify(time.monotonic())
+
+
+def _decode(body: bytes, charset: str | None) -> str:
     try:
-        yield
-    except aiohttp.ConnectionTimeoutError as error:
-        raise httpx.ConnectTimeout(str(error) or "connect timed out", request=request) from error
-    except TimeoutError as error:  # aiohttp's read timeouts are TimeoutErrors too
-        raise httpx.ReadTimeout(str(error) or "read timed out", request=request) from error
-    except aiohttp.ClientConnectorError as error:
-        raise httpx.ConnectError(str(error), request=request) from error
-    except aiohttp.ServerDisconnectedError as error:
-        raise httpx.RemoteProtocolError(str(error), request=request) from error
-    except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as error:
-        raise httpx.ReadError(str(error), request=request) from error
-    except aiohttp.ClientError as error:
-        raise httpx.TransportError(str(error), request=request) from error
+        return body.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", errors="replace")
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Send httpx requests through one aiohttp session (made on first use, on its loop).
+class Connections:
+    """One aiohttp session (its connection pool), made on first use on the loop that uses it.
 
     Args:
         ssl_context: TLS settings for ``https://`` servers.
@@ -59,41 +98,61 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`aclose` closed the session."""
+        return self._session is not None and self._session.closed
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=0, ssl=self._ssl, keepalive_timeout=self._keepalive_s
             )
-            # No cookies kept between steps; bodies left encoded for httpx to decode.
+            traces = aiohttp.TraceConfig()
+            traces.on_request_chunk_sent.append(_on_body_sent)
+            # No cookies kept between steps; an answer's body is read as sent.
             self._session = aiohttp.ClientSession(
-                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trace_configs=[traces],
             )
         return self._session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` and read the whole answer (model answers are not streamed here)."""
-        limits = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=limits.get("connect"), sock_read=limits.get("read")
-        )
-        headers = [  # raw: the names as the agent spelled them
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in request.headers.raw
-            if name.lower().decode("latin-1") not in _NOT_FORWARDED
-        ]
-        body = await request.aread()
-        with _as_httpx_errors(request):
-            async with self._client().request(
-                request.method,
-                str(request.url),
-                headers=headers,
-                data=body or None,
+    async def post_json(
+        self,
+        url: str,
+        body: Any,
+        *,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        on_sent: Callable[[float], None] | None = None,
+    ) -> Answer:
+        """POST ``body`` as JSON and read the whole answer (answers are not streamed here).
+
+        ``timeout_s`` bounds connecting and each wait for the server's bytes, as a
+        per-request timeout does in httpx; ``on_sent`` gets ``time.monotonic()`` once the
+        body is written.
+
+        Raises:
+            ConnectionFailed: no answer (see the class).
+        """
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        try:
+            async with self._client().post(
+                url,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", **headers},
                 timeout=timeout,
                 allow_redirects=False,
+                trace_request_ctx=on_sent,
             ) as answer:
                 content = await answer.read()
-                status, answer_headers = answer.status, list(answer.headers.items())
-        return httpx.Response(status, headers=answer_headers, content=content, request=request)
+                return Answer(answer.status, answer.headers, _decode(content, answer.charset))
+        except (aiohttp.ClientError, TimeoutError) as error:
+            failure = _failure(error)
+            if failure is None:
+                raise
+            raise failure from error
 
     async def aclose(self) -> None:
         """Close the session and its connections."""

@@ -6,8 +6,7 @@ import email.utils
 import math
 import re
 import time
-
-import httpx
+from collections.abc import Mapping
 
 __all__ = ["MAX_BACKOFF_S", "MAX_RETRY_AFTER_S", "backoff", "reset_after", "retry_after"]
 
@@ -35,7 +34,7 @@ def backoff(
     return float(min(base_s * 2 ** (attempt - 1), cap_s) + jitter * base_s)
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``)."""
     millis = headers.get("retry-after-ms")
     if millis is not None:
@@ -61,7 +60,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def reset_after(headers: httpx.Headers) -> float | None:
+def reset_after(headers: Mapping[str, str]) -> float | None:
     """Seconds until the provider's windows reset (``x-ratelimit-reset-*``, e.g. ``6m0s``)."""
     longest: float | None = None
     for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):

@@ -1,10 +1,10 @@
 """HTTP to the model server: pooled clients, one request with retries, and the retry policy.
 
-An agent keeps one ``httpx.AsyncClient`` per event loop, so the connections of one step
-are reused by the next; every client shares one TLS context (loading the CA bundle
-costs tens of milliseconds of CPU, once per process instead of once per step). A loop's
-client is closed when the loop shuts down its async generators (``asyncio.run`` does),
-or by :meth:`Transport.aclose`.
+An agent keeps one connection pool (:class:`~.connections.Connections`) per event loop,
+so the connections of one step are reused by the next; every pool shares one TLS context
+(loading the CA bundle costs tens of milliseconds of CPU, once per process instead of once
+per step). A loop's pool is closed when the loop shuts down its async generators
+(``asyncio.run`` does), or by :meth:`Transport.aclose`.
 
 What is retried and how the server's refusals are named is :meth:`Sender.refusal`; how
 long to wait is :mod:`.retry`.
@@ -20,7 +20,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
 
 import httpx
@@ -30,7 +30,7 @@ from ...limiters import Admission
 from .capabilities import rejected_field, validation_error
 from .concurrency import Gate
 from .config import OpenAIAgentConfig
-from .connections import AiohttpTransport
+from .connections import ConnectionFailed, Connections
 from .retry import backoff, reset_after, retry_after
 from .wire import error_message
 
@@ -117,7 +117,7 @@ def _tls() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-async def _closed_with_loop(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
+async def _closed_with_loop(client: Connections) -> AsyncGenerator[None, None]:
     # The loop finalises live async generators when it shuts down (and when the agent is
     # dropped): close the pool then. Shielded, because a loop shutting down cancels tasks,
     # and a half-closed pool leaves sockets open.
@@ -148,17 +148,15 @@ class Transport:
         self.endpoint = config.base_url.rstrip("/") + "/chat/completions"
         self.gate = Gate(config.max_concurrent)
         self._lock = threading.Lock()
-        self._clients: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, _Closer]] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[Connections, _Closer]] = {}
 
-    async def client(self) -> httpx.AsyncClient:
-        """This event loop's pooled client (made on first use)."""
+    async def client(self) -> Connections:
+        """This event loop's connection pool (made on first use)."""
         loop = asyncio.get_running_loop()
         found = self._clients.get(loop)
         if found is not None and not found[0].is_closed:
             return found[0]
-        # aiohttp's pool underneath: httpcore's costs CPU per call in proportion to the
-        # calls in flight (see connections.py), and a worker's loop holds hundreds.
-        client = httpx.AsyncClient(transport=AiohttpTransport(ssl_context=_tls()))
+        client = Connections(ssl_context=_tls())
         closer = _closed_with_loop(client)
         await closer.asend(None)
         with self._lock:
@@ -167,7 +165,7 @@ class Transport:
         return client
 
     async def aclose(self) -> None:
-        """Close this event loop's client and its connections (a later step makes a new one)."""
+        """Close this event loop's pool and its connections (a later step makes a new one)."""
         with self._lock:
             found = self._clients.pop(asyncio.get_running_loop(), None)
         if found is not None:
@@ -301,7 +299,7 @@ class Sender:
         finally:
             await asyncio.shield(admission.settle(used, sent_at=sent[0] if sent else None))
 
-    async def _pause(self, headers: httpx.Headers) -> None:
+    async def _pause(self, headers: Mapping[str, str]) -> None:
         assert self.limit is not None
         reset = retry_after(headers) or reset_after(headers)
         if reset:
@@ -311,7 +309,7 @@ class Sender:
         self,
         body: Callable[[], dict[str, Any]],
         *,
-        on_429: Callable[[httpx.Headers], Any] | None = None,
+        on_429: Callable[[Mapping[str, str]], Any] | None = None,
         on_sent: Callable[[float], None] | None = None,
     ) -> Any:
         """One HTTP request in one of the agent's slots; :class:`Transient` if worth retrying.
@@ -343,18 +341,10 @@ class Sender:
     async def _request(
         self,
         body: dict[str, Any],
-        on_429: Callable[[httpx.Headers], Any] | None,
+        on_429: Callable[[Mapping[str, str]], Any] | None,
         on_sent: Callable[[float], None] | None,
     ) -> tuple[Any, float, int]:
         """The HTTP request itself; ``on_sent`` gets ``time.monotonic()`` once it is written."""
-        extensions: dict[str, Any] = {}
-        if on_sent is not None:
-
-            async def trace(event: str, info: dict[str, Any]) -> None:
-                if event.endswith("send_request_body.complete"):
-                    on_sent(time.monotonic())
-
-            extensions["trace"] = trace
         timeout = self.config.timeout_s
         remaining = self.remaining_s()
         if remaining is not None:
@@ -362,22 +352,22 @@ class Sender:
         client = await self.transport.client()
         started = time.monotonic()
         try:
-            response = await client.post(
+            answer = await client.post_json(
                 self.transport.endpoint,
-                json=body,
+                body,
                 headers=self._headers,
-                timeout=timeout,
-                extensions=extensions,
+                timeout_s=timeout,
+                on_sent=on_sent,
             )
-        except httpx.TimeoutException:
-            raise Transient(
-                f"no answer within {timeout:.3g} s", congestion=True, abandoned=True
-            ) from None
-        except httpx.TransportError as problem:
-            raise Transient(self.scrub(f"{type(problem).__name__}: {problem}")) from None
+        except ConnectionFailed as problem:
+            if problem.timed_out:
+                raise Transient(
+                    f"no answer within {timeout:.3g} s", congestion=True, abandoned=True
+                ) from None
+            raise Transient(self.scrub(str(problem))) from None
         latency = time.monotonic() - started
-        text = self.scrub(response.text)
-        status = response.status_code
+        text = self.scrub(answer.text)
+        status = answer.status
         if 200 <= status < 300:
             try:
                 data = json.loads(text)
@@ -388,11 +378,11 @@ class Sender:
                 ) from None
             return data, latency, _work(data)
         if status == 429 and on_429 is not None:
-            await on_429(response.headers)
-        raise self.refusal(status, text, response.headers, body)
+            await on_429(answer.headers)
+        raise self.refusal(status, text, answer.headers, body)
 
     def refusal(
-        self, status: int, text: str, headers: httpx.Headers, body: dict[str, Any]
+        self, status: int, text: str, headers: Mapping[str, str], body: dict[str, Any]
     ) -> Exception:
         """The exception for an HTTP error: :class:`Transient` or :class:`Refused`.
 
