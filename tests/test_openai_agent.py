@@ -686,3 +686,27 @@ def test_constructor_is_simple_and_exported() -> None:
     assert agent.endpoint == "http://127.0.0.1:9/v1/chat/completions"
     with pytest.raises(ConfigError, match="max_tokens"):
         OpenAIAgentConfig(base_url="http://x/v1", model="m", max_tokens=0)
+
+
+async def test_a_post_reports_once_when_its_body_is_written(server: FakeOpenAI) -> None:
+    """``on_sent`` (what a provider limit's window is corrected by) fires once per request."""
+    from fleet.agents.openai.connections import Connections
+    from fleet.agents.openai.transport import _tls
+
+    server.script(reply("hello"))
+    pool, sent = Connections(ssl_context=_tls()), []
+    before = time.monotonic()
+    try:
+        answer = await pool.post_json(
+            f"{server.base_url}/chat/completions",
+            {"model": "test-model", "messages": []},
+            headers={"Authorization": "Bearer k"},
+            timeout_s=10,
+            on_sent=sent.append,
+        )
+    finally:
+        await pool.aclose()
+    assert answer.status == 200 and json.loads(answer.text)["choices"]
+    (request,) = server.requests
+    assert len(sent) == 1 and before <= sent[0] <= request.at  # written, then received
+    assert {k.lower(): v for k, v in request.headers.items()}["authorization"] == "Bearer k"
