@@ -6,9 +6,11 @@ per worker through ``CeleryExecutor(max_in_flight=C x workers)``; ideal wall tim
 For each tree (``--base`` a checkout of the old code, e.g. ``git worktree add
 ../fleet-base 0c4f346``; and this tree) and each case it reports wall time,
 efficiency (ideal / wall), peak calls in flight at the provider, worker peak RSS
-(VmHWM) and worker CPU seconds per step (utime + stime over the round)::
+(VmHWM) and worker CPU seconds per step (utime + stime over the round). ``--celery``
+adds Celery alone on the same workers: a group of 2 x C ``bench.sleep`` tasks of the same
+latency, the ceiling any Celery-based worker reaches on this machine::
 
-    python -m bench.llm_worker --base ../fleet-base [--cases 1x16,1x64,1x256,4x64]
+    python -m bench.llm_worker --base ../fleet-base [--cases 1x16,1x64,1x256,4x64] [--celery]
 
 The agent declares ``max_concurrent = C`` (what docs/AGENTS.md tells an operator whose
 provider takes C calls at once), so its adaptive limit starts at C. A case written
@@ -212,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
             redis.stop()
     print(table(rows))
     command = "python -m bench.llm_worker " + " ".join(argv if argv is not None else sys.argv[1:])
-    note = "shared 2-core machine with other sessions' tests running: timings are noisy"
+    note = (
+        f"{os.cpu_count()} CPUs shared by the host, the workers, Redis and the provider; "
+        "'celery' rows are Celery alone (bench.sleep tasks of the same latency, same workers)"
+    )
     print(write("llm_worker", command.strip(), rows, latency_s=LATENCY_S, note=note))
 
 

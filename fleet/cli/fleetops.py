@@ -55,7 +55,7 @@ _CONCURRENCY_HELP = (
     "process: every step's coroutine runs on one shared event loop and a waiting step costs "
     "only an idle thread (one process held 256 calls in flight at ~125 MB in "
     "bench/llm_worker.py, for an agent declaring max_concurrent = 256; an agent without "
-    "it keeps at most 64 calls in flight per process), so size it as "
+    "it starts at one call and doubles per round, to at most 256), so size it as "
     "(calls wanted in flight) / (worker processes), "
     "capped by what your model server or rate limit allows at once; add processes when "
     "one process's CPU (a few ms per step) becomes the limit. Agents declared "

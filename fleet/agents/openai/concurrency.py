@@ -28,8 +28,11 @@ from dataclasses import dataclass
 
 __all__ = ["AdaptiveLimit", "Gate", "Ticket"]
 
-DEFAULT_CEILING = 64
-"""The most calls in flight per agent when ``max_concurrent`` is not set."""
+DEFAULT_CEILING = 256
+"""The most calls in flight per agent and process when ``max_concurrent`` is not set.
+
+As wide as the widest worker the docs size (``-c 256``): slow start, not this cap, is
+what protects a server that takes few calls at once."""
 CLIMB = 2.0
 """A call is congested when it took this many times the best latency per token ..."""
 CLIMB_SLACK_S = 0.5
