@@ -65,6 +65,8 @@ def _failure(error: BaseException) -> ConnectionFailed | None:
         return ConnectionFailed("RemoteProtocolError", str(error))
     if isinstance(error, aiohttp.ClientPayloadError | aiohttp.ClientOSError):
         return ConnectionFailed("ReadError", str(error))
+    if isinstance(error, aiohttp.InvalidURL):
+        return None  # the agent's base_url: a configuration error, not worth a retry
     if isinstance(error, aiohttp.ClientError):
         return ConnectionFailed(type(error).__name__, str(error))
     return None
@@ -76,6 +78,11 @@ async def _on_body_sent(
     notify = getattr(context, "trace_request_ctx", None)
     if notify is not None:
         notify(time.monotonic())
+
+
+def _json(body: Any) -> bytes:
+    """A request body as JSON, compact, UTF-8, and never ``NaN`` (not JSON; raises)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _decode(body: bytes, charset: str | None) -> str:
@@ -140,7 +147,7 @@ class Connections:
         try:
             async with self._client().post(
                 url,
-                data=json.dumps(body).encode(),
+                data=_json(body),
                 headers={"Content-Type": "application/json", **headers},
                 timeout=timeout,
                 allow_redirects=False,
