@@ -354,6 +354,49 @@ async def test_workers_journal_each_step_at_the_step_boundary(
     assert checkpoint.completed()["a"].worker == workers.workers["worker1"].node
 
 
+async def test_a_worker_shares_its_ledger_and_journal_connections_across_steps(
+    workers: CeleryWorkers, key_prefix: str
+) -> None:
+    """Budgeted, journaled steps: the worker's Redis connections do not grow with its steps.
+
+    A worker that built a ledger and a journal client per step opened two connections for
+    each (80 for this round), and paid ~1.9 ms of CPU a step to set them up.
+    """
+    url, prefix = workers.settings.redis_url, workers.settings.key_prefix
+    ledger = RedisLedger(url, key_prefix=prefix)
+    store = RedisCheckpointStore(url, key_prefix=prefix)
+    budget = WorkflowBudget(10**6, ledger=ledger, workflow_id=f"{key_prefix}-conns")
+    executor = workers.executor(budget=budget, worker_journal=True)
+    workflow_id = f"{key_prefix}-conns"
+    client = redis.Redis.from_url(url)
+
+    def received() -> int:
+        return int(client.info("stats")["total_connections_received"])
+
+    try:
+        warm = await executor.native_round(
+            [spec(f"w{i}", "echo") for i in range(8)], workflow_id=workflow_id
+        )
+        before = received()
+        outcomes = await executor.native_round(
+            [spec(f"s{i}", "echo") for i in range(40)], workflow_id=workflow_id
+        )
+        opened = received() - before
+        checkpoint = await store.load(workflow_id)
+        spent = (await budget.snapshot()).consumed_tokens
+    finally:
+        await store.delete(workflow_id)
+        await store.close()
+        await executor.aclose()
+        await ledger.close()
+        client.close()
+    assert warm is not None and outcomes is not None
+    assert all(o.success for o in warm + outcomes), [o.output for o in outcomes]
+    assert checkpoint is not None and len(checkpoint.completed()) == 48
+    assert spent == sum(o.usage.total_tokens for o in warm + outcomes) > 0
+    assert opened < 10, f"{opened} Redis connections opened for 40 budgeted, journaled steps"
+
+
 def test_a_busy_connection_pool_is_not_blamed_on_redis() -> None:
     """An exhausted host pool says so; only a real connection failure asks whether Redis runs."""
     url = "redis://:secret@127.0.0.1:6399/0"

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -163,6 +163,32 @@ class WorkerRuntime:
         )
         # Provider limits, shared with every worker and host on this Redis.
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
+        self._shared: dict[str, tuple[int, Any]] = {}
+
+    def _process_wide(self, name: str, make: Callable[[], T]) -> T:
+        """One ``make()`` per process (made again after a fork), kept for its lifetime.
+
+        The budget ledger and the journal store keep a Redis client per event loop, so
+        every step of the process shares their connections: one made per step costs
+        ~1.9 ms of CPU (connect, handshake, close) against ~0.16 ms for its calls.
+        """
+        found = self._shared.get(name)
+        if found is None or found[0] != os.getpid():
+            with self._redis_lock:
+                found = self._shared.get(name)
+                if found is None or found[0] != os.getpid():
+                    found = self._shared[name] = (os.getpid(), make())
+        return cast(T, found[1])
+
+    def ledger(self) -> RedisLedger:
+        """The budget ledger every budgeted step of this process settles through."""
+        url, prefix = self.settings.redis_url, self.settings.key_prefix
+        return self._process_wide("ledger", lambda: RedisLedger(url, key_prefix=prefix))
+
+    def journal(self) -> RedisCheckpointStore:
+        """The journal every journaled step of this process records to."""
+        url, prefix = self.settings.redis_url, self.settings.key_prefix
+        return self._process_wide("journal", lambda: RedisCheckpointStore(url, key_prefix=prefix))
 
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork), with its scripts.
@@ -382,7 +408,7 @@ class WorkerRuntime:
         cancellation: Cancellation | None,
     ) -> StepOutcome:
         """Run under the host's reservation: keep its lease alive, settle what was used."""
-        ledger = RedisLedger(self.settings.redis_url, key_prefix=self.settings.key_prefix)
+        ledger = self.ledger()
         budget = WorkflowBudget(
             hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
         )
@@ -399,16 +425,12 @@ class WorkerRuntime:
             except Exception:
                 # The host settles the same reservation (idempotently) with the outcome.
                 logger.exception("could not settle reservation %s", hold.reservation_id)
-            await ledger.close()
         return outcome
 
     async def _journal(self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome) -> None:
-        store = RedisCheckpointStore(self.settings.redis_url, key_prefix=self.settings.key_prefix)
         try:
             record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
-            await store.record_step(workflow_id, record)
+            await self.journal().record_step(workflow_id, record)
         except Exception:
             # Losing a journal record must not fail the live step; the host journals too.
             logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
-        finally:
-            await store.close()
