@@ -95,6 +95,23 @@ def test_importing_the_worker_module_creates_nothing() -> None:
     assert out.stdout.strip() == "from-env.steps"
 
 
+def test_a_worker_prepares_its_agents_before_the_first_step(tmp_path: Path) -> None:
+    """Price data loads when the worker app is built, not on the loop of its first steps."""
+    agents = tmp_path / "agents.toml"
+    agents.write_text(
+        '[agents.llm]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "gpt-4o-mini"\n'
+    )
+    code = (
+        "import sys, workers.app as m; loaded = lambda: 'genai_prices' in sys.modules; "
+        "before = loaded(); m.app; print(before, loaded())"
+    )
+    env = {"PATH": "/usr/bin:/bin", "FLEET_AGENTS_FILE": str(agents)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_missing_agents_file_fails_at_worker_start(redis_url: str, tmp_path: Path) -> None:
     """A worker without its agents file refuses to start and names the path."""
     from workers.app import create_app

@@ -691,10 +691,10 @@ def test_constructor_is_simple_and_exported() -> None:
 async def test_a_post_reports_once_when_its_body_is_written(server: FakeOpenAI) -> None:
     """``on_sent`` (what a provider limit's window is corrected by) fires once per request."""
     from fleet.agents.openai.connections import Connections
-    from fleet.agents.openai.transport import _tls
+    from fleet.agents.openai.transport import tls_context
 
     server.script(reply("hello"))
-    pool, sent = Connections(ssl_context=_tls()), []
+    pool, sent = Connections(ssl_context=tls_context()), []
     before = time.monotonic()
     try:
         answer = await pool.post_json(

@@ -112,7 +112,7 @@ def _first_line(message: str, limit: int = 200) -> str:
 
 
 @functools.cache
-def _tls() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """The TLS context every client shares (built once: it loads the CA bundle)."""
     return httpx.create_ssl_context()
 
@@ -156,7 +156,7 @@ class Transport:
         found = self._clients.get(loop)
         if found is not None and not found[0].is_closed:
             return found[0]
-        client = Connections(ssl_context=_tls())
+        client = Connections(ssl_context=tls_context())
         closer = _closed_with_loop(client)
         await closer.asend(None)
         with self._lock:
