@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from bench._common import table, write
 from bench.provider import ProviderProcess
 from fleet.redis_server import RedisServer
@@ -56,6 +58,15 @@ def _proc(pid: int) -> tuple[float, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
     return cpu, int(hwm.split()[1]) / 1024
+
+
+def _connections_received(url: str) -> int:
+    """Connections Redis has accepted so far (host and workers open theirs during a round)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
 
 
 def _env(tree: Path, redis_url: str, agents_file: Path) -> dict[str, str]:
@@ -132,6 +143,7 @@ def run_case(
         if driver.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{label}: the round driver did not start; see {log.name}")
         provider.reset()
+        connections = _connections_received(redis_url)
         before = [_proc(p.pid)[0] for p in [driver, *procs]]
         go = time.time()
         driver.stdin.write("go\n")
@@ -139,6 +151,7 @@ def run_case(
         result = json.loads(driver.stdout.readline())
         host_cpu, *after = [_proc(p.pid) for p in [driver, *procs]]
         stats = provider.stats()
+        connections = _connections_received(redis_url) - connections
     finally:
         for process in [driver, *procs]:
             _stop(process)
@@ -159,6 +172,7 @@ def run_case(
         "rss_mb": max(rss for _, rss in after),
         "cpu_ms_per_step": 1000 * sum(cpu[1:]) / steps,
         "host_cpu_ms_per_step": 1000 * cpu[0] / steps,
+        "redis_connections": connections,
         "first_call_s": calls[0] if calls else "-",
         "C_th_call_s": calls[min(in_flight, len(calls)) - 1] if calls else "-",
         "last_call_s": calls[-1] if calls else "-",
