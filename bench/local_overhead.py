@@ -21,6 +21,7 @@ import gc
 import importlib.util
 import os
 import time
+from typing import Any
 
 from bench._common import median, table, write
 from fleet import AgentContext, AgentStepSpec, LocalExecutor, execute_steps_parallel, telemetry
@@ -28,6 +29,7 @@ from fleet import AgentContext, AgentStepSpec, LocalExecutor, execute_steps_para
 HINT = 64
 TRACED = "fleet LocalExecutor, tracing on (OTLP loopback)"
 SDK = "OpenTelemetry SDK alone, 1 span/step (same export)"
+SDK_BARE = "OpenTelemetry SDK alone, 1 span/step, not exported"
 
 
 async def noop(spec: AgentStepSpec, ctx: AgentContext) -> str:
@@ -70,13 +72,13 @@ async def fleet_traced(specs: list[AgentStepSpec]) -> float:
     return elapsed
 
 
-async def sdk_floor(specs: list[AgentStepSpec]) -> float:
+async def sdk_floor(specs: list[AgentStepSpec], tracer: Any = None) -> float:
     """The OpenTelemetry SDK alone: the same span per step, same exporter, no fleet.
 
     What any Python program pays for one exported span; fleet's tracing cost on top of
     its untraced path is compared with it.
     """
-    tracer = telemetry.active()
+    tracer = tracer if tracer is not None else telemetry.active()
     started = time.perf_counter()
     with tracer.start_as_current_span("phase"):
         for spec in specs:
@@ -90,6 +92,17 @@ async def sdk_floor(specs: list[AgentStepSpec]) -> float:
                 span.set_attribute("fleet.step.success", True)
     assert telemetry.flush(60_000)
     return time.perf_counter() - started
+
+
+async def sdk_unexported(specs: list[AgentStepSpec]) -> float:
+    """The same spans from an SDK tracer provider with no span processor: making them only.
+
+    The least any design that builds an SDK span per step pays, before a processor
+    queues it and an exporter encodes and sends it.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return await sdk_floor(specs, TracerProvider().get_tracer("bench"))
 
 
 def _tracing_on(endpoint: str, steps: int) -> None:
@@ -121,7 +134,7 @@ def main() -> None:
         from bench.otlp_receiver import ReceiverProcess
 
         receiver = ReceiverProcess()
-        sides += [(TRACED, fleet_traced), (SDK, sdk_floor)]
+        sides += [(TRACED, fleet_traced), (SDK, sdk_floor), (SDK_BARE, sdk_unexported)]
     times: dict[str, list[float]] = {name: [] for name, _ in sides}
     try:
         for _ in range(args.repeat):
@@ -143,9 +156,11 @@ def main() -> None:
     if receiver is not None:
         traced_us = (median(times[TRACED]) - ours) / args.steps * 1e6
         sdk_us = (median(times[SDK]) - floor) / args.steps * 1e6
+        bare_span_us = (median(times[SDK_BARE]) - floor) / args.steps * 1e6
         extra = {
             "tracing_us_per_step": traced_us,
             "sdk_span_us_per_step": sdk_us,
+            "sdk_unexported_span_us_per_step": bare_span_us,
             "spans_received": received,
         }
     rows = [
@@ -165,7 +180,8 @@ def main() -> None:
         print(f"tracing on adds {extra['tracing_us_per_step']:.1f} µs per step (target ≤ 30 µs); "
               f"{extra['spans_received']} spans received")  # fmt: skip
         print(f"the OpenTelemetry SDK alone costs {extra['sdk_span_us_per_step']:.1f} µs per "
-              "exported span in this run (its per-step time minus the bare gather's)")  # fmt: skip
+              "exported span in this run (its per-step time minus the bare gather's), "
+              f"{extra['sdk_unexported_span_us_per_step']:.1f} µs unexported")  # fmt: skip
     command = f"python -m bench.local_overhead --steps {args.steps} --repeat {args.repeat}"
     path = write(
         "local_overhead",
