@@ -112,6 +112,36 @@ def test_a_worker_prepares_its_agents_before_the_first_step(tmp_path: Path) -> N
     assert out.stdout.split() == ["False", "True"]
 
 
+def test_a_worker_survives_acking_on_a_closed_broker_channel(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step that finishes after the broker connection dropped is acked on a dead channel.
+
+    kombu's Redis QoS then raises ``AttributeError`` ('NoneType' ... 'client'), which
+    Celery's consumer treats as unrecoverable: the worker died in 1 of 3 trials of
+    tests/faults/test_redis_restart.py. The worker app guards it with a warning.
+    """
+    import kombu
+    from kombu.transport import redis as kombu_redis
+
+    from workers.app import create_app
+
+    create_app(fleet_settings(redis_url))
+    assert getattr(kombu_redis.QoS.ack, "fleet_guarded", False)
+    connection = kombu.Connection(redis_url)
+    try:
+        channel = connection.channel()
+        qos = channel.qos
+        channel._pool, channel.connection = None, None  # what closing the channel leaves
+        with caplog.at_level("WARNING", logger="fleet.worker"):
+            qos.ack("tag-1")
+            qos.reject("tag-2")
+            qos.restore_unacked()
+    finally:
+        connection.release()
+    assert sum("broker connection was closed" in r.getMessage() for r in caplog.records) == 3
+
+
 def test_missing_agents_file_fails_at_worker_start(redis_url: str, tmp_path: Path) -> None:
     """A worker without its agents file refuses to start and names the path."""
     from workers.app import create_app

@@ -75,7 +75,7 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     register_tasks(app, runtime)
     if settings.metrics_port is not None:
         _serve_metrics(settings, runtime)
-    _survive_restore_on_a_lost_connection()
+    _survive_a_lost_connection()
     signals.worker_ready.connect(_prestart_threads, weak=False)
     # httpx logs every request at INFO: one line per model call is noise in a worker log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -103,37 +103,49 @@ def _prepare_agents(registry: AgentRegistry) -> None:
                 )
 
 
-def _survive_restore_on_a_lost_connection() -> None:
-    """Keep a worker alive when Redis drops while kombu closes a channel.
+def _survive_a_lost_connection() -> None:
+    """Keep a worker alive when its broker connection is gone under kombu's Redis QoS.
 
     When the broker connection is lost, Celery's consumer closes its channel, and kombu's
-    Redis QoS then tries to restore the unacknowledged messages through a connection that
-    is already released: ``AttributeError: 'NoneType' object has no attribute 'hostname'``
-    (kombu/transport/redis.py ``_connparams``), which Celery treats as unrecoverable and the
-    worker shuts down (seen in 1 of 3 Redis-restart trials, tests/faults). Those messages
-    need no restore from this worker: they stay in kombu's unacked hash, and the host
-    re-sends any step no worker finished after its claim timeout. So the restore is skipped
-    with a warning and the consumer reconnects as it does after any outage.
+    Redis QoS then works through a connection that is already released:
+    ``AttributeError: 'NoneType' object has no attribute 'hostname'`` (or ``'client'``,
+    kombu/transport/redis.py ``_connparams``), which Celery treats as unrecoverable and the
+    worker shuts down. Two places meet it: restoring the unacknowledged messages while
+    the channel closes (1 of 3 Redis-restart trials, tests/faults), and acknowledging a
+    step that finished after the connection dropped (its message belongs to the closed
+    channel; 1 of 3 trials of the SIGKILL restart). Neither needs this worker: the
+    messages stay in kombu's unacked hash (restored after the visibility timeout, and
+    then answered from the step's recorded result, not run again), and the host re-sends
+    any step no worker finished after its claim timeout. So these are skipped with a
+    warning and the consumer reconnects as it does after any outage.
     """
     from kombu.transport import redis as kombu_redis
 
-    original = kombu_redis.QoS.restore_unacked
-    if getattr(original, "fleet_guarded", False):
-        return
+    def guarded(name: str, what: str) -> None:
+        original = getattr(kombu_redis.QoS, name)
+        if getattr(original, "fleet_guarded", False):
+            return
 
-    def restore_unacked(self: Any, client: Any = None) -> Any:
-        try:
-            return original(self, client)
-        except AttributeError as error:
-            logging.getLogger("fleet.worker").warning(
-                "could not restore unacknowledged messages while the broker connection "
-                "closed (%s); the host re-sends unfinished steps after its claim timeout",
-                error,
-            )
-            return None
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(self, *args, **kwargs)
+            except AttributeError as error:
+                if "'NoneType'" not in str(error):
+                    raise
+                logging.getLogger("fleet.worker").warning(
+                    "could not %s while the broker connection was closed (%s); the host "
+                    "re-sends unfinished steps after its claim timeout",
+                    what,
+                    error,
+                )
+                return None
 
-    restore_unacked.fleet_guarded = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked
+        method.fleet_guarded = True  # type: ignore[attr-defined]
+        setattr(kombu_redis.QoS, name, method)
+
+    guarded("restore_unacked", "restore unacknowledged messages")
+    guarded("ack", "acknowledge a finished step's message")
+    guarded("reject", "reject a message")
 
 
 def _serve_metrics(settings: FleetSettings, runtime: WorkerRuntime) -> None:
