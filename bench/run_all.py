@@ -88,8 +88,42 @@ def plot_scaling(result: dict[str, Any]) -> Path | None:
     return None
 
 
+def _section(name: str, timings: dict[str, tuple[int, float]]) -> list[str]:
+    """One benchmark's section of BENCHMARKS.md, from its results file."""
+    path = RESULTS / f"{name}.json"
+    lines = [f"## {name}", ""]
+    if not path.is_file():
+        code = timings.get(name, (None, 0))[0]
+        return lines + [
+            f"No results: the benchmark did not write {path.name} (exit code {code}).",
+            "",
+        ]
+    result = json.loads(path.read_text(encoding="utf-8"))
+    lines += [f"Command: `{result.get('command', '?')}`", ""]
+    measured = result.get("machine") or {}
+    if measured.get("when"):
+        lines += [f"Measured {measured['when']} on {measured.get('cpus', '?')} CPUs.", ""]
+    for title, rows in _rows_sections(result):
+        if title:
+            lines += [f"### {title}", ""]
+        lines += ["```", table(rows), "```", ""]
+    scalars = {
+        k: v
+        for k, v in result.items()
+        if k not in {"benchmark", "command", "machine", "rows"} and not isinstance(v, list | dict)
+    }
+    if scalars:
+        lines += [
+            f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in scalars.items()
+        ]
+        lines.append("")
+    if plot := plot_scaling(result):
+        lines += [f"![scaling]({plot.relative_to(ROOT)})", ""]
+    return lines
+
+
 def render(names: list[str], timings: dict[str, tuple[int, float]], command: str) -> str:
-    """BENCHMARKS.md text from the results files."""
+    """BENCHMARKS.md text from the results files: ``names``, then every other results file."""
     info = machine()
     lines = [
         "# fleet benchmarks",
@@ -103,36 +137,19 @@ def render(names: list[str], timings: dict[str, tuple[int, float]], command: str
         "",
     ]
     for name in names:
-        path = RESULTS / f"{name}.json"
-        lines.append(f"## {name}")
-        lines.append("")
-        if not path.is_file():
-            code = timings.get(name, (None, 0))[0]
-            lines += [
-                f"No results: the benchmark did not write {path.name} (exit code {code}).",
-                "",
-            ]
-            continue
-        result = json.loads(path.read_text(encoding="utf-8"))
-        lines += [f"Command: `{result.get('command', '?')}`", ""]
-        for title, rows in _rows_sections(result):
-            if title:
-                lines += [f"### {title}", ""]
-            lines += ["```", table(rows), "```", ""]
-        scalars = {
-            k: v
-            for k, v in result.items()
-            if k not in {"benchmark", "command", "machine", "rows"}
-            and not isinstance(v, list | dict)
-        }
-        if scalars:
-            lines += [
-                f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
-                for k, v in scalars.items()
-            ]
-            lines.append("")
-        if plot := plot_scaling(result):
-            lines += [f"![scaling]({plot.relative_to(ROOT)})", ""]
+        lines += _section(name, timings)
+    others = sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in names)
+    if others:
+        lines += [
+            "# Run on their own",
+            "",
+            "These need what `bench.run_all` does not start (a checkout of older code, a real "
+            "model server, Sentinel processes, a proxy in front of Redis); each shows its "
+            "command and when it last ran.",
+            "",
+        ]
+        for name in others:
+            lines += _section(name, timings)
     return "\n".join(lines)
 
 
