@@ -105,11 +105,6 @@ class Connections:
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
 
-    @property
-    def is_closed(self) -> bool:
-        """Whether :meth:`aclose` closed the session."""
-        return self._session is not None and self._session.closed
-
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(

@@ -18,15 +18,15 @@ import json
 import logging
 import random
 import ssl
-import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import httpx
 
 from ...errors import AgentError
 from ...limiters import Admission
+from ...perloop import PerLoop
 from .capabilities import rejected_field, validation_error
 from .concurrency import Gate
 from .config import OpenAIAgentConfig
@@ -117,21 +117,14 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-async def _closed_with_loop(client: Connections) -> AsyncGenerator[None, None]:
-    # The loop finalises live async generators when it shuts down (and when the agent is
-    # dropped): close the pool then. Shielded, because a loop shutting down cancels tasks,
-    # and a half-closed pool leaves sockets open.
+async def _close(pool: Connections) -> None:
+    # Shielded: a loop shutting down cancels tasks, and a half-closed pool leaves sockets
+    # open; the close goes on in the loop's last turns.
+    closing = asyncio.ensure_future(pool.aclose())
     try:
-        yield
-    finally:
-        closing = asyncio.ensure_future(client.aclose())
-        try:
-            await asyncio.shield(closing)
-        except asyncio.CancelledError:
-            pass  # the close goes on in the loop's last turns
-
-
-_Closer = AsyncGenerator[None, None]
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        pass
 
 
 class Transport:
@@ -147,29 +140,18 @@ class Transport:
         self.where = where
         self.endpoint = config.base_url.rstrip("/") + "/chat/completions"
         self.gate = Gate(config.max_concurrent)
-        self._lock = threading.Lock()
-        self._clients: dict[asyncio.AbstractEventLoop, tuple[Connections, _Closer]] = {}
+        # One pool per event loop, closed when that loop shuts down (see fleet.perloop).
+        self._pools: PerLoop[Connections] = PerLoop(
+            lambda: Connections(ssl_context=tls_context()), close=_close
+        )
 
-    async def client(self) -> Connections:
+    def client(self) -> Connections:
         """This event loop's connection pool (made on first use)."""
-        loop = asyncio.get_running_loop()
-        found = self._clients.get(loop)
-        if found is not None and not found[0].is_closed:
-            return found[0]
-        client = Connections(ssl_context=tls_context())
-        closer = _closed_with_loop(client)
-        await closer.asend(None)
-        with self._lock:
-            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            self._clients[loop] = (client, closer)
-        return client
+        return self._pools.get()
 
     async def aclose(self) -> None:
         """Close this event loop's pool and its connections (a later step makes a new one)."""
-        with self._lock:
-            found = self._clients.pop(asyncio.get_running_loop(), None)
-        if found is not None:
-            await found[1].aclose()
+        await self._pools.aclose()
 
     def sender(
         self,
@@ -283,7 +265,7 @@ class Sender:
             return await self.attempt(body)
         # The client first: building one (TLS context) can hold the loop for a while, and
         # the window counts a call from its admission, so send right after it.
-        await self.transport.client()
+        self.transport.client()
         lease_s = self.config.timeout_s + LEASE_MARGIN_S
         admission = await self.limit.admit_call(call_tokens, lease_s=lease_s)
         used: int | None = None
@@ -349,7 +331,7 @@ class Sender:
         remaining = self.remaining_s()
         if remaining is not None:
             timeout = max(min(timeout, remaining), 0.001)
-        client = await self.transport.client()
+        client = self.transport.client()
         started = time.monotonic()
         try:
             answer = await client.post_json(
