@@ -153,9 +153,9 @@ class WorkerRuntime:
         self.registry = registry
         self.stages = stages
         self.keys = Keys(settings.key_prefix)
-        self._redis: redis.Redis | None = None
-        self._redis_lock = threading.Lock()
-        self._pid = 0
+        self._shared: dict[str, tuple[int, Any]] = {}
+        """Values kept for the process's lifetime, each with the pid that made it."""
+        self._shared_lock = threading.Lock()
         self._loop = StepLoop()
         self._thread_loops = ThreadLoops()
         self._leases = _LeaseKeeper(
@@ -163,18 +163,19 @@ class WorkerRuntime:
         )
         # Provider limits, shared with every worker and host on this Redis.
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
-        self._shared: dict[str, tuple[int, Any]] = {}
 
     def _process_wide(self, name: str, make: Callable[[], T]) -> T:
         """One ``make()`` per process (made again after a fork), kept for its lifetime.
 
-        The budget ledger and the journal store keep a Redis client per event loop, so
-        every step of the process shares their connections: one made per step costs
-        ~1.9 ms of CPU (connect, handshake, close) against ~0.16 ms for its calls.
+        Published once ``make()`` has returned: a thread never sees a half-built value.
+        The Redis client, the budget ledger and the journal store are kept so: the ledger
+        and the journal keep a client per event loop, so every step of the process shares
+        their connections (one made per step cost ~1.9 ms of CPU: connect, handshake,
+        close, against ~0.16 ms for its calls).
         """
         found = self._shared.get(name)
         if found is None or found[0] != os.getpid():
-            with self._redis_lock:
+            with self._shared_lock:
                 found = self._shared.get(name)
                 if found is None or found[0] != os.getpid():
                     found = self._shared[name] = (os.getpid(), make())
@@ -194,20 +195,16 @@ class WorkerRuntime:
         """This process's Redis client (re-created after a fork), with its scripts.
 
         The first steps of a fresh worker arrive on many threads at once: the client is
-        published only once its scripts are registered, so no thread sees one without
-        the other.
+        published only once :meth:`_connect` has registered its scripts, so no thread
+        sees one without the other.
         """
-        client = self._redis
-        if client is None or self._pid != os.getpid():
-            with self._redis_lock:
-                client = self._redis
-                if client is None or self._pid != os.getpid():
-                    client = sync_client(self.settings.redis_url)
-                    self._claim = client.register_script(lua("claim_step"))
-                    self._finish = client.register_script(lua("finish"))
-                    self._begin_link = client.register_script(lua("begin_link"))
-                    self._pid = os.getpid()
-                    self._redis = client
+        return self._process_wide("redis", self._connect)
+
+    def _connect(self) -> redis.Redis:
+        client = sync_client(self.settings.redis_url)
+        self._claim = client.register_script(lua("claim_step"))
+        self._finish = client.register_script(lua("finish"))
+        self._begin_link = client.register_script(lua("begin_link"))
         return client
 
     def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:
