@@ -412,9 +412,9 @@ async def test_a_worker_shares_its_ledger_and_journal_connections_across_steps(
     url, prefix = workers.settings.redis_url, workers.settings.key_prefix
     ledger = RedisLedger(url, key_prefix=prefix)
     store = RedisCheckpointStore(url, key_prefix=prefix)
-    budget = WorkflowBudget(10**6, ledger=ledger, workflow_id=f"{key_prefix}-conns")
-    executor = workers.executor(budget=budget, worker_journal=True)
     workflow_id = f"{key_prefix}-conns"
+    budget = WorkflowBudget(10**6, ledger=ledger, workflow_id=workflow_id)
+    executor = workers.executor(budget=budget, worker_journal=True)
     client = redis.Redis.from_url(url)
 
     def received() -> int:
