@@ -5,7 +5,9 @@ at most ``capacity`` waiting events and, when a slow reader lets it fill up, dro
 oldest ones and yields a :class:`Lagged` marker saying how many. :class:`EventStream`
 appends events to a capped Redis stream (``{key_prefix}:events:{root_id}``), framed by
 ``start`` / ``end`` control entries, from one background writer the workflow joins when it
-closes.
+closes. A workflow's output deltas (:mod:`fleet.deltas`) reach only subscriptions
+made with ``deltas=True``, through :meth:`EventBus.publish_delta`, and never the stream;
+on a fleet they have a stream of their own, :func:`delta_stream_key`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "EventStream",
     "Lagged",
     "Subscription",
+    "delta_stream_key",
     "event_stream_key",
 ]
 
@@ -42,6 +45,11 @@ DEFAULT_SUBSCRIBER_CAPACITY = 256
 def event_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
     """The Redis stream a workflow's events are appended to (hash-tagged by its root id)."""
     return f"{key_prefix}:events:{tagged(root_id)}"
+
+
+def delta_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
+    """The Redis stream a workflow's output deltas go to on a fleet (capped, expiring)."""
+    return f"{key_prefix}:deltas:{tagged(root_id)}"
 
 
 class Lagged(FleetModel):
@@ -62,9 +70,11 @@ class Subscription:
     for another reader.
     """
 
-    def __init__(self, bus: EventBus, capacity: int) -> None:
+    def __init__(self, bus: EventBus, capacity: int, *, deltas: bool = False) -> None:
         self._bus = bus
         self.capacity = max(int(capacity), 1)
+        self.deltas = deltas
+        """Whether this subscription also receives ``step_delta`` events."""
         self._queue: deque[Any] = deque()
         self._pending_missed = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -129,9 +139,9 @@ class EventBus:
         self._subscriptions: list[Subscription] = []
         self.closed = False
 
-    def subscribe(self, capacity: int) -> Subscription:
+    def subscribe(self, capacity: int, *, deltas: bool = False) -> Subscription:
         """A new subscription (already ended if the bus is closed)."""
-        subscription = Subscription(self, capacity)
+        subscription = Subscription(self, capacity, deltas=deltas)
         if self.closed:
             subscription._end()
         else:
@@ -147,6 +157,17 @@ class EventBus:
         """Offer ``event`` to every subscription; never blocks."""
         for subscription in list(self._subscriptions):
             subscription._offer(event)
+
+    def publish_delta(self, event: Any) -> None:
+        """Offer a ``step_delta`` to the subscriptions that asked for deltas; never blocks."""
+        for subscription in list(self._subscriptions):
+            if subscription.deltas:
+                subscription._offer(event)
+
+    @property
+    def wants_deltas(self) -> bool:
+        """Whether any open subscription asked for deltas."""
+        return any(subscription.deltas for subscription in self._subscriptions)
 
     def close(self) -> None:
         """End every subscription once its waiting events are read."""

@@ -25,6 +25,7 @@ __all__ = [
     "PhaseStart",
     "RateLimited",
     "StepFinished",
+    "StepDelta",
     "StepStarted",
     "WorkflowCancelled",
     "WorkflowEvent",
@@ -142,6 +143,31 @@ class RateLimited(FleetModel):
     """The step's agent."""
 
 
+class StepDelta(FleetModel):
+    """Text a running step's agent produced since its last delta (only to ``deltas=True``).
+
+    Deltas travel on their own channel, never through the journal or the run's event log
+    (see :mod:`fleet.deltas`). To show a step's live text, keep ``text[:offset] + delta.text``
+    per task id and attempt: ``offset`` 0 starts the text over (a new model call of the
+    step), and a new ``attempt`` is the step run again from the start (its worker died).
+    """
+
+    type: Literal["step_delta"] = "step_delta"
+    task_id: str
+    """The step (``spec.task_id``)."""
+    text: str
+    """The new text."""
+    attempt: str = ""
+    """Names this run of the step; a re-run after a lost worker gets a new one."""
+    offset: int = 0
+    """Characters of this attempt's current text that come before ``text``."""
+    restart: bool = False
+    """The step was run again from the start: drop the text shown for earlier attempts."""
+    id: str = ""
+    """The delta's position on its channel (a Redis stream entry id on a fleet): read on
+    after it to resume without gaps or repeats."""
+
+
 WorkflowEvent = Annotated[
     PhaseStart
     | PhaseEnd
@@ -150,6 +176,7 @@ WorkflowEvent = Annotated[
     | WorkflowCancelled
     | StepStarted
     | StepFinished
+    | StepDelta
     | RateLimited,
     Field(discriminator="type"),
 ]

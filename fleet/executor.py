@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from .deltas import DeltaChannel, MemoryDeltaChannel
 from .events import EventSink
 from .spec import AgentStepSpec, StepOutcome
 
@@ -49,6 +50,14 @@ class AgentExecutor(ABC):
     def concurrency_hint(self) -> int:
         """Advisory ceiling on how many steps combinators run at once (< 1 is taken as 1)."""
         return DEFAULT_CONCURRENCY_HINT
+
+    def delta_channel(self, root_id: str) -> DeltaChannel:
+        """Where the output deltas of workflow ``root_id`` travel on this host.
+
+        The default keeps them in this process (:class:`~fleet.deltas.MemoryDeltaChannel`);
+        a host whose steps run elsewhere returns a channel they can reach.
+        """
+        return MemoryDeltaChannel()
 
     async def native_round(
         self,

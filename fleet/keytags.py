@@ -9,6 +9,7 @@ keys of one workflow land in one slot and a Lua script over them stays cluster-s
                                             own account is its workflow id)
 ``{p}:journal:{ROOT}/PHASE``                a phase's journal (``ROOT/PHASE`` is its id)
 ``{p}:events:{ROOT}``                       the run's event stream
+``{p}:deltas:{ROOT}``                       the run's output deltas (capped, expiring)
 ``{p}:workflow:{ROOT}``                     the run record of the cancel board
 ==========================================  =============================================
 

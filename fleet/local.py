@@ -17,6 +17,7 @@ from .cancel.signal import (
     cancelled_outcome,
     current_cancellation,
 )
+from .deltas import current_deltas
 from .errors import BudgetError, BudgetExhaustedError, UnknownAgentError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
@@ -143,6 +144,7 @@ class LocalExecutor(AgentExecutor):
         cancellation: Cancellation | None,
     ) -> StepOutcome:
         started = time.monotonic()
+        channel = current_deltas()
         ctx = AgentContext(
             spec=spec,
             deadline=None if spec.timeout_s is None else started + spec.timeout_s,
@@ -150,9 +152,16 @@ class LocalExecutor(AgentExecutor):
             worker="local",
             limit=definition.limit,
             limiter=self.limiter,
+            deltas=None if channel is None else channel.publisher(spec.task_id),
         )
         try:
-            outcome = await self._hold_and_run(definition, spec, events, ctx, started, cancellation)
+            try:
+                outcome = await self._hold_and_run(
+                    definition, spec, events, ctx, started, cancellation
+                )
+            finally:
+                if ctx.deltas is not None:  # its last text before its step_finished
+                    ctx.deltas.close()
         except StepInterrupted as stop:  # cancelled while waiting for its tokens
             duration = time.monotonic() - started
             outcome = cancelled_outcome(

@@ -36,6 +36,7 @@ from . import telemetry
 from .cancel.board import CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
+from .deltas import DeltaChannel, MemoryDeltaChannel, use_deltas
 from .errors import WorkflowCancelledError, WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
@@ -125,9 +126,34 @@ class _Run:
     cancellation: Cancellation = field(init=False)
     begun: bool = False
     watcher: asyncio.Task[None] | None = None
+    deltas: DeltaChannel = field(default_factory=MemoryDeltaChannel)
+    """Where the run's output deltas travel (its executor's channel)."""
+    deltas_reader: asyncio.Task[None] | None = None
+    """Starts handing deltas to the bus (once someone subscribed with ``deltas=True``)."""
 
     def __post_init__(self) -> None:
         self.cancellation = Cancellation((self.run_id,))
+
+    def read_deltas(self) -> asyncio.Task[None] | None:
+        """Start delivering deltas to the bus, if someone wants them and a loop runs."""
+        if self.deltas_reader is None and not self.closed and self.bus.wants_deltas:
+            with contextlib.suppress(RuntimeError):  # no running loop: the first verb starts it
+                asyncio.get_running_loop()
+                self.deltas_reader = asyncio.ensure_future(
+                    self.deltas.start(self.bus.publish_delta)
+                )
+        return self.deltas_reader
+
+    async def stop_deltas(self) -> None:
+        """Deliver the deltas still on their way, then stop reading them."""
+        reader = self.deltas_reader
+        if reader is None:
+            return
+        try:
+            await reader
+            await self.deltas.stop()
+        except Exception as error:  # live text is lost, the run is not
+            logger.warning("workflow %r: output deltas: %s", self.root_id, error)
 
     def publish(self, event: Any) -> None:
         self.bus.publish(event)
@@ -270,6 +296,7 @@ class WorkflowBuilder:
             )
         return Workflow(
             _Run(
+                deltas=self.executor.delta_channel(root_id),
                 executor=self.executor,
                 store=self.store,
                 budget=self.budget,
@@ -332,9 +359,21 @@ class Workflow:
         """Whether :meth:`finish` or :meth:`close` ran."""
         return self._run.closed
 
-    def subscribe(self, *, capacity: int = DEFAULT_SUBSCRIBER_CAPACITY) -> Subscription:
-        """Receive every event sent from now on (see :class:`Subscription`)."""
-        return self._run.bus.subscribe(capacity)
+    def subscribe(
+        self, *, capacity: int = DEFAULT_SUBSCRIBER_CAPACITY, deltas: bool = False
+    ) -> Subscription:
+        """Receive every event sent from now on (see :class:`Subscription`).
+
+        With ``deltas``, also the ``step_delta`` events of running steps: the text their
+        agents produce as they produce it (:meth:`fleet.AgentContext.emit_delta`, an
+        OpenAI-compatible agent with ``stream = true``). Every delta of a step is
+        delivered before the subscription ends; fold them with
+        :class:`fleet.deltas.LiveText`.
+        """
+        subscription = self._run.bus.subscribe(capacity, deltas=deltas)
+        if deltas:
+            self._run.read_deltas()
+        return subscription
 
     async def budget_snapshot(self) -> BudgetSnapshot | None:
         """The budget's current figures, or ``None`` when no budget is attached."""
@@ -369,8 +408,13 @@ class Workflow:
             raise WorkflowCancelledError(run.root_id, run.cancellation.reason or "cancelled")
         if not run.begun:
             await self._begin()
+        reader = run.read_deltas()
+        if reader is not None and not reader.done():
+            # No delta is sent before the reader is in place; a failed one is logged at the end.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(reader)
         try:
-            with use_cancellation(run.cancellation):
+            with use_cancellation(run.cancellation), use_deltas(run.deltas):
                 result = await body()
         except asyncio.CancelledError:
             await self._cancel(f"the task awaiting Workflow.{verb} was cancelled")
@@ -645,6 +689,7 @@ class Workflow:
                 await run.board.end(run.root_id, run.run_id, status)
             except Exception as error:
                 logger.warning("workflow %r: cannot record its end: %s", run.root_id, error)
+        await run.stop_deltas()
         run.bus.close()
         if run.stream is not None:
             await run.record_budget()

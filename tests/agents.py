@@ -105,3 +105,21 @@ async def gauge(spec: AgentStepSpec, ctx: AgentContext) -> str:
     finally:
         await client.aclose()
     return spec.prompt
+
+
+async def stream_words(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """Stream the prompt's words as deltas, 10 ms apart.
+
+    A prompt ``"N/SECONDS"`` streams the words ``w0 … wN-1``, SECONDS apart, instead.
+    """
+    delay, words = 0.01, spec.prompt.split()
+    count, slash, seconds = spec.prompt.partition("/")
+    if slash and count.isdigit():
+        delay, words = float(seconds), [f"w{i}" for i in range(int(count))]
+    text = ""
+    for index, word in enumerate(words):
+        piece = word if index == 0 else " " + word
+        ctx.emit_delta(piece)
+        text += piece
+        await asyncio.sleep(delay)
+    return text

@@ -36,6 +36,7 @@ from fleet.celery.protocol import (
 )
 from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
+from fleet.deltawriter import DeltaWriter, ThreadPublisher
 from fleet.errors import PoisonMessageError, UnknownAgentError
 from fleet.events import EventSink, RateLimited
 from fleet.ledgers.redis import RedisLedger
@@ -191,6 +192,24 @@ class WorkerRuntime:
         url, prefix = self.settings.redis_url, self.settings.key_prefix
         return self._process_wide("journal", lambda: RedisCheckpointStore(url, key_prefix=prefix))
 
+    def deltas(self) -> DeltaWriter:
+        """The writer every streaming step of this process publishes its output through."""
+        return self._process_wide("deltas", lambda: DeltaWriter(self.redis))
+
+    def delta_publisher(self, message: StepMessage | None, task_id: str) -> ThreadPublisher | None:
+        """Where a step's output deltas go: its workflow's stream, if the message names one.
+
+        A stream outside this fleet's key prefix is ignored (with a warning): a message
+        must not make a worker write anywhere else.
+        """
+        route = None if message is None else message.deltas
+        if not route:
+            return None
+        if not route.startswith(self.keys.deltas("")):
+            logger.warning("ignoring delta stream %r outside this fleet's key prefix", route)
+            return None
+        return self.deltas().publisher(route, task_id)
+
     def redis(self) -> redis.Redis:
         """This process's Redis client (re-created after a fork), with its scripts.
 
@@ -345,6 +364,7 @@ class WorkerRuntime:
             limit=definition.limit,
             limiter=self.limiter,
             events=None if message is None else self._forward(message.reply, tid),
+            deltas=self.delta_publisher(message, spec.task_id),
         )
         hold = None if message is None else message.budget
         if hold is not None:
@@ -361,6 +381,8 @@ class WorkerRuntime:
         finally:
             if cancellation is not None:
                 self._leases.markers.unwatch(lease)
+            if ctx.deltas is not None:  # its last text is in Redis before its outcome
+                cast(ThreadPublisher, ctx.deltas).close()
         return outcome
 
     def _forward(self, reply: str, tid: str) -> EventSink:

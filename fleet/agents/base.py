@@ -30,6 +30,7 @@ from ..spec import NO_USAGE, AgentStepSpec, FleetModel, TokenUsage
 
 if TYPE_CHECKING:
     from ..budget import Reservation, WorkflowBudget
+    from ..deltas import DeltaPublisher
 
 __all__ = [
     "AgentContext",
@@ -183,6 +184,30 @@ class AgentContext:
     traceparent: str | None = None
     """The W3C trace context the step's span descends from (its round on another process);
     ``None``: the current span, if any."""
+    deltas: DeltaPublisher | None = None
+    """Where :meth:`emit_delta` sends text (``None``: nobody can read it; nothing is sent)."""
+
+    def emit_delta(self, text: str, *, replace: bool = False) -> None:
+        """Publish a piece of the step's output as it is produced (``step_delta`` events).
+
+        Deltas go to the workflow's delta channel, never to the journal: in process to
+        ``Workflow.subscribe(deltas=True)`` subscribers, on a fleet to a capped Redis stream
+        (``fleet watch ROOT --output``, the dashboard). Pieces are coalesced, so calling
+        this per token is fine. Never blocks, never raises.
+
+        Args:
+            text: the new text.
+            replace: start the step's text over (a new model call whose answer replaces
+                what was shown).
+        """
+        if self.deltas is None or not isinstance(text, str):
+            return
+        try:
+            self.deltas.emit(text, replace=replace)
+        except Exception:
+            logging.getLogger("fleet.deltas").exception(
+                "step %r: could not publish an output delta", self.spec.task_id
+            )
 
     def tokens_left(self) -> int | None:
         """Tokens the step may still spend (``None`` when uncapped)."""

@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ..cancel.signal import current_cancellation
+from ..deltas import current_deltas
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
 from ..redisclient import async_client
@@ -152,6 +153,9 @@ class Track(ABC):
         """Flights of this track not finished yet; :meth:`receive` returns at zero."""
         self.cancellation = current_cancellation()
         """The workflow's cancellation this track runs under (from its caller's context)."""
+        channel = current_deltas()
+        self.deltas_route = None if channel is None else channel.route
+        """The stream the workers write its steps' output deltas to (``None``: none)."""
         self.cancel = CancelState()
         """Where the track is in a cancel (see :meth:`cancellable`)."""
 

@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from ..agents.registry import AgentRegistry, load_agents
 from ..config import FleetSettings, load_settings
+from ..deltas import DeltaChannel, RedisDeltaChannel
 from ..errors import ConfigError
 from ..events import EventSink
 from ..executor import AgentExecutor, OutcomeCallback, PipelineStage
@@ -149,6 +150,10 @@ class CeleryExecutor(AgentExecutor):
             f"CeleryExecutor(redis_url={self.settings.masked_redis_url()!r}, "
             f"queue={self.settings.queue!r}, max_in_flight={self.settings.max_in_flight})"
         )
+
+    def delta_channel(self, root_id: str) -> DeltaChannel:
+        """The workflow's delta stream on the fleet's Redis, which workers append to."""
+        return RedisDeltaChannel(self.settings.redis_url, self.keys.deltas(root_id))
 
     def concurrency_hint(self) -> int:
         """The configured per-workflow ``max_in_flight``."""

@@ -29,6 +29,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from ..cancel.board import cancel_marker_key
 from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
+from ..eventbus import delta_stream_key
 from ..events import RateLimited
 from ..spec import AgentStepSpec, FleetModel, StepOutcome
 
@@ -113,6 +114,10 @@ class StepMessage(FleetModel):
     cancel: list[str] = Field(default_factory=list)
     """Cancel markers (the workflow run's id, the round's id): a worker that finds any of
     them in Redis (:meth:`Keys.cancel`) drops the message, or interrupts the running step."""
+    deltas: str | None = Field(default=None, max_length=1024)
+    """The stream the step's output deltas go to (:meth:`Keys.deltas` of its workflow),
+    when it runs under a workflow. Optional and ignorable, like ``traceparent``: an older
+    worker runs the step the same, without live text."""
 
 
 class StageMessage(FleetModel):
@@ -276,6 +281,15 @@ class Keys:
     def pipe(self, pipe: str) -> str:
         """A pipeline run's hash: its :class:`PipelineContext` and items."""
         return f"{self.prefix}:pipe:{pipe}"
+
+    def deltas(self, root_id: str) -> str:
+        """A workflow's output deltas: a capped, expiring stream (see :mod:`fleet.deltas`).
+
+        ``deltas("")`` is the prefix every delta stream starts with.
+        """
+        if not root_id:
+            return f"{self.prefix}:deltas:"
+        return delta_stream_key(root_id, key_prefix=self.prefix)
 
     def cancel(self, marker: str) -> str:
         """A cancel marker: its presence cancels every step that names it.

@@ -209,6 +209,7 @@ class Round(Track):
             # Nobody listens for step_started: the dispatcher watches leases instead.
             announce=self.events is not None,
             cancel=self.markers,
+            deltas=self.deltas_route,
         )
         return message.to_json()
 

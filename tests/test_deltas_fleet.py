@@ -1,0 +1,142 @@
+"""Output deltas on a real fleet: Celery worker processes write them, the workflow reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fleet import AgentStepSpec
+from fleet.celery.protocol import Keys
+from fleet.deltas import LiveText, read_deltas
+from fleet.events import StepDelta, StepFinished
+from fleet.workflow import Workflow
+from tests.celery_support import CeleryWorkers, fleet_settings, running_workers
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.timeout(300)]
+
+MANY = 256
+
+
+def spec(task_id: str, prompt: str) -> AgentStepSpec:
+    return AgentStepSpec(task_id=task_id, agent="stream_words", description="d", prompt=prompt)
+
+
+@pytest.fixture(scope="module")
+def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWorkers]:
+    settings = fleet_settings(redis_url, max_in_flight=MANY)
+    with running_workers(
+        settings, tmp_path_factory.mktemp("w"), "worker1", concurrency=MANY
+    ) as fleet:
+        yield fleet
+
+
+async def run_collecting(
+    workers: CeleryWorkers, specs: list[AgentStepSpec], root: str, **options: Any
+) -> tuple[list[Any], list[Any]]:
+    async with workers.executor(**options) as executor:
+        flow = Workflow.builder(executor).with_root_id(root).build()
+        events = flow.subscribe(deltas=True, capacity=1_000_000)
+        outcomes = await flow.parallel(specs)
+        await flow.close()
+        return outcomes, [event async for event in events]
+
+
+async def test_fleet_deltas_arrive_in_order_and_join_to_the_output(
+    workers: CeleryWorkers,
+) -> None:
+    """Deltas a worker wrote reach subscribe(deltas=True) in order and join to each output."""
+    specs = [spec(f"s{i}", f"the quick brown fox jumps over dog {i}") for i in range(5)]
+    outcomes, events = await run_collecting(workers, specs, "fleet-join")
+    live = LiveText()
+    for event in events:
+        if isinstance(event, StepDelta):
+            live.fold(event)
+            assert not event.restart
+    assert all(outcome.success for outcome in outcomes), outcomes
+    assert live.text == {outcome.task_id: outcome.output for outcome in outcomes}
+    assert not [e for e in events if isinstance(e, StepFinished) and not e.success]
+
+
+async def test_256_streaming_steps_on_one_worker_all_complete_with_coalesced_writes(
+    workers: CeleryWorkers, redis_url: str
+) -> None:
+    """256 steps streaming 40 words each on one worker all finish; their text is complete.
+
+    And coalesced: the stream holds far fewer entries than the 256 x 40 pieces emitted.
+    """
+    specs = [spec(f"m{i}", "40/0.01") for i in range(MANY)]
+    outcomes, events = await run_collecting(workers, specs, "fleet-many", max_in_flight=MANY)
+    assert [outcome.success for outcome in outcomes] == [True] * MANY, outcomes[:3]
+    live = LiveText()
+    for event in events:
+        if isinstance(event, StepDelta):
+            live.fold(event)
+    assert live.text == {outcome.task_id: outcome.output for outcome in outcomes}
+    key = Keys(workers.settings.key_prefix).deltas("fleet-many")
+    client = redis.Redis.from_url(redis_url)
+    entries = client.xlen(key)
+    assert MANY <= entries < MANY * 40 / 2
+    assert client.ttl(key) > 0
+
+
+async def test_cancel_mid_stream_ends_the_steps_and_their_text_within_2_s(
+    workers: CeleryWorkers, redis_url: str
+) -> None:
+    """A cancel while steps stream ends them cancelled within 2 s; no delta is written after."""
+    specs = [spec(f"c{i}", "300/0.05") for i in range(3)]
+    key = Keys(workers.settings.key_prefix).deltas("fleet-cancel")
+    async with workers.executor() as executor:
+        flow = Workflow.builder(executor).with_root_id("fleet-cancel").build()
+        events = flow.subscribe(deltas=True, capacity=100_000)
+        running = asyncio.create_task(flow.parallel(specs))
+        async for event in events:
+            if isinstance(event, StepDelta):
+                break
+        cancelled_at = time.monotonic()
+        await flow.cancel("enough")
+        outcomes = await running
+        ended = time.monotonic() - cancelled_at
+        await flow.close()
+    assert [outcome.error for outcome in outcomes] == ["cancelled"] * 3
+    assert ended <= 2.0
+    client = redis.Redis.from_url(redis_url)
+    written = len(read_deltas(client, key, "0", count=100_000))
+    await asyncio.sleep(0.5)
+    assert len(read_deltas(client, key, "0", count=100_000)) == written
+
+
+async def test_a_worker_killed_mid_stream_restarts_the_text_and_says_so(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The re-run on another worker streams from the start as a new attempt marked restart."""
+    settings = fleet_settings(redis_url, claim_timeout_s=2.0, step_lease_s=1.0)
+    with running_workers(settings, tmp_path, "doomed", concurrency=4) as fleet:
+        async with fleet.executor() as executor:
+            flow = Workflow.builder(executor).with_root_id("fleet-kill").build()
+            events = flow.subscribe(deltas=True, capacity=100_000)
+            running = asyncio.create_task(flow.parallel([spec("k", "30/0.1")]))
+            seen: list[Any] = []
+            async for event in events:
+                seen.append(event)
+                if isinstance(event, StepDelta) and "w3" in event.text:
+                    break
+            await asyncio.to_thread(fleet.kill, "doomed")
+            await asyncio.to_thread(fleet.start, "rescuer")
+            [outcome] = await running
+            await flow.close()
+            seen.extend([event async for event in events])
+    deltas = [event for event in seen if isinstance(event, StepDelta)]
+    assert outcome.success, outcome
+    restarts = [d for d in deltas if d.restart]
+    assert len(restarts) == 1 and restarts[0].offset == 0
+    assert len({d.attempt for d in deltas}) == 2
+    live = LiveText()
+    for delta in deltas:
+        live.fold(delta)
+    assert live.text["k"] == outcome.output
