@@ -282,6 +282,23 @@ class WorkflowBudget:
             self._ancestors = ancestors
         return self._ancestors
 
+    async def counts_dollars(self) -> bool:
+        """Whether a dollar limit applies: on the workflow or on an account above it.
+
+        Read from the ledger, so a limit another process set counts too.
+
+        Raises:
+            BudgetError: a parent does not exist, or the parents form a cycle.
+        """
+        state = await self.ledger.state(self.workflow_id)
+        self._observe(state)
+        if self._limit_micros is not None:
+            return True
+        for account in await self.ancestors():
+            if (await self.ledger.state(account)).limit_micros is not None:
+                return True
+        return False
+
     async def reserve(
         self,
         tokens: int,

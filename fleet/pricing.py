@@ -12,9 +12,11 @@ Prices come from two places, the first that knows the model wins:
    price database. fleet uses only its bundled data snapshot (``calc_price``); it never
    starts the package's optional auto-updater, so pricing makes no network call.
 
-A model found in neither has no price (:func:`price_model` returns ``None``); the agent
+A model found in neither has no price (:func:`price_model` returns ``None``). Where
+dollars are counted (the workflow or an account above it has a dollar limit) the agent
 then fails the step with ``error="no_price"`` before any request, unless told
-``unknown_price = "allow"`` (see :func:`no_price_message`). Never a silent zero.
+``unknown_price = "allow"`` (see :func:`no_price_message`). Never a silent zero. Under a
+token-only budget, or none, an unpriced model runs.
 
 Money is exact: prices are :class:`~decimal.Decimal`, a call's cost is rounded **up**
 to a whole micro-dollar (a millionth of a dollar, never under-counting), and ledgers
@@ -194,7 +196,8 @@ def no_price_message(model: str, agent: str) -> str:
     """The ``no_price`` refusal: names the model and shows the table to add."""
     return (
         f"model {model!r} of agent {agent!r} has no price: genai-prices does not list it "
-        "and the agents file has no price table for it, so its cost cannot be counted. "
+        "and the agents file has no price table for it, so its cost cannot be counted "
+        "against the dollar limit. "
         "Add to the agents file:\n\n"
         f'[prices."{model}"]\n'
         "input_per_mtok = 0.0    # USD per million prompt tokens\n"

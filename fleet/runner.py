@@ -35,6 +35,7 @@ from .cancel import open_cancel_board
 from .config import FleetSettings, mask_url
 from .errors import CheckpointError, ConfigError
 from .executor import AgentExecutor
+from .ledgers import BudgetLedger
 from .local import LocalExecutor
 from .pricing import usd_to_micros
 from .runlog import LogReader, RunSummary, open_log_reader, summarize
@@ -48,6 +49,7 @@ __all__ = [
     "RunStatus",
     "build_executor",
     "locate_run",
+    "open_ledger",
     "open_run",
     "plan_run",
     "read_status",
@@ -170,20 +172,32 @@ async def open_run(
     """A workflow builder wired to the run's places; its resources close on exit.
 
     ``budget_usd`` is the run's dollar limit; ``account`` a shared account above the run
-    (it must exist in the Redis ledger: ``fleet budget set``).
+    (it must exist in the run's ledger, see :func:`open_ledger`: ``fleet budget set``).
 
-    A local budget (no Redis ledger) starts from the consumption the log recorded for an
-    unfinished earlier run of the same root id, so a resumed local run never spends more
-    than its limit in total.
+    A local budget without an account lives in the run's process and starts from the
+    consumption the log recorded for an unfinished earlier run of the same root id, so a
+    resumed local run never spends more than its limit in total.
+
+    Raises:
+        ConfigError: ``account`` on a run whose journal is ``memory`` (no ledger outlives it).
     """
-    from .ledgers import BudgetLedger, MemoryLedger, RedisLedger
+    from .ledgers import MemoryLedger
 
     ledger: BudgetLedger | None = None
     plan: WorkflowBudget | None = None
     if budget_tokens is not None or budget_usd is not None or account is not None:
-        if places.ledger is not None:
-            ledger = RedisLedger(places.ledger, key_prefix=config.key_prefix)
-        else:
+        lasting = None
+        if places.ledger is not None or account is not None:
+            lasting = open_ledger(config, places)
+        ledger = lasting
+        if ledger is None:
+            if account is not None:
+                raise ConfigError(
+                    f"--account {account} needs a ledger that outlives the run: use a "
+                    "SQLite journal (--store sqlite:PATH, the default; accounts go beside it) "
+                    "or Redis (--store redis://..., or --executor celery)",
+                    key="--account",
+                )
             ledger = MemoryLedger()
         plan = WorkflowBudget(
             budget_tokens,
@@ -192,8 +206,12 @@ async def open_run(
             ledger=ledger,
             workflow_id=root_id,
         )
-        await plan.ancestors()  # an unknown account or a cycle fails the run at its start
-        if places.ledger is None:
+        try:
+            await plan.ancestors()  # an unknown account or a cycle fails the run at its start
+        except BaseException:
+            await _close(ledger)
+            raise
+        if lasting is None:
             await _carry_local_consumption(config, places, root_id, plan)
     host = build_executor(executor, agents or {}, plan, concurrency, config)
     journal: CheckpointStore = open_store(places.store, key_prefix=config.key_prefix)
@@ -213,6 +231,25 @@ async def open_run(
         for resource in (journal, host, ledger, board):
             if resource is not None:
                 await _close(resource)
+
+
+def open_ledger(config: FleetSettings, places: RunPlaces) -> BudgetLedger | None:
+    """The ledger that outlives a run at ``places``; ``None`` when the journal is ``memory``.
+
+    Redis when the run uses Redis (its ``ledger``); on the embedded default a SQLite file
+    beside the journal (:func:`fleet.ledgers.sqlite.ledger_path_for`), so shared accounts
+    (``fleet budget set team:x``) work without Redis.
+    """
+    if places.ledger is not None:
+        from .ledgers import RedisLedger
+
+        return RedisLedger(places.ledger, key_prefix=config.key_prefix)
+    journal = sqlite_path(places.store)
+    if journal is None:
+        return None
+    from .ledgers.sqlite import SQLiteLedger, ledger_path_for
+
+    return SQLiteLedger(ledger_path_for(journal))
 
 
 async def _carry_local_consumption(

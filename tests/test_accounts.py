@@ -7,6 +7,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,13 +16,20 @@ from typer.testing import CliRunner
 from fleet import BudgetSnapshot, WorkflowBudget
 from fleet.accounts import set_account
 from fleet.errors import BudgetError, BudgetExhaustedError
-from fleet.ledgers import BudgetLedger, ChildUsage, MemoryLedger, RedisLedger
+from fleet.ledgers import BudgetLedger, ChildUsage, MemoryLedger, RedisLedger, SQLiteLedger
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def ledger(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[BudgetLedger]:
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def ledger(
+    request: pytest.FixtureRequest, key_prefix: str, tmp_path: Path
+) -> AsyncIterator[BudgetLedger]:
     if request.param == "memory":
         yield MemoryLedger()
+        return
+    if request.param == "sqlite":
+        in_file = SQLiteLedger(tmp_path / "ledger.db")
+        yield in_file
+        await in_file.close()
         return
     made = RedisLedger(request.getfixturevalue("redis_url"), key_prefix=key_prefix)
     yield made
@@ -272,3 +280,28 @@ def test_cli_accounts(redis_url: str, key_prefix: str) -> None:
     assert bad.exit_code == 2 and "non-negative" in bad.output
     ghost = runner.invoke(app, ["budget", "set", "team:b", "--parent", "nobody", *common])
     assert ghost.exit_code == 2 and "'nobody'" in ghost.output and "does not exist" in ghost.output
+
+
+def test_accounts_work_on_the_embedded_default(tmp_path: Path) -> None:
+    """`fleet budget set team:x` then `fleet run --account team:x` without Redis: it counts."""
+    from tests.test_cli_run import run_fleet
+
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from fleet import AgentStepSpec, Workflow\n\n"
+        "async def main(workflow: Workflow) -> None:\n"
+        "    await workflow.phase('p', [AgentStepSpec(task_id=f's{i}', agent='echo',\n"
+        "        description='', prompt='x' * 40) for i in range(4)])\n",
+        encoding="utf-8",
+    )
+    made = run_fleet(tmp_path, "budget", "set", "team:x", "--usd", "1", "--tokens", "1000")
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (tmp_path / "ledger.db").exists()  # beside the journal, FLEET_STORE's directory
+    run = run_fleet(tmp_path, "run", f"{flow}:main", "--root-id", "acct", "--account", "team:x")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 steps run (0 failed)" in run.stdout
+    shown = run_fleet(tmp_path, "budget", "show", "team:x")
+    assert shown.returncode == 0, shown.stderr
+    assert "acct" in shown.stdout and "80" in shown.stdout  # 4 echo steps of 20 tokens
+    ghost = run_fleet(tmp_path, "run", f"{flow}:main", "--account", "team:ghost")
+    assert ghost.returncode == 2 and "'team:ghost'" in ghost.stderr + ghost.stdout

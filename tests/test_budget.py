@@ -17,16 +17,16 @@ from typer.testing import CliRunner
 
 from fleet import BudgetSnapshot, WorkflowBudget
 from fleet.errors import BudgetExhaustedError, SpecError
-from fleet.ledgers import BudgetLedger, MemoryLedger, RedisLedger
+from fleet.ledgers import BudgetLedger, MemoryLedger, RedisLedger, SQLiteLedger
 
 ROOT = Path(__file__).resolve().parent.parent
 
 LedgerFactory = Callable[[], BudgetLedger]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def new_ledger(
-    request: pytest.FixtureRequest, key_prefix: str
+    request: pytest.FixtureRequest, key_prefix: str, tmp_path: Path
 ) -> AsyncIterator[LedgerFactory]:
     """Makes ledger objects that share one store (a new object = another client of it)."""
     made: list[BudgetLedger] = []
@@ -35,6 +35,12 @@ async def new_ledger(
 
         def factory() -> BudgetLedger:
             return shared
+    elif request.param == "sqlite":
+
+        def factory() -> BudgetLedger:
+            ledger = SQLiteLedger(tmp_path / "ledger.db")
+            made.append(ledger)
+            return ledger
     else:
         url = request.getfixturevalue("redis_url")
 

@@ -79,6 +79,24 @@ async def test_tokens_per_window(limiter: RateLimiter) -> None:
     assert (await limiter.state(limit)).tokens == 1000
 
 
+async def test_a_limit_of_requests_only_counts_no_tokens(limiter: RateLimiter) -> None:
+    """Without `tokens`, any call size fits; only the requests are capped."""
+    limit = _limit(requests=2, tokens=None)
+    assert await _ask(limiter, limit, 10**9) is AdmitStatus.ADMITTED
+    assert await _ask(limiter, limit, 10**9) is AdmitStatus.ADMITTED
+    assert await _ask(limiter, limit, 1) is AdmitStatus.WAIT
+    assert sendable(limit, await limiter.state(limit), ahead=2) == 2
+
+
+async def test_a_limit_of_tokens_only_counts_no_requests(limiter: RateLimiter) -> None:
+    """Without `requests`, any number of calls fits the tokens; a call too large never does."""
+    limit = _limit(requests=None, tokens=1000)
+    assert [await _ask(limiter, limit, 10) for _ in range(50)] == [AdmitStatus.ADMITTED] * 50
+    assert await _ask(limiter, limit, 600) is AdmitStatus.WAIT
+    assert await _ask(limiter, limit, 1001) is AdmitStatus.TOO_LARGE
+    assert sendable(limit, LimitState(50, 500, 0, 0.0), ahead=2) > 50
+
+
 async def test_call_larger_than_window(limiter: RateLimiter) -> None:
     """A call needing more tokens than a whole window allows can never fit."""
     assert await _ask(limiter, _limit(tokens=100), 101) is AdmitStatus.TOO_LARGE

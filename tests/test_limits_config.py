@@ -75,8 +75,7 @@ def test_agents_share_a_declared_limit(tmp_path: Path) -> None:
         ("requests = 5\ntokens = 10\nmax_concurrent = 0", "limits.bad.max_concurrent", "got 0"),
         ("requests = true\ntokens = 10", "limits.bad.requests", "got True"),
         ("requests = 2.5\ntokens = 10", "limits.bad.requests", "got 2.5"),
-        ("requests = 5", "limits.bad.tokens", "missing 'tokens'"),
-        ("tokens = 5", "limits.bad.requests", "missing 'requests'"),
+        ("window_s = 5", "limits.bad", "needs 'requests' or 'tokens'"),
         ("requests = 5\ntokens = 10\nrpm = 3", "limits.bad.rpm", "unknown key 'rpm'"),
     ],
 )
@@ -87,6 +86,18 @@ def test_bad_limit_table(tmp_path: Path, table: str, key: str, words: str) -> No
         load_agents(path)
     assert caught.value.key == key
     assert "[limits.bad]" in str(caught.value) and words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "requests", "tokens"),
+    [("requests = 5", 5, None), ("tokens = 900", None, 900), ("requests = 5\ntokens = 9", 5, 9)],
+)
+def test_either_requests_or_tokens_is_enough(
+    tmp_path: Path, table: str, requests: int | None, tokens: int | None
+) -> None:
+    """A [limits.NAME] table with only requests, or only tokens, loads: the other is no cap."""
+    path = _write(tmp_path, f"[limits.one]\n{table}\n")
+    assert load_limits(path)["one"] == ProviderLimit("one", requests, tokens, 60.0, None)
 
 
 def test_unknown_limit_name(tmp_path: Path) -> None:

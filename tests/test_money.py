@@ -186,6 +186,37 @@ async def test_unpriced_model_is_refused_before_any_request(ledger: BudgetLedger
     assert snapshot.consumed_usd == 0 and snapshot.reserved_usd == 0
 
 
+async def test_token_only_budget_runs_an_unpriced_model(ledger: BudgetLedger) -> None:
+    """A token-only budget needs no price: the unpriced model runs and its tokens are charged."""
+    with FakeOpenAI() as server:
+        server.script(reply("hi", prompt_tokens=10, completion_tokens=5))
+        agent = make_agent(server.base_url, model="mystery-7b")
+        budget = WorkflowBudget(5000, ledger=ledger, workflow_id=f"wf-{uuid.uuid4().hex}")
+        outcome = await LocalExecutor(agents={"llm": agent}, budget=budget).execute_step(spec())
+        assert len(server.requests) == 1
+    assert outcome.success, outcome.output
+    assert outcome.cost_usd is None
+    snapshot = await budget.snapshot()
+    assert snapshot.consumed_tokens == 15 and snapshot.consumed_usd == 0
+
+
+async def test_an_account_dollar_limit_refuses_an_unpriced_model(ledger: BudgetLedger) -> None:
+    """A token-only run under an account with a dollar limit still refuses no_price, unsent."""
+    from fleet.accounts import set_account
+
+    team = f"team:{uuid.uuid4().hex[:8]}"
+    await set_account(ledger, team, limit_usd=1)
+    with FakeOpenAI() as server:
+        server.script(reply("never sent"))
+        agent = make_agent(server.base_url, model="mystery-7b")
+        budget = WorkflowBudget(
+            5000, parents=[team], ledger=ledger, workflow_id=f"wf-{uuid.uuid4().hex}"
+        )
+        outcome = await LocalExecutor(agents={"llm": agent}, budget=budget).execute_step(spec())
+        assert server.requests == []
+    assert not outcome.success and outcome.error == "no_price"
+
+
 @pytest.mark.parametrize("where", ["agent", "file"])
 async def test_unknown_price_allow_runs_the_unpriced_model(where: str) -> None:
     """unknown_price = "allow" (on the agent or the file) runs it, uncharged and unpriced."""
@@ -368,7 +399,9 @@ def test_fleet_run_with_budget_usd_and_account(
         )
         cost = agent.price.cost_micros(estimate, completion)
         server.script(*[reply("ok", prompt_tokens=estimate, completion_tokens=completion)] * 3)
-        made = run_fleet(tmp_path, "budget", "set", "team:cli", "--usd", "1", **shared)
+        made = run_fleet(
+            tmp_path, "budget", "set", "team:cli", "--usd", "1", "--store", redis_url, **shared
+        )
         assert made.returncode == 0, made.stdout + made.stderr
         common = ("--agents", str(path), "--store", redis_url, "--root-id", "money-run")
         ghost = run_fleet(
@@ -386,7 +419,9 @@ def test_fleet_run_with_budget_usd_and_account(
         assert len(server.requests) == 3
     total = micros_to_usd(3 * cost)
     assert "budget $5.000000, account team:cli" in done.stdout
-    team = run_fleet(tmp_path, "budget", "show", "team:cli", **shared)
+    # The summary names what is limited (dollars), not "N / uncapped" tokens.
+    assert f"budget ${total} / $5.000000" in done.stdout and "uncapped" not in done.stdout
+    team = run_fleet(tmp_path, "budget", "show", "team:cli", "--store", redis_url, **shared)
     assert "money-run" in team.stdout and str(total) in team.stdout
     status = run_fleet(tmp_path, "status", "money-run", "--store", redis_url, **shared)
     assert f"${total} consumed + $0.000000 reserved of $5.000000" in status.stdout, status.stdout

@@ -75,3 +75,45 @@ async def test_workers_never_overspend_the_team_account(
     assert snapshot.consumed_usd == micros_to_usd(3 * cost) and snapshot.reserved_usd == 0
     assert sum(o.cost_usd or 0 for o in outcomes) == micros_to_usd(3 * cost)
     assert all(o.worker and o.worker.startswith("worker") for o in outcomes if o.success)
+
+
+async def test_workers_run_an_unpriced_model_under_a_token_budget(
+    redis_url: str, tmp_path: Path, key_prefix: str
+) -> None:
+    """A token-only budget on the fleet runs a model without a price; its tokens are charged."""
+    with FakeOpenAI() as server:
+        agents_file = tmp_path / "agents.toml"
+        agents_file.write_text(
+            textwrap.dedent(
+                f"""
+                [agents.llm]
+                kind = "openai"
+                base_url = "{server.base_url}"
+                model = "local-gguf-without-a-price"
+                max_tokens = 40
+                """
+            ),
+            encoding="utf-8",
+        )
+        specs = [
+            AgentStepSpec(task_id=f"s{i}", agent="llm", description="d", prompt=f"Item {i}.")
+            for i in range(2)
+        ]
+        server.script(*[reply("ok", prompt_tokens=10, completion_tokens=5)] * 2)
+        settings = fleet_settings(redis_url, agents_file=agents_file)
+        ledger = RedisLedger(redis_url, key_prefix=settings.key_prefix)
+        budget = WorkflowBudget(5000, ledger=ledger, workflow_id=f"{key_prefix}-tokens")
+        (tmp_path / "w").mkdir()
+        with running_workers(settings, tmp_path / "w", "worker1", concurrency=2) as w:
+            executor = w.executor(budget=budget)
+            try:
+                outcomes = await execute_steps_parallel(executor, specs)
+            finally:
+                await executor.aclose()
+        requests = len(server.requests)
+        snapshot = await budget.snapshot()
+        await ledger.close()
+
+    assert [o.error for o in outcomes] == [None, None], [o.output for o in outcomes]
+    assert requests == 2
+    assert snapshot.consumed_tokens == 30 and snapshot.reserved_tokens == 0

@@ -153,15 +153,21 @@ class AgentContext:
         """Before a model call: reserve its worst case in dollars, capping ``max_tokens``.
 
         Without a budget nothing is reserved (the cost is still counted). An unpriced
-        model under a budget is refused unless ``unknown_price`` is ``"allow"``: its
-        cost could not be counted, and a silent zero would overspend the budget.
+        model is refused only where dollars are counted (the workflow or an account
+        above it has a dollar limit) unless ``unknown_price`` is ``"allow"``: its cost
+        could not be counted, and a silent zero would overspend that limit. Under a
+        token-only budget it runs (its tokens are still held and charged).
 
         Raises:
             AgentError: ``no_price`` — the model has no price (before any request).
             BudgetExhaustedError: not even one completion token fits the dollars left.
         """
         if price is None:
-            if self.budget is not None and unknown_price != "allow":
+            if (
+                self.budget is not None
+                and unknown_price != "allow"
+                and await self.budget.counts_dollars()
+            ):
                 raise AgentError(no_price_message(model, agent), kind="no_price")
             return CallHold(self, None, None, max_tokens)
         if self.budget is None:

@@ -1,9 +1,12 @@
-"""``fleet budget show|set``: inspect and change workflow budgets and shared accounts in Redis.
+"""``fleet budget show|set``: inspect and change workflow budgets and shared accounts.
 
 A workflow's budget and a shared account (``team:research``) live in the same ledger:
 ``fleet budget set team:research --usd 100 --tokens 5000000`` creates or changes an
 account, ``--parent org:acme`` nests it, and ``fleet budget show team:research`` lists
-what each workflow under it consumed.
+what each workflow under it consumed. The ledger is the one ``fleet run`` with the same
+``--store`` and ``--executor`` uses: on the embedded default a SQLite file beside the
+journal (``.fleet/ledger.db``), on a fleet (``--executor celery`` or a Redis store) Redis;
+``--redis-url`` names a Redis ledger outright.
 """
 
 from __future__ import annotations
@@ -17,15 +20,24 @@ from rich.table import Table
 from ..accounts import set_account
 from ..budget import BudgetSnapshot
 from ..errors import BudgetError
-from ..ledgers import KEEP, ChildUsage, HeldReservation, Keep, LedgerState, RedisLedger
+from ..ledgers import (
+    KEEP,
+    BudgetLedger,
+    ChildUsage,
+    HeldReservation,
+    Keep,
+    LedgerState,
+    RedisLedger,
+)
 from ..pricing import micros_to_usd
+from ..runner import open_ledger, plan_run
 from .app import app, console, settings
 
 __all__ = ["budget_app"]
 
 budget_app = typer.Typer(
-    help="Inspect and change budgets (tokens and dollars) of workflows and shared accounts, "
-    "kept in Redis and shared by the fleet.",
+    help="Inspect and change budgets (tokens and dollars) of workflows and shared accounts: "
+    "beside the SQLite journal on the embedded default, in Redis on a fleet.",
     no_args_is_help=True,
 )
 app.add_typer(budget_app, name="budget")
@@ -33,9 +45,20 @@ app.add_typer(budget_app, name="budget")
 _UNCAPPED = {"none", "uncapped", "unlimited"}
 
 
-def _ledger(redis_url: str | None, key_prefix: str | None) -> RedisLedger:
-    config = settings(redis_url=redis_url, key_prefix=key_prefix)
-    return RedisLedger(config.redis_url, key_prefix=config.key_prefix)
+def _ledger(
+    redis_url: str | None, key_prefix: str | None, store: str | None, executor: str
+) -> BudgetLedger:
+    """The ledger ``fleet run`` with these options uses (``--redis-url``: that Redis)."""
+    config = settings(redis_url=redis_url, key_prefix=key_prefix, store=store)
+    if redis_url is not None:
+        return RedisLedger(config.redis_url, key_prefix=config.key_prefix)
+    ledger = open_ledger(config, plan_run(config, executor=executor))
+    if ledger is None:
+        raise BudgetError(
+            f"journal {config.store!r} keeps no ledger; give --store sqlite:PATH (the "
+            "default) or a redis:// URL, or --redis-url"
+        )
+    return ledger
 
 
 def _print(
@@ -88,7 +111,7 @@ def _print(
 
 
 async def _read(
-    ledger: RedisLedger, name: str
+    ledger: BudgetLedger, name: str
 ) -> tuple[LedgerState, list[HeldReservation], list[ChildUsage]]:
     return await ledger.state(name), await ledger.reservations(name), await ledger.children(name)
 
@@ -96,6 +119,14 @@ async def _read(
 _REDIS_URL = typer.Option(None, "--redis-url", help="Redis holding the ledger (FLEET_REDIS_URL).")
 _KEY_PREFIX = typer.Option(None, "--key-prefix", help="Key prefix (FLEET_KEY_PREFIX).")
 _PARENT = typer.Option(None, "--parent", help="An account above this one (repeat for several).")
+_STORE = typer.Option(
+    None,
+    "--store",
+    help="The runs' journal (FLEET_STORE): the ledger is beside it or in its Redis.",
+)
+_EXECUTOR = typer.Option(
+    "local", "--executor", help="The runs' executor: 'celery' keeps budgets in FLEET_REDIS_URL."
+)
 
 
 @budget_app.command("show")
@@ -105,9 +136,11 @@ def show(
     ),
     redis_url: str | None = _REDIS_URL,
     key_prefix: str | None = _KEY_PREFIX,
+    store: str | None = _STORE,
+    executor: str = _EXECUTOR,
 ) -> None:
     """Show limits, consumption, reservations and (for an account) its child workflows."""
-    ledger = _ledger(redis_url, key_prefix)
+    ledger = _ledger(redis_url, key_prefix, store, executor)
 
     async def read() -> tuple[LedgerState, list[HeldReservation], list[ChildUsage]]:
         try:
@@ -118,8 +151,8 @@ def show(
     state, held, children = asyncio.run(read())
     if not state.exists and state.consumed == 0 and not held and not children:
         console.print(
-            f"no budget recorded for {name!r} under key prefix {ledger.key_prefix!r}; check "
-            "the id, --key-prefix and --redis-url",
+            f"no budget recorded for {name!r} in {ledger!r}; check the id, --store, "
+            "--executor, --key-prefix and --redis-url",
             highlight=False,
         )
         raise typer.Exit(1)
@@ -176,6 +209,8 @@ def set_limit(
     parent: list[str] | None = _PARENT,
     redis_url: str | None = _REDIS_URL,
     key_prefix: str | None = _KEY_PREFIX,
+    store: str | None = _STORE,
+    executor: str = _EXECUTOR,
 ) -> None:
     """Create or change a budget; running hosts and workers see new limits at once.
 
@@ -186,7 +221,7 @@ def set_limit(
         raise typer.BadParameter("give the token limit once: LIMIT or --tokens", param_hint="LIMIT")
     new_tokens = _tokens(limit if limit is not None else tokens, "LIMIT/--tokens")
     new_usd = _dollars(usd)
-    ledger = _ledger(redis_url, key_prefix)
+    ledger = _ledger(redis_url, key_prefix, store, executor)
 
     async def write() -> tuple[LedgerState, list[HeldReservation], list[ChildUsage]]:
         try:

@@ -31,8 +31,8 @@ def _row(limit: ProviderLimit, state: LimitState) -> list[str]:
     return [
         limit.name,
         f"{limit.window_s:g} s",
-        f"{state.requests} / {limit.requests}",
-        f"{state.tokens} / {limit.tokens}",
+        f"{state.requests} / {'no cap' if limit.requests is None else limit.requests}",
+        f"{state.tokens} / {'no cap' if limit.tokens is None else limit.tokens}",
         flight,
         f"{state.paused_s:.1f} s left" if state.paused_s > 0 else "none",
     ]

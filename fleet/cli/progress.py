@@ -154,11 +154,19 @@ class RunDisplay:
             self.live.update(self.render(), refresh=True)
 
     def tokens_text(self) -> str:
-        """Tokens used, against the budget when there is one."""
-        if self.snapshot is None:
-            return f"{self.tokens} tokens this run"
-        limit = "uncapped" if self.snapshot.limit_tokens is None else self.snapshot.limit_tokens
-        return f"{self.tokens} tokens this run; budget {self.snapshot.consumed_tokens} / {limit}"
+        """Tokens used, against the budget when there is one, in the units it limits."""
+        text = f"{self.tokens} tokens this run"
+        budget = self.snapshot
+        if budget is None:
+            return text
+        limits = []
+        if budget.limit_tokens is not None:
+            limits.append(f"{budget.consumed_tokens} / {budget.limit_tokens} tokens")
+        if budget.limit_usd is not None:
+            limits.append(f"${budget.consumed_usd} / ${budget.limit_usd}")
+        if not limits:  # an account above the run binds; the run itself is uncapped
+            limits.append(f"{budget.consumed_tokens} tokens, ${budget.consumed_usd}, uncapped")
+        return f"{text}; budget " + ", ".join(limits)
 
     def progress_line(self) -> str:
         """One plain progress line."""

@@ -1,4 +1,4 @@
-"""Budget ledgers: where a workflow's token account lives (in memory, or in Redis).
+"""Budget ledgers: where a workflow's token account lives (in memory, a SQLite file, or Redis).
 
 :class:`RedisLedger` is imported when it is first named, so ``import fleet`` loads no
 Redis client.
@@ -14,6 +14,7 @@ from .base import Keep as Keep
 from .base import LedgerState as LedgerState
 from .base import ReserveResult as ReserveResult
 from .memory import MemoryLedger as MemoryLedger
+from .sqlite import SQLiteLedger as SQLiteLedger
 
 if TYPE_CHECKING:
     from .redis import RedisLedger as RedisLedger
@@ -28,6 +29,7 @@ __all__ = [
     "MemoryLedger",
     "RedisLedger",
     "ReserveResult",
+    "SQLiteLedger",
 ]
 
 

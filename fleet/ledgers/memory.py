@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .base import (
@@ -109,11 +110,24 @@ class MemoryLedger(BudgetLedger):
     def __repr__(self) -> str:
         return f"MemoryLedger(accounts={len(self._accounts)})"
 
+    def _clock(self) -> float:
+        """Now, in the seconds leases are kept in (monotonic: they live in this process)."""
+        return time.monotonic()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One atomic operation on the accounts (a subclass may load and save them here)."""
+        with self._lock:
+            yield
+
+    def _forget(self, account_id: str) -> None:
+        self._accounts.pop(account_id, None)
+
     def _account(self, account_id: str) -> _Account:
         account = self._accounts.get(account_id)
         if account is None:
             account = self._accounts[account_id] = _Account()
-        if account.expire(time.monotonic()):
+        if account.expire(self._clock()):
             self._wake(account_id)
         return account
 
@@ -131,8 +145,8 @@ class MemoryLedger(BudgetLedger):
         ancestors: Sequence[str] = (),
     ) -> ReserveResult:
         """Try to hold ``tokens`` and ``micros``; see :meth:`BudgetLedger.reserve`."""
-        now = time.monotonic()
-        with self._lock:
+        now = self._clock()
+        with self._transaction():
             chain = [workflow_id, *ancestors]
             accounts = [self._account(account_id) for account_id in chain]
             own = accounts[0]
@@ -188,8 +202,8 @@ class MemoryLedger(BudgetLedger):
         ancestors: Sequence[str] = (),
     ) -> bool:
         """Extend a live lease; see :meth:`BudgetLedger.renew`."""
-        expires = time.monotonic() + lease_s
-        with self._lock:
+        expires = self._clock() + lease_s
+        with self._transaction():
             if reservation_id not in self._account(workflow_id).held:
                 return False
             for index, account_id in enumerate([workflow_id, *ancestors]):
@@ -209,7 +223,7 @@ class MemoryLedger(BudgetLedger):
         ancestors: Sequence[str] = (),
     ) -> LedgerState:
         """Charge once and release, in the whole chain; see :meth:`BudgetLedger.settle`."""
-        with self._lock:
+        with self._transaction():
             own = self._account(workflow_id)
             if reservation_id not in own.settled:
                 own.settled.add(reservation_id)
@@ -227,7 +241,7 @@ class MemoryLedger(BudgetLedger):
 
     async def state(self, account_id: str) -> LedgerState:
         """The account now; see :meth:`BudgetLedger.state`."""
-        with self._lock:
+        with self._transaction():
             return self._account(account_id).state()
 
     async def configure(
@@ -239,7 +253,7 @@ class MemoryLedger(BudgetLedger):
         parents: Sequence[str] | Keep = KEEP,
     ) -> LedgerState:
         """Create or change an account; see :meth:`BudgetLedger.configure`."""
-        with self._lock:
+        with self._transaction():
             account = self._account(account_id)
             if not isinstance(limit, Keep):
                 account.limit, account.limit_set = limit, True
@@ -252,8 +266,8 @@ class MemoryLedger(BudgetLedger):
 
     async def reservations(self, account_id: str) -> list[HeldReservation]:
         """Live reservations; see :meth:`BudgetLedger.reservations`."""
-        now = time.monotonic()
-        with self._lock:
+        now = self._clock()
+        with self._transaction():
             held = self._account(account_id).held
             rows = [
                 HeldReservation(rid, h.tokens, h.holder, h.expires - now, h.micros)
@@ -263,7 +277,7 @@ class MemoryLedger(BudgetLedger):
 
     async def children(self, account_id: str) -> list[ChildUsage]:
         """Consumption per workflow; see :meth:`BudgetLedger.children`."""
-        with self._lock:
+        with self._transaction():
             rows = [
                 ChildUsage(wid, tokens, micros)
                 for wid, (tokens, micros) in self._account(account_id).children.items()
@@ -272,8 +286,8 @@ class MemoryLedger(BudgetLedger):
 
     async def delete(self, account_id: str) -> None:
         """Forget the account; see :meth:`BudgetLedger.delete`."""
-        with self._lock:
-            self._accounts.pop(account_id, None)
+        with self._transaction():
+            self._forget(account_id)
             self._wake(account_id)
 
     async def wait_for_release(self, workflow_id: str, timeout_s: float) -> None:

@@ -51,8 +51,10 @@ def outage_backoff(attempt: int) -> float:
 
 def describe(limit: ProviderLimit, state: LimitState) -> str:
     """One line of a limit's use, for logs and messages."""
+    requests = "" if limit.requests is None else f"/{limit.requests}"
+    tokens = "" if limit.tokens is None else f"/{limit.tokens}"
     text = (
-        f"{state.requests}/{limit.requests} requests, {state.tokens}/{limit.tokens} tokens "
+        f"{state.requests}{requests} requests, {state.tokens}{tokens} tokens "
         f"in the last {limit.window_s:g} s"
     )
     if limit.max_concurrent is not None:

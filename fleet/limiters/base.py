@@ -1,9 +1,10 @@
 """Provider limits: what a limit is, and the contract of the stores that enforce one.
 
 A provider limit (one ``[limits.NAME]`` table of the agents file) caps the model calls
-of every agent that names it, across the whole fleet: at most ``requests`` calls and
-``tokens`` tokens (prompt + completion) in any sliding window of ``window_s`` seconds,
-and optionally at most ``max_concurrent`` calls in flight.
+of every agent that names it, across the whole fleet: at most ``requests`` calls and/or
+``tokens`` tokens (prompt + completion) in any sliding window of ``window_s`` seconds
+(either is enough, at least one is required), and optionally at most ``max_concurrent``
+calls in flight.
 
 A :class:`RateLimiter` keeps the windows (in memory for the local host, in Redis for a
 fleet). Rules every limiter follows (``tests/test_limiters.py`` runs one contract suite
@@ -62,10 +63,10 @@ class ProviderLimit:
 
     name: str
     """The table's name; agents refer to it with ``limit = "NAME"``."""
-    requests: int
-    """At most this many calls in any window."""
-    tokens: int
-    """At most this many tokens (prompt + completion) in any window."""
+    requests: int | None
+    """At most this many calls in any window (``None``: calls are not counted against a cap)."""
+    tokens: int | None
+    """At most this many tokens (prompt + completion) in any window (``None``: no token cap)."""
     window_s: float = 60.0
     """The sliding window's length in seconds."""
     max_concurrent: int | None = None
@@ -96,8 +97,9 @@ def parse_limits(tables: Mapping[str, Any], *, source: str) -> dict[str, Provide
         source: where it came from (the file path), for messages.
 
     Raises:
-        ConfigError: a table is not a table, a field is missing, unknown, or not a
-            positive number (the message names the table and the key).
+        ConfigError: a table is not a table, has neither ``requests`` nor ``tokens``,
+            has an unknown key, or a value that is not a positive number (the message
+            names the table and the key).
     """
     limits: dict[str, ProviderLimit] = {}
     for name, table in tables.items():
@@ -111,13 +113,12 @@ def parse_limits(tables: Mapping[str, Any], *, source: str) -> dict[str, Provide
                 + ", ".join(repr(f) for f in _FIELDS),
                 key=f"limits.{name}.{unknown[0]}",
             )
-        for key in ("requests", "tokens"):
-            if key not in table:
-                raise ConfigError(
-                    f"{where} is missing {key!r} (a positive integer: the most {key} "
-                    "allowed in one window); it has no default",
-                    key=f"limits.{name}.{key}",
-                )
+        if "requests" not in table and "tokens" not in table:
+            raise ConfigError(
+                f"{where} needs 'requests' or 'tokens' (or both): the most calls or tokens "
+                "the provider allows in one window, e.g. requests = 500",
+                key=f"limits.{name}",
+            )
         for key in _FIELDS:
             if key in table and not _positive(table[key], integer=key != "window_s"):
                 kind = "number of seconds" if key == "window_s" else "integer"
@@ -127,8 +128,8 @@ def parse_limits(tables: Mapping[str, Any], *, source: str) -> dict[str, Provide
                 )
         limits[name] = ProviderLimit(
             name=name,
-            requests=table["requests"],
-            tokens=table["tokens"],
+            requests=table.get("requests"),
+            tokens=table.get("tokens"),
             window_s=float(table.get("window_s", 60.0)),
             max_concurrent=table.get("max_concurrent"),
         )

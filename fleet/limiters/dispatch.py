@@ -24,17 +24,23 @@ __all__ = ["DispatchGate", "sendable"]
 
 logger = logging.getLogger("fleet.limits")
 
+_UNBOUNDED = 1 << 30
+"""Free requests of a limit that counts only tokens: as many as there are steps."""
+
 
 def sendable(limit: ProviderLimit, state: LimitState, *, ahead: int) -> int:
     """How many more steps of ``limit`` a dispatcher may send now (pure policy).
 
-    The window's free requests (none while the provider's pause lasts or the tokens
-    are spent, nor beyond ``max_concurrent`` minus the calls in flight), plus ``ahead``
-    so workers always have the next steps at hand when room opens.
+    The window's free requests (unbounded for a limit of tokens only; none while the
+    provider's pause lasts or the tokens are spent, nor beyond ``max_concurrent`` minus
+    the calls in flight), plus ``ahead`` so workers always have the next steps at hand
+    when room opens.
     """
     if state.paused_s > 0:
         return 0
-    room = limit.requests - state.requests if state.tokens < limit.tokens else 0
+    room = _UNBOUNDED if limit.requests is None else limit.requests - state.requests
+    if limit.tokens is not None and state.tokens >= limit.tokens:
+        room = 0
     if limit.max_concurrent is not None:
         room = min(room, limit.max_concurrent - state.in_flight)
     return max(room, 0) + ahead

@@ -63,14 +63,14 @@ class MemoryRateLimiter(RateLimiter):
         """Admit now or say how long to wait; see :meth:`RateLimiter.try_admit`."""
         now = self._clock()
         window = self._window(limit, now)
-        if tokens > limit.tokens:
+        if limit.tokens is not None and tokens > limit.tokens:
             return AdmitResult(AdmitStatus.TOO_LARGE, 0.0, self._state(window, now))
         wait = max(window.paused_until - now, 0.0)
         entries = list(window.calls.values())
         span = limit.counted_window_s
-        if len(entries) >= limit.requests:
+        if limit.requests is not None and len(entries) >= limit.requests:
             wait = max(wait, entries[len(entries) - limit.requests][0] + span - now)
-        excess = window.tokens + tokens - limit.tokens
+        excess = 0 if limit.tokens is None else window.tokens + tokens - limit.tokens
         if excess > 0:
             until = now + span  # counts drifted: wait a whole window rather than overrun
             for at, counted in entries:

@@ -71,7 +71,8 @@ local function keep(ms)
 end
 """
 
-# ARGV: window ms, id, tokens, max requests, max tokens, max in flight (0: none), lease ms.
+# ARGV: window ms, id, tokens, max requests, max tokens, max in flight, lease ms (each max
+# 0: no such cap).
 # Returns {status, wait ms, requests, tokens, in flight, pause ms}; status 0 admitted,
 # 1 wait, 2 too large for the limit.
 _ADMIT = (
@@ -80,14 +81,14 @@ _ADMIT = (
 local id, tokens = ARGV[2], tonumber(ARGV[3])
 local max_req, max_tok, max_flight = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local n, used, flying, pause = state()
-if tokens > max_tok then return {2, 0, n, used, flying, pause} end
+if max_tok > 0 and tokens > max_tok then return {2, 0, n, used, flying, pause} end
 local wait = pause
-if n >= max_req then
+if max_req > 0 and n >= max_req then
   local at = redis.call('ZRANGE', KEYS[1], n - max_req, n - max_req, 'WITHSCORES')
   wait = math.max(wait, tonumber(at[2]) + window - now)
 end
 local excess = used + tokens - max_tok
-if excess > 0 then
+if max_tok > 0 and excess > 0 then
   local rows = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
   local fits_at = now + window
   for i = 1, #rows, 2 do
@@ -240,8 +241,8 @@ class RedisRateLimiter(RateLimiter):
             limit,
             admission_id,
             tokens,
-            limit.requests,
-            limit.tokens,
+            limit.requests or 0,
+            limit.tokens or 0,
             limit.max_concurrent or 0,
             _ms(lease_s),
         )
