@@ -103,7 +103,7 @@ def test_fleet_run_with_a_budget_reports_exhaustion_once(tmp_path: Path) -> None
     assert done.stdout.count("FAILED (budget_exhausted)") == 5
     assert '"12 * 12 = 144": "no ruling (budget_exhausted)"' in done.stdout
     (summary,) = [line for line in done.stdout.splitlines() if " finished in " in line]
-    assert summary.endswith("/ 800")  # tokens against the limit
+    assert summary.endswith("/ 800 tokens")  # tokens against the limit
 
 
 def test_fleet_run_failing_program_exits_1_and_says_how_to_resume(tmp_path: Path) -> None:
