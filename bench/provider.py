@@ -1,12 +1,14 @@
 """A loopback OpenAI-compatible model server for benchmarks and tests.
 
 It answers ``POST /v1/chat/completions`` after a configurable latency (plus jitter), with
-``usage`` in every answer, an object that satisfies the request's JSON schema when one is
-asked for (``response_format`` or a schema quoted in the prompt), and tool calls when the
-request offers tools. It enforces its own limits (requests and tokens per sliding window,
-concurrent requests), answering ``429`` with ``Retry-After``, and can switch on quirks real
-servers have: reject ``response_format: json_schema`` with a 500 validation body, answer
-``content: null``, drop connections. Counters come over HTTP::
+``usage`` in every answer (streamed as server-sent events, a chunk per token and usage in
+the last one, when the request says ``"stream": true``), an object that satisfies the
+request's JSON schema when one is asked for (``response_format`` or a schema quoted in the
+prompt), and tool calls when the request offers tools. It enforces its own limits
+(requests and tokens per sliding window, concurrent requests), answering ``429`` with
+``Retry-After``, and can switch on quirks real servers have: reject ``response_format:
+json_schema`` with a 500 validation body, answer ``content: null``, drop connections, stream
+without usage. Counters come over HTTP::
 
     GET  /_provider/stats[?log=0]  requests, 429s, peak and current in-flight, connections
                                    the client closed early, and a per-request log
@@ -52,6 +54,7 @@ import httpx
 from aiohttp import web
 
 from bench.provider_answers import completion, schema_in_prompt, tool_call_answer
+from bench.provider_stream import stream_answer
 
 __all__ = ["Provider", "ProviderProcess", "ProviderSettings", "make_app"]
 
@@ -87,6 +90,14 @@ class ProviderSettings:
     """Quirk: every Nth request's connection is closed after the latency, unanswered."""
     drop_next: int = 0
     """Quirk: the next N requests' connections are closed after the latency, unanswered."""
+    token_interval_s: float = 0.0
+    """A streamed answer (``"stream": true``) sends one completion token per chunk, this
+    far apart; ``latency_s`` is then the time to the first one."""
+    reject_stream: bool = False
+    """Quirk: a request with ``"stream": true`` gets a 400 validation error naming it."""
+    stream_usage: bool = True
+    """A streamed answer ends with a ``usage`` chunk when the request asks for it
+    (``stream_options.include_usage``); ``False`` is the quirk of servers that never do."""
     seed: int = 0
     """Seed of the jitter."""
 
@@ -221,9 +232,11 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             request.transport.abort()
             raise asyncio.CancelledError
         response = _answer(state, body, number, prompt_tokens, completion_tokens)
+        if body.get("stream") is True and response.status == 200:
+            return await stream_answer(request, state.settings, entry, body, response)
         entry["status"] = response.status
         return response
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError):
         if not dropping:  # the client hung up while we were working on its answer
             state.client_closed += 1
             entry.update(status="client_closed")
@@ -241,6 +254,9 @@ def _answer(
     if s.reject_json_schema and response_format.get("type") == "json_schema":
         state.errors += 1
         return _validation_error(body)
+    if s.reject_stream and body.get("stream") is not None:
+        state.errors += 1
+        return _error(400, "Unsupported parameter: 'stream'", "invalid_request_error")
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

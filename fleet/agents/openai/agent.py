@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -152,8 +152,18 @@ class OpenAIAgent:
             label=f"agent {self.name!r} step {spec.task_id!r}",
             remaining_s=ctx.remaining_s,
             limit=ctx if ctx.limit is not None else None,
+            on_text=_delta_sink(ctx) if self.config.stream else None,
         )
         return await Conversation(self, spec, ctx, sender).run()
+
+
+def _delta_sink(ctx: AgentContext) -> Callable[[str, bool], None]:
+    """Streamed text to the step's deltas; each answer's first piece starts the text over."""
+
+    def on_text(text: str, first: bool) -> None:
+        ctx.emit_delta(text, replace=first)
+
+    return on_text
 
 
 def definition_from_config(

@@ -13,7 +13,9 @@ Fallbacks, field by field:
   server says it takes ``json_object``) → none (the schema stays in the prompt);
 - ``max_tokens`` ↔ ``max_completion_tokens``;
 - ``content``: ``""`` instead of ``null`` in assistant messages with tool calls;
-- ``tool_choice``, ``parallel_tool_calls``, ``stream_options``, ``temperature``: dropped.
+- ``tool_choice``, ``parallel_tool_calls``, ``stream_options``, ``temperature``: dropped;
+- ``stream``: a server that refuses it, or streams without ``usage`` (so the budget could
+  only be charged an estimate), is called without streaming.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ OPTIONAL_FIELDS = ("tool_choice", "parallel_tool_calls", "stream_options", "temp
 
 KNOWN_FIELDS = (
     "response_format",
+    "stream",
     "max_completion_tokens",
     "max_tokens",
     "content",
@@ -60,6 +63,8 @@ class Learned:
     """Whether an assistant message with tool calls may have ``content: null``."""
     dropped: frozenset[str] = field(default_factory=frozenset)
     """Optional fields not to send."""
+    stream: bool = True
+    """Whether an agent configured with ``stream = true`` may stream from this server."""
 
 
 def _mentions(text: str, name: str) -> int:
@@ -158,6 +163,8 @@ def _fallback(name: str, text: str, sent: Learned) -> tuple[Learned, str] | None
         return replace(sent, token_field="max_completion_tokens"), "max_completion_tokens"
     if name == "max_completion_tokens" and sent.token_field == "max_completion_tokens":
         return replace(sent, token_field="max_tokens"), "max_tokens"
+    if name == "stream" and sent.stream:
+        return replace(sent, stream=False), "answers without streaming"
     if name == "content" and sent.null_content:
         return replace(sent, null_content=False), 'content "" instead of null'
     if name in OPTIONAL_FIELDS and name not in sent.dropped:

@@ -75,6 +75,12 @@ class OpenAIAgentConfig(_ConfigModel):
     json_schema_format: bool = True
     """Send a ``response_format`` with an ``output_schema`` (``json_schema``; a server that
     rejects it gets ``json_object``, then none, remembered for the process)."""
+    stream: bool = False
+    """Ask for the answer as server-sent events and publish its text as the step's output
+    deltas while it arrives (``step_delta``; ``fleet watch ROOT --output``). Usage is asked
+    for in the stream (``stream_options.include_usage``), so the budget settles exactly; a
+    server that refuses streaming, or streams without usage, is called without streaming
+    from then on (remembered per agent, for the process)."""
     tools: tuple[OpenAIToolConfig, ...] = ()
     """Python functions the model may call."""
     provider: str | None = None

@@ -25,6 +25,8 @@ from typing import Any
 
 import aiohttp
 
+from .wire import StreamedCompletion
+
 __all__ = ["Answer", "ConnectionFailed", "Connections"]
 
 
@@ -92,6 +94,24 @@ def _decode(body: bytes, charset: str | None) -> str:
         return body.decode("utf-8", errors="replace")
 
 
+async def _read_events(answer: aiohttp.ClientResponse, stream: StreamedCompletion) -> Answer:
+    """Feed a server-sent-events answer to ``stream`` until ``[DONE]`` or its end."""
+    async for raw in answer.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue  # a comment, an event name or the blank line between events
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        try:
+            stream.feed(json.loads(data))
+        except ValueError:
+            continue  # one unreadable chunk loses only itself
+    if stream.error is not None:
+        return Answer(502, answer.headers, json.dumps({"error": stream.error}))
+    return Answer(answer.status, answer.headers, json.dumps(stream.body()))
+
+
 class Connections:
     """One aiohttp session (its connection pool), made on first use on the loop that uses it.
 
@@ -128,12 +148,15 @@ class Connections:
         headers: Mapping[str, str],
         timeout_s: float,
         on_sent: Callable[[float], None] | None = None,
+        stream: StreamedCompletion | None = None,
     ) -> Answer:
-        """POST ``body`` as JSON and read the whole answer (answers are not streamed here).
+        """POST ``body`` as JSON and read the whole answer.
 
         ``timeout_s`` bounds connecting and each wait for the server's bytes, as a
         per-request timeout does in httpx; ``on_sent`` gets ``time.monotonic()`` once the
-        body is written.
+        body is written. With ``stream``, a 2xx answer of server-sent events is fed to it
+        event by event, and the answer's text is the completion it put together (an
+        ``error`` event makes it a 502).
 
         Raises:
             ConnectionFailed: no answer (see the class).
@@ -148,6 +171,9 @@ class Connections:
                 allow_redirects=False,
                 trace_request_ctx=on_sent,
             ) as answer:
+                if stream is not None and answer.content_type == "text/event-stream":
+                    if 200 <= answer.status < 300:
+                        return await _read_events(answer, stream)
                 content = await answer.read()
                 return Answer(answer.status, answer.headers, _decode(content, answer.charset))
         except (aiohttp.ClientError, TimeoutError) as error:

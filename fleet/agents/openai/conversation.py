@@ -275,6 +275,10 @@ class Conversation:
             }
         elif schema is not None and learned.response_format == "json_object":
             body["response_format"] = {"type": "json_object", "schema": schema}
+        if self.config.stream and learned.stream:
+            body["stream"] = True
+            if "stream_options" not in learned.dropped:
+                body["stream_options"] = {"include_usage": True}
         return body
 
     async def send(self, call: Call) -> Any:
@@ -295,7 +299,7 @@ class Conversation:
 
         for _ in range(MAX_FALLBACKS):
             try:
-                return await self.sender.post(body, call_tokens=tokens)
+                data = await self.sender.post(body, call_tokens=tokens)
             except Refused as refused:
                 if refused.rejected is None:
                     raise
@@ -310,7 +314,29 @@ class Conversation:
                         refused.rejected,
                         change,
                     )
+            else:
+                self._check_stream_usage(data, used)
+                return data
         return await self.sender.post(body, call_tokens=tokens)
+
+    def _check_stream_usage(self, data: Any, used: Learned) -> None:
+        """A streamed answer without usage: stream no more from this server.
+
+        This call is charged an estimate (see :meth:`after_call`); later ones are exact.
+        """
+        if not (self.config.stream and used.stream):
+            return
+        if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+            return
+        change = self.agent.capabilities.fall_back("stream", "", used)
+        if change:
+            logger.warning(
+                "agent %r: the model server at %s streams without usage, so the budget "
+                "could only be charged an estimate; using %s from now on",
+                self.agent.name,
+                self.agent.where,
+                change,
+            )
 
     def after_call(self, call: Call, completion: ChatCompletion) -> Reply:
         """After each model call: charge its usage to the step and return its message.

@@ -32,7 +32,7 @@ from .concurrency import Gate
 from .config import OpenAIAgentConfig
 from .connections import ConnectionFailed, Connections
 from .retry import backoff, reset_after, retry_after
-from .wire import error_message
+from .wire import StreamedCompletion, error_message
 
 __all__ = ["CallGate", "Refused", "Sender", "Transient", "Transport"]
 
@@ -160,9 +160,12 @@ class Transport:
         label: str,
         remaining_s: Callable[[], float | None],
         limit: CallGate | None = None,
+        on_text: Callable[[str, bool], None] | None = None,
     ) -> Sender:
         """What one step sends requests through (its key, deadline, log label, limit)."""
-        return Sender(self, key=key, label=label, remaining_s=remaining_s, limit=limit)
+        return Sender(
+            self, key=key, label=label, remaining_s=remaining_s, limit=limit, on_text=on_text
+        )
 
 
 class Sender:
@@ -175,6 +178,8 @@ class Sender:
         remaining_s: seconds left before the step's deadline (``None``: no deadline).
         limit: admits every HTTP request under the agent's provider limit first
             (``None``: no limit).
+        on_text: told each piece of a streamed answer's text as it arrives, and whether
+            it is the answer's first (a retried request starts the text over).
     """
 
     def __init__(
@@ -185,9 +190,11 @@ class Sender:
         label: str,
         remaining_s: Callable[[], float | None],
         limit: CallGate | None = None,
+        on_text: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.transport = transport
         self.limit = limit
+        self.on_text = on_text
         self.config = transport.config
         self.label = label
         self.remaining_s = remaining_s
@@ -340,6 +347,7 @@ class Sender:
                 headers=self._headers,
                 timeout_s=timeout,
                 on_sent=on_sent,
+                stream=StreamedCompletion(self.on_text) if body.get("stream") is True else None,
             )
         except ConnectionFailed as problem:
             if problem.timed_out:

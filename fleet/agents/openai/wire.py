@@ -16,7 +16,15 @@ from pydantic.functional_validators import WrapValidator
 
 from ...spec import TokenUsage
 
-__all__ = ["ChatCompletion", "Choice", "Message", "ToolCall", "error_message", "parse_json"]
+__all__ = [
+    "ChatCompletion",
+    "Choice",
+    "Message",
+    "StreamedCompletion",
+    "ToolCall",
+    "error_message",
+    "parse_json",
+]
 
 
 def _or(default: Any) -> WrapValidator:
@@ -109,6 +117,82 @@ class ChatCompletion(_Lenient):
     def first(self) -> Choice | None:
         """The first choice, if any."""
         return self.choices[0] if self.choices else None
+
+
+class StreamedCompletion:
+    """Builds a ``chat.completion`` body from the chunks of a streamed answer (SSE).
+
+    Text pieces go to ``on_text(text, first)`` as they arrive (``first``: the answer's
+    first piece, which starts the step's shown text over); tool calls are put together
+    by their ``index``; the last chunk's ``usage`` (``stream_options.include_usage``) is
+    kept. A chunk it cannot read is skipped, like a field :class:`ChatCompletion` cannot.
+
+    Args:
+        on_text: told each piece of the answer's text.
+    """
+
+    def __init__(self, on_text: Any = None) -> None:
+        self.on_text = on_text
+        self.content: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: Any = None
+        self.usage: Any = None
+        self.error: Any = None
+        """An ``error`` object the server sent instead of a chunk, if any."""
+
+    def feed(self, chunk: Any) -> None:
+        """Take one decoded ``data:`` event."""
+        if not isinstance(chunk, dict):
+            return
+        if chunk.get("error") is not None:
+            self.error = chunk["error"]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(first, dict):
+            return
+        if first.get("finish_reason") is not None:
+            self.finish_reason = first["finish_reason"]
+        delta = first.get("delta")
+        if not isinstance(delta, dict):
+            return
+        text = _text(delta.get("content"))
+        if text:
+            if self.on_text is not None:
+                self.on_text(text, not self.content)
+            self.content.append(text)
+        for part in delta.get("tool_calls") or []:
+            if isinstance(part, dict):
+                self._tool_part(part)
+
+    def _tool_part(self, part: dict[str, Any]) -> None:
+        given = part.get("index")
+        index = given if isinstance(given, int) else len(self.calls)
+        call = self.calls.setdefault(
+            index, {"id": "", "type": "function", "function": {"name": None, "arguments": ""}}
+        )
+        if isinstance(part.get("id"), str):
+            call["id"] = part["id"]
+        function = part.get("function")
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                call["function"]["name"] = function["name"]
+            if isinstance(function.get("arguments"), str):
+                call["function"]["arguments"] += function["arguments"]
+
+    def body(self) -> dict[str, Any]:
+        """The answer as a non-streamed ``chat.completion`` body (``usage`` if sent)."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.calls:
+            message["tool_calls"] = [self.calls[index] for index in sorted(self.calls)]
+        body: dict[str, Any] = {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
+        }
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body
 
 
 def error_message(text: str, *, limit: int | None = 500) -> str:
