@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ from fleet.celery.protocol import Keys
 from fleet.deltas import LiveText, read_deltas
 from fleet.events import StepDelta, StepFinished
 from fleet.workflow import Workflow
-from tests.celery_support import CeleryWorkers, fleet_settings, running_workers
+from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.timeout(300)]
 
@@ -140,3 +143,45 @@ async def test_a_worker_killed_mid_stream_restarts_the_text_and_says_so(
     for delta in deltas:
         live.fold(delta)
     assert live.text["k"] == outcome.output
+
+
+def test_fleet_watch_output_shows_each_steps_live_text_and_one_step_whole(
+    workers: CeleryWorkers, redis_url: str, tmp_path: Path
+) -> None:
+    """`fleet watch ROOT --output` prints a line per step with its text; `--step` the text whole."""
+    prefix = workers.settings.key_prefix
+
+    async def run() -> list[Any]:
+        async with workers.executor() as executor:
+            flow = (
+                Workflow.builder(executor)
+                .with_root_id("watched-live")
+                .with_event_stream(redis_url, key_prefix=prefix)
+                .build()
+            )
+            specs = [spec(f"w{i}", f"step {i} says hello to the watcher") for i in range(3)]
+            outcomes = await flow.phase("talk", specs)
+            await flow.finish()
+            return outcomes
+
+    outcomes = asyncio.run(run())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(
+        PYTHONPATH=str(REPO),
+        FLEET_REDIS_URL=redis_url,
+        FLEET_KEY_PREFIX=prefix,
+        FLEET_RUN_INDEX=str(tmp_path / "runs.db"),
+    )
+    command = [sys.executable, "-m", "fleet", "watch", "watched-live", "--executor", "celery"]
+    every = subprocess.run(
+        [*command, "--output", "--timeout", "30"], env=env, capture_output=True, text=True
+    )
+    assert every.returncode == 0, every.stderr
+    for outcome in outcomes:
+        assert f"  > {outcome.task_id}: {outcome.output}" in every.stdout.splitlines()
+    one = subprocess.run(
+        [*command, "--step", "w1", "--timeout", "30"], env=env, capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.count(outcomes[1].output) == 1
+    assert "step 0 says" not in one.stdout and "step 2 says" not in one.stdout

@@ -35,6 +35,7 @@ from ..sentinel import check_redis, is_sentinel
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
 from .cancel import board_at, latest_run
+from .output import LiveOutput
 from .program import Program, load_program, program_agents
 from .progress import RunDisplay, describe_event, say
 
@@ -311,9 +312,18 @@ def watch(
         float | None,
         typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
     ] = None,
+    output: Annotated[
+        bool,
+        typer.Option("--output", help="Also show the live text of running steps (a fleet run)."),
+    ] = False,
+    step: Annotated[
+        str | None,
+        typer.Option("--step", help="Show this step's live text whole (implies --output)."),
+    ] = None,
 ) -> None:
     """Follow a workflow's events live, from any terminal that reaches its journal or Redis."""
     config, located, explicit = _where(root_id, store, redis_url, executor)
+    live = LiveOutput(config.key_prefix, root_id, step, enabled=output or step is not None)
     deadline = None if timeout is None else time.monotonic() + timeout
     waited = not located.found and not explicit
     if waited:
@@ -329,6 +339,7 @@ def watch(
         for entry in follow(reader, root_id, timeout_s=remaining):
             fields = entry.fields
             control = fields.get("control")
+            live.on_entry(fields, located.places.events)
             if control == "start" and not started:
                 say(f"workflow {root_id} started")
             elif control == "end":
@@ -343,6 +354,7 @@ def watch(
             f"cannot read the event log at {reader.where}: {type(error).__name__}: {error}"
         ) from None
     finally:
+        live.end()
         reader.close()
     say(f"gave up after {timeout} s; workflow {root_id} has not ended (looked in {reader.where})")
     raise typer.Exit(1)
