@@ -26,6 +26,7 @@ from .echo import ECHO
 __all__ = [
     "AgentLike",
     "AgentRegistry",
+    "import_target",
     "load_agents",
     "load_limits",
     "read_agents_file",
@@ -39,12 +40,11 @@ path ``"package.module:function"``, or a full :class:`AgentDefinition`."""
 BUILTINS: dict[str, AgentDefinition] = {ECHO.name: ECHO}
 
 
-def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
-    """Import ``"package.module:attribute"`` and return the attribute.
+def import_target(target: str, *, what: str = "agent") -> Any:
+    """Import ``"package.module:attribute"`` and return the attribute, whatever it is.
 
     Raises:
-        ConfigError: the path is malformed, the module or attribute is missing, or the
-            attribute is not callable.
+        ConfigError: the path is malformed, or the module or attribute is missing.
     """
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
@@ -68,6 +68,17 @@ def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
                 f"{what} target {target!r}: module {module_name!r} has no attribute {attribute!r}",
                 key=target,
             ) from None
+    return obj
+
+
+def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
+    """Import ``"package.module:attribute"`` and return the attribute.
+
+    Raises:
+        ConfigError: the path is malformed, the module or attribute is missing, or the
+            attribute is not callable.
+    """
+    obj = import_target(target, what=what)
     if not callable(obj):
         raise ConfigError(f"{what} target {target!r} is not callable", key=target)
     return obj  # type: ignore[no-any-return]
@@ -188,6 +199,22 @@ def _openai_agent(
     )
 
 
+def _pydantic_ai_agent(
+    name: str, table: Mapping[str, Any], source: str, money: _FileMoney
+) -> AgentDefinition:
+    try:
+        from .pydantic_ai import definition_from_config
+    except ImportError as missing:  # the optional extra is not installed
+        raise ConfigError(
+            f"{source}: [agents.{name}] has kind 'pydantic_ai', which needs the pydantic-ai "
+            f"extra ({missing}); install it with: pip install 'fleet[pydantic-ai]'",
+            key=f"agents.{name}.kind",
+        ) from None
+    return definition_from_config(
+        name, table, source=source, prices=money.prices, unknown_price=money.unknown_price
+    )
+
+
 @dataclass(frozen=True)
 class _FileMoney:
     """An agents file's ``[prices."MODEL"]`` tables and top-level ``unknown_price``."""
@@ -210,6 +237,7 @@ def _file_money(path: str | Path) -> _FileMoney:
 _KINDS: dict[str, Callable[[str, Mapping[str, Any], str, _FileMoney], AgentDefinition]] = {
     "python": _python_agent,
     "openai": _openai_agent,
+    "pydantic_ai": _pydantic_ai_agent,
 }
 
 

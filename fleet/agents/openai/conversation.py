@@ -3,31 +3,27 @@
 Each model call goes through :meth:`Conversation.complete`, in three parts that other
 concerns hook into:
 
-1. :meth:`Conversation.before_call` — *before each model call*: the step's token hold
-   is checked and the call's ``max_tokens`` capped (refused → ``budget_exhausted``);
+1. :meth:`Conversation.before_call` — *before each model call*: the prompt's estimate;
+   :func:`fleet.agents.calls.model_call` then checks the step's token hold, caps the
+   call's ``max_tokens`` (refused → ``budget_exhausted``), holds its worst case in
+   dollars (an unpriced model fails ``no_price`` before the request) and traces it;
 2. the request itself (:meth:`Conversation.send`, retries inside);
 3. :meth:`Conversation.after_call` — *after each model call, usage known*: the usage the
-   server reported (or an estimate) is charged to the step.
-
-Around the request, the call's worst case in dollars is held in the budget (its
-``max_tokens`` capped to fit) and its real cost settled from the reported usage
-(:meth:`fleet.agents.AgentContext.hold_call`); an unpriced model fails ``no_price``
-before the request.
+   server reported (or an estimate) is charged to the step, and its real cost settled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ... import metrics, telemetry
 from ...errors import AgentError
 from ...spec import AgentStepSpec, TokenUsage
 from ...step import validate_output
 from ..base import AgentContext, AgentResult, estimate_tokens
+from ..calls import ModelCall, model_call
 from .capabilities import Learned
 from .tools import run_tool_call
 from .transport import Refused, Sender
@@ -168,86 +164,46 @@ class Conversation:
     # -- one call ----------------------------------------------------------------------
 
     async def complete(self, messages: list[dict[str, Any]], *, tools: bool) -> Reply:
-        """One model call: :meth:`before_call`, :meth:`send`, :meth:`after_call`.
+        """One model call, held against the step by :func:`fleet.agents.calls.model_call`.
 
-        With tracing on, the call is a ``chat {model}`` span (GenAI conventions, no text).
+        :meth:`before_call` (the prompt estimate), the hold (tokens and dollars capped,
+        a ``chat {model}`` span), :meth:`send`, then :meth:`after_call` charges the usage.
         """
-        call = self.before_call(messages, tools=tools)
-        if telemetry.active() is None:
-            reply = await self._priced_call(call)
-        else:
-            with telemetry.span(f"chat {self.config.model}", self._call_attributes()) as span:
-                before = self.ctx.used
-                reply = await self._priced_call(call)
-                used = self.ctx.used
-                span.set_attribute(
-                    "gen_ai.usage.input_tokens", used.prompt_tokens - before.prompt_tokens
-                )
-                span.set_attribute(
-                    "gen_ai.usage.output_tokens", used.completion_tokens - before.completion_tokens
-                )
-                if reply.finish_reason is not None:
-                    span.set_attribute("gen_ai.response.finish_reasons", [str(reply.finish_reason)])
-        self.ctx.model = self.config.model
-        metrics.model_call(self.spec.agent, self.config.model)
+        estimate = self.before_call(messages, tools=tools)
+        config = self.config
+        async with model_call(
+            self.ctx,
+            agent=self.agent.name,
+            model=config.model,
+            system="openai",
+            price=self.agent.price,
+            unknown_price=self.agent.unknown_price,
+            wanted=config.max_tokens,
+            prompt_estimate=estimate,
+            attributes=self._call_attributes(),
+        ) as held:
+            call = Call(
+                messages=messages,
+                tools=tools,
+                max_tokens=held.max_tokens,
+                prompt_estimate=estimate,
+                output_schema=self.spec.output_schema,
+            )
+            data = await self.send(call)
+            reply = self.after_call(call, ChatCompletion.parse(data), held)
+            held.finished(reply.finish_reason)
         return reply
 
     def _call_attributes(self) -> dict[str, Any]:
         config = self.config
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.system": "openai",
-            "gen_ai.request.model": config.model,
-            "fleet.step.task_id": self.spec.task_id,
-            "fleet.step.agent": self.spec.agent,
-        }
-        if config.max_tokens is not None:
-            attributes["gen_ai.request.max_tokens"] = config.max_tokens
+        attributes: dict[str, Any] = {"gen_ai.request.max_tokens": config.max_tokens}
         if config.temperature is not None:
             attributes["gen_ai.request.temperature"] = config.temperature
         return attributes
 
-    async def _priced_call(self, call: Call) -> Reply:
-        """Send ``call`` under its dollar hold (if any); charge and settle what it used."""
-        money = await self.ctx.hold_call(
-            self.agent.price,
-            model=self.config.model,
-            agent=self.agent.name,
-            prompt_tokens=call.prompt_estimate,
-            max_tokens=self.config.max_tokens if call.max_tokens is None else call.max_tokens,
-            unknown_price=self.agent.unknown_price,
-        )
-        if money.reservation is not None:
-            call.max_tokens = money.max_tokens
-        before, charged = self.ctx.used, None
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if money.reservation is not None:
-                    await stack.enter_async_context(money.reservation.kept_alive())
-                data = await self.send(call)
-            completion = ChatCompletion.parse(data)
-            try:
-                return self.after_call(call, completion)
-            finally:
-                charged = _since(before, self.ctx.used)
-        finally:
-            await money.settle(charged)
-
-    def before_call(self, messages: list[dict[str, Any]], *, tools: bool) -> Call:
-        """Before each model call: check the step's hold and cap the call's tokens.
-
-        Raises:
-            BudgetExhaustedError: the hold cannot cover the prompt.
-        """
-        estimate = self.agent.prompt_estimate(messages, tools=tools)
-        cap = self.ctx.check_tokens(self.config.max_tokens, prompt_estimate=estimate)
-        return Call(
-            messages=messages,
-            tools=tools,
-            max_tokens=cap,
-            prompt_estimate=estimate,
-            output_schema=self.spec.output_schema,
-        )
+    def before_call(self, messages: list[dict[str, Any]], *, tools: bool) -> int:
+        """Before each model call: the tokens its prompt is expected to take."""
+        return self.agent.prompt_estimate(messages, tools=tools)
 
     def render(self, call: Call, learned: Learned) -> dict[str, Any]:
         """The request body for ``call``, in the features the server is known to accept."""
@@ -338,7 +294,7 @@ class Conversation:
                 change,
             )
 
-    def after_call(self, call: Call, completion: ChatCompletion) -> Reply:
+    def after_call(self, call: Call, completion: ChatCompletion, held: ModelCall) -> Reply:
         """After each model call: charge its usage to the step and return its message.
 
         A server that reports no usage is charged an estimate, so the cap stays hard.
@@ -356,7 +312,7 @@ class Conversation:
                 completion_tokens=estimate_tokens(completion_text),
             )
             logger.debug("%s: server reported no usage; charged an estimate", self.label)
-        self.ctx.charge(charged)
+        held.charge(charged)
         if message is None:
             raise AgentError(
                 f"model server at {self.agent.where} sent a completion without a message",
@@ -367,14 +323,6 @@ class Conversation:
             tool_calls=message.tool_calls,
             finish_reason=choice.finish_reason if choice is not None else None,
         )
-
-
-def _since(before: TokenUsage, after: TokenUsage) -> TokenUsage:
-    """The usage charged between two readings of a step's total."""
-    return TokenUsage(
-        prompt_tokens=after.prompt_tokens - before.prompt_tokens,
-        completion_tokens=after.completion_tokens - before.completion_tokens,
-    )
 
 
 def _message_json(message: Message | None) -> str:
