@@ -31,6 +31,7 @@ from .combinators import execute_pipeline as execute_pipeline
 from .combinators import execute_steps_parallel as execute_steps_parallel
 
 # Errors
+from .errors import AskTimeout as AskTimeout
 from .errors import FleetError as FleetError
 
 # Events
@@ -106,4 +107,5 @@ __all__ = [
     "WorkflowEvent",
     # Errors
     "FleetError",
+    "AskTimeout",
 ]

@@ -13,6 +13,9 @@ exceptions are for misuse and for the edges (configuration, input, services)::
     ├── CheckpointError(FleetError)                 a journal cannot be read or trusted
     ├── WorkflowCancelledError(FleetError)          a verb was called on a cancelled workflow
     ├── WorkflowClosedError(FleetError, RuntimeError) a verb called after ``finish()``
+    ├── AskError(FleetError, ValueError)          misuse of ``Workflow.ask`` (name, schema, store)
+    ├── AskTimeout(FleetError, TimeoutError)      an ask's deadline passed unanswered, no default
+    ├── AnswerRefused(FleetError)                 an answer was not taken (``kind`` says why)
     ├── PoisonMessageError(FleetError, ValueError)  a worker refuses a task message
     └── BrokerError(FleetError, ConnectionError)    Redis / the broker is unreachable
 """
@@ -21,6 +24,9 @@ from __future__ import annotations
 
 __all__ = [
     "AgentError",
+    "AnswerRefused",
+    "AskError",
+    "AskTimeout",
     "BrokerError",
     "BudgetError",
     "BudgetExhaustedError",
@@ -196,3 +202,50 @@ class PoisonMessageError(FleetError, ValueError):
 
     The message says why (not JSON, another protocol version, an invalid field).
     """
+
+
+class AskError(FleetError, ValueError):
+    """``Workflow.ask`` was misused: a repeated or malformed name, a bad schema, no store.
+
+    Attributes:
+        name: the ask's name.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class AskTimeout(FleetError, TimeoutError):
+    """An ask's deadline passed without an answer, and the ask had no ``default``.
+
+    Attributes:
+        root_id: the workflow's root id.
+        name: the ask's name.
+        deadline: when it timed out, in seconds since the epoch.
+    """
+
+    def __init__(self, root_id: str, name: str, deadline: float) -> None:
+        super().__init__(
+            f"workflow {root_id!r}: nobody answered {name!r} before its deadline; give the ask "
+            "a default=, a longer timeout_s, or run the workflow under another root id"
+        )
+        self.root_id = root_id
+        self.name = name
+        self.deadline = deadline
+
+
+class AnswerRefused(FleetError):
+    """An answer to an ask was not taken; nothing was changed.
+
+    Attributes:
+        kind: ``"unknown"`` (no such workflow), ``"answered"`` (the first answer won),
+            ``"expired"`` (the deadline passed) or ``"invalid"`` (it does not fit the schema).
+        field: for ``"invalid"``, where in the answer the problem is (``"(root)"`` for
+            the answer itself).
+    """
+
+    def __init__(self, message: str, *, kind: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.field = field

@@ -18,6 +18,8 @@ from pydantic import Field, TypeAdapter
 from .spec import FleetModel, StepOutcome
 
 __all__ = [
+    "Answered",
+    "Asked",
     "BudgetExhausted",
     "EventSink",
     "LogEvent",
@@ -168,6 +170,26 @@ class StepDelta(FleetModel):
     after it to resume without gaps or repeats."""
 
 
+class Asked(FleetModel):
+    """The program asked a question (``Workflow.ask``) and waits for its answer."""
+
+    type: Literal["asked"] = "asked"
+    name: str
+    """The ask's name (what ``fleet answer ROOT NAME`` names)."""
+    question: str
+    """The question, as the program wrote it."""
+
+
+class Answered(FleetModel):
+    """An ask's answer was taken (also when a re-run finds it journaled)."""
+
+    type: Literal["answered"] = "answered"
+    name: str
+    """The ask's name."""
+    by: str
+    """Who answered (``fleet answer --by``, the dashboard's user)."""
+
+
 WorkflowEvent = Annotated[
     PhaseStart
     | PhaseEnd
@@ -177,7 +199,9 @@ WorkflowEvent = Annotated[
     | StepStarted
     | StepFinished
     | StepDelta
-    | RateLimited,
+    | RateLimited
+    | Asked
+    | Answered,
     Field(discriminator="type"),
 ]
 """Any workflow event; dispatch on ``event.type``."""

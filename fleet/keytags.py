@@ -11,6 +11,7 @@ keys of one workflow land in one slot and a Lua script over them stays cluster-s
 ``{p}:events:{ROOT}``                       the run's event stream
 ``{p}:deltas:{ROOT}``                       the run's output deltas (capped, expiring)
 ``{p}:workflow:{ROOT}``                     the run record of the cancel board
+``{p}:asks:{ROOT}``                         the run's asks and answers (:mod:`fleet.asks`)
 ==========================================  =============================================
 
 A reservation under ancestor accounts (a team's budget above the workflow's) touches the

@@ -30,14 +30,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import telemetry
 from .cancel.board import CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
 from .deltas import DeltaChannel, MemoryDeltaChannel, use_deltas
-from .errors import WorkflowCancelledError, WorkflowClosedError
+from .errors import AskError, WorkflowCancelledError, WorkflowClosedError
 from .eventbus import (
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
@@ -64,6 +64,9 @@ from .resumable import execute_steps_parallel_resumable
 from .spec import AgentStepSpec, StepOutcome
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .asks import AskBook
     from .budget import BudgetSnapshot, WorkflowBudget
     from .stores import CheckpointStore
 
@@ -80,6 +83,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound="BaseModel")
+D = TypeVar("D")
+_NO_DEFAULT: Any = object()
+"""``Workflow.ask`` without a ``default``: a timeout raises ``AskTimeout``."""
 
 _BUS_EVENTS = (
     PhaseStart,
@@ -130,6 +137,9 @@ class _Run:
     """Where the run's output deltas travel (its executor's channel)."""
     deltas_reader: asyncio.Task[None] | None = None
     """Starts handing deltas to the bus (once someone subscribed with ``deltas=True``)."""
+    asked: set[str] = field(default_factory=set)
+    """The names this run asked (an ask name is unique within the workflow)."""
+    ask_book: AskBook | None = None
 
     def __post_init__(self) -> None:
         self.cancellation = Cancellation((self.run_id,))
@@ -535,6 +545,95 @@ class Workflow:
 
         return await self._verb("loop", body)
 
+    @overload
+    async def ask(
+        self, name: str, *, question: str, schema: type[M], timeout_s: float | None = None
+    ) -> M: ...
+
+    @overload
+    async def ask(
+        self,
+        name: str,
+        *,
+        question: str,
+        schema: type[M],
+        timeout_s: float | None = None,
+        default: D,
+    ) -> M | D: ...
+
+    @overload
+    async def ask(
+        self,
+        name: str,
+        *,
+        question: str,
+        schema: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        default: Any = ...,
+    ) -> Any: ...
+
+    async def ask(
+        self,
+        name: str,
+        *,
+        question: str,
+        schema: Any = None,
+        timeout_s: float | None = None,
+        default: Any = _NO_DEFAULT,
+    ) -> Any:
+        """Ask a person (or a system) and wait for the answer; a durable wait.
+
+        The question, its schema and an absolute deadline are journaled in the run's
+        store; an ``asked`` event is published; the program then waits, holding no step
+        reservation, until ``fleet answer ROOT NAME``, the dashboard or
+        :func:`fleet.asks.give_answer` gives an answer that fits (the first one wins; an
+        ``answered`` event says who). A re-run of the program returns a journaled answer
+        at once, and an answer given before the program got here is kept.
+
+        Args:
+            name: unique within the workflow: 1 to 100 letters, digits or ``_ . : -``.
+            question: what to ask, shown by ``fleet asks``, ``fleet status`` and the page.
+            schema: a pydantic model class (the answer comes back as an instance), a JSON
+                Schema dict, or ``None`` (any JSON value).
+            timeout_s: seconds from when the workflow first asked (an absolute deadline,
+                kept across re-runs); ``None`` waits for ever.
+            default: returned when the deadline passes unanswered.
+
+        Raises:
+            AskTimeout: the deadline passed unanswered and no ``default`` was given.
+            AskError: the name was already asked in this run, is malformed, the schema is
+                not usable, or the workflow has no store to journal in.
+            WorkflowCancelledError: the workflow was cancelled while waiting.
+        """
+        from .asks import NO_DEFAULT, ask_book_for, wait_for_answer
+
+        run = self._run
+        if name in run.asked or run.store is None:
+            raise AskError(
+                f"workflow {run.root_id!r} already asked {name!r}; give each ask its own name"
+                if run.store is not None
+                else f"ask {name!r} needs a journal to wait durably: build the workflow "
+                "with .with_store(...) (fleet run always gives it one)",
+                name=name,
+            )
+        run.asked.add(name)
+        book = run.ask_book = run.ask_book or ask_book_for(run.store)
+
+        async def body() -> Any:
+            return await wait_for_answer(
+                book,
+                run.root_id,
+                name,
+                question=question,
+                schema=schema,
+                timeout_s=timeout_s,
+                default=NO_DEFAULT if default is _NO_DEFAULT else default,
+                publish=run.publish,
+                cancellation=run.cancellation,
+            )
+
+        return await self._verb("ask", body)
+
     # ------------------------------------------------------------------ cancel
 
     async def cancel(self, reason: str = "cancelled by the workflow program") -> None:
@@ -662,8 +761,19 @@ class Workflow:
             if run.store is not None:
                 for journal in run.phase_journals:
                     await run.store.delete(journal)
+                await self._clear_asks(run.store)
         finally:
             await self._shutdown("finished")
+
+    async def _clear_asks(self, store: CheckpointStore) -> None:
+        """Forget the run's asks and any early answer: a new run starts from scratch."""
+        from .asks import ask_book_for
+
+        book = self._run.ask_book or ask_book_for(store)
+        try:
+            await book.clear(self._run.root_id)
+        finally:
+            await book.close()
 
     async def close(self) -> None:
         """End this process's part without finishing: journals are kept for a resume.
@@ -684,6 +794,9 @@ class Workflow:
         if run.watcher is not None:
             run.watcher.cancel()
             await asyncio.wait({run.watcher})
+        if run.ask_book is not None:
+            with contextlib.suppress(Exception):  # closing only releases a connection
+                await run.ask_book.close()
         if run.board is not None and run.begun:
             try:
                 await run.board.end(run.root_id, run.run_id, status)

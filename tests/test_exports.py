@@ -40,3 +40,10 @@ def test_core_contract_names_import_from_the_root() -> None:
         "load_agents",
     ]:
         assert hasattr(fleet, name), name
+
+
+def test_durable_wait_names_import_from_the_root() -> None:
+    """Workflow.ask's timeout error imports from `fleet` and is a FleetError (issue 29)."""
+    assert issubclass(fleet.AskTimeout, fleet.FleetError)
+    assert issubclass(fleet.AskTimeout, TimeoutError)
+    assert callable(fleet.Workflow.ask)

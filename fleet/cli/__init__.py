@@ -1,5 +1,6 @@
 """The ``fleet`` command line. Each module registers its commands on :data:`app`."""
 
+from . import asks as asks  # fleet answer, fleet asks
 from . import budget as budget  # fleet budget show|set
 from . import cancel as cancel  # fleet cancel
 from . import dashboard as dashboard  # fleet dashboard

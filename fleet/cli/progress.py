@@ -16,6 +16,8 @@ from rich.text import Text
 from ..budget import BudgetSnapshot
 from ..eventbus import Lagged
 from ..events import (
+    Answered,
+    Asked,
     BudgetExhausted,
     LogEvent,
     PhaseEnd,
@@ -56,6 +58,10 @@ def describe_event(event: Any) -> str | None:
         )
     if isinstance(event, Lagged):
         return f"... {event.missed} events not shown (the display fell behind)"
+    if isinstance(event, Asked):
+        return f"waiting for an answer to {event.name!r}: {event.question} (fleet answer)"
+    if isinstance(event, Answered):
+        return f"{event.name!r} answered by {event.by}"
     return None
 
 
@@ -147,7 +153,9 @@ class RunDisplay:
             if line is not None:
                 say(line)
             return
-        if isinstance(event, LogEvent | BudgetExhausted | WorkflowCancelled | Lagged):
+        if isinstance(
+            event, LogEvent | BudgetExhausted | WorkflowCancelled | Lagged | Asked | Answered
+        ):
             self.live.console.print(describe_event(event), highlight=False, markup=False)
         if now >= self._next_refresh or not isinstance(event, StepStarted | StepFinished):
             self._next_refresh = now + 0.1

@@ -34,6 +34,7 @@ from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan
 from ..sentinel import check_redis, is_sentinel
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
+from .asks import read_asks
 from .cancel import board_at, latest_run
 from .output import LiveOutput
 from .program import Program, load_program, program_agents
@@ -409,7 +410,10 @@ def status(
         run = asyncio.run(latest_run(board_at(config, located.places), root_id))
     except FleetError:
         run = None  # the journal and log above still tell what is known
-    if not report.known and run is None:
+    ask_lines = asyncio.run(read_asks(config, located.places, root_id))
+    if not report.known and run is None and not ask_lines:
         say(f"no workflow {root_id!r} found (looked in: {'; '.join(located.looked)})")
         raise typer.Exit(1)
     _print_status(report, run)
+    for line in ask_lines:
+        say(line)
