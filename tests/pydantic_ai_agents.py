@@ -4,7 +4,8 @@ Each agent is built when an agents file names it (module ``__getattr__``), talki
 loopback server in ``PA_TEST_BASE_URL`` as model ``PA_TEST_MODEL`` (default ``m``), so a
 test starts its server first and then loads the file, in this process or in a worker.
 The OpenAI client retries nothing itself unless ``PA_TEST_RETRIES`` says so: the tests
-count requests.
+count requests. ``PA_TEST_MAX_TOKENS_FIELD=max_tokens`` sends the cap as ``max_tokens``
+(llama-cpp-python's server ignores ``max_completion_tokens``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from openai import AsyncOpenAI
 from pydantic import BaseModel
 from pydantic_ai import Agent, NativeOutput
 from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.profiles.openai import OpenAIModelProfile
 from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.settings import ModelSettings
 
@@ -42,8 +44,13 @@ def model() -> OpenAIChatModel:
         max_retries=int(os.environ.get("PA_TEST_RETRIES", "0")),
     )
     CLIENTS.append(client)
+    profile = None
+    if os.environ.get("PA_TEST_MAX_TOKENS_FIELD") == "max_tokens":
+        profile = OpenAIModelProfile(openai_chat_supports_max_completion_tokens=False)
     return OpenAIChatModel(
-        os.environ.get("PA_TEST_MODEL", "m"), provider=OpenAIProvider(openai_client=client)
+        os.environ.get("PA_TEST_MODEL", "m"),
+        provider=OpenAIProvider(openai_client=client),
+        profile=profile,
     )
 
 

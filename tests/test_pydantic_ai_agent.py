@@ -20,12 +20,14 @@ from typing import Any
 
 import pytest
 
-from bench.provider import ProviderProcess
+from bench.provider import Provider, ProviderProcess
 from bench.rate_limits import served, window_peaks
 from fleet import AgentStepSpec, LocalExecutor, WorkflowBudget, execute_steps_parallel, load_agents
 from fleet.agents.pydantic_ai import PydanticAIAgent
 from fleet.celery import CeleryExecutor
+from fleet.deltas import LiveText
 from fleet.errors import ConfigError
+from fleet.events import StepDelta
 from fleet.ledgers import RedisLedger
 from fleet.workflow import Workflow
 from tests import pydantic_ai_agents
@@ -381,3 +383,44 @@ async def test_output_schema_and_max_steps_reach_the_run(monkeypatch: pytest.Mon
     assert sent[0]["tools"][0]["function"]["parameters"]["required"] == ["n"]
     assert capped.error == "max_steps", capped.output
     assert len(sent) == 2, "the tool round after the first request was never asked for"
+
+
+async def test_a_streaming_agent_publishes_its_text_and_is_charged_the_providers_usage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stream = true: requests stream, deltas join to each output, the budget is exact."""
+    with Provider(latency_s=0.0, token_interval_s=0.002, completion_tokens=24) as provider:
+        monkeypatch.setenv("PA_TEST_BASE_URL", provider.base_url)
+        agent = PydanticAIAgent(pydantic_ai_agents.writer, unknown_price="allow", stream=True)
+        budget = WorkflowBudget(100_000)
+        flow = Workflow.builder(LocalExecutor(agents={"writer": agent}, budget=budget)).build()
+        events = flow.subscribe(deltas=True, capacity=100_000)
+        outcomes = await flow.parallel([_spec(f"s{i}", max_tokens=400) for i in range(3)])
+        await flow.close()
+        live = LiveText()
+        deltas = [e async for e in events if isinstance(e, StepDelta)]
+        for delta in deltas:
+            live.fold(delta)
+        log = provider.stats()["log"]
+        snapshot = await budget.snapshot()
+    assert all(o.success for o in outcomes), [o.output for o in outcomes]
+    assert len(deltas) > 3
+    assert live.text == {o.task_id: o.output for o in outcomes}
+    assert all("first_token_at" in entry for entry in log), "every request streamed"
+    reported = sum(entry["total_tokens"] for entry in log)
+    assert snapshot.consumed_tokens == reported == sum(o.usage.total_tokens for o in outcomes)
+    assert snapshot.reserved_tokens == 0
+
+
+async def test_a_429_pauses_the_agents_limit(server: FakeOpenAI, tmp_path: Path) -> None:
+    """A 429 with Retry-After: 1 fails its step `unavailable`; the next request waits 1 s."""
+    server.script(error(429, "slow down", headers={"Retry-After": "1"}), reply("ok"))
+    limit = "[limits.provider]\nrequests = 100\n"
+    host = LocalExecutor(agents=load_agents(_agents_file(tmp_path, "writer", limit=limit)))
+    first = await host.execute_step(_spec("a", timeout_s=10))
+    second = await host.execute_step(_spec("b", timeout_s=10))
+
+    assert first.error == "unavailable" and "429" in first.output, first.output
+    assert second.success, second.output
+    refused, answered = server.requests
+    assert answered.at - refused.at >= 1.0 - 0.02

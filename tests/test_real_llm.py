@@ -31,12 +31,13 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from fleet import AgentStepSpec, LocalExecutor, StepOutcome
+from fleet import AgentStepSpec, LocalExecutor, StepOutcome, load_agents
 from fleet.agents import AgentContext, OpenAIAgent, OpenAIAgentConfig
 from fleet.budget import WorkflowBudget
 from fleet.redis_server import free_port
 from fleet.step import run_agent
 
+from . import pydantic_ai_agents
 from .counting_proxy import CountingProxy, Exchange
 from .fake_openai import AutoModel, FakeOpenAI
 
@@ -291,3 +292,41 @@ async def test_sixteen_steps_on_a_saturated_server_cause_no_retry_storm(
     print(f"{provider.name}: 16 steps, {received} requests received, {dropped} dropped")
     assert received <= 16 + 4 + dropped, (received, dropped)
     assert agent.transport.gate.peak <= 16
+
+
+async def test_a_pydantic_ai_step_completes(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A pydantic-ai agent's step completes, capped and charged what the server reported."""
+    monkeypatch.setenv("PA_TEST_BASE_URL", provider.proxy.base_url)
+    monkeypatch.setenv("PA_TEST_MODEL", provider.model)
+    monkeypatch.setenv("PA_TEST_RETRIES", "2")  # the hostile fake drops every ninth connection
+    monkeypatch.setenv("PA_TEST_MAX_TOKENS_FIELD", "max_tokens")
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        '[agents.llm]\nkind = "pydantic_ai"\ntarget = "tests.pydantic_ai_agents:writer"\n',
+        encoding="utf-8",
+    )
+    budget = WorkflowBudget(100_000)
+    executor = LocalExecutor(agents=load_agents(path), budget=budget)
+    before = len(provider.completions())
+    try:
+        outcome = await executor.execute_step(
+            make_spec("Say hello in one short sentence.", max_tokens=200)
+        )
+    finally:
+        while pydantic_ai_agents.CLIENTS:
+            await pydantic_ai_agents.CLIENTS.pop().close()
+    answered = [e for e in provider.completions()[before:] if e.status == 200]
+
+    assert outcome.success, outcome.output
+    assert isinstance(outcome.output, str) and outcome.output.strip()
+    assert outcome.structured is None and outcome.error is None
+    assert len(answered) == 1
+    assert 0 < answered[0].request["max_tokens"] <= 200
+    reported = answered[0].response["usage"]
+    assert reported["prompt_tokens"] > 0 and reported["completion_tokens"] > 0
+    assert outcome.usage.total_tokens == reported["total_tokens"]
+    snapshot = await budget.snapshot()
+    assert snapshot.consumed_tokens == reported["total_tokens"]
+    assert snapshot.reserved_tokens == 0

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_ai import StructuredDict
-from pydantic_ai.agent import AbstractAgent
+from pydantic_ai.agent import AbstractAgent, EventStreamHandler
 from pydantic_ai.exceptions import AgentRunError
+from pydantic_ai.messages import (
+    AgentStreamEvent,
+    PartDeltaEvent,
+    PartStartEvent,
+    TextPart,
+    TextPartDelta,
+)
 from pydantic_ai.models import Model, infer_model
+from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import UsageLimits
 from pydantic_core import to_json, to_jsonable_python
 
@@ -41,6 +49,9 @@ class PydanticAIAgentConfig(BaseModel):
     """An unpriced model where dollars are counted: ``"refuse"`` fails the step
     ``no_price`` before any request; ``"allow"`` runs it uncounted. Default: the agents
     file's top-level ``unknown_price``."""
+    stream: bool = False
+    """Stream each request and publish the text as the step's output deltas
+    (``ctx.emit_delta``: ``fleet watch ROOT --output``, ``subscribe(deltas=True)``)."""
 
 
 class PydanticAIAgent:
@@ -58,6 +69,7 @@ class PydanticAIAgent:
         provider: genai-prices' provider id, when the model's own does not say.
         unknown_price: what to do with an unpriced model where dollars are counted.
         reserve_tokens: the reservation of a step without ``max_tokens``.
+        stream: stream each request, publishing its text as the step's output deltas.
 
     Raises:
         ConfigError: ``agent`` is not a pydantic-ai agent or has no model.
@@ -72,6 +84,7 @@ class PydanticAIAgent:
         provider: str | None = None,
         unknown_price: UnknownPrice = "refuse",
         reserve_tokens: int | None = None,
+        stream: bool = False,
     ) -> None:
         if not isinstance(agent, AbstractAgent):
             raise ConfigError(
@@ -89,6 +102,7 @@ class PydanticAIAgent:
         self.provider = provider
         self.unknown_price: UnknownPrice = unknown_price
         self.reserve_tokens = reserve_tokens
+        self.stream = stream
         self._model: Model | None = None
         self._priced: dict[str, ModelPrice | None] = {}
 
@@ -128,6 +142,8 @@ class PydanticAIAgent:
         schema = spec.output_schema
         if schema is not None and schema.get("type") == "object":
             options["output_type"] = StructuredDict(schema, name="step_output", validate=True)
+        if self.stream:
+            options["event_stream_handler"] = _deltas(ctx)
         try:
             result = await self.agent.run(spec.prompt, model=model, **options)
         except AgentRunError as error:
@@ -137,6 +153,27 @@ class PydanticAIAgent:
         if usage.total_tokens < ctx.used.total_tokens:
             usage = ctx.used
         return _result(result.output, usage)
+
+
+def _deltas(ctx: AgentContext) -> EventStreamHandler[Any]:
+    """An event handler that publishes each streamed response's text as the step's deltas.
+
+    Each model response starts the shown text over, so it ends as the last response's.
+    """
+
+    async def publish(run: RunContext[Any], events: AsyncIterable[AgentStreamEvent]) -> None:
+        fresh = True
+        async for event in events:
+            text = None
+            if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+                text = event.part.content
+            elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+                text = event.delta.content_delta
+            if text is not None:
+                ctx.emit_delta(text, replace=fresh)
+                fresh = False
+
+    return publish
 
 
 def _result(output: Any, usage: TokenUsage) -> AgentResult:
@@ -187,6 +224,7 @@ def definition_from_config(
             provider=config.provider,
             unknown_price=config.unknown_price or unknown_price,
             reserve_tokens=config.reserve_tokens,
+            stream=config.stream,
         )
     except ConfigError as problem:
         raise ConfigError(f"{where}: {problem}", key=f"agents.{name}.target") from None
