@@ -10,6 +10,8 @@ Routes (all behind basic auth except ``/healthz``):
   workflow's JSON whenever it changed, until the run ended;
 - ``POST /api/workflows/{root_id}/cancel`` (JSON body, optional ``reason``): cancels the
   run on the cancel board it registered on (:mod:`fleet.cancel`);
+- ``GET /api/asks`` and ``POST /api/workflows/{root_id}/asks/{name}``: the questions
+  workflows wait on, and answers to them (:mod:`fleet.dashboard.asks`);
 - ``GET /metrics``: Prometheus metrics with bounded labels (:mod:`fleet.dashboard.metrics`).
 
 Bad input is a 4xx JSON ``{"error": ...}``; nothing ever answers with a traceback.
@@ -44,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import metrics as process_metrics
 from ..config import FleetSettings
 from ..errors import ConfigError
+from .asks import ask_routes
 from .data import Catalog
 from .metrics import render_metrics
 from .views import WorkflowView
@@ -385,6 +388,7 @@ def create_app(settings: FleetSettings, *, catalog: Catalog | None = None) -> St
     """
     user, password = dashboard_auth(settings)
     board = Dashboard(settings, catalog or Catalog(settings))
+    answer_routes, asks = ask_routes(settings, board.catalog)  # Workflow.ask: list, answer
     routes = [
         Route("/", board.index_page),
         Route("/healthz", _healthz),
@@ -396,6 +400,7 @@ def create_app(settings: FleetSettings, *, catalog: Catalog | None = None) -> St
         Route("/api/workflows/{root_id}/events", board.api_events),
         Route("/api/workflows/{root_id}/steps/{task_id}", board.api_step),
         Route("/api/workflows/{root_id}/cancel", board.api_cancel, methods=["POST"]),
+        *answer_routes,
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
 
@@ -404,6 +409,7 @@ def create_app(settings: FleetSettings, *, catalog: Catalog | None = None) -> St
         try:
             yield
         finally:
+            await asks.close()
             board.catalog.close()
 
     return Starlette(

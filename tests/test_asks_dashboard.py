@@ -1,0 +1,148 @@
+"""The dashboard answers asks: the JSON API (locally and on a fleet) and Approve in Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests import asks_support
+from tests.asks_support import Backend, wait, waiting_for_answer
+from tests.dashboard_support import PASSWORD, Dashboard, running_dashboard
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
+
+backend = asks_support.backend  # the fixtures: each test runs locally and on a fleet
+fleet_backend = asks_support.fleet_backend
+
+
+@pytest.fixture
+def dashboard(backend: Backend) -> Iterator[Dashboard]:
+    with running_dashboard(backend.settings, backend.directory) as running:
+        yield running
+
+
+def post(client: httpx.Client, root: str, body: str, name: str = "publish") -> httpx.Response:
+    return client.post(
+        f"/api/workflows/{root}/asks/{name}",
+        content=body,
+        headers={"Content-Type": "application/json"},
+    )
+
+
+def test_the_api_lists_and_answers_an_ask(backend: Backend, dashboard: Dashboard) -> None:
+    """GET /api/asks lists it; POST answers: 415, 422 (field), 404, 200 as the user, 409."""
+    root = f"api-{backend.name}"
+    run = backend.start(root)
+    try:
+        wait(waiting_for_answer(backend, root), run, "the ask")
+        with dashboard.client() as client:
+            listing = client.get("/api/asks")
+            assert listing.status_code == 200, listing.text
+            (item,) = [i for i in listing.json()["items"] if i["root_id"] == root]
+            assert {"root_id", "name", "question", "schema", "asked_at", "deadline"} <= set(item)
+            assert item["name"] == "publish" and item["question"] == "Publish the 3 drafts?"
+            assert item["schema"]["properties"]["approved"]["type"] == "boolean"
+            assert item["deadline"] > item["asked_at"]
+
+            plain = client.post(f"/api/workflows/{root}/asks/publish", content="true")
+            assert plain.status_code == 415
+            wrong = post(client, root, '{"approved": "sure"}')
+            assert wrong.status_code == 422, wrong.text
+            assert wrong.json()["field"] == "approved" and "approved" in wrong.json()["error"]
+            assert post(client, "nobody-ran-this", "true").status_code == 404
+            taken = post(client, root, '{"approved": true, "note": "from the dashboard"}')
+            assert taken.status_code == 200, taken.text
+            assert taken.json()["by"] == "fleet" and taken.json()["state"] == "answered"
+            again = post(client, root, '{"approved": false}')
+            assert again.status_code == 409 and "already answered" in again.json()["error"]
+            assert root not in {i["root_id"] for i in client.get("/api/asks").json()["items"]}
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert "'publish' answered by fleet" in stdout
+    assert backend.out()["note"] == "from the dashboard"
+    assert [backend.runs(root, f"publish{i}") for i in range(2)] == [1, 1]
+
+
+def test_the_api_refuses_an_answer_past_the_deadline(
+    backend: Backend, dashboard: Dashboard
+) -> None:
+    """The host died waiting; after the deadline the dashboard answers 409 and lists nothing."""
+    root = f"api-late-{backend.name}"
+    run = backend.start(root, FLOW_TIMEOUT_S="3")
+    try:
+        wait(waiting_for_answer(backend, root), run, "the ask")
+    finally:
+        run.kill()
+        run.communicate()
+    record = backend.ask(root)
+    assert record is not None and record.deadline is not None
+    time.sleep(max(record.deadline - time.time(), 0) + 0.1)
+    with dashboard.client() as client:
+        assert root not in {i["root_id"] for i in client.get("/api/asks").json()["items"]}
+        late = post(client, root, '{"approved": true}')
+    assert late.status_code == 409 and late.json()["kind"] == "expired", late.text
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "chromium / chromedriver missing: run scripts/install-browser"
+    options = Options()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-quic", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,1000")
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_the_approve_button_answers(
+    backend: Backend, dashboard: Dashboard, browser: WebDriver
+) -> None:
+    """The list page shows the question with a form from its schema; Approve answers it."""
+    root = f"page-{backend.name}"
+    run = backend.start(root)
+    try:
+        wait(waiting_for_answer(backend, root), run, "the ask")
+        browser.get(dashboard.url.replace("http://", f"http://fleet:{PASSWORD}@") + "/")
+        selector = f"form.ask[data-root-id='{root}']"
+        form = WebDriverWait(browser, 30, poll_frequency=0.1).until(
+            lambda b: b.find_element(By.CSS_SELECTOR, selector), message="the question listed"
+        )
+        assert "Publish the 3 drafts?" in form.find_element(By.CLASS_NAME, "question").text
+        labels = [b.text for b in form.find_elements(By.TAG_NAME, "button")]
+        assert labels == ["Approve", "Reject"]
+        form.find_element(By.NAME, "note").send_keys("looks good")
+        form.find_element(By.CSS_SELECTOR, "button[data-choice='true']").click()
+        WebDriverWait(browser, 30, poll_frequency=0.1).until(
+            lambda b: "answered by fleet" in form.find_element(By.CLASS_NAME, "ask-note").text,
+            message="the answer taken",
+        )
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert "'publish' answered by fleet" in stdout
+    assert backend.out()["approved"] is True and backend.out()["note"] == "looks good"
+    assert [backend.runs(root, f"publish{i}") for i in range(2)] == [1, 1]
