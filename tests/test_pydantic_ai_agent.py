@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage
 
 from bench.provider import Provider, ProviderProcess
 from bench.rate_limits import served, window_peaks
 from fleet import AgentStepSpec, LocalExecutor, WorkflowBudget, execute_steps_parallel, load_agents
 from fleet.agents.pydantic_ai import PydanticAIAgent
+from fleet.cancel import Cancellation, use_cancellation
 from fleet.celery import CeleryExecutor
 from fleet.deltas import LiveText
 from fleet.errors import ConfigError
@@ -424,3 +429,53 @@ async def test_a_429_pauses_the_agents_limit(server: FakeOpenAI, tmp_path: Path)
     assert second.success, second.output
     refused, answered = server.requests
     assert answered.at - refused.at >= 1.0 - 0.02
+
+
+async def test_a_cancel_closes_the_open_requests_on_celery_workers_within_2_s(
+    slow_server: FakeOpenAI, redis_url: str, tmp_path: Path
+) -> None:
+    """On a worker too: a cancel closes every open request of the agents within 2 s."""
+    settings = fleet_settings(
+        redis_url, agents_file=_agents_file(tmp_path, "writer"), claim_timeout_s=60.0
+    )
+    cancellation = Cancellation(("pa-cancel",))
+    env = {"PA_TEST_BASE_URL": slow_server.base_url}
+    with running_workers(settings, tmp_path, "w1", concurrency=4, env=env):
+        async with CeleryExecutor(settings=settings) as host:
+            with use_cancellation(cancellation):
+                round_ = asyncio.create_task(
+                    execute_steps_parallel(host, [_spec(f"s{i}") for i in range(4)])
+                )
+            assert await asyncio.to_thread(slow_server.wait_for, lambda s: len(s.requests) == 4)
+            cancelled_at = time.monotonic()
+            cancellation.cancel("test says stop")
+            closed = await asyncio.to_thread(
+                slow_server.wait_for, lambda s: s.disconnects == 4, 2.0
+            )
+            closed_after = time.monotonic() - cancelled_at
+            outcomes = await asyncio.wait_for(round_, 30)
+
+    assert closed, f"{slow_server.disconnects} of 4 requests closed after {closed_after:.2f} s"
+    assert closed_after <= 2.0
+    assert [o.error for o in outcomes] == ["cancelled"] * 4
+
+
+async def test_a_model_that_is_not_openai_compatible_is_held_the_same_way() -> None:
+    """pydantic-ai's in-process FunctionModel: its request sees the cap, its usage is charged."""
+    seen: list[Any] = []
+
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append((info.model_settings or {}).get("max_tokens"))
+        usage = RequestUsage(input_tokens=40, output_tokens=9)
+        return ModelResponse(parts=[TextPart("hello")], usage=usage, model_name="local-fn")
+
+    agent = PydanticAIAgent(Agent(FunctionModel(answer, model_name="local-fn")))
+    budget = WorkflowBudget(1_000)
+    host = LocalExecutor(agents={"writer": agent}, budget=budget)
+    outcome = await host.execute_step(_spec("f", max_tokens=300))
+    snapshot = await budget.snapshot()
+
+    assert outcome.success and outcome.output == "hello", outcome.output
+    assert len(seen) == 1 and 0 < seen[0] < 300
+    assert outcome.usage.total_tokens == 49
+    assert snapshot.consumed_tokens == 49 and snapshot.reserved_tokens == 0
