@@ -97,10 +97,12 @@ class Backend:
             timeout=120,
         )
 
-    def start(self, root: str, **extra: str) -> subprocess.Popen[str]:
-        flow = self.directory / "flow.py"
-        flow.write_text(FLOW)
-        command = [sys.executable, "-m", "fleet", "run", f"{flow}:main", "--root-id", root]
+    def start(self, root: str, target: str = "", **extra: str) -> subprocess.Popen[str]:
+        if not target:
+            flow = self.directory / "flow.py"
+            flow.write_text(FLOW)
+            target = f"{flow}:main"
+        command = [sys.executable, "-m", "fleet", "run", target, "--root-id", root]
         return subprocess.Popen(
             command + self.run_options,
             cwd=REPO,
@@ -160,16 +162,21 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> B
     if request.param == "fleet":
         settings, counters = request.getfixturevalue("fleet_backend")
         return Backend("fleet", settings, ["--executor", "celery"], counters, tmp_path)
-    counters = tmp_path / "counters"
+    return local_backend(tmp_path, redis_url)
+
+
+def local_backend(directory: Path, redis_url: str) -> Backend:
+    """The embedded default: local executor, the SQLite journal in ``directory``."""
+    counters = directory / "counters"
     counters.mkdir()
     settings = FleetSettings(
-        store=f"sqlite:{tmp_path / 'journal.db'}",
+        store=f"sqlite:{directory / 'journal.db'}",
         redis_url=redis_url,
         key_prefix=f"fleet-test-{uuid.uuid4().hex[:10]}",
         agents_file=AGENTS_FILE,
-        run_index=tmp_path / "runs.db",
+        run_index=directory / "runs.db",
     )
-    return Backend("local", settings, [], counters, tmp_path)
+    return Backend("local", settings, [], counters, directory)
 
 
 def wait(condition: Callable[[], bool], process: subprocess.Popen[str], what: str) -> None:

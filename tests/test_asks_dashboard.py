@@ -96,6 +96,32 @@ def test_the_api_refuses_an_answer_past_the_deadline(
     assert late.status_code == 409 and late.json()["kind"] == "expired", late.text
 
 
+def test_the_api_keeps_an_early_answer(backend: Backend, dashboard: Dashboard) -> None:
+    """Answered before the program asks: kept (200, "early"), then taken when it asks."""
+    root = f"api-early-{backend.name}"
+    gate = backend.directory / "gate"
+    gate.touch()
+    run = backend.start(root, FLOW_GATE=str(gate))
+    try:
+        wait(lambda: backend.started(root), run, "the run to start")
+        with dashboard.client() as client:
+            deadline = time.monotonic() + 30
+            while (early := post(client, root, '{"approved": true}')).status_code == 404:
+                assert time.monotonic() < deadline, "the dashboard never saw the run"
+                time.sleep(0.2)  # the dashboard reads the run's log once a second
+            assert early.status_code == 200, early.text
+            assert early.json()["state"] == "early"
+            gate.unlink()
+            stdout, stderr = run.communicate(timeout=120)
+            assert run.returncode == 0, stdout + stderr
+            finished = post(client, root, '{"approved": true}')
+            assert finished.status_code == 404 and "finished" in finished.json()["error"]
+    finally:
+        run.kill()
+    assert "waiting for an answer" not in stdout
+    assert backend.out()["approved"] is True
+
+
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")

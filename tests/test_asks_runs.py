@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from fleet.asks import AskRecord, give_answer, open_ask_book
 from tests import asks_support
-from tests.asks_support import Backend, prefix, wait, waiting_for_answer
+from tests.asks_support import Backend, local_backend, prefix, wait, waiting_for_answer
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -166,3 +167,26 @@ def test_answering_an_unknown_workflow_exits_1_with_one_line(backend: Backend) -
     assert "no workflow 'no-such-run' found" in one_line(done)
     bad = backend.fleet("answer", "no-such-run", "publish", "--json", "{not json")
     assert "not JSON" in one_line(bad)
+
+
+def test_the_approval_example_runs_and_waits_for_fleet_answer(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """`fleet run examples/approval.py:main` drafts, waits, and publishes once approved."""
+    local = local_backend(tmp_path, redis_url)
+    run = local.start("release-1", "examples/approval.py:main")
+    try:
+        wait(waiting_for_answer(local, "release-1"), run, "the ask")
+        asked = local.ask("release-1")
+        assert asked is not None and asked.question is not None
+        assert asked.question.startswith("Publish these release notes? ")
+        given = local.fleet(
+            "answer", "release-1", "publish", "--json", '{"approved": true, "note": "ship it"}'
+        )
+        assert given.returncode == 0, given.stdout + given.stderr
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert '"published": true' in stdout and '"note": "ship it"' in stdout
+    assert "phase 3 publish: 1 ok, 0 failed" in stdout
