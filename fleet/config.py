@@ -116,6 +116,9 @@ class FleetSettings(BaseSettings):
     dashboard_show_text: bool = False
     """Let the dashboard show step outputs (from the journal) and workflow log lines; off,
     it shows no prompt or output text at all."""
+    dashboard_show_output: bool = False
+    """Let the dashboard's step panel show a fleet run's live output (its output deltas,
+    ``FLEET_DASHBOARD_SHOW_OUTPUT=1``); outputs can be sensitive, and prompts are never shown."""
 
     @classmethod
     def settings_customise_sources(

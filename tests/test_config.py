@@ -90,6 +90,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "dashboard_password": names,
     "dashboard_flower_url": st.sampled_from(["http://127.0.0.1:5555", "https://flower.example"]),
     "dashboard_show_text": st.booleans(),
+    "dashboard_show_output": st.booleans(),
 }
 """A valid value for every setting (a test below checks that none is missing)."""
 
@@ -108,6 +109,7 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "metrics_port": bad_scalars | st.integers(max_value=-1) | st.integers(min_value=65536),
     "dashboard_port": bad_scalars | st.integers(max_value=0) | st.integers(min_value=65536),
     "dashboard_show_text": st.sampled_from([[1], {"a": 1}, "maybe", 2, -1]),
+    "dashboard_show_output": st.sampled_from([[1], {"a": 1}, "maybe", 2, -1]),
 }
 """A value of the wrong type or out of range for every setting."""
 

@@ -6,6 +6,9 @@ Routes (all behind basic auth except ``/healthz``):
 - ``GET /api/workflows`` (``?status=``, ``?limit=``) and ``GET /api/workflows/{root_id}``;
 - ``GET /api/workflows/{root_id}/steps/{task_id}``: one step, with its output from the
   journal only when ``dashboard_show_text`` is on;
+- ``GET /api/workflows/{root_id}/steps/{task_id}/live``: the step's live output as
+  server-sent events, resumable with ``Last-Event-ID``, only with ``dashboard_show_output``
+  on (:mod:`fleet.dashboard.live`);
 - ``GET /api/workflows/{root_id}/events``: server-sent events, one ``data:`` line with the
   workflow's JSON whenever it changed, until the run ended;
 - ``POST /api/workflows/{root_id}/cancel`` (JSON body, optional ``reason``): cancels the
@@ -48,6 +51,7 @@ from ..config import FleetSettings
 from ..errors import ConfigError
 from .asks import ask_routes
 from .data import Catalog
+from .live import LiveOutput
 from .metrics import render_metrics
 from .views import WorkflowView
 
@@ -191,6 +195,7 @@ class Dashboard:
 
     def _page(self, request: Request, name: str, context: dict[str, Any]) -> Response:
         context = {**context, "flower_url": self.flower_url, "show_text": self.show_text}
+        context["show_output"] = self.settings.dashboard_show_output
         return self.templates.TemplateResponse(request, name, context, headers=_NO_STORE)
 
     # -- API ---------------------------------------------------------------------------
@@ -389,6 +394,7 @@ def create_app(settings: FleetSettings, *, catalog: Catalog | None = None) -> St
     user, password = dashboard_auth(settings)
     board = Dashboard(settings, catalog or Catalog(settings))
     answer_routes, asks = ask_routes(settings, board.catalog)  # Workflow.ask: list, answer
+    live = LiveOutput(board)
     routes = [
         Route("/", board.index_page),
         Route("/healthz", _healthz),
@@ -399,6 +405,7 @@ def create_app(settings: FleetSettings, *, catalog: Catalog | None = None) -> St
         Route("/api/workflows/{root_id}", board.api_workflow),
         Route("/api/workflows/{root_id}/events", board.api_events),
         Route("/api/workflows/{root_id}/steps/{task_id}", board.api_step),
+        Route("/api/workflows/{root_id}/steps/{task_id}/live", live.api_live),
         Route("/api/workflows/{root_id}/cancel", board.api_cancel, methods=["POST"]),
         *answer_routes,
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),

@@ -54,10 +54,11 @@ function showStep(taskId) {
   ];
   const list = el("dl", {}, fields.flatMap(([name, value]) => [el("dt", {}, [name]), el("dd", {}, [value])]));
   const close = el("button", { type: "button", id: "close-step" }, ["close"]);
-  close.addEventListener("click", () => { openStep = null; panel.hidden = true; });
+  close.addEventListener("click", () => { openStep = null; panel.hidden = true; closeLive(); });
   const parts = [el("h2", {}, ["Step " + step.task_id]), list];
   if (step.flower) parts.push(el("a", { href: step.flower, id: "flower-link", rel: "noreferrer" }, ["this task in Flower"]));
   if (showText) parts.push(el("h3", {}, ["output"]), outputOf(step.task_id));
+  if (showOutput) parts.push(el("h3", {}, ["live output"]), liveOf(base, step.task_id));
   parts.push(close);
   panel.replaceChildren(...parts);
   panel.hidden = false;
