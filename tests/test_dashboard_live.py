@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from fleet import AgentStepSpec
@@ -140,7 +139,8 @@ def test_the_step_panel_shows_live_text_in_a_real_browser(
     thread = run(settings, root_id, "40/0.15")
     open_from_list(browser, root_id)
     wait(browser, "s1 running", lambda b: step_states(b, "s1") == ["running"])
-    browser.find_element(By.CSS_SELECTOR, "tr.step[data-task-id='s1']").click()
+    # One script: the table is redrawn on every update, so a found row can go stale.
+    browser.execute_script("document.querySelector(\"tr.step[data-task-id='s1']\").click()")
     wait(browser, "some live text", lambda b: "w3" in live_text(b))
     assert step_states(browser, "s1") == ["running"]  # seen while the step still ran
     thread.join(timeout=60)
