@@ -87,8 +87,15 @@ class FleetSettings(BaseSettings):
     """A step no worker has claimed or finished within this is re-sent under the same id."""
     step_lease_s: float = Field(default=10.0, gt=0)
     """A worker's claim on a step; renewed while the step runs."""
-    result_expires_s: int = Field(default=86400, ge=60)
-    """How long Celery keeps task results."""
+    result_expires_s: int = Field(default=3600, ge=60)
+    """How long a step's result is kept when no host reads it (a host that reads it keeps it
+    only :data:`~fleet.celery.protocol.RESULT_GRACE_S` more), and how long a round outside
+    any workflow remembers its finished steps to refuse late duplicates: longer than the
+    broker's visibility timeout (900 s), after which Redis redelivers an unacked message."""
+    retention_s: int = Field(default=7 * 86400, ge=1)
+    """How long Redis keeps an ended workflow's records (events, budget, run record,
+    journals, done-markers): seven days, as Temporal's default namespace retention.
+    ``FLEET_RETENTION_S``; see ``docs/SCALING.md``."""
     event_stream_maxlen: int = Field(default=10000, ge=100)
     """Events kept per workflow in its event log (Redis stream or SQLite table)."""
     flower_port: int = Field(default=5555, ge=1, le=65535)

@@ -224,11 +224,19 @@ async def open_run(
         )
     board = open_cancel_board(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
     builder = builder.with_cancel_board(board)
+    retention = None
+    if places.ledger is not None:  # the run keeps records in the fleet's Redis
+        from .retention import RedisRetention
+
+        retention = RedisRetention(
+            places.ledger, key_prefix=config.key_prefix, retention_s=config.retention_s
+        )
+        builder = builder.with_retention(retention)
     _index_run(config.run_index, root_id, places)
     try:
         yield builder
     finally:
-        for resource in (journal, host, ledger, board):
+        for resource in (journal, host, ledger, board, retention):
             if resource is not None:
                 await _close(resource)
 

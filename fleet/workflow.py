@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
     from .asks import AskBook
     from .budget import BudgetSnapshot, WorkflowBudget
+    from .retention import RedisRetention
     from .stores import CheckpointStore
 
 __all__ = [
@@ -140,9 +141,11 @@ class _Run:
     asked: set[str] = field(default_factory=set)
     """The names this run asked (an ask name is unique within the workflow)."""
     ask_book: AskBook | None = None
+    retention: RedisRetention | None = None
+    """Sets the expiry of the run's Redis records when it ends (:mod:`fleet.retention`)."""
 
     def __post_init__(self) -> None:
-        self.cancellation = Cancellation((self.run_id,))
+        self.cancellation = Cancellation((self.run_id,), root_id=self.root_id)
 
     def read_deltas(self) -> asyncio.Task[None] | None:
         """Start delivering deltas to the bus, if someone wants them and a loop runs."""
@@ -228,6 +231,7 @@ class WorkflowBuilder:
     event_stream_prefix: str = "fleet"
     event_stream_maxlen: int = 10_000
     cancel_board: CancelBoard | None = None
+    retention: RedisRetention | None = None
 
     def with_store(self, store: CheckpointStore) -> WorkflowBuilder:
         """Journal every phase in ``store``, making phases resume boundaries."""
@@ -259,6 +263,16 @@ class WorkflowBuilder:
         status``). Use a ``RedisCancelBoard`` on the fleet's Redis for a Celery run.
         """
         return replace(self, cancel_board=board)
+
+    def with_retention(self, retention: RedisRetention) -> WorkflowBuilder:
+        """Keep the run's Redis records only ``retention.retention_s`` once it has ended.
+
+        When the run ends (finished, failed or cancelled) its events, budget account,
+        run record, phase journals and step record get that expiry in one script; while
+        it runs (and when it begins again) they have none. ``fleet run`` sets this for
+        every run that uses Redis; see :mod:`fleet.retention`.
+        """
+        return replace(self, retention=retention)
 
     def with_event_stream(
         self, url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
@@ -314,6 +328,7 @@ class WorkflowBuilder:
                 step_events=self.step_events,
                 stream=stream,
                 board=self.cancel_board,
+                retention=self.retention,
             )
         )
 
@@ -498,6 +513,8 @@ class Workflow:
         index = run.phase_count
         run.phase_count += 1
         journal = run.journal_id(name) if run.store is not None else None
+        if journal is not None:
+            await self._retain("keep", journals=[journal])  # an ended run's journal, resumed
         run.publish(PhaseStart(name=name, index=index, step_count=len(specs)))
         if run.store is not None and journal is not None:
             outcomes = await execute_steps_parallel_resumable(
@@ -669,6 +686,7 @@ class Workflow:
         """Register the run on its cancel board and start watching it for a cancel."""
         run = self._run
         run.begun = True
+        await self._retain("keep")
         if run.board is None:
             return
         try:
@@ -807,6 +825,22 @@ class Workflow:
         if run.stream is not None:
             await run.record_budget()
             await run.stream.close(status)
+        if status in ("finished", "failed", "cancelled"):
+            await self._retain("expire", journals=run.phase_journals, run_id=run.run_id)
+
+    async def _retain(self, action: str, **keys: Any) -> None:
+        """Keep (``"keep"``) or expire (``"expire"``) the run's Redis records; never fails."""
+        run = self._run
+        if run.retention is None:
+            return
+        budget = run.budget
+        accounts = [budget.workflow_id] if budget is not None and budget.workflow_id else []
+        try:
+            await getattr(run.retention, action)(run.root_id, accounts=accounts, **keys)
+        except Exception as error:  # `fleet gc` prunes what this leaves
+            logger.warning(
+                "workflow %r: cannot %s its Redis records: %s", run.root_id, action, error
+            )
 
     async def __aenter__(self) -> Workflow:
         self._check_open()

@@ -22,6 +22,7 @@ import redis
 
 from fleet import AgentStepSpec, StepOutcome, execute_pipeline, execute_steps_parallel
 from fleet.celery import CeleryExecutor
+from fleet.celery.protocol import Keys
 from fleet.events import StepFinished
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
@@ -333,7 +334,7 @@ async def test_resumed_host_reattaches_to_steps_in_flight(
         tids = step_ids(log, settings.queue)
         found = {}
         for task, tid in tids.items():
-            if client.exists(f"{settings.key_prefix}:done:{tid}"):
+            if client.hexists(Keys(settings.key_prefix).steps("wf-reattach"), f"done:{tid}"):
                 found[task] = "done"
             elif client.exists(f"{settings.key_prefix}:lease:{tid}"):
                 found[task] = "running"

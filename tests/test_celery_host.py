@@ -72,7 +72,7 @@ def test_app_is_json_only_with_late_acks_and_events(redis_url: str) -> None:
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert conf.worker_send_task_events and conf.task_send_sent_event
-    assert conf.result_expires == 86400
+    assert conf.result_expires == fleet_settings(redis_url).result_expires_s
     assert conf.broker_transport_options["visibility_timeout"] >= 300
     assert {STEP_TASK, "fleet.run_stage"} <= set(app.tasks)
     app.close()

@@ -262,7 +262,7 @@ def test_a_fresh_worker_claims_on_many_threads_at_once(
 
     def claim(i: int) -> str:
         start.wait()
-        status, _ = runtime.claim(f"t{i}", "n", runtime.keys.reply("r"), "", [])
+        status, _ = runtime.claim(f"t{i}", "n", runtime.keys.reply("r"), "", [], "n")
         runtime.abandon(f"t{i}")
         return status
 
@@ -281,8 +281,8 @@ def test_a_step_with_a_done_marker_is_answered_from_it_under_any_send_id(redis_u
     recorded = StepOutcome(
         task_id="j1", session_id="s-j1", agent="echo", output="done once", success=True
     ).to_json()
-    runtime.redis().set(runtime.keys.done("tid-j1"), recorded)
-    status, value = runtime.claim("tid-j1", "new-send", runtime.keys.reply("r"), "", [])
+    runtime.redis().hset(runtime.keys.steps("wf"), "done:tid-j1", recorded)
+    status, value = runtime.claim("tid-j1", "new-send", runtime.keys.reply("r"), "", [], "wf")
     assert status == "done"
     assert StepOutcome.from_json(value).output == "done once"
     assert not runtime.redis().exists(runtime.keys.lease("tid-j1"))

@@ -34,6 +34,7 @@ from fleet.celery.protocol import (
     lua,
     stage_link_id,
 )
+from fleet.celery.records import result_grace_s
 from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.deltawriter import DeltaWriter, ThreadPublisher
@@ -237,24 +238,26 @@ class WorkerRuntime:
     # ------------------------------------------------------------------ claim / finish
 
     def claim(
-        self, tid: str, nonce: str, reply: str, notice: str, markers: list[str]
+        self, tid: str, nonce: str, reply: str, notice: str, markers: list[str], steps: str
     ) -> tuple[str, Any]:
         """Claim a step: ``("claimed", owner)``, ``("done", outcome)``, ``("held", owner)``.
 
         ``("cancelled", reason)`` when one of the step's cancel ``markers`` is present:
-        nothing is taken then.
+        nothing is taken then; ``("over", "")`` when the step record of ``steps`` (its
+        owner, see :meth:`~fleet.celery.protocol.Keys.steps`) says the host already has this
+        dispatch's outcome.
         """
         self.redis()
         owner = f"{uuid.uuid4().hex[:12]}"
         status, value = self._claim(
             keys=[
-                self.keys.done(tid),
+                self.keys.steps(steps),
                 self.keys.result(tid, nonce),
                 self.keys.lease(tid),
                 reply,
                 *(self.keys.cancel(marker) for marker in markers),
             ],
-            args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S],
+            args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S, tid, nonce],
         )
         status = status.decode()
         if status == "claimed":
@@ -273,21 +276,31 @@ class WorkerRuntime:
         reply: str,
         *notices: str,
         resumable: bool = False,
+        steps: str | None = None,
     ) -> None:
         """Record the result of this dispatch, notify the host, drop our lease.
 
-        ``resumable`` also records it as the step's done-marker, which a host that
-        resumes the workflow finds instead of sending the step again.
+        ``resumable`` also records it as the step's done-marker in the step record of
+        ``steps`` (the record's owner, default ``nonce``), which a host that resumes the
+        workflow finds instead of sending the step again.
         """
         self.abandon(tid)
         self._finish(
-            keys=[self.keys.result(tid, nonce), self.keys.lease(tid), reply, self.keys.done(tid)],
+            keys=[
+                self.keys.result(tid, nonce),
+                self.keys.lease(tid),
+                reply,
+                self.keys.steps(steps or nonce),
+            ],
             args=[
                 record,
                 self.settings.result_expires_s,
                 owner,
                 REPLY_TTL_S,
                 "1" if resumable else "0",
+                tid,
+                nonce,
+                result_grace_s(self.settings.retention_s),
                 *notices,
             ],
         )

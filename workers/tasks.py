@@ -84,7 +84,8 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
     spec = message.spec
     started = Started(id=tid, task_id=spec.task_id, agent=spec.agent).to_json()
     notice = started if message.announce else ""
-    status, value = runtime.claim(tid, message.nonce, message.reply, notice, message.cancel)
+    steps = message.record or message.nonce
+    status, value = runtime.claim(tid, message.nonce, message.reply, notice, message.cancel, steps)
     if status == "cancelled":
         # The workflow (or this round) was cancelled while the message waited: drop it.
         dropped = Finished(id=tid, outcome=cancelled_outcome(spec, value, worker=worker))
@@ -99,6 +100,11 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     if status == "held":
         logger.info("step %s (task %s) is running elsewhere; duplicate dropped", spec.task_id, tid)
+        return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
+    if status == "over":
+        logger.info(
+            "step %s (task %s) already ran and was read; duplicate dropped", spec.task_id, tid
+        )
         return {"task_id": spec.task_id, "agent": spec.agent, "duplicate": True}
     try:
         lease = runtime.keys.lease(tid)
@@ -119,6 +125,7 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         message.reply,
         Finished(id=tid, outcome=outcome).to_json(),
         resumable=outcome.success and message.workflow_id is not None,
+        steps=steps,
     )
     return _summary(outcome)
 

@@ -3,7 +3,9 @@
 Keys (``{p}`` is the key prefix):
 
 * ``{p}:workflow:{root_id}`` — hash, the latest run of a root id: ``run``, ``status``,
-  ``started``, ``ended``, ``reason``; kept :data:`RUN_RECORD_TTL_S` after its last change;
+  ``started``, ``ended``, ``reason``; no expiry while the run is live, then kept
+  :data:`RUN_RECORD_TTL_S` after it ended (the run's retention, :mod:`fleet.retention`,
+  sets its own);
 * ``{p}:cancel:{run_id}`` — string, a :class:`~fleet.cancel.CancelNotice` as JSON, kept
   :data:`~fleet.cancel.CANCEL_TTL_S`; its presence cancels every step message of the run
   (workers check it with ``EXISTS`` when they claim a step and while it runs).
@@ -55,7 +57,9 @@ _END = """
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'ended', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+-- A closed run may resume: its record stays, like its journals, until `fleet gc`.
+if ARGV[2] == 'closed' then redis.call('PERSIST', KEYS[1])
+else redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 return 1
 """
 """Record how a run ended, unless a newer run replaced it or it was cancelled."""
@@ -106,12 +110,15 @@ class RedisCancelBoard(CancelBoard):
         return run_record_key(root_id, key_prefix=self.key_prefix)
 
     async def begin(self, root_id: str, run_id: str) -> None:
-        """Register the live run (replacing the record of any earlier run)."""
+        """Register the live run (replacing the record of any earlier run).
+
+        A live run's record has no expiry: ``fleet gc --older-than`` tells an abandoned
+        one from a running one by it.
+        """
         key = self._record_key(root_id)
         pipe = self._client().pipeline(transaction=True)
         pipe.delete(key)
         pipe.hset(key, mapping={"run": run_id, "status": "running", "started": time.time()})
-        pipe.expire(key, RUN_RECORD_TTL_S)
         await self._call("register workflow run", pipe.execute())
 
     async def request(

@@ -114,10 +114,19 @@ class Cancellation:
         markers: the names the fleet knows this unit by: the cancel markers a step message
             carries, which a worker checks in Redis at claim time and while it runs.
         parent: a cancellation whose cancel also cancels this one.
+        root_id: the workflow this cancellation belongs to (its hosts keep their records
+            of its steps under it, see :mod:`fleet.retention`).
     """
 
-    def __init__(self, markers: Sequence[str] = (), *, parent: Cancellation | None = None) -> None:
+    def __init__(
+        self,
+        markers: Sequence[str] = (),
+        *,
+        parent: Cancellation | None = None,
+        root_id: str | None = None,
+    ) -> None:
         self.markers = tuple(markers)
+        self.root_id = root_id
         self._reason: str | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._requested: set[asyncio.Task[object]] = set()

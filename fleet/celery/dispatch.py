@@ -74,7 +74,9 @@ class Flight:
     nonce: str = ""
     """Its record is ``result(tid, nonce)``."""
     journaled: bool = False
-    """A ``done(tid)`` marker may answer for it (a journaled step)."""
+    """A done-marker in its step record may answer for it (a journaled step)."""
+    record: str = ""
+    """Its step record (:meth:`~fleet.celery.protocol.Keys.steps`), for a journaled step."""
     routes: tuple[str, ...] = ()
     """Other task ids whose notices belong to it (the later links of a chain): a link's
     notice may arrive before its track has heard that the previous link finished."""
@@ -455,7 +457,7 @@ class Dispatcher:
                 pipe.exists(self.keys.lease(flight.tid))
                 pipe.get(self.keys.result(flight.tid, flight.nonce))
                 if flight.journaled:
-                    pipe.get(self.keys.done(flight.tid))
+                    pipe.hget(flight.record, f"done:{flight.tid}")
             replies = iter(await pipe.execute())
         for flight in suspects:
             leased, record = next(replies), next(replies)

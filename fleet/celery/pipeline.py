@@ -35,6 +35,7 @@ from .protocol import (
     Stopped,
     stage_link_id,
 )
+from .records import result_grace_s
 from .round import SEND_BATCH
 
 if TYPE_CHECKING:
@@ -109,8 +110,19 @@ class Pipeline(Track):
                 raise
         finally:
             with contextlib.suppress(RedisError):
-                await client.delete(key)
+                await self._forget(client, key)
         return [chain_.final for chain_ in self.chains]
+
+    async def _forget(self, client: Any, key: str) -> None:
+        """Drop the pipeline's hash (a late link then finds it expired) and let its results go."""
+        grace_s = result_grace_s(self.x.settings.retention_s)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.delete(key)
+            for chain_ in self.chains:
+                for stage in range(min(chain_.stage + 1, len(self.stages))):
+                    link = stage_link_id(self.pipe, chain_.index, stage)
+                    pipe.expire(self.keys.result(link, self.pipe), grace_s)
+            await pipe.execute()
 
     def _signatures(self, chain_: _Chain) -> Any:
         """The chain from its due link on (whose later links' notices route to it too)."""

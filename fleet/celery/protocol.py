@@ -7,7 +7,8 @@ follows (every name below is defined here)::
     StepMessage ──── fleet.run_step ─────▶ queue ──────────────────────▶ decode()
                                            lease(tid)    ◀── claim_step.lua (Started)
     collector ◀── BLPOP ── reply(name) ◀── result(tid, nonce) ◀── finish.lua (Finished)
-                                           done(tid)     (journaled rounds only)
+                                           steps(owner)  done:{tid} (journaled rounds)
+    read it: result expires ─────────────▶ steps(owner)  ran:{tid}, then over:{nonce}
 
 A pipeline chain link (``fleet.run_stage``) carries a :class:`StageMessage` pointer; the
 item and the pipeline's :class:`PipelineContext` live in the ``pipe(pipe)`` hash, and
@@ -31,11 +32,13 @@ from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
 from ..eventbus import delta_stream_key
 from ..events import RateLimited
+from ..keytags import tagged
 from ..spec import AgentStepSpec, FleetModel, StepOutcome
 
 __all__ = [
     "PROTOCOL_VERSION",
     "REPLY_TTL_S",
+    "RESULT_GRACE_S",
     "STAGE_TASK",
     "STEP_TASK",
     "BudgetHold",
@@ -65,6 +68,9 @@ STAGE_TASK = "fleet.run_stage"
 """The pipeline-stage task (one link of a chain)."""
 REPLY_TTL_S = 3600
 """A reply list expires this long after its last notice (its host may be gone)."""
+RESULT_GRACE_S = 60
+"""A step's result lives this long after its host has read it (duplicates of the dispatch
+are then refused by the step record, :meth:`Keys.steps`, instead)."""
 
 
 # --------------------------------------------------------------------------- messages
@@ -98,6 +104,9 @@ class StepMessage(FleetModel):
     """Names this dispatch: a failed outcome is reused only by duplicates of it."""
     workflow_id: str | None = None
     """The journal the step belongs to, when its round is journaled."""
+    record: str | None = None
+    """Whose step record (:meth:`Keys.steps`) answers for the step: the workflow's root id,
+    or the round's nonce outside a workflow (``None``: the nonce)."""
     budget: BudgetHold | None = None
     """The step's token hold, when a Redis budget ledger guards the workflow."""
     journal: bool = False
@@ -270,9 +279,17 @@ class Keys:
         """The outcome of one dispatch: every duplicate of that dispatch is served it."""
         return f"{self.prefix}:result:{tid}:{nonce}"
 
-    def done(self, tid: str) -> str:
-        """A journaled step's success, for a resumed host (dropped when its round ends)."""
-        return f"{self.prefix}:done:{tid}"
+    def steps(self, owner: str) -> str:
+        """The step record of a workflow (``owner``: its root id) or of a bare round (its nonce).
+
+        One hash for every step the owner dispatches, so what exactly-once needs after a
+        step's result has been read costs a field, not a key: ``done:{tid}`` a journaled
+        success (for a resumed host, until its round ends), ``ran:{tid}`` the nonce of a
+        dispatch whose result the host read (until its round ends), ``over:{nonce}`` a
+        round that ended. A workflow's record expires with its retention
+        (:mod:`fleet.retention`); a bare round's ``result_expires_s`` after its end.
+        """
+        return f"{self.prefix}:steps:{tagged(owner)}"
 
     def reply(self, name: str) -> str:
         """A host's reply list (``reply("")`` is the prefix every reply list starts with)."""

@@ -39,6 +39,7 @@ from .protocol import (
     step_summary,
     step_task_id,
 )
+from .records import StepRecord, record_owner, result_grace_s
 
 if TYPE_CHECKING:
     from ..budget import Reservation, WorkflowBudget
@@ -90,6 +91,17 @@ class Round(Track):
         self.on_outcome = on_outcome
         self.workflow_id = workflow_id
         self.nonce = uuid.uuid4().hex
+        owner, bare = record_owner(self.cancellation, workflow_id, self.nonce)
+        settings = executor.settings
+        self.record = StepRecord(
+            self.keys,
+            owner,
+            self.nonce,
+            bare=bare,
+            keep_s=settings.result_expires_s,
+            grace_s=result_grace_s(settings.retention_s),
+        )
+        """The round's fields in its owner's step record (see :mod:`fleet.celery.records`)."""
         self.traceparent: str | None = None
         self.entries: list[_Entry] = []
         seen: set[str] = set()
@@ -107,6 +119,7 @@ class Round(Track):
                     tid=tid,
                     nonce=self.nonce,
                     journaled=workflow_id is not None,
+                    record=self.record.key,
                     owner=self,
                     index=index,
                     spec=spec,
@@ -152,10 +165,10 @@ class Round(Track):
             except asyncio.CancelledError:
                 await asyncio.shield(self._abandon())
                 raise
-            if self.workflow_id is not None:
-                # The round is over and its caller has the outcomes: a later run of
-                # the same workflow must not be served this round's results.
-                await client.delete(*(self.keys.done(e.tid) for e in self.entries))
+            # The round is over and its caller has the outcomes: a later run of the
+            # same workflow must not be served this round's results, and a late
+            # duplicate of its steps is refused by one field.
+            await self.record.close(client, [e.tid for e in self.entries])
         except* (RedisError, OSError) as group_error:
             await self._fail_rest(group_error.exceptions[0], "unavailable")
         except* Exception as group_error:
@@ -203,6 +216,7 @@ class Round(Track):
             reply=self.dispatcher.reply,
             nonce=self.nonce,
             workflow_id=self.workflow_id,
+            record=self.record.owner,
             budget=hold,
             journal=self.x.worker_journal and self.workflow_id is not None,
             traceparent=self.traceparent,
@@ -273,7 +287,7 @@ class Round(Track):
         """A journaled step already running or done (e.g. before a host restart) is not resent."""
         async with self.client.pipeline(transaction=False) as pipe:
             for entry in batch:
-                pipe.get(self.keys.done(entry.tid))
+                pipe.hget(self.record.key, f"done:{entry.tid}")
                 pipe.exists(self.keys.lease(entry.tid))
             replies = await pipe.execute()
         to_send = []
@@ -328,7 +342,14 @@ class Round(Track):
             emit(self.events, notice.event)
 
     async def tick(self) -> None:
-        """Act on a cancel; keep queued steps' reservations alive (workers renew running ones)."""
+        """Act on a cancel; keep queued steps' reservations alive (workers renew running ones).
+
+        Also lets the results read since the last tick go (:meth:`StepRecord.flush`).
+        """
+        try:
+            await self.record.flush(self.client)
+        except (RedisError, OSError) as error:  # the results then live result_expires_s
+            logger.warning("could not note the round's read results: %s", error)
         if self.cancel.due():
             await self._cancel_now()
         elif self.cancel.expired():
@@ -411,6 +432,8 @@ class Round(Track):
             return
         entry.outcome = outcome
         self.open -= 1
+        if entry.sent_at:
+            self.record.read(entry.tid)
         self.dispatcher.release(entry)
         if self.open == 0:
             self.closed()

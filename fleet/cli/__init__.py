@@ -6,6 +6,7 @@ from . import cancel as cancel  # fleet cancel
 from . import dashboard as dashboard  # fleet dashboard
 from . import demo as demo  # fleet demo
 from . import fleetops as fleetops  # fleet worker, fleet flower, fleet up
+from . import gc as gc  # fleet gc
 from . import journal as journal  # fleet journal list|show|rm
 from . import limits as limits  # fleet limits show
 from . import run as run  # fleet run, fleet watch, fleet status

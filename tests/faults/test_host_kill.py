@@ -29,6 +29,7 @@ import pytest
 import redis
 
 from fleet import StepOutcome
+from fleet.celery.protocol import Keys
 from fleet.config import FleetSettings
 from fleet.stores import RedisCheckpointStore
 from tests.celery_support import REPO, BrokerLog, step_ids, until
@@ -79,13 +80,16 @@ def host_process(
         process.wait(timeout=10)
 
 
-def step_states(url: str, settings: FleetSettings, tids: dict[str, str]) -> dict[str, str]:
+def step_states(
+    url: str, settings: FleetSettings, workflow_id: str, tids: dict[str, str]
+) -> dict[str, str]:
     """Step task id -> ``done`` (its done-marker is set) or ``running`` (a lease is held)."""
     client = redis.Redis.from_url(url)
+    record = Keys(settings.key_prefix).steps(workflow_id)
     try:
         states = {}
         for task, tid in tids.items():
-            if client.exists(f"{settings.key_prefix}:done:{tid}"):
+            if client.hexists(record, f"done:{tid}"):
                 states[task] = "done"
             elif client.exists(f"{settings.key_prefix}:lease:{tid}"):
                 states[task] = "running"
@@ -133,7 +137,9 @@ async def one_trial(directory: Path) -> str:
                 # Started but not journaled: running, or finished unheard by the dead host.
                 in_flight = started_at_kill - journal_at_kill
                 assert not first_out.exists(), "the first host finished before it was killed"
-                at_resume = step_states(server.url, settings, step_ids(log, settings.queue))
+                at_resume = step_states(
+                    server.url, settings, workflow_id, step_ids(log, settings.queue)
+                )
                 with host_process(settings, workflow_id, second_out, directory / "host2.log") as h2:
                     await until(lambda: h2.poll() is not None, 60, "the resumed host to finish")
                     assert h2.returncode == 0, (directory / "host2.log").read_text()[-3000:]

@@ -1,0 +1,268 @@
+"""What Redis holds while steps run and after they finished: fleet against raw Celery.
+
+One ``redis-server`` (fresh, this bench's own), 2 Celery workers × 8 threads, the tests'
+``noop`` agent. Three sides run one after another on the same server and workers:
+
+1. **raw Celery**: N ``bench.noop`` tasks with Celery's Redis result backend, sent as groups
+   of ``--in-flight`` and waited for (``result.get()``; results are not forgotten, as most
+   programs do not), ``result_expires`` at Celery's default (1 day);
+2. **fleet, bare round**: ``execute_steps_parallel`` of N no-op steps on ``CeleryExecutor``
+   (``max_in_flight`` = ``--in-flight``, no workflow);
+3. **fleet, workflows**: ``--workflows`` runs shaped like ``fleet run --executor celery``
+   (Redis journal, a budget on the Redis ledger, the Redis event stream and cancel board,
+   retention at its 7-day default), N steps in all, one phase each.
+
+For each: ``used_memory`` (``INFO memory``) before, its peak while the steps run (sampled
+every 20 ms), right after, and once the read results' grace has passed; keys by namespace.
+
+    python -m bench.redis_memory [--steps 20000] [--in-flight 2000] [--workflows 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import group
+
+from bench._common import table, write
+from fleet import AgentStepSpec, execute_steps_parallel
+from fleet.celery import configure_app
+from fleet.celery.protocol import RESULT_GRACE_S
+from fleet.config import FleetSettings
+from fleet.redis_server import RedisServer
+from fleet.runner import open_run, plan_run
+from tests.celery_support import CeleryWorkers, fleet_settings
+from workers.tasks import BENCH_NOOP_TASK
+
+CELERY_DEFAULT_RESULT_EXPIRES_S = 86_400
+
+
+class Sampler:
+    """Samples ``used_memory`` in a thread; :attr:`peak` is the highest seen."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, used(self.client))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Sampler:
+        self.peak = used(self.client)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+
+def used(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def namespaces(client: redis.Redis, prefix: str) -> dict[str, int]:
+    """Keys by namespace: ``P:NAME:...`` as ``NAME``, Celery's ``celery-task-meta-*``, others."""
+    found: Counter[str] = Counter()
+    for raw in client.scan_iter(count=1000):
+        key = raw.decode(errors="replace")
+        if key.startswith(f"{prefix}:"):
+            found[key.split(":")[1]] += 1
+        elif key.startswith("celery-task-meta-"):
+            found["celery-task-meta"] += 1
+        else:
+            found["other"] += 1
+    return dict(sorted(found.items()))
+
+
+def noop_specs(n: int, name: str) -> list[AgentStepSpec]:
+    return [
+        AgentStepSpec(task_id=f"{name}{i}", agent="noop", description="bench", prompt="")
+        for i in range(n)
+    ]
+
+
+async def measure(
+    side: str, url: str, prefix: str, steps: int, run: Callable[[], Awaitable[None]]
+) -> dict[str, Any]:
+    client = redis.Redis.from_url(url)
+    before = used(client)
+    started = time.perf_counter()
+    with Sampler(url) as sampler:
+        await run()
+    elapsed = time.perf_counter() - started
+    after = used(client)
+    keys_after = namespaces(client, prefix)
+    client.close()
+    return {
+        "side": side,
+        "steps": steps,
+        "seconds": round(elapsed, 1),
+        "before_MB": before / 1e6,
+        "peak_MB": sampler.peak / 1e6,
+        "peak_over_before_MB": (sampler.peak - before) / 1e6,
+        "after_over_before_MB": (after - before) / 1e6,
+        "keys_after": keys_after,
+        "_before": before,
+    }
+
+
+async def settle(row: dict[str, Any], url: str, prefix: str, wait_s: float) -> None:
+    """Wait ``wait_s`` (the read results' grace), then note what is left."""
+    await asyncio.sleep(wait_s)
+    client = redis.Redis.from_url(url)
+    row["steady_over_before_MB"] = (used(client) - row.pop("_before")) / 1e6
+    row["keys_steady"] = namespaces(client, prefix)
+    client.close()
+
+
+def raw_celery(settings: FleetSettings, steps: int, window: int) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        def send_all() -> None:
+            app = configure_app(settings)
+            app.conf.result_expires = CELERY_DEFAULT_RESULT_EXPIRES_S
+            try:
+                for start in range(0, steps, window):
+                    count = min(window, steps - start)
+                    signatures = (
+                        app.signature(BENCH_NOOP_TASK, args=(i,), queue=settings.queue)
+                        for i in range(start, start + count)
+                    )
+                    group(signatures).apply_async().get(timeout=600)
+            finally:
+                app.close()
+
+        await asyncio.to_thread(send_all)
+
+    return run
+
+
+def fleet_round(settings: FleetSettings, steps: int) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        from fleet.celery import CeleryExecutor
+
+        executor = CeleryExecutor(settings=settings)
+        try:
+            outcomes = await execute_steps_parallel(executor, noop_specs(steps, "b"))
+        finally:
+            await executor.aclose()
+        assert all(o.success for o in outcomes)
+
+    return run
+
+
+def fleet_workflows(
+    settings: FleetSettings, steps: int, workflows: int, directory: Path
+) -> Callable[[], Awaitable[None]]:
+    values = settings.model_dump()
+    values.update(store=settings.redis_url, run_index=directory / "runs.db")
+    config = FleetSettings(**values)
+
+    async def run() -> None:
+        per = steps // workflows
+        for n in range(workflows):
+            places = plan_run(config, executor="celery")
+            async with open_run(
+                config, places, root_id=f"bench-{n}", executor="celery", budget_tokens=10**9
+            ) as builder:
+                async with builder.build() as workflow:
+                    outcomes = await workflow.phase("all", noop_specs(per, "w"))
+            assert all(o.success for o in outcomes)
+
+    return run
+
+
+async def sides(
+    workers: CeleryWorkers, args: argparse.Namespace, directory: Path
+) -> list[dict[str, Any]]:
+    settings = workers.settings
+    url, prefix = settings.redis_url, settings.key_prefix
+    await fleet_round(settings, 200)()  # warm up: connections, scripts, worker threads
+    rows = [
+        await measure(
+            "raw Celery (result backend)",
+            url,
+            prefix,
+            args.steps,
+            raw_celery(settings, args.steps, args.in_flight),
+        ),
+        await measure(
+            "fleet, bare round", url, prefix, args.steps, fleet_round(settings, args.steps)
+        ),
+    ]
+    await settle(rows[0], url, prefix, 0)
+    await settle(rows[1], url, prefix, RESULT_GRACE_S + 2)
+    workflows = await measure(
+        f"fleet, {args.workflows} workflows",
+        url,
+        prefix,
+        args.steps,
+        fleet_workflows(settings, args.steps, args.workflows, directory),
+    )
+    await settle(workflows, url, prefix, RESULT_GRACE_S + 2)
+    workflows["per_ended_workflow_KB"] = workflows["steady_over_before_MB"] * 1e3 / args.workflows
+    rows.append(workflows)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--in-flight", type=int, default=2_000)
+    parser.add_argument("--workflows", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        server = RedisServer(directory).start()
+        try:
+            settings = fleet_settings(
+                server.url,
+                max_in_flight=args.in_flight,
+                queue_high_water=args.in_flight * 2,
+                claim_timeout_s=120.0,
+                step_lease_s=10.0,
+            )
+            fleet = CeleryWorkers(settings, directory, args.concurrency)
+            try:
+                fleet.start(*(f"mem{i}" for i in range(1, args.workers + 1)))
+                rows = asyncio.run(sides(fleet, args, directory))
+            finally:
+                fleet.stop()
+        finally:
+            server.stop()
+    shown = [{k: v for k, v in row.items() if not k.startswith("keys")} for row in rows]
+    print(table(shown))
+    for row in rows:
+        print(f"{row['side']}: keys after {row['keys_after']}, steady {row['keys_steady']}")
+    path = write(
+        "redis_memory",
+        " ".join(["python -m bench.redis_memory", *sys.argv[1:]]),
+        rows,
+        workers=args.workers,
+        threads_per_worker=args.concurrency,
+        in_flight=args.in_flight,
+        note="measured on a shared 2-core machine; used_memory from INFO memory",
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
