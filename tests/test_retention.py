@@ -8,11 +8,12 @@ Every wait is for a condition, never a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,7 @@ def test_a_claim_after_the_round_ended_is_refused_by_the_step_record(redis_url: 
     # Another dispatch of the same step (a later run of the workflow) runs.
     assert runtime.claim("tid-2", "nonce-3", reply, "", [], "wf")[0] == "claimed"
     runtime.abandon("tid-2")
+    client.close()
 
 
 async def test_running_and_abandoned_workflows_keep_their_records_and_resume(
@@ -264,20 +266,32 @@ async def test_a_cancelled_run_resumed_within_its_retention_keeps_its_journal(
         client.close()
 
 
-def _library_run(settings: FleetSettings, root: str, parents: list[str] | None = None) -> Workflow:
+@contextlib.asynccontextmanager
+async def _library_run(
+    settings: FleetSettings, root: str, parents: list[str] | None = None
+) -> AsyncIterator[Workflow]:
     """A workflow wired by hand, without retention (as before retention existed)."""
-    ledger = RedisLedger(settings.redis_url, key_prefix=settings.key_prefix)
+    url, prefix = settings.redis_url, settings.key_prefix
+    ledger = RedisLedger(url, key_prefix=prefix)
     budget = WorkflowBudget(10_000, ledger=ledger, workflow_id=root, parents=parents or [])
     executor = CeleryExecutor(settings=settings, budget=budget)
-    return (
-        Workflow.builder(executor)
-        .with_store(RedisCheckpointStore(settings.redis_url, key_prefix=settings.key_prefix))
-        .with_budget(budget)
-        .with_root_id(root)
-        .with_event_stream(settings.redis_url, key_prefix=settings.key_prefix)
-        .with_cancel_board(RedisCancelBoard(settings.redis_url, key_prefix=settings.key_prefix))
-        .build()
-    )
+    store = RedisCheckpointStore(url, key_prefix=prefix)
+    board = RedisCancelBoard(url, key_prefix=prefix)
+    try:
+        yield (
+            Workflow.builder(executor)
+            .with_store(store)
+            .with_budget(budget)
+            .with_root_id(root)
+            .with_event_stream(url, key_prefix=prefix)
+            .with_cancel_board(board)
+            .build()
+        )
+    finally:
+        await executor.aclose()
+        await store.close()
+        await board.close()
+        await ledger.close()
 
 
 def _gc_cli(settings: FleetSettings, *args: str) -> str:
@@ -308,10 +322,11 @@ async def test_gc_prunes_ended_workflows_only_and_never_another_prefix(
         await set_account(ledger, "team:gc", limit_tokens=1_000_000)
         for n in range(3):
             async with _library_run(settings, f"gc-{n}", ["team:gc"] if n == 0 else None) as wf:
-                await wf.phase("one", spend(2, "a"))
-        abandoned = _library_run(settings, "gc-abandoned")
-        await abandoned.phase("one", spend(1, "a"))
-        await abandoned.close()
+                async with wf:
+                    await wf.phase("one", spend(2, "a"))
+        async with _library_run(settings, "gc-abandoned") as abandoned:
+            await abandoned.phase("one", spend(1, "a"))
+            await abandoned.close()
         for key, value in foreign.items():
             client.set(key, value)
         for n in range(3):  # copies of an ended workflow under another prefix
@@ -328,9 +343,8 @@ async def test_gc_prunes_ended_workflows_only_and_never_another_prefix(
             10,
             "the runs' retention (1 s) to pass",
         )
-        running = _library_run(settings, "gc-running")
         slow = AgentStepSpec(task_id="slow", agent="sleep_prompt", description="", prompt="2")
-        async with running:
+        async with _library_run(settings, "gc-running") as running, running:
             phase = asyncio.create_task(running.phase("one", [slow]))
             await until(lambda: bool(keys_of(client, prefix, "gc-running")), 30, "the run to start")
             everything = set().union(*ended.values(), keys_of(client, prefix, "gc-abandoned"))
