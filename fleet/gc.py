@@ -36,7 +36,7 @@ from .retention import BUDGET_PARTS, ENDED
 
 __all__ = ["GcReport", "RootState", "collect", "parse_duration"]
 
-NAMESPACES = ("events", "deltas", "workflow", "steps", "budget", "journal")
+NAMESPACES = ("events", "deltas", "workflow", "asks", "steps", "budget", "journal")
 """Key namespaces a workflow owns (see :func:`fleet.retention.workflow_keys`)."""
 
 _PRUNE = """

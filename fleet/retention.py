@@ -13,6 +13,7 @@ it). ``P`` is the key prefix, ``{R}`` the workflow's root id as its hash tag
 ``children``                                    account, one others draw from, is never
                                                 expired: it is not the workflow's)
 ``P:workflow:{R}``                              the run record (``fleet status``, cancel)
+``P:asks:{R}``                                  its durable waits (``Workflow.ask``)
 ``P:steps:{R}``                                 the Celery host's step record: done-markers,
                                                 which dispatches ended (exactly-once)
 ``P:journal:{R}/PHASE``                         the phase journals the run wrote
@@ -128,6 +129,7 @@ def workflow_keys(
         (f"{key_prefix}:workflow:{tag}", RECORD),
         (f"{key_prefix}:steps:{tag}", RECORD),
         (f"{key_prefix}:deltas:{tag}", LIVE),
+        (f"{key_prefix}:asks:{tag}", RECORD),
     ]
     for account in dict.fromkeys([root_id, *accounts]):
         base = f"{key_prefix}:budget:{tagged(account)}"
