@@ -61,9 +61,10 @@ async def stream_answer(
         if content == f"answer {entry['n']}":  # plain text: one word per completion token
             words = usage["completion_tokens"] - 1
             content += "".join(f" w{i}" for i in range(1, words + 1))
+        started = time.monotonic()
         for index, piece in enumerate(_pieces(content, usage["completion_tokens"])):
-            if index and s.token_interval_s > 0:
-                await asyncio.sleep(s.token_interval_s)
+            if index and s.token_interval_s > 0:  # paced from the start: no drift adds up
+                await asyncio.sleep(max(started + index * s.token_interval_s - time.monotonic(), 0))
             await send(chunk({"content": piece}))
             if index == 0:
                 entry["first_token_at"] = time.time()

@@ -197,3 +197,27 @@ async def test_redis_channel_delivers_in_order_and_marks_a_restart(
     assert live.text["s"] == "the whole answer"
     assert [d.restart for d in got] == restarts
     assert restarts.count(True) == 1 and got[restarts.index(True)].offset == 0
+
+
+def test_a_worker_writes_deltas_only_under_its_fleets_prefix(
+    redis_url: str, key_prefix: str
+) -> None:
+    """A step message naming a delta stream outside the fleet's key prefix gets no publisher."""
+    from fleet.agents import AgentRegistry
+    from fleet.celery.protocol import PROTOCOL_VERSION, Keys, StepMessage
+    from fleet.config import FleetSettings
+    from workers.runtime import WorkerRuntime
+
+    runtime = WorkerRuntime(
+        FleetSettings(redis_url=redis_url, key_prefix=key_prefix), AgentRegistry(), {}
+    )
+
+    def message(deltas: str | None) -> StepMessage:
+        return StepMessage(
+            v=PROTOCOL_VERSION, spec=spec("t", "x"), reply="r", nonce="n", deltas=deltas
+        )
+
+    ours = Keys(key_prefix).deltas("root")
+    assert runtime.delta_publisher(message(ours), "t") is not None
+    assert runtime.delta_publisher(message("elsewhere:deltas:{root}"), "t") is None
+    assert runtime.delta_publisher(message(None), "t") is None

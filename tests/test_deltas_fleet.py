@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 import redis
 
-from fleet import AgentStepSpec
+from bench.provider import ProviderProcess
+from fleet import AgentStepSpec, WorkflowBudget
 from fleet.celery.protocol import Keys
 from fleet.deltas import LiveText, read_deltas
 from fleet.events import StepDelta, StepFinished
+from fleet.ledgers import RedisLedger
 from fleet.workflow import Workflow
 from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
 
@@ -185,3 +187,37 @@ def test_fleet_watch_output_shows_each_steps_live_text_and_one_step_whole(
     assert one.returncode == 0, one.stderr
     assert one.stdout.count(outcomes[1].output) == 1
     assert "step 0 says" not in one.stdout and "step 2 says" not in one.stdout
+
+
+async def test_256_openai_streams_on_one_worker_join_and_charge_the_providers_usage(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """256 SSE answers at once on one worker: every step's text arrives, usage is the provider's."""
+    with ProviderProcess(latency_s=0.2, token_interval_s=0.02, completion_tokens=30) as server:
+        agents = tmp_path / "agents.toml"
+        agents.write_text(
+            f'[agents.llm]\nkind = "openai"\nbase_url = "{server.base_url}"\nmodel = "m"\n'
+            f'max_tokens = 30\nmax_concurrent = {MANY}\nstream = true\nunknown_price = "allow"\n'
+        )
+        settings = fleet_settings(redis_url, agents_file=agents, max_in_flight=MANY)
+        ledger = RedisLedger(redis_url, key_prefix=settings.key_prefix)
+        budget = WorkflowBudget(10_000_000, ledger=ledger, workflow_id="fleet-sse")
+        specs = [
+            AgentStepSpec(task_id=f"q{i}", agent="llm", description="d", prompt=f"q{i}")
+            for i in range(MANY)
+        ]
+        with running_workers(settings, tmp_path, "worker1", concurrency=MANY) as fleet:
+            outcomes, events = await run_collecting(fleet, specs, "fleet-sse", budget=budget)
+        log = server.stats()["log"]
+        snapshot = await budget.snapshot()
+        await ledger.close()
+    assert [outcome.error for outcome in outcomes] == [None] * MANY
+    live = LiveText()
+    for event in events:
+        if isinstance(event, StepDelta):
+            live.fold(event)
+    assert live.text == {outcome.task_id: outcome.output for outcome in outcomes}
+    assert len(log) == MANY and all("first_token_at" in entry for entry in log)
+    provider_tokens = sum(entry["total_tokens"] for entry in log)
+    assert sum(outcome.usage.total_tokens for outcome in outcomes) == provider_tokens
+    assert snapshot.consumed_tokens == provider_tokens and snapshot.reserved_tokens == 0

@@ -95,21 +95,39 @@ def _decode(body: bytes, charset: str | None) -> str:
 
 
 async def _read_events(answer: aiohttp.ClientResponse, stream: StreamedCompletion) -> Answer:
-    """Feed a server-sent-events answer to ``stream`` until ``[DONE]`` or its end."""
-    async for raw in answer.content:
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue  # a comment, an event name or the blank line between events
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        try:
-            stream.feed(json.loads(data))
-        except ValueError:
-            continue  # one unreadable chunk loses only itself
+    """Feed a server-sent-events answer to ``stream``, up to ``[DONE]``, reading to its end.
+
+    Reads whatever arrived at once and splits it into lines here: under load many events
+    wait in the socket together, and one read for all of them costs far less than one
+    ``readline`` each.
+    """
+    pending, done = b"", False
+    async for block in answer.content.iter_any():
+        if done:
+            continue  # the rest of the body, so the connection can be reused
+        pending += block
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            done = done or _feed(line, stream)
+    if not done and pending:
+        _feed(pending, stream)
     if stream.error is not None:
         return Answer(502, answer.headers, json.dumps({"error": stream.error}))
     return Answer(answer.status, answer.headers, json.dumps(stream.body()))
+
+
+def _feed(line: bytes, stream: StreamedCompletion) -> bool:
+    """Hand one ``data:`` line to ``stream``; returns whether it was ``[DONE]``."""
+    if not line.startswith(b"data:"):
+        return False  # a comment, an event name or the blank line between events
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return True
+    try:
+        stream.feed(json.loads(data.decode()))  # text: json skips guessing the encoding
+    except ValueError:  # UnicodeDecodeError included
+        pass  # one unreadable chunk loses only itself
+    return False
 
 
 class Connections:
