@@ -17,8 +17,10 @@ the call's ``max_tokens`` to fit) and settles its real cost from the reported us
 A budget may name parent accounts (``parents=["team:research"]``); every reservation
 is taken from the workflow and every ancestor in one atomic ledger operation.
 
-A reservation carries a lease; :meth:`Reservation.kept_alive` renews it while the step
-runs. If the holder dies, the lease lapses and the tokens return to the budget. The
+A reservation carries a lease; :meth:`Reservation.kept_alive` hands it to the budget's
+keeper (:mod:`fleet.keeper`) while the step runs, and takes it back, without waiting on
+the network, when the step ends. If the holder dies, the lease lapses and the tokens
+return to the budget. The
 account lives in a :class:`~fleet.ledgers.BudgetLedger`: in memory by default, or in
 Redis (:class:`~fleet.ledgers.RedisLedger`) to be shared by a whole fleet and to
 outlive the host process, so a resumed workflow continues the same account.
@@ -33,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -47,8 +48,10 @@ from pydantic import Field, model_validator
 from . import metrics
 from .accounts import check_account_name, check_tokens_limit, resolve_ancestors, usd_limit_micros
 from .errors import BrokerError, BudgetError, BudgetExhaustedError
+from .keeper import Held, Keeper, LapseHook, LoopKeeper, Renewable
 from .ledgers.base import KEEP, BudgetLedger, Keep, LedgerState, ReserveResult
 from .ledgers.memory import MemoryLedger
+from .perloop import PerLoop
 from .pricing import ModelPrice, micros_to_usd
 from .spec import FleetModel
 
@@ -214,6 +217,10 @@ class WorkflowBudget:
             :class:`~fleet.ledgers.MemoryLedger`.
         workflow_id: the account's key; ``None`` means a new random id.
         lease_s: how long a reservation outlives a silent holder.
+        keeper: what renews this budget's reservations while their steps run
+            (:meth:`Reservation.kept_alive`); ``None`` means one
+            :class:`~fleet.keeper.LoopKeeper` per event loop. A worker passes its
+            process-wide lease keeper.
 
     Raises:
         BudgetError: a negative, non-integer or non-finite limit, a parent name with
@@ -229,6 +236,7 @@ class WorkflowBudget:
         ledger: BudgetLedger | None = None,
         workflow_id: str | None = None,
         lease_s: float = 30.0,
+        keeper: Keeper | None = None,
     ) -> None:
         check_tokens_limit(limit_tokens, "limit_tokens")
         self._limit_micros = usd_limit_micros(limit_usd, "limit_usd")
@@ -242,6 +250,19 @@ class WorkflowBudget:
         self.lease_s = float(lease_s)
         self._limit = limit_tokens
         self._ancestors: tuple[str, ...] | None = None
+        self._keeper = keeper
+        self._loop_keepers: PerLoop[LoopKeeper] = PerLoop(
+            LoopKeeper, close=lambda keeper: keeper.aclose()
+        )
+
+    def keeper(self) -> Keeper:
+        """What renews this budget's reservations (on this event loop, by default)."""
+        return self._keeper if self._keeper is not None else self._loop_keepers.get()
+
+    @property
+    def known_ancestors(self) -> tuple[str, ...] | None:
+        """The accounts above the workflow once resolved (:meth:`ancestors`), else ``None``."""
+        return self._ancestors
 
     def __repr__(self) -> str:
         return (
@@ -454,7 +475,7 @@ def check_amount(value: int, what: str) -> None:
         raise BudgetError(f"{what} must be a non-negative integer, got {value!r}")
 
 
-class Reservation:
+class Reservation(Renewable):
     """What one step (or one model call) holds from a :class:`WorkflowBudget` until it settles.
 
     Attributes:
@@ -528,35 +549,43 @@ class Reservation:
             budget.workflow_id, self.id, lease_s=budget.lease_s, ancestors=await budget.ancestors()
         )
 
+    def finished(self) -> bool:
+        """Whether it was settled through this object (no lease left to renew)."""
+        return self._settled
+
+    @property
+    def lease_s(self) -> float:
+        """The lease a renewal gives (the budget's ``lease_s``)."""
+        return self.budget.lease_s
+
+    @property
+    def lease_name(self) -> str:
+        """Names the reservation in log lines."""
+        return f"reservation {self.id} of workflow {self.budget.workflow_id}"
+
     @contextlib.asynccontextmanager
-    async def kept_alive(self, *, every_s: float | None = None) -> AsyncIterator[Reservation]:
-        """Renew the lease in the background while the block runs.
+    async def kept_alive(
+        self, *, every_s: float | None = None, on_lapse: LapseHook | None = None
+    ) -> AsyncIterator[Held]:
+        """Keep the lease alive while the block runs: the budget's keeper renews it.
+
+        Leaving the block hands the lease back to the keeper and waits on nothing, so
+        it is immediate whatever Redis is doing. If the keeper could not renew the lease
+        before it lapsed (or the ledger no longer holds it), the yielded
+        :class:`~fleet.keeper.Held` says so (``lapsed``) and ``on_lapse(held)`` is called.
 
         Args:
             every_s: renewal interval; a third of the lease by default.
+            on_lapse: called once, from the keeper, if the lease lapses while kept.
         """
-        interval = every_s if every_s is not None else self.budget.lease_s / 3
-        renewer = asyncio.create_task(self._renew_every(interval))
-        try:
-            yield self
-        finally:
-            renewer.cancel()
-            await asyncio.wait({renewer})
-
-    async def _renew_every(self, interval: float) -> None:
-        while not self._settled:
-            await asyncio.sleep(interval)
-            try:
-                alive = await self.renew()
+        if self.budget.known_ancestors is None:
+            try:  # resolved once per budget; a keeper without an event loop needs them
+                await self.budget.ancestors()
             except BrokerError as error:
-                logger.warning("cannot renew reservation %s (will retry): %s", self.id, error)
-                continue
-            if not alive:
-                if not self._settled:
-                    logger.warning(
-                        "reservation %s of workflow %s lapsed before the step ended; its "
-                        "tokens went back to the budget (raise lease_s?)",
-                        self.id,
-                        self.budget.workflow_id,
-                    )
-                return
+                logger.warning("cannot read the accounts above %s yet: %s", self.lease_name, error)
+        keeper = self.budget.keeper()
+        held = keeper.keep(self, every_s=every_s, on_lapse=on_lapse)
+        try:
+            yield held
+        finally:
+            keeper.drop(held)

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
+from .keeper import stop_task
 from .keytags import tagged
 from .spec import FleetModel
 
@@ -288,9 +289,9 @@ class BufferedLog:
             logger.warning(
                 "gave up flushing workflow events to %s after %s s", self.where, timeout_s
             )
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a cancel swallowed inside a Redis call leaves the writer to see
+            # ``_closing`` once that call returns.
+            await stop_task(self._task)
         except Exception as error:  # e.g. a malformed URL: the log is lost, the run is not
             logger.warning(
                 "workflow event log %s failed: %s: %s", self.where, type(error).__name__, error

@@ -183,6 +183,7 @@ async def run_interruptible(
     if cancellation is None:
         return await run_agent(definition, spec, ctx, started=started)
     outcome = None
+    ctx.cancellation = cancellation
     try:
         with cancellation.interrupts():
             outcome = await run_agent(definition, spec, ctx, started=started)

@@ -60,6 +60,7 @@ from .events import (
     emit,
 )
 from .executor import AgentExecutor, PipelineStage
+from .keeper import stop_task
 from .resumable import execute_steps_parallel_resumable
 from .spec import AgentStepSpec, StepOutcome
 
@@ -810,8 +811,9 @@ class Workflow:
             run.span.set_attribute("fleet.workflow.status", status)
             run.span.end()
         if run.watcher is not None:
-            run.watcher.cancel()
-            await asyncio.wait({run.watcher})
+            # It polls the board and stops once the run is closed; a cancel swallowed
+            # inside a Redis call must not keep the workflow from closing.
+            await stop_task(run.watcher)
         if run.ask_book is not None:
             with contextlib.suppress(Exception):  # closing only releases a connection
                 await run.ask_book.close()

@@ -123,3 +123,19 @@ async def stream_words(spec: AgentStepSpec, ctx: AgentContext) -> str:
         text += piece
         await asyncio.sleep(delay)
     return text
+
+
+async def long_step(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
+    """Prompt ``SECONDS TOKENS``: note the run, sleep SECONDS, then spend TOKENS.
+
+    Each run appends this worker's name to FLEET_TEST_COUNTER_DIR/<task_id> when it
+    starts (one line per run), so a test sees how often and where a step ran.
+    """
+    seconds, tokens = spec.prompt.split()
+    directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
+    _append(directory / spec.task_id, f"{ctx.worker}\n")
+    await asyncio.sleep(float(seconds))
+    usage = TokenUsage(prompt_tokens=0, completion_tokens=int(tokens))
+    ctx.check_tokens(usage.total_tokens)
+    ctx.charge(usage)
+    return AgentResult(output=f"slept {seconds}", usage=usage)

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from fleet.cancel import (
 from fleet.cancel.signal import cancelled_outcome
 from fleet.errors import WorkflowCancelledError
 from fleet.events import WorkflowCancelled
+from fleet.pricing import ModelPrice
 from fleet.stores import SQLiteCheckpointStore
 from fleet.workflow import Workflow
 from tests.test_workflow import REPO, wait_for
@@ -151,6 +153,57 @@ async def test_interrupts_turns_our_cancel_into_step_interrupted() -> None:
     theirs.cancel()
     with pytest.raises(asyncio.CancelledError):
         await theirs
+
+
+async def test_a_cancel_swallowed_inside_the_block_still_interrupts_it() -> None:
+    """A library that swallows our CancelledError (redis-py can, mid-command) cannot undo a cancel."""
+    ours = Cancellation()
+    went_on = asyncio.Event()
+
+    async def body() -> str:
+        with ours.interrupts():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # swallowed, as a client library may do mid-command
+            went_on.set()
+        return "finished as if never cancelled"
+
+    task = asyncio.create_task(body())
+    await asyncio.sleep(0.01)
+    ours.cancel("enough")
+    with pytest.raises(StepInterrupted, match="enough"):
+        await task
+    assert went_on.is_set() and task.cancelling() == 0
+
+
+async def test_an_agent_past_a_swallowed_cancel_makes_no_model_call() -> None:
+    """After a cancel, the context refuses the agent's next model call even if the cancel was lost."""
+    budget = WorkflowBudget(10_000)
+    calls: list[str] = []
+    reached = asyncio.Event()
+
+    async def agent(spec: AgentStepSpec, ctx: AgentContext) -> str:
+        try:
+            reached.set()
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # swallowed by a library
+        price = ModelPrice("m", "test", input_per_mtok=Decimal(1), output_per_mtok=Decimal(1))
+        await ctx.hold_call(price, model="m", agent="a", prompt_tokens=10, max_tokens=10)
+        calls.append(spec.task_id)  # the model request would go here
+        return "answered"
+
+    executor = LocalExecutor(agents={"swallow": agent}, budget=budget)
+    cancellation = Cancellation()
+    with use_cancellation(cancellation):
+        step = asyncio.create_task(executor.execute_step(spec("s", agent="swallow")))
+    await reached.wait()
+    cancellation.cancel("stop now")
+    outcome = await step
+    assert (outcome.error, calls) == ("cancelled", [])
+    snapshot = await budget.snapshot()
+    assert (snapshot.reserved_tokens, snapshot.reserved_usd) == (0, 0)
 
 
 # --------------------------------------------------------------------------- the local host

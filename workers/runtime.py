@@ -3,8 +3,9 @@
 :class:`WorkerRuntime` holds the settings, agents and stages, this process's Redis
 client and the Lua scripts of :mod:`fleet.celery.protocol`; it claims a step (or a
 chain link), runs the shared step body :func:`fleet.step.run_agent` on this thread's
-event loop (under the host's token hold, if any), and records the outcome. A background
-thread keeps the leases of running steps alive.
+event loop (under the host's token hold, if any), and records the outcome. One background
+thread (:class:`~workers.keeper.LeaseKeeper`) keeps the leases and token holds of running
+steps alive.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import redis
 
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
-from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch, marker_reason, read_markers
+from fleet.cancel.markers import marker_reason, read_markers
 from fleet.cancel.signal import Cancellation
 from fleet.celery.protocol import (
     REPLY_TTL_S,
@@ -47,6 +48,7 @@ from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_interruptible
 from fleet.stores.redis import RedisCheckpointStore
 
+from .keeper import LeaseKeeper
 from .loop import StepLoop, ThreadLoops
 
 __all__ = ["WorkerRuntime"]
@@ -87,61 +89,6 @@ class _OnStepLoop:
 logger = logging.getLogger("fleet.worker")
 
 
-class _LeaseKeeper:
-    """Renews this process's step leases from one background thread.
-
-    A thread rather than the step's event loop, so a lease stays alive while an agent
-    hogs its loop; it stops with the process, so a killed worker's leases lapse.
-    """
-
-    def __init__(self, client: Callable[[], redis.Redis], lease_ms: int, key_prefix: str) -> None:
-        self._client = client
-        self._lease_ms = lease_ms
-        self._held: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._pid = 0
-        self.markers = MarkerWatch(key_prefix)
-        """The cancel markers of the running steps, read on every tick."""
-
-    def hold(self, key: str, owner: str) -> None:
-        with self._lock:
-            self._held[key] = owner
-            if self._pid != os.getpid():  # first use in this (possibly forked) process
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="fleet-leases", daemon=True).start()
-
-    def release(self, key: str) -> None:
-        with self._lock:
-            self._held.pop(key, None)
-
-    def _run(self) -> None:
-        renew = self._client().register_script(lua("renew_lease"))
-        every_s = self._lease_ms / 3000
-        next_renewal = time.monotonic() + every_s
-        while True:
-            # Ticks at the cancel-watch pace; leases are renewed every third of a lease.
-            time.sleep(min(every_s, WATCH_INTERVAL_S))
-            try:
-                if len(self.markers):
-                    self.markers.poll(self._client())
-            except redis.RedisError as error:
-                logger.warning("could not read cancel markers: %s", error)
-            if time.monotonic() < next_renewal:
-                continue
-            next_renewal = time.monotonic() + every_s
-            with self._lock:
-                held = list(self._held.items())
-            if not held:
-                continue
-            try:
-                pipe = self._client().pipeline(transaction=False)
-                for key, owner in held:
-                    renew(keys=[key], args=[owner, self._lease_ms], client=pipe)
-                pipe.execute()
-            except redis.RedisError as error:
-                logger.warning("could not renew %d step leases: %s", len(held), error)
-
-
 class WorkerRuntime:
     """What a worker process knows: settings, agents, stages, its Redis connections."""
 
@@ -160,9 +107,8 @@ class WorkerRuntime:
         self._shared_lock = threading.Lock()
         self._loop = StepLoop()
         self._thread_loops = ThreadLoops()
-        self._leases = _LeaseKeeper(
-            self.redis, int(settings.step_lease_s * 1000), settings.key_prefix
-        )
+        self._leases = LeaseKeeper(settings.redis_url, settings.step_lease_s, settings.key_prefix)
+        """Renews every step lease and budget reservation of this process (one thread)."""
         # Provider limits, shared with every worker and host on this Redis.
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
 
@@ -249,6 +195,7 @@ class WorkerRuntime:
         """
         self.redis()
         owner = f"{uuid.uuid4().hex[:12]}"
+        taken_at = time.monotonic()
         status, value = self._claim(
             keys=[
                 self.keys.steps(steps),
@@ -261,7 +208,7 @@ class WorkerRuntime:
         )
         status = status.decode()
         if status == "claimed":
-            self._leases.hold(self.keys.lease(tid), owner)
+            self._leases.hold(self.keys.lease(tid), owner, taken_at=taken_at)
             return status, owner
         if status == "cancelled":
             return status, marker_reason(value)
@@ -316,6 +263,7 @@ class WorkerRuntime:
         k = message.stage
         link = stage_link_id(message.pipe, message.item, k)
         previous = stage_link_id(message.pipe, message.item, k - 1) if k else link
+        taken_at = time.monotonic()
         reply = self._begin_link(
             keys=[
                 self.keys.pipe(message.pipe),
@@ -328,7 +276,7 @@ class WorkerRuntime:
         status = reply[0].decode()
         if status != "claimed":
             return status, None, None, None, owner
-        self._leases.hold(self.keys.lease(link), owner)
+        self._leases.hold(self.keys.lease(link), owner, taken_at=taken_at)
         return status, reply[1], reply[2], reply[3], owner
 
     def abandon(self, tid: str) -> None:
@@ -439,10 +387,17 @@ class WorkerRuntime:
         started: float,
         cancellation: Cancellation | None,
     ) -> StepOutcome:
-        """Run under the host's reservation: keep its lease alive, settle what was used."""
-        ledger = self.ledger()
+        """Run under the host's reservation: keep its lease alive, settle what was used.
+
+        The process's lease thread renews it (and every dollar hold of the step's model
+        calls): the step's end hands it back without waiting on Redis.
+        """
         budget = WorkflowBudget(
-            hold.limit_tokens, ledger=ledger, workflow_id=hold.workflow_id, lease_s=hold.lease_s
+            hold.limit_tokens,
+            ledger=self.ledger(),
+            workflow_id=hold.workflow_id,
+            lease_s=hold.lease_s,
+            keeper=self._leases,
         )
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
         ctx.budget = budget  # model calls reserve their dollars in the same accounts

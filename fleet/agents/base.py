@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from .. import metrics
+from ..cancel.signal import Cancellation, StepInterrupted
 from ..errors import AgentError, BudgetExhaustedError
 from ..events import EventSink, RateLimited, emit
 from ..limiters.admission import Admission, admit
@@ -134,6 +135,20 @@ class AgentContext:
     """Micro-dollars this step's priced model calls cost so far."""
     priced_calls: int = 0
     """Model calls of this step that had a price (``cost_usd`` is ``None`` without any)."""
+    cancellation: Cancellation | None = None
+    """The step's cancel signal, when it can be cancelled (see :meth:`check_cancelled`)."""
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`~fleet.cancel.StepInterrupted` if the step was cancelled.
+
+        A cancel interrupts the step's task at its current ``await``; a library that
+        swallows that ``CancelledError`` (redis-py's asyncio client can, mid-command)
+        would let the agent go on to its model request. The context checks here after
+        its own Redis calls (a call's dollar hold, its provider-limit admission).
+        """
+        cancellation = self.cancellation
+        if cancellation is not None and cancellation.cancelled:
+            raise StepInterrupted(cancellation.reason or "cancelled")
 
     @property
     def cost_usd(self) -> Decimal | None:
@@ -179,6 +194,11 @@ class AgentContext:
             holder=self.spec.task_id,
             reservation_id=f"{self.spec.task_id}:call:{uuid.uuid4().hex[:12]}",
         )
+        try:
+            self.check_cancelled()
+        except StepInterrupted:
+            await asyncio.shield(reservation.settle(0))
+            raise
         return CallHold(self, price, reservation, cap)
 
     limit: ProviderLimit | None = None
@@ -291,7 +311,7 @@ class AgentContext:
                 )
             )
 
-        return await admit(
+        admission = await admit(
             self.limiter,
             limit,
             tokens,
@@ -300,6 +320,12 @@ class AgentContext:
             label=f"step {self.spec.task_id!r} (agent {self.spec.agent!r})",
             on_wait=waited,
         )
+        try:
+            self.check_cancelled()
+        except StepInterrupted:
+            await asyncio.shield(admission.settle(0))
+            raise
+        return admission
 
     async def pause_limit(self, seconds: float) -> None:
         """The provider answered 429: admit no call under the limit, fleet-wide, for ``seconds``."""

@@ -102,8 +102,10 @@ class _Interrupts:
         if task not in owner._requested:
             return
         owner._requested.discard(task)
-        # Undo our own cancel request; a cancel of the caller made meanwhile stays.
-        if task.uncancel() <= self._base and exc_type is asyncio.CancelledError:
+        # Undo our own cancel request; a cancel of the caller made meanwhile stays. The
+        # block ending without a CancelledError after our request means something inside
+        # swallowed it (redis-py's asyncio client can, mid-command): still interrupted.
+        if task.uncancel() <= self._base and exc_type in (asyncio.CancelledError, None):
             raise StepInterrupted(owner.reason or CANCELLED) from None
 
 

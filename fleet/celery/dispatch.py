@@ -20,7 +20,9 @@ What is written once here, for steps and chain links alike:
 
 The collector is the one task not owned by a caller: one reader per event loop is what
 bounds a host's Redis connections however many callers wait. It runs only while
-flights are out, stops by itself when none are, and :meth:`Dispatcher.aclose` ends it.
+flights are out, stops by itself when none are, and :meth:`Dispatcher.aclose` ends it
+within a bounded time: a stop flag the collector checks on every turn (each turn waits
+at most a check interval on Redis), then a cancel, never a wait on the cancel alone.
 The callers' own tasks handle their notices (:meth:`Track.receive`), so an outcome
 callback never runs on the collector.
 """
@@ -42,6 +44,7 @@ from redis.exceptions import ResponseError
 
 from ..cancel.signal import current_cancellation
 from ..deltas import current_deltas
+from ..keeper import stop_task
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
 from ..redisclient import async_client
@@ -106,6 +109,9 @@ Notice = Started | Finished | Stopped | Limited
 _Flight = TypeVar("_Flight", bound=Flight)
 _Item = tuple[Flight, Notice] | Lost | Broken | None
 
+
+STOP_TIMEOUT_S = 0.5
+"""How long :meth:`Dispatcher.aclose` lets the collector end by itself before cancelling it."""
 
 CANCEL_GRACE_S = 10.0
 """How long a cancelled track waits for the workers of its running steps to report."""
@@ -246,6 +252,7 @@ class Dispatcher:
         self._probed = False
         self._probe_lock = asyncio.Lock()
         self._collector: asyncio.Task[None] | None = None
+        self._stopping = False
         self._blmpop = True
         self._credit = 0
         self._credit_at = float("-inf")
@@ -284,10 +291,11 @@ class Dispatcher:
         return self.client()
 
     async def aclose(self) -> None:
-        """Stop the collector and close this loop's connections."""
-        if self._collector is not None:
-            self._collector.cancel()
-            await asyncio.gather(self._collector, return_exceptions=True)
+        """Stop the collector (within about a second) and close this loop's connections."""
+        collector = self._collector
+        if collector is not None:
+            self._stopping = True
+            await stop_task(collector, grace_s=STOP_TIMEOUT_S, timeout_s=STOP_TIMEOUT_S)
         await self._limiter.close()
         if self._client is not None:
             await self._client.aclose()
@@ -403,7 +411,7 @@ class Dispatcher:
         next_check = time.monotonic() + interval
         try:
             client = self.client()
-            while self.flights:
+            while self.flights and not self._stopping:
                 for raw in await self._pop(client, interval):
                     self._route(raw)
                 if time.monotonic() >= next_check:

@@ -150,6 +150,8 @@ class Pipeline(Track):
     async def dispatch(self) -> None:
         """Send one chain per item, each once it holds a slot."""
         async for batch in self.dispatcher.batches(self.chains, SEND_BATCH):
+            if self.cancel.reason is not None:
+                return  # cancelled: the task's cancel may have been swallowed by a Redis call
             await self.dispatcher.send(batch, [self._signatures(c) for c in batch])
 
     async def resend(self, flights: list[Flight]) -> None:

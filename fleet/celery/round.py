@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ from .records import StepRecord, record_owner, result_grace_s
 
 if TYPE_CHECKING:
     from ..budget import Reservation, WorkflowBudget
+    from ..keeper import Held
     from .executor import CeleryExecutor
 
 __all__ = ["SEND_BATCH", "Round", "broker_failure"]
@@ -73,6 +73,8 @@ class _Entry(Flight):
     spec: AgentStepSpec
     payload: str = ""
     reservation: Reservation | None = None
+    kept: Held | None = None
+    """The reservation's lease as the budget's keeper renews it, until the step resolves."""
     outcome: StepOutcome | None = None
 
 
@@ -131,9 +133,6 @@ class Round(Track):
         run_markers = self.cancellation.markers if self.cancellation is not None else ()
         self.markers = [*run_markers, self.nonce]
         """What a worker checks before and while running a step of this round."""
-        budget = executor.budget
-        self._renew_every = budget.lease_s / 3 if budget is not None else float("inf")
-        self._next_renewal = time.monotonic() + self._renew_every
 
     def _limit_of(self, spec: AgentStepSpec) -> ProviderLimit | None:
         try:
@@ -158,6 +157,13 @@ class Round(Track):
             return await self._run()
 
     async def _run(self) -> list[StepOutcome]:
+        try:
+            return await self._run_kept()
+        finally:
+            for entry in self.entries:  # none is renewed once the round is over
+                self._unkeep(entry)
+
+    async def _run_kept(self) -> list[StepOutcome]:
         try:
             self.client = client = await self.dispatcher.ready()
             try:
@@ -258,6 +264,8 @@ class Round(Track):
             )
             try:
                 entry.reservation = await asyncio.shield(holding)
+                # The budget's keeper renews it (queued, then running) until it resolves.
+                entry.kept = entry.reservation.budget.keeper().keep(entry.reservation)
             except asyncio.CancelledError:
                 # Cancelled mid-reservation: the ledger may still grant it; the cancel
                 # waits for the answer and settles the hold (see _release_reserving).
@@ -278,6 +286,8 @@ class Round(Track):
         # step as soon as it holds its tokens so nothing waits on an unsent sibling.
         limit = 1 if self.x.budget is not None else SEND_BATCH
         async for batch in self.dispatcher.batches(self.entries, limit):
+            if self.cancel.reason is not None:
+                return  # cancelled: the task's cancel may have been swallowed by a Redis call
             batch = [entry for entry in batch if await self._reserve(entry)]
             if self.workflow_id is not None and batch:
                 batch = await self._reattach(batch)
@@ -342,7 +352,7 @@ class Round(Track):
             emit(self.events, notice.event)
 
     async def tick(self) -> None:
-        """Act on a cancel; keep queued steps' reservations alive (workers renew running ones).
+        """Act on a cancel (the budget's keeper renews the reservations).
 
         Also lets the results read since the last tick go (:meth:`StepRecord.flush`).
         """
@@ -357,14 +367,6 @@ class Round(Track):
                 if entry.outcome is None:
                     reason = self.cancel.reason or CANCELLED
                     await self._resolve(entry, cancelled_outcome(entry.spec, reason), settle=False)
-        if time.monotonic() >= self._next_renewal:
-            held = [
-                e.reservation
-                for e in self.entries
-                if e.reservation is not None and e.outcome is None and e.holds_slot
-            ]
-            await asyncio.gather(*(r.renew() for r in held))
-            self._next_renewal = time.monotonic() + self._renew_every
 
     # ------------------------------------------------------------------ cancel
 
@@ -432,6 +434,7 @@ class Round(Track):
             return
         entry.outcome = outcome
         self.open -= 1
+        self._unkeep(entry)
         if entry.sent_at:
             self.record.read(entry.tid)
         self.dispatcher.release(entry)
@@ -446,6 +449,11 @@ class Round(Track):
                 await self.on_outcome(entry.index, outcome)
             except Exception as error:
                 entry.outcome = crash_outcome(entry.spec, error)
+
+    def _unkeep(self, entry: _Entry) -> None:
+        if entry.kept is not None and entry.reservation is not None:
+            entry.reservation.budget.keeper().drop(entry.kept)
+            entry.kept = None
 
 
 def _redis_ledger(budget: WorkflowBudget) -> bool:

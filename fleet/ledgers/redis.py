@@ -478,6 +478,24 @@ class RedisLedger(BudgetLedger):
         chain = (workflow_id, *ancestors)
         return bool(await self._run("renew", chain, workflow_id, reservation_id, _ms(lease_s)))
 
+    def renewal(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        *,
+        lease_s: float,
+        ancestors: Sequence[str] = (),
+    ) -> tuple[str, list[bytes], list[str | int]]:
+        """The renew script, its keys and arguments, for a caller's own (blocking) client.
+
+        A worker's lease thread renews every reservation of its process in one pipeline
+        with this; the script answers 1 when the reservation is live (and renewed), 0
+        when it is gone, as :meth:`renew` does.
+        """
+        chain = (workflow_id, *ancestors)
+        keys = [key for account_id in chain for key in self._keys(account_id)]
+        return _RENEW, keys, [workflow_id, reservation_id, _ms(lease_s)]
+
     async def settle(
         self,
         workflow_id: str,
