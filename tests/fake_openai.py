@@ -212,6 +212,8 @@ class FakeOpenAI:
         self._slots = threading.BoundedSemaphore(auto.slots if auto is not None else 1)
         self.requests: list[Recorded] = []
         self.disconnects = 0
+        self.hung_up_at: list[float] = []
+        """``time.time()`` of each disconnect, when the server noticed the client gone."""
         self._replies: list[Reply] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -297,6 +299,7 @@ class FakeOpenAI:
     def _hung_up(self) -> None:
         with self._changed:
             self.disconnects += 1
+            self.hung_up_at.append(time.time())
             self._changed.notify_all()
 
 

@@ -218,6 +218,9 @@ def test_a_cancel_stops_the_fleet_and_a_rerun_resumes(
         offset = time.time() - time.monotonic()
         late = [r for r in slow_requests if r.at + offset > cancel_epoch + 0.5]
         assert late == []
+        # docs/CANCEL.md: running steps are interrupted within 2 s, their requests closed.
+        closed_after = max(model_server.hung_up_at) - cancel_epoch
+        assert closed_after <= 2.0, f"the last model request closed {closed_after:.2f} s in"
         assert _reserved(settings, root) == 0
         errors = json.loads((tmp_path / "out.json").read_text())
         assert errors[:WARMUP] == [None] * WARMUP
