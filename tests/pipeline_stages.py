@@ -70,3 +70,8 @@ def counted(prev: StepOutcome | None, item: str) -> AgentStepSpec | None:
     """Both stages: a count_where step (records each run and its worker)."""
     stage = 1 if prev is None else 2
     return _spec(f"c{stage}-{item}", "count_where", f"{item}/{stage}")
+
+
+def streamed(prev: StepOutcome | None, item: str) -> AgentStepSpec | None:
+    """Stage 1: stream the item's words as output deltas."""
+    return _spec(f"streamed-{item}", "stream_words", item)

@@ -218,6 +218,6 @@ def test_a_worker_writes_deltas_only_under_its_fleets_prefix(
         )
 
     ours = Keys(key_prefix).deltas("root")
-    assert runtime.delta_publisher(message(ours), "t") is not None
-    assert runtime.delta_publisher(message("elsewhere:deltas:{root}"), "t") is None
-    assert runtime.delta_publisher(message(None), "t") is None
+    assert runtime.delta_publisher(message(ours).deltas, "t") is not None
+    assert runtime.delta_publisher(message("elsewhere:deltas:{root}").deltas, "t") is None
+    assert runtime.delta_publisher(message(None).deltas, "t") is None

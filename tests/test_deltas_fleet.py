@@ -21,6 +21,7 @@ from fleet.deltas import LiveText, read_deltas
 from fleet.events import StepDelta, StepFinished
 from fleet.ledgers import RedisLedger
 from fleet.workflow import Workflow
+from tests import pipeline_stages
 from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.timeout(300)]
@@ -221,3 +222,20 @@ async def test_256_openai_streams_on_one_worker_join_and_charge_the_providers_us
     provider_tokens = sum(entry["total_tokens"] for entry in log)
     assert sum(outcome.usage.total_tokens for outcome in outcomes) == provider_tokens
     assert snapshot.consumed_tokens == provider_tokens and snapshot.reserved_tokens == 0
+
+
+async def test_a_pipeline_chain_on_the_workers_streams_too(workers: CeleryWorkers) -> None:
+    """Steps of a registered stage, run as Celery chain links, publish their deltas as well."""
+    items = ["one two three", "four five six"]
+    async with workers.executor() as executor:
+        flow = Workflow.builder(executor).with_root_id("fleet-chain").build()
+        events = flow.subscribe(deltas=True, capacity=100_000)
+        results = await flow.pipeline(items, [pipeline_stages.streamed])
+        await flow.close()
+        seen = [event async for event in events]
+    live = LiveText()
+    for event in seen:
+        if isinstance(event, StepDelta):
+            live.fold(event)
+    assert [result.output for result in results if result is not None] == items
+    assert live.text == {f"streamed-{item}": item for item in items}

@@ -143,13 +143,12 @@ class WorkerRuntime:
         """The writer every streaming step of this process publishes its output through."""
         return self._process_wide("deltas", lambda: DeltaWriter(self.redis))
 
-    def delta_publisher(self, message: StepMessage | None, task_id: str) -> ThreadPublisher | None:
-        """Where a step's output deltas go: its workflow's stream, if the message names one.
+    def delta_publisher(self, route: str | None, task_id: str) -> ThreadPublisher | None:
+        """Where a step's output deltas go: its workflow's stream, if its message names one.
 
         A stream outside this fleet's key prefix is ignored (with a warning): a message
         must not make a worker write anywhere else.
         """
-        route = None if message is None else message.deltas
         if not route:
             return None
         if not route.startswith(self.keys.deltas("")):
@@ -301,13 +300,15 @@ class WorkerRuntime:
         tid: str = "",
         markers: Sequence[str] = (),
         lease: str = "",
+        deltas: str | None = None,
     ) -> StepOutcome:
         """Run one step here with the shared step body; never raises.
 
         With a step ``message``, the ``rate_limited`` events of the step (task ``tid``)
         go to the host on its reply list. While it runs, the lease thread watches
         ``markers``: when one appears, the step's task is cancelled on this thread's loop
-        and the step ends ``cancelled``.
+        and the step ends ``cancelled``. Its output deltas go to the stream the message
+        names, else to ``deltas`` (a chain link's, from its pipeline's context).
         """
         started = time.monotonic()
         try:
@@ -325,7 +326,9 @@ class WorkerRuntime:
             limit=definition.limit,
             limiter=self.limiter,
             events=None if message is None else self._forward(message.reply, tid),
-            deltas=self.delta_publisher(message, spec.task_id),
+            deltas=self.delta_publisher(
+                message.deltas if message is not None else deltas, spec.task_id
+            ),
         )
         hold = None if message is None else message.budget
         if hold is not None:

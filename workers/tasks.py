@@ -196,7 +196,9 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
             outcome = cancelled_outcome(spec, reason, worker=worker)
         else:
             lease = runtime.keys.lease(link)
-            outcome = runtime.execute(spec, worker, None, markers=context.cancel, lease=lease)
+            outcome = runtime.execute(
+                spec, worker, None, markers=context.cancel, lease=lease, deltas=context.deltas
+            )
     except BaseException:
         runtime.abandon(link)
         raise

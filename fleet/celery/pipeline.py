@@ -87,6 +87,7 @@ class Pipeline(Track):
             # Nobody listens for step_started: the host watches leases instead.
             announce=self.events is not None,
             cancel=self.markers,
+            deltas=self.deltas_route,
         ).to_json()
         key = self.keys.pipe(self.pipe)
         try:

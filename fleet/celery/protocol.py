@@ -159,6 +159,8 @@ class PipelineContext(FleetModel):
     """Push a :class:`Started` notice when a link starts (someone listens for events)."""
     cancel: list[str] = Field(default_factory=list)
     """Cancel markers of every link (the workflow run's id, the pipeline's id)."""
+    deltas: str | None = Field(default=None, max_length=1024)
+    """The stream every link's output deltas go to (as :attr:`StepMessage.deltas`)."""
 
 
 _Model = TypeVar("_Model", bound=FleetModel)
