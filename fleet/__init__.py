@@ -55,7 +55,7 @@ from .workflow import WorkflowBuilder as WorkflowBuilder
 if _typing.TYPE_CHECKING:
     from .stores.redis import RedisCheckpointStore as RedisCheckpointStore
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _LAZY = frozenset({"RedisCheckpointStore"})
 """Exported names imported on first use: ``import fleet`` loads neither Redis nor Celery."""

@@ -8,10 +8,8 @@ behind your back. A bad value fails at start with the key's name and expected ty
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -22,35 +20,13 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .sentinel import is_sentinel, parse_sentinel_url
+from .urls import mask_url
 
 __all__ = ["DEFAULT_CONFIG_FILE", "FleetSettings", "load_settings", "mask_url"]
 
-_SECRET_QUERY = re.compile(r"((?:^|[?&])sentinel_password=)[^&]*")
-
 DEFAULT_CONFIG_FILE = Path("config/fleet.toml")
 """Where settings are read from unless ``FLEET_CONFIG`` names another file."""
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe for logs and errors).
-
-    A sentinel URL (``sentinel://...;sentinel://...``) has each part masked, and a
-    ``sentinel_password=`` in its query too.
-    """
-    if ";" in url:
-        return ";".join(mask_url(part) for part in url.split(";"))
-    url = _SECRET_QUERY.sub(r"\1***", url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class FleetSettings(BaseSettings):
@@ -147,8 +123,6 @@ class FleetSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _sentinel_url_names_a_master(cls, url: str) -> str:
-        from .sentinel import is_sentinel, parse_sentinel_url
-
         if is_sentinel(url):
             parse_sentinel_url(url)  # ConfigError (a ValueError): names the fix
         return url

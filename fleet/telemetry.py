@@ -30,6 +30,8 @@ import os
 import sys
 from typing import Any
 
+from .version import __version__
+
 __all__ = [
     "active",
     "current_traceparent",
@@ -129,8 +131,6 @@ def _check() -> Any:
         provider = _provider = _own_provider()
         if provider is None:
             return None
-    from fleet import __version__
-
     return provider.get_tracer("fleet", __version__)
 
 

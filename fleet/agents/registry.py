@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import importlib
 import inspect
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +21,7 @@ from ..limiters.base import ProviderLimit, parse_limits
 from ..pricing import ModelPrice, UnknownPrice, parse_prices
 from .base import AgentDefinition, AgentFunction
 from .echo import ECHO
+from .targets import import_target, resolve_target
 
 __all__ = [
     "AgentLike",
@@ -38,50 +38,6 @@ AgentLike = AgentFunction | str | AgentDefinition
 path ``"package.module:function"``, or a full :class:`AgentDefinition`."""
 
 BUILTINS: dict[str, AgentDefinition] = {ECHO.name: ECHO}
-
-
-def import_target(target: str, *, what: str = "agent") -> Any:
-    """Import ``"package.module:attribute"`` and return the attribute, whatever it is.
-
-    Raises:
-        ConfigError: the path is malformed, or the module or attribute is missing.
-    """
-    module_name, sep, attribute = target.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ConfigError(
-            f"{what} target {target!r} is not of the form 'package.module:function'", key=target
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except (ImportError, TypeError, ValueError) as error:  # TypeError: a relative ".mod"
-        raise ConfigError(
-            f"{what} target {target!r}: cannot import module {module_name!r} ({error}); "
-            "is it installed and on PYTHONPATH?",
-            key=target,
-        ) from None
-    obj: Any = module
-    for part in attribute.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(
-                f"{what} target {target!r}: module {module_name!r} has no attribute {attribute!r}",
-                key=target,
-            ) from None
-    return obj
-
-
-def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
-    """Import ``"package.module:attribute"`` and return the attribute.
-
-    Raises:
-        ConfigError: the path is malformed, the module or attribute is missing, or the
-            attribute is not callable.
-    """
-    obj = import_target(target, what=what)
-    if not callable(obj):
-        raise ConfigError(f"{what} target {target!r} is not callable", key=target)
-    return obj  # type: ignore[no-any-return]
 
 
 def _definition(name: str, agent: AgentLike) -> AgentDefinition:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from ... import telemetry
 from ...errors import ConfigError
-from ..registry import resolve_target
+from ..targets import resolve_target
 from .config import OpenAIToolConfig
 from .wire import ToolCall
 

@@ -25,7 +25,7 @@ from ...errors import ConfigError
 from ...pricing import ModelPrice, UnknownPrice, price_model
 from ...spec import AgentStepSpec, TokenUsage, describe_validation_error
 from ..base import AgentContext, AgentDefinition, AgentResult
-from ..registry import import_target
+from ..targets import import_target
 from .errors import as_agent_error
 from .model import StepCalls, StepModel
 
