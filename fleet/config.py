@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,10 +23,24 @@ from .errors import ConfigError
 from .sentinel import is_sentinel, parse_sentinel_url
 from .urls import mask_url
 
-__all__ = ["DEFAULT_CONFIG_FILE", "FleetSettings", "load_settings", "mask_url"]
+__all__ = [
+    "DEFAULT_AGENTS_FILE",
+    "DEFAULT_CONFIG_FILE",
+    "PACKAGED_AGENTS_FILE",
+    "FleetSettings",
+    "load_settings",
+    "mask_url",
+]
 
 DEFAULT_CONFIG_FILE = Path("config/fleet.toml")
 """Where settings are read from unless ``FLEET_CONFIG`` names another file."""
+
+DEFAULT_AGENTS_FILE = Path("config/agents.toml")
+"""The agents file, relative to the current directory, unless a setting names another."""
+
+PACKAGED_AGENTS_FILE = Path(__file__).resolve().parent / "agents" / "default.toml"
+"""The agents file installed with fleet: used when no agents file is configured and the
+current directory has no ``config/agents.toml`` (``fleet up`` run outside a checkout)."""
 
 
 class FleetSettings(BaseSettings):
@@ -42,8 +56,10 @@ class FleetSettings(BaseSettings):
     password in the URL)."""
     key_prefix: str = "fleet"
     """Prefix of every Redis key fleet writes."""
-    agents_file: Path = Path("config/agents.toml")
-    """The agents file (TOML, ``[agents.NAME]`` tables)."""
+    agents_file: Path = DEFAULT_AGENTS_FILE
+    """The agents file (TOML, ``[agents.NAME]`` tables). Unset, and with no
+    ``config/agents.toml`` in the current directory: the one installed with fleet
+    (:data:`PACKAGED_AGENTS_FILE`: the built-in agents only)."""
     store: str = "sqlite:.fleet/journal.db"
     """The journal: ``memory``, ``sqlite:PATH`` or a ``redis://`` / ``rediss://`` URL."""
     run_index: Path = Path(".fleet/runs.db")
@@ -119,6 +135,15 @@ class FleetSettings(BaseSettings):
             env_settings,
             TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
         )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _packaged_agents_file(cls, data: Any) -> Any:
+        """Outside a checkout, a worker still finds an agents file: the packaged one."""
+        if isinstance(data, dict) and data.get("agents_file") is None:
+            if not DEFAULT_AGENTS_FILE.is_file():
+                return {**data, "agents_file": PACKAGED_AGENTS_FILE}
+        return data
 
     @field_validator("redis_url")
     @classmethod

@@ -155,11 +155,14 @@ class BrokerError(FleetError, ConnectionError):
 
     Attributes:
         url: the broker URL with any password masked.
+        detail: more than the one-line message (e.g. the end of a child process's log),
+            shown by ``fleet --debug``.
     """
 
-    def __init__(self, message: str, *, url: str | None = None) -> None:
+    def __init__(self, message: str, *, url: str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+        self.detail = detail
 
 
 class WorkflowCancelledError(FleetError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -42,7 +43,15 @@ from .errors import BrokerError, ConfigError
 from .redis_ha import SentinelGroup
 from .redis_server import RedisServer, free_port
 
-__all__ = ["POOLS", "FleetProcess", "LocalFleet", "Pool", "celery_command", "settings_env"]
+__all__ = [
+    "POOLS",
+    "FleetProcess",
+    "LocalFleet",
+    "Pool",
+    "celery_command",
+    "last_error",
+    "settings_env",
+]
 
 Pool = Literal["threads", "prefork", "solo"]
 """A Celery worker pool: ``threads`` (the default: agents wait on I/O), ``prefork``
@@ -94,6 +103,29 @@ class FleetProcess:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+    def last_error(self) -> str:
+        """The line of its log that says why it stopped (a traceback's last line)."""
+        return last_error(self.tail(200))
+
+
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit)\w*)(:.*)?$"
+)
+
+
+def last_error(log: str) -> str:
+    """The one line of ``log`` that names why a process stopped.
+
+    The last exception line of a Python traceback, without its module path
+    (``ConfigError: agents file ...``), else the log's last non-empty line.
+    """
+    lines = [line.rstrip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        found = _EXCEPTION_LINE.match(line)
+        if found:
+            return found.group(1) + (found.group(2) or "")
+    return lines[-1].strip() if lines else "(empty log)"
 
 
 class LocalFleet:
@@ -351,7 +383,8 @@ class LocalFleet:
             if waiting and time.monotonic() > deadline:
                 raise BrokerError(
                     f"workers {', '.join(sorted(waiting))} did not answer within "
-                    f"{self.ready_timeout_s} s:\n{self._logs_of(waiting)}"
+                    f"{self.ready_timeout_s} s",
+                    detail=self._logs_of(waiting),
                 )
         for name, url in (
             ("flower", self.flower_url and f"{self.flower_url}/healthcheck"),
@@ -369,8 +402,8 @@ class LocalFleet:
                         return
                 if time.monotonic() > deadline:
                     raise BrokerError(
-                        f"{name} did not answer on {url} within {self.ready_timeout_s} s:\n"
-                        f"{self._logs_of({name})}"
+                        f"{name} did not answer on {url} within {self.ready_timeout_s} s",
+                        detail=self._logs_of({name}),
                     )
                 time.sleep(0.2)
 
@@ -404,8 +437,9 @@ class LocalFleet:
     def _raise_if_exited(self) -> None:
         for process, code in self.exited():
             raise BrokerError(
-                f"{process.name} (pid {process.pid}) exited with code {code} at start:\n"
-                f"{process.tail()}"
+                f"{process.name} (pid {process.pid}) exited with code {code} at start: "
+                f"{process.last_error()}",
+                detail=f"--- the end of its log ({process.log}):\n{process.tail()}",
             )
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -280,21 +280,46 @@ def open_log_reader(url: str, *, key_prefix: str = "fleet") -> LogReader:
 
 
 def follow(
-    reader: LogReader, root_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5
+    reader: LogReader,
+    root_id: str,
+    *,
+    timeout_s: float | None = None,
+    poll_s: float = 0.5,
+    abandoned: Callable[[], str | None] | None = None,
+    check_every_s: float = 2.0,
 ) -> Iterator[LogEntry]:
     """Yield the newest run's entries of ``root_id`` as they arrive, until its ``end``.
 
     Starts at the newest ``start`` entry (or waits for one); ends after the ``end`` entry,
     or when ``timeout_s`` passes (then the iterator simply stops).
+
+    Args:
+        reader: where the log is.
+        root_id: the workflow.
+        timeout_s: stop after this long.
+        poll_s: how long one read waits for new entries.
+        abandoned: asked every ``check_every_s`` while the log is quiet: why the run's
+            host is gone (its run record's heartbeat lapsed), or ``None`` while it lives.
+            When it answers, one last entry ``{"control": "abandoned", "why": ...}`` ends
+            the iteration: a dead host never writes its ``end``.
+        check_every_s: how often to ask ``abandoned``.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     cursor = reader.last_start(root_id) or "0"
+    check_at = time.monotonic()
     while deadline is None or time.monotonic() < deadline:
         wait = poll_s if deadline is None else max(min(poll_s, deadline - time.monotonic()), 0.0)
-        for entry in reader.after(root_id, cursor, wait_s=wait):
+        page = reader.after(root_id, cursor, wait_s=wait)
+        for entry in page:
             cursor = entry.cursor
             yield entry
             if entry.fields.get("control") == "end":
+                return
+        if abandoned is not None and not page and time.monotonic() >= check_at:
+            check_at = time.monotonic() + check_every_s
+            why = abandoned()
+            if why is not None:
+                yield LogEntry(cursor, {"control": "abandoned", "why": why})
                 return
 
 

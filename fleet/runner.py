@@ -48,6 +48,7 @@ __all__ = [
     "RunPlaces",
     "RunStatus",
     "build_executor",
+    "check_reachable",
     "locate_run",
     "open_ledger",
     "open_run",
@@ -120,6 +121,50 @@ def plan_run(
             key="--event-stream",
         )
     return RunPlaces(store=store, events=events, ledger=redis if shared else None)
+
+
+def check_reachable(
+    config: FleetSettings,
+    places: RunPlaces,
+    *,
+    executor: str = "local",
+    redis_setting: str = "FLEET_REDIS_URL",
+) -> None:
+    """Prove that every Redis a run uses answers, before anything runs.
+
+    Without this a wrong URL shows only once the first steps have waited out their retries.
+    Each server gets one quick try (no retries, a 2 s timeout).
+
+    Args:
+        config: the settings.
+        places: the run's places.
+        executor: ``celery`` checks the broker (``redis_url``) too.
+        redis_setting: how the message names ``redis_url`` (``--redis-url`` where given).
+
+    Raises:
+        BrokerError: one line naming the place (password masked) and what to fix.
+        ConfigError: a URL is malformed.
+    """
+    from .sentinel import check_redis
+
+    if executor == "celery" and not config.redis_url.strip().startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            f"the fleet's Redis URL {mask_url(config.redis_url)!r} is not a redis://, "
+            f"rediss:// or sentinel:// URL: fix {redis_setting}",
+            key="redis_url",
+        )
+    named: dict[str, str] = {}
+    candidates = [
+        (places.store, "--store (FLEET_STORE)"),
+        (config.redis_url if executor == "celery" else None, redis_setting),
+        (places.ledger, redis_setting),
+        (places.events, redis_setting if places.events == config.redis_url else "--event-stream"),
+    ]
+    for url, setting in candidates:
+        if url is not None and url.startswith(_REDIS_SCHEMES) and url not in named:
+            named[url] = setting
+    for url, setting in named.items():
+        check_redis(url, setting=setting)
 
 
 def build_executor(
@@ -399,16 +444,16 @@ def locate_run(
     planned = plan_run(config, executor=executor)
     looked = [planned.describe()]
     found = _has_log(config, planned, root_id)
-    if found or explicit:
+    if explicit:
         return Located(planned, looked, found)
     indexed = _indexed(config.run_index, root_id)
+    if found:
+        if indexed is not None and _same_log_other_journal(planned, indexed):
+            _usable(indexed, root_id)  # e.g. `fleet run --store redis://...` on Celery
+            return Located(indexed, looked, True)
+        return Located(planned, looked, True)
     if indexed is not None and indexed != planned:
-        if "***" in indexed.store or "***" in (indexed.events or ""):
-            raise ConfigError(
-                f"workflow {root_id!r} ran with {indexed.describe()}; pass its --store "
-                "(with the password) to read it",
-                key="store",
-            )
+        _usable(indexed, root_id)
         looked.append(f"run index {config.run_index}: {indexed.describe()}")
         if _has_log(config, indexed, root_id):
             return Located(indexed, looked, True)
@@ -418,6 +463,23 @@ def locate_run(
         if _has_log(config, shared, root_id, quick=True):
             return Located(shared, looked, True)
     return Located(planned, looked, False)
+
+
+def _same_log_other_journal(planned: RunPlaces, indexed: RunPlaces) -> bool:
+    """Whether the index says the run logged where planned but journaled elsewhere."""
+    return indexed.events == mask_url(planned.events or "") and indexed.store != mask_url(
+        planned.store
+    )
+
+
+def _usable(indexed: RunPlaces, root_id: str) -> None:
+    """Refuse places from the index that lost their password (the index keeps none)."""
+    if "***" in indexed.store or "***" in (indexed.events or ""):
+        raise ConfigError(
+            f"workflow {root_id!r} ran with {indexed.describe()}; pass its --store "
+            "(with the password) to read it",
+            key="store",
+        )
 
 
 def _has_log(

@@ -192,12 +192,13 @@ def celery_options(url: str) -> dict[str, Any]:
     }
 
 
-def check_redis(url: str, *, timeout_s: float = 2.0) -> None:
+def check_redis(url: str, *, timeout_s: float = 2.0, setting: str = "FLEET_REDIS_URL") -> None:
     """Prove that ``url`` reaches a writable Redis, or fail with one line saying why.
 
     For a sentinel URL: at least one sentinel answers, one of them knows a master under
     ``master_name``, and the master accepts the password. No retries: this runs at start
-    (``fleet worker``, ``fleet run``, a Celery host's first round).
+    (``fleet worker``, ``fleet run``, a Celery host's first round). ``setting`` is what
+    the message tells the user to fix (``--store``, ``FLEET_REDIS_URL``, ...).
 
     Raises:
         ConfigError: the URL is malformed or names no master.
@@ -217,26 +218,25 @@ def check_redis(url: str, *, timeout_s: float = 2.0) -> None:
             raise ConfigError(f"invalid Redis URL {shown}: {error}", key="redis_url") from None
         except AuthenticationError:
             raise BrokerError(
-                f"Redis at {shown} refused the password: fix the password in FLEET_REDIS_URL"
+                f"Redis at {shown} refused the password: fix the password in {setting}"
             ) from None
         except (RedisError, OSError) as error:
             raise BrokerError(
-                f"cannot reach Redis at {shown} ({_first_line(error)}): start it, or fix "
-                "FLEET_REDIS_URL"
+                f"cannot reach Redis at {shown} ({_first_line(error)}): start it, or fix {setting}"
             ) from None
         return
     target = parse_sentinel_url(url)
-    master, answered = _ask_sentinels(target, timeout_s)
+    master, answered = _ask_sentinels(target, timeout_s, setting)
     where = ", ".join(f"{host}:{port}" for host, port in target.sentinels)
     if not answered:
         raise BrokerError(
-            f"no sentinel reachable at {where} (FLEET_REDIS_URL {shown}): start the "
+            f"no sentinel reachable at {where} ({setting} {shown}): start the "
             "sentinels, or fix the host:port list in the URL"
         )
     if master is None:
         raise BrokerError(
             f"the sentinels at {where} know no master named {target.master_name!r}: fix "
-            "master_name in FLEET_REDIS_URL to the name in 'sentinel monitor NAME ...'"
+            f"master_name in {setting} to the name in 'sentinel monitor NAME ...'"
         )
     try:
         with redis.Redis(
@@ -251,14 +251,14 @@ def check_redis(url: str, *, timeout_s: float = 2.0) -> None:
     except AuthenticationError:
         raise BrokerError(
             f"the master {target.master_name!r} at {master[0]}:{master[1]} refused the "
-            f"password in FLEET_REDIS_URL {shown}: fix the password (it is the data "
+            f"password in {setting} {shown}: fix the password (it is the data "
             "nodes' requirepass, not the sentinels')"
         ) from None
     except ResponseError as error:
         if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
             raise BrokerError(
                 f"the master {target.master_name!r} at {master[0]}:{master[1]} needs a "
-                f"password and FLEET_REDIS_URL {shown} has none or a wrong one: add "
+                f"password and {setting} {shown} has none or a wrong one: add "
                 "sentinel://:PASSWORD@host:port..."
             ) from None
         raise BrokerError(f"the master at {master[0]}:{master[1]}: {error}") from None
@@ -270,7 +270,9 @@ def check_redis(url: str, *, timeout_s: float = 2.0) -> None:
         ) from None
 
 
-def _ask_sentinels(target: SentinelURL, timeout_s: float) -> tuple[tuple[str, int] | None, int]:
+def _ask_sentinels(
+    target: SentinelURL, timeout_s: float, setting: str
+) -> tuple[tuple[str, int] | None, int]:
     """The master's address as the first sentinel that knows it says, and how many answered."""
     import redis
     from redis.exceptions import AuthenticationError, RedisError, ResponseError
@@ -286,14 +288,13 @@ def _ask_sentinels(target: SentinelURL, timeout_s: float) -> tuple[tuple[str, in
                 reply = client.sentinel_get_master_addr_by_name(target.master_name)
         except AuthenticationError:
             raise BrokerError(
-                f"the sentinel at {host}:{port} refused sentinel_password: fix it in "
-                "FLEET_REDIS_URL"
+                f"the sentinel at {host}:{port} refused sentinel_password: fix it in {setting}"
             ) from None
         except ResponseError as error:
             if "NOAUTH" in str(error):
                 raise BrokerError(
                     f"the sentinel at {host}:{port} needs a password: add "
-                    "&sentinel_password=... to FLEET_REDIS_URL"
+                    f"&sentinel_password=... to {setting}"
                 ) from None
             answered += 1
             continue

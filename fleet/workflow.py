@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import telemetry
-from .cancel.board import CancelBoard, RunState, new_run_id
+from .cancel.board import HEARTBEAT_S, CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
 from .deltas import DeltaChannel, MemoryDeltaChannel, use_deltas
@@ -706,11 +707,16 @@ class Workflow:
         )
 
     async def _watch(self, board: CancelBoard) -> None:
+        """Poll the board for a cancel, and heartbeat the run record every HEARTBEAT_S."""
         run = self._run
         warned = False
+        beat_due = time.monotonic() + HEARTBEAT_S
         while not run.closed and not run.cancellation.cancelled:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
+                if time.monotonic() >= beat_due:
+                    beat_due = time.monotonic() + HEARTBEAT_S
+                    await board.beat(run.root_id, run.run_id)
                 await self._heed(board)
             except Exception as error:
                 if not warned:

@@ -472,7 +472,8 @@ def test_fleet_cancel_of_an_unknown_or_finished_root_id_says_so_and_changes_noth
     assert done.returncode == 1, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and "is not running: finished at" in lines[0]
-    assert asyncio.run(on_board(lambda board: board.record("done-wf"))) == before
+    after = asyncio.run(on_board(lambda board: board.record("done-wf")))
+    assert after.model_copy(update={"read_at": None}) == before.model_copy(update={"read_at": None})
     assert asyncio.run(on_board(lambda board: board.check(before.run_id))) is None
 
 

@@ -605,5 +605,5 @@ def test_killed_in_phase_3_resumes_without_rerunning_phases_1_and_2(tmp_path: Pa
     )
     assert rerun.returncode == 0, rerun.stderr
     assert counts(counters) == {"g1": 1, "g2": 1, "g3": 1, "r1": 1, "r2": 1, "p1": 2}
-    assert "1 steps run (0 failed), 5 served from the journal" in rerun.stdout
+    assert "1 step run (0 failed), 5 served from the journal" in rerun.stdout
     assert 'result: [\n  "p1"\n]' in rerun.stdout

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .board import CANCEL_TTL_S as CANCEL_TTL_S
+from .board import HEARTBEAT_LAPSE_S as HEARTBEAT_LAPSE_S
+from .board import HEARTBEAT_S as HEARTBEAT_S
 from .board import CancelBoard as CancelBoard
 from .board import CancelNotice as CancelNotice
 from .board import MemoryCancelBoard as MemoryCancelBoard
 from .board import RunRecord as RunRecord
 from .board import RunState as RunState
+from .board import ShownState as ShownState
 from .board import cancel_marker_key as cancel_marker_key
 from .board import new_run_id as new_run_id
 from .board import run_record_key as run_record_key
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CANCELLED",
     "CANCEL_TTL_S",
+    "HEARTBEAT_LAPSE_S",
+    "HEARTBEAT_S",
     "CancelBoard",
     "CancelNotice",
     "Cancellation",
@@ -53,6 +58,7 @@ __all__ = [
     "RunRecord",
     "RunState",
     "SQLiteCancelBoard",
+    "ShownState",
     "StepInterrupted",
     "cancel_marker_key",
     "cancelled_outcome",

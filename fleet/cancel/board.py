@@ -9,6 +9,12 @@ workers read the same marker in Redis when they claim or run a step of that run.
 A cancel is not a tombstone: the marker names one run, and running the same root id
 again begins a new run with a new id, which no earlier marker touches.
 
+A running run's host *heartbeats* its record (:meth:`CancelBoard.beat`) every
+:data:`HEARTBEAT_S`; a record still ``running`` whose last beat is older than
+:data:`HEARTBEAT_LAPSE_S` reads as ``abandoned`` (:attr:`RunRecord.shown_status`): its
+host died (SIGKILL, power loss) without recording an end. ``fleet status``, ``fleet
+watch``, ``fleet cancel`` and the dashboard all read it from here.
+
 Boards: :class:`MemoryCancelBoard` (this process), ``RedisCancelBoard`` (the fleet's
 Redis, what workers read) and ``SQLiteCancelBoard`` (the embedded default's journal file,
 for a local run another terminal cancels).
@@ -26,11 +32,14 @@ from ..spec import FleetModel
 
 __all__ = [
     "CANCEL_TTL_S",
+    "HEARTBEAT_LAPSE_S",
+    "HEARTBEAT_S",
     "CancelBoard",
     "CancelNotice",
     "MemoryCancelBoard",
     "RunRecord",
     "RunState",
+    "ShownState",
     "cancel_marker_key",
     "new_run_id",
     "run_record_key",
@@ -39,10 +48,21 @@ __all__ = [
 CANCEL_TTL_S = 86_400
 """How long a cancel marker lives: longer than any message of the run waits in a queue."""
 
+HEARTBEAT_S = 2.0
+"""How often a running workflow's host refreshes its run record (its heartbeat)."""
+
+HEARTBEAT_LAPSE_S = 15.0
+"""A ``running`` record not refreshed for this long reads as ``abandoned``: its host is
+gone. Seven missed beats, so a host that is only busy or slow is not taken for dead."""
+
 RunState = Literal["running", "cancelled", "finished", "failed", "closed"]
 """A run's state: ``running``; ``cancelled`` (by anyone, with when and why); ``finished``
 (succeeded, journals cleared); ``failed`` (the program raised); ``closed`` (stopped
 without finishing, journals kept)."""
+
+ShownState = Literal["running", "cancelled", "finished", "failed", "closed", "abandoned"]
+"""A :data:`RunState` as a reader sees it: ``abandoned`` is a ``running`` record whose
+host stopped heartbeating (never written, always derived)."""
 
 
 def new_run_id() -> str:
@@ -85,6 +105,26 @@ class RunRecord(FleetModel):
     """When it ended or was cancelled."""
     reason: str | None = None
     """Why it was cancelled."""
+    beat_at: float | None = None
+    """The host's last heartbeat, on the board's clock (``None``: none recorded)."""
+    read_at: float | None = None
+    """The board's clock when the record was read (``None``: this machine's clock then)."""
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the host's last heartbeat (since the start when it never beat)."""
+        now = self.read_at if self.read_at is not None else time.time()
+        return max(now - (self.beat_at or self.started_at), 0.0)
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether the record says ``running`` but its host stopped heartbeating."""
+        return self.status == "running" and self.silent_s > HEARTBEAT_LAPSE_S
+
+    @property
+    def shown_status(self) -> ShownState:
+        """The status to show: :attr:`status`, or ``abandoned``."""
+        return "abandoned" if self.abandoned else self.status
 
     def describe(self) -> str:
         """One line: ``cancelled at 12:00:01 (reason)``, ``running since ...``, ..."""
@@ -92,6 +132,13 @@ class RunRecord(FleetModel):
         def clock(at: float) -> str:
             return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
+        if self.abandoned:
+            return (
+                f"abandoned: its host stopped heartbeating {self.silent_s:.0f} s ago (a "
+                f"running host beats every {HEARTBEAT_S:g} s; silent for more than "
+                f"{HEARTBEAT_LAPSE_S:g} s means it is gone); started {clock(self.started_at)} "
+                f"(run {self.run_id})"
+            )
         if self.status == "running":
             return f"running since {clock(self.started_at)} (run {self.run_id})"
         text = f"{self.status} at {clock(self.ended_at or self.started_at)}"
@@ -106,6 +153,10 @@ class CancelBoard(ABC):
     @abstractmethod
     async def begin(self, root_id: str, run_id: str) -> None:
         """Register ``run_id`` as the live run of ``root_id`` (superseding any earlier run)."""
+
+    @abstractmethod
+    async def beat(self, root_id: str, run_id: str) -> None:
+        """Refresh the heartbeat of the live run ``run_id`` (nothing if it is not live)."""
 
     @abstractmethod
     async def request(
@@ -151,9 +202,16 @@ class MemoryCancelBoard(CancelBoard):
 
     async def begin(self, root_id: str, run_id: str) -> None:
         """Register the live run."""
+        now = time.time()
         self._runs[root_id] = RunRecord(
-            root_id=root_id, run_id=run_id, status="running", started_at=time.time()
+            root_id=root_id, run_id=run_id, status="running", started_at=now, beat_at=now
         )
+
+    async def beat(self, root_id: str, run_id: str) -> None:
+        """Refresh the live run's heartbeat."""
+        record = self._runs.get(root_id)
+        if record is not None and record.run_id == run_id and record.status == "running":
+            self._runs[root_id] = record.model_copy(update={"beat_at": time.time()})
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None

@@ -3,9 +3,10 @@
 Keys (``{p}`` is the key prefix):
 
 * ``{p}:workflow:{root_id}`` — hash, the latest run of a root id: ``run``, ``status``,
-  ``started``, ``ended``, ``reason``; no expiry while the run is live, then kept
-  :data:`RUN_RECORD_TTL_S` after it ended (the run's retention, :mod:`fleet.retention`,
-  sets its own);
+  ``started``, ``ended``, ``reason`` and ``beat`` (the host's last heartbeat, on the Redis
+  server's clock, so hosts and readers need not agree on the time); no expiry while the
+  run is live, then kept :data:`RUN_RECORD_TTL_S` after it ended (the run's retention,
+  :mod:`fleet.retention`, sets its own);
 * ``{p}:cancel:{run_id}`` — string, a :class:`~fleet.cancel.CancelNotice` as JSON, kept
   :data:`~fleet.cancel.CANCEL_TTL_S`; its presence cancels every step message of the run
   (workers check it with ``EXISTS`` when they claim a step and while it runs).
@@ -65,6 +66,37 @@ return 1
 """Record how a run ended, unless a newer run replaced it or it was cancelled."""
 
 
+_NOW = "local t = redis.call('TIME') local now = string.format('%d.%06d', t[1], t[2])\n"
+"""Lua: ``now``, the server's clock in seconds (one clock for every host and reader)."""
+
+_BEGIN = (
+    """
+-- KEYS[1] {p}:workflow:{root_id}; ARGV: run id, started (host clock)
+"""
+    + _NOW
+    + """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'run', ARGV[1], 'status', 'running', 'started', ARGV[2], 'beat', now)
+return 1
+"""
+)
+"""Register a run, its first heartbeat taken now."""
+
+_BEAT = (
+    """
+-- KEYS[1] {p}:workflow:{root_id}; ARGV: run id
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+"""
+    + _NOW
+    + """
+redis.call('HSET', KEYS[1], 'beat', now)
+return 1
+"""
+)
+"""Refresh the live run's heartbeat (not a superseded or ended run's)."""
+
+
 class RedisCancelBoard(CancelBoard):
     """The cancel board in the fleet's Redis.
 
@@ -115,11 +147,15 @@ class RedisCancelBoard(CancelBoard):
         A live run's record has no expiry: ``fleet gc --older-than`` tells an abandoned
         one from a running one by it.
         """
-        key = self._record_key(root_id)
-        pipe = self._client().pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping={"run": run_id, "status": "running", "started": time.time()})
-        await self._call("register workflow run", pipe.execute())
+        script = self._client().register_script(_BEGIN)
+        keys = [self._record_key(root_id)]
+        await self._call("register workflow run", script(keys=keys, args=[run_id, time.time()]))
+
+    async def beat(self, root_id: str, run_id: str) -> None:
+        """Refresh the live run's heartbeat (on the server's clock)."""
+        script = self._client().register_script(_BEAT)
+        keys = [self._record_key(root_id)]
+        await self._call("refresh workflow heartbeat", script(keys=keys, args=[run_id]))
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None
@@ -150,9 +186,10 @@ class RedisCancelBoard(CancelBoard):
 
     async def record(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``."""
-        raw = await self._call(
-            "read workflow run", self._client().hgetall(self._record_key(root_id))
-        )
+        pipe = self._client().pipeline(transaction=False)
+        pipe.hgetall(self._record_key(root_id))
+        pipe.time()
+        raw, (seconds, micros) = await self._call("read workflow run", pipe.execute())
         if not raw:
             return None
         fields = {key.decode(): value.decode() for key, value in raw.items()}
@@ -163,6 +200,8 @@ class RedisCancelBoard(CancelBoard):
             started_at=float(fields.get("started", 0)),
             ended_at=float(fields["ended"]) if "ended" in fields else None,
             reason=fields.get("reason"),
+            beat_at=float(fields["beat"]) if "beat" in fields else None,
+            read_at=seconds + micros / 1e6,
         )
 
     async def close(self) -> None:

@@ -4,9 +4,9 @@ A local run (``fleet run`` on the local executor with a ``sqlite:`` store) regis
 itself here and polls its marker, so ``fleet cancel ROOT_ID`` from another terminal on
 the same machine reaches it without Redis.
 
-Tables: ``fleet_workflow_runs`` (the latest run per root id: run id, status, when, why)
-and ``fleet_cancel_markers`` (a :class:`~fleet.cancel.CancelNotice` per cancelled run id,
-with an expiry time).
+Tables: ``fleet_workflow_runs`` (the latest run per root id: run id, status, when, why,
+and the host's last heartbeat) and ``fleet_cancel_markers`` (a
+:class:`~fleet.cancel.CancelNotice` per cancelled run id, with an expiry time).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS fleet_workflow_runs (
     status TEXT NOT NULL,
     started_at REAL NOT NULL,
     ended_at REAL,
-    reason TEXT
+    reason TEXT,
+    beat_at REAL
 );
 CREATE TABLE IF NOT EXISTS fleet_cancel_markers (
     run_id TEXT PRIMARY KEY,
@@ -83,6 +84,7 @@ class SQLiteCancelBoard(CancelBoard):
                     )
                     conn.execute("PRAGMA journal_mode=WAL")
                     conn.executescript(_SCHEMA)
+                    _add_heartbeat_column(conn)
                     self._conn = conn
                 return body(self._conn)
             except (sqlite3.Error, OSError) as error:
@@ -94,14 +96,27 @@ class SQLiteCancelBoard(CancelBoard):
         """Register the live run (replacing the record of any earlier run)."""
 
         def write(conn: sqlite3.Connection) -> None:
+            now = time.time()
             conn.execute(
                 "INSERT OR REPLACE INTO fleet_workflow_runs (root_id, run_id, status, "
-                "started_at) VALUES (?, ?, 'running', ?)",
-                (root_id, run_id, time.time()),
+                "started_at, beat_at) VALUES (?, ?, 'running', ?, ?)",
+                (root_id, run_id, now, now),
             )
             conn.execute("DELETE FROM fleet_cancel_markers WHERE expires_at < ?", (time.time(),))
 
         self._run("register a workflow run", write, create=True)
+
+    async def beat(self, root_id: str, run_id: str) -> None:
+        """Refresh the live run's heartbeat."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE fleet_workflow_runs SET beat_at = ? WHERE root_id = ? AND run_id = ? "
+                "AND status = 'running'",
+                (time.time(), root_id, run_id),
+            )
+
+        self._run("refresh a workflow heartbeat", write)
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None
@@ -170,8 +185,8 @@ class SQLiteCancelBoard(CancelBoard):
 
         def read(conn: sqlite3.Connection) -> tuple[object, ...] | None:
             row = conn.execute(
-                "SELECT run_id, status, started_at, ended_at, reason FROM fleet_workflow_runs "
-                "WHERE root_id = ?",
+                "SELECT run_id, status, started_at, ended_at, reason, beat_at "
+                "FROM fleet_workflow_runs WHERE root_id = ?",
                 (root_id,),
             ).fetchone()
             return None if row is None else tuple(row)
@@ -179,7 +194,7 @@ class SQLiteCancelBoard(CancelBoard):
         row = self._run("read a workflow run", read)
         if row is None:
             return None
-        run_id, status, started, ended, reason = row
+        run_id, status, started, ended, reason, beat = row
         return RunRecord.model_validate(
             {
                 "root_id": root_id,
@@ -188,6 +203,7 @@ class SQLiteCancelBoard(CancelBoard):
                 "started_at": started,
                 "ended_at": ended,
                 "reason": reason,
+                "beat_at": beat,
             }
         )
 
@@ -197,3 +213,14 @@ class SQLiteCancelBoard(CancelBoard):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _add_heartbeat_column(conn: sqlite3.Connection) -> None:
+    """Give a journal file written before heartbeats its ``beat_at`` column."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(fleet_workflow_runs)")}
+    if "beat_at" not in columns:
+        try:
+            conn.execute("ALTER TABLE fleet_workflow_runs ADD COLUMN beat_at REAL")
+        except sqlite3.OperationalError as error:
+            if "duplicate column" not in str(error):  # another process added it first
+                raise

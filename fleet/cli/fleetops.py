@@ -24,7 +24,7 @@ from ..config import FleetSettings
 from ..errors import ConfigError
 from ..localfleet import LocalFleet, celery_command, settings_env
 from ..sentinel import check_redis, is_sentinel
-from .app import app, console, err_console, settings
+from .app import app, console, debugging, err_console, settings
 
 __all__ = ["PoolChoice", "flower", "up", "worker"]
 
@@ -92,6 +92,7 @@ def worker(
     every other).
     """
     config = settings()
+    check_agents_file(config)
     if is_sentinel(config.redis_url):
         # kombu would retry a sentinel URL that reaches no master for ever; say why now.
         check_redis(config.redis_url)
@@ -117,6 +118,21 @@ def worker(
         markup=False,
     )
     _exec(args, {**os.environ, **settings_env(config)})
+
+
+def check_agents_file(config: FleetSettings) -> None:
+    """Read the workers' agents file here, so a mistake in it is one line naming it.
+
+    A worker reads it again at start; failing there would print Celery's traceback.
+
+    Raises:
+        ConfigError: the file is missing or invalid (file and line named).
+    """
+    from ..agents import load_agents
+    from ..celery import load_stages
+
+    load_agents(config.agents_file)
+    load_stages(config.agents_file)
 
 
 def flower_auth(config: FleetSettings) -> str:
@@ -203,6 +219,7 @@ def up(
 ) -> None:
     """Run a local fleet (embedded Redis, workers, Flower, dashboard) until Ctrl-C, then stop it."""
     config = settings()
+    check_agents_file(config)
     local = LocalFleet(
         workers=workers,
         concurrency=concurrency,
@@ -299,9 +316,12 @@ def _watch(local: LocalFleet) -> int:
         time.sleep(0.5)
         for process, code in local.exited():
             err_console.print(
-                f"{process.name} (pid {process.pid}) exited with code {code}; "
-                f"the end of its log:\n{process.tail()}",
+                f"{process.name} (pid {process.pid}) exited with code {code}: "
+                f"{process.last_error()}",
                 highlight=False,
                 markup=False,
+                soft_wrap=True,
             )
+            if debugging():
+                err_console.print(process.tail(), highlight=False, markup=False)
             return 1

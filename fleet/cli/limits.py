@@ -84,7 +84,11 @@ def show(
     config = settings(redis_url=redis_url, key_prefix=key_prefix)
     limits = _selected(name, load_limits(config.agents_file), str(config.agents_file))
     if not limits:
-        console.print(f"no [limits.NAME] tables in {str(config.agents_file)!r}", highlight=False)
+        console.print(
+            f"no [limits.NAME] tables in {str(config.agents_file)!r}",
+            highlight=False,
+            markup=False,  # "[limits.NAME]" is text, not a Rich style
+        )
         raise typer.Exit(1)
     limiter = RedisRateLimiter(config.redis_url, key_prefix=config.key_prefix)
 

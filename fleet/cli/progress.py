@@ -39,7 +39,8 @@ def _fields(fields: Mapping[str, Any]) -> str:
 def describe_event(event: Any) -> str | None:
     """One plain line for an event (``None`` for ``step_started``, too chatty to print)."""
     if isinstance(event, PhaseStart):
-        return f"phase {event.index} {event.name}: {event.step_count} steps"
+        steps = "step" if event.step_count == 1 else "steps"
+        return f"phase {event.index} {event.name}: {event.step_count} {steps}"
     if isinstance(event, PhaseEnd):
         return f"phase {event.index} {event.name}: {event.succeeded} ok, {event.failed} failed"
     if isinstance(event, LogEvent):
@@ -78,6 +79,8 @@ class _PhaseRow:
     ran: int = 0
     failed: int = 0
     journaled: int = 0
+    refused: int = 0
+    """Steps that failed without running (unknown agent, duplicate or stale, cancelled)."""
     open: bool = True
 
 
@@ -131,8 +134,25 @@ class RunDisplay:
         for row in self.phases:
             if row.index == event.index:
                 row.open = False
-                row.journaled = max(event.succeeded + event.failed - row.ran, 0)
+                # Only succeeded steps are journaled; a failure that never ran was refused.
+                row.journaled = max(event.succeeded - (row.ran - row.failed), 0)
+                row.refused = max(event.failed - row.failed, 0)
                 row.failed = event.failed
+
+    @property
+    def journaled(self) -> int:
+        """Steps served from the journal (succeeded earlier, not run again)."""
+        return sum(row.journaled for row in self.phases)
+
+    @property
+    def refused(self) -> int:
+        """Steps that failed without running."""
+        return sum(row.refused for row in self.phases)
+
+    @property
+    def all_failed(self) -> int:
+        """Every failed step: those that ran and failed, and those refused."""
+        return self.failed + self.refused
 
     async def refresh_budget(self) -> None:
         """Read the budget (if any) for the tokens-vs-limit figure."""

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -24,18 +25,26 @@ import typer
 from rich.live import Live
 
 from ..accounts import check_account_name
-from ..cancel import RunRecord
+from ..cancel import CancelBoard, RunRecord
 from ..config import FleetSettings
 from ..errors import BudgetError, ConfigError, FleetError, WorkflowCancelledError
 from ..events import parse_event
 from ..pricing import micros_to_usd, usd_to_micros
-from ..runlog import follow
-from ..runner import Located, RunStatus, locate_run, open_reader, open_run, plan_run, read_status
-from ..sentinel import check_redis, is_sentinel
+from ..runlog import LogEntry, follow
+from ..runner import (
+    Located,
+    RunStatus,
+    check_reachable,
+    locate_run,
+    open_reader,
+    open_run,
+    plan_run,
+    read_status,
+)
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, err_console, settings
 from .asks import read_asks
-from .cancel import board_at, latest_run
+from .cancel import board_at, find_run, latest_run
 from .output import LiveOutput
 from .program import Program, load_program, program_agents
 from .progress import RunDisplay, describe_event, say
@@ -122,18 +131,28 @@ async def _drive(program: Program, builder: WorkflowBuilder, outcome: _Outcome) 
             live.stop()
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None:
     display = outcome.display
     phases = len(display.phases) if display else 0
-    journaled = sum(row.journaled for row in display.phases) if display else 0
+    journaled = display.journaled if display else 0
     done, failed = (display.done, display.failed) if display else (0, 0)
+    refused = display.refused if display else 0
     tokens = display.tokens_text() if display else ""
     verb = "finished" if outcome.error is None else "FAILED"
+    if outcome.error is None and failed + refused:
+        verb = f"finished with {_count(failed + refused, 'failed step')}"
     if outcome.cancelled is not None:
         verb = f"CANCELLED ({outcome.cancelled})"
     say(
-        f"workflow {root_id} {verb} in {wall_s:.2f} s: {phases} phases, {done} steps run "
-        f"({failed} failed), {journaled} served from the journal; {tokens}"
+        f"workflow {root_id} {verb} in {wall_s:.2f} s: {_count(phases, 'phase')}, "
+        f"{_count(done, 'step')} run ({failed} failed), "
+        + (f"{refused} refused before running, " if refused else "")
+        + f"{journaled} served from the journal; {tokens}"
     )
     if outcome.error is not None and not isinstance(outcome.error, WorkflowCancelledError):
         err_console.print(
@@ -215,8 +234,7 @@ def run(
     places = plan_run(config, executor=executor, event_stream=event_stream)
     outcome = _Outcome()
     program_agents_ = program_agents(module, agents, config)
-    if is_sentinel(config.redis_url) and (executor == "celery" or places.ledger is not None):
-        check_redis(config.redis_url)  # one line naming what is wrong, before anything runs
+    check_reachable(config, places, executor=executor)  # one line, before anything runs
     if executor == "celery" and program_agents_:
         say(
             "note: Celery workers run the agents of their own agents file; make sure "
@@ -253,8 +271,11 @@ def run(
     _summary(root, outcome, time.monotonic() - started, config.store)
     if outcome.interrupted:
         raise typer.Exit(130)
+    display = outcome.display
     if outcome.error is not None or outcome.cancelled is not None:
         raise typer.Exit(1)
+    if display is not None and display.all_failed:
+        raise typer.Exit(1)  # the exit status says whether every step succeeded
 
 
 # --- fleet watch and fleet status --------------------------------------------------------
@@ -265,7 +286,10 @@ def _where(
 ) -> tuple[FleetSettings, Located, bool]:
     config = settings(store=store, redis_url=redis_url)
     explicit = store is not None or redis_url is not None
-    return config, locate_run(config, root_id, executor=executor, explicit=explicit), explicit
+    located = find_run(
+        config, root_id, executor=executor, explicit=explicit, redis_given=redis_url is not None
+    )
+    return config, located, explicit
 
 
 def _wait_for_start(
@@ -337,19 +361,12 @@ def watch(
         elif not waited:
             say(f"waiting for workflow {root_id} to start ({reader.where})")
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        for entry in follow(reader, root_id, timeout_s=remaining):
-            fields = entry.fields
-            control = fields.get("control")
-            live.on_entry(fields, located.places.events)
-            if control == "start" and not started:
-                say(f"workflow {root_id} started")
-            elif control == "end":
-                say(f"workflow {root_id} {fields.get('status', 'ended')}")
-                return
-            elif "event" in fields:
-                _print_event(entry.cursor, fields["event"])
+        abandoned = _abandonment(board_at(config, located.places), root_id)
+        entries = follow(reader, root_id, timeout_s=remaining, abandoned=abandoned)
+        if _show(entries, root_id, started=started, live=live, events=located.places.events):
+            return
     except Exception as error:
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError | typer.Exit):
             raise
         raise ConfigError(
             f"cannot read the event log at {reader.where}: {type(error).__name__}: {error}"
@@ -361,6 +378,45 @@ def watch(
     raise typer.Exit(1)
 
 
+def _abandonment(board: CancelBoard, root_id: str) -> Callable[[], str | None]:
+    """What :func:`~fleet.runlog.follow` asks: why the run's host is gone, if it is."""
+
+    def abandoned() -> str | None:
+        try:
+            record = asyncio.run(latest_run(board, root_id))
+        except FleetError:
+            return None  # an unreadable board proves nothing
+        return record.describe() if record is not None and record.abandoned else None
+
+    return abandoned
+
+
+def _show(
+    entries: Iterable[LogEntry],
+    root_id: str,
+    *,
+    started: bool,
+    live: LiveOutput,
+    events: str | None,
+) -> bool:
+    """Print a run's entries; ``True`` once it ended, exit 1 when it was abandoned."""
+    for entry in entries:
+        fields = entry.fields
+        control = fields.get("control")
+        live.on_entry(fields, events)
+        if control == "start" and not started:
+            say(f"workflow {root_id} started")
+        elif control == "end":
+            say(f"workflow {root_id} {fields.get('status', 'ended')}")
+            return True
+        elif control == "abandoned":
+            say(f"workflow {root_id} {fields['why']}; it will not end on its own")
+            raise typer.Exit(1)
+        elif "event" in fields:
+            _print_event(entry.cursor, fields["event"])
+    return False
+
+
 def _when(epoch: float | None) -> str:
     return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
@@ -368,21 +424,28 @@ def _when(epoch: float | None) -> str:
 def _print_status(report: RunStatus, run: RunRecord | None) -> None:
     summary = report.summary
     say(f"workflow {report.root_id} ({report.places.describe()})")
+    dead = run is not None and run.abandoned and (summary is None or summary.status == "running")
     if summary is not None:
-        line = f"  {summary.status}: started {_when(summary.started_at)}"
+        state = "abandoned" if dead else summary.status
+        line = f"  {state}: started {_when(summary.started_at)}"
         if summary.ended_at is not None and summary.started_at is not None:
             took = summary.ended_at - summary.started_at
             line += f", ended {_when(summary.ended_at)} ({took:.1f} s)"
         say(line)
+        flight = f"{summary.steps_in_flight} in flight"
+        if dead:
+            flight = f"{summary.steps_in_flight} were in flight when its host stopped"
         say(
             f"  steps: {summary.steps_done} done, {summary.steps_failed} failed, "
-            f"{summary.steps_in_flight} in flight; {summary.tokens} tokens"
+            f"{flight}; {summary.tokens} tokens"
             + (f"; phases: {', '.join(summary.phases)}" if summary.phases else "")
         )
     if report.phases:
         say("  journal:")
     for row in report.phases:
-        text = row.error or f"{row.steps} steps journaled (last at {_when(row.last_recorded)})"
+        text = row.error or (
+            f"{_count(row.steps, 'step')} journaled (last at {_when(row.last_recorded)})"
+        )
         say(f"    phase {row.name}: {text}")
     if not report.phases and summary is not None:
         say("  journal: no phases kept (a finished run clears them)")
@@ -392,6 +455,8 @@ def _print_status(report: RunStatus, run: RunRecord | None) -> None:
         say(f"  budget: {report.budget_note or 'none recorded'}")
     if run is not None:
         say(f"  run: {run.describe()}")
+    if dead:
+        say(f"  re-run with --root-id {report.root_id} to resume from its journal")
     for line in report.limits:
         say(f"  provider limit {line}")
 

@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from .asks import ask_routes
 from .data import Catalog
 from .live import LiveOutput
+from .liveness import Liveness
 from .metrics import render_metrics
 from .views import WorkflowView
 
@@ -60,7 +61,7 @@ __all__ = ["STATUSES", "create_app", "dashboard_auth"]
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-STATUSES = ("running", "finished", "cancelled", "failed")
+STATUSES = ("running", "finished", "cancelled", "failed", "abandoned")
 """The statuses a workflow is listed with."""
 
 _ROOT_ID = re.compile(r"[^\x00-\x1f\x7f/]{1,200}")
@@ -151,6 +152,7 @@ class Dashboard:
     def __init__(self, settings: FleetSettings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
+        self.liveness = Liveness(settings.key_prefix)
         self.flower_url = settings.dashboard_flower_url
         self.show_text = settings.dashboard_show_text
         self.streams = 0
@@ -160,14 +162,27 @@ class Dashboard:
 
     async def listing(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         await asyncio.to_thread(self.catalog.refresh_all)
+        views = self.catalog.views()
+        for view in views:
+            await self._mark(view)
         now = time.time()
-        rows = [view.summary(now=now) for view in self.catalog.views()]
+        rows = [view.summary(now=now) for view in views]
         if status is not None:
             rows = [row for row in rows if row["status"] == status]
         return rows[:limit]
 
     async def view(self, root_id: str) -> WorkflowView | None:
-        return await asyncio.to_thread(self.catalog.refresh, root_id)
+        view = await asyncio.to_thread(self.catalog.refresh, root_id)
+        if view is not None:
+            await self._mark(view)
+        return view
+
+    async def _mark(self, view: WorkflowView) -> None:
+        """Read whether the run's host is gone (its heartbeat lapsed)."""
+        if view.ended_as is None:
+            source = self.catalog.source_of(view.root_id)
+            if source is not None:
+                await self.liveness.mark(view, source.url)
 
     def detail(self, view: WorkflowView) -> dict[str, Any]:
         return view.detail(now=time.time(), flower_url=self.flower_url, show_text=self.show_text)
@@ -265,7 +280,7 @@ class Dashboard:
                     sent = view.version
                     quiet_since = time.monotonic()
                     yield f"data: {json.dumps(self.detail(view))}\n\n"
-                    if view.ended_as is not None:
+                    if view.ended_as is not None or view.abandoned:
                         yield "event: end\ndata: {}\n\n"
                         return
                 elif time.monotonic() - quiet_since > _KEEPALIVE_S:
@@ -291,6 +306,8 @@ class Dashboard:
         source = self.catalog.source_of(root_id)
         if view is None or source is None:
             return _error(404, f"no workflow {root_id!r} is logged in {self._places()}")
+        if view.abandoned:
+            return _error(409, f"workflow {root_id!r} is not running: {view.abandoned}")
         notice = await _request_cancel(
             self.settings, source.url, root_id, reason or "cancelled from the dashboard"
         )

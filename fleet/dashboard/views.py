@@ -33,16 +33,20 @@ _MAX_LOGS = 200
 """Log lines a view keeps (the newest); shown only with ``dashboard_show_text``."""
 
 
-def public_status(ended_as: str | None, cancelled: bool, steps_failed: int) -> str:
-    """``running``, ``finished``, ``cancelled`` or ``failed`` from how a run's log ended.
+def public_status(
+    ended_as: str | None, cancelled: bool, steps_failed: int, *, abandoned: bool = False
+) -> str:
+    """``running``, ``finished``, ``cancelled``, ``failed`` or ``abandoned``.
 
-    A run logs ``closed`` when its program stopped without finishing (journals kept for a
-    resume): that reads as ``failed`` when a step failed, else ``finished``.
+    From how a run's log ended. A run logs ``closed`` when its program stopped without
+    finishing (journals kept for a resume): that reads as ``failed`` when a step failed,
+    else ``finished``. A log that never ended reads ``abandoned`` once its host's
+    heartbeat lapsed (``abandoned``), else ``running``.
     """
     if cancelled or ended_as == "cancelled":
         return "cancelled"
     if ended_as is None:
-        return "running"
+        return "abandoned" if abandoned else "running"
     if ended_as == "failed" or (ended_as == "closed" and steps_failed):
         return "failed"
     return "finished"
@@ -118,6 +122,8 @@ class WorkflowView:
     budget_exhausted: str | None = None
     cancelled: str | None = None
     """The cancel reason once a ``workflow_cancelled`` event arrived."""
+    abandoned: str | None = None
+    """Why the run reads as abandoned (its host stopped heartbeating); ``None``: it does not."""
     rate_waits: list[dict[str, Any]] = field(default_factory=list)
     rate_wait_count: int = 0
     rate_wait_s: float = 0.0
@@ -276,7 +282,9 @@ class WorkflowView:
     def status(self) -> str:
         """The public status (see :func:`public_status`)."""
         failed = sum(1 for step in self.steps() if step.status == "failed")
-        return public_status(self.ended_as, self.cancelled is not None, failed)
+        return public_status(
+            self.ended_as, self.cancelled is not None, failed, abandoned=bool(self.abandoned)
+        )
 
     def summary(self, *, now: float) -> dict[str, Any]:
         """The list row: status, times, step counts, tokens, dollars and budget."""
@@ -297,12 +305,13 @@ class WorkflowView:
             "phases": len([p for p in self.phases if p.index is not None]),
             "steps_done": done,
             "steps_failed": failed,
-            "steps_in_flight": running if self.ended_as is None else 0,
+            "steps_in_flight": running if self.ended_as is None and not self.abandoned else 0,
             "tokens": sum(step.tokens for step in steps),
             "cost_usd": str(sum(costs, Decimal(0))) if costs else None,
             "budget": self.budget,
             "budget_exhausted": self.budget_exhausted,
             "cancel_reason": self.cancelled,
+            "abandoned": self.abandoned,
             "rate_limited": {"count": self.rate_wait_count, "wait_s": round(self.rate_wait_s, 3)},
             "version": self.version,
         }

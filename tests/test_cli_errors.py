@@ -1,0 +1,199 @@
+"""What the `fleet` command says when the user's files or places are wrong: one line, exit != 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet.config import PACKAGED_AGENTS_FILE, load_settings
+from fleet.errors import BrokerError
+from fleet.localfleet import LocalFleet, last_error
+from fleet.redis_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fleet(tmp_path: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`fleet ARGS` run from ``tmp_path`` (outside the repository), FLEET_* settings cleared."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(PYTHONPATH=str(REPO), COLUMNS="120", **extra)
+    return subprocess.run(
+        [sys.executable, "-m", "fleet", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single line of stderr; fails when there is a traceback or more than one line."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_a_syntax_error_in_the_workflow_file_is_one_line_with_file_and_line(
+    tmp_path: Path,
+) -> None:
+    """`fleet run bad.py:main` with a syntax error: file:line and the error, no traceback."""
+    (tmp_path / "bad.py").write_text("async def main(workflow):\n    x = (\n")
+    done = fleet(tmp_path, "run", "bad.py:main")
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert line.startswith("error: bad.py:2: SyntaxError:"), line
+    debug = fleet(tmp_path, "--debug", "run", "bad.py:main")
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr and "SyntaxError" in debug.stderr
+
+
+def test_an_error_raised_while_importing_the_program_names_its_line(tmp_path: Path) -> None:
+    """A module-level exception in the program is one line naming the file and line."""
+    (tmp_path / "flow.py").write_text("import os\n\nVALUE = 1 / 0\n\nasync def main(w): ...\n")
+    done = fleet(tmp_path, "run", "flow.py:main")
+    assert done.returncode == 2
+    assert one_line_error(done).startswith("error: flow.py:3: ZeroDivisionError:")
+
+
+def test_fleet_worker_with_a_malformed_agents_file_is_one_line(tmp_path: Path) -> None:
+    """Invalid TOML in the agents file: `fleet worker` names the file and line, starts nothing."""
+    (tmp_path / "bad.toml").write_text('[agents.a]\nkind = "python"\ntarget = \n')
+    done = fleet(tmp_path, "worker", FLEET_AGENTS_FILE="bad.toml")
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert line.startswith("error: bad.toml:3: the agents file is not valid TOML"), line
+
+
+def test_a_mistyped_key_keeps_the_table_name_and_its_line(tmp_path: Path) -> None:
+    """A mistyped key in an [agents.NAME] table: the message shows the table and its line."""
+    (tmp_path / "bad.toml").write_text(
+        '[agents.parrot]\nkind = "python"\ntarget = "fleet.agents.echo:echo"\n\n'
+        '[agents.writer]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+        'model = "m"\nmax_tokns = 10\n'
+    )
+    done = fleet(tmp_path, "worker", FLEET_AGENTS_FILE="bad.toml")
+    assert done.returncode == 2
+    line = one_line_error(done)
+    assert line.startswith("error: bad.toml:9: [agents.writer] (kind 'openai') is invalid"), line
+    assert "max_tokns" in line
+
+
+def test_limits_show_without_limits_names_the_table_kind(tmp_path: Path) -> None:
+    """`fleet limits show` with no limits prints "[limits.NAME]" as text, not Rich markup."""
+    (tmp_path / "agents.toml").write_text("# no limits\n")
+    done = fleet(tmp_path, "limits", "show", FLEET_AGENTS_FILE="agents.toml")
+    assert done.returncode == 1
+    assert "no [limits.NAME] tables in 'agents.toml'" in done.stdout
+
+
+def _help_pages() -> list[list[str]]:
+    from fleet.cli.app import command
+
+    pages = [[]]
+    root = command()
+    for name, sub in root.commands.items():
+        pages.append([name])
+        for inner in getattr(sub, "commands", {}):
+            pages.append([name, inner])
+    return pages
+
+
+def test_help_pages_show_no_value_for_flags_and_one_argument_style(tmp_path: Path) -> None:
+    """No flag shows `<bool>`; every argument reads `{NAME}` or `[NAME]` in capitals."""
+    pages = _help_pages()
+    assert len(pages) > 15
+    for words in pages:
+        done = fleet(tmp_path, *words, "--help")
+        assert done.returncode == 0, (words, done.stderr)
+        assert "<bool>" not in done.stdout, words
+        usage = next(line for line in done.stdout.splitlines() if "Usage:" in line)
+        arguments = usage.split("[OPTIONS]", 1)[-1].replace("COMMAND [ARGS]...", "").split()
+        for argument in arguments:
+            assert re.fullmatch(r"\{[A-Z_]+\}|\[[A-Z_]+\]", argument), (words, usage)
+
+
+def test_outside_a_checkout_the_packaged_agents_file_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No agents file configured and none in ./config: the one installed with fleet."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLEET_AGENTS_FILE", raising=False)
+    monkeypatch.delenv("FLEET_CONFIG", raising=False)
+    assert load_settings().agents_file == PACKAGED_AGENTS_FILE
+    assert PACKAGED_AGENTS_FILE.is_file()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "agents.toml").write_text("")
+    assert load_settings().agents_file == Path("config/agents.toml")
+    monkeypatch.setenv("FLEET_AGENTS_FILE", "mine.toml")
+    assert load_settings().agents_file == Path("mine.toml")
+
+
+def test_a_part_that_dies_at_start_is_one_line_naming_why(tmp_path: Path) -> None:
+    """A worker that cannot start: the fleet's error is its last error line, not a traceback."""
+    bad = tmp_path / "agents.toml"
+    bad.write_text('[agents.a]\nkind = "python"\ntarget = "no_such_module_here:agent"\n')
+    settings = load_settings(agents_file=bad)
+    local = LocalFleet(workers=1, flower=False, settings=settings, directory=tmp_path / "fleet")
+    with pytest.raises(BrokerError) as caught:
+        local.start()
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert re.search(
+        r"worker1@\S+ \(pid \d+\) exited with code \d+ at start: ConfigError: ", message
+    )
+    assert "no_such_module_here" in message
+    assert 'File "' in (caught.value.detail or "")  # the log's end, for `fleet --debug`
+
+
+def test_last_error_picks_the_exception_line() -> None:
+    """The line that says why is a traceback's last line, without its module path."""
+    log = (
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "    import packaging\nModuleNotFoundError: No module named 'packaging'\n\n"
+    )
+    assert last_error(log) == "ModuleNotFoundError: No module named 'packaging'"
+    assert last_error("fleet.errors.ConfigError: bad\n") == "ConfigError: bad"
+    assert last_error("just a line\n") == "just a line"
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["run", "flow.py:main", "--store", "redis://:s3cret@127.0.0.1:{port}/0"], "--store"),
+        (["run", "flow.py:main", "--executor", "celery"], "FLEET_REDIS_URL"),
+        (["status", "r1", "--redis-url", "redis://:s3cret@127.0.0.1:{port}/0"], "--redis-url"),
+        (["watch", "r1", "--executor", "celery"], "FLEET_REDIS_URL"),
+        (["cancel", "r1", "--executor", "celery"], "FLEET_REDIS_URL"),
+    ],
+)
+def test_an_unreachable_redis_is_one_line_at_once(
+    tmp_path: Path, args: list[str], names: str
+) -> None:
+    """A Redis nobody listens on: found before any step, named (password masked), exit != 0."""
+    (tmp_path / "flow.py").write_text(
+        "from fleet import AgentStepSpec\n"
+        "async def main(workflow):\n"
+        "    await workflow.phase('p', [AgentStepSpec(task_id='a', agent='echo',"
+        " description='', prompt='hi')])\n"
+    )
+    port = free_port()
+    words = [word.replace("{port}", str(port)) for word in args]
+    started = time.monotonic()
+    done = fleet(tmp_path, *words, FLEET_REDIS_URL=f"redis://:s3cret@127.0.0.1:{port}/0")
+    took = time.monotonic() - started
+    assert done.returncode not in (0, None)
+    output = done.stdout + done.stderr
+    assert "s3cret" not in output
+    line = (done.stderr or done.stdout).strip().splitlines()[-1]
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in line, output
+    assert names in line
+    assert "Traceback" not in output and "phase 0" not in output
+    assert took <= 10.0, took  # the documented bound: found before the first step, within 10 s
