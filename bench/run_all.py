@@ -29,8 +29,10 @@ BENCHMARKS: dict[str, list[str]] = {
     "celery_host": [],
     "celery_tracing": [],
     "rate_limits": [],
+    "pydantic_ai_steps": [],
 }
 QUICK_ARGS: dict[str, list[str]] = {
+    "pydantic_ai_steps": ["--steps", "500", "--repeat", "3"],
     "local_overhead": ["--repeat", "3"],
     "celery_tracing": ["--quick", "--repeat", "1"],
     "rate_limits": ["--steps", "200", "--requests", "40", "--tokens", "1440", "--workers", "2"],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic_ai import Agent
+from pydantic_ai import Agent, PromptedOutput
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
@@ -479,3 +479,26 @@ async def test_a_model_that_is_not_openai_compatible_is_held_the_same_way() -> N
     assert len(seen) == 1 and 0 < seen[0] < 300
     assert outcome.usage.total_tokens == 49
     assert snapshot.consumed_tokens == 49 and snapshot.reserved_tokens == 0
+
+
+def _cut_off(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """An answer cut off at the token limit in the middle of its JSON."""
+    usage = RequestUsage(input_tokens=10, output_tokens=5)
+    return ModelResponse(parts=[TextPart('{"name": "Os')], usage=usage, finish_reason="length")
+
+
+@pytest.mark.parametrize(("budget", "kind"), [(1_000, "budget_exhausted"), (None, "provider")])
+async def test_an_answer_cut_off_at_fleets_cap_is_budget_exhausted(
+    budget: int | None, kind: str
+) -> None:
+    """Cut off under fleet's cap: the hold ran out (budget_exhausted); else the model's own."""
+    model = FunctionModel(_cut_off, model_name="local-fn")
+    agent = PydanticAIAgent(Agent(model, output_type=PromptedOutput(pydantic_ai_agents.City)))
+    host = LocalExecutor(
+        agents={"writer": agent}, budget=None if budget is None else WorkflowBudget(budget)
+    )
+    outcome = await host.execute_step(_spec("c", max_tokens=300 if budget else None))
+
+    assert outcome.error == kind, outcome.output
+    assert "OutputTokenLimitExceeded" in outcome.output
+    assert outcome.usage.total_tokens == 15

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic_ai.exceptions import ModelRateLimitError
-from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse
+from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
@@ -181,27 +180,31 @@ def _max_tokens(settings: ModelSettings | None) -> int | None:
 def prompt_estimate(messages: list[ModelMessage], parameters: ModelRequestParameters) -> int:
     """Tokens a request is expected to take: its messages' text and the tools it offers.
 
-    Only what reaches the model counts (contents, tool arguments, instructions), not the
-    timestamps and ids pydantic-ai keeps beside them.
+    Only what reaches the model counts (instructions, contents, tool names and arguments),
+    not the timestamps and ids pydantic-ai keeps beside them.
     """
     texts: list[str] = []
-    _collect(ModelMessagesTypeAdapter.dump_python(messages, mode="json"), texts)
+    for message in messages:
+        instructions = getattr(message, "instructions", None)
+        if isinstance(instructions, str):
+            texts.append(instructions)
+        for part in message.parts:
+            for name in _SENT:
+                value = getattr(part, name, None)
+                if value is not None:
+                    texts.append(value if isinstance(value, str) else _text(value))
     tools = [*parameters.function_tools, *parameters.output_tools]
     if tools:
         texts.append(to_json(tools).decode())
     return estimate_tokens("\n".join(texts))
 
 
-_SENT = frozenset({"content", "args", "instructions", "tool_name"})
+_SENT = ("content", "args", "tool_name")
 
 
-def _collect(value: Any, texts: list[str], sent: bool = False) -> None:
-    """The text leaves of ``value`` that sit under a key the model is sent."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _collect(item, texts, sent or key in _SENT)
-    elif isinstance(value, list):
-        for item in value:
-            _collect(item, texts, sent)
-    elif sent and value is not None:
-        texts.append(value if isinstance(value, str) else json.dumps(value))
+def _text(value: Any) -> str:
+    """A part's non-text content (a tool's return value, multimodal parts) as JSON."""
+    try:
+        return to_json(value, fallback=str).decode()
+    except (TypeError, ValueError):
+        return str(value)
