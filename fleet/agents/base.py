@@ -80,7 +80,7 @@ class AgentDefinition:
     reserve_tokens: ReserveRule = None
     """Default reservation for a step that sets no ``max_tokens``."""
     kind: str = "python"
-    """Where it came from: ``builtin``, ``python`` or ``openai``."""
+    """Where it came from: ``builtin``, ``python``, ``openai`` or ``pydantic_ai``."""
     limit: ProviderLimit | None = None
     """The provider limit every model call of this agent counts against (``limit = "NAME"``
     in its ``[agents.NAME]`` table)."""

@@ -126,6 +126,14 @@ class PydanticAIAgent:
             )
         return self._priced[name]
 
+    def prepare(self) -> None:
+        """Do now what the first step would: resolve the model and look its price up.
+
+        A worker calls it at start: genai-prices' bundled data takes a moment of CPU to
+        load, and on the first step it would hold the event loop every step shares.
+        """
+        self.price(self.model)
+
     def definition(self, name: str | None = None) -> AgentDefinition:
         """This agent as a registry entry."""
         return AgentDefinition(
