@@ -57,7 +57,7 @@ def model() -> OpenAIChatModel:
 def lookup(city: str) -> str:
     """Look a city up."""
     TOOL_THREADS.append(threading.current_thread().name)
-    return f"{city}: 1000 people"
+    return f"{city}: 1000 people (looked up by process {os.getpid()})"
 
 
 def _writer() -> Agent[None, str]:

@@ -9,6 +9,7 @@ answer, its own rate limits). Fleet tests start real Celery worker processes.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -502,3 +503,26 @@ async def test_an_answer_cut_off_at_fleets_cap_is_budget_exhausted(
     assert outcome.error == kind, outcome.output
     assert "OutputTokenLimitExceeded" in outcome.output
     assert outcome.usage.total_tokens == 15
+
+
+async def test_tools_run_on_the_worker_that_runs_the_step(
+    server: FakeOpenAI, redis_url: str, tmp_path: Path
+) -> None:
+    """A tool round on a fleet: the tool runs inside the worker process, its result goes back."""
+    server.script(
+        reply(None, tool_calls=[tool_call("lookup", {"city": "Oslo"})]), reply("Oslo is small")
+    )
+    settings = fleet_settings(redis_url, agents_file=_agents_file(tmp_path, "tooled"))
+    env = {"PA_TEST_BASE_URL": server.base_url}
+    with running_workers(settings, tmp_path, "w1", concurrency=2, env=env) as fleet:
+        worker_pid = fleet.workers["w1"].process.pid
+        async with fleet.executor() as host:
+            outcome = await host.execute_step(_spec("t", "tooled"))
+
+    assert outcome.success and outcome.output == "Oslo is small", outcome.output
+    assert outcome.worker.startswith("w1@")
+    returned = [m for m in server.requests[1].body["messages"] if m["role"] == "tool"]
+    assert [m["content"] for m in returned] == [
+        f"Oslo: 1000 people (looked up by process {worker_pid})"
+    ]
+    assert worker_pid != os.getpid()
