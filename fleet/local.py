@@ -99,9 +99,11 @@ class LocalExecutor(AgentExecutor):
         try:
             definition = self.registry.resolve(spec.agent)
         except UnknownAgentError as error:
-            return StepOutcome.failed(
+            refused = StepOutcome.failed(
                 spec.task_id, spec.agent, str(error), error="unknown_agent", worker="local"
             )
+            emit(events, StepFinished.of(refused))  # as a Celery worker's answer is announced
+            return refused
         async with self._slot():
             if cancellation is None:
                 return await self._run(definition, spec, events, None)

@@ -213,3 +213,24 @@ def test_an_unreachable_redis_is_one_line_at_once(
     assert names in line
     assert "Traceback" not in output and "phase 0" not in output
     assert took <= 10.0, took  # the documented bound: found before the first step, within 10 s
+
+
+def test_the_run_summary_counts_truly_and_the_exit_status_says_a_step_failed(
+    tmp_path: Path,
+) -> None:
+    """An unknown agent and a duplicated task id: counted as failed, never as journaled."""
+    (tmp_path / "flow.py").write_text(
+        "from fleet import AgentStepSpec\n"
+        "def spec(task, agent='echo'):\n"
+        "    return AgentStepSpec(task_id=task, agent=agent, description='', prompt='hi')\n"
+        "async def main(workflow):\n"
+        "    await workflow.phase('one', [spec('a', agent='nobody')])\n"
+        "    await workflow.phase('two', [spec('b'), spec('c'), spec('c')])\n"
+        "    await workflow.agent(spec('d', agent='nobody'))\n"
+    )
+    done = fleet(tmp_path, "run", "flow.py:main", "--root-id", "counted")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (summary,) = [line for line in done.stdout.splitlines() if "workflow counted finished" in line]
+    assert "finished with 4 failed steps in" in summary, summary
+    assert "2 phases, 3 steps run (2 failed), 2 refused before running, 0 served" in summary
+    assert "phase 0 one: 1 step\n" in done.stdout
