@@ -17,6 +17,9 @@ local run; a run that uses Redis (Celery executor or Redis journal) logs to the 
 stream ``{key_prefix}:events:{root_id}`` and keeps its budget in the Redis ledger.
 """
 
+# Longer than most modules on purpose: planning a run's places, opening them and finding
+# them again must agree exactly, and keeping them side by side is what keeps them agreeing.
+
 from __future__ import annotations
 
 import asyncio

@@ -7,6 +7,9 @@ terminal). A program may define ``AGENTS = {name: agent}``; they are registered 
 local executor beside the agents file.
 """
 
+# Longer than most modules on purpose: run, watch and status print one run's story in one
+# vocabulary (summary, abandoned, counts); splitting them would split that vocabulary.
+
 from __future__ import annotations
 
 import asyncio
