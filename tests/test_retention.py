@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from fleet import AgentStepSpec, Workflow, WorkflowBudget, execute_steps_parallel
+from fleet import (
+    AgentStepSpec,
+    Workflow,
+    WorkflowBudget,
+    execute_pipeline,
+    execute_steps_parallel,
+)
 from fleet.accounts import set_account
 from fleet.agents import AgentRegistry
 from fleet.cancel.redis import RedisCancelBoard
@@ -30,6 +36,7 @@ from fleet.keytags import tagged
 from fleet.ledgers import RedisLedger
 from fleet.runner import open_run, plan_run
 from fleet.stores import RedisCheckpointStore
+from tests import pipeline_stages
 from tests.celery_support import REPO, BrokerLog, CeleryWorkers, fleet_settings, running_workers
 from tests.celery_support import until as wait_until
 from workers.runtime import WorkerRuntime
@@ -156,6 +163,51 @@ async def test_a_read_result_goes_and_a_late_duplicate_is_still_refused(
         assert runs == {spec.task_id: "x" for spec in specs}
     finally:
         await executor.aclose()
+        client.close()
+
+
+async def test_a_pipelines_link_results_go_when_it_ends(workers: CeleryWorkers) -> None:
+    """A Celery-chain pipeline's link results get the grace at its end, not a day."""
+    settings = workers.settings
+    client = redis.Redis.from_url(settings.redis_url)
+    executor = workers.executor()
+    try:
+        items = ["one", "two", "three"]
+        stages = [pipeline_stages.draft, pipeline_stages.review]
+        outcomes = await execute_pipeline(executor, items, stages)
+        assert [o.output for o in outcomes if o is not None] == [f"review of: {i}" for i in items]
+        results = {k for k in keys_under(client, settings.key_prefix) if ":result:fp-" in k}
+        assert all(client.ttl(key) <= RETENTION_S for key in results), results
+        assert not any(":pipe:" in k for k in keys_under(client, settings.key_prefix))
+    finally:
+        await executor.aclose()
+        client.close()
+
+
+async def test_a_team_account_above_a_run_is_never_expired(
+    workers: CeleryWorkers, tmp_path: Path
+) -> None:
+    """The run's own account gets the retention at its end; the shared account above it never."""
+    config = run_config(workers.settings, tmp_path)
+    prefix = config.key_prefix
+    client = redis.Redis.from_url(config.redis_url)
+    ledger = RedisLedger(config.redis_url, key_prefix=prefix)
+    try:
+        await set_account(ledger, "team:kept", limit_tokens=1_000_000)
+        places = plan_run(config, executor="celery")
+        async with open_run(
+            config, places, root_id="under-team", executor="celery", account="team:kept"
+        ) as builder:
+            async with builder.build() as workflow:
+                await workflow.phase("one", spend(2, "t"))
+        team = {k for k in keys_under(client, prefix) if ":budget:{team:kept}:" in k}
+        own = {k for k in keys_under(client, prefix) if ":budget:{under-team}:" in k}
+        assert f"{prefix}:budget:{{team:kept}}:children" in team and own
+        assert {client.ttl(k) for k in team} == {-1}
+        assert all(client.ttl(k) != -1 for k in own)
+        assert (await ledger.state("team:kept")).consumed == 20
+    finally:
+        await ledger.close()
         client.close()
 
 

@@ -6,6 +6,7 @@ on loopback free ports, started once for the module and stopped by PID.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -159,6 +160,47 @@ async def test_every_part_works_through_a_sentinel_url_with_the_first_sentinel_d
     replica = next(node for node in group.nodes if node is not group.master())
     with sync_client(replica.url) as client:
         assert client.hget(f"{key_prefix}:budget:{{wf}}:account", "consumed") == b"40"
+
+
+async def _two_ended_runs(url: str, key_prefix: str) -> int:
+    """Runs ``kept`` and ``pruned`` registered, budgeted and ended; ``kept`` given its expiry."""
+    from fleet.cancel.redis import RedisCancelBoard
+    from fleet.retention import RedisRetention
+
+    board = RedisCancelBoard(url, key_prefix=key_prefix)
+    ledger = RedisLedger(url, key_prefix=key_prefix)
+    retention = RedisRetention(url, key_prefix=key_prefix, retention_s=3600)
+    try:
+        for root in ("kept", "pruned"):
+            await board.begin(root, f"r-{root}")
+            held = await WorkflowBudget(100, ledger=ledger, workflow_id=root).reserve(5, holder="h")
+            await held.settle(5)
+            await board.end(root, f"r-{root}", "finished")
+        return await retention.expire("kept", run_id="r-kept")
+    finally:
+        await retention.aclose()
+        await ledger.close()
+        await board.close()
+
+
+def test_retention_and_gc_work_through_a_sentinel_url(
+    group: SentinelGroup, key_prefix: str
+) -> None:
+    """An ended run's expiry is set, and `fleet gc` prunes ended runs, through a sentinel URL."""
+    url = dead_first(group)
+    assert asyncio.run(_two_ended_runs(url, key_prefix)) > 0
+    with sync_client(url) as client:
+        assert 0 < client.ttl(f"{key_prefix}:budget:{{kept}}:account") <= 3600
+        assert client.ttl(f"{key_prefix}:budget:{{pruned}}:account") == -1
+        ended = float(client.hget(f"{key_prefix}:workflow:{{pruned}}", "ended") or 0)
+        while time.time() <= ended + 1:  # its retention of 1 s has not passed yet
+            time.sleep(0.05)
+        env = clean_env(FLEET_RETENTION_S="1")
+        command = [*FLEET, "gc", "--redis-url", url, "--key-prefix", key_prefix]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "removed pruned" in done.stdout and "removed kept" in done.stdout
+        assert not client.exists(f"{key_prefix}:budget:{{pruned}}:account")
 
 
 def test_compose_ha_file_names_a_sentinel_group_every_service_can_use() -> None:
