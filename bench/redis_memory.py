@@ -12,8 +12,10 @@ One ``redis-server`` (fresh, this bench's own), 2 Celery workers × 8 threads, t
    (Redis journal, a budget on the Redis ledger, the Redis event stream and cancel board,
    retention at its 7-day default), N steps in all, one phase each.
 
-For each: ``used_memory`` (``INFO memory``) before, its peak while the steps run (sampled
-every 20 ms), right after, and once the read results' grace has passed; keys by namespace.
+Each side starts from a clean server (the previous side's keys deleted). For each:
+``used_memory`` (``INFO memory``) over its value before the side, at its peak while the steps
+run (sampled every 20 ms), right after, and once the read results' grace has passed
+(``kept``: what stays for the results' or the workflows' retention); keys by namespace.
 
     python -m bench.redis_memory [--steps 20000] [--in-flight 2000] [--workflows 20]
 """
@@ -97,9 +99,27 @@ def noop_specs(n: int, name: str) -> list[AgentStepSpec]:
     ]
 
 
+def clean(url: str, prefix: str) -> None:
+    """Delete what an earlier side left (fleet's keys and Celery's results): this bench's server."""
+    client = redis.Redis.from_url(url)
+    for pattern in (f"{prefix}:*", "celery-task-meta-*"):
+        batch = [key for key in client.scan_iter(match=pattern, count=1000)]
+        for start in range(0, len(batch), 1000):
+            client.delete(*batch[start : start + 1000])
+    client.close()
+
+
 async def measure(
-    side: str, url: str, prefix: str, steps: int, run: Callable[[], Awaitable[None]]
+    side: str,
+    url: str,
+    prefix: str,
+    args: argparse.Namespace,
+    run: Callable[[], Awaitable[None]],
+    *,
+    settle_s: float,
 ) -> dict[str, Any]:
+    """One side on a clean server: memory before, peak, right after, and ``settle_s`` later."""
+    clean(url, prefix)
     client = redis.Redis.from_url(url)
     before = used(client)
     started = time.perf_counter()
@@ -108,27 +128,22 @@ async def measure(
     elapsed = time.perf_counter() - started
     after = used(client)
     keys_after = namespaces(client, prefix)
+    await asyncio.sleep(settle_s)
+    steady = used(client)
+    keys_steady = namespaces(client, prefix)
     client.close()
     return {
         "side": side,
-        "steps": steps,
+        "steps": args.steps,
         "seconds": round(elapsed, 1),
-        "before_MB": before / 1e6,
-        "peak_MB": sampler.peak / 1e6,
-        "peak_over_before_MB": (sampler.peak - before) / 1e6,
-        "after_over_before_MB": (after - before) / 1e6,
+        "peak_MB": (sampler.peak - before) / 1e6,
+        "peak_B_per_in_flight": round((sampler.peak - before) / args.in_flight),
+        "after_MB": (after - before) / 1e6,
+        "kept_MB": (steady - before) / 1e6,
+        "kept_B_per_step": round((steady - before) / args.steps),
         "keys_after": keys_after,
-        "_before": before,
+        "keys_kept": keys_steady,
     }
-
-
-async def settle(row: dict[str, Any], url: str, prefix: str, wait_s: float) -> None:
-    """Wait ``wait_s`` (the read results' grace), then note what is left."""
-    await asyncio.sleep(wait_s)
-    client = redis.Redis.from_url(url)
-    row["steady_over_before_MB"] = (used(client) - row.pop("_before")) / 1e6
-    row["keys_steady"] = namespaces(client, prefix)
-    client.close()
 
 
 def raw_celery(settings: FleetSettings, steps: int, window: int) -> Callable[[], Awaitable[None]]:
@@ -193,30 +208,18 @@ async def sides(
     settings = workers.settings
     url, prefix = settings.redis_url, settings.key_prefix
     await fleet_round(settings, 200)()  # warm up: connections, scripts, worker threads
+    grace = RESULT_GRACE_S + 2
+    raw = raw_celery(settings, args.steps, args.in_flight)
+    bare = fleet_round(settings, args.steps)
     rows = [
-        await measure(
-            "raw Celery (result backend)",
-            url,
-            prefix,
-            args.steps,
-            raw_celery(settings, args.steps, args.in_flight),
-        ),
-        await measure(
-            "fleet, bare round", url, prefix, args.steps, fleet_round(settings, args.steps)
-        ),
+        await measure("raw Celery (result backend)", url, prefix, args, raw, settle_s=grace),
+        await measure("fleet, bare round", url, prefix, args, bare, settle_s=grace),
     ]
-    await settle(rows[0], url, prefix, 0)
-    await settle(rows[1], url, prefix, RESULT_GRACE_S + 2)
-    workflows = await measure(
-        f"fleet, {args.workflows} workflows",
-        url,
-        prefix,
-        args.steps,
-        fleet_workflows(settings, args.steps, args.workflows, directory),
-    )
-    await settle(workflows, url, prefix, RESULT_GRACE_S + 2)
-    workflows["per_ended_workflow_KB"] = workflows["steady_over_before_MB"] * 1e3 / args.workflows
-    rows.append(workflows)
+    flows = fleet_workflows(settings, args.steps, args.workflows, directory)
+    name = f"fleet, {args.workflows} workflows"
+    row = await measure(name, url, prefix, args, flows, settle_s=grace)
+    row["kept_KB_per_ended_workflow"] = round(row["kept_MB"] * 1e3 / args.workflows, 1)
+    rows.append(row)
     return rows
 
 
@@ -250,7 +253,7 @@ def main() -> int:
     shown = [{k: v for k, v in row.items() if not k.startswith("keys")} for row in rows]
     print(table(shown))
     for row in rows:
-        print(f"{row['side']}: keys after {row['keys_after']}, steady {row['keys_steady']}")
+        print(f"{row['side']}: keys right after {row['keys_after']}, kept {row['keys_kept']}")
     path = write(
         "redis_memory",
         " ".join(["python -m bench.redis_memory", *sys.argv[1:]]),

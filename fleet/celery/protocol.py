@@ -68,9 +68,11 @@ STAGE_TASK = "fleet.run_stage"
 """The pipeline-stage task (one link of a chain)."""
 REPLY_TTL_S = 3600
 """A reply list expires this long after its last notice (its host may be gone)."""
-RESULT_GRACE_S = 60
-"""A step's result lives this long after its host has read it (duplicates of the dispatch
-are then refused by the step record, :meth:`Keys.steps`, instead)."""
+RESULT_GRACE_S = 10
+"""A step's result lives this long after its host has read it: nothing needs it then (a
+duplicate of the dispatch is refused by the step record, :meth:`Keys.steps`, and a resumed
+host reads the done-markers there), so the grace only covers stragglers, short so that
+results do not pile up at a high step rate."""
 
 
 # --------------------------------------------------------------------------- messages
