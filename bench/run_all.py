@@ -30,12 +30,14 @@ BENCHMARKS: dict[str, list[str]] = {
     "celery_tracing": [],
     "rate_limits": [],
     "pydantic_ai_steps": [],
+    "streaming": [],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "pydantic_ai_steps": ["--steps", "500", "--repeat", "3"],
     "local_overhead": ["--repeat", "3"],
     "celery_tracing": ["--quick", "--repeat", "1"],
     "rate_limits": ["--steps", "200", "--requests", "40", "--tokens", "1440", "--workers", "2"],
+    "streaming": ["--steps", "32", "--latency-steps", "10"],
 }
 
 
