@@ -319,6 +319,7 @@ async def test_a_native_output_model_fills_structured(monkeypatch: pytest.Monkey
     [
         ([reply("not json"), reply("{}")], "schema", "output"),
         ([error(400, "context length exceeded")], "provider", "context length exceeded"),
+        ([error(400, "key sk-test-unused is not for this model")], "provider", "key *** is not"),
         ([error(503, "overloaded")], "unavailable", "503"),
         ([error(401, "Incorrect API key provided: sk-test-unused")], "auth", "API key"),
         ([reply("late", delay_s=10)], "timeout", "timed out"),

@@ -155,7 +155,9 @@ class PydanticAIAgent:
         try:
             result = await self.agent.run(spec.prompt, model=model, **options)
         except AgentRunError as error:
-            raise as_agent_error(error, model=model.model_name, capped=calls.capped) from None
+            raise as_agent_error(
+                error, model=model.model_name, capped=calls.capped, secrets=_keys(self.model)
+            ) from None
         run = result.usage
         usage = TokenUsage(prompt_tokens=run.input_tokens, completion_tokens=run.output_tokens)
         if usage.total_tokens < ctx.used.total_tokens:
@@ -182,6 +184,12 @@ def _deltas(ctx: AgentContext) -> EventStreamHandler[Any]:
                 fresh = False
 
     return publish
+
+
+def _keys(model: Model) -> list[str]:
+    """The API key the model's client sends, when it has one (to mask it in messages)."""
+    key = getattr(getattr(model, "client", None), "api_key", None)
+    return [key] if isinstance(key, str) and len(key) >= 8 else []
 
 
 def _result(output: Any, usage: TokenUsage) -> AgentResult:

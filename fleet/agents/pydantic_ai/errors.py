@@ -7,6 +7,8 @@ never the provider's response body (it can echo a key or the prompt back).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelAPIError,
@@ -60,19 +62,24 @@ def _kind(error: AgentRunError, *, capped: bool) -> str:
     return "provider"
 
 
-def as_agent_error(error: AgentRunError, *, model: str, capped: bool) -> AgentError:
+def as_agent_error(
+    error: AgentRunError, *, model: str, capped: bool, secrets: Sequence[str] = ()
+) -> AgentError:
     """The :class:`~fleet.errors.AgentError` a step fails with for a pydantic-ai run error.
 
     Args:
         error: what the run raised.
         model: the model's name, for the message.
         capped: whether fleet lowered the last request's ``max_tokens`` to the step's hold.
+        secrets: texts masked in the message wherever the provider echoed them (the key).
     """
     kind = _kind(error, capped=capped)
     if kind == "auth":
         text = f"model {model!r}: the provider refused the API key; check the agent's key"
     else:
         text = f"model {model!r}: {type(error).__name__}: {_first_line(error)}"
+        for secret in secrets:
+            text = text.replace(secret, "***")
     if kind == "budget_exhausted":
         return BudgetExhaustedError(
             f"{text}; raise the step's max_tokens or the workflow budget", consumed=0
