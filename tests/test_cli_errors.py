@@ -234,3 +234,14 @@ def test_the_run_summary_counts_truly_and_the_exit_status_says_a_step_failed(
     assert "finished with 4 failed steps in" in summary, summary
     assert "2 phases, 3 steps run (2 failed), 2 refused before running, 0 served" in summary
     assert "phase 0 one: 1 step\n" in done.stdout
+
+
+def test_debug_shows_the_traceback_of_a_program_that_raised(tmp_path: Path) -> None:
+    """A program that raises: one line by default, its traceback with `fleet --debug`."""
+    (tmp_path / "boom.py").write_text("async def main(workflow):\n    raise RuntimeError('boom')\n")
+    plain = fleet(tmp_path, "run", "boom.py:main", "--store", "memory")
+    assert plain.returncode == 1
+    assert one_line_error(plain) == "RuntimeError: boom"
+    debug = fleet(tmp_path, "--debug", "run", "boom.py:main", "--store", "memory")
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and 'boom.py", line 2' in debug.stderr

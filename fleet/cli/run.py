@@ -16,7 +16,9 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from ..runner import (
     read_status,
 )
 from ..workflow import Workflow, WorkflowBuilder
-from .app import app, console, err_console, settings
+from .app import app, console, debugging, err_console, settings
 from .asks import read_asks
 from .cancel import board_at, find_run, latest_run
 from .output import LiveOutput
@@ -158,6 +160,8 @@ def _summary(root_id: str, outcome: _Outcome, wall_s: float, store: str) -> None
         + f"{journaled} served from the journal; {tokens}"
     )
     if outcome.error is not None and not isinstance(outcome.error, WorkflowCancelledError):
+        if debugging():
+            traceback.print_exception(outcome.error, file=sys.stderr)
         err_console.print(
             f"{type(outcome.error).__name__}: {outcome.error}", highlight=False, markup=False
         )
