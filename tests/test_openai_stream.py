@@ -131,3 +131,35 @@ async def test_cancel_mid_stream_closes_the_request_within_2_s(provider: Provide
     assert outcome.error == "cancelled"
     assert provider.stats(log=False)["client_closed"] == 1
     assert closed_after <= 2.0
+
+
+def test_a_stream_is_put_back_together_skipping_what_it_cannot_read() -> None:
+    """Text, tool-call parts by index, finish reason and usage; odd chunks lose only themselves."""
+    from fleet.agents.openai.wire import ChatCompletion, StreamedCompletion
+
+    pieces: list[tuple[str, bool]] = []
+    stream = StreamedCompletion(lambda text, first: pieces.append((text, first)))
+    call = {"index": 0, "id": "c1", "function": {"name": "add", "arguments": '{"a": '}}
+    for chunk in [
+        "not an object",
+        {"choices": "not a list"},
+        {"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"delta": {"content": "Let me "}}]},
+        {"choices": [{"delta": {"content": [{"type": "text", "text": "add."}]}}]},
+        {"choices": [{"delta": {"tool_calls": [call]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}},
+    ]:
+        stream.feed(chunk)
+    completion = ChatCompletion.parse(stream.body())
+    assert pieces == [("Let me ", True), ("add.", False)]
+    assert completion.first is not None and completion.first.message is not None
+    assert completion.first.message.text == "Let me add."
+    assert completion.first.finish_reason == "tool_calls"
+    [tool] = completion.first.message.tool_calls
+    assert (tool.id, tool.function.name, tool.function.arguments) == ("c1", "add", '{"a": 1}')
+    assert completion.usage is not None and completion.usage.total_tokens == 12
+    assert stream.error is None
+    stream.feed({"error": {"message": "overloaded"}})
+    assert stream.error == {"message": "overloaded"}
