@@ -245,3 +245,26 @@ def test_debug_shows_the_traceback_of_a_program_that_raised(tmp_path: Path) -> N
     debug = fleet(tmp_path, "--debug", "run", "boom.py:main", "--store", "memory")
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and 'boom.py", line 2' in debug.stderr
+
+
+@pytest.mark.redis
+def test_status_with_executor_celery_names_the_journal_the_run_used(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """A run journaled in Redis: `fleet status --executor celery` reads that journal."""
+    (tmp_path / "flow.py").write_text(
+        "from fleet import AgentStepSpec\n"
+        "async def main(workflow):\n"
+        "    await workflow.phase('kept', [AgentStepSpec(task_id='a', agent='echo',"
+        " description='', prompt='hi')])\n"
+        "    raise RuntimeError('stop here, keep the journal')\n"
+    )
+    extra = {"FLEET_REDIS_URL": redis_url, "FLEET_KEY_PREFIX": key_prefix}
+    done = fleet(
+        tmp_path, "run", "flow.py:main", "--root-id", "kept-1", "--store", redis_url, **extra
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    status = fleet(tmp_path, "status", "kept-1", "--executor", "celery", **extra)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.splitlines()[0] == f"workflow kept-1 (journal {redis_url})"
+    assert "phase kept: 1 step journaled" in status.stdout
