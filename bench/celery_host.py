@@ -36,12 +36,12 @@ from typing import Any
 from celery import chain, group
 
 from bench._common import table, write
+from bench.celery_app import BENCH_APP, BENCH_NOOP_TASK
 from fleet import AgentStepSpec, execute_pipeline, execute_steps_parallel, telemetry
 from fleet.celery import configure_app
 from fleet.redis_server import RedisServer
 from tests import pipeline_stages
 from tests.celery_support import CeleryWorkers, fleet_settings
-from workers.tasks import BENCH_NOOP_TASK
 
 
 def noop_specs(n: int, agent: str = "noop", prompt: str = "") -> list[AgentStepSpec]:
@@ -316,7 +316,7 @@ def main() -> int:
         server = RedisServer(directory).start()
         try:
             settings = fleet_settings(server.url, max_in_flight=64, claim_timeout_s=30.0)
-            fleet = CeleryWorkers(settings, directory, args.concurrency)
+            fleet = CeleryWorkers(settings, directory, args.concurrency, app=BENCH_APP)
             try:
                 fleet.start(*(f"bench{i}" for i in range(1, args.workers + 1)))
                 rows = asyncio.run(comparisons(fleet, args.repeat, args.quick))

@@ -9,8 +9,8 @@ It waits until NODES workers answer a ping, prints ``ready``, waits for a line o
 stdin, sends STEPS steps of agent ``llm`` with ``execute_steps_parallel`` and prints one
 JSON line: ``{"wall_s": ..., "ok": ..., "errors": {...}}``. It imports only fleet's
 public API, which the compared trees share. With SLEEP_S it sends no fleet step: one raw
-Celery group of STEPS ``bench.sleep`` tasks of SLEEP_S each (Celery alone, on the same
-workers), and waits for their results.
+Celery group of STEPS ``bench.sleep`` tasks of SLEEP_S each (Celery alone, on workers of
+the benchmarks' app ``bench/celery_app.py``), and waits for their results.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ For each tree (``--base`` a checkout of the old code, e.g. ``git worktree add
 ../fleet-base 0c4f346``; and this tree) and each case it reports wall time,
 efficiency (ideal / wall), peak calls in flight at the provider, worker peak RSS
 (VmHWM) and worker CPU seconds per step (utime + stime over the round). ``--celery``
-adds Celery alone on the same workers: a group of 2 x C ``bench.sleep`` tasks of the same
-latency, the ceiling any Celery-based worker reaches on this machine::
+adds Celery alone on workers of the same options: a group of 2 x C ``bench.sleep`` tasks
+of the same latency (registered by ``bench/celery_app.py``, not the production worker),
+the ceiling any Celery-based worker reaches on this machine::
 
     python -m bench.llm_worker --base ../fleet-base [--cases 1x16,1x64,1x256,4x64] [--celery]
 
@@ -43,6 +44,7 @@ from typing import Any
 import redis
 
 from bench._common import table, write
+from bench.celery_app import BENCH_APP
 from bench.provider import ProviderProcess
 from fleet.redis_server import RedisServer
 
@@ -83,6 +85,18 @@ def _env(tree: Path, redis_url: str, agents_file: Path) -> dict[str, str]:
     return env
 
 
+def _worker_command(raw: bool, concurrency: int, hostname: str) -> list[str]:
+    """``fleet worker``; for Celery alone, the same worker options on the benchmarks' app.
+
+    The production worker registers no ``bench.sleep``: only ``bench.celery_app`` does.
+    """
+    options = ["--pool=threads", f"--concurrency={concurrency}", f"--hostname={hostname}"]
+    if not raw:
+        return [sys.executable, "-m", "fleet", "worker", *options]
+    celery = [sys.executable, "-m", "celery", "-A", BENCH_APP, "worker", "--loglevel=info"]
+    return [*celery, *options, "--without-mingle", "--without-gossip"]
+
+
 def _stop(process: subprocess.Popen[Any]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -115,8 +129,7 @@ def run_case(
     log = open(tmp / f"{label}-{workers}x{concurrency}.log", "ab")  # noqa: SIM115 - closed below
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fleet", "worker", "-c", str(concurrency)]
-            + ["--pool", "threads", "--hostname", f"w{i}-{uuid.uuid4().hex[:4]}@%h"],
+            _worker_command(raw, concurrency, f"w{i}-{uuid.uuid4().hex[:4]}@%h"),
             cwd=tree,
             env=env,
             stdin=subprocess.DEVNULL,

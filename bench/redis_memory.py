@@ -37,6 +37,7 @@ import redis
 from celery import group
 
 from bench._common import table, write
+from bench.celery_app import BENCH_APP, BENCH_NOOP_TASK
 from fleet import AgentStepSpec, execute_steps_parallel
 from fleet.celery import configure_app
 from fleet.celery.protocol import RESULT_GRACE_S
@@ -44,7 +45,6 @@ from fleet.config import FleetSettings
 from fleet.redis_server import RedisServer
 from fleet.runner import open_run, plan_run
 from tests.celery_support import CeleryWorkers, fleet_settings
-from workers.tasks import BENCH_NOOP_TASK
 
 CELERY_DEFAULT_RESULT_EXPIRES_S = 86_400
 
@@ -242,7 +242,7 @@ def main() -> int:
                 claim_timeout_s=120.0,
                 step_lease_s=10.0,
             )
-            fleet = CeleryWorkers(settings, directory, args.concurrency)
+            fleet = CeleryWorkers(settings, directory, args.concurrency, app=BENCH_APP)
             try:
                 fleet.start(*(f"mem{i}" for i in range(1, args.workers + 1)))
                 rows = asyncio.run(sides(fleet, args, directory))

@@ -1,6 +1,7 @@
 """Real Celery worker processes for the fleet tests (started and stopped by PID).
 
 ``CeleryWorkers`` starts N ``celery -A workers.app worker --pool threads`` subprocesses
+(``app="bench.celery_app"``: the benchmarks' app, with their raw Celery tasks)
 against the session's Redis, with a queue and key prefix of their own, the tests'
 agents file and the repo on PYTHONPATH; it waits until each answers a ping. ``kill``
 SIGKILLs one worker (the fault tests); ``stop`` sends SIGTERM, then SIGKILL.
@@ -104,6 +105,8 @@ class CeleryWorkers:
     concurrency: int = 4
     env: Mapping[str, str] = field(default_factory=dict)
     workers: dict[str, Worker] = field(default_factory=dict)
+    app: str = "workers.app"
+    """What ``celery -A`` runs: the production worker, or the benchmarks' app."""
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -125,7 +128,7 @@ class CeleryWorkers:
                         "-m",
                         "celery",
                         "-A",
-                        "workers.app",
+                        self.app,
                         "worker",
                         f"--hostname={name}@%h",
                         "--pool=threads",

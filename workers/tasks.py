@@ -7,15 +7,14 @@ twice), runs the shared step body :func:`fleet.step.run_agent` on this thread's 
 loop, records the outcome and tells the host on its reply list. Everything on the wire
 (messages, notices, keys, ids, TTLs, Lua) comes from :mod:`fleet.celery.protocol`.
 
-``bench.noop`` is a plain no-op task the benchmark compares fleet against, and
-``bench.sleep`` one that sleeps in its thread (raw Celery's own ceiling for long steps).
+The raw Celery tasks the benchmarks measure fleet against are registered by the
+benchmarks' own app (``bench/celery_app.py``), never here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from celery import Celery
@@ -40,19 +39,12 @@ from fleet.spec import StepOutcome
 from .runtime import WorkerRuntime
 
 __all__ = [
-    "BENCH_NOOP_TASK",
-    "BENCH_SLEEP_TASK",
     "PoisonMessage",
     "WorkerRuntime",
     "register_tasks",
 ]
 
 logger = logging.getLogger("fleet.worker")
-
-BENCH_NOOP_TASK = "bench.noop"
-"""A raw Celery no-op task: the baseline ``bench/celery_host.py`` measures fleet against."""
-BENCH_SLEEP_TASK = "bench.sleep"
-"""A raw Celery task that sleeps: the ceiling ``bench/llm_worker.py`` measures fleet against."""
 
 PoisonMessage = PoisonMessageError
 """The old name of :class:`fleet.errors.PoisonMessageError` (still importable here)."""
@@ -238,12 +230,4 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def fleet_run_stage(self: Any, pointer: object) -> str | dict[str, Any]:
         return run_stage(runtime, self.request, pointer)
 
-    @app.task(name=BENCH_NOOP_TASK, shared=False)
-    def bench_noop(*args: Any) -> Any:
-        return args[0] if args else None
-
-    @app.task(name=BENCH_SLEEP_TASK, shared=False, acks_late=True)
-    def bench_sleep(seconds: float) -> None:
-        time.sleep(seconds)
-
-    _ = (fleet_run_step, fleet_run_stage, bench_noop, bench_sleep)
+    _ = (fleet_run_step, fleet_run_stage)
