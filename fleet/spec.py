@@ -74,11 +74,9 @@ class FleetModel(BaseModel):
             raise SpecError(describe_validation_error(error, type(self).__name__)) from None
 
     # Only direct construction translates errors; validation (``from_dict``, nested models)
-    # must not run this ``__init__``, or pydantic would wrap each nested SpecError again.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
-
-    # Only wraps errors: let pydantic validate nested models and JSON in Rust without
-    # calling back into this __init__ (several times faster journal and result decoding).
+    # must not run this ``__init__``, or pydantic would wrap each nested SpecError again,
+    # and decoding journals and results stays in pydantic's compiled validator instead of
+    # calling back into Python for every model.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     @classmethod

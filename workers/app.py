@@ -89,8 +89,8 @@ def _prepare_agents(registry: AgentRegistry) -> None:
     """Let each agent load now what its first step would (``prepare()``, when it has one).
 
     The first steps of a worker arrive together and share one event loop: an agent that
-    loads data on its first call (a model's price table: ~50 ms of CPU) would hold all of
-    them. A failure is logged; the step meets it again and reports it.
+    loads data on its first call (a model's price table) would hold all of them. A
+    failure is logged; the step meets it again and reports it.
     """
     for name in registry:
         prepare = getattr(registry.resolve(name).run, "prepare", None)

@@ -177,7 +177,7 @@ def prestart_threads(
     thread starts in a row on Celery's consumer thread. ``count`` jobs that wait for
     each other make the pool start them all at once, before work arrives. ``warm`` runs
     on each of them first, for what a thread builds on its first task (Celery keeps a
-    result backend per thread: ~0.4 ms of CPU and a Redis pool each).
+    result backend per thread, each with a Redis pool of its own).
     """
     if not isinstance(executor, ThreadPoolExecutor) or count < 2:
         return

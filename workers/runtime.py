@@ -118,8 +118,8 @@ class WorkerRuntime:
         Published once ``make()`` has returned: a thread never sees a half-built value.
         The Redis client, the budget ledger and the journal store are kept so: the ledger
         and the journal keep a client per event loop, so every step of the process shares
-        their connections (one made per step cost ~1.9 ms of CPU: connect, handshake,
-        close, against ~0.16 ms for its calls).
+        their connections (a connection made per step would spend more CPU on connect,
+        handshake and close than on the step's own calls).
         """
         found = self._shared.get(name)
         if found is None or found[0] != os.getpid():

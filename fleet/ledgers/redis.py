@@ -329,8 +329,9 @@ class RedisLedger(BudgetLedger):
         self.key_prefix = key_prefix
         # A burst of reservations (a host-driven pipeline of hundreds of items) waits for
         # one of LEDGER_CONNECTIONS slots instead of failing "Too many connections". The
-        # slots are a semaphore, not redis-py's BlockingConnectionPool: that pool's
-        # condition and timeout cost ~50 us per call, a third of a reserve round trip.
+        # slots are a semaphore, not redis-py's BlockingConnectionPool: that pool takes a
+        # condition and arms a timeout on every call, a cost on the order of the reserve
+        # round trip itself.
         # On Sentinel the client retries through a failover (every script is idempotent
         # by reservation id) and each write waits for one replica (see _run).
         self.replicated = is_sentinel(url)

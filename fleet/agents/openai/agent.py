@@ -133,7 +133,7 @@ class OpenAIAgent:
     def prepare(self) -> None:
         """Do now what the first step would: look up the price, build the TLS context.
 
-        A worker calls it at start: genai-prices' bundled data costs ~50 ms of CPU to
+        A worker calls it at start: genai-prices' bundled data takes real CPU time to
         load, and on the first step it would hold the event loop every step shares.
         """
         _ = self.price

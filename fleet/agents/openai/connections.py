@@ -1,12 +1,11 @@
 """An agent's HTTP connections to its model server: one aiohttp session per event loop.
 
-Why aiohttp, measured on the 2-core benchmark machine with 256 calls in flight:
-httpcore's pool (httpx's default) scans every connection for every queued request each
-time a request starts or ends, so its CPU per call grows with the calls in flight (~3.5 ms
-per call at 64, ~10 ms at 256); aiohttp's connector hands out idle connections in
-constant time. httpx's request and response layer on top of aiohttp's pool still cost
-~0.7 ms of CPU per call against ~0.27 ms for aiohttp alone, so the agent talks to
-aiohttp directly: a step's POST builds one aiohttp request, nothing more.
+Why aiohttp: httpcore's pool (httpx's default) scans every connection for every queued
+request each time a request starts or ends, so its CPU per call grows with the calls in
+flight; aiohttp's connector hands out idle connections in constant time. httpx's request
+and response layer on top of aiohttp's pool still spends more CPU per call than aiohttp
+alone, so the agent talks to aiohttp directly: a step's POST builds one aiohttp request,
+nothing more. ``bench/llm_worker.py`` measures a worker's CPU per call.
 
 A failure comes back as :class:`ConnectionFailed`, named the way the log has always named
 it (``ConnectError``, ``ReadTimeout``, ...), with ``timed_out`` telling a request the

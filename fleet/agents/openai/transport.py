@@ -2,7 +2,7 @@
 
 An agent keeps one connection pool (:class:`~.connections.Connections`) per event loop,
 so the connections of one step are reused by the next; every pool shares one TLS context
-(loading the CA bundle costs tens of milliseconds of CPU, once per process instead of once
+(loading the CA bundle is costly in CPU: it is paid once per process instead of once
 per step). A loop's pool is closed when the loop shuts down its async generators
 (``asyncio.run`` does), or by :meth:`Transport.aclose`.
 
