@@ -210,7 +210,7 @@ class LeaseKeeper(Keeper):
             for held in due:
                 subject = held.subject
                 if isinstance(subject, StepLease):
-                    args = [subject.owner, self._lease_ms]
+                    args: list[str | int] = [subject.owner, self._lease_ms]
                     lease_script(keys=[subject.key], args=args, client=pipe)
                 else:
                     text, keys, args = self._renewal(subject)

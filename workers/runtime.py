@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import redis
+from redis import Redis
 
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
@@ -156,7 +157,7 @@ class WorkerRuntime:
             return None
         return self.deltas().publisher(route, task_id)
 
-    def redis(self) -> redis.Redis:
+    def redis(self) -> Redis:
         """This process's Redis client (re-created after a fork), with its scripts.
 
         The first steps of a fresh worker arrive on many threads at once: the client is
@@ -165,7 +166,7 @@ class WorkerRuntime:
         """
         return self._process_wide("redis", self._connect)
 
-    def _connect(self) -> redis.Redis:
+    def _connect(self) -> Redis:
         client = sync_client(self.settings.redis_url)
         self._claim = client.register_script(lua("claim_step"))
         self._finish = client.register_script(lua("finish"))

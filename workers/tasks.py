@@ -208,7 +208,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
 
     # shared=False: a shared task would be added to every Celery app created later in this
     # process, bound to this runtime (and clash with that app's own registration).
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # Celery ships no type hints
         name=STEP_TASK,
         bind=True,
         ignore_result=True,
@@ -219,7 +219,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def fleet_run_step(self: Any, payload: object) -> dict[str, Any]:
         return run_step(runtime, self.request, payload)
 
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # Celery ships no type hints
         name=STAGE_TASK,
         bind=True,
         ignore_result=True,
