@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import importlib
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import fleet
+import pytest
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -103,16 +104,25 @@ def _import_graph(package: Path) -> dict[str, set[str]]:
     return graph
 
 
-def test_fleet_modules_import_no_circle() -> None:
-    """No module of fleet imports one that imports it back, even through a deferred import.
+@pytest.mark.parametrize(
+    ("package", "importer", "imported"),
+    [
+        ("fleet", "fleet.local", "fleet.agents.registry"),
+        ("workers", "workers.app", "workers.tasks"),
+    ],
+)
+def test_modules_import_no_circle(package: str, importer: str, imported: str) -> None:
+    """No module of fleet (or workers) imports one that imports it back, even deferred.
 
     A circle (agents/registry <-> agents/openai, config <-> sentinel, telemetry -> fleet)
     is what a deferred import inside a function hides; each shared piece lives below both
     (agents/targets.py, urls.py, version.py). Imports under ``TYPE_CHECKING`` are not
     followed: they never run.
     """
-    graph = _import_graph(Path(fleet.__file__).parent)
-    assert "fleet.agents.registry" in graph["fleet.local"]  # the graph sees real imports
+    root = importlib.import_module(package).__file__
+    assert root is not None
+    graph = _import_graph(Path(root).parent)
+    assert imported in graph[importer]  # the graph sees real imports
     try:
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as error:
