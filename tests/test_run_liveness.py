@@ -171,3 +171,33 @@ def test_a_live_host_heartbeats_its_record(tmp_path: Path) -> None:
     assert not stale.model_copy(update={"status": "finished"}).abandoned
     fresh = stale.model_copy(update={"beat_at": now - HEARTBEAT_LAPSE_S + 2})
     assert not fresh.abandoned and fresh.shown_status == "running"
+
+
+def test_a_journal_file_from_before_heartbeats_still_opens(tmp_path: Path) -> None:
+    """A run table without the heartbeat column gets it; its records read and beat."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE fleet_workflow_runs (root_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, "
+            "status TEXT NOT NULL, started_at REAL NOT NULL, ended_at REAL, reason TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO fleet_workflow_runs VALUES ('old', 'r-1', 'finished', 1.0, 2.0, NULL)"
+        )
+    conn.close()
+
+    async def scenario() -> None:
+        board = SQLiteCancelBoard(path)
+        try:
+            old = await board.record("old")
+            assert old is not None and old.status == "finished" and old.beat_at is None
+            await board.begin("new", "r-2")
+            await board.beat("new", "r-2")
+            new = await board.record("new")
+            assert new is not None and new.beat_at is not None and not new.abandoned
+        finally:
+            await board.close()
+
+    asyncio.run(scenario())
