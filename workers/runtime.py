@@ -25,7 +25,7 @@ from redis import Redis
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
 from fleet.cancel.markers import marker_reason, read_markers
-from fleet.cancel.signal import Cancellation
+from fleet.cancel.signal import Cancellation, cancelled_outcome
 from fleet.celery.protocol import (
     REPLY_TTL_S,
     BudgetHold,
@@ -47,8 +47,10 @@ from fleet.limiters import RedisRateLimiter
 from fleet.redisclient import sync_client
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_interruptible
+from fleet.stores.base import encode_meta
 from fleet.stores.redis import RedisCheckpointStore
 
+from .fencing import Fence, Fences, charge_stopped
 from .keeper import LeaseKeeper
 from .loop import StepLoop, ThreadLoops
 
@@ -109,6 +111,8 @@ class WorkerRuntime:
         self._loop = StepLoop()
         self._thread_loops = ThreadLoops()
         self._leases = LeaseKeeper(settings.redis_url, settings.step_lease_s, settings.key_prefix)
+        self.fences = Fences()
+        """The fences of the running attempts (:mod:`workers.fencing`)."""
         """Renews every step lease and budget reservation of this process (one thread)."""
         # Provider limits, shared with every worker and host on this Redis.
         self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
@@ -208,7 +212,7 @@ class WorkerRuntime:
         )
         status = status.decode()
         if status == "claimed":
-            self._leases.hold(self.keys.lease(tid), owner, taken_at=taken_at)
+            self._take(self.keys.lease(tid), owner, taken_at)
             return status, owner
         if status == "cancelled":
             return status, marker_reason(value)
@@ -224,20 +228,32 @@ class WorkerRuntime:
         *notices: str,
         resumable: bool = False,
         steps: str | None = None,
-    ) -> None:
+        journal: tuple[str, str, str, str] | None = None,
+    ) -> bool:
         """Record the result of this dispatch, notify the host, drop our lease.
 
         ``resumable`` also records it as the step's done-marker in the step record of
         ``steps`` (the record's owner, default ``nonce``), which a host that resumes the
-        workflow finds instead of sending the step again.
+        workflow finds instead of sending the step again; ``journal`` (see
+        :meth:`journal_write`) writes the step's journal record with it.
+
+        Returns:
+            ``False`` when nothing was recorded because the attempt's lease lapsed: its
+            fence tripped here, or Redis refused the write (the lease no longer holds
+            ``owner``, the attempt's token). Another attempt owns the step then.
         """
-        self.abandon(tid)
-        self._finish(
+        fence = self.fences.get(self.keys.lease(tid), owner)
+        self.abandon(tid, owner)
+        if fence is None or fence.lapsed():
+            return False
+        key, field, value, meta = journal or ("", "", "", "")
+        done = self._finish(
             keys=[
                 self.keys.result(tid, nonce),
                 self.keys.lease(tid),
                 reply,
                 self.keys.steps(steps or nonce),
+                key or self.keys.steps(steps or nonce),
             ],
             args=[
                 record,
@@ -248,8 +264,56 @@ class WorkerRuntime:
                 tid,
                 nonce,
                 result_grace_s(self.settings.retention_s),
+                field,
+                value,
+                meta,
                 *notices,
             ],
+        )
+        return bool(done)
+
+    def journal_write(
+        self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome
+    ) -> tuple[str, str, str, str] | None:
+        """What :meth:`finish` writes into the journal for a step: key, field, record, meta.
+
+        ``None`` (and a logged reason) when the outcome cannot be journaled.
+        """
+        try:
+            record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
+        except Exception:
+            # Losing a journal record must not fail the live step; the host journals too.
+            logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
+            return None
+        key = self.journal().key(workflow_id)
+        return key, f"step:{spec.task_id}", record.to_json(), encode_meta(workflow_id)
+
+    def settle(self, hold: BudgetHold, used_tokens: int, *, attempt: str = "") -> None:
+        """Charge what a step used to the reservation the host made for it.
+
+        ``attempt`` (the token of an attempt that recorded nothing) charges the usage on
+        its own id instead (:func:`~workers.fencing.charge_stopped`).
+        """
+        budget = self._budget(hold)
+        rid = hold.reservation_id
+        if attempt:
+            charge = charge_stopped(budget, rid, attempt, used_tokens)
+        else:
+            charge = budget.reservation(rid, hold.tokens).settle(used_tokens)
+        try:
+            self.run_async(charge)
+        except Exception:
+            # The host settles the step's reservation (idempotently) with the outcome.
+            logger.exception("could not settle reservation %s (attempt %r)", rid, attempt)
+
+    def _budget(self, hold: BudgetHold) -> WorkflowBudget:
+        """The budget a step's hold belongs to (its reservation kept by the lease thread)."""
+        return WorkflowBudget(
+            hold.limit_tokens,
+            ledger=self.ledger(),
+            workflow_id=hold.workflow_id,
+            lease_s=hold.lease_s,
+            keeper=self._leases,
         )
 
     def begin_link(self, message: StageMessage) -> tuple[str, Any, Any, Any, str]:
@@ -276,12 +340,22 @@ class WorkerRuntime:
         status = reply[0].decode()
         if status != "claimed":
             return status, None, None, None, owner
-        self._leases.hold(self.keys.lease(link), owner, taken_at=taken_at)
+        self._take(self.keys.lease(link), owner, taken_at)
         return status, reply[1], reply[2], reply[3], owner
 
-    def abandon(self, tid: str) -> None:
-        """Stop renewing our lease on ``tid`` (it lapses; the host re-sends the step)."""
-        self._leases.release(self.keys.lease(tid))
+    def _take(self, key: str, owner: str, taken_at: float) -> None:
+        """Keep the lease ``key`` just claimed as ``owner``, fenced (:mod:`workers.fencing`)."""
+        held = self._leases.hold(key, owner, taken_at=taken_at, on_lapse=self.fences.lapsed)
+        self.fences.open(key, owner, held)
+
+    def abandon(self, tid: str, owner: str = "") -> None:
+        """Stop renewing our lease on ``tid`` (it lapses; the host re-sends the step).
+
+        With ``owner`` (the attempt's token), only if that attempt still holds it here.
+        """
+        key = self.keys.lease(tid)
+        if self.fences.close(key, owner) is not None or not owner:
+            self._leases.release(key)
 
     def check_reply(self, reply: str) -> None:
         """A message may only name a reply list under this fleet's key prefix."""
@@ -309,7 +383,10 @@ class WorkerRuntime:
         go to the host on its reply list. While it runs, the lease thread watches
         ``markers``: when one appears, the step's task is cancelled on this thread's loop
         and the step ends ``cancelled``. Its output deltas go to the stream the message
-        names, else to ``deltas`` (a chain link's, from its pipeline's context).
+        names, else to ``deltas`` (a chain link's, from its pipeline's context). The same
+        happens when the fence of its ``lease`` trips (:mod:`workers.fencing`); the caller
+        then records nothing. The step's budget hold is settled by the caller
+        (:meth:`settle`), once it knows whether the outcome was recorded.
         """
         started = time.monotonic()
         try:
@@ -334,12 +411,17 @@ class WorkerRuntime:
         hold = None if message is None else message.budget
         if hold is not None:
             ctx.held_tokens = hold.tokens
+        fence = self.fences.get(lease) if lease else None
+        if fence is not None:
+            ctx.attempt, ctx.fence = fence.token, fence.check
         blocking = getattr(definition, "blocking", False)
-        cancellation = Cancellation(markers) if markers else None
-        body = self._run(definition, spec, ctx, started, message, cancellation)
+        cancellation = Cancellation(markers) if markers or fence is not None else None
+        body = self._run(definition, spec, ctx, started, message, cancellation, fence)
         if cancellation is not None:
             stop = _OnStepLoop(cancellation.cancel)
             self._leases.markers.watch(lease, markers, stop)
+            if fence is not None:
+                fence.on_trip(stop)
             body = stop.run(body)
         try:
             outcome: StepOutcome = self.run_async(body, blocking=blocking)
@@ -370,17 +452,18 @@ class WorkerRuntime:
         started: float,
         message: StepMessage | None,
         cancellation: Cancellation | None,
+        fence: Fence | None,
     ) -> StepOutcome:
+        if fence is not None and fence.lapsed():
+            # Paused or cut off between the claim and now: the agent must not start.
+            fence.trip()
+            return cancelled_outcome(spec, fence.reason, worker=ctx.worker)
         hold = None if message is None else message.budget
         if hold is None:
-            outcome = await run_interruptible(
+            return await run_interruptible(
                 definition, spec, ctx, started=started, cancellation=cancellation
             )
-        else:
-            outcome = await self._run_held(hold, definition, spec, ctx, started, cancellation)
-        if message is not None and message.journal and message.workflow_id and outcome.success:
-            await self._journal(message.workflow_id, spec, outcome)
-        return outcome
+        return await self._run_held(hold, definition, spec, ctx, started, cancellation)
 
     async def _run_held(
         self,
@@ -391,37 +474,24 @@ class WorkerRuntime:
         started: float,
         cancellation: Cancellation | None,
     ) -> StepOutcome:
-        """Run under the host's reservation: keep its lease alive, settle what was used.
+        """Run under the host's reservation, keeping its lease alive (the caller settles).
 
         The process's lease thread renews it (and every dollar hold of the step's model
         calls): the step's end hands it back without waiting on Redis.
         """
-        budget = WorkflowBudget(
-            hold.limit_tokens,
-            ledger=self.ledger(),
-            workflow_id=hold.workflow_id,
-            lease_s=hold.lease_s,
-            keeper=self._leases,
-        )
+        budget = self._budget(hold)
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
         ctx.budget = budget  # model calls reserve their dollars in the same accounts
         try:
             async with reservation.kept_alive():
-                outcome = await run_interruptible(
+                return await run_interruptible(
                     definition, spec, ctx, started=started, cancellation=cancellation
                 )
-        finally:
+        except BaseException:
+            # No outcome will be recorded: charge what this attempt used on its own id.
+            rid, used = hold.reservation_id, ctx.used.total_tokens
             try:
-                await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+                await asyncio.shield(charge_stopped(budget, rid, ctx.attempt, used))
             except Exception:
-                # The host settles the same reservation (idempotently) with the outcome.
-                logger.exception("could not settle reservation %s", hold.reservation_id)
-        return outcome
-
-    async def _journal(self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome) -> None:
-        try:
-            record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
-            await self.journal().record_step(workflow_id, record)
-        except Exception:
-            # Losing a journal record must not fail the live step; the host journals too.
-            logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
+                logger.exception("could not settle reservation %s (attempt %r)", rid, ctx.attempt)
+            raise

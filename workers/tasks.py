@@ -104,21 +104,36 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
             spec, worker, message, tid=tid, markers=message.cancel, lease=lease
         )
     except BaseException:
-        runtime.abandon(tid)  # let the lease lapse: the host will send the step again
+        runtime.abandon(tid, value)  # let the lease lapse: the host will send the step again
         raise
     # Any outcome answers duplicates of this dispatch; a journaled success also answers a
-    # host that resumes the workflow (a failure runs again on resume).
-    record = outcome.to_json()
-    runtime.finish(
+    # host that resumes the workflow (a failure runs again on resume). Only while this
+    # attempt's lease holds (fencing): else another attempt owns the step.
+    journal = None
+    if message.journal and message.workflow_id and outcome.success:
+        journal = runtime.journal_write(message.workflow_id, spec, outcome)
+    counted = runtime.finish(
         tid,
         message.nonce,
         value,
-        record,
+        outcome.to_json(),
         message.reply,
         Finished(id=tid, outcome=outcome).to_json(),
         resumable=outcome.success and message.workflow_id is not None,
         steps=steps,
+        journal=journal,
     )
+    if message.budget is not None:
+        used = outcome.usage.total_tokens
+        runtime.settle(message.budget, used, attempt="" if counted else value)
+    if not counted:
+        logger.warning(
+            "step %s (task %s): its lease lapsed before it was recorded; its outcome "
+            "is dropped (the host sends the step again)",
+            spec.task_id,
+            tid,
+        )
+        return {**_summary(outcome), "fenced": True}
     return _summary(outcome)
 
 
@@ -158,7 +173,7 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
         runtime.check_reply(reply)
         stage = runtime.stages[names[k]]
     except (PoisonMessageError, SpecError, IndexError, KeyError) as error:
-        runtime.abandon(link)
+        runtime.abandon(link, owner)
         logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     prev = StepOutcome.from_json(prev_raw) if k else None
@@ -192,11 +207,14 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
                 spec, worker, None, markers=context.cancel, lease=lease, deltas=context.deltas
             )
     except BaseException:
-        runtime.abandon(link)
+        runtime.abandon(link, owner)
         raise
     record = outcome.to_json()
     notice = Finished(id=link, outcome=outcome).to_json()
-    runtime.finish(link, context.nonce, owner, record, reply, notice)
+    if not runtime.finish(link, context.nonce, owner, record, reply, notice):
+        logger.warning("link %s: its lease lapsed before it was recorded; dropped", link)
+        _stop_chain(request)
+        return {"pipe": message.pipe, "item": i, "stage": k, "fenced": True}
     if not outcome.success or k + 1 >= len(names):
         _stop_chain(request)
         return _summary(outcome)

@@ -212,6 +212,14 @@ class AgentContext:
     ``None``: the current span, if any."""
     deltas: DeltaPublisher | None = None
     """Where :meth:`emit_delta` sends text (``None``: nobody can read it; nothing is sent)."""
+    attempt: str = ""
+    """This run's fencing token on a fleet worker: the value of the worker's lease on the
+    step, different for every attempt (``""`` in-process). An agent that writes outside
+    fleet can store it with what it writes, so a stale attempt's write can be told apart."""
+    fence: Callable[[], None] | None = None
+    """Called by :meth:`check_tokens` before every LLM call: raises ``AgentError``
+    (``cancelled``) once the worker's lease on the step has lapsed, so a worker cut off
+    from Redis spends nothing more (``None`` in-process)."""
 
     def emit_delta(self, text: str, *, replace: bool = False) -> None:
         """Publish a piece of the step's output as it is produced (``step_delta`` events).
@@ -253,7 +261,10 @@ class AgentContext:
 
         Raises:
             BudgetExhaustedError: nothing is left for a completion.
+            AgentError: ``cancelled`` — the worker's lease on the step lapsed (:attr:`fence`).
         """
+        if self.fence is not None:
+            self.fence()
         left = self.tokens_left()
         if left is None:
             return wanted

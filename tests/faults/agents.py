@@ -70,3 +70,40 @@ async def attempt_charged(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult
     usage = TokenUsage(prompt_tokens=0, completion_tokens=tokens)
     ctx.charge(usage)
     return AgentResult(output=spec.prompt, usage=usage)
+
+
+async def set_append(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """One attempt of the partition workload's step: ``$FLEET_TEST_CALLS`` model calls, then append.
+
+    Writes ``$FLEET_TEST_COUNTER_DIR/attempts/<task id>.<attempt token>``, one line per event
+    with its wall-clock time: ``start <worker>``, ``call <i>`` before each call (after
+    ``ctx.check_tokens``, which a tripped fence refuses: ``refused``), ``used <tokens>``
+    once a call has spent ``$FLEET_TEST_CALL_TOKENS`` (charged to the step), ``stopped`` when
+    the step is interrupted, and last ``end <task id>``: the id appended to the set. The
+    output names the attempt, so the journal says which attempt it holds.
+    """
+    directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"]) / "attempts"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{spec.task_id}.{ctx.attempt or 'local'}"
+    calls = int(os.environ.get("FLEET_TEST_CALLS", "4"))
+    call_s = float(os.environ.get("FLEET_TEST_CALL_S", "0.3"))
+    tokens = int(os.environ.get("FLEET_TEST_CALL_TOKENS", "10"))
+    # Written synchronously, so each line is on disk before the next await can be interrupted.
+    with open(path, "a", encoding="utf-8", buffering=1) as record:  # noqa: ASYNC230
+        record.write(f"start {ctx.worker.split('@')[0]} {time.time():.6f}\n")
+        try:
+            for i in range(calls):
+                try:
+                    ctx.check_tokens(tokens)
+                except Exception:
+                    record.write(f"refused {time.time():.6f}\n")
+                    raise
+                record.write(f"call {i} {time.time():.6f}\n")
+                await asyncio.sleep(call_s)  # the model call; an interrupt closes it unpaid
+                ctx.charge(TokenUsage(prompt_tokens=0, completion_tokens=tokens))
+                record.write(f"used {tokens} {time.time():.6f}\n")
+        except asyncio.CancelledError:
+            record.write(f"stopped {time.time():.6f}\n")
+            raise
+        record.write(f"end {spec.task_id} {time.time():.6f}\n")
+    return f"{spec.task_id} {ctx.attempt}"
