@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from fleet import AgentContext, AgentResult, AgentStepSpec, TokenUsage
@@ -128,12 +129,12 @@ async def stream_words(spec: AgentStepSpec, ctx: AgentContext) -> str:
 async def long_step(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
     """Prompt ``SECONDS TOKENS``: note the run, sleep SECONDS, then spend TOKENS.
 
-    Each run appends this worker's name to FLEET_TEST_COUNTER_DIR/<task_id> when it
-    starts (one line per run), so a test sees how often and where a step ran.
+    Each run appends ``<worker> <time.time()>`` to FLEET_TEST_COUNTER_DIR/<task_id> when
+    it starts (one line per run), so a test sees how often, where and when a step ran.
     """
     seconds, tokens = spec.prompt.split()
     directory = Path(os.environ["FLEET_TEST_COUNTER_DIR"])
-    _append(directory / spec.task_id, f"{ctx.worker}\n")
+    _append(directory / spec.task_id, f"{ctx.worker} {time.time():.3f}\n")
     await asyncio.sleep(float(seconds))
     usage = TokenUsage(prompt_tokens=0, completion_tokens=int(tokens))
     ctx.check_tokens(usage.total_tokens)

@@ -21,7 +21,9 @@ import pytest
 
 from fleet import AgentStepSpec, execute_steps_parallel
 from fleet.budget import WorkflowBudget
+from fleet.cancel import Cancellation, use_cancellation
 from fleet.config import FleetSettings
+from fleet.events import StepFinished
 from fleet.ledgers import RedisLedger
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
@@ -75,8 +77,15 @@ async def ledger(workers: CeleryWorkers) -> AsyncIterator[RedisLedger]:
 
 
 def runs(counter_dir: Path, task_id: str) -> list[str]:
+    """The worker of each run of ``task_id``, in order."""
+    return [worker for worker, _ in starts(counter_dir, task_id)]
+
+
+def starts(counter_dir: Path, task_id: str) -> list[tuple[str, float]]:
+    """``(worker, time.time())`` of each run of ``task_id`` as its agent started."""
     path = counter_dir / task_id
-    return path.read_text().splitlines() if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(worker, float(at)) for worker, at in (line.rsplit(" ", 1) for line in lines)]
 
 
 def failures(outcomes: list[Any]) -> list[tuple[str, str | None, str]]:
@@ -135,6 +144,53 @@ async def test_eight_budgeted_steps_of_10_to_20_s_finish_within_60_s(
     }
     sends = log.sends(workers.settings.queue)
     assert sorted(len(times) for times in sends.values()) == [1] * 8, "a step was sent again"
+
+
+@pytest.mark.timeout(240)
+async def test_a_budgeted_round_cancelled_after_its_10_s_steps_ended_stops_its_30_s_ones(
+    workers: CeleryWorkers, ledger: RedisLedger, key_prefix: str, counter_dir: Path
+) -> None:
+    """10 s and 30 s budgeted steps, cancelled once the 10 s ones ended: 30 s ones stop in 2 s.
+
+    16 steps of each length run under the default budget lease; the 10 s ones succeed,
+    the 30 s ones end ``cancelled`` within 2 s of the cancel, and 0 stays reserved.
+    docs/CANCEL.md: running steps are interrupted within 2 s of the cancel; every
+    outcome of a stopped step is ``cancelled``; nothing stays reserved. The 10 s steps end
+    just as their reservation's first renewal is due (the default 30 s lease renews every
+    10 s), which used to keep steps from ever returning, and their tokens reserved.
+    """
+    budget = WorkflowBudget(10**6, ledger=ledger, workflow_id=f"{key_prefix}-cancel")
+    short = [spec(f"{key_prefix}-c{i}", 10.0, 5) for i in range(16)]
+    long = [spec(f"{key_prefix}-C{i}", 30.0, 5) for i in range(16)]
+    executor = workers.executor(budget=budget)
+    cancellation = Cancellation()
+    ended: set[str] = set()
+
+    def sink(event: object) -> None:
+        if isinstance(event, StepFinished):
+            ended.add(event.task_id)
+
+    try:
+        with use_cancellation(cancellation):
+            round_ = asyncio.create_task(
+                execute_steps_parallel(executor, short + long, events=sink)
+            )
+        await until(lambda: {s.task_id for s in short} <= ended, 60.0, "every 10 s step ended")
+        cancelled_at = time.time()
+        cancellation.cancel("enough")
+        outcomes = await asyncio.wait_for(round_, 60.0)
+        snapshot = await budget.snapshot()
+    finally:
+        await executor.aclose()
+    assert failures(outcomes[:16]) == []
+    assert [o.error for o in outcomes[16:]] == ["cancelled"] * 16, failures(outcomes[16:])
+    stopped = {
+        o.task_id: starts(counter_dir, o.task_id)[-1][1] + o.duration_s - cancelled_at
+        for o in outcomes[16:]
+    }
+    late = {task: round(after, 2) for task, after in stopped.items() if after > 2.0}
+    assert not late, f"steps stopped more than 2 s after the cancel: {late}"
+    assert (snapshot.consumed_tokens, snapshot.reserved_tokens) == (16 * 5, 0)
 
 
 @pytest.fixture
