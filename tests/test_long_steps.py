@@ -184,6 +184,10 @@ async def test_a_budgeted_round_cancelled_after_its_10_s_steps_ended_stops_its_3
         await executor.aclose()
     assert failures(outcomes[:16]) == []
     assert [o.error for o in outcomes[16:]] == ["cancelled"] * 16, failures(outcomes[16:])
+    nodes = {w.node for w in workers.workers.values()}
+    # Stopped by their workers (a step the host gives up on after CANCEL_GRACE_S has none).
+    assert all(o.worker in nodes for o in outcomes[16:]), [o.worker for o in outcomes[16:]]
+    assert all(len(runs(counter_dir, s.task_id)) == 1 for s in short + long)
     stopped = {
         o.task_id: starts(counter_dir, o.task_id)[-1][1] + o.duration_s - cancelled_at
         for o in outcomes[16:]

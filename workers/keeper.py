@@ -1,8 +1,9 @@
 """The worker's one keeper: a thread that renews every lease its process holds.
 
 Each turn it renews, in **one** Redis pipeline, every step lease and every budget
-reservation that is due (a third of its lease after the last renewal), and reads the
-cancel markers of the running steps (:class:`~fleet.cancel.markers.MarkerWatch`). A
+reservation that is due (a third of its lease after the last renewal), and, every
+:data:`~fleet.cancel.markers.WATCH_INTERVAL_S`, reads the cancel markers of the running
+steps (:class:`~fleet.cancel.markers.MarkerWatch`). A
 thread rather than the steps' event loop, so leases stay alive while an agent hogs its
 loop; it dies with the process, so a killed worker's leases lapse.
 
@@ -72,6 +73,8 @@ class LeaseKeeper(Keeper):
         self._reservations: dict[int, Held] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self._pid = 0
         self.markers = MarkerWatch(key_prefix)
         """The cancel markers of the running steps, read on every turn."""
@@ -145,7 +148,16 @@ class LeaseKeeper(Keeper):
         """Start the thread on first use in this (possibly forked) process; lock held."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            threading.Thread(target=self._serve, name="fleet-leases", daemon=True).start()
+            self._stopping = False
+            self._thread = threading.Thread(target=self._serve, name="fleet-leases", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop the thread (it ends its turn first); the process's leases then lapse."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout_s)
 
     # ------------------------------------------------------------------ the thread
 
@@ -166,23 +178,30 @@ class LeaseKeeper(Keeper):
             return found
 
         lease_script = script(lua("renew_lease"))
-        while True:
-            self._wake.wait(self._pause())
+        next_watch = time.monotonic()
+        while not self._stopping:
+            self._wake.wait(self._pause(next_watch))
             self._wake.clear()
-            try:
-                if len(self.markers):
-                    self.markers.poll(client)
-            except (redis.RedisError, OSError) as error:
-                logger.warning("could not read cancel markers: %s", error)
+            if self._stopping:
+                break
+            if time.monotonic() >= next_watch:
+                # The markers on their own pace (renewals of short leases come more often).
+                next_watch = time.monotonic() + WATCH_INTERVAL_S
+                try:
+                    if len(self.markers):
+                        self.markers.poll(client)
+                except (redis.RedisError, OSError) as error:
+                    logger.warning("could not read cancel markers: %s", error)
             due = self._due()
             if due:
                 self._renew(client, due, lease_script, script)
+        client.close()
 
-    def _pause(self) -> float:
+    def _pause(self, next_watch: float) -> float:
         with self._lock:
             dues = [h.due for h in (*self._steps.values(), *self._reservations.values())]
-        pause = min(dues, default=float("inf")) - time.monotonic()
-        return max(min(pause, WATCH_INTERVAL_S), _MIN_PAUSE_S)
+        pause = min([*dues, next_watch]) - time.monotonic()
+        return max(pause, _MIN_PAUSE_S)
 
     def _due(self) -> list[Held]:
         now = time.monotonic() + _MIN_PAUSE_S
