@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import table, write
-from tests.faults.partition import Shape, Tally, run_trial
+from tests.faults.nemesis import Shape
+from tests.faults.partition import Tally, run_trial
 
 
 def _row(n: int, tally: Tally) -> dict[str, Any]:

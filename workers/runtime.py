@@ -5,7 +5,12 @@ client and the Lua scripts of :mod:`fleet.celery.protocol`; it claims a step (or
 chain link), runs the shared step body :func:`fleet.step.run_agent` on this thread's
 event loop (under the host's token hold, if any), and records the outcome. One background
 thread (:class:`~workers.keeper.LeaseKeeper`) keeps the leases and token holds of running
-steps alive.
+steps alive, and each running attempt is fenced (:mod:`workers.fencing`): one whose lease
+lapsed is stopped and records nothing.
+
+Longer than our usual ~400 lines: claim, finish and the step body share this runtime's
+scripts, keeper and fences; what could stand alone (the keeper, the fences, the event
+loops) is in modules of its own.
 """
 
 from __future__ import annotations
