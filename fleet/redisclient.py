@@ -91,11 +91,18 @@ class _AsyncSentinelRedis(aioredis.Redis):
     """A master client that also closes its connections to the sentinels."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        """Close the client, its pool (as redis-py decides) and the sentinel clients."""
-        await super().aclose(close_connection_pool)
-        manager = getattr(self.connection_pool, "sentinel_manager", None)
-        if manager is not None:
-            await manager.aclose()
+        """Close the client, its pool (as redis-py decides) and the sentinel clients.
+
+        The sentinel clients are closed even when closing the pool fails (a connection to
+        a master that died mid-failover), so nothing this client opened is left to the
+        garbage collector.
+        """
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            if manager is not None:
+                await manager.aclose()
 
 
 class _SentinelRedis(redis.Redis):
@@ -103,10 +110,12 @@ class _SentinelRedis(redis.Redis):
 
     def close(self) -> None:
         """Close the client, its pool (as redis-py decides) and the sentinel clients."""
-        super().close()
-        manager = getattr(self.connection_pool, "sentinel_manager", None)
-        for client in getattr(manager, "sentinels", ()):
-            client.close()
+        try:
+            super().close()
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            for client in getattr(manager, "sentinels", ()):
+                client.close()
 
 
 class _AsyncBlockingSentinelPool(

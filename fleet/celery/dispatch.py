@@ -295,7 +295,11 @@ class Dispatcher:
         collector = self._collector
         if collector is not None:
             self._stopping = True
-            await stop_task(collector, grace_s=STOP_TIMEOUT_S, timeout_s=STOP_TIMEOUT_S)
+            if not await stop_task(collector, grace_s=STOP_TIMEOUT_S, timeout_s=STOP_TIMEOUT_S):
+                # Its cancel was swallowed mid-command: it ends after that command (one
+                # bounded BLMPOP) on its stop flag. Closing the client under it would make
+                # its retry open connections nobody closes.
+                await asyncio.wait({collector})
         await self._limiter.close()
         if self._client is not None:
             await self._client.aclose()

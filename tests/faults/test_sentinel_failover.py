@@ -42,7 +42,9 @@ STEPS = 300
 STEP_SLEEP_S = 0.2
 CONCURRENCY = 8
 CLAIM_TIMEOUT_S = 3.0
-STEP_LEASE_S = 2.0
+STEP_LEASE_S = 10.0
+"""Longer than a failover (promotion took 3.1-3.6 s here): with fencing a worker stops a
+step whose lease lapses, and a step stopped mid-run is charged again when it re-runs."""
 DOWN_AFTER_MS = 1000
 """The sentinels call the master down after 1 s of silence (Redis's default is 30 s)."""
 TOKENS_PER_STEP = 10
