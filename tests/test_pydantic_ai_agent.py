@@ -150,6 +150,17 @@ def test_a_target_that_is_not_an_agent_is_a_config_error(tmp_path: Path) -> None
         load_agents(path)
 
 
+def test_an_api_key_in_the_table_says_where_the_key_goes(tmp_path: Path) -> None:
+    """A key written into a pydantic_ai table is refused, naming where keys go, not its value."""
+    path = tmp_path / "agents.toml"
+    target = 'target = "tests.pydantic_ai_agents:writer"'
+    for line in ('api_key = "sk-hunter2"', 'api_key_env = "MY_KEY"'):
+        path.write_text(f'[agents.x]\nkind = "pydantic_ai"\n{target}\n{line}\n')
+        with pytest.raises(ConfigError, match=r"takes no API key.*OPENAI_API_KEY") as caught:
+            load_agents(path)
+        assert "hunter2" not in str(caught.value)
+
+
 # -- the budget -----------------------------------------------------------------------
 
 

@@ -18,8 +18,9 @@ import typer
 
 from ..asks import AskBook, AskRecord, give_answer, open_ask_book, open_asks, records
 from ..config import FleetSettings, mask_url
-from ..errors import AnswerRefused, FleetError
+from ..errors import AnswerRefused, BrokerError, FleetError
 from ..runner import Located, RunPlaces, locate_run
+from ..sentinel import check_redis
 from .app import app, settings
 from .cancel import board_at
 from .progress import say
@@ -27,6 +28,27 @@ from .progress import say
 __all__ = ["answer", "ask_lines", "asks", "read_asks"]
 
 _STORE_HELP = "The run's journal, as given to `fleet run` (default FLEET_STORE)."
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+
+
+def _check_store(store: str) -> None:
+    """Fail in one line when the journal cannot be there: a Redis that does not answer.
+
+    Raises:
+        BrokerError: the journal's Redis does not answer (``fleet`` exits 2 with the
+            line, like ``fleet run``).
+    """
+    if store.strip().startswith(_REDIS_SCHEMES):
+        check_redis(store.strip(), setting="--store (FLEET_STORE)")
+
+
+def _missing_journal(store: str) -> Path | None:
+    """The journal file of a ``sqlite:PATH`` store when it does not exist."""
+    text = store.strip()
+    if not text.startswith("sqlite:"):
+        return None
+    path = Path(text.removeprefix("sqlite:"))
+    return None if path.exists() else path
 
 
 def _clock(at: float | None) -> str:
@@ -100,6 +122,7 @@ def answer(
     explicit = store is not None or redis_url is not None
     try:
         located = locate_run(config, root_id, executor=executor, explicit=explicit)
+        _check_store(located.places.store)
         book = open_ask_book(located.places.store, key_prefix=config.key_prefix)
 
         async def give() -> AskRecord:
@@ -122,6 +145,8 @@ def answer(
             text += f" (looked in: {'; '.join(located.looked)})"
         say(f"answer not taken: {text}")
         raise typer.Exit(1) from None
+    except BrokerError:
+        raise  # one line and exit 2, as for every command whose Redis does not answer
     except FleetError as error:
         say(f"cannot answer {name!r} of workflow {root_id!r}: {error}")
         raise typer.Exit(1) from None
@@ -185,6 +210,14 @@ def asks(
     """List the questions workflows are waiting on (root, name, question, asked, deadline)."""
     config = settings(store=store)
     where = mask_url(config.store)
+    _check_store(config.store)
+    missing = _missing_journal(config.store)
+    if missing is not None:
+        say(
+            f"no journal at {str(missing)!r}: no run has used --store {config.store} here; "
+            "give `fleet asks` the --store the run used"
+        )
+        raise typer.Exit(1)
     try:
         book: AskBook = open_ask_book(config.store, key_prefix=config.key_prefix)
 

@@ -220,6 +220,13 @@ def definition_from_config(
             and the key).
     """
     where = f"{source}: [agents.{name}]"
+    if "api_key" in table or "api_key_env" in table:
+        raise ConfigError(
+            f"{where} (kind 'pydantic_ai') takes no API key: keys never go in the agents "
+            "file, and the agent's model reads its own (e.g. OPENAI_API_KEY for 'openai:' "
+            "models, or the provider you built the model with)",
+            key=f"agents.{name}.api_key",
+        )
     options = {key: value for key, value in table.items() if key != "kind"}
     try:
         config = PydanticAIAgentConfig.model_validate(options)
