@@ -29,6 +29,7 @@ expired, so a dead holder's amounts return to the budget without any sweeper pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Sequence
@@ -296,6 +297,25 @@ def _state(row: Sequence[Any]) -> LedgerState:
     )
 
 
+CLOSE_WAIT_S = 5.0
+"""How long closing a ledger waits for its calls in flight (a keeper's renewal) to end."""
+
+
+async def _close_pair(pair: tuple[aioredis.Redis, asyncio.Semaphore]) -> None:
+    """Close a loop's client once its calls in flight have ended (up to CLOSE_WAIT_S).
+
+    A call the close overtook would retry on the closed client and open connections
+    nobody closes (a budget keeper's renewal may still be in flight when its holder's
+    program closes the ledger).
+    """
+    client, slots = pair
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            for _ in range(LEDGER_CONNECTIONS):
+                await slots.acquire()
+    await client.aclose(close_connection_pool=True)
+
+
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1)
 
@@ -340,7 +360,7 @@ class RedisLedger(BudgetLedger):
                 async_client(url, retry=self.replicated),
                 asyncio.Semaphore(LEDGER_CONNECTIONS),
             ),
-            close=lambda pair: pair[0].aclose(close_connection_pool=True),
+            close=_close_pair,
         )
         self._unreplicated_until = 0.0
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
