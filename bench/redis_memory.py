@@ -1,7 +1,7 @@
 """What Redis holds while steps run and after they finished: fleet against raw Celery.
 
-One ``redis-server`` (fresh, this bench's own), 2 Celery workers × 8 threads, the tests'
-``noop`` agent. Three sides run one after another on the same server and workers:
+A ``redis-server`` and 2 Celery workers × 8 threads (the tests' ``noop`` agent) per side,
+started for it and stopped by PID. Three sides:
 
 1. **raw Celery**: N ``bench.noop`` tasks with Celery's Redis result backend, sent as groups
    of ``--in-flight`` and waited for (``result.get()``; results are not forgotten, as most
@@ -12,7 +12,7 @@ One ``redis-server`` (fresh, this bench's own), 2 Celery workers × 8 threads, t
    (Redis journal, a budget on the Redis ledger, the Redis event stream and cancel board,
    retention at its 7-day default), N steps in all, one phase each.
 
-Each side starts from a clean server (the previous side's keys deleted). For each:
+Each side runs on a fresh ``redis-server`` and workers of its own. For each:
 ``used_memory`` (``INFO memory``) over its value before the side, at its peak while the steps
 run (sampled every 20 ms), right after, and once the read results' grace has passed
 (``kept``: what stays for the results' or the workflows' retention); keys by namespace.
@@ -100,7 +100,7 @@ def noop_specs(n: int, name: str) -> list[AgentStepSpec]:
 
 
 def clean(url: str, prefix: str) -> None:
-    """Delete what an earlier side left (fleet's keys and Celery's results): this bench's server."""
+    """Delete what the warm-up left (fleet's keys, Celery's results): this bench's own server."""
     client = redis.Redis.from_url(url)
     for pattern in (f"{prefix}:*", "celery-task-meta-*"):
         batch = [key for key in client.scan_iter(match=pattern, count=1000)]
@@ -202,25 +202,51 @@ def fleet_workflows(
     return run
 
 
-async def sides(
-    workers: CeleryWorkers, args: argparse.Namespace, directory: Path
-) -> list[dict[str, Any]]:
+SIDES = ("raw", "bare", "workflows")
+
+
+async def side(
+    name: str, workers: CeleryWorkers, args: argparse.Namespace, directory: Path
+) -> dict[str, Any]:
+    """One side, measured on its own fresh server after a warm-up round."""
     settings = workers.settings
     url, prefix = settings.redis_url, settings.key_prefix
     await fleet_round(settings, 200)()  # warm up: connections, scripts, worker threads
     grace = RESULT_GRACE_S + 2
-    raw = raw_celery(settings, args.steps, args.in_flight)
-    bare = fleet_round(settings, args.steps)
-    rows = [
-        await measure("raw Celery (result backend)", url, prefix, args, raw, settle_s=grace),
-        await measure("fleet, bare round", url, prefix, args, bare, settle_s=grace),
-    ]
+    if name == "raw":
+        raw = raw_celery(settings, args.steps, args.in_flight)
+        return await measure("raw Celery (result backend)", url, prefix, args, raw, settle_s=grace)
+    if name == "bare":
+        bare = fleet_round(settings, args.steps)
+        return await measure("fleet, bare round", url, prefix, args, bare, settle_s=grace)
     flows = fleet_workflows(settings, args.steps, args.workflows, directory)
-    name = f"fleet, {args.workflows} workflows"
-    row = await measure(name, url, prefix, args, flows, settle_s=grace)
+    label = f"fleet, {args.workflows} workflows"
+    row = await measure(label, url, prefix, args, flows, settle_s=grace)
     row["kept_KB_per_ended_workflow"] = round(row["kept_MB"] * 1e3 / args.workflows, 1)
-    rows.append(row)
-    return rows
+    return row
+
+
+def run_side(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Start a redis-server and workers of the side's own, run it, stop them by PID."""
+    directory = root / name
+    directory.mkdir()
+    server = RedisServer(directory).start()
+    try:
+        settings = fleet_settings(
+            server.url,
+            max_in_flight=args.in_flight,
+            queue_high_water=args.in_flight * 2,
+            claim_timeout_s=120.0,
+            step_lease_s=10.0,
+        )
+        fleet = CeleryWorkers(settings, directory, args.concurrency, app=BENCH_APP)
+        try:
+            fleet.start(*(f"mem{i}" for i in range(1, args.workers + 1)))
+            return asyncio.run(side(name, fleet, args, directory))
+        finally:
+            fleet.stop()
+    finally:
+        server.stop()
 
 
 def main() -> int:
@@ -232,24 +258,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        server = RedisServer(directory).start()
-        try:
-            settings = fleet_settings(
-                server.url,
-                max_in_flight=args.in_flight,
-                queue_high_water=args.in_flight * 2,
-                claim_timeout_s=120.0,
-                step_lease_s=10.0,
-            )
-            fleet = CeleryWorkers(settings, directory, args.concurrency, app=BENCH_APP)
-            try:
-                fleet.start(*(f"mem{i}" for i in range(1, args.workers + 1)))
-                rows = asyncio.run(sides(fleet, args, directory))
-            finally:
-                fleet.stop()
-        finally:
-            server.stop()
+        rows = [run_side(name, args, Path(tmp)) for name in SIDES]
     shown = [{k: v for k, v in row.items() if not k.startswith("keys")} for row in rows]
     print(table(shown))
     for row in rows:

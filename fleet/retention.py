@@ -36,8 +36,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .asks.redis import asks_key
+from .cancel.board import cancel_marker_key, run_record_key
 from .config import mask_url
 from .errors import BrokerError
+from .eventbus import delta_stream_key, event_stream_key
 from .keytags import tagged
 from .perloop import PerLoop
 from .redisclient import async_client
@@ -123,13 +126,13 @@ def workflow_keys(
         ``(key, kind)`` pairs, kind one of ``"r"`` (a record), ``"a"`` (the first of an
         account's five keys), ``"m"`` (a cancel marker) or ``"l"`` (live data).
     """
-    tag = tagged(root_id)
     keys = [
-        (f"{key_prefix}:events:{tag}", RECORD),
-        (f"{key_prefix}:workflow:{tag}", RECORD),
-        (f"{key_prefix}:steps:{tag}", RECORD),
-        (f"{key_prefix}:deltas:{tag}", LIVE),
-        (f"{key_prefix}:asks:{tag}", RECORD),
+        (event_stream_key(root_id, key_prefix=key_prefix), RECORD),
+        (run_record_key(root_id, key_prefix=key_prefix), RECORD),
+        (asks_key(root_id, key_prefix=key_prefix), RECORD),
+        (delta_stream_key(root_id, key_prefix=key_prefix), LIVE),
+        # As fleet.celery.protocol.Keys.steps names it (not imported: that package loads Celery).
+        (f"{key_prefix}:steps:{tagged(root_id)}", RECORD),
     ]
     for account in dict.fromkeys([root_id, *accounts]):
         base = f"{key_prefix}:budget:{tagged(account)}"
@@ -137,9 +140,10 @@ def workflow_keys(
         keys.extend(
             (f"{base}:{part}", kind) for part, kind in zip(BUDGET_PARTS, kinds, strict=True)
         )
+    # As RedisLedger and RedisCheckpointStore name them (methods of those objects).
     keys.extend((f"{key_prefix}:journal:{tagged(journal)}", RECORD) for journal in journals)
     if run_id is not None:
-        keys.append((f"{key_prefix}:cancel:{run_id}", MARKER))
+        keys.append((cancel_marker_key(run_id, key_prefix=key_prefix), MARKER))
     return keys
 
 
