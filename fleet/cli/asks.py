@@ -114,7 +114,7 @@ def answer(
 
     Exits 0 when the answer is taken (or kept until the program asks), 1 with one line
     when the workflow is unknown, the ask is already answered or past its deadline, or
-    the answer does not fit the ask's schema.
+    the answer does not fit the ask's schema; 2 when the journal's Redis does not answer.
     """
     value = _parse(json_text, file)
     who = by or _user()

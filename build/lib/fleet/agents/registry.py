@@ -1,0 +1,362 @@
+"""Agents by name: the built-ins, python agents by dotted path, and the agents file.
+
+A host runs only what its registry holds, so a message can never name arbitrary
+code: ``AgentStepSpec.agent`` is a key, not an import path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import inspect
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, UnknownAgentError
+from ..limiters.base import ProviderLimit, parse_limits
+from ..pricing import ModelPrice, UnknownPrice, parse_prices
+from .base import AgentDefinition, AgentFunction
+from .echo import ECHO
+from .targets import import_target, resolve_target
+
+__all__ = [
+    "AgentLike",
+    "AgentRegistry",
+    "import_target",
+    "load_agents",
+    "load_limits",
+    "read_agents_file",
+    "resolve_target",
+]
+
+AgentLike = AgentFunction | str | AgentDefinition
+"""What ``LocalExecutor(agents=...)`` accepts per name: a coroutine function, a dotted
+path ``"package.module:function"``, or a full :class:`AgentDefinition`."""
+
+BUILTINS: dict[str, AgentDefinition] = {ECHO.name: ECHO}
+
+
+def _definition(name: str, agent: AgentLike) -> AgentDefinition:
+    if isinstance(agent, AgentDefinition):
+        return agent if agent.name == name else dataclasses.replace(agent, name=name)
+    if isinstance(agent, str):
+        agent = resolve_target(agent)
+    as_definition = getattr(agent, "definition", None)
+    if callable(as_definition):
+        # Agent objects that know their own default reservation (e.g. OpenAIAgent).
+        found = as_definition(name)
+        if isinstance(found, AgentDefinition):
+            return found
+    if not _is_async(agent):
+        raise ConfigError(
+            f"agent {name!r} must be an async function "
+            "`async def agent(spec, ctx) -> AgentResult | str` (a plain function runs "
+            "when its agents-file table says blocking = true)",
+            key=name,
+        )
+    return AgentDefinition(name=name, run=agent)
+
+
+def _is_async(agent: object) -> bool:
+    return inspect.iscoroutinefunction(agent) or inspect.iscoroutinefunction(
+        getattr(agent, "__call__", None)  # noqa: B004 - async callable objects count too
+    )
+
+
+class AgentRegistry(Mapping[str, AgentDefinition]):
+    """An immutable name → :class:`AgentDefinition` mapping, built-ins included."""
+
+    def __init__(self, agents: Mapping[str, AgentLike] | None = None, *, builtins: bool = True):
+        found: dict[str, AgentDefinition] = dict(BUILTINS) if builtins else {}
+        for name, agent in (agents or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"agent names must be non-empty strings, got {name!r}")
+            found[name] = _definition(name, agent)
+        self._agents = found
+
+    def __getitem__(self, name: str) -> AgentDefinition:
+        return self._agents[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._agents)
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def resolve(self, name: str) -> AgentDefinition:
+        """The agent registered as ``name``.
+
+        Raises:
+            UnknownAgentError: nothing is registered under that name (lists what is).
+        """
+        try:
+            return self._agents[name]
+        except KeyError:
+            raise UnknownAgentError(name, list(self._agents)) from None
+
+
+def _python_agent(
+    name: str, table: Mapping[str, Any], source: str, money: _FileMoney
+) -> AgentDefinition:
+    target = table.get("target")
+    if not isinstance(target, str):
+        raise ConfigError(
+            f"{source}: [agents.{name}] of kind 'python' needs target = 'package.module:function'",
+            key=f"agents.{name}.target",
+        )
+    reserve = table.get("reserve_tokens")
+    if reserve is not None and (type(reserve) is not int or reserve < 0):  # not a bool
+        raise ConfigError(
+            f"{source}: [agents.{name}] reserve_tokens must be a non-negative integer, "
+            f"got {reserve!r}",
+            key=f"agents.{name}.reserve_tokens",
+        )
+    blocking = table.get("blocking", False)
+    if type(blocking) is not bool:
+        raise ConfigError(
+            f"{source}: [agents.{name}] blocking must be true or false, got {blocking!r}",
+            key=f"agents.{name}.blocking",
+        )
+    try:
+        run = _blocking_run(name, target) if blocking else _definition(name, target).run
+    except ConfigError as problem:  # name the file and the table, not just the target
+        raise ConfigError(
+            f"{source}: [agents.{name}] {problem}", key=f"agents.{name}.target"
+        ) from None
+    return AgentDefinition(
+        name=name, run=run, reserve_tokens=reserve, kind="python", blocking=blocking
+    )
+
+
+def _blocking_run(name: str, target: str) -> AgentFunction:
+    """A blocking agent's run: an async one as it is, a plain function in a thread."""
+    agent = resolve_target(target)
+    if _is_async(agent):
+        return agent
+
+    @functools.wraps(agent)
+    async def in_thread(spec: Any, ctx: Any) -> Any:
+        return await asyncio.to_thread(agent, spec, ctx)
+
+    return in_thread
+
+
+def _openai_agent(
+    name: str, table: Mapping[str, Any], source: str, money: _FileMoney
+) -> AgentDefinition:
+    from .openai import definition_from_config
+
+    return definition_from_config(
+        name, table, source=source, prices=money.prices, unknown_price=money.unknown_price
+    )
+
+
+def _pydantic_ai_agent(
+    name: str, table: Mapping[str, Any], source: str, money: _FileMoney
+) -> AgentDefinition:
+    try:
+        from .pydantic_ai import definition_from_config
+    except ImportError as missing:  # the optional extra is not installed
+        raise ConfigError(
+            f"{source}: [agents.{name}] has kind 'pydantic_ai', which needs the pydantic-ai "
+            f"extra ({missing}); install it with: pip install 'fleet[pydantic-ai]'",
+            key=f"agents.{name}.kind",
+        ) from None
+    return definition_from_config(
+        name, table, source=source, prices=money.prices, unknown_price=money.unknown_price
+    )
+
+
+@dataclass(frozen=True)
+class _FileMoney:
+    """An agents file's ``[prices."MODEL"]`` tables and top-level ``unknown_price``."""
+
+    prices: dict[str, ModelPrice]
+    unknown_price: UnknownPrice
+
+
+def _file_money(path: str | Path) -> _FileMoney:
+    source, prices = read_agents_file(path, "prices")
+    unknown = read_agents_file(path, None)[1].get("unknown_price", "refuse")
+    if unknown not in ("refuse", "allow"):
+        raise ConfigError(
+            f"{source}: unknown_price must be 'refuse' or 'allow', got {unknown!r}",
+            key="unknown_price",
+        )
+    return _FileMoney(parse_prices(prices, source), unknown)
+
+
+_KINDS: dict[str, Callable[[str, Mapping[str, Any], str, _FileMoney], AgentDefinition]] = {
+    "python": _python_agent,
+    "openai": _openai_agent,
+    "pydantic_ai": _pydantic_ai_agent,
+}
+
+
+def read_agents_file(path: str | Path, section: str | None) -> tuple[str, dict[str, Any]]:
+    """Read an agents file and return ``(path as text, its [section.NAME] tables)``.
+
+    ``section=None`` returns the whole document.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or ``section`` is not a table.
+    """
+    source = str(path)
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"agents file {source!r} does not exist; create it or point FLEET_AGENTS_FILE "
+            "at the right file",
+            key=source,
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        found = _TOML_POSITION.search(str(error))
+        line = found.group(1) if found else "?"
+        message = _TOML_POSITION.sub("", str(error)).strip()
+        raise ConfigError(
+            f"{source}:{line}: the agents file is not valid TOML: {message}", key=source
+        ) from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"agents file {source!r} cannot be read: {error}", key=source) from None
+    if section is None:
+        return source, document
+    tables = document.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(
+            f"{source}: {section!r} must be a table of [{section}.NAME] tables", key=source
+        )
+    return source, tables
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column \d+\)")
+_TABLE_NAMED = re.compile(r"^\[([^\]]+)\]")
+_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line of ``key`` (``agents.writer.modle``, ``prices.MODEL``) in a TOML text.
+
+    The line of the key inside the longest table header that ``key`` starts with, else the
+    header's own line; ``None`` when no header matches.
+    """
+    lines = text.splitlines()
+    key = key.replace('"', "").replace("'", "")
+    best: tuple[int, str] | None = None
+    for index, line in enumerate(lines):
+        found = _HEADER.match(line)
+        if found is None:
+            continue
+        name = re.sub(r"\s*\.\s*", ".", found.group(1)).replace('"', "").replace("'", "")
+        if (key == name or key.startswith(name + ".")) and (
+            best is None or len(name) > len(best[1])
+        ):
+            best = (index, name)
+    if best is None:
+        return None
+    start, name = best
+    field = key[len(name) + 1 :].split(".")[0]
+    assignment = re.compile(rf"^\s*[\"']?{re.escape(field)}[\"']?\s*=")
+    for index in range(start + 1, len(lines)) if field else ():
+        if lines[index].lstrip().startswith("["):
+            break
+        if assignment.match(lines[index]):
+            return index + 1
+    return start + 1
+
+
+@contextlib.contextmanager
+def _with_line(path: str | Path) -> Iterator[None]:
+    """Prefix a table's error with ``FILE:LINE`` (``bad.toml:7: [agents.writer] ...``)."""
+    source = str(path)
+    try:
+        yield
+    except ConfigError as error:
+        message = str(error)
+        if not message.startswith(f"{source}: "):
+            raise
+        rest = message.removeprefix(f"{source}: ")
+        table = _TABLE_NAMED.match(rest)
+        keys = [error.key or "", table.group(1) if table else ""]
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise error from None
+        line = next(filter(None, (_line_of(text, key) for key in keys if key)), None)
+        if line is None:
+            raise
+        raise ConfigError(f"{source}:{line}: {rest}", key=error.key) from error
+
+
+def load_limits(path: str | Path) -> dict[str, ProviderLimit]:
+    """Read the ``[limits.NAME]`` tables (provider limits) of an agents file.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a limit is invalid (the
+            message names the table and the key).
+    """
+    with _with_line(path):
+        source, tables = read_agents_file(path, "limits")
+        return parse_limits(tables, source=source)
+
+
+def _agent_limit(
+    name: str, table: dict[str, Any], limits: Mapping[str, ProviderLimit], source: str
+) -> ProviderLimit | None:
+    """The provider limit an ``[agents.NAME]`` table names with ``limit = "NAME"``."""
+    if "limit" not in table:
+        return None
+    wanted = table.pop("limit")
+    if isinstance(wanted, str) and wanted in limits:
+        return limits[wanted]
+    known = ", ".join(repr(k) for k in sorted(limits)) or "none"
+    raise ConfigError(
+        f"{source}: [agents.{name}] limit = {wanted!r} names no [limits.NAME] table "
+        f"(declared limits: {known}); declare it or fix the name",
+        key=f"agents.{name}.limit",
+    )
+
+
+def load_agents(path: str | Path) -> dict[str, AgentDefinition]:
+    """Read an agents file (TOML, ``[agents.NAME]`` tables) into a name → definition map.
+
+    An agent's ``limit = "NAME"`` attaches the file's ``[limits.NAME]`` provider limit
+    to its definition; the file's ``[prices."MODEL"]`` tables and top-level
+    ``unknown_price`` go to its model agents. The result is what
+    ``LocalExecutor(agents=...)`` takes.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a table is invalid (the
+            message names the file and the key).
+    """
+    with _with_line(path):
+        return _load_agents(path)
+
+
+def _load_agents(path: str | Path) -> dict[str, AgentDefinition]:
+    limits = load_limits(path)
+    source, tables = read_agents_file(path, "agents")
+    money = _file_money(path)
+    agents: dict[str, AgentDefinition] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: agents.{name} must be a table", key=f"agents.{name}")
+        table = dict(table)
+        limit = _agent_limit(name, table, limits, source)
+        kind = table.get("kind", "python")
+        builder = _KINDS.get(kind) if isinstance(kind, str) else None
+        if builder is None:
+            raise ConfigError(
+                f"{source}: [agents.{name}] has kind {kind!r}; expected one of "
+                + ", ".join(repr(k) for k in _KINDS),
+                key=f"agents.{name}.kind",
+            )
+        definition = builder(name, table, source, money)
+        agents[name] = dataclasses.replace(definition, limit=limit) if limit else definition
+    return agents

@@ -1,0 +1,120 @@
+"""The fleet's ask book, in Redis: a hash per workflow, shared by the host and every answerer.
+
+Key ``{p}:asks:{ROOT}`` (the root id is the hash tag, :mod:`fleet.keytags`): field ``NAME``
+holds the ask's record as JSON. A swap is one small Lua script, atomic on the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..config import mask_url
+from ..errors import BrokerError
+from ..keytags import tagged
+from ..perloop import PerLoop
+from ..redisclient import async_client
+from ..sentinel import is_sentinel
+from .book import AskBook
+
+__all__ = ["RedisAskBook", "asks_key"]
+
+_SWAP = """
+-- KEYS[1] {p}:asks:{ROOT}   hash: ask name -> record JSON
+-- ARGV: name, the record expected ('' when there should be none), the new record
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == false then current = '' end
+if current ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+"""Store the new record only if the stored one is still the expected one."""
+
+
+def asks_key(root_id: str, *, key_prefix: str = "fleet") -> str:
+    """The hash holding ``root_id``'s asks."""
+    return f"{key_prefix}:asks:{tagged(root_id)}"
+
+
+class RedisAskBook(AskBook):
+    """Asks in the fleet's Redis.
+
+    Args:
+        url: the Redis URL (``redis://``, ``rediss://`` or ``sentinel://``).
+        key_prefix: the fleet's key prefix.
+
+    The client connects lazily, one per event loop.
+    """
+
+    def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        self._clients: PerLoop[aioredis.Redis] = PerLoop(
+            lambda: async_client(url, retry=is_sentinel(url)), close=lambda c: c.aclose()
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisAskBook({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    @property
+    def _client(self) -> Any:  # redis-py's command annotations reject plain str mappings
+        return self._clients.get()
+
+    async def _call(self, action: str, command: Any) -> Any:
+        try:
+            return await command
+        except (RedisError, OSError) as error:
+            raise BrokerError(
+                f"cannot {action} at {mask_url(self.url)}: {type(error).__name__}: {error}",
+                url=mask_url(self.url),
+            ) from error
+
+    def _key(self, root_id: str) -> str:
+        return asks_key(root_id, key_prefix=self.key_prefix)
+
+    async def get(self, root_id: str, name: str) -> str | None:
+        """The stored record."""
+        raw = await self._call("read an ask", self._client.hget(self._key(root_id), name))
+        return None if raw is None else bytes(raw).decode()
+
+    async def swap(self, root_id: str, name: str, expected: str | None, new: str) -> bool:
+        """Compare and swap (one script)."""
+        script = self._client.register_script(_SWAP)
+        done = await self._call(
+            "write an ask",
+            script(keys=[self._key(root_id)], args=[name, expected or "", new]),
+        )
+        return bool(done)
+
+    async def all(self, root_id: str | None = None) -> list[str]:
+        """Every record (of ``root_id``); across workflows this uses ``SCAN``."""
+        if root_id is not None:
+            keys = [self._key(root_id)]
+        else:
+            pattern = _glob_escape(f"{self.key_prefix}:asks:") + "*"
+            keys = await self._call(
+                "list asks", _collect(self._client.scan_iter(match=pattern, count=1000))
+            )
+        found: list[str] = []
+        for key in keys:
+            values = await self._call("list asks", self._client.hvals(key))
+            found.extend(bytes(value).decode() for value in values)
+        return found
+
+    async def clear(self, root_id: str) -> None:
+        """Remove ``root_id``'s asks."""
+        await self._call("clear asks", self._client.delete(self._key(root_id)))
+
+    async def close(self) -> None:
+        """Close this event loop's connections."""
+        await self._clients.aclose()
+
+
+async def _collect(names: Any) -> list[Any]:
+    return [name async for name in names]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)

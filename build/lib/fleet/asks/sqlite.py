@@ -1,0 +1,138 @@
+"""The ask book of the embedded default: a table in the run's SQLite journal file.
+
+Table ``fleet_asks`` (root id, name, the record's JSON). A swap is one ``BEGIN
+IMMEDIATE`` transaction, so the host and a ``fleet answer`` in another terminal never
+both win.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import CheckpointError
+from .book import AskBook
+
+__all__ = ["SQLiteAskBook"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fleet_asks (
+    root_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (root_id, name)
+) WITHOUT ROWID;
+"""
+
+
+class SQLiteAskBook(AskBook):
+    """Asks in a SQLite file (the journal's).
+
+    Args:
+        path: the database file (created, with its directory, when first written).
+        busy_timeout_s: how long a write waits for another process holding the lock.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteAskBook({str(self.path)!r})"
+
+    def _run(
+        self, action: str, body: Callable[[sqlite3.Connection], T], missing: T, *, create: bool
+    ) -> T:
+        """Run ``body``; without ``create``, a missing file reads as ``missing`` (stays missing)."""
+        with self._lock:
+            try:
+                if self._conn is None:
+                    if not create and not self.path.exists():
+                        return missing
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    conn = sqlite3.connect(
+                        self.path,
+                        timeout=self.busy_timeout_s,
+                        isolation_level=None,
+                        check_same_thread=False,
+                    )
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                    self._conn = conn
+                return body(self._conn)
+            except (sqlite3.Error, OSError) as error:
+                raise CheckpointError(
+                    f"cannot {action} in {str(self.path)!r}: {type(error).__name__}: {error}"
+                ) from error
+
+    async def get(self, root_id: str, name: str) -> str | None:
+        """The stored record."""
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT record FROM fleet_asks WHERE root_id = ? AND name = ?", (root_id, name)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run("read an ask", read, None, create=False)
+
+    async def swap(self, root_id: str, name: str, expected: str | None, new: str) -> bool:
+        """Compare and swap in one transaction."""
+
+        def write(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT record FROM fleet_asks WHERE root_id = ? AND name = ?",
+                    (root_id, name),
+                ).fetchone()
+                if (None if row is None else str(row[0])) != expected:
+                    conn.execute("ROLLBACK")
+                    return False
+                conn.execute(
+                    "INSERT OR REPLACE INTO fleet_asks (root_id, name, record) VALUES (?, ?, ?)",
+                    (root_id, name, new),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return True
+
+        return self._run("write an ask", write, False, create=True)
+
+    async def all(self, root_id: str | None = None) -> list[str]:
+        """Every record (of ``root_id``)."""
+
+        def read(conn: sqlite3.Connection) -> list[str]:
+            if root_id is None:
+                rows = conn.execute("SELECT record FROM fleet_asks").fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT record FROM fleet_asks WHERE root_id = ?", (root_id,)
+                ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return self._run("list asks", read, [], create=False)
+
+    async def clear(self, root_id: str) -> None:
+        """Remove ``root_id``'s records."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM fleet_asks WHERE root_id = ?", (root_id,))
+
+        self._run("clear asks", write, None, create=False)
+
+    async def close(self) -> None:
+        """Close the connection (a later call reopens it)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

@@ -1,0 +1,226 @@
+"""The cancel board of the embedded default: two tables in the run's SQLite journal file.
+
+A local run (``fleet run`` on the local executor with a ``sqlite:`` store) registers
+itself here and polls its marker, so ``fleet cancel ROOT_ID`` from another terminal on
+the same machine reaches it without Redis.
+
+Tables: ``fleet_workflow_runs`` (the latest run per root id: run id, status, when, why,
+and the host's last heartbeat) and ``fleet_cancel_markers`` (a
+:class:`~fleet.cancel.CancelNotice` per cancelled run id, with an expiry time).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import CheckpointError
+from .board import CANCEL_TTL_S, CancelBoard, CancelNotice, RunRecord, RunState
+
+__all__ = ["SQLiteCancelBoard"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fleet_workflow_runs (
+    root_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    reason TEXT,
+    beat_at REAL
+);
+CREATE TABLE IF NOT EXISTS fleet_cancel_markers (
+    run_id TEXT PRIMARY KEY,
+    notice TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+
+class SQLiteCancelBoard(CancelBoard):
+    """A cancel board in a SQLite file (the journal's, by default).
+
+    Args:
+        path: the database file (created, with its directory, on first use).
+        marker_ttl_s: how long a cancel marker is kept.
+        busy_timeout_s: how long a write waits for another process holding the lock.
+
+    Calls are short local transactions run inline; a lock guards the connection.
+    """
+
+    def __init__(
+        self, path: str | Path, *, marker_ttl_s: int = CANCEL_TTL_S, busy_timeout_s: float = 5.0
+    ) -> None:
+        self.path = Path(path)
+        self.marker_ttl_s = marker_ttl_s
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteCancelBoard({str(self.path)!r})"
+
+    def _run(
+        self, action: str, body: Callable[[sqlite3.Connection], T], *, create: bool = False
+    ) -> T | None:
+        """Run ``body``; without ``create``, a missing file reads as empty (and stays missing)."""
+        with self._lock:
+            try:
+                if self._conn is None and not create and not self.path.exists():
+                    return None
+                if self._conn is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    conn = sqlite3.connect(
+                        self.path,
+                        timeout=self.busy_timeout_s,
+                        isolation_level=None,
+                        check_same_thread=False,
+                    )
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                    _add_heartbeat_column(conn)
+                    self._conn = conn
+                return body(self._conn)
+            except (sqlite3.Error, OSError) as error:
+                raise CheckpointError(
+                    f"cannot {action} in {str(self.path)!r}: {type(error).__name__}: {error}"
+                ) from error
+
+    async def begin(self, root_id: str, run_id: str) -> None:
+        """Register the live run (replacing the record of any earlier run)."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(
+                "INSERT OR REPLACE INTO fleet_workflow_runs (root_id, run_id, status, "
+                "started_at, beat_at) VALUES (?, ?, 'running', ?, ?)",
+                (root_id, run_id, now, now),
+            )
+            conn.execute("DELETE FROM fleet_cancel_markers WHERE expires_at < ?", (time.time(),))
+
+        self._run("register a workflow run", write, create=True)
+
+    async def beat(self, root_id: str, run_id: str) -> None:
+        """Refresh the live run's heartbeat."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE fleet_workflow_runs SET beat_at = ? WHERE root_id = ? AND run_id = ? "
+                "AND status = 'running'",
+                (time.time(), root_id, run_id),
+            )
+
+        self._run("refresh a workflow heartbeat", write)
+
+    async def request(
+        self, root_id: str, reason: str, *, run_id: str | None = None
+    ) -> CancelNotice | None:
+        """Cancel the live run of ``root_id`` in one transaction; ``None`` when none is live."""
+
+        def write(conn: sqlite3.Connection) -> CancelNotice | None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                notice = _cancel_live(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return notice
+
+        def _cancel_live(conn: sqlite3.Connection) -> CancelNotice | None:
+            row = conn.execute(
+                "SELECT run_id FROM fleet_workflow_runs WHERE root_id = ? AND status = 'running'",
+                (root_id,),
+            ).fetchone()
+            if row is None or (run_id is not None and row[0] != run_id):
+                return None
+            now = time.time()
+            notice = CancelNotice(root_id=root_id, run_id=row[0], reason=reason, at=now)
+            conn.execute(
+                "UPDATE fleet_workflow_runs SET status = 'cancelled', ended_at = ?, "
+                "reason = ? WHERE root_id = ?",
+                (now, reason, root_id),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO fleet_cancel_markers VALUES (?, ?, ?)",
+                (notice.run_id, notice.to_json(), now + self.marker_ttl_s),
+            )
+            return notice
+
+        return self._run("cancel a workflow", write)
+
+    async def check(self, run_id: str) -> CancelNotice | None:
+        """The marker of ``run_id``, if one was left (and has not expired)."""
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT notice FROM fleet_cancel_markers WHERE run_id = ? AND expires_at >= ?",
+                (run_id, time.time()),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        raw = self._run("read a cancel marker", read)
+        return None if raw is None else CancelNotice.from_json(raw)
+
+    async def end(self, root_id: str, run_id: str, status: RunState) -> None:
+        """Record how the run ended (a cancelled or superseded record is left alone)."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE fleet_workflow_runs SET status = ?, ended_at = ? WHERE root_id = ? "
+                "AND run_id = ? AND status = 'running'",
+                (status, time.time(), root_id, run_id),
+            )
+
+        self._run("record a workflow end", write)
+
+    async def record(self, root_id: str) -> RunRecord | None:
+        """The latest run of ``root_id``."""
+
+        def read(conn: sqlite3.Connection) -> tuple[object, ...] | None:
+            row = conn.execute(
+                "SELECT run_id, status, started_at, ended_at, reason, beat_at "
+                "FROM fleet_workflow_runs WHERE root_id = ?",
+                (root_id,),
+            ).fetchone()
+            return None if row is None else tuple(row)
+
+        row = self._run("read a workflow run", read)
+        if row is None:
+            return None
+        run_id, status, started, ended, reason, beat = row
+        return RunRecord.model_validate(
+            {
+                "root_id": root_id,
+                "run_id": run_id,
+                "status": status,
+                "started_at": started,
+                "ended_at": ended,
+                "reason": reason,
+                "beat_at": beat,
+            }
+        )
+
+    async def close(self) -> None:
+        """Close the connection (a later call reopens it)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _add_heartbeat_column(conn: sqlite3.Connection) -> None:
+    """Give a journal file written before heartbeats its ``beat_at`` column."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(fleet_workflow_runs)")}
+    if "beat_at" not in columns:
+        try:
+            conn.execute("ALTER TABLE fleet_workflow_runs ADD COLUMN beat_at REAL")
+        except sqlite3.OperationalError as error:
+            if "duplicate column" not in str(error):  # another process added it first
+                raise

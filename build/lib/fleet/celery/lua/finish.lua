@@ -1,0 +1,42 @@
+-- finish.lua: record the outcome of a step (or chain link), notify the host, drop the lease,
+-- all only while the lease still holds this attempt's token (fencing).
+--
+-- KEYS[1]  {prefix}:result:{tid}:{nonce}   the outcome of this dispatch
+-- KEYS[2]  {prefix}:lease:{tid}            our claim: its value must be ARGV[3]
+-- KEYS[3]  {prefix}:reply:{name}           the host's reply list
+-- KEYS[4]  {prefix}:steps:{owner}          the step record (done:{tid} set when ARGV[5]=='1')
+-- KEYS[5]  {prefix}:journal:{workflow}     the journal hash (written when ARGV[9] ~= '')
+-- ARGV[1]  the record (outcome json, or a link's "stopped" notice)
+-- ARGV[2]  record TTL in seconds (while no host has read it)
+-- ARGV[3]  the lease's token (this attempt's owner value)
+-- ARGV[4]  reply list TTL in seconds
+-- ARGV[5]  '1' to also set the done-marker, else '0'
+-- ARGV[6]  the task id
+-- ARGV[7]  the dispatch nonce
+-- ARGV[8]  record TTL in seconds when the host is already past this dispatch
+-- ARGV[9]  the journal field ('step:{task id}'), or '' to journal nothing
+-- ARGV[10] the journal record json
+-- ARGV[11] the journal's meta json (set if the journal has none)
+-- ARGV[12..] notices to push to the reply list
+--
+-- Returns 1 when recorded, 0 when refused: the lease lapsed (or another attempt holds it),
+-- so this attempt's outcome must not count and nothing was written.
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+local late = redis.call('HGET', KEYS[4], 'ran:' .. ARGV[6]) == ARGV[7]
+    or redis.call('HEXISTS', KEYS[4], 'over:' .. ARGV[7]) == 1
+if late then
+  -- The host resolved the step without this record: keep it briefly, mark nothing done
+  -- (a later run of the workflow must run the step again).
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[8])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  if ARGV[5] == '1' then redis.call('HSET', KEYS[4], 'done:' .. ARGV[6], ARGV[1]) end
+end
+if ARGV[9] ~= '' then
+  redis.call('HSETNX', KEYS[5], 'meta', ARGV[11])
+  redis.call('HSET', KEYS[5], ARGV[9], ARGV[10])
+end
+for i = 12, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+if #ARGV >= 12 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+redis.call('DEL', KEYS[2])
+return 1

@@ -1,0 +1,187 @@
+"""``fleet watch ROOT --output``: the live text of a fleet run's steps, from its delta stream.
+
+A thread follows the run's Redis stream of output deltas (:mod:`fleet.deltas`) beside the
+event log ``fleet watch`` already follows. Every step gets one line per update, at most
+every :data:`LINE_EVERY_S`, showing the end of its text; with ``--step TASK_ID`` only that
+step's text is written out as it arrives, whole. A step that starts its text over (a new
+model call) or is run again after its worker died says so on a line of its own, so text
+is never silently doubled.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from ..config import mask_url
+from ..deltas import LiveText, read_deltas
+from ..eventbus import delta_stream_key
+from ..events import StepDelta
+from .progress import say
+
+__all__ = ["LINE_EVERY_S", "LiveOutput", "OutputFollower"]
+
+LINE_EVERY_S = 0.5
+"""A step's line is printed at most this often (its text keeps growing in between)."""
+_REDIS = ("redis://", "rediss://", "unix://", "sentinel://")
+TAIL = 80
+"""Characters of a step's text its line shows (the newest ones)."""
+
+
+def _tail(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= TAIL else "…" + flat[-(TAIL - 1) :]
+
+
+class OutputFollower:
+    """Prints a run's live output from a thread of its own until :meth:`stop`.
+
+    Args:
+        redis_url: the fleet's Redis.
+        root_id: the run's root id.
+        key_prefix: the fleet's key prefix.
+        since_s: the run's start (epoch seconds): deltas of earlier runs are skipped.
+        step: print only this step's text, whole, as it arrives.
+        out: where to write (default ``sys.stdout``).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        root_id: str,
+        *,
+        key_prefix: str = "fleet",
+        since_s: float | None = None,
+        step: str | None = None,
+        out: TextIO | None = None,
+    ) -> None:
+        self.key = delta_stream_key(root_id, key_prefix=key_prefix)
+        self.step = step
+        self.cursor = "0" if since_s is None else f"{max(int(since_s * 1000), 0)}-0"
+        self.live = LiveText()
+        self._url = redis_url
+        self._out = out or sys.stdout
+        self._shown: dict[str, int] = {}
+        self._printed_at: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-watch-output", daemon=True)
+        self.error: Exception | None = None
+
+    def start(self) -> OutputFollower:
+        """Start following."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Print what is still pending (the run ended) and stop."""
+        self._stopping.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        from ..redisclient import sync_client
+
+        client: Any = sync_client(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        try:
+            while True:
+                stopping = self._stopping.is_set()
+                deltas = read_deltas(client, self.key, self.cursor, block_s=0 if stopping else 0.2)
+                for delta in deltas:
+                    self.cursor = delta.id
+                    self._show(delta)
+                if not deltas:
+                    self._flush_lines(force=stopping)
+                    if stopping:
+                        return
+        except Exception as error:  # reported by the caller; the event lines go on
+            self.error = error
+        finally:
+            client.close()
+
+    def _show(self, delta: StepDelta) -> None:
+        task = delta.task_id
+        if self.step is not None and task != self.step:
+            return
+        before = self.live.text.get(task, "")
+        restarted = self.live.fold(delta)
+        text = self.live.text[task]
+        if self.step is None:
+            if restarted:
+                self._write(f"  > {task}: (run again from the start on another worker)\n")
+            self._flush_lines(force=False)
+            return
+        if restarted:
+            self._write(f"\n--- {task}: run again from the start on another worker ---\n")
+        elif delta.offset < len(before):
+            self._write(f"\n--- {task}: a new answer ---\n")
+        self._write(text[delta.offset if not restarted else 0 :])
+
+    def _flush_lines(self, *, force: bool) -> None:
+        if self.step is not None:
+            self._out.flush()
+            return
+        now = time.monotonic()
+        for task, text in self.live.text.items():
+            if self._shown.get(task) == hash(text):
+                continue
+            if not force and now - self._printed_at.get(task, 0.0) < LINE_EVERY_S:
+                continue
+            self._shown[task] = hash(text)
+            self._printed_at[task] = now
+            self._write(f"  > {task}: {_tail(text)}\n")
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+
+
+class LiveOutput:
+    """``--output`` of ``fleet watch``: follows the run's delta stream once the run starts."""
+
+    def __init__(
+        self, key_prefix: str, root_id: str, step: str | None, *, enabled: bool = True
+    ) -> None:
+        self.key_prefix = key_prefix
+        self.root_id = root_id
+        self.step = step
+        self.enabled = enabled
+        self.follower: OutputFollower | None = None
+
+    def on_entry(self, fields: Mapping[str, str], events: str | None) -> None:
+        """Follow the run's output from its ``start`` entry until its ``end`` entry."""
+        if not self.enabled:
+            return
+        control = fields.get("control")
+        if control == "start":
+            self.begin(events, fields.get("at"))
+        elif control == "end":
+            self.end()
+
+    def begin(self, events: str | None, at: str | None) -> None:
+        """The run started (at epoch ``at``), logging its events to ``events``."""
+        self.end()
+        if events is None or not events.startswith(_REDIS):
+            say(
+                f"no live output for workflow {self.root_id}: only a fleet run (--executor "
+                "celery) publishes it, to Redis; this run logs to "
+                + (mask_url(events) if events else "nowhere")
+            )
+            return
+        try:
+            since = float(at) if at is not None else None
+        except ValueError:
+            since = None
+        self.follower = OutputFollower(
+            events, self.root_id, key_prefix=self.key_prefix, since_s=since, step=self.step
+        ).start()
+
+    def end(self) -> None:
+        """Print what is pending and stop following."""
+        follower, self.follower = self.follower, None
+        if follower is None:
+            return
+        follower.stop()
+        if follower.error is not None:
+            say(f"live output stopped: {type(follower.error).__name__}: {follower.error}")

@@ -1,0 +1,580 @@
+"""The fleet-wide ledger: accounts in Redis, every operation one atomic Lua script.
+
+Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name, in
+braces: the Redis Cluster hash tag that keeps an account's keys in one slot, see
+:mod:`fleet.keytags`)::
+
+    P:budget:{A}:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
+                                reserved, uconsumed, ureserved (u = micro-dollars), parents
+    P:budget:{A}:held      hash   reservation id -> "<tokens>|<micros>|<holder>"
+    P:budget:{A}:leases    zset   reservation id -> lease expiry (Redis server time, ms)
+    P:budget:{A}:settled   hash   reservation id -> "<tokens>|<micros>" (settle is idempotent)
+    P:budget:{A}:children  hash   "t:W" / "u:W" -> tokens / micro-dollars workflow W consumed
+
+A reservation is taken from a chain of accounts, the workflow first and then every
+ancestor, in **one** script: ``KEYS`` holds five keys per account of the chain (so a chain of
+several accounts spans hash slots: on Redis Cluster only one-account chains run). In an
+ancestor the reservation is held under ``W/ID`` (workflow id, reservation id) with the
+same lease, so each account releases a dead holder's amounts on its own. ``parents``
+is the newline-joined list of the accounts directly above.
+
+Each call is one ``EVALSHA`` round trip. Amounts are written from their decimal text,
+never through a Lua number's ``%.14g`` form, and compared as Lua numbers (doubles),
+which are exact up to 2**53 (tokens, or micro-dollars: nine billion dollars). Lease
+times come from the Redis server's clock (``TIME``), so hosts with skewed clocks agree
+on when a lease ends. Every script first releases the reservations whose lease has
+expired, so a dead holder's amounts return to the budget without any sweeper process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..config import mask_url
+from ..errors import BrokerError, ConfigError
+from ..keytags import tagged
+from ..perloop import PerLoop
+from ..redisclient import async_client
+from ..sentinel import is_sentinel
+from .base import (
+    KEEP,
+    BudgetLedger,
+    ChildUsage,
+    HeldReservation,
+    Keep,
+    LedgerState,
+    ReserveResult,
+    ReserveStatus,
+)
+
+__all__ = ["LEDGER_CONNECTIONS", "REPLICA_WAIT_MS", "RedisLedger", "UNREPLICATED_BACKOFF_S"]
+
+LEDGER_CONNECTIONS = 32
+"""Redis connections one ledger keeps per event loop; more callers wait for one."""
+
+REPLICA_WAIT_MS = 100
+"""On Sentinel, how long a ledger write waits for one replica to acknowledge it."""
+
+UNREPLICATED_BACKOFF_S = 1.0
+"""After a write no replica acknowledged, writes skip the wait for this long."""
+
+_WRITES = frozenset({"reserve", "settle", "renew", "state"})
+"""Scripts that may write (``state`` writes when it configures an account)."""
+
+_PARTS = ("account", "held", "leases", "settled", "children")
+
+# KEYS: five per account (see _PARTS). Defines `now` (ms), `n` (accounts), `key(i, part)`,
+# `expire(i)`, `account(i)` and `add(i, field, amount)`; releases the expired leases of
+# every account (settle: of the workflow's only, see _SETTLE).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS / 5
+local function key(i, part) return KEYS[(i - 1) * 5 + part] end
+local function release(i, id)
+  local v = redis.call('HGET', key(i, 2), id)
+  if v then
+    local tok, usd = string.match(v, '^(%d+)|(%d+)|')
+    -- Redis refuses "-0" as an increment.
+    if tok ~= '0' then redis.call('HINCRBY', key(i, 1), 'reserved', '-' .. tok) end
+    if usd ~= '0' then redis.call('HINCRBY', key(i, 1), 'ureserved', '-' .. usd) end
+    redis.call('HDEL', key(i, 2), id)
+  end
+  redis.call('ZREM', key(i, 3), id)
+end
+local function expire(i)
+  local dead = redis.call('ZRANGEBYSCORE', key(i, 3), '-inf', now)
+  for _, id in ipairs(dead) do release(i, id) end
+end
+local function add(i, field, amount)
+  if amount ~= '0' then redis.call('HINCRBY', key(i, 1), field, amount) end
+end
+local function account(i)
+  local a = redis.call('HMGET', key(i, 1), 'limit', 'consumed', 'reserved', 'ulimit',
+    'uconsumed', 'ureserved', 'parents')
+  return {tonumber(a[1]) or -2, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
+    tonumber(a[4]) or -2, tonumber(a[5]) or 0, tonumber(a[6]) or 0, a[7] or ''}
+end
+"""
+_EXPIRE_ALL = "for i = 1, n do expire(i) end\n"
+
+# ARGV: workflow id, id, tokens, micros, holder, lease_ms, initial limit, initial ulimit
+# (-1 = uncapped). Returns {status, tokens, micros, account 1..., blocking index, unit,
+# retry_ms, room, blocking account...}; status 0 granted, 1 wait, 2 refused; unit 0
+# tokens, 1 usd; room -1 = uncapped.
+_RESERVE = (
+    _PRELUDE
+    + _EXPIRE_ALL
+    + """
+local wid, id = ARGV[1], ARGV[2]
+local tokens, micros = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease = tonumber(ARGV[6])
+local function rid(i) if i == 1 then return id end return wid .. '/' .. id end
+local accounts, room = {}, -1
+for i = 1, n do
+  accounts[i] = account(i)
+  local a = accounts[i]
+  if i == 1 and a[1] == -2 then
+    redis.call('HSET', key(1, 1), 'limit', ARGV[7])
+    a[1] = tonumber(ARGV[7])
+  end
+  if i == 1 and a[4] == -2 then
+    redis.call('HSET', key(1, 1), 'ulimit', ARGV[8])
+    a[4] = tonumber(ARGV[8])
+  end
+  if a[4] >= 0 and (room < 0 or a[4] - a[5] < room) then room = math.max(a[4] - a[5], 0) end
+end
+local existing = redis.call('HGET', key(1, 2), id)
+if existing then
+  for i = 1, n do
+    if redis.call('HEXISTS', key(i, 2), rid(i)) == 1 then
+      redis.call('ZADD', key(i, 3), now + lease, rid(i))
+    end
+  end
+  local tok, usd = string.match(existing, '^(%d+)|(%d+)|')
+  local a = accounts[1]
+  return {0, tonumber(tok), tonumber(usd), a[2], a[3], a[1], a[5], a[6], a[4], a[7],
+    0, 0, 0, room}
+end
+local function verdict(limit, consumed, reserved, request)
+  if limit < 0 then return 0 end
+  if consumed >= limit or consumed + request > limit then return 2 end
+  if consumed + reserved + request > limit then return 1 end
+  return 0
+end
+local status, who, unit = 0, 0, 0
+for i = 1, n do
+  local a = accounts[i]
+  local st, u = verdict(a[1], a[2], a[3], tokens), 0
+  local su = verdict(a[4], a[5], a[6], micros)
+  if su > st then st, u = su, 1 end
+  if st > status then status, who, unit = st, i, u end
+  if status == 2 then break end
+end
+local a = accounts[1]
+if status > 0 then
+  local retry = 0
+  if status == 1 then
+    local soonest = redis.call('ZRANGE', key(who, 3), 0, 0, 'WITHSCORES')
+    if soonest[2] then retry = tonumber(soonest[2]) - now end
+  end
+  local b = accounts[who]
+  return {status, 0, 0, a[2], a[3], a[1], a[5], a[6], a[4], a[7], who, unit, retry, room,
+    b[2], b[3], b[1], b[5], b[6], b[4], b[7]}
+end
+-- A settled id reserved again is a new attempt of the same step: settle anew.
+redis.call('HDEL', key(1, 4), id)
+local value = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5]
+for i = 1, n do
+  redis.call('HSET', key(i, 2), rid(i), value)
+  redis.call('ZADD', key(i, 3), now + lease, rid(i))
+  add(i, 'reserved', ARGV[3])
+  add(i, 'ureserved', ARGV[4])
+end
+return {0, tokens, micros, a[2], a[3] + tokens, a[1], a[5], a[6] + micros, a[4], a[7],
+  0, 0, 0, room}
+"""
+)
+
+# ARGV: workflow id, id, used tokens, used micros. Returns the workflow's account. It
+# expires only the workflow's leases (whose state it returns): settling needs no other
+# account's expiry, and every script that decides on an ancestor's room expires it first.
+_SETTLE = (
+    _PRELUDE
+    + """
+expire(1)
+local wid, id = ARGV[1], ARGV[2]
+if redis.call('HSETNX', key(1, 4), id, ARGV[3] .. '|' .. ARGV[4]) == 1 then
+  for i = 1, n do
+    if i == 1 then release(i, id) else release(i, wid .. '/' .. id) end
+    add(i, 'consumed', ARGV[3])
+    add(i, 'uconsumed', ARGV[4])
+    if i > 1 then
+      redis.call('HINCRBY', key(i, 5), 't:' .. wid, ARGV[3])  -- lists the child, even at 0
+      if ARGV[4] ~= '0' then redis.call('HINCRBY', key(i, 5), 'u:' .. wid, ARGV[4]) end
+    end
+  end
+end
+local a = account(1)
+return {a[2], a[3], a[1], a[5], a[6], a[4], a[7]}
+"""
+)
+
+# ARGV: workflow id, id, lease_ms. Returns 1 if the reservation is live (and renewed).
+_RENEW = (
+    _PRELUDE
+    + _EXPIRE_ALL
+    + """
+if redis.call('HEXISTS', key(1, 2), ARGV[2]) == 0 then return 0 end
+for i = 1, n do
+  local id = ARGV[2]
+  if i > 1 then id = ARGV[1] .. '/' .. id end
+  if redis.call('HEXISTS', key(i, 2), id) == 1 then
+    redis.call('ZADD', key(i, 3), now + tonumber(ARGV[3]), id)
+  end
+end
+return 1
+"""
+)
+
+# ARGV: pairs of field, value to store (limit, ulimit, parents). Returns the account.
+_STATE = (
+    _PRELUDE
+    + _EXPIRE_ALL
+    + """
+for i = 1, #ARGV, 2 do redis.call('HSET', key(1, 1), ARGV[i], ARGV[i + 1]) end
+local a = account(1)
+return {a[2], a[3], a[1], a[5], a[6], a[4], a[7]}
+"""
+)
+
+# Returns a flat list: id, "<tokens>|<micros>|<holder>", expires_in_ms, ...
+_HELD = (
+    _PRELUDE
+    + _EXPIRE_ALL
+    + """
+local out = {}
+local leases = redis.call('ZRANGE', key(1, 3), 0, -1, 'WITHSCORES')
+for i = 1, #leases, 2 do
+  local v = redis.call('HGET', key(1, 2), leases[i])
+  if v then
+    table.insert(out, leases[i])
+    table.insert(out, v)
+    table.insert(out, tonumber(leases[i + 1]) - now)
+  end
+end
+return out
+"""
+)
+
+_SCRIPTS = {
+    "reserve": _RESERVE,
+    "settle": _SETTLE,
+    "renew": _RENEW,
+    "state": _STATE,
+    "held": _HELD,
+}
+_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
+_STATUS: tuple[ReserveStatus, ...] = ("granted", "wait", "refused")
+_KEY_CACHE_SIZE = 1024
+
+
+def _limit(raw: int) -> tuple[int | None, bool]:
+    """Decode a stored limit: -2 not set, -1 uncapped, else the number."""
+    if raw == -2:
+        return None, False
+    if raw == -1:
+        return None, True
+    return int(raw), True
+
+
+def _state(row: Sequence[Any]) -> LedgerState:
+    """Decode ``consumed, reserved, limit, uconsumed, ureserved, ulimit, parents``."""
+    consumed, reserved, raw_limit, uconsumed, ureserved, raw_ulimit, parents = row
+    limit, limit_set = _limit(raw_limit)
+    ulimit, ulimit_set = _limit(raw_ulimit)
+    text = parents.decode() if isinstance(parents, bytes) else str(parents)
+    return LedgerState(
+        int(consumed),
+        int(reserved),
+        limit,
+        limit_set,
+        int(uconsumed),
+        int(ureserved),
+        ulimit,
+        ulimit_set,
+        tuple(name for name in text.split("\n") if name),
+    )
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
+
+
+def _stored(limit: int | None) -> int:
+    return -1 if limit is None else limit
+
+
+class RedisLedger(BudgetLedger):
+    """Accounts in Redis, shared by every process and machine that uses the same server.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``sentinel://`` URL (password in the URL).
+        key_prefix: prefix of every key (``{key_prefix}:budget:{{account}}:...``).
+
+    Accounts outlive the process: a resumed workflow (same workflow id) continues
+    where it stopped. Works from any event loop: each gets its own connection pool, made
+    on first use and closed when that loop ends, so one ledger may serve successive
+    ``asyncio.run()`` calls.
+
+    On a sentinel URL the ledger retries through a failover (each script is idempotent
+    by reservation id: a repeated reserve renews, a repeated settle charges nothing) and
+    waits for one replica after each write; :attr:`unreplicated_writes` counts the
+    writes no replica acknowledged in time.
+    """
+
+    unreplicated_writes: int = 0
+
+    def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        # A burst of reservations (a host-driven pipeline of hundreds of items) waits for
+        # one of LEDGER_CONNECTIONS slots instead of failing "Too many connections". The
+        # slots are a semaphore, not redis-py's BlockingConnectionPool: that pool takes a
+        # condition and arms a timeout on every call, a cost on the order of the reserve
+        # round trip itself.
+        # On Sentinel the client retries through a failover (every script is idempotent
+        # by reservation id) and each write waits for one replica (see _run).
+        self.replicated = is_sentinel(url)
+        self._clients: PerLoop[tuple[aioredis.Redis, asyncio.Semaphore]] = PerLoop(
+            lambda: (
+                async_client(url, retry=self.replicated),
+                asyncio.Semaphore(LEDGER_CONNECTIONS),
+            ),
+            close=lambda pair: pair[0].aclose(close_connection_pool=True),
+        )
+        self._unreplicated_until = 0.0
+        self._key_cache: dict[str, tuple[bytes, ...]] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisLedger({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    def _client(self) -> tuple[aioredis.Redis, asyncio.Semaphore]:
+        try:
+            return self._clients.get()
+        except ValueError as error:  # e.g. an unknown scheme or a port out of range
+            raise ConfigError(
+                f"invalid budget ledger Redis URL {mask_url(self.url)}: {error}",
+                key="redis_url",
+            ) from None
+
+    def _keys(self, account_id: str) -> tuple[bytes, ...]:
+        keys = self._key_cache.get(account_id)
+        if keys is None:
+            if len(self._key_cache) >= _KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            base = f"{self.key_prefix}:budget:{tagged(account_id)}"
+            keys = self._key_cache[account_id] = tuple(f"{base}:{p}".encode() for p in _PARTS)
+        return keys
+
+    def _unreachable(self, error: Exception) -> BrokerError:
+        return BrokerError(
+            f"cannot reach the budget ledger at {mask_url(self.url)} ({error}); "
+            "is Redis running and is FLEET_REDIS_URL right?",
+            url=mask_url(self.url),
+        )
+
+    async def _run(self, script: str, chain: Sequence[str], *args: str | int) -> Any:
+        """Run one script over a chain of accounts: one EVALSHA round trip.
+
+        On Sentinel a writing script is pipelined with ``WAIT 1 REPLICA_WAIT_MS`` on the
+        same connection (still one round trip), so a write the caller sees acknowledged
+        is on a replica too and survives a failover (see ``docs/RELIABILITY.md``).
+        """
+        client, slots = self._client()
+        keys = [key for account_id in chain for key in self._keys(account_id)]
+        wait = (
+            self.replicated and script in _WRITES and time.monotonic() >= self._unreplicated_until
+        )
+        try:
+            async with slots:
+                try:
+                    return await self._eval(client, script, keys, args, wait)
+                except NoScriptError:
+                    await client.script_load(_SCRIPTS[script])
+                    return await self._eval(client, script, keys, args, wait)
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise self._unreachable(error) from None
+
+    async def _eval(
+        self,
+        client: aioredis.Redis,
+        script: str,
+        keys: list[bytes],
+        args: Sequence[str | int],
+        wait: bool,
+    ) -> Any:
+        if not wait:
+            return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(_SHAS[script], len(keys), *keys, *args)
+            pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+            row, replicas = await pipe.execute()
+        if int(replicas) < 1:
+            # No replica acknowledged within the wait: none is connected (right after a
+            # failover, until the old master rejoins) or it lags. Stop paying the wait
+            # on every write for a while; the next write after that asks again.
+            self.unreplicated_writes += 1
+            self._unreplicated_until = time.monotonic() + UNREPLICATED_BACKOFF_S
+        return row
+
+    async def reserve(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        tokens: int,
+        *,
+        holder: str,
+        lease_s: float,
+        initial_limit: int | None,
+        micros: int = 0,
+        initial_limit_micros: int | None = None,
+        ancestors: Sequence[str] = (),
+    ) -> ReserveResult:
+        """Try to hold the amounts in the whole chain (one script); see the contract."""
+        chain = (workflow_id, *ancestors)
+        row = await self._run(
+            "reserve",
+            chain,
+            workflow_id,
+            reservation_id,
+            tokens,
+            micros,
+            holder,
+            _ms(lease_s),
+            _stored(initial_limit),
+            _stored(initial_limit_micros),
+        )
+        status, held, held_micros = row[0], int(row[1]), int(row[2])
+        who, unit, retry_ms, room = row[10], row[11], row[12], row[13]
+        result = ReserveResult(
+            _STATUS[status],
+            held,
+            _state(row[3:10]),
+            max(retry_ms, 0) / 1000 if status == 1 else None,
+            micros=held_micros,
+            room_micros=None if room < 0 else int(room),
+        )
+        if status == 0:
+            return result
+        return ReserveResult(
+            result.status,
+            0,
+            result.state,
+            result.retry_after_s,
+            blocked_by=chain[who - 1],
+            blocked_unit="usd" if unit == 1 else "tokens",
+            blocked_state=_state(row[14:21]),
+            room_micros=result.room_micros,
+        )
+
+    async def renew(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        *,
+        lease_s: float,
+        ancestors: Sequence[str] = (),
+    ) -> bool:
+        """Extend a live lease in the whole chain (one script); see the contract."""
+        chain = (workflow_id, *ancestors)
+        return bool(await self._run("renew", chain, workflow_id, reservation_id, _ms(lease_s)))
+
+    def renewal(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        *,
+        lease_s: float,
+        ancestors: Sequence[str] = (),
+    ) -> tuple[str, list[bytes], list[str | int]]:
+        """The renew script, its keys and arguments, for a caller's own (blocking) client.
+
+        A worker's lease thread renews every reservation of its process in one pipeline
+        with this; the script answers 1 when the reservation is live (and renewed), 0
+        when it is gone, as :meth:`renew` does.
+        """
+        chain = (workflow_id, *ancestors)
+        keys = [key for account_id in chain for key in self._keys(account_id)]
+        return _RENEW, keys, [workflow_id, reservation_id, _ms(lease_s)]
+
+    async def settle(
+        self,
+        workflow_id: str,
+        reservation_id: str,
+        used_tokens: int,
+        *,
+        used_micros: int = 0,
+        ancestors: Sequence[str] = (),
+    ) -> LedgerState:
+        """Charge once and release in the whole chain (one script); see the contract."""
+        chain = (workflow_id, *ancestors)
+        row = await self._run(
+            "settle", chain, workflow_id, reservation_id, used_tokens, used_micros
+        )
+        return _state(row)
+
+    async def state(self, account_id: str) -> LedgerState:
+        """The account now (one script); see :meth:`BudgetLedger.state`."""
+        return _state(await self._run("state", (account_id,)))
+
+    async def configure(
+        self,
+        account_id: str,
+        *,
+        limit: int | None | Keep = KEEP,
+        limit_micros: int | None | Keep = KEEP,
+        parents: Sequence[str] | Keep = KEEP,
+    ) -> LedgerState:
+        """Create or change an account (one script); see :meth:`BudgetLedger.configure`."""
+        pairs: list[str | int] = []
+        if not isinstance(limit, Keep):
+            pairs += ["limit", _stored(limit)]
+        if not isinstance(limit_micros, Keep):
+            pairs += ["ulimit", _stored(limit_micros)]
+        if not isinstance(parents, Keep):
+            pairs += ["parents", "\n".join(parents)]
+        return _state(await self._run("state", (account_id,), *pairs))
+
+    async def reservations(self, account_id: str) -> list[HeldReservation]:
+        """Live reservations (one script); see :meth:`BudgetLedger.reservations`."""
+        flat = await self._run("held", (account_id,))
+        rows = []
+        for i in range(0, len(flat), 3):
+            value = flat[i + 1]
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            tokens, micros, holder = text.split("|", 2)
+            rows.append(
+                HeldReservation(
+                    flat[i].decode(), int(tokens), holder, flat[i + 2] / 1000, int(micros)
+                )
+            )
+        return rows
+
+    async def children(self, account_id: str) -> list[ChildUsage]:
+        """Consumption per workflow (one read); see :meth:`BudgetLedger.children`."""
+        try:
+            client, slots = self._client()
+            async with slots:
+                raw = await client.hgetall(self._keys(account_id)[4])
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise self._unreachable(error) from None
+        usage: dict[str, list[int]] = {}
+        for field, value in raw.items():
+            name = field.decode() if isinstance(field, bytes) else str(field)
+            unit, _, workflow_id = name.partition(":")
+            usage.setdefault(workflow_id, [0, 0])[0 if unit == "t" else 1] = int(value)
+        rows = [ChildUsage(wid, tokens, micros) for wid, (tokens, micros) in usage.items()]
+        return sorted(rows, key=lambda row: (-row.micros, -row.tokens, row.workflow_id))
+
+    async def delete(self, account_id: str) -> None:
+        """Delete the account's keys; see :meth:`BudgetLedger.delete`."""
+        try:
+            client, slots = self._client()
+            async with slots:
+                await client.delete(*self._keys(account_id))
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise self._unreachable(error) from None
+
+    async def close(self) -> None:
+        """Close this event loop's connections (another loop's close when that loop ends)."""
+        await self._clients.aclose()

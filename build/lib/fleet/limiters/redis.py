@@ -1,0 +1,278 @@
+"""The fleet-wide limiter: every limit's window in Redis, each operation one Lua script.
+
+Keys of one limit (``P`` is the key prefix, ``L`` the limit's name)::
+
+    P:limit:L:calls    zset   admission id -> admitted at (Redis server time, ms)
+    P:limit:L:cost     hash   admission id -> tokens counted (estimate, then real usage)
+    P:limit:L:meta     hash   tokens (sum of cost over the window), paused_until (ms)
+    P:limit:L:flight   zset   admission id -> in-flight lease expiry (ms)
+
+Why a script of our own rather than the ``limits`` library: its moving-window strategy
+counts hits of a fixed cost, cannot charge a call's token estimate and later replace it
+with the real usage, has no in-flight count with leases and no shared pause; two
+counters (requests and tokens) checked by two library calls would also not be one
+atomic decision. One script checks requests, tokens, in-flight calls and the pause,
+and admits, in one round trip.
+
+Times come from the Redis server's clock (``TIME``), so workers with skewed clocks
+share one window. Every script first drops what has left the window and lapsed
+leases, so nothing needs a sweeper; every key expires once the limit goes unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..config import mask_url
+from ..errors import BrokerError, ConfigError
+from ..perloop import PerLoop
+from ..redisclient import async_client
+from .base import AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
+
+__all__ = ["RedisRateLimiter"]
+
+# KEYS: calls, cost, meta, flight. ARGV[1]: counted window (ms).
+# Defines `now` (ms), drops admissions older than the window and lapsed leases, and
+# `state()` -> requests, tokens, in flight, pause left (ms).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if #old > 0 then
+  local freed = 0
+  for _, id in ipairs(old) do
+    freed = freed + (tonumber(redis.call('HGET', KEYS[2], id)) or 0)
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  -- 0 - freed, not -freed: Lua's -0 is sent as "-0", which HINCRBY refuses.
+  if freed ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', 0 - freed) end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local function paused()
+  local p = tonumber(redis.call('HGET', KEYS[3], 'paused_until')) or 0
+  return math.max(p - now, 0)
+end
+local function state()
+  return redis.call('ZCARD', KEYS[1]), tonumber(redis.call('HGET', KEYS[3], 'tokens')) or 0,
+    redis.call('ZCARD', KEYS[4]), paused()
+end
+local function keep(ms)
+  for i = 1, 4 do
+    if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
+  end
+end
+"""
+
+# ARGV: window ms, id, tokens, max requests, max tokens, max in flight, lease ms (each max
+# 0: no such cap).
+# Returns {status, wait ms, requests, tokens, in flight, pause ms}; status 0 admitted,
+# 1 wait, 2 too large for the limit.
+_ADMIT = (
+    _PRELUDE
+    + """
+local id, tokens = ARGV[2], tonumber(ARGV[3])
+local max_req, max_tok, max_flight = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local n, used, flying, pause = state()
+if max_tok > 0 and tokens > max_tok then return {2, 0, n, used, flying, pause} end
+local wait = pause
+if max_req > 0 and n >= max_req then
+  local at = redis.call('ZRANGE', KEYS[1], n - max_req, n - max_req, 'WITHSCORES')
+  wait = math.max(wait, tonumber(at[2]) + window - now)
+end
+local excess = used + tokens - max_tok
+if max_tok > 0 and excess > 0 then
+  local rows = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  local fits_at = now + window
+  for i = 1, #rows, 2 do
+    excess = excess - (tonumber(redis.call('HGET', KEYS[2], rows[i])) or 0)
+    if excess <= 0 then
+      fits_at = tonumber(rows[i + 1]) + window
+      break
+    end
+  end
+  wait = math.max(wait, fits_at - now)
+end
+if max_flight > 0 and flying >= max_flight then
+  local soonest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  wait = math.max(wait, math.min(tonumber(soonest[2]) - now, 50))
+end
+if wait > 0 then return {1, wait, n, used, flying, pause} end
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('HSET', KEYS[2], id, ARGV[3])
+used = redis.call('HINCRBY', KEYS[3], 'tokens', ARGV[3])
+if max_flight > 0 then
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[7]), id)
+  flying = flying + 1
+end
+keep(window + tonumber(ARGV[7]) + pause)
+return {0, 0, n + 1, used, flying, pause}
+"""
+)
+
+# ARGV: window ms, id, tokens, sent after (ms). Returns {requests, tokens, in flight, pause ms}.
+_RECONCILE = (
+    _PRELUDE
+    + """
+redis.call('ZREM', KEYS[4], ARGV[2])
+local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]))
+if before then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  local delta = tonumber(ARGV[3]) - before
+  if delta ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', delta) end
+  if tonumber(ARGV[4]) > 0 then redis.call('ZINCRBY', KEYS[1], ARGV[4], ARGV[2]) end
+end
+return {state()}
+"""
+)
+
+# ARGV: window ms, pause ms. Returns {requests, tokens, in flight, pause ms}.
+_PAUSE = (
+    _PRELUDE
+    + """
+local ends = now + tonumber(ARGV[2])
+local p = tonumber(redis.call('HGET', KEYS[3], 'paused_until')) or 0
+if ends > p then
+  redis.call('HSET', KEYS[3], 'paused_until', ends)
+  keep(window + tonumber(ARGV[2]))
+end
+return {state()}
+"""
+)
+
+# ARGV: window ms. Returns {requests, tokens, in flight, pause ms}.
+_STATE = _PRELUDE + "\nreturn {state()}\n"
+
+_SCRIPTS = {"admit": _ADMIT, "reconcile": _RECONCILE, "pause": _PAUSE, "state": _STATE}
+_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
+
+
+def _ms(seconds: float) -> int:
+    return max(round(seconds * 1000), 1)
+
+
+def _state(requests: int, tokens: int, in_flight: int, paused_ms: int) -> LimitState:
+    return LimitState(int(requests), int(tokens), int(in_flight), max(int(paused_ms), 0) / 1000)
+
+
+class RedisRateLimiter(RateLimiter):
+    """Provider limits in Redis, shared by every host and worker using the same server.
+
+    Args:
+        url: ``redis://`` or ``rediss://`` URL (password in the URL).
+        key_prefix: prefix of every key (``{key_prefix}:limit:{name}:...``).
+        socket_timeout_s: how long one command may take before it counts as an outage
+            (the caller then waits and asks again within the step's deadline).
+
+    Works from any event loop (one connection pool each, closed when its loop ends).
+    """
+
+    def __init__(
+        self, url: str, *, key_prefix: str = "fleet", socket_timeout_s: float = 2.0
+    ) -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        self.socket_timeout_s = socket_timeout_s
+        # One pool per event loop, closed when that loop ends. No retry inside the
+        # client: the admission loop retries within the step's deadline.
+        self._clients: PerLoop[aioredis.Redis] = PerLoop(
+            lambda: async_client(
+                url,
+                retry=False,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s,
+            ),
+            close=lambda client: client.aclose(),
+        )
+        self._keys: dict[str, tuple[str, ...]] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisRateLimiter({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    def _client(self) -> aioredis.Redis:
+        try:
+            return self._clients.get()
+        except ValueError as error:
+            raise ConfigError(
+                f"invalid rate limiter Redis URL {mask_url(self.url)}: {error}",
+                key="redis_url",
+            ) from None
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        """The Redis keys of limit ``name`` (calls, cost, meta, flight)."""
+        keys = self._keys.get(name)
+        if keys is None:
+            base = f"{self.key_prefix}:limit:{name}"
+            keys = self._keys[name] = tuple(
+                f"{base}:{part}" for part in ("calls", "cost", "meta", "flight")
+            )
+        return keys
+
+    async def _run(self, script: str, limit: ProviderLimit, *args: str | int) -> Any:
+        client = self._client()
+        keys = self.keys(limit.name)
+        argv = (_ms(limit.counted_window_s), *args)
+        try:
+            try:
+                return await client.evalsha(_SHAS[script], 4, *keys, *argv)
+            except NoScriptError:
+                await client.script_load(_SCRIPTS[script])
+                return await client.evalsha(_SHAS[script], 4, *keys, *argv)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise BrokerError(
+                f"cannot reach the rate limiter at {mask_url(self.url)} ({error}); "
+                "is Redis running and is FLEET_REDIS_URL right?",
+                url=mask_url(self.url),
+            ) from None
+
+    async def try_admit(
+        self, limit: ProviderLimit, admission_id: str, tokens: int, *, lease_s: float
+    ) -> AdmitResult:
+        """Admit now or say how long to wait (one script); see :meth:`RateLimiter.try_admit`."""
+        status, wait_ms, *state = await self._run(
+            "admit",
+            limit,
+            admission_id,
+            tokens,
+            limit.requests or 0,
+            limit.tokens or 0,
+            limit.max_concurrent or 0,
+            _ms(lease_s),
+        )
+        return AdmitResult(AdmitStatus(status), max(int(wait_ms), 0) / 1000, _state(*state))
+
+    async def reconcile(
+        self, limit: ProviderLimit, admission_id: str, tokens: int, *, sent_after_s: float = 0.0
+    ) -> None:
+        """Count the real usage (one script); see :meth:`RateLimiter.reconcile`."""
+        shift = max(round(sent_after_s * 1000), 0)
+        await self._run("reconcile", limit, admission_id, max(int(tokens), 0), shift)
+
+    async def pause(self, limit: ProviderLimit, seconds: float) -> float:
+        """Pause admissions (one script); see :meth:`RateLimiter.pause`."""
+        return _state(*await self._run("pause", limit, _ms(seconds))).paused_s
+
+    async def state(self, limit: ProviderLimit) -> LimitState:
+        """The limit's use now (one script); see :meth:`RateLimiter.state`."""
+        return _state(*await self._run("state", limit))
+
+    async def reset(self, limit: ProviderLimit) -> None:
+        """Delete the limit's keys; see :meth:`RateLimiter.reset`."""
+        try:
+            await self._client().delete(*self.keys(limit.name))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise BrokerError(
+                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
+                url=mask_url(self.url),
+            ) from None
+
+    async def close(self) -> None:
+        """Close this event loop's connections (another loop's close when that loop ends)."""
+        await self._clients.aclose()

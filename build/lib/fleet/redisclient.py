@@ -1,0 +1,217 @@
+"""Redis clients that ride out a Redis restart instead of failing the work in flight.
+
+Every long-lived client fleet makes (the Celery host's, the workers', the journal's and the
+budget ledger's) retries a command that hit a dropped or refused connection, with
+exponential backoff, for about :data:`OUTAGE_TOLERANCE_S` seconds. A restart of Redis (with
+AOF) therefore pauses a workflow rather than failing it; an outage longer than that fails
+the affected steps with ``unavailable``.
+
+A sentinel URL (see :mod:`fleet.sentinel`) gets a client whose connections ask the
+sentinels for the master on every (re)connect: a failover looks to it like a restart,
+a connection to the old master fails (refused, or ``READONLY`` once it came back as a
+replica), the retry re-resolves the master and sends the command there. Only the
+commands fleet retries are idempotent (Lua scripts keyed by reservation or task id);
+see ``docs/RELIABILITY.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+import redis.asyncio.sentinel
+import redis.sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .sentinel import is_sentinel, parse_sentinel_url
+
+__all__ = [
+    "OUTAGE_TOLERANCE_S",
+    "async_client",
+    "retry_options",
+    "sync_client",
+]
+
+OUTAGE_TOLERANCE_S = 30.0
+"""Roughly how long a command keeps retrying while Redis is unreachable."""
+
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 1.0
+
+
+def _retries(tolerance_s: float) -> int:
+    waited, retries, delay = 0.0, 0, _BACKOFF_BASE_S
+    while waited < tolerance_s:
+        waited += min(delay, _BACKOFF_CAP_S)
+        delay *= 2
+        retries += 1
+    return retries
+
+
+def retry_options(*, asynchronous: bool, tolerance_s: float = OUTAGE_TOLERANCE_S) -> dict[str, Any]:
+    """``Redis(...)`` keyword arguments for retrying through an outage of ``tolerance_s``."""
+    retry_cls = aioredis.retry.Retry if asynchronous else redis.retry.Retry
+    return {
+        "retry": retry_cls(
+            ExponentialBackoff(cap=_BACKOFF_CAP_S, base=_BACKOFF_BASE_S), _retries(tolerance_s)
+        ),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    }
+
+
+class _AsyncSentinelConnection(aioredis.sentinel.SentinelManagedConnection):
+    """Asks the sentinels for the master on every socket connect.
+
+    redis-py (8.1) reconnects a connection that dropped inside a command's retry through
+    the plain connect path, to the address it last had: after a failover that is the
+    dead master, for the whole retry budget. Resolving here sends the retry to the new one.
+    """
+
+    async def _connect(self) -> None:
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        connect: Any = super()._connect  # typed in some redis-py releases, not in others
+        await connect()
+
+
+class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """The blocking twin of :class:`_AsyncSentinelConnection`."""
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        connect: Any = super()._connect
+        return connect()
+
+
+class _AsyncSentinelRedis(aioredis.Redis):
+    """A master client that also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the client, its pool (as redis-py decides) and the sentinel clients.
+
+        The sentinel clients are closed even when closing the pool fails (a connection to
+        a master that died mid-failover), so nothing this client opened is left to the
+        garbage collector.
+        """
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            if manager is not None:
+                await manager.aclose()
+
+
+class _SentinelRedis(redis.Redis):
+    """A master client that also closes its connections to the sentinels."""
+
+    def close(self) -> None:
+        """Close the client, its pool (as redis-py decides) and the sentinel clients."""
+        try:
+            super().close()
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            for client in getattr(manager, "sentinels", ()):
+                client.close()
+
+
+class _AsyncBlockingSentinelPool(
+    aioredis.sentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool
+):
+    """A sentinel-managed pool that waits for a free connection instead of failing."""
+
+
+class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """A sentinel-managed pool that waits for a free connection instead of failing."""
+
+
+def _blocking(
+    pool_class: type, max_connections: int | None, timeout_s: float | None
+) -> dict[str, Any]:
+    """``master_for`` options for a blocking pool of ``max_connections`` (none: the default)."""
+    if max_connections is None:
+        return {}
+    return {
+        "connection_pool_class": pool_class,
+        "max_connections": max_connections,
+        "timeout": timeout_s,
+    }
+
+
+def async_client(
+    url: str,
+    *,
+    retry: bool = True,
+    max_connections: int | None = None,
+    pool_timeout_s: float | None = 30.0,
+    **options: Any,
+) -> aioredis.Redis:
+    """An asyncio client for ``url`` (``redis://``, ``rediss://`` or ``sentinel://``).
+
+    Args:
+        url: the Redis URL.
+        retry: retry through a restart or failover for :data:`OUTAGE_TOLERANCE_S`
+            (``False``: redis-py's own default).
+        max_connections: a blocking pool of this many connections (callers wait up to
+            ``pool_timeout_s`` for one) instead of redis-py's unbounded default.
+        pool_timeout_s: how long a caller waits for a free connection (``None``: forever).
+        options: more ``Redis(...)`` connection keyword arguments.
+    """
+    kwargs = {**(retry_options(asynchronous=True) if retry else {}), **options}
+    if is_sentinel(url):
+        target = parse_sentinel_url(url)
+        timeout = float(options.get("socket_connect_timeout") or 1.0)
+        sentinel_class: Any = aioredis.sentinel.Sentinel  # untyped in some redis-py releases
+        sentinel = sentinel_class(
+            target.sentinels,
+            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout, asynchronous=True),
+            connection_class=_AsyncSentinelConnection,
+            **target.connection_kwargs(),
+        )
+        blocking = _blocking(_AsyncBlockingSentinelPool, max_connections, pool_timeout_s)
+        client: aioredis.Redis = sentinel.master_for(
+            target.master_name, _AsyncSentinelRedis, **blocking, **kwargs
+        )
+        return client
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **kwargs)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def sync_client(
+    url: str,
+    *,
+    retry: bool = True,
+    max_connections: int | None = None,
+    pool_timeout_s: float | None = 30.0,
+    **options: Any,
+) -> redis.Redis:
+    """A blocking client for ``url``; arguments as for :func:`async_client`."""
+    kwargs = {**(retry_options(asynchronous=False) if retry else {}), **options}
+    if is_sentinel(url):
+        target = parse_sentinel_url(url)
+        timeout = float(options.get("socket_connect_timeout") or 1.0)
+        sentinel_class: Any = redis.sentinel.Sentinel
+        sentinel = sentinel_class(
+            target.sentinels,
+            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout),
+            connection_class=_SentinelConnection,
+            **target.connection_kwargs(),
+        )
+        blocking = _blocking(_BlockingSentinelPool, max_connections, pool_timeout_s)
+        sync: redis.Redis = sentinel.master_for(
+            target.master_name, _SentinelRedis, **blocking, **kwargs
+        )
+        return sync
+    if max_connections is None:
+        return redis.Redis.from_url(url, **kwargs)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
+    )
+    return redis.Redis(connection_pool=pool)

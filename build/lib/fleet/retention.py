@@ -1,0 +1,227 @@
+"""Retention: what Redis keeps of a workflow once it has ended, and for how long.
+
+Every key fleet writes for one workflow is named in **one list**, :func:`workflow_keys`
+(add a new per-workflow key there and both the end-of-run expiry and ``fleet gc`` cover
+it). ``P`` is the key prefix, ``{R}`` the workflow's root id as its hash tag
+(:mod:`fleet.keytags`):
+
+=============================================  =============================================
+``P:events:{R}``                                the run's event stream
+``P:deltas:{R}``                                its live output deltas (they expire a day after
+                                                the last; retention only ever shortens that)
+``P:budget:{R}:account|held|leases|settled|``   the workflow's own budget account (a shared
+``children``                                    account, one others draw from, is never
+                                                expired: it is not the workflow's)
+``P:workflow:{R}``                              the run record (``fleet status``, cancel)
+``P:asks:{R}``                                  its durable waits (``Workflow.ask``)
+``P:steps:{R}``                                 the Celery host's step record: done-markers,
+                                                which dispatches ended (exactly-once)
+``P:journal:{R}/PHASE``                         the phase journals the run wrote
+``P:cancel:{RUN}``                              the run's cancel marker (only ever lengthened:
+                                                it must outlive the run's queued messages)
+=============================================  =============================================
+
+A workflow that **ended** (finished, failed or cancelled) gets ``retention_s`` on all of
+them in one script (:meth:`RedisRetention.expire`); a **running** one has none (its
+budget must survive a crash and a resume), and a run that begins again clears the expiry
+its predecessor left (:meth:`RedisRetention.keep`). A run that stopped without ending
+(``closed``: its host went away, journals kept) keeps everything until ``fleet gc
+--older-than`` says otherwise (:mod:`fleet.gc`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .config import mask_url
+from .errors import BrokerError
+from .keytags import tagged
+from .perloop import PerLoop
+from .redisclient import async_client
+
+__all__ = [
+    "BUDGET_PARTS",
+    "DEFAULT_RETENTION_S",
+    "ENDED",
+    "RedisRetention",
+    "workflow_keys",
+]
+
+DEFAULT_RETENTION_S = 7 * 86_400
+"""Seven days: Temporal's default namespace retention, long enough to inspect and resume a
+run after a weekend, short enough that a fleet's Redis holds a week of history."""
+
+ENDED = frozenset({"finished", "failed", "cancelled"})
+"""The run states after which retention applies (``closed`` is not one: it may resume)."""
+
+BUDGET_PARTS = ("account", "held", "leases", "settled", "children")
+"""The keys of one ledger account, in :class:`~fleet.ledgers.RedisLedger`'s order."""
+
+RECORD, ACCOUNT, MARKER, LIVE = "r", "a", "m", "l"
+"""How the retention script treats a key: expire it; the first of an account's five keys
+(skipped when the account is shared); a cancel marker (never shortened); live data with an
+expiry of its own (never lengthened, never kept)."""
+
+_RETAIN = """
+-- KEYS: what a workflow owns (see fleet.retention.workflow_keys)
+-- ARGV[1]: seconds to keep them ('0': keep them for good, the run is live again)
+-- ARGV[1 + i]: the kind of KEYS[i]: 'r' record, 'a' first key of an account (five keys;
+--              skipped when its 'children' key exists: a shared account), 'm' cancel marker
+--              (only lengthened), 'l' live data with an expiry of its own (only shortened)
+local ttl = tonumber(ARGV[1])
+local touched = 0
+local function apply(key)
+  if ttl > 0 then touched = touched + redis.call('EXPIRE', key, ttl)
+  else touched = touched + redis.call('PERSIST', key) end
+end
+local i = 1
+while i <= #KEYS do
+  local kind = ARGV[i + 1]
+  if kind == 'a' then
+    if redis.call('EXISTS', KEYS[i + 4]) == 0 then
+      for j = i, i + 4 do apply(KEYS[j]) end
+    end
+    i = i + 5
+  else
+    if kind == 'r' then
+      apply(KEYS[i])
+    elseif ttl > 0 then
+      local left = redis.call('TTL', KEYS[i])
+      local longer = kind == 'm' and left >= 0 and left < ttl
+      local shorter = kind == 'l' and (left == -1 or left > ttl)
+      if longer or shorter then touched = touched + redis.call('EXPIRE', KEYS[i], ttl) end
+    end
+    i = i + 1
+  end
+end
+return touched
+"""
+
+
+def workflow_keys(
+    root_id: str,
+    *,
+    key_prefix: str = "fleet",
+    journals: Sequence[str] = (),
+    accounts: Sequence[str] = (),
+    run_id: str | None = None,
+) -> list[tuple[str, str]]:
+    """Every key fleet writes for the workflow ``root_id``, each with how retention treats it.
+
+    Args:
+        root_id: the workflow's root id.
+        key_prefix: the fleet's key prefix.
+        journals: the phase journal ids the run wrote (``ROOT/PHASE``).
+        accounts: budget accounts of the run besides ``root_id``'s own (a budget whose
+            ``workflow_id`` is not the root id).
+        run_id: the run whose cancel marker to include.
+
+    Returns:
+        ``(key, kind)`` pairs, kind one of ``"r"`` (a record), ``"a"`` (the first of an
+        account's five keys), ``"m"`` (a cancel marker) or ``"l"`` (live data).
+    """
+    tag = tagged(root_id)
+    keys = [
+        (f"{key_prefix}:events:{tag}", RECORD),
+        (f"{key_prefix}:workflow:{tag}", RECORD),
+        (f"{key_prefix}:steps:{tag}", RECORD),
+        (f"{key_prefix}:deltas:{tag}", LIVE),
+        (f"{key_prefix}:asks:{tag}", RECORD),
+    ]
+    for account in dict.fromkeys([root_id, *accounts]):
+        base = f"{key_prefix}:budget:{tagged(account)}"
+        kinds = [ACCOUNT, RECORD, RECORD, RECORD, RECORD]
+        keys.extend(
+            (f"{base}:{part}", kind) for part, kind in zip(BUDGET_PARTS, kinds, strict=True)
+        )
+    keys.extend((f"{key_prefix}:journal:{tagged(journal)}", RECORD) for journal in journals)
+    if run_id is not None:
+        keys.append((f"{key_prefix}:cancel:{run_id}", MARKER))
+    return keys
+
+
+class RedisRetention:
+    """Sets (and clears) the expiry of everything a workflow wrote to the fleet's Redis.
+
+    Args:
+        url: the Redis URL (``FLEET_REDIS_URL``; Sentinel URLs too).
+        key_prefix: the fleet's key prefix.
+        retention_s: how long an ended workflow's records are kept
+            (``FleetSettings.retention_s``).
+
+    Works from any event loop (a client per loop, made on first use).
+    """
+
+    def __init__(
+        self, url: str, *, key_prefix: str = "fleet", retention_s: int = DEFAULT_RETENTION_S
+    ) -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        self.retention_s = int(retention_s)
+        self._clients: PerLoop[Any] = PerLoop(
+            lambda: async_client(url), close=lambda client: client.aclose()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisRetention({mask_url(self.url)!r}, key_prefix={self.key_prefix!r}, "
+            f"retention_s={self.retention_s})"
+        )
+
+    async def expire(
+        self,
+        root_id: str,
+        *,
+        run_id: str | None = None,
+        journals: Sequence[str] = (),
+        accounts: Sequence[str] = (),
+    ) -> int:
+        """The run ended: keep its records :attr:`retention_s` more, then Redis drops them.
+
+        Returns:
+            How many keys got the expiry.
+
+        Raises:
+            BrokerError: Redis could not be reached.
+        """
+        keys = workflow_keys(
+            root_id, key_prefix=self.key_prefix, journals=journals, accounts=accounts, run_id=run_id
+        )
+        return await self._retain(keys, max(self.retention_s, 1))
+
+    async def keep(
+        self, root_id: str, *, journals: Sequence[str] = (), accounts: Sequence[str] = ()
+    ) -> int:
+        """The workflow runs (again): its records keep no expiry an earlier end left.
+
+        Raises:
+            BrokerError: Redis could not be reached.
+        """
+        keys = workflow_keys(
+            root_id, key_prefix=self.key_prefix, journals=journals, accounts=accounts
+        )
+        return await self._retain(keys, 0)
+
+    async def _retain(self, keys: list[tuple[str, str]], ttl_s: int) -> int:
+        client = self._clients.get()
+        try:
+            script = client.register_script(_RETAIN)
+            touched = await script(
+                keys=[key for key, _kind in keys], args=[ttl_s, *(kind for _key, kind in keys)]
+            )
+        except (RedisError, OSError) as error:
+            raise BrokerError(
+                f"cannot set the retention of workflow records at {mask_url(self.url)}: "
+                f"{type(error).__name__}: {error}",
+                url=mask_url(self.url),
+            ) from error
+        return int(touched)
+
+    async def aclose(self) -> None:
+        """Close this loop's connection (the object stays usable)."""
+        await self._clients.aclose()
+
+    close = aclose

@@ -1,0 +1,502 @@
+"""What a worker process knows and does around a step: claim, run, record.
+
+:class:`WorkerRuntime` holds the settings, agents and stages, this process's Redis
+client and the Lua scripts of :mod:`fleet.celery.protocol`; it claims a step (or a
+chain link), runs the shared step body :func:`fleet.step.run_agent` on this thread's
+event loop (under the host's token hold, if any), and records the outcome. One background
+thread (:class:`~workers.keeper.LeaseKeeper`) keeps the leases and token holds of running
+steps alive, and each running attempt is fenced (:mod:`workers.fencing`): one whose lease
+lapsed is stopped and records nothing.
+
+Longer than our usual ~400 lines: claim, finish and the step body share this runtime's
+scripts, keeper and fences; what could stand alone (the keeper, the fences, the event
+loops) is in modules of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar, cast
+
+import redis
+from redis import Redis
+
+from fleet.agents import AgentContext, AgentRegistry
+from fleet.budget import WorkflowBudget
+from fleet.cancel.markers import marker_reason, read_markers
+from fleet.cancel.signal import Cancellation, cancelled_outcome
+from fleet.celery.protocol import (
+    REPLY_TTL_S,
+    BudgetHold,
+    Keys,
+    Limited,
+    StageMessage,
+    StepMessage,
+    lua,
+    stage_link_id,
+)
+from fleet.celery.records import result_grace_s
+from fleet.checkpoint import WorkflowStepRecord
+from fleet.config import FleetSettings
+from fleet.deltawriter import DeltaWriter, ThreadPublisher
+from fleet.errors import PoisonMessageError, UnknownAgentError
+from fleet.events import EventSink, RateLimited
+from fleet.ledgers.redis import RedisLedger
+from fleet.limiters import RedisRateLimiter
+from fleet.redisclient import sync_client
+from fleet.spec import AgentStepSpec, StepOutcome
+from fleet.step import run_interruptible
+from fleet.stores.base import encode_meta
+from fleet.stores.redis import RedisCheckpointStore
+
+from .fencing import Fence, Fences, charge_stopped
+from .keeper import LeaseKeeper
+from .loop import StepLoop, ThreadLoops
+
+__all__ = ["WorkerRuntime"]
+
+T = TypeVar("T")
+
+
+class _OnStepLoop:
+    """Calls ``fn(reason)`` on the event loop a step runs on, from the lease thread.
+
+    The step's loop is known only once its coroutine starts there (the shared loop, or a
+    blocking step's own): a call that comes earlier waits for that moment.
+    """
+
+    def __init__(self, fn: Callable[[str], object]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self._loop is None:
+                self._pending = reason
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._fn, reason)
+
+    async def run(self, body: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._fn(pending)
+        return await body
+
+
+logger = logging.getLogger("fleet.worker")
+
+
+class WorkerRuntime:
+    """What a worker process knows: settings, agents, stages, its Redis connections."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        registry: AgentRegistry,
+        stages: dict[str, Callable[..., Any]],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stages = stages
+        self.keys = Keys(settings.key_prefix)
+        self._shared: dict[str, tuple[int, Any]] = {}
+        """Values kept for the process's lifetime, each with the pid that made it."""
+        self._shared_lock = threading.Lock()
+        self._loop = StepLoop()
+        self._thread_loops = ThreadLoops()
+        self._leases = LeaseKeeper(settings.redis_url, settings.step_lease_s, settings.key_prefix)
+        self.fences = Fences()
+        """The fences of the running attempts (:mod:`workers.fencing`)."""
+        """Renews every step lease and budget reservation of this process (one thread)."""
+        # Provider limits, shared with every worker and host on this Redis.
+        self.limiter = RedisRateLimiter(settings.redis_url, key_prefix=settings.key_prefix)
+
+    def _process_wide(self, name: str, make: Callable[[], T]) -> T:
+        """One ``make()`` per process (made again after a fork), kept for its lifetime.
+
+        Published once ``make()`` has returned: a thread never sees a half-built value.
+        The Redis client, the budget ledger and the journal store are kept so: the ledger
+        and the journal keep a client per event loop, so every step of the process shares
+        their connections (a connection made per step would spend more CPU on connect,
+        handshake and close than on the step's own calls).
+        """
+        found = self._shared.get(name)
+        if found is None or found[0] != os.getpid():
+            with self._shared_lock:
+                found = self._shared.get(name)
+                if found is None or found[0] != os.getpid():
+                    found = self._shared[name] = (os.getpid(), make())
+        return cast(T, found[1])
+
+    def ledger(self) -> RedisLedger:
+        """The budget ledger every budgeted step of this process settles through."""
+        url, prefix = self.settings.redis_url, self.settings.key_prefix
+        return self._process_wide("ledger", lambda: RedisLedger(url, key_prefix=prefix))
+
+    def journal(self) -> RedisCheckpointStore:
+        """The journal every journaled step of this process records to."""
+        url, prefix = self.settings.redis_url, self.settings.key_prefix
+        return self._process_wide("journal", lambda: RedisCheckpointStore(url, key_prefix=prefix))
+
+    def deltas(self) -> DeltaWriter:
+        """The writer every streaming step of this process publishes its output through."""
+        return self._process_wide("deltas", lambda: DeltaWriter(self.redis))
+
+    def delta_publisher(self, route: str | None, task_id: str) -> ThreadPublisher | None:
+        """Where a step's output deltas go: its workflow's stream, if its message names one.
+
+        A stream outside this fleet's key prefix is ignored (with a warning): a message
+        must not make a worker write anywhere else.
+        """
+        if not route:
+            return None
+        if not route.startswith(self.keys.deltas("")):
+            logger.warning("ignoring delta stream %r outside this fleet's key prefix", route)
+            return None
+        return self.deltas().publisher(route, task_id)
+
+    def redis(self) -> Redis:
+        """This process's Redis client (re-created after a fork), with its scripts.
+
+        The first steps of a fresh worker arrive on many threads at once: the client is
+        published only once :meth:`_connect` has registered its scripts, so no thread
+        sees one without the other.
+        """
+        return self._process_wide("redis", self._connect)
+
+    def _connect(self) -> Redis:
+        client = sync_client(self.settings.redis_url)
+        self._claim = client.register_script(lua("claim_step"))
+        self._finish = client.register_script(lua("finish"))
+        self._begin_link = client.register_script(lua("begin_link"))
+        return client
+
+    def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:
+        """Run ``coro`` on the process's shared event loop (this thread's own if ``blocking``)."""
+        return (self._thread_loops if blocking else self._loop).run(coro)
+
+    def cancel_reason(self, markers: list[str]) -> str | None:
+        """Why the step was cancelled, if one of its cancel markers is in Redis."""
+        return read_markers(self.redis(), markers, key_prefix=self.settings.key_prefix)
+
+    # ------------------------------------------------------------------ claim / finish
+
+    def claim(
+        self, tid: str, nonce: str, reply: str, notice: str, markers: list[str], steps: str
+    ) -> tuple[str, Any]:
+        """Claim a step: ``("claimed", owner)``, ``("done", outcome)``, ``("held", owner)``.
+
+        ``("cancelled", reason)`` when one of the step's cancel ``markers`` is present:
+        nothing is taken then; ``("over", "")`` when the step record of ``steps`` (its
+        owner, see :meth:`~fleet.celery.protocol.Keys.steps`) says the host already has this
+        dispatch's outcome.
+        """
+        self.redis()
+        owner = f"{uuid.uuid4().hex[:12]}"
+        taken_at = time.monotonic()
+        status, value = self._claim(
+            keys=[
+                self.keys.steps(steps),
+                self.keys.result(tid, nonce),
+                self.keys.lease(tid),
+                reply,
+                *(self.keys.cancel(marker) for marker in markers),
+            ],
+            args=[owner, int(self.settings.step_lease_s * 1000), notice, REPLY_TTL_S, tid, nonce],
+        )
+        status = status.decode()
+        if status == "claimed":
+            self._take(self.keys.lease(tid), owner, taken_at)
+            return status, owner
+        if status == "cancelled":
+            return status, marker_reason(value)
+        return status, value
+
+    def finish(
+        self,
+        tid: str,
+        nonce: str,
+        owner: str,
+        record: str,
+        reply: str,
+        *notices: str,
+        resumable: bool = False,
+        steps: str | None = None,
+        journal: tuple[str, str, str, str] | None = None,
+    ) -> bool:
+        """Record the result of this dispatch, notify the host, drop our lease.
+
+        ``resumable`` also records it as the step's done-marker in the step record of
+        ``steps`` (the record's owner, default ``nonce``), which a host that resumes the
+        workflow finds instead of sending the step again; ``journal`` (see
+        :meth:`journal_write`) writes the step's journal record with it.
+
+        Returns:
+            ``False`` when nothing was recorded because the attempt's lease lapsed: its
+            fence tripped here, or Redis refused the write (the lease no longer holds
+            ``owner``, the attempt's token). Another attempt owns the step then.
+        """
+        fence = self.fences.get(self.keys.lease(tid), owner)
+        self.abandon(tid, owner)
+        if fence is None or fence.lapsed():
+            return False
+        key, field, value, meta = journal or ("", "", "", "")
+        done = self._finish(
+            keys=[
+                self.keys.result(tid, nonce),
+                self.keys.lease(tid),
+                reply,
+                self.keys.steps(steps or nonce),
+                key or self.keys.steps(steps or nonce),
+            ],
+            args=[
+                record,
+                self.settings.result_expires_s,
+                owner,
+                REPLY_TTL_S,
+                "1" if resumable else "0",
+                tid,
+                nonce,
+                result_grace_s(self.settings.retention_s),
+                field,
+                value,
+                meta,
+                *notices,
+            ],
+        )
+        return bool(done)
+
+    def journal_write(
+        self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome
+    ) -> tuple[str, str, str, str] | None:
+        """What :meth:`finish` writes into the journal for a step: key, field, record, meta.
+
+        ``None`` (and a logged reason) when the outcome cannot be journaled.
+        """
+        try:
+            record = WorkflowStepRecord.for_outcome(workflow_id, spec, outcome)
+        except Exception:
+            # Losing a journal record must not fail the live step; the host journals too.
+            logger.exception("could not journal step %r of %r", spec.task_id, workflow_id)
+            return None
+        key = self.journal().key(workflow_id)
+        return key, f"step:{spec.task_id}", record.to_json(), encode_meta(workflow_id)
+
+    def settle(self, hold: BudgetHold, used_tokens: int, *, attempt: str = "") -> None:
+        """Charge what a step used to the reservation the host made for it.
+
+        ``attempt`` (the token of an attempt that recorded nothing) charges the usage on
+        its own id instead (:func:`~workers.fencing.charge_stopped`).
+        """
+        budget = self._budget(hold)
+        rid = hold.reservation_id
+        if attempt:
+            charge = charge_stopped(budget, rid, attempt, used_tokens)
+        else:
+            charge = budget.reservation(rid, hold.tokens).settle(used_tokens)
+        try:
+            self.run_async(charge)
+        except Exception:
+            # The host settles the step's reservation (idempotently) with the outcome.
+            logger.exception("could not settle reservation %s (attempt %r)", rid, attempt)
+
+    def _budget(self, hold: BudgetHold) -> WorkflowBudget:
+        """The budget a step's hold belongs to (its reservation kept by the lease thread)."""
+        return WorkflowBudget(
+            hold.limit_tokens,
+            ledger=self.ledger(),
+            workflow_id=hold.workflow_id,
+            lease_s=hold.lease_s,
+            keeper=self._leases,
+        )
+
+    def begin_link(self, message: StageMessage) -> tuple[str, Any, Any, Any, str]:
+        """Read a chain link's context, item and previous outcome, and claim it: one trip.
+
+        Returns ``(status, context, item, previous, owner)``; status is ``claimed``,
+        ``done`` or ``held`` (a duplicate), or ``expired`` (the pipeline's context is gone).
+        """
+        self.redis()
+        owner = uuid.uuid4().hex[:12]
+        k = message.stage
+        link = stage_link_id(message.pipe, message.item, k)
+        previous = stage_link_id(message.pipe, message.item, k - 1) if k else link
+        taken_at = time.monotonic()
+        reply = self._begin_link(
+            keys=[
+                self.keys.pipe(message.pipe),
+                self.keys.result(previous, message.pipe),
+                self.keys.result(link, message.pipe),
+                self.keys.lease(link),
+            ],
+            args=[f"item:{message.item}", owner, int(self.settings.step_lease_s * 1000), k],
+        )
+        status = reply[0].decode()
+        if status != "claimed":
+            return status, None, None, None, owner
+        self._take(self.keys.lease(link), owner, taken_at)
+        return status, reply[1], reply[2], reply[3], owner
+
+    def _take(self, key: str, owner: str, taken_at: float) -> None:
+        """Keep the lease ``key`` just claimed as ``owner``, fenced (:mod:`workers.fencing`)."""
+        held = self._leases.hold(key, owner, taken_at=taken_at, on_lapse=self.fences.lapsed)
+        self.fences.open(key, owner, held)
+
+    def abandon(self, tid: str, owner: str = "") -> None:
+        """Stop renewing our lease on ``tid`` (it lapses; the host re-sends the step).
+
+        With ``owner`` (the attempt's token), only if that attempt still holds it here.
+        """
+        key = self.keys.lease(tid)
+        if self.fences.close(key, owner) is not None or not owner:
+            self._leases.release(key)
+
+    def check_reply(self, reply: str) -> None:
+        """A message may only name a reply list under this fleet's key prefix."""
+        if not reply.startswith(self.keys.reply("")):
+            raise PoisonMessageError(
+                f"reply list {reply!r} is outside key prefix {self.settings.key_prefix!r}"
+            )
+
+    # ------------------------------------------------------------------ the step body
+
+    def execute(
+        self,
+        spec: AgentStepSpec,
+        worker: str,
+        message: StepMessage | None,
+        *,
+        tid: str = "",
+        markers: Sequence[str] = (),
+        lease: str = "",
+        deltas: str | None = None,
+    ) -> StepOutcome:
+        """Run one step here with the shared step body; never raises.
+
+        With a step ``message``, the ``rate_limited`` events of the step (task ``tid``)
+        go to the host on its reply list. While it runs, the lease thread watches
+        ``markers``: when one appears, the step's task is cancelled on this thread's loop
+        and the step ends ``cancelled``. Its output deltas go to the stream the message
+        names, else to ``deltas`` (a chain link's, from its pipeline's context). The same
+        happens when the fence of its ``lease`` trips (:mod:`workers.fencing`); the caller
+        then records nothing. The step's budget hold is settled by the caller
+        (:meth:`settle`), once it knows whether the outcome was recorded.
+        """
+        started = time.monotonic()
+        try:
+            definition = self.registry.resolve(spec.agent)
+        except UnknownAgentError as error:
+            return StepOutcome.failed(
+                spec.task_id, spec.agent, str(error), error="unknown_agent", worker=worker
+            )
+        ctx = AgentContext(
+            spec=spec,
+            deadline=None if spec.timeout_s is None else started + spec.timeout_s,
+            worker=worker,
+            workflow_id=None if message is None else message.workflow_id,
+            traceparent=None if message is None else message.traceparent,
+            limit=definition.limit,
+            limiter=self.limiter,
+            events=None if message is None else self._forward(message.reply, tid),
+            deltas=self.delta_publisher(
+                message.deltas if message is not None else deltas, spec.task_id
+            ),
+        )
+        hold = None if message is None else message.budget
+        if hold is not None:
+            ctx.held_tokens = hold.tokens
+        fence = self.fences.get(lease) if lease else None
+        if fence is not None:
+            ctx.attempt, ctx.fence = fence.token, fence.check
+        blocking = getattr(definition, "blocking", False)
+        cancellation = Cancellation(markers) if markers or fence is not None else None
+        body = self._run(definition, spec, ctx, started, message, cancellation, fence)
+        if cancellation is not None:
+            stop = _OnStepLoop(cancellation.cancel)
+            self._leases.markers.watch(lease, markers, stop)
+            if fence is not None:
+                fence.on_trip(stop)
+            body = stop.run(body)
+        try:
+            outcome: StepOutcome = self.run_async(body, blocking=blocking)
+        finally:
+            if cancellation is not None:
+                self._leases.markers.unwatch(lease)
+            if ctx.deltas is not None:  # its last text is in Redis before its outcome
+                cast(ThreadPublisher, ctx.deltas).close()
+        return outcome
+
+    def _forward(self, reply: str, tid: str) -> EventSink:
+        """A sink that hands the host a step's ``rate_limited`` events (others stay here)."""
+
+        def sink(event: object) -> None:
+            if isinstance(event, RateLimited):
+                try:
+                    self.redis().rpush(reply, Limited(id=tid, event=event).to_json())
+                except redis.RedisError as error:
+                    logger.warning("could not tell the host of a rate_limited wait: %s", error)
+
+        return sink
+
+    async def _run(
+        self,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+        message: StepMessage | None,
+        cancellation: Cancellation | None,
+        fence: Fence | None,
+    ) -> StepOutcome:
+        if fence is not None and fence.lapsed():
+            # Paused or cut off between the claim and now: the agent must not start.
+            fence.trip()
+            return cancelled_outcome(spec, fence.reason, worker=ctx.worker)
+        hold = None if message is None else message.budget
+        if hold is None:
+            return await run_interruptible(
+                definition, spec, ctx, started=started, cancellation=cancellation
+            )
+        return await self._run_held(hold, definition, spec, ctx, started, cancellation)
+
+    async def _run_held(
+        self,
+        hold: BudgetHold,
+        definition: Any,
+        spec: AgentStepSpec,
+        ctx: AgentContext,
+        started: float,
+        cancellation: Cancellation | None,
+    ) -> StepOutcome:
+        """Run under the host's reservation, keeping its lease alive (the caller settles).
+
+        The process's lease thread renews it (and every dollar hold of the step's model
+        calls): the step's end hands it back without waiting on Redis.
+        """
+        budget = self._budget(hold)
+        reservation = budget.reservation(hold.reservation_id, hold.tokens)
+        ctx.budget = budget  # model calls reserve their dollars in the same accounts
+        try:
+            async with reservation.kept_alive():
+                return await run_interruptible(
+                    definition, spec, ctx, started=started, cancellation=cancellation
+                )
+        except BaseException:
+            # No outcome will be recorded: charge what this attempt used on its own id.
+            rid, used = hold.reservation_id, ctx.used.total_tokens
+            try:
+                await asyncio.shield(charge_stopped(budget, rid, ctx.attempt, used))
+            except Exception:
+                logger.exception("could not settle reservation %s (attempt %r)", rid, ctx.attempt)
+            raise
