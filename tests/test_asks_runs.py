@@ -190,3 +190,18 @@ def test_the_approval_example_runs_and_waits_for_fleet_answer(
     assert run.returncode == 0, stdout + stderr
     assert '"published": true' in stdout and '"note": "ship it"' in stdout
     assert "phase 3 publish: 1 ok, 0 failed" in stdout
+
+
+def test_an_answer_to_a_name_not_asked_names_the_open_asks(tmp_path: Path, redis_url: str) -> None:
+    """A mistyped ask name is kept as an early answer; the line says what the run waits on."""
+    local = local_backend(tmp_path, redis_url)
+    run = local.start("typo-1")
+    try:
+        wait(waiting_for_answer(local, "typo-1"), run, "the ask")
+        done = local.fleet("answer", "typo-1", "publsh", "--json", '{"approved": true}')
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "(it is waiting on: 'publish')" in done.stdout + done.stderr
+        assert run.poll() is None  # the open ask is untouched
+    finally:
+        run.kill()  # SIGKILL, by PID
+        run.communicate()

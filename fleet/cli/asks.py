@@ -125,9 +125,9 @@ def answer(
         _check_store(located.places.store)
         book = open_ask_book(located.places.store, key_prefix=config.key_prefix)
 
-        async def give() -> AskRecord:
+        async def give() -> tuple[AskRecord, list[str]]:
             try:
-                return await give_answer(
+                given = await give_answer(
                     book,
                     root_id,
                     name,
@@ -135,10 +135,14 @@ def answer(
                     by=who,
                     exists=lambda: _workflow_exists(config, located, root_id),
                 )
+                if given.state != "early":
+                    return given, []
+                found = await records(book, root_id)  # a mistyped name is kept as early
+                return given, [r.name for r in found if r.state == "open" and r.is_open]
             finally:
                 await book.close()
 
-        record = asyncio.run(give())
+        record, waiting = asyncio.run(give())
     except AnswerRefused as refusal:
         text = str(refusal)
         if refusal.kind == "unknown" and "finished" not in text:
@@ -154,6 +158,7 @@ def answer(
         say(
             f"kept the answer to {name!r} of workflow {root_id!r} (by {who}): the workflow "
             "has not asked it yet; it is checked and taken when it does"
+            + (f" (it is waiting on: {', '.join(map(repr, waiting))})" if waiting else "")
         )
     else:
         say(f"answered {name!r} of workflow {root_id!r} (by {who})")
