@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "rate_limits": [],
     "pydantic_ai_steps": [],
     "streaming": [],
+    "redis_memory": [],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "pydantic_ai_steps": ["--steps", "500", "--repeat", "3"],
@@ -38,6 +39,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "celery_tracing": ["--quick", "--repeat", "1"],
     "rate_limits": ["--steps", "200", "--requests", "40", "--tokens", "1440", "--workers", "2"],
     "streaming": ["--steps", "32", "--latency-steps", "10"],
+    "redis_memory": ["--steps", "4000", "--in-flight", "1000", "--workflows", "4"],
 }
 
 
