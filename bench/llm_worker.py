@@ -13,11 +13,10 @@ the ceiling any Celery-based worker reaches on this machine::
 
     python -m bench.llm_worker --base ../fleet-base [--cases 1x16,1x64,1x256,4x64] [--celery]
 
-The agent declares ``max_concurrent = C`` (what docs/AGENTS.md tells an operator whose
-provider takes C calls at once), so its adaptive limit starts at C. A case written
-``1x64:slow`` leaves ``max_concurrent`` out: the agent then finds the width by slow start
-from one call (doubling per 2 s round), which is what an undeclared provider costs a
-worker process once, at its start.
+The agent declares ``max_concurrent = C`` (on its own table, the older spelling, so the
+figures compare with earlier runs), so its adaptive limit starts at C. A case written
+``1x64:slow`` declares nothing: the agent then starts as wide as the worker runs steps
+(issue 26; before it, slow start from one call, doubling per 2 s round).
 
 Both trees run on this interpreter: the old one also needs ``tenacity`` (``pip install
 tenacity``), which fleet no longer uses. The host of each round runs in a subprocess
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cases",
         default="1x16,1x64,1x256,4x64",
-        help="WORKERSxC[:slow],... (:slow: the agent declares no max_concurrent)",
+        help="WORKERSxC[:slow],... (:slow: the agent declares nothing)",
     )
     parser.add_argument("--only", choices=["base", "new"], help="run one side only")
     parser.add_argument(

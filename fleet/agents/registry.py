@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,8 @@ from ..pricing import ModelPrice, UnknownPrice, parse_prices
 from .base import AgentDefinition, AgentFunction
 from .echo import ECHO
 from .targets import import_target, resolve_target
+
+logger = logging.getLogger("fleet.agents")
 
 __all__ = [
     "AgentLike",
@@ -357,6 +360,32 @@ def _load_agents(path: str | Path) -> dict[str, AgentDefinition]:
                 + ", ".join(repr(k) for k in _KINDS),
                 key=f"agents.{name}.kind",
             )
+        if kind == "openai":
+            table = _one_concurrency_cap(name, table, limit, source)
         definition = builder(name, table, source, money)
         agents[name] = dataclasses.replace(definition, limit=limit) if limit else definition
     return agents
+
+
+def _one_concurrency_cap(
+    name: str, table: dict[str, Any], limit: ProviderLimit | None, source: str
+) -> dict[str, Any]:
+    """The agent's calls in flight are capped by its limit's ``max_concurrent``, one cap.
+
+    ``max_concurrent`` on the agent's own table is the older spelling: still read (the
+    smaller of the two wins), with a warning saying where it belongs now.
+    """
+    own = table.get("max_concurrent")
+    if own is not None:
+        logger.warning(
+            "%s: [agents.%s] max_concurrent is deprecated: declare it as max_concurrent in "
+            "a [limits.NAME] table (the one concurrency cap, fleet-wide) and name that table "
+            'with limit = "NAME"; until then it still caps this agent\'s calls per process',
+            source,
+            name,
+        )
+    if limit is None or limit.max_concurrent is None:
+        return table
+    if isinstance(own, int) and not isinstance(own, bool):
+        return {**table, "max_concurrent": min(own, limit.max_concurrent)}
+    return {**table, "max_concurrent": limit.max_concurrent}

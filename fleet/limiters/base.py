@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import ConfigError
 
 __all__ = [
+    "WIDTH_TTL_S",
     "WINDOW_GUARD_S",
     "AdmitResult",
     "AdmitStatus",
@@ -50,6 +51,11 @@ A call reaches the provider a little after we admit it, and not every call equal
 late (a busy event loop, a new connection, the provider's own ingress); without a guard,
 two calls admitted just over ``window_s`` apart can land inside one window at the
 provider. At most 10 % of the window, for sub-second windows."""
+
+
+WIDTH_TTL_S = 3600.0
+"""How long a learned endpoint width is remembered after it was last written: a server
+that was narrow an hour ago (or was replaced) is tried wide again."""
 
 
 def window_guard_s(window_s: float) -> float:
@@ -204,6 +210,19 @@ class RateLimiter(ABC):
     @abstractmethod
     async def state(self, limit: ProviderLimit) -> LimitState:
         """The limit's use now."""
+
+    @abstractmethod
+    async def recall_width(self, endpoint: str) -> int | None:
+        """The calls in flight ``endpoint`` was last seen to take (``None``: nothing known).
+
+        An agent's adaptive concurrency starts there rather than wide
+        (``fleet.agents.openai.concurrency``); what it learns is kept for
+        :data:`WIDTH_TTL_S` after it was last written.
+        """
+
+    @abstractmethod
+    async def remember_width(self, endpoint: str, width: int) -> None:
+        """Keep ``width`` as what ``endpoint`` takes, for :data:`WIDTH_TTL_S`."""
 
     @abstractmethod
     async def reset(self, limit: ProviderLimit) -> None:

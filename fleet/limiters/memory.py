@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .base import AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
+from .base import WIDTH_TTL_S, AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["MemoryRateLimiter"]
 
@@ -35,6 +35,7 @@ class MemoryRateLimiter(RateLimiter):
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
+        self._widths: dict[str, tuple[int, float]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryRateLimiter(limits={sorted(self._windows)!r})"
@@ -120,6 +121,15 @@ class MemoryRateLimiter(RateLimiter):
         """The limit's use now; see :meth:`RateLimiter.state`."""
         now = self._clock()
         return self._state(self._window(limit, now), now)
+
+    async def recall_width(self, endpoint: str) -> int | None:
+        """The endpoint's remembered width; see :meth:`RateLimiter.recall_width`."""
+        width, until = self._widths.get(endpoint, (0, 0.0))
+        return width if until > self._clock() else None
+
+    async def remember_width(self, endpoint: str, width: int) -> None:
+        """Keep the endpoint's width; see :meth:`RateLimiter.remember_width`."""
+        self._widths[endpoint] = (width, self._clock() + WIDTH_TTL_S)
 
     async def reset(self, limit: ProviderLimit) -> None:
         """Forget the limit's use; see :meth:`RateLimiter.reset`."""

@@ -7,6 +7,10 @@ Keys of one limit (``P`` is the key prefix, ``L`` the limit's name)::
     P:limit:L:meta     hash   tokens (sum of cost over the window), paused_until (ms)
     P:limit:L:flight   zset   admission id -> in-flight lease expiry (ms)
 
+and, per model endpoint (``E``: a digest of its base URL and model)::
+
+    P:endpoint:E:width string the calls in flight it was last seen to take (expires)
+
 Why a script of our own rather than the ``limits`` library: its moving-window strategy
 counts hits of a fixed cost, cannot charge a call's token estimate and later replace it
 with the real usage, has no in-flight count with leases and no shared pause; two
@@ -33,7 +37,7 @@ from ..config import mask_url
 from ..errors import BrokerError, ConfigError
 from ..perloop import PerLoop
 from ..redisclient import async_client
-from .base import AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
+from .base import WIDTH_TTL_S, AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["RedisRateLimiter"]
 
@@ -262,6 +266,32 @@ class RedisRateLimiter(RateLimiter):
     async def state(self, limit: ProviderLimit) -> LimitState:
         """The limit's use now (one script); see :meth:`RateLimiter.state`."""
         return _state(*await self._run("state", limit))
+
+    def width_key(self, endpoint: str) -> str:
+        """The key of an endpoint's learned width (a digest: no URL in a key name)."""
+        digest = hashlib.sha256(endpoint.encode()).hexdigest()[:24]
+        return f"{self.key_prefix}:endpoint:{digest}:width"
+
+    async def recall_width(self, endpoint: str) -> int | None:
+        """The endpoint's remembered width (one GET); see :meth:`RateLimiter.recall_width`."""
+        try:
+            value = await self._client().get(self.width_key(endpoint))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise BrokerError(
+                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
+                url=mask_url(self.url),
+            ) from None
+        return int(value) if value is not None else None
+
+    async def remember_width(self, endpoint: str, width: int) -> None:
+        """Keep the endpoint's width (one SET, expiring); see :meth:`RateLimiter.remember_width`."""
+        try:
+            await self._client().set(self.width_key(endpoint), int(width), px=_ms(WIDTH_TTL_S))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise BrokerError(
+                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
+                url=mask_url(self.url),
+            ) from None
 
     async def reset(self, limit: ProviderLimit) -> None:
         """Delete the limit's keys; see :meth:`RateLimiter.reset`."""

@@ -153,6 +153,7 @@ class OpenAIAgent:
             remaining_s=ctx.remaining_s,
             limit=ctx if ctx.limit is not None else None,
             on_text=_delta_sink(ctx) if self.config.stream else None,
+            memory=ctx.limiter,
         )
         return await Conversation(self, spec, ctx, sender).run()
 

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from .concurrency import Gate
+
 __all__ = ["Capabilities", "Learned", "rejected_field", "validation_error"]
 
 ResponseFormat = Literal["json_schema", "json_object", "none"]
@@ -127,6 +129,10 @@ class Capabilities:
     def __init__(self, *, json_schema_format: bool = True) -> None:
         self._lock = threading.Lock()
         self.learned = Learned(response_format="json_schema" if json_schema_format else "none")
+        self.format_confirmed = False
+        """The server answered a structured call in the format now learned."""
+        self.probe = Gate(1)
+        """One structured call at a time until ``format_confirmed``."""
 
     def fall_back(self, name: str, text: str, sent: Learned) -> str | None:
         """Learn that the server refused field ``name`` of a request built with ``sent``.

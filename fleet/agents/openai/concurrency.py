@@ -5,34 +5,46 @@ longer, until they time out and their retries join the back of the same queue. S
 agent keeps at most a *limit* of calls in flight and adapts it the way TCP adapts its
 window (additive increase, multiplicative decrease):
 
-- without ``max_concurrent`` it starts at one call and doubles per round of successes
-  (slow start) until the first sign of congestion, or until a call waited more than a
-  quarter of its timeout (the server has begun to queue: doubling again would push the
-  queue past the timeout before the news came back), then grows by one call per round;
-  with ``max_concurrent`` (the width the operator says the server takes) it starts there;
+- it starts wide: at the cap (``max_concurrent``, else :data:`DEFAULT_CEILING`, so what
+  bounds the first calls is how many steps the worker runs at once, its ``-c``), or at
+  the width this endpoint was last seen to take (remembered fleet-wide, see
+  :meth:`Gate.recall`);
 - a timeout, a 429/503, or a call that took more than half its timeout or whose latency
-  per token climbs well above the best seen halves the limit (once per round: calls that
-  were already in flight when it was halved do not halve it again);
-- ``max_concurrent`` caps it.
+  per token climbs well above the best seen halves it, from the calls actually in
+  flight (once per round: calls that were already in flight when it was halved do not
+  halve it again), and it then grows by one call per round;
+- the cap bounds it.
 
 Calls over the limit wait here, in fleet, not in the server's queue; a timed-out call's
-retry waits for a free slot like any other call.
+retry waits for a free slot like any other call. A call already queued at a server that
+keeps answering is not given up at its timeout (:meth:`Gate.patient`): its retry would
+only join the back of the same queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["AdaptiveLimit", "Gate", "Ticket"]
+__all__ = ["AdaptiveLimit", "Gate", "Ticket", "WidthMemory"]
+
+logger = logging.getLogger("fleet.agents.openai")
 
 DEFAULT_CEILING = 256
 """The most calls in flight per agent and process when ``max_concurrent`` is not set.
 
-As wide as the widest worker the docs size (``-c 256``): slow start, not this cap, is
-what protects a server that takes few calls at once."""
+As wide as the widest worker the docs size (``-c 256``), and where an agent starts: a
+server that takes fewer calls says so (timeouts, 429/503, latency that climbs), and the
+limit falls to what it takes."""
+RECALL_POLL_S = 0.005
+"""How often a call checks whether the endpoint's remembered width has been read."""
+REMEMBER_EVERY_S = 5.0
+"""A grown limit is written to the endpoint's memory at most this often (a fall at once)."""
 CLIMB = 2.0
 """A call is congested when it took this many times the best latency per token ..."""
 CLIMB_SLACK_S = 0.5
@@ -86,13 +98,18 @@ class AdaptiveLimit:
         return latency_s > CLIMB * expected and latency_s - expected > CLIMB_SLACK_S
 
     def on_success(
-        self, started_epoch: int, latency_s: float, tokens: int, timeout_s: float | None = None
+        self,
+        started_epoch: int,
+        latency_s: float,
+        tokens: int,
+        timeout_s: float | None = None,
+        in_flight: int | None = None,
     ) -> None:
-        """A call succeeded: grow, unless its latency shows congestion."""
+        """A call succeeded: grow, unless its latency shows congestion (then halve)."""
         typical = self.typical_s
         self.typical_s = latency_s if typical is None else 0.8 * typical + 0.2 * latency_s
         if self.congested(latency_s, tokens, timeout_s):
-            self.on_congestion(started_epoch)
+            self.on_congestion(started_epoch, in_flight)
             return
         if timeout_s is not None and latency_s > QUEUEING * timeout_s:
             # Its news arrives one call late: by then slow start has admitted that many
@@ -101,11 +118,16 @@ class AdaptiveLimit:
         step = 1.0 if self.slow_start else 1.0 / self.limit
         self.limit = min(self.limit + step, float(self.ceiling))
 
-    def on_congestion(self, started_epoch: int) -> None:
-        """A call timed out or was turned away as overloaded: halve, once per round."""
+    def on_congestion(self, started_epoch: int, in_flight: int | None = None) -> None:
+        """A call timed out or was turned away as overloaded: halve, once per round.
+
+        ``in_flight`` (the calls in flight, this one included) is what is halved when it
+        is below the limit: a limit far above what was ever sent says nothing.
+        """
         if started_epoch != self.epoch:
             return
-        self.limit = max(self.limit / 2, 1.0)
+        base = self.limit if in_flight is None else min(self.limit, float(max(in_flight, 1)))
+        self.limit = max(base / 2, 1.0)
         self.slow_start = False
         self.epoch += 1
 
@@ -117,25 +139,92 @@ class Ticket:
     epoch: int
 
 
+class WidthMemory(Protocol):
+    """Where the width an endpoint takes is remembered (a limiter is one)."""
+
+    async def recall_width(self, endpoint: str) -> int | None:
+        """The width last remembered for ``endpoint`` (``None``: nothing known)."""
+
+    async def remember_width(self, endpoint: str, width: int) -> None:
+        """Remember ``width`` for ``endpoint`` (for a while)."""
+
+
 class Gate:
     """Slots for calls in flight, shared by every event loop and thread of a process.
 
     Args:
-        ceiling: ``max_concurrent``, the most slots ever.
+        ceiling: ``max_concurrent``, the most slots ever (``None``: :data:`DEFAULT_CEILING`).
+        endpoint: what the width is remembered under (the server and model).
     """
 
-    def __init__(self, ceiling: int | None) -> None:
-        # An explicit max_concurrent says what the server takes: start there (a worker
-        # asked for 256 calls in flight gets them at once) and only back off on
-        # congestion. Without one, start at one call and find the width (slow start).
-        if ceiling is None:
-            self.policy = AdaptiveLimit(DEFAULT_CEILING)
-        else:
-            self.policy = AdaptiveLimit(ceiling, limit=float(ceiling), slow_start=False)
+    def __init__(self, ceiling: int | None, *, endpoint: str = "") -> None:
+        # Start wide: the operator's cap, else as wide as the process runs steps. A
+        # server that takes fewer says so within a round, and the limit falls.
+        top = DEFAULT_CEILING if ceiling is None else ceiling
+        self.policy = AdaptiveLimit(top, limit=float(top), slow_start=False)
+        self.endpoint = endpoint
         self.in_flight = 0
         self.peak = 0
+        self.last_answer_at = float("-inf")
+        """``time.monotonic()`` of the last call the server answered."""
+        self._recalled: bool | None = False
+        """Whether the endpoint's width was read (``None``: being read)."""
+        self._remembered: tuple[int, float] = (top, float("-inf"))
         self._lock = threading.Lock()
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+
+    async def recall(self, memory: WidthMemory | None) -> None:
+        """Start from the width this endpoint was last seen to take (once per process).
+
+        Calls that arrive while it is being read wait for it (they would otherwise all
+        go out wide). Advisory: an unreachable memory leaves the limit where it is.
+        """
+        if self._recalled is True or memory is None:
+            return
+        if self._recalled is not False:  # another call is reading it
+            # Polled: the gate serves several event loops, an asyncio.Event only one.
+            while self._recalled is not True:  # noqa: ASYNC110
+                await asyncio.sleep(RECALL_POLL_S)
+            return
+        self._recalled = None
+        try:
+            width = await memory.recall_width(self.endpoint)
+            if width is not None:
+                with self._lock:
+                    self.policy.limit = float(min(max(width, 1), self.policy.ceiling))
+                    self._remembered = (width, time.monotonic())
+                    self._wake()
+        except Exception as error:  # the memory is advisory; the calls go on
+            logger.debug("endpoint width not read (%s)", error)
+        finally:
+            self._recalled = True
+
+    async def remember(self, memory: WidthMemory | None) -> None:
+        """Write the limit to the endpoint's memory when it fell, or grew a while ago."""
+        if memory is None:
+            return
+        slots, now = self.policy.slots, time.monotonic()
+        width, at = self._remembered
+        if slots == width or (slots > width and now - at < REMEMBER_EVERY_S):
+            return
+        self._remembered = (slots, now)
+        try:
+            await memory.remember_width(self.endpoint, slots)
+        except Exception as error:  # the memory is advisory; the calls go on
+            logger.debug("endpoint width not written (%s)", error)
+
+    def patient(self, sent_at: float, waited_s: float, timeout_s: float) -> bool:
+        """Whether a call sent at ``sent_at`` and unanswered for ``waited_s`` may wait on.
+
+        It may while the server keeps answering (another call was answered within the
+        last ``timeout_s``, after this one was sent): the call is queued, not lost, and a
+        retry would only join the back of that queue. At most ``timeout_s`` times the
+        most calls ever in flight (all of them served one after another), so a call that
+        is truly lost is still given up.
+        """
+        now = time.monotonic()
+        answering = self.last_answer_at > max(sent_at, now - timeout_s)
+        return answering and waited_s < timeout_s * max(self.peak, 1)
 
     async def acquire(self) -> Ticket:
         """Wait for a slot (first come, first served)."""
@@ -161,7 +250,8 @@ class Gate:
     ) -> None:
         """Give a slot back after a success that took ``latency_s`` (of ``timeout_s``)."""
         with self._lock:
-            self.policy.on_success(ticket.epoch, latency_s, tokens, timeout_s)
+            self.last_answer_at = time.monotonic()
+            self.policy.on_success(ticket.epoch, latency_s, tokens, timeout_s, self.in_flight)
             self._give_back()
 
     async def release_congested(self, ticket: Ticket, *, hold_s: float) -> None:
@@ -172,7 +262,7 @@ class Gate:
         request: its retry, or anyone else's call, is sent only once that slot is free.
         """
         with self._lock:
-            self.policy.on_congestion(ticket.epoch)
+            self.policy.on_congestion(ticket.epoch, self.in_flight)
             typical = self.policy.typical_s
         try:
             if hold_s > 0:
@@ -192,6 +282,9 @@ class Gate:
 
     def _give_back(self) -> None:
         self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         while self._waiters and self.in_flight < self.policy.slots:
             loop, waiter = self._waiters.popleft()
             self._take()

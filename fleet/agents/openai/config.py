@@ -68,8 +68,10 @@ class OpenAIAgentConfig(_ConfigModel):
     """First retry's delay without ``Retry-After``; doubles per retry (jittered, ≤ 30 s)."""
     max_concurrent: int | None = Field(default=None, ge=1)
     """Model calls this agent keeps in flight to its server at most, per process
-    (``None``: up to 64). Below it the agent adapts: it starts at one and backs off when
-    calls time out or slow down (see ``fleet.agents.openai.concurrency``)."""
+    (``None``: up to 256). The agent starts there and backs off when calls time out,
+    are turned away or slow down (see ``fleet.agents.openai.concurrency``). In an agents
+    file it comes from the agent's ``[limits.NAME] max_concurrent``, the one concurrency
+    cap; the key on the agent's own table is deprecated (still read, with a warning)."""
     max_tool_rounds: int = Field(default=8, ge=0)
     """Tool rounds allowed when the spec sets no ``max_steps``."""
     json_schema_format: bool = True

@@ -169,19 +169,22 @@ class Connections:
         timeout_s: float,
         on_sent: Callable[[float], None] | None = None,
         stream: StreamedCompletion | None = None,
+        bound_reads: bool = True,
     ) -> Answer:
         """POST ``body`` as JSON and read the whole answer.
 
         ``timeout_s`` bounds connecting and each wait for the server's bytes, as a
-        per-request timeout does in httpx; ``on_sent`` gets ``time.monotonic()`` once the
-        body is written. With ``stream``, a 2xx answer of server-sent events is fed to it
-        event by event, and the answer's text is the completion it put together (an
-        ``error`` event makes it a 502).
+        per-request timeout does in httpx (with ``bound_reads=False`` only connecting:
+        the caller bounds the wait for the answer); ``on_sent`` gets
+        ``time.monotonic()`` once the body is written. With ``stream``, a 2xx answer of
+        server-sent events is fed to it event by event, and the answer's text is the
+        completion it put together (an ``error`` event makes it a 502).
 
         Raises:
             ConnectionFailed: no answer (see the class).
         """
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        read = timeout_s if bound_reads else None
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=read)
         try:
             async with self._client().post(
                 url,

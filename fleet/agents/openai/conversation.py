@@ -241,8 +241,26 @@ class Conversation:
         """Send the call (retries inside), falling back on features the server refuses.
 
         The body is built when the call gets its slot, so a call that waited behind one
-        whose refusal taught the agent something is sent the new way at once.
+        whose refusal taught the agent something is sent the new way at once. Until the
+        server has answered one structured call, structured calls go one at a time: a
+        wide start would otherwise send every one of them in a format it may refuse.
         """
+        capabilities = self.agent.capabilities
+        if call.output_schema is None or capabilities.format_confirmed:
+            return await self._send(call)
+        probe = capabilities.probe
+        await probe.acquire()
+        if capabilities.format_confirmed:  # learned while this call waited
+            probe.forget()
+            return await self._send(call)
+        try:
+            data = await self._send(call)
+            capabilities.format_confirmed = True
+            return data
+        finally:
+            probe.forget()
+
+    async def _send(self, call: Call) -> Any:
         capabilities = self.agent.capabilities
         used = capabilities.learned
         cap = call.max_tokens if call.max_tokens is not None else self.config.max_tokens

@@ -13,13 +13,14 @@ long to wait is :mod:`.retry`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import httpx
@@ -28,7 +29,7 @@ from ...errors import AgentError
 from ...limiters import Admission
 from ...perloop import PerLoop
 from .capabilities import rejected_field, validation_error
-from .concurrency import Gate
+from .concurrency import Gate, WidthMemory
 from .config import OpenAIAgentConfig
 from .connections import ConnectionFailed, Connections
 from .retry import backoff, reset_after, retry_after
@@ -139,7 +140,9 @@ class Transport:
         self.config = config
         self.where = where
         self.endpoint = config.base_url.rstrip("/") + "/chat/completions"
-        self.gate = Gate(config.max_concurrent)
+        self.gate = Gate(
+            config.max_concurrent, endpoint=f"{config.base_url.rstrip('/')} {config.model}"
+        )
         # One pool per event loop, closed when that loop shuts down (see fleet.perloop).
         self._pools: PerLoop[Connections] = PerLoop(
             lambda: Connections(ssl_context=tls_context()), close=_close
@@ -161,10 +164,17 @@ class Transport:
         remaining_s: Callable[[], float | None],
         limit: CallGate | None = None,
         on_text: Callable[[str, bool], None] | None = None,
+        memory: WidthMemory | None = None,
     ) -> Sender:
         """What one step sends requests through (its key, deadline, log label, limit)."""
         return Sender(
-            self, key=key, label=label, remaining_s=remaining_s, limit=limit, on_text=on_text
+            self,
+            key=key,
+            label=label,
+            remaining_s=remaining_s,
+            limit=limit,
+            on_text=on_text,
+            memory=memory,
         )
 
 
@@ -180,6 +190,8 @@ class Sender:
             (``None``: no limit).
         on_text: told each piece of a streamed answer's text as it arrives, and whether
             it is the answer's first (a retried request starts the text over).
+        memory: where the width the server takes is remembered between processes
+            (``None``: only in this one).
     """
 
     def __init__(
@@ -191,10 +203,12 @@ class Sender:
         remaining_s: Callable[[], float | None],
         limit: CallGate | None = None,
         on_text: Callable[[str, bool], None] | None = None,
+        memory: WidthMemory | None = None,
     ) -> None:
         self.transport = transport
         self.limit = limit
         self.on_text = on_text
+        self.memory = memory
         self.config = transport.config
         self.label = label
         self.remaining_s = remaining_s
@@ -307,6 +321,7 @@ class Sender:
         its absence) adjusts how many slots there are (see :mod:`.concurrency`).
         """
         gate = self.transport.gate
+        await gate.recall(self.memory)
         ticket = await gate.acquire()
         try:
             data, latency, tokens = await self._request(body(), on_429, on_sent)
@@ -318,6 +333,7 @@ class Sender:
                 if remaining is not None:
                     hold_s = min(hold_s, remaining)
                 await gate.release_congested(ticket, hold_s=hold_s)
+                await gate.remember(self.memory)
             else:
                 gate.forget()
             raise
@@ -325,6 +341,7 @@ class Sender:
             gate.forget()
             raise
         gate.release(ticket, latency_s=latency, tokens=tokens, timeout_s=self.config.timeout_s)
+        await gate.remember(self.memory)
         return data
 
     async def _request(
@@ -341,18 +358,29 @@ class Sender:
         client = self.transport.client()
         started = time.monotonic()
         try:
-            answer = await client.post_json(
-                self.transport.endpoint,
-                body,
-                headers=self._headers,
-                timeout_s=timeout,
-                on_sent=on_sent,
-                stream=StreamedCompletion(self.on_text) if body.get("stream") is True else None,
-            )
-        except ConnectionFailed as problem:
-            if problem.timed_out:
+            # A streamed answer's bytes keep its request alive (each read is bounded);
+            # a whole answer is waited for while the server keeps answering others.
+            streamed = body.get("stream") is True
+            async with self._patience(started, timeout, streamed):
+                answer = await client.post_json(
+                    self.transport.endpoint,
+                    body,
+                    headers=self._headers,
+                    timeout_s=timeout,
+                    on_sent=on_sent,
+                    stream=StreamedCompletion(self.on_text) if streamed else None,
+                    bound_reads=streamed,
+                )
+        except (ConnectionFailed, TimeoutError) as problem:
+            if isinstance(problem, TimeoutError) or problem.timed_out:
+                waited = time.monotonic() - started
+                queued = (
+                    f" (waited {waited:.3g} s while the server answered others)"
+                    if waited > 1.5 * timeout
+                    else ""
+                )
                 raise Transient(
-                    f"no answer within {timeout:.3g} s", congestion=True, abandoned=True
+                    f"no answer within {timeout:.3g} s{queued}", congestion=True, abandoned=True
                 ) from None
             raise Transient(self.scrub(str(problem))) from None
         latency = time.monotonic() - started
@@ -370,6 +398,40 @@ class Sender:
         if status == 429 and on_429 is not None:
             await on_429(answer.headers)
         raise self.refusal(status, text, answer.headers, body)
+
+    @contextlib.asynccontextmanager
+    async def _patience(
+        self, started: float, first_s: float, streamed: bool
+    ) -> AsyncIterator[None]:
+        """Give up on the answer after ``first_s`` unless the server keeps answering.
+
+        A call queued behind others at a server that answers them is waited for (up to
+        the step's deadline, see :meth:`.concurrency.Gate.patient`); its retry would
+        only join the back of the same queue. ``TimeoutError`` when given up. A
+        streamed call is bounded per read instead (its bytes show it is alive).
+        """
+        if streamed:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        gate = self.transport.gate
+        async with asyncio.timeout(None) as window:
+            handles = [loop.call_later(first_s, lambda: check())]
+
+            def check() -> None:
+                waited, left = time.monotonic() - started, self.remaining_s()
+                if gate.patient(started, waited, self.config.timeout_s) and (
+                    left is None or left > 0.001
+                ):
+                    wait = first_s if left is None else min(first_s, left)
+                    handles[0] = loop.call_later(wait, check)
+                else:
+                    window.reschedule(loop.time())
+
+            try:
+                yield
+            finally:
+                handles[0].cancel()
 
     def refusal(
         self, status: int, text: str, headers: Mapping[str, str], body: dict[str, Any]
