@@ -97,6 +97,9 @@ class StepStarted(FleetModel):
     host_task_id: str | None = None
     """The host's own id of the step (the Celery task id on the fleet), so a monitor
     such as the dashboard can link the step to it in Flower; ``None`` in-process."""
+    worker: str | None = None
+    """Where it runs, for humans (the Celery node that claimed it, ``local`` in-process);
+    ``None`` when the worker did not say."""
 
 
 class StepFinished(FleetModel):

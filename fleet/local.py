@@ -214,7 +214,7 @@ class LocalExecutor(AgentExecutor):
     ) -> StepOutcome:
         """Announce the step and run its agent (interruptible by ``cancellation``)."""
         if events is not None:
-            emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent))
+            emit(events, StepStarted(task_id=spec.task_id, agent=spec.agent, worker="local"))
         return await run_interruptible(
             definition, spec, ctx, started=started, cancellation=cancellation
         )

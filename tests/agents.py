@@ -5,10 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from decimal import Decimal
 from pathlib import Path
 
 from fleet import AgentContext, AgentResult, AgentStepSpec, TokenUsage
 from fleet.errors import AgentError
+from fleet.pricing import ModelPrice
+
+DOLLAR_A_TOKEN = ModelPrice(
+    model="dollar-a-token",
+    source="prices",
+    input_per_mtok=Decimal(0),
+    output_per_mtok=Decimal(1_000_000),
+)
+"""The price of :func:`pay`'s model: a completion token costs one dollar."""
 
 
 async def slow_echo(spec: AgentStepSpec, ctx: AgentContext) -> str:
@@ -140,3 +150,21 @@ async def long_step(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
     ctx.check_tokens(usage.total_tokens)
     ctx.charge(usage)
     return AgentResult(output=f"slept {seconds}", usage=usage)
+
+
+async def pay(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
+    """Buy the completion tokens the prompt names at $1 each, as one priced model call.
+
+    The call's worst case is held in dollars first (fewer tokens when less is left).
+    """
+    hold = await ctx.hold_call(
+        DOLLAR_A_TOKEN,
+        model=DOLLAR_A_TOKEN.model,
+        agent=spec.agent,
+        prompt_tokens=0,
+        max_tokens=int(spec.prompt),
+    )
+    usage = TokenUsage(prompt_tokens=0, completion_tokens=hold.max_tokens)
+    ctx.charge(usage)
+    await hold.settle(usage)
+    return AgentResult(output=f"paid {hold.max_tokens}", usage=usage)

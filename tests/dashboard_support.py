@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -104,6 +105,7 @@ async def run_phases(
     executor: str,
     budget_tokens: int | None = None,
     agents: dict[str, object] | None = None,
+    budget_usd: Decimal | None = None,
 ) -> str:
     """Run ``phases`` in order as one workflow; how it ended (``finished``, an error name)."""
     places = plan_run(settings, executor=executor)
@@ -114,6 +116,7 @@ async def run_phases(
         executor=executor,
         budget_tokens=budget_tokens,
         agents=agents,
+        budget_usd=budget_usd,
     ) as builder:
         workflow = builder.build()
         try:

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -460,3 +461,51 @@ def test_fold_steps_outside_phases_and_journal_served_steps() -> None:
 def test_public_status(ended_as: str | None, cancelled: bool, failed: int, expected: str) -> None:
     """A run's end maps to one of running / finished / cancelled / failed."""
     assert public_status(ended_as, cancelled, failed) == expected
+
+
+def test_a_running_step_shows_its_worker() -> None:
+    """A step that started on a worker names it while it runs, not only once it ends."""
+    view = fold(
+        entries(
+            {"type": "phase_start", "name": "p", "index": 0, "step_count": 1},
+            {"type": "step_started", "task_id": "a", "agent": "w", "worker": "worker1@h"},
+        )
+    )
+    (step,) = view.detail(now=12.0, flower_url=None, show_text=False)["phases"][0]["steps"]
+    assert (step["status"], step["worker"]) == ("running", "worker1@h")
+
+
+def test_the_page_says_what_is_limited_and_that_it_ran_out(
+    settings: FleetSettings, dashboard: Dashboard
+) -> None:
+    """A dollar-only run that hit its limit: the gauge says so, in dollars, never 'no budget'."""
+    root_id = f"dollars-{uuid.uuid4().hex[:8]}"
+    phases = [("buy", steps("buy", "pay", ["2", "2", "2", "2"]))]
+    ended = asyncio.run(
+        run_phases(
+            settings,
+            root_id,
+            phases,
+            executor="local",
+            agents={"pay": "tests.agents:pay"},
+            budget_usd=Decimal(5),
+        )
+    )
+    assert ended == "finished"
+    body = get(dashboard, f"/api/workflows/{root_id}").json()
+    assert body["budget"]["limit_usd"] == "5.000000" and body["budget"]["is_exhausted"]
+    page = get(dashboard, f"/workflows/{root_id}").text
+    gauge = page[page.index('id="gauge-text"') :].split("</span>")[0]
+    assert "budget exhausted: $5.000000 of $5.000000" in gauge, gauge
+    assert "no budget" not in gauge
+    assert "4 / 4 steps finished" in page
+
+
+def test_the_page_formats_long_durations_whole() -> None:
+    """Past a minute a duration reads in whole seconds, rounded once: never '1 min 60 s'."""
+    from jinja2 import Environment, FileSystemLoader
+
+    templates = Path(__file__).resolve().parents[1] / "fleet" / "dashboard" / "templates"
+    macros = Environment(loader=FileSystemLoader(templates)).get_template("macros.html").module
+    shown = {s: str(macros.duration(s)) for s in (9.5, 59.97, 119.6, 3725.2)}  # type: ignore[attr-defined]
+    assert shown == {9.5: "9.50 s", 59.97: "1 min 0 s", 119.6: "2 min 0 s", 3725.2: "1 h 2 min 5 s"}

@@ -14,6 +14,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,13 @@ class Run:
     """A workflow run in a thread of its own (the browser drives the test's thread)."""
 
     def __init__(
-        self, runs: list[Run], settings: FleetSettings, root_id: str, phases: Any, budget: int
+        self,
+        runs: list[Run],
+        settings: FleetSettings,
+        root_id: str,
+        phases: Any,
+        budget: int | None,
+        budget_usd: Decimal | None = None,
     ) -> None:
         self.root_id = root_id
         self.ended: list[str] = []
@@ -110,7 +117,14 @@ class Run:
             daemon=True,
             target=lambda: self.ended.append(
                 asyncio.run(
-                    run_phases(settings, root_id, phases, executor="celery", budget_tokens=budget)
+                    run_phases(
+                        settings,
+                        root_id,
+                        phases,
+                        executor="celery",
+                        budget_tokens=budget,
+                        budget_usd=budget_usd,
+                    )
                 )
             ),
         )
@@ -242,6 +256,80 @@ def test_live_workflow_page_in_a_real_browser(
     long_run.join()  # a cancelled phase returns its outcomes: the program may end normally
     assert "done" not in step_states(browser, "nap-")
     wait(browser, "nap steps failed", lambda b: step_states(b, "nap-") == ["failed"] * 4)
+
+
+@pytest.mark.timeout(300)
+def test_the_workflow_page_tells_the_whole_truth(
+    browser: WebDriver,
+    dashboard: Dashboard,
+    workers: CeleryWorkers,
+    settings: FleetSettings,
+    place: Path,
+    runs: list[Run],
+) -> None:
+    """Durations, a phase's running steps and their workers, the budget's unit and its end."""
+    base = dashboard.url.replace("http://", f"http://fleet:{PASSWORD}@")
+    browser.get(base + "/")
+    durations = browser.execute_script("return [fmtDuration(119.6), fmtDuration(3725.2)]")
+    assert durations == ["2 min 0 s", "1 h 2 min 5 s"]
+
+    # Dollars only, and spent: the gauge says what is limited and that it ran out.
+    paid_id = f"paid-{uuid.uuid4().hex[:6]}"
+    buys = [("buy", [spec(f"buy-{i}", "pay", "2", 10) for i in range(1, 5)])]
+    assert Run(runs, settings, paid_id, buys, None, Decimal(5)).join() == "finished"
+    browser.get(base + f"/workflows/{paid_id}")
+    gauge = wait(
+        browser,
+        "the dollar gauge",
+        lambda b: (
+            "$5.000000 of $5.000000" in b.find_element(By.ID, "gauge-text").text
+            and b.find_element(By.ID, "gauge-text")
+        ),
+    )
+    assert gauge.text.startswith("budget exhausted"), gauge.text
+    assert "exhausted" in browser.find_element(By.ID, "gauge").get_attribute("class")
+    assert "budget exhausted" in browser.find_element(By.ID, "notes").text
+
+    # Two steps still run while the others are done: the phase and the rows say so.
+    mixed_id = f"mixed-{uuid.uuid4().hex[:6]}"
+    mix = [spec(f"quick-{i}", "sleep_prompt", "0", 10) for i in range(1, 5)]
+    mix += [spec(f"slow-{i}", "sleep_prompt", "30", 100) for i in range(1, 3)]
+    Run(runs, settings, mixed_id, [("mix", mix)], 1000)
+    browser.get(base + "/")
+    open_from_list(browser, mixed_id)
+    try:
+        wait(
+            browser,
+            "quick steps done, slow ones running",
+            lambda b: (
+                step_states(b, "quick-") == ["done"] * 4
+                and step_states(b, "slow-") == ["running"] * 2
+            ),
+        )
+    except TimeoutException:
+        states = step_states(browser, "quick-"), step_states(browser, "slow-")
+        raise AssertionError(f"steps {states}; page {browser.page_source[:3000]}") from None
+    heading = browser.find_element(By.CSS_SELECTOR, "section.phase h2 small").text
+    assert heading == "4 / 6 steps finished, 2 running", heading
+    for row in browser.find_elements(By.CSS_SELECTOR, "tr.step[data-task-id^='slow-']"):
+        worker = row.find_elements(By.TAG_NAME, "td")[3].text
+        assert worker.startswith(("worker1@", "worker2@")), worker
+    gauge = browser.find_element(By.ID, "gauge-text").text
+    assert gauge.startswith("0 of 1000 tokens"), gauge
+    width = browser.execute_script("return document.getElementById('gauge').offsetWidth")
+    assert width >= 900  # the bar spans the page, not a sliver beside it
+    shot = place / "dashboard-truth.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("FLEET_DASHBOARD_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["FLEET_DASHBOARD_SCREENSHOT"])
+
+    with dashboard.client() as client:
+        sent = client.post(f"/api/workflows/{mixed_id}/cancel", json={"reason": "enough"})
+    assert sent.status_code == 202, sent.text
+    wait(browser, "cancelled", lambda b: b.find_element(By.ID, "status").text == "cancelled")
+    wait(browser, "slow steps ended", lambda b: "running" not in step_states(b, "slow-"))
+    gauge = browser.find_element(By.ID, "gauge-text").text
+    assert "reserved" not in gauge, gauge  # an ended run holds nothing
 
 
 def test_wrong_password_in_the_browser_is_refused(browser: WebDriver, dashboard: Dashboard) -> None:

@@ -74,7 +74,7 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.error("rejected %s message %s: %s; it will not run", STEP_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     spec = message.spec
-    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent).to_json()
+    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent, worker=worker).to_json()
     notice = started if message.announce else ""
     steps = message.record or message.nonce
     status, value = runtime.claim(tid, message.nonce, message.reply, notice, message.cancel, steps)
@@ -191,7 +191,8 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
         )
         spec, crashed = None, True
     if spec is not None and context.announce:
-        client.rpush(reply, Started(id=link, task_id=spec.task_id, agent=spec.agent).to_json())
+        notice = Started(id=link, task_id=spec.task_id, agent=spec.agent, worker=worker)
+        client.rpush(reply, notice.to_json())
     if spec is None:
         stop = Stopped(id=link, outcome=None if crashed else prev).to_json()
         runtime.finish(link, context.nonce, owner, stop, reply, stop)

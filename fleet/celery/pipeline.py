@@ -173,7 +173,10 @@ class Pipeline(Track):
         if isinstance(notice, Started):
             chain_.started = True
             started = StepStarted(
-                task_id=notice.task_id, agent=notice.agent, host_task_id=chain_.tid
+                task_id=notice.task_id,
+                agent=notice.agent,
+                host_task_id=chain_.tid,
+                worker=notice.worker,
             )
             emit(self.events, started)
         elif isinstance(notice, Finished):

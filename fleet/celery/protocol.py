@@ -209,6 +209,8 @@ class Started(FleetModel):
     """The step's ``spec.task_id``."""
     agent: str
     """The step's agent."""
+    worker: str | None = None
+    """The Celery node that claimed it (``worker1@host``), for humans."""
 
 
 class Finished(FleetModel):

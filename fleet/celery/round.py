@@ -343,7 +343,10 @@ class Round(Track):
             if not entry.started:
                 entry.started = True
                 started = StepStarted(
-                    task_id=entry.spec.task_id, agent=entry.spec.agent, host_task_id=entry.tid
+                    task_id=entry.spec.task_id,
+                    agent=entry.spec.agent,
+                    host_task_id=entry.tid,
+                    worker=notice.worker,
                 )
                 emit(self.events, started)
         elif isinstance(notice, Finished):

@@ -213,6 +213,7 @@ class WorkflowView:
             agent=str(event.get("agent", "")),
             phase=phase,
             host_task_id=_str_or_none(event.get("host_task_id")),
+            worker=_str_or_none(event.get("worker")),
         )
         self.phases[phase].steps.append(step)
         if self.phases[phase].index is None:
@@ -232,7 +233,7 @@ class WorkflowView:
         else:  # served from the journal, or its start fell out of the capped log
             step = self._started(event, running=False)
         step.status = "done" if event.get("success") else "failed"
-        step.worker = _str_or_none(event.get("worker"))
+        step.worker = _str_or_none(event.get("worker")) or step.worker
         step.duration_s = float_or_none(event.get("duration_s"))
         step.tokens = _int(event.get("total_tokens"))
         step.cost_usd = _money(event.get("cost_usd"))

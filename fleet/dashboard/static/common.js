@@ -32,11 +32,49 @@ function fmtTime(at) {
   return date.toLocaleString(undefined, { hour12: false });
 }
 
+// Under a minute with decimals; past it whole seconds, rounded once (never "1 min 60 s").
 function fmtDuration(seconds) {
   if (seconds === null || seconds === undefined) return "";
-  if (seconds < 60) return seconds.toFixed(seconds < 10 ? 2 : 1) + " s";
-  const minutes = Math.floor(seconds / 60);
-  return minutes + " min " + Math.round(seconds - minutes * 60) + " s";
+  if (seconds < 59.95) return seconds.toFixed(seconds < 10 ? 2 : 1) + " s";
+  const total = Math.round(seconds);
+  const hours = Math.floor(total / 3600);
+  const minutes = Math.floor((total % 3600) / 60);
+  const rest = total % 60;
+  return (hours ? hours + " h " : "") + minutes + " min " + rest + " s";
+}
+
+// A phase's progress: finished of all, and how many still run ("12 / 12" never hides them).
+function fmtPhase(phase) {
+  const finished = phase.steps.filter((s) => s.status !== "running").length;
+  const running = phase.steps.length - finished;
+  return finished + " / " + phase.step_count + " steps finished" + (running ? ", " + running + " running" : "");
+}
+
+// The budget as a bar: [consumed share, reserved share, label, exhausted] in the limited
+// unit (dollars when there is a dollar limit); null without any limit.
+function budgetBar(wf) {
+  const budget = wf.budget;
+  const exhausted = Boolean(wf.budget_exhausted || (budget && budget.is_exhausted));
+  if (!budget || (budget.limit_tokens == null && budget.limit_usd == null)) return null;
+  const live = wf.status === "running";  // an ended run holds nothing any more
+  let used, held, label;
+  if (budget.limit_usd != null) {
+    const limit = Number(budget.limit_usd);
+    used = limit > 0 ? Number(budget.consumed_usd || 0) / limit : 1;
+    held = live && limit > 0 ? Number(budget.reserved_usd || 0) / limit : 0;
+    label = "$" + (budget.consumed_usd || "0") + " of $" + budget.limit_usd;
+    if (live && Number(budget.reserved_usd || 0) > 0) label += " ($" + budget.reserved_usd + " reserved)";
+  } else {
+    const limit = budget.limit_tokens;
+    used = limit > 0 ? budget.consumed_tokens / limit : 1;
+    held = live && limit > 0 ? (budget.reserved_tokens || 0) / limit : 0;
+    label = budget.consumed_tokens + " of " + limit + " tokens";
+    if (live && budget.reserved_tokens) label += " (" + budget.reserved_tokens + " reserved)";
+  }
+  used = Math.max(0, Math.min(1, used));
+  held = Math.max(0, Math.min(1 - used, held));
+  if (exhausted) label = "budget exhausted: " + label;
+  return [used, held, label, exhausted];
 }
 
 function fmtTokens(row) {

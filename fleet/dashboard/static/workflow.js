@@ -47,7 +47,7 @@ function showStep(taskId) {
   if (!step) { panel.hidden = true; return; }
   const fields = [
     ["task id", step.task_id], ["phase", phase.name], ["agent", step.agent],
-    ["status", step.status], ["worker", step.worker || "(not yet)"],
+    ["status", step.status], ["worker", step.worker || "(not known)"],
     ["duration", fmtDuration(step.duration_s)], ["tokens", step.tokens],
     ["cost", step.cost_usd !== null ? "$" + step.cost_usd : "(not priced)"],
     ["error", step.error || "none"], ["rate-limit wait", step.rate_wait_s + " s"],
@@ -80,25 +80,21 @@ function outputOf(taskId) {
 }
 
 function gauge(wf) {
-  const budget = wf.budget;
   const fill = document.getElementById("gauge-fill");
+  const held = document.getElementById("gauge-held");
   const text = document.getElementById("gauge-text");
   const box = document.getElementById("gauge");
-  if (!budget || (budget.limit_tokens == null && budget.limit_usd == null)) {
-    fill.style.width = "0"; text.textContent = "no budget"; return;
+  const bar = budgetBar(wf);
+  if (!bar) {
+    fill.style.width = "0"; held.style.width = "0"; text.textContent = "no budget";
+    box.classList.remove("high", "exhausted");
+    return;
   }
-  let share, label;
-  if (budget.limit_usd != null && Number(budget.limit_usd) > 0) {
-    share = Number(budget.consumed_usd || 0) / Number(budget.limit_usd);
-    label = "$" + (budget.consumed_usd || 0) + " of $" + budget.limit_usd;
-  } else {
-    share = budget.limit_tokens ? budget.consumed_tokens / budget.limit_tokens : 1;
-    label = budget.consumed_tokens + " of " + budget.limit_tokens + " tokens";
-    if (budget.reserved_tokens) label += " (" + budget.reserved_tokens + " reserved)";
-  }
-  share = Math.max(0, Math.min(1, share));
-  fill.style.width = (share * 100).toFixed(1) + "%";
-  box.classList.toggle("high", share >= 0.9);
+  const [used, reserved, label, exhausted] = bar;
+  fill.style.width = (used * 100).toFixed(1) + "%";
+  held.style.width = (reserved * 100).toFixed(1) + "%";
+  box.classList.toggle("high", used >= 0.9);
+  box.classList.toggle("exhausted", exhausted);
   text.textContent = label;
 }
 
@@ -119,12 +115,12 @@ function render(wf) {
     wf.rate_limited.count + " (" + wf.rate_limited.wait_s.toFixed(1) + " s)";
   const notes = [];
   if (wf.cancel_reason) notes.push("cancelled: " + wf.cancel_reason);
-  if (wf.budget_exhausted) notes.push(wf.budget_exhausted);
+  if (wf.budget_exhausted) notes.push("budget exhausted: " + wf.budget_exhausted);
   document.getElementById("notes").textContent = notes.join(" · ");
   gauge(wf);
   document.getElementById("phases").replaceChildren(...wf.phases.map((phase) =>
     el("section", { class: "phase" }, [
-      el("h2", {}, [phase.name + " ", el("small", {}, [phase.steps.length + " / " + phase.step_count + " steps"])]),
+      el("h2", {}, [phase.name + " ", el("small", {}, [fmtPhase(phase)])]),
       el("table", { class: "steps" }, [stepHead(), el("tbody", {}, phase.steps.map(stepRow))]),
     ])));
   document.getElementById("rate-list").replaceChildren(...wf.rate_waits.map((wait) =>
