@@ -129,10 +129,20 @@ class Capabilities:
     def __init__(self, *, json_schema_format: bool = True) -> None:
         self._lock = threading.Lock()
         self.learned = Learned(response_format="json_schema" if json_schema_format else "none")
-        self.format_confirmed = False
-        """The server answered a structured call in the format now learned."""
+        self.confirmed: frozenset[str] = frozenset()
+        """Optional features (``response_format``, ``stream``) the server has answered
+        a call asking for (in the form then learned)."""
         self.probe = Gate(1)
-        """One structured call at a time until ``format_confirmed``."""
+        """One call at a time while it asks for a feature not yet confirmed."""
+
+    def unconfirmed(self, features: frozenset[str]) -> bool:
+        """Whether a call asking for ``features`` would try one the server never answered."""
+        return not features <= self.confirmed
+
+    def confirm(self, features: frozenset[str]) -> None:
+        """The server answered a call asking for ``features`` (as now learned)."""
+        with self._lock:
+            self.confirmed = self.confirmed | features
 
     def fall_back(self, name: str, text: str, sent: Learned) -> str | None:
         """Learn that the server refused field ``name`` of a request built with ``sent``.

@@ -242,23 +242,34 @@ class Conversation:
 
         The body is built when the call gets its slot, so a call that waited behind one
         whose refusal taught the agent something is sent the new way at once. Until the
-        server has answered one structured call, structured calls go one at a time: a
-        wide start would otherwise send every one of them in a format it may refuse.
+        server has answered one call using an optional feature (structured output,
+        streaming), calls using it go one at a time: a wide start would otherwise send
+        every one of them in a form the server may refuse.
         """
         capabilities = self.agent.capabilities
-        if call.output_schema is None or capabilities.format_confirmed:
+        features = self.features(call)
+        if not capabilities.unconfirmed(features):
             return await self._send(call)
         probe = capabilities.probe
         await probe.acquire()
-        if capabilities.format_confirmed:  # learned while this call waited
+        if not capabilities.unconfirmed(features):  # learned while this call waited
             probe.forget()
             return await self._send(call)
         try:
             data = await self._send(call)
-            capabilities.format_confirmed = True
+            capabilities.confirm(features)
             return data
         finally:
             probe.forget()
+
+    def features(self, call: Call) -> frozenset[str]:
+        """The optional request features ``call`` would ask the server for."""
+        wanted = set()
+        if call.output_schema is not None:
+            wanted.add("response_format")
+        if self.config.stream:
+            wanted.add("stream")
+        return frozenset(wanted)
 
     async def _send(self, call: Call) -> Any:
         capabilities = self.agent.capabilities
