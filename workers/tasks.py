@@ -191,8 +191,8 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
         )
         spec, crashed = None, True
     if spec is not None and context.announce:
-        notice = Started(id=link, task_id=spec.task_id, agent=spec.agent, worker=worker)
-        client.rpush(reply, notice.to_json())
+        started = Started(id=link, task_id=spec.task_id, agent=spec.agent, worker=worker)
+        client.rpush(reply, started.to_json())
     if spec is None:
         stop = Stopped(id=link, outcome=None if crashed else prev).to_json()
         runtime.finish(link, context.nonce, owner, stop, reply, stop)

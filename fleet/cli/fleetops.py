@@ -55,7 +55,7 @@ _CONCURRENCY_HELP = (
     "process: every step's coroutine runs on one shared event loop and a waiting step costs "
     "only an idle thread; an agent starts that wide (at most its max_concurrent, else "
     "256) and backs off when its server signals it takes fewer: timeouts, 429/503, "
-    "latency that climbs), so size it as "
+    "latency that climbs; size it as "
     "(calls wanted in flight) / (worker processes), "
     "capped by what your model server or rate limit allows at once; add processes when "
     "one process's CPU (a few ms per step) becomes the limit. Agents declared "
