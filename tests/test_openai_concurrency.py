@@ -113,6 +113,7 @@ async def test_a_queued_call_is_waited_for_while_the_server_answers() -> None:
         executor = LocalExecutor(agents={"llm": agent}, max_concurrency=6)
         outcomes = await asyncio.gather(*[executor.execute_step(s) for s in specs(6)])
         received = len(server.requests)
+        await agent.aclose()
 
     assert [o.error for o in outcomes] == [None] * 6, [o.output for o in outcomes]
     assert received == 6
