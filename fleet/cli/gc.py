@@ -49,10 +49,16 @@ def gc(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Remove nothing; say what would go."),
     redis_url: str | None = typer.Option(
-        None, "--redis-url", help="Redis or Sentinel URL (default: FLEET_REDIS_URL)."
+        None,
+        "--redis-url",
+        metavar="URL",
+        help="Redis or Sentinel URL (default: FLEET_REDIS_URL).",
     ),
     key_prefix: str | None = typer.Option(
-        None, "--key-prefix", help="The fleet's key prefix (default: FLEET_KEY_PREFIX)."
+        None,
+        "--key-prefix",
+        metavar="PREFIX",
+        help="The fleet's key prefix (default: FLEET_KEY_PREFIX).",
     ),
 ) -> None:
     """Prune ended workflows past their retention (retention_s) from Redis, in SCAN batches."""
