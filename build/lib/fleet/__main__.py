@@ -1,5 +1,0 @@
-"""``python -m fleet`` is the ``fleet`` command."""
-
-from .cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""The Celery worker deployable: ``celery -A workers.app worker`` (see :mod:`workers.app`)."""
