@@ -52,6 +52,7 @@ __all__ = [
     "RunStatus",
     "build_executor",
     "check_reachable",
+    "indexed_stores",
     "locate_run",
     "open_ledger",
     "open_run",
@@ -381,6 +382,21 @@ def _indexed(path: Path, root_id: str) -> RunPlaces | None:
     except (OSError, sqlite3.Error):
         return None
     return None if row is None else RunPlaces(store=row[0], events=row[1], ledger=row[2])
+
+
+def indexed_stores(path: Path) -> list[str]:
+    """Every journal the run index has seen runs use, newest first (passwords masked)."""
+    if not path.exists():
+        return []
+    try:
+        conn = _index(path)
+        with contextlib.closing(conn):
+            rows = conn.execute(
+                "SELECT store FROM fleet_runs GROUP BY store ORDER BY MAX(started) DESC"
+            ).fetchall()
+    except (OSError, sqlite3.Error):
+        return []
+    return [str(row[0]) for row in rows]
 
 
 # --- finding and reading a run -----------------------------------------------------------

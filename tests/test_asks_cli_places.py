@@ -9,9 +9,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import pytest
+
 from fleet.redis_server import free_port
+
+FLOW = """
+from fleet import AgentStepSpec, Workflow
+
+
+async def main(workflow: Workflow) -> None:
+    await workflow.phase("p", [AgentStepSpec(task_id="a", agent="echo", description="", prompt="x")])
+"""
 
 
 def fleet(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,3 +61,22 @@ def test_a_missing_sqlite_journal_is_named_not_listed_as_empty(tmp_path: Path) -
     line = only_line(done)
     assert "no journal at 'jornal.db'" in line and "no open questions" not in line
     assert not (tmp_path / "jornal.db").exists()
+
+
+@pytest.mark.redis
+def test_an_empty_listing_names_the_journals_other_runs_used(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A run on a Redis journal, `fleet asks` without --store: the line points at Redis."""
+    (tmp_path / "flow.py").write_text(FLOW)
+    ran = fleet(
+        tmp_path, "run", "flow.py:main", "--root-id", f"qa-{uuid.uuid4().hex}", "--store", redis_url
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    done = fleet(tmp_path, "run", "flow.py:main", "--root-id", "r2")  # the default journal
+    assert done.returncode == 0, done.stdout + done.stderr
+    listing = fleet(tmp_path, "asks")
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    line = only_line(listing)
+    assert line.startswith("no open questions in sqlite:.fleet/journal.db; runs also used ")
+    assert f"{redis_url} (fleet asks --store ...)" in line

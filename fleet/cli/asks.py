@@ -19,7 +19,7 @@ import typer
 from ..asks import AskBook, AskRecord, give_answer, open_ask_book, open_asks, records
 from ..config import FleetSettings, mask_url
 from ..errors import AnswerRefused, BrokerError, FleetError
-from ..runner import Located, RunPlaces, locate_run
+from ..runner import Located, RunPlaces, indexed_stores, locate_run
 from ..sentinel import check_redis
 from .app import app, settings
 from .cancel import board_at
@@ -206,6 +206,12 @@ async def read_asks(config: FleetSettings, places: RunPlaces, root_id: str) -> l
     return [line for record in found for line in ask_lines(record)]
 
 
+def _other_journals(config: FleetSettings) -> list[str]:
+    """Journals other runs used (from the run index), for a listing that found nothing."""
+    here = mask_url(config.store).strip()
+    return [place for place in indexed_stores(config.run_index) if place.strip() != here]
+
+
 @app.command()
 def asks(
     store: Annotated[
@@ -237,7 +243,11 @@ def asks(
         say(f"cannot list asks in {where}: {error}")
         raise typer.Exit(1) from None
     if not found:
-        say(f"no open questions in {where}")
+        others = [] if store is not None else _other_journals(config)
+        say(
+            f"no open questions in {where}"
+            + (f"; runs also used {', '.join(others)} (fleet asks --store ...)" if others else "")
+        )
         return
     say(f"{len(found)} open question{'s' if len(found) > 1 else ''} in {where}:")
     for record in found:
