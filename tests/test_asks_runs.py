@@ -205,3 +205,23 @@ def test_an_answer_to_a_name_not_asked_names_the_open_asks(tmp_path: Path, redis
     finally:
         run.kill()  # SIGKILL, by PID
         run.communicate()
+
+
+def test_after_a_cancel_status_says_nothing_waits_on_the_open_ask(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Cancelled while waiting: the ask stays open, but `fleet status` does not say WAITING."""
+    local = local_backend(tmp_path, redis_url)
+    run = local.start("cancelled-1")
+    try:
+        wait(waiting_for_answer(local, "cancelled-1"), run, "the ask")
+        cancel = local.fleet("cancel", "cancelled-1")
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        run.communicate(timeout=60)
+    finally:
+        run.kill()  # by PID; already gone after the cancel
+    status = local.fleet("status", "cancelled-1")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "ask publish: OPEN (no host waits on it now) since" in status.stdout
+    assert "WAITING" not in status.stdout
+    assert "the next run with --root-id cancelled-1 takes it" in status.stdout

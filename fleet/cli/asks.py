@@ -171,8 +171,14 @@ def _user() -> str:
         return "cli"
 
 
-def ask_lines(record: AskRecord) -> list[str]:
-    """How ``fleet status`` shows one ask."""
+def ask_lines(record: AskRecord, *, host: bool = True) -> list[str]:
+    """How ``fleet status`` shows one ask.
+
+    Args:
+        record: the ask.
+        host: whether a host is running the workflow (so an open ask is being waited on);
+            after a cancel or a host's death the ask stays open for the next run.
+    """
     head = f"  ask {record.name}: "
     if record.state == "early":
         lines = [head + f"an answer by {record.answered_by} is kept until the program asks"]
@@ -181,18 +187,25 @@ def ask_lines(record: AskRecord) -> list[str]:
     elif record.state == "timed_out" or not record.is_open:
         lines = [head + f"timed out at {_clock(record.deadline)}, unanswered"]
     else:
+        state = "WAITING" if host else "OPEN (no host waits on it now)"
         lines = [
-            head + f"WAITING since {_clock(record.asked_at)} (deadline "
+            head + f"{state} since {_clock(record.asked_at)} (deadline "
             f"{_clock(record.deadline)}): {record.question}",
-            f"    answer it with: fleet answer {record.root_id} {record.name} --json ...",
+            f"    answer it with: fleet answer {record.root_id} {record.name} --json ..."
+            + ("" if host else f"; the next run with --root-id {record.root_id} takes it"),
         ]
     if record.note and record.state in ("open", "timed_out"):
         lines.append(f"    note: {record.note}")
     return lines
 
 
-async def read_asks(config: FleetSettings, places: RunPlaces, root_id: str) -> list[str]:
-    """The ``fleet status`` lines of ``root_id``'s asks (empty when it asked nothing)."""
+async def read_asks(
+    config: FleetSettings, places: RunPlaces, root_id: str, *, host: bool = True
+) -> list[str]:
+    """The ``fleet status`` lines of ``root_id``'s asks (empty when it asked nothing).
+
+    ``host`` says whether a host is running the workflow (see :func:`ask_lines`).
+    """
     if places.store.strip() == "memory":
         return []
     try:
@@ -203,7 +216,7 @@ async def read_asks(config: FleetSettings, places: RunPlaces, root_id: str) -> l
             await book.close()
     except FleetError as error:
         return [f"  asks: unreadable ({error})"]
-    return [line for record in found for line in ask_lines(record)]
+    return [line for record in found for line in ask_lines(record, host=host)]
 
 
 def _other_journals(config: FleetSettings) -> list[str]:

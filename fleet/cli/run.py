@@ -482,7 +482,8 @@ def status(
         run = asyncio.run(latest_run(board_at(config, located.places), root_id))
     except FleetError:
         run = None  # the journal and log above still tell what is known
-    ask_lines = asyncio.run(read_asks(config, located.places, root_id))
+    host = run is None or run.shown_status == "running"  # cancelled or abandoned: none
+    ask_lines = asyncio.run(read_asks(config, located.places, root_id, host=host))
     if not report.known and run is None and not ask_lines:
         say(f"no workflow {root_id!r} found (looked in: {'; '.join(located.looked)})")
         raise typer.Exit(1)
