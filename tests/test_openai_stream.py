@@ -48,6 +48,7 @@ async def run_live(
     events = flow.subscribe(deltas=True, capacity=100_000)
     outcomes = await flow.parallel(specs)
     await flow.close()
+    await llm.aclose()
     deltas = [event async for event in events if isinstance(event, StepDelta)]
     live = LiveText()
     for delta in deltas:
