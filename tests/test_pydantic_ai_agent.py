@@ -538,3 +538,22 @@ async def test_tools_run_on_the_worker_that_runs_the_step(
         f"Oslo: 1000 people (looked up by process {worker_pid})"
     ]
     assert worker_pid != os.getpid()
+
+
+def test_an_agent_module_that_fails_on_import_is_one_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AGENTS.md's own example without OPENAI_API_KEY: one line naming the file, no traceback."""
+    (tmp_path / "needs_key_agents.py").write_text(
+        'from pydantic_ai import Agent\n\nextractor = Agent("openai:gpt-4o-mini")\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.x]\nkind = "pydantic_ai"\ntarget = "needs_key_agents:extractor"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_agents(path)
+    message = str(caught.value)
+    assert "[agents.x]" in message and "needs_key_agents.py:3" in message, message
+    assert "UserError: Set the `OPENAI_API_KEY` environment variable" in message, message
+    assert len(message.splitlines()) == 1

@@ -7,6 +7,7 @@ pydantic-ai agent, the Celery app's stages) imports it without importing each ot
 from __future__ import annotations
 
 import importlib
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,12 @@ def import_target(target: str, *, what: str = "agent") -> Any:
             "is it installed and on PYTHONPATH?",
             key=target,
         ) from None
+    except Exception as error:  # the module's own code failed: one line, not a traceback
+        raise ConfigError(
+            f"{what} target {target!r}: importing module {module_name!r} failed at "
+            f"{_where_raised(error)}: {type(error).__name__}: {_first_line(error)}",
+            key=target,
+        ) from error
     obj: Any = module
     for part in attribute.split("."):
         try:
@@ -44,6 +51,21 @@ def import_target(target: str, *, what: str = "agent") -> Any:
                 key=target,
             ) from None
     return obj
+
+
+def _where_raised(error: BaseException) -> str:
+    """``file:line`` of the innermost frame outside installed packages and the importer."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if "site-packages" not in frame.filename and not frame.filename.startswith("<")
+    ]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "import"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def resolve_target(target: str, *, what: str = "agent") -> Callable[..., Any]:
