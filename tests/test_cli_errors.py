@@ -136,6 +136,17 @@ def test_help_pages_show_no_value_for_flags_and_one_argument_style(
     assert "--flower" in _help(["up"])  # the pages are really rendered
 
 
+def test_help_pages_read_as_plain_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reST quoting or swallowed markup: `[limits.NAME]` is shown, a sentence wraps once."""
+    monkeypatch.setenv("COLUMNS", "200")
+    for words in _help_pages():
+        assert "``" not in _help(words), words
+    assert "([limits.NAME] in the agents file" in _help(["limits"])
+    cancel = " ".join(_help(["cancel"]).split())
+    assert "1 when no run of ROOT_ID is going on" in cancel
+    assert "(abandoned: no heartbeat)" in cancel
+
+
 def test_outside_a_checkout_the_packaged_agents_file_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

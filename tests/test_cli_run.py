@@ -134,6 +134,18 @@ def test_fleet_run_rejects_a_target_without_an_async_main(tmp_path: Path) -> Non
     sync = run_fleet(tmp_path, "run", f"{flow}:main")
     assert sync.returncode == 2
     assert "expected `async def main(workflow)`" in sync.stderr
+    assert "plain function (not async)" in sync.stderr
+    assert "fleet_program_" not in sync.stderr  # no internal module name
+
+
+def test_fleet_run_names_a_missing_program_function(tmp_path: Path) -> None:
+    """A mistyped function name says the file defines no such name, not that it is not async."""
+    flow = tmp_path / "flow.py"
+    flow.write_text("async def main(workflow):\n    return None\n")
+    mistyped = run_fleet(tmp_path, "run", f"{flow}:mian")
+    assert mistyped.returncode == 2
+    assert f"{flow} defines no 'mian'" in mistyped.stderr
+    assert "expected `async def mian(workflow)`" in mistyped.stderr
 
 
 @pytest.mark.faults

@@ -49,6 +49,7 @@ def test_the_documented_fleet_up_loads_the_example_agents(tmp_path: Path) -> Non
             assert process.poll() is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, log.read_text(errors="replace")
             time.sleep(0.5)
+        assert "Redis, 1 worker ..." in log.read_text(errors="replace")  # not "1 workers"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0, log.read_text(errors="replace")
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import traceback
@@ -57,6 +58,10 @@ def _polish(command: Any) -> None:
     Python name as written (``root_id``) beside the capitals of those given a metavar.
     Duck-typed: Typer builds on Click or on its own copy of it, depending on its version.
     """
+    for attr in ("help", "short_help"):
+        text = getattr(command, attr, None)
+        if text:
+            setattr(command, attr, _plain(text))
     for param in command.params:
         _polish_param(param)
     made = command.get_help_option
@@ -72,7 +77,26 @@ def _polish(command: Any) -> None:
         _polish(sub)
 
 
+def _plain(text: str) -> str:
+    """Help text as a terminal shows it: no reST quoting, no Rich markup, paragraphs reflowed.
+
+    Docstrings quote names the reST way (````x````) and mention tables such as
+    ``[limits.NAME]``, which Typer's Rich formatting would otherwise take as markup and
+    drop. A paragraph's hard line breaks are joined so the terminal wraps it once; a
+    paragraph of list items or indented lines keeps its breaks.
+    """
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).replace("``", "").split("\n\n"):
+        lines = paragraph.splitlines()
+        if not any(line.startswith((" ", "-", "*")) for line in lines):
+            paragraph = " ".join(line.strip() for line in lines)
+        paragraphs.append(escape(paragraph))
+    return "\n\n".join(paragraphs)
+
+
 def _polish_param(param: Any) -> None:
+    if getattr(param, "help", None):
+        param.help = _plain(param.help)
     if getattr(param, "is_flag", False):
         param.metavar = ""
     elif getattr(param, "param_type_name", None) == "argument" and param.name:

@@ -35,5 +35,6 @@ def dashboard(
         "password from dashboard_password)",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     uvicorn.run(web, host=address, port=chosen, log_level="warning", access_log=False)

@@ -237,7 +237,8 @@ def up(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     redis_kind = "a Sentinel group (1 master, 1 replica, 3 sentinels)" if ha else "Redis"
-    console.print(f"starting a local fleet: {redis_kind}, {workers} workers ...", highlight=False)
+    noun = "worker" if workers == 1 else "workers"
+    console.print(f"starting a local fleet: {redis_kind}, {workers} {noun} ...", highlight=False)
     local.start()
     code = 0
     try:

@@ -146,11 +146,18 @@ def load_program(target: str) -> tuple[Program, ModuleType]:
             module = _import_module(location)
     program = getattr(module, attribute, None)
     if program is None or not inspect.iscoroutinefunction(program):
-        raise ConfigError(
-            f"{target!r}: expected `async def {attribute}(workflow)` in {module.__name__!r}",
-            key=target,
-        )
+        raise ConfigError(_not_a_program(target, location, attribute, program), key=target)
     return program, module
+
+
+def _not_a_program(target: str, location: str, attribute: str, found: object) -> str:
+    """Why ``attribute`` of ``location`` cannot be run, and what to write instead."""
+    want = f"expected `async def {attribute}(workflow)`"
+    if found is None:
+        return f"{target!r}: {location} defines no {attribute!r}; {want}"
+    if inspect.isfunction(found):
+        return f"{target!r}: {attribute!r} is a plain function (not async); {want}"
+    return f"{target!r}: {attribute!r} is a {type(found).__name__}; {want}"
 
 
 def program_agents(
