@@ -7,13 +7,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
 from ...config import mask_url
 from ...errors import ConfigError
 from ...pricing import ModelPrice, UnknownPrice, price_model
-from ...spec import AgentStepSpec, describe_validation_error
+from ...spec import AgentStepSpec
 from ..base import AgentContext, AgentDefinition, AgentResult, estimate_tokens
+from ..tables import validate_agent_table
 from .capabilities import Capabilities
 from .config import OpenAIAgentConfig
 from .conversation import CONTRACT, Conversation
@@ -195,17 +194,7 @@ def definition_from_config(
             "environment variable and name it with api_key_env",
             key=f"agents.{name}.api_key",
         )
-    options = {key: value for key, value in table.items() if key != "kind"}
-    try:
-        config = OpenAIAgentConfig.model_validate(options)
-    except ValidationError as problem:
-        first = problem.errors(include_url=False, include_input=False)[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(
-            f"{where} (kind 'openai') is invalid: "
-            + describe_validation_error(problem, "agent").removeprefix("invalid agent: "),
-            key=f"agents.{name}.{field}",
-        ) from None
+    config = validate_agent_table(OpenAIAgentConfig, table, where=where, kind="openai", name=name)
     try:
         agent = OpenAIAgent(config, name=name, prices=prices, unknown_price=unknown_price)
     except ConfigError as problem:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai import StructuredDict
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler
 from pydantic_ai.exceptions import AgentRunError
@@ -23,8 +23,9 @@ from pydantic_core import to_json, to_jsonable_python
 
 from ...errors import ConfigError
 from ...pricing import ModelPrice, UnknownPrice, price_model
-from ...spec import AgentStepSpec, TokenUsage, describe_validation_error
+from ...spec import AgentStepSpec, TokenUsage
 from ..base import AgentContext, AgentDefinition, AgentResult
+from ..tables import validate_agent_table
 from ..targets import import_target
 from .errors import as_agent_error
 from .model import StepCalls, StepModel
@@ -227,17 +228,9 @@ def definition_from_config(
             "models, or the provider you built the model with)",
             key=f"agents.{name}.api_key",
         )
-    options = {key: value for key, value in table.items() if key != "kind"}
-    try:
-        config = PydanticAIAgentConfig.model_validate(options)
-    except ValidationError as problem:
-        first = problem.errors(include_url=False, include_input=False)[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(
-            f"{where} (kind 'pydantic_ai') is invalid: "
-            + describe_validation_error(problem, "agent").removeprefix("invalid agent: "),
-            key=f"agents.{name}.{field}",
-        ) from None
+    config = validate_agent_table(
+        PydanticAIAgentConfig, table, where=where, kind="pydantic_ai", name=name
+    )
     try:
         target = import_target(config.target, what="pydantic-ai agent")
         agent = PydanticAIAgent(
