@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import threading
 import time
@@ -56,6 +57,39 @@ async def watch_markers(
         left = time.monotonic()
         assert await asyncio.to_thread(seen.wait, 10.0)
         delays.append(time.monotonic() - left)
+
+
+async def test_a_cancel_that_cannot_reach_its_step_leaves_the_thread_serving_the_others(
+    redis_url: str, key_prefix: str, client: redis.Redis
+) -> None:
+    """One step's stop raising (its loop already closed) does not end the lease thread.
+
+    Every lease and cancel marker of the process depends on that one thread: if it died,
+    every other running step would stop seeing its cancel and lose its lease.
+    """
+    key = f"{key_prefix}:lease:kept"
+    client.set(key, "me", px=600)
+    keeper = LeaseKeeper(redis_url, 0.6, key_prefix)
+    held = keeper.hold(key, "me")
+    closed = asyncio.new_event_loop()
+    closed.close()
+    # Both steps watch the same marker: the first one's stop raises RuntimeError.
+    keeper.markers.watch("ended", ["run"], functools.partial(closed.call_soon_threadsafe, print))
+    seen = threading.Event()
+    keeper.markers.watch("running", ["run"], lambda reason: seen.set())
+    try:
+        client.set(cancel_marker_key("run", key_prefix=key_prefix), '{"reason": "stop"}')
+        assert await asyncio.to_thread(seen.wait, 5.0), "the other step's cancel was lost"
+        # And its leases are still renewed: a later marker is seen, the lease outlives 0.6 s.
+        later = threading.Event()
+        keeper.markers.watch("later", ["later"], lambda reason: later.set())
+        renewed_at = held.expires_at
+        client.set(cancel_marker_key("later", key_prefix=key_prefix), '{"reason": "stop"}')
+        assert await asyncio.to_thread(later.wait, 5.0), "the lease thread died"
+        await until(lambda: held.expires_at > renewed_at + 0.6, 5.0, "two more renewals")
+        assert not held.lapsed and client.get(key) == b"me"
+    finally:
+        keeper.stop()
 
 
 async def test_a_step_lease_taken_by_another_owner_is_reported_lapsed(

@@ -165,7 +165,10 @@ class Fences:
                 fences = list(self._fences.values())
             for fence in fences:
                 if fence.tripped_at is None and fence.lapsed():
-                    fence.trip()
+                    try:
+                        fence.trip()
+                    except Exception:  # one step's stop failing must not unfence the others
+                        logger.exception("could not stop a step whose lease lapsed")
 
 
 async def charge_stopped(

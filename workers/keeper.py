@@ -184,18 +184,34 @@ class LeaseKeeper(Keeper):
             self._wake.clear()
             if self._stopping:
                 break
-            if time.monotonic() >= next_watch:
-                # The markers on their own pace (renewals of short leases come more often).
-                next_watch = time.monotonic() + WATCH_INTERVAL_S
-                try:
-                    if len(self.markers):
-                        self.markers.poll(client)
-                except (redis.RedisError, OSError) as error:
-                    logger.warning("could not read cancel markers: %s", error)
-            due = self._due()
-            if due:
-                self._renew(client, due, lease_script, script)
+            try:
+                next_watch = self._turn(client, next_watch, lease_script, script)
+            except Exception:
+                # Every lease of the process depends on this thread: it must outlive any bug
+                # in one holder's hook rather than let all of them lapse.
+                logger.exception("the lease thread's turn failed; it goes on")
         client.close()
+
+    def _turn(
+        self,
+        client: redis.Redis,
+        next_watch: float,
+        lease_script: Any,
+        script: Callable[[str], Any],
+    ) -> float:
+        """Read the markers if their time came, renew what is due; returns the next watch."""
+        if time.monotonic() >= next_watch:
+            # The markers on their own pace (renewals of short leases come more often).
+            next_watch = time.monotonic() + WATCH_INTERVAL_S
+            try:
+                if len(self.markers):
+                    self.markers.poll(client)
+            except (redis.RedisError, OSError) as error:
+                logger.warning("could not read cancel markers: %s", error)
+        due = self._due()
+        if due:
+            self._renew(client, due, lease_script, script)
+        return next_watch
 
     def _pause(self, next_watch: float) -> float:
         with self._lock:

@@ -15,6 +15,7 @@ cancels the step:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from .board import CANCEL_TTL_S, cancel_marker_key
 from .signal import CANCELLED
 
 __all__ = ["WATCH_INTERVAL_S", "MarkerWatch", "leave_markers", "marker_reason", "read_markers"]
+
+logger = logging.getLogger("fleet.cancel")
 
 WATCH_INTERVAL_S = 0.25
 """How often a worker looks at the markers of the steps it runs."""
@@ -115,6 +118,10 @@ class MarkerWatch:
             if hit is None:
                 continue
             self.unwatch(step)
-            cancel(marker_reason(present[hit]) or CANCELLED)
+            try:
+                cancel(marker_reason(present[hit]) or CANCELLED)
+            except Exception:  # e.g. its loop closed as it ended: the other steps still stop
+                logger.exception("could not stop step %s for its cancel marker", step)
+                continue
             cancelled += 1
         return cancelled
