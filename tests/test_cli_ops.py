@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -19,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fleet import AgentStepSpec, StepOutcome, execute_steps_parallel
+from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.localfleet import celery_command
 from fleet.redis_server import free_port
@@ -237,3 +240,71 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
     assert "stopped." in "".join(output)
     assert [name for name, pid in pids.items() if alive(pid)] == []
     assert not pidfile.exists()
+
+
+@pytest.mark.celery
+def test_fleet_worker_imports_the_agents_of_the_directory_it_runs_in(
+    redis_url: str, key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The installed `fleet worker`, run where the user's agent module is, imports it.
+
+    As `fleet run` and `celery -A` do: a user's project directory is importable without
+    setting PYTHONPATH (the console script alone would not put it on ``sys.path``).
+    """
+    module = f"cwd_agents_{uuid.uuid4().hex[:8]}"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / f"{module}.py").write_text(
+        "async def shout(spec, ctx):\n    return spec.prompt.upper()\n"
+    )
+    (project / "agents.toml").write_text(
+        f'[agents.shout]\nkind = "python"\ntarget = "{module}:shout"\n'
+    )
+    settings = FleetSettings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        queue=f"{key_prefix}.steps",
+        agents_file=project / "agents.toml",
+    )
+    env = clean_env(
+        FLEET_REDIS_URL=redis_url,
+        FLEET_KEY_PREFIX=key_prefix,
+        FLEET_QUEUE=settings.queue,
+        FLEET_AGENTS_FILE="agents.toml",
+    )
+    env.pop("PYTHONPATH", None)
+    console_script = str(Path(sys.executable).parent / "fleet")
+    worker = subprocess.Popen(
+        [console_script, "worker", "-c", "2"],
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    monkeypatch.syspath_prepend(str(project))  # the host resolves the agent table too
+    try:
+        outcome = asyncio.run(_one_step(settings, worker))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert outcome.success, outcome.error
+    assert outcome.output == "HELLO"
+
+
+async def _one_step(settings: FleetSettings, worker: subprocess.Popen[str]) -> StepOutcome:
+    """Run one ``shout`` step on the fleet; fail with the worker's words if it exits first."""
+    executor = CeleryExecutor(settings=settings)
+    spec = AgentStepSpec(task_id="s", agent="shout", description="d", prompt="hello")
+    step = asyncio.ensure_future(execute_steps_parallel(executor, [spec]))
+    try:
+        while not step.done():
+            if worker.poll() is not None:
+                step.cancel()
+                raise AssertionError(f"fleet worker exited: {worker.communicate()[1][-2000:]}")
+            await asyncio.sleep(0.1)
+        [outcome] = await asyncio.wait_for(step, 60)
+        return outcome
+    finally:
+        await executor.aclose()

@@ -1,7 +1,7 @@
 """The examples' agents on a local fleet, started exactly as `examples/agents.toml` says.
 
-The installed `fleet` command does not put the current directory on ``sys.path``, so the
-documented command must make `examples` importable itself.
+Run with the installed `fleet` command and no PYTHONPATH: `fleet up` imports the agents'
+modules from the directory it runs in (the repository root, where `examples` is).
 """
 
 from __future__ import annotations

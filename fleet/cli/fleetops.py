@@ -131,6 +131,11 @@ def check_agents_file(config: FleetSettings) -> None:
     from ..agents import load_agents
     from ..celery import load_stages
 
+    # The workers run `python -m celery` from this directory, so its modules are importable
+    # there (as for `fleet run`); the check must find them the same way.
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     load_agents(config.agents_file)
     load_stages(config.agents_file)
 
