@@ -144,7 +144,7 @@ def _demo_on_fleet(*, workers: int, concurrency: int) -> None:
             settings=base,
         ) as local:  # fmt: skip
             console.print(
-                f"fleet up: Redis {local.masked_redis_url}, workers "
+                f"local fleet ready: Redis {local.masked_redis_url}, workers "
                 f"{', '.join(local.worker_names)}, Flower {local.flower_url} "
                 f"(user {local.flower_user!r}, password {local.flower_password!r})",
                 highlight=False,
