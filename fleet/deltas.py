@@ -2,8 +2,9 @@
 
 An agent calls :meth:`fleet.AgentContext.emit_delta` with each piece of text it produces
 (the OpenAI-compatible agent does with ``stream = true``). A step's pieces are coalesced:
-the first goes out at once, later ones at most every :data:`DELTA_INTERVAL_S` per step,
-so a step streaming hundreds of tokens a second costs a few writes a second.
+the first goes out at once, later ones every :data:`DELTA_INTERVAL_S`, so a step streaming
+hundreds of tokens a second costs a few deltas a second (and on a fleet, one stream entry
+carries a flush's deltas of every step of the worker).
 
 Where they go is the workflow's :class:`DeltaChannel`, made by its executor
 (:meth:`fleet.AgentExecutor.delta_channel`):
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import math
 import time
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "DELTA_BATCH",
     "DELTA_INTERVAL_S",
     "DELTA_MAXLEN",
     "DELTA_TTL_S",
@@ -48,7 +51,7 @@ __all__ = [
     "Pending",
     "RedisDeltaChannel",
     "current_deltas",
-    "decode_entry",
+    "decode_entries",
     "encode_entry",
     "read_deltas",
     "use_deltas",
@@ -57,9 +60,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DELTA_INTERVAL_S = 0.05
-"""A step's deltas are written at most this often (its first one at once)."""
-DELTA_MAXLEN = 100_000
-"""Entries a workflow's delta stream keeps (about: trimmed with ``MAXLEN ~``)."""
+"""A step's waiting text is written this often (its first piece at once, its last as it ends)."""
+DELTA_BATCH = 64
+"""Deltas one stream entry carries at most (a worker's steps' text of one flush)."""
+DELTA_MAXLEN = 20_000
+"""Entries a workflow's delta stream keeps (about: trimmed with ``MAXLEN ~``); each holds
+up to :data:`DELTA_BATCH` deltas."""
 DELTA_TTL_S = 24 * 3600
 """A delta stream expires this long after its last write."""
 
@@ -100,59 +106,71 @@ def new_attempt() -> str:
 
 
 class Pending:
-    """One step's text not sent yet, as ``(offset, text)`` segments (not thread-safe)."""
+    """One step's text not sent yet (not thread-safe).
 
-    __slots__ = ("attempt", "closed", "last_sent", "length", "segments", "task_id")
+    The pieces since the last :meth:`take` wait in a list, joined once when taken; a
+    ``replace`` drops what was waiting (the text it extended is gone).
+    """
+
+    __slots__ = ("attempt", "closed", "last_sent", "length", "parts", "start", "task_id")
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         self.attempt = new_attempt()
         self.length = 0
         """Characters of the current text emitted so far."""
-        self.segments: list[list[Any]] = []
+        self.parts: list[str] = []
+        self.start = 0
+        """Where the waiting pieces begin in the step's current text."""
         self.last_sent = -math.inf
         self.closed = False
 
     def add(self, text: str, *, replace: bool) -> bool:
         """Queue ``text``; returns whether nothing was waiting before it."""
-        idle = not self.segments
+        idle = not self.parts
         if replace:
-            self.length = 0
-            self.segments.append([0, text])
-        elif self.segments:
-            self.segments[-1][1] += text
+            self.parts, self.start, self.length = [text], 0, 0
         else:
-            self.segments.append([self.length, text])
+            if idle:
+                self.start = self.length
+            self.parts.append(text)
         self.length += len(text)
         return idle
 
-    def take(self) -> list[tuple[int, str]]:
-        """The waiting segments (now sent)."""
-        taken, self.segments = self.segments, []
-        return [(offset, text) for offset, text in taken]
+    def take(self) -> tuple[int, str] | None:
+        """The waiting text as one ``(offset, text)`` segment (now sent); ``None``: none."""
+        if not self.parts:
+            return None
+        parts, self.parts = self.parts, []
+        return self.start, "".join(parts)
 
     def delta(self, offset: int, text: str) -> StepDelta:
         """One segment as an event."""
         return StepDelta(task_id=self.task_id, text=text, attempt=self.attempt, offset=offset)
 
 
-def encode_entry(task_id: str, attempt: str, offset: int, text: str) -> dict[str, str]:
-    """A delta as a Redis stream entry (short field names: there are many)."""
-    return {"t": task_id, "a": attempt, "o": str(offset), "x": text}
+def encode_entry(deltas: list[tuple[str, str, int, str]]) -> dict[str, str]:
+    """Deltas as one Redis stream entry: ``(task_id, attempt, offset, text)`` each.
+
+    One entry carries what a process had for one stream at one flush, at most one delta
+    per step run, so a tick of many streaming steps is one ``XADD``, not one per step.
+    """
+    return {"d": json.dumps(deltas, ensure_ascii=False, separators=(",", ":"))}
 
 
-def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StepDelta | None:
-    """A Redis stream entry as a delta (``None`` if it is not one)."""
+def decode_entries(entry_id: str, fields: Mapping[str, str]) -> list[StepDelta]:
+    """A Redis stream entry's deltas, each with the entry's id (none if it holds none)."""
     try:
-        return StepDelta(
-            task_id=fields["t"],
-            text=fields.get("x", ""),
-            attempt=fields.get("a", ""),
-            offset=int(fields.get("o", "0")),
-            id=entry_id,
-        )
-    except (KeyError, ValueError):
-        return None
+        if "d" in fields:
+            rows: Any = json.loads(fields["d"])
+        else:  # one delta as single fields (what a worker of an older version writes)
+            rows = [[fields["t"], fields.get("a", ""), fields.get("o", 0), fields.get("x", "")]]
+        return [
+            StepDelta(task_id=task, attempt=attempt, offset=int(offset), text=text, id=entry_id)
+            for task, attempt, offset, text in rows
+        ]
+    except (KeyError, ValueError, TypeError):
+        return []
 
 
 def read_deltas(
@@ -170,9 +188,7 @@ def read_deltas(
     for _stream, items in reply or []:
         for raw_id, raw in items:
             fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-            delta = decode_entry(bytes(raw_id).decode(), fields)
-            if delta is not None:
-                deltas.append(delta)
+            deltas.extend(decode_entries(bytes(raw_id).decode(), fields))
     return deltas
 
 
@@ -242,8 +258,9 @@ class _LoopPublisher:
             self._timer.cancel()
             self._timer = None
         self._pending.last_sent = time.monotonic()
-        for offset, text in self._pending.take():
-            self._channel.deliver(self._pending.delta(offset, text))
+        segment = self._pending.take()
+        if segment is not None:
+            self._channel.deliver(self._pending.delta(*segment))
 
     def close(self) -> None:
         self.flush()
@@ -349,8 +366,7 @@ class RedisDeltaChannel(DeltaChannel):
                 for raw_id, raw in entries:
                     cursor = bytes(raw_id).decode()
                     fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-                    delta = decode_entry(cursor, fields)
-                    if delta is not None:
+                    for delta in decode_entries(cursor, fields):
                         if live.fold(delta):
                             delta = delta.model_copy(update={"restart": True})
                         deliver(delta)

@@ -1,16 +1,20 @@
 """A worker's output deltas to Redis: one writer thread per process, coalescing per step.
 
-Every step of the process that streams gets a :class:`ThreadPublisher`; its text waits in
-memory, and one background thread writes what is due in one pipeline per turn: a step's
-first piece at once, then at most one ``XADD`` per step every ``interval_s``, and an
-``EXPIRE`` per stream about once a minute. So 256 steps streaming on one worker cost
-about ``256 / interval_s`` entries a second in a few round trips, whatever their token
-rate. A thread (not the step's event loop), so blocking agents and the shared loop alike
-publish without waiting for Redis; it is started on first use in each (forked) process.
+Every step of the process that streams gets a :class:`ThreadPublisher`; its pieces wait
+in a list under the publisher's own lock (an ``emit`` takes no lock the writer holds for
+long, wakes no thread and makes no object but the piece). One background thread writes:
+a step's first piece at once, then every ``interval_s`` (a tick) whatever every step has
+waiting, in one pipeline, as one ``XADD`` per stream (up to :data:`DELTA_BATCH` steps'
+text in one entry, see :func:`~fleet.deltas.encode_entry`) and an ``EXPIRE`` per stream
+about once a minute. So 256 steps streaming on one worker cost a few commands a tick,
+whatever their token rate. A thread (not the step's event loop), so blocking agents and
+the shared loop alike publish without waiting for Redis; it is started on first use in
+each (forked) process.
 
 A step's last text is written before its outcome is recorded (:meth:`ThreadPublisher.close`
-waits for it), so a reader that saw ``step_finished`` finds every delta before it in the
-stream. An outage drops text (one warning), never fails or stalls a step.
+flushes it at once and waits for it), so a reader that saw ``step_finished`` finds every
+delta before it in the stream. An outage drops text (one warning), never fails or stalls
+a step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .deltas import DELTA_INTERVAL_S, DELTA_MAXLEN, DELTA_TTL_S, Pending, encode_entry
+from .deltas import (
+    DELTA_BATCH,
+    DELTA_INTERVAL_S,
+    DELTA_MAXLEN,
+    DELTA_TTL_S,
+    Pending,
+    encode_entry,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -35,6 +46,8 @@ logger = logging.getLogger("fleet.deltas")
 EXPIRE_EVERY_S = 60.0
 """A stream's expiry is pushed back at most this often by one process."""
 
+Segment = tuple[int, str]
+
 
 class ThreadPublisher:
     """One step's deltas, from any thread, to the process's :class:`DeltaWriter`."""
@@ -45,6 +58,8 @@ class ThreadPublisher:
         self.written = threading.Event()
         """Set once a closed publisher's last text is written (or given up)."""
         self._writer = writer
+        self._lock = threading.Lock()
+        self._started = False
 
     @property
     def attempt(self) -> str:
@@ -53,12 +68,29 @@ class ThreadPublisher:
 
     def emit(self, text: str, *, replace: bool = False) -> None:
         """Queue ``text`` (``replace``: start the step's text over); never blocks on Redis."""
-        self._writer.add(self, text, replace)
+        if not text and not replace:
+            return
+        with self._lock:
+            if self.pending.closed:
+                return
+            self.pending.add(text, replace=replace)
+            started, self._started = self._started, True
+        if not started or self._writer.interval_s <= 0:
+            self._writer.flush(self)  # a step's first piece goes out at once
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Write what is left and wait (up to ``timeout_s``) until it is in Redis."""
-        if self._writer.finish(self):
+        with self._lock:
+            self.pending.closed = True
+            started = self._started
+        if started:
+            self._writer.flush(self)
             self.written.wait(timeout_s)
+
+    def take(self) -> tuple[Segment | None, bool]:
+        """The waiting text (now sent) and whether the publisher is closed."""
+        with self._lock:
+            return self.pending.take(), self.pending.closed
 
 
 class DeltaWriter:
@@ -66,7 +98,8 @@ class DeltaWriter:
 
     Args:
         client: this process's Redis client (called in the writer thread).
-        interval_s: a step's entries are at least this far apart (its first at once).
+        interval_s: how often waiting text is written (a step's first piece at once;
+            ``0``: every piece at once).
         maxlen: entries a stream keeps (``MAXLEN ~``).
         ttl_s: a stream expires this long after its last write.
     """
@@ -85,6 +118,8 @@ class DeltaWriter:
         self.ttl_s = int(max(ttl_s, 1))
         self._wake = threading.Condition()
         self._active: dict[int, ThreadPublisher] = {}
+        self._now: dict[int, ThreadPublisher] = {}
+        self._next_tick = math.inf
         self._expired_at: dict[str, float] = {}
         self._pid = 0
         self._warned = False
@@ -95,59 +130,50 @@ class DeltaWriter:
         """A publisher for one run of step ``task_id`` into stream ``key``."""
         return ThreadPublisher(self, key, task_id)
 
-    def add(self, publisher: ThreadPublisher, text: str, replace: bool) -> None:
-        """Queue a publisher's text (see :meth:`ThreadPublisher.emit`)."""
-        if not text and not replace:
-            return
+    def flush(self, publisher: ThreadPublisher) -> None:
+        """Write ``publisher``'s waiting text now (its first piece, or its last)."""
         with self._wake:
-            self._ensure_thread()
-            if publisher.pending.closed:
-                return
+            if self._pid != os.getpid():  # first use in this (possibly forked) process
+                self._pid = os.getpid()
+                self._active.clear()
+                self._now.clear()
+                threading.Thread(target=self._run, name="fleet-deltas", daemon=True).start()
             self._active[id(publisher)] = publisher
-            if publisher.pending.add(text, replace=replace):
-                self._wake.notify()
-
-    def finish(self, publisher: ThreadPublisher) -> bool:
-        """Mark a publisher closed; returns whether something is left to write."""
-        with self._wake:
-            publisher.pending.closed = True
-            if id(publisher) not in self._active:
-                return False
+            self._now[id(publisher)] = publisher
+            if self._next_tick == math.inf and self.interval_s > 0:
+                self._next_tick = time.monotonic() + self.interval_s
             self._wake.notify()
-            return True
 
-    def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # first use in this (possibly forked) process
-            self._pid = os.getpid()
-            self._active.clear()
-            threading.Thread(target=self._run, name="fleet-deltas", daemon=True).start()
-
-    def _due(self) -> list[tuple[ThreadPublisher, list[tuple[int, str]]]]:
-        """Wait (holding the condition) until some text is due; take it."""
+    def _due(self) -> list[ThreadPublisher]:
+        """Wait (holding the condition) for a tick or a publisher to flush now; take them."""
         while True:
             now = time.monotonic()
-            due, wait = [], math.inf
-            for publisher in self._active.values():
-                pending = publisher.pending
-                ready_at = pending.last_sent + self.interval_s
-                if pending.closed or (pending.segments and ready_at <= now):
-                    due.append(publisher)
-                elif pending.segments:
-                    wait = min(wait, ready_at - now)
-            if due:
-                batch = []
-                for publisher in due:
-                    publisher.pending.last_sent = now
-                    batch.append((publisher, publisher.pending.take()))
-                    if publisher.pending.closed:
-                        del self._active[id(publisher)]
-                return batch
-            self._wake.wait(None if wait == math.inf else wait)
+            if now >= self._next_tick:
+                due = self._now | self._active
+                self._next_tick = now + self.interval_s if self._active else math.inf
+            elif self._now:
+                due = self._now
+            else:
+                self._wake.wait(None if self._next_tick == math.inf else self._next_tick - now)
+                continue
+            self._now = {}
+            return list(due.values())
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                batch = self._due()
+                due = self._due()
+            batch, closed = [], []
+            for publisher in due:
+                segment, done = publisher.take()
+                if segment is not None:
+                    batch.append((publisher, segment))
+                if done:
+                    closed.append(publisher)
+            if closed:
+                with self._wake:
+                    for publisher in closed:
+                        self._active.pop(id(publisher), None)
             try:
                 self._write(batch)
             except Exception as error:  # a dead Redis must not fail or stall the steps
@@ -160,26 +186,33 @@ class DeltaWriter:
                         error,
                     )
             finally:
-                for publisher, _segments in batch:
-                    if publisher.pending.closed:
-                        publisher.written.set()
+                for publisher in closed:
+                    publisher.written.set()
 
-    def _write(self, batch: list[tuple[ThreadPublisher, list[tuple[int, str]]]]) -> None:
+    def _write(self, batch: list[tuple[ThreadPublisher, Segment]]) -> None:
+        """One pipeline: one ``XADD`` per stream (per :data:`DELTA_BATCH` steps)."""
+        if not batch:
+            return
         now = time.monotonic()
+        streams: dict[str, list[tuple[str, str, int, str]]] = {}
+        for publisher, (offset, text) in batch:
+            pending = publisher.pending
+            streams.setdefault(publisher.key, []).append(
+                (pending.task_id, pending.attempt, offset, text)
+            )
         pipe = self._client().pipeline(transaction=False)
         sent = 0
-        for publisher, segments in batch:
-            for offset, text in segments:
-                entry = encode_entry(publisher.pending.task_id, publisher.attempt, offset, text)
-                pipe.xadd(publisher.key, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+        for key, deltas in streams.items():
+            for start in range(0, len(deltas), DELTA_BATCH):
+                entry = encode_entry(deltas[start : start + DELTA_BATCH])
+                pipe.xadd(key, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
                 sent += 1
-            if segments and now - self._expired_at.get(publisher.key, -math.inf) > EXPIRE_EVERY_S:
-                self._expired_at[publisher.key] = now
-                pipe.expire(publisher.key, self.ttl_s)
+            if now - self._expired_at.get(key, -math.inf) > EXPIRE_EVERY_S:
+                self._expired_at[key] = now
+                pipe.expire(key, self.ttl_s)
                 sent += 1
-        if sent:
-            self.commands += sent
-            pipe.execute()
+        self.commands += sent
+        pipe.execute()
         if len(self._expired_at) > 10_000:  # forget streams not written for a while
             self._expired_at = {
                 key: at for key, at in self._expired_at.items() if now - at < EXPIRE_EVERY_S

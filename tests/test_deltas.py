@@ -145,6 +145,28 @@ def test_writer_coalesces_caps_and_expires_the_stream(redis_url: str, key_prefix
     assert client.xlen(key) < 300  # trimmed (approximately) to its MAXLEN
 
 
+def test_many_steps_streaming_through_one_writer_cost_few_redis_writes_per_step(
+    redis_url: str, key_prefix: str
+) -> None:
+    """64 steps streaming for 0.5 s cost under 3 Redis commands a step: one XADD a tick for all."""
+    client = redis.Redis.from_url(redis_url)
+    key = delta_stream_key("batched", key_prefix=key_prefix)
+    writer = DeltaWriter(lambda: client)
+    publishers = [writer.publisher(key, f"s{index}") for index in range(64)]
+    for word in range(50):  # about 10 ticks of the writer, every step emitting all along
+        for publisher in publishers:
+            publisher.emit(f"w{word} ")
+        time.sleep(0.01)
+    for publisher in publishers:
+        publisher.close()
+    live = LiveText()
+    for delta in read_deltas(client, key, "0", count=100_000):
+        live.fold(delta)
+    assert live.text == {f"s{index}": "".join(f"w{w} " for w in range(50)) for index in range(64)}
+    assert writer.commands < 3 * len(publishers)
+    assert client.xlen(key) < 3 * len(publishers)
+
+
 def test_a_reader_that_resumes_from_its_last_id_misses_nothing_and_repeats_nothing(
     redis_url: str, key_prefix: str
 ) -> None:

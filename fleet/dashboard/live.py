@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..deltas import decode_entry
+from ..deltas import decode_entries
 from ..eventbus import delta_stream_key
 
 if TYPE_CHECKING:
@@ -101,8 +101,9 @@ class LiveOutput:
                 for raw_id, raw in entries:
                     cursor = bytes(raw_id).decode()
                     fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-                    delta = decode_entry(cursor, fields)
-                    if delta is not None and delta.task_id == task_id:
+                    for delta in decode_entries(cursor, fields):
+                        if delta.task_id != task_id:
+                            continue
                         quiet_since = time.monotonic()
                         data = delta.model_dump(include={"text", "attempt", "offset"})
                         yield f"id: {cursor}\nevent: delta\ndata: {json.dumps(data)}\n\n"
