@@ -318,13 +318,25 @@ class RedisDeltaChannel(DeltaChannel):
         redis_url: the fleet's Redis.
         key: the stream (:func:`~fleet.eventbus.delta_stream_key` of the root id).
         block_s: how long one read waits for new entries (bounds how long :meth:`stop` takes).
+        gap_s: after a read that found entries, the next waits this long: while steps
+            stream, entries come every few milliseconds (a step's first and last pieces
+            go out at once), and one read for all of them is one Redis command, not one
+            each. A read after a quiet spell (a step's first text) is not delayed.
     """
 
-    def __init__(self, redis_url: str, key: str, *, block_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        key: str,
+        *,
+        block_s: float = 0.2,
+        gap_s: float = DELTA_INTERVAL_S / 2,
+    ) -> None:
         self.route = key
         self.key = key
         self._url = redis_url
         self._block_ms = max(int(block_s * 1000), 1)
+        self._gap_s = gap_s
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -372,6 +384,8 @@ class RedisDeltaChannel(DeltaChannel):
                         deliver(delta)
                 if stopping and not entries:
                     return
+                if entries and not stopping and self._gap_s > 0:
+                    await asyncio.sleep(self._gap_s)
         finally:
             await client.aclose()
 

@@ -221,6 +221,36 @@ async def test_redis_channel_delivers_in_order_and_marks_a_restart(
     assert restarts.count(True) == 1 and got[restarts.index(True)].offset == 0
 
 
+async def test_the_workflows_reader_reads_a_busy_stream_in_few_commands(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Entries written every few ms reach the workflow in order, read at most every 25 ms."""
+    from tests.celery_support import BrokerLog
+
+    client = redis.Redis.from_url(redis_url)
+    key = delta_stream_key("paced", key_prefix=key_prefix)
+    channel = RedisDeltaChannel(redis_url, key)
+    got: list[StepDelta] = []
+    await channel.start(got.append)
+    writer = DeltaWriter(lambda: client, interval_s=0.0)  # every piece its own entry
+    publisher = writer.publisher(key, "s")
+    with BrokerLog(redis_url) as log:
+        started = time.monotonic()
+        for index in range(100):
+            publisher.emit(f"{index} ")
+            await asyncio.sleep(0.004)
+        await asyncio.to_thread(publisher.close)
+        await channel.stop()
+        elapsed = time.monotonic() - started
+    live = LiveText()
+    for delta in got:
+        live.fold(delta)
+    assert live.text["s"] == "".join(f"{index} " for index in range(100))
+    reads = [c for c in log.commands if c.name == "XREAD" and key.encode() in c.args]
+    assert len(reads) <= elapsed / 0.025 + 4
+    assert client.xlen(key) > 2 * len(reads)
+
+
 def test_a_worker_writes_deltas_only_under_its_fleets_prefix(
     redis_url: str, key_prefix: str
 ) -> None:
