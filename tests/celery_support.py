@@ -21,16 +21,20 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kombu.pools
 import redis
+from celery import Celery
 from kombu.exceptions import OperationalError
+from kombu.utils.collections import eqhash
 
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
+from fleet.limiters.redis import _SHAS as _LIMITER_SHAS
 from fleet.localfleet import settings_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +64,51 @@ async def until(condition: Callable[[], bool], timeout_s: float = 60.0, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or 'it'}")
         await asyncio.sleep(0.02)
+
+
+async def until_async(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float = 60.0, what: str = ""
+) -> None:
+    """Like :func:`until` for a condition that awaits (a read from Redis)."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or 'it'}")
+        await asyncio.sleep(0.02)
+
+
+def close_shared_broker_pools(app: Celery) -> None:
+    """Close kombu's process-wide connection and producer pools for ``app``'s broker.
+
+    Celery sends control commands (the readiness ping) through them, and nothing closes
+    them: without this every poll left its connections open for the life of the process.
+    """
+    key = eqhash(app.connection_for_write())
+    for group in (kombu.pools.producers, kombu.pools.connections):
+        pool = dict.pop(group, key, None)
+        if pool is not None:
+            pool.force_close_all()
+
+
+def sockets_to(port: int) -> int:
+    """How many TCP connections this process holds open to ``port`` on loopback.
+
+    Read from the kernel (``/proc``): a connection a library dropped without closing still
+    counts, until it is really closed.
+    """
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
+            count += 1
+    return count
 
 
 def step_task_headers(task_id: str, *, argsrepr: str, origin: str) -> dict[str, Any]:
@@ -166,6 +215,7 @@ class CeleryWorkers:
             else:
                 failure = None
             finally:
+                close_shared_broker_pools(app)
                 app.close()
             for reply in replies:
                 waiting -= set(reply)
@@ -317,6 +367,15 @@ class BrokerLog:
                     task_id = json.loads(raw)["headers"]["id"]
                     found.setdefault(task_id, []).append(command.at)
         return found
+
+    def admissions(self) -> set[bytes]:
+        """The admission id of every call that asked the rate limiter for room so far.
+
+        Safe to read while the log is open (a copy of what MONITOR has shown until now).
+        """
+        admit = _LIMITER_SHAS["admit"].encode()
+        commands = list(self.commands)
+        return {c.args[8] for c in commands if c.name == "EVALSHA" and c.args[1] == admit}
 
     def lease_checks(self, key_prefix: str, task_id: str) -> list[float]:
         """Redis time of every ``EXISTS`` a client (the host) ran on this step's lease."""

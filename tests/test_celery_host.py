@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -25,7 +26,13 @@ from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 from fleet.ledgers import RedisLedger
 from fleet.stores import RedisCheckpointStore
-from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
+from tests.celery_support import (
+    REPO,
+    CeleryWorkers,
+    fleet_settings,
+    running_workers,
+    sockets_to,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 
@@ -59,6 +66,23 @@ def ran(counter_dir: Path, task_id: str) -> int:
 
 
 # --------------------------------------------------------------------------- the app
+
+
+async def test_a_closed_executor_leaves_no_connection_open(workers: CeleryWorkers) -> None:
+    """aclose() closes the broker connections the executor sent on, not only its own clients.
+
+    Celery's ``app.close()`` only forgets its connection pool; its connections stayed open
+    (counted here by the kernel, after a full garbage collection).
+    """
+    port = int(workers.settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+    before = sockets_to(port)
+    executor = workers.executor()
+    outcomes = await execute_steps_parallel(executor, [spec(f"close{i}") for i in range(6)])
+    assert all(o.success for o in outcomes)
+    assert sockets_to(port) > before, "the executor never connected"
+    await executor.aclose()
+    gc.collect()
+    assert sockets_to(port) == before
 
 
 def test_app_is_json_only_with_late_acks_and_events(redis_url: str) -> None:

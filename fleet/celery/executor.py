@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from celery import Celery, group
+from kombu.pools import ProducerPool
 from pydantic import ValidationError
 
 from ..agents.registry import AgentRegistry, load_agents
@@ -133,6 +134,8 @@ class CeleryExecutor(AgentExecutor):
         self.worker_journal = worker_journal
         self.keys = Keys(self.settings.key_prefix)
         self._app: Celery | None = None
+        self._producers: Any = None
+        """This executor's own broker connections and producers (kombu pools, untyped)."""
         self._sender: ThreadPoolExecutor | None = None
         # One dispatcher per event loop (an executor may outlive an asyncio.run()); its
         # collector and Redis connections are closed when that loop ends, if not before.
@@ -179,6 +182,10 @@ class CeleryExecutor(AgentExecutor):
         if self._sender is not None:
             self._sender.shutdown(wait=True)
             self._sender = None
+        if self._producers is not None:
+            self._producers.force_close_all()
+            self._producers.connections.force_close_all()
+            self._producers = None
         if self._app is not None:
             self._app.close()
             self._app = None
@@ -226,7 +233,16 @@ class CeleryExecutor(AgentExecutor):
             self._sender = ThreadPoolExecutor(1, thread_name_prefix="fleet-celery-send")
 
         def send() -> None:
-            with self.app.producer_or_acquire() as producer:
+            if self._producers is None:
+                # Pools of this executor's own, closed with it: Celery's default producers
+                # come from kombu's process-wide pools for the broker URL, which nothing
+                # closes (app.close() only forgets them), so every executor left its
+                # broker connections open (on Sentinel, its sentinel connections too).
+                limit = self.app.conf.broker_pool_limit
+                connections = self.app.connection_for_write().Pool(limit=limit)
+                producer_pool: Any = ProducerPool
+                self._producers = producer_pool(connections, limit=limit)
+            with self._producers.acquire(block=True) as producer:
                 # A group of one costs a group id and result bookkeeping for nothing.
                 if as_group and len(signatures) > 1:
                     group(signatures).apply_async(producer=producer)

@@ -33,7 +33,7 @@ from fleet.config import mask_url
 from fleet.events import StepFinished
 from fleet.ledgers import RedisLedger
 from fleet.redis_ha import SentinelGroup
-from tests.celery_support import until
+from tests.celery_support import sockets_to, until
 from tests.faults.support import attempts, fresh_workers, run_trials, specs, trial_settings
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.faults, pytest.mark.slow]
@@ -125,6 +125,10 @@ async def one_trial(directory: Path, *, first_sentinel_down: bool) -> dict[str, 
             alive = [w.name for w in fleet.workers.values() if w.process.poll() is None]
         snap = await budget.snapshot()
         await ledger.close()
+        # Everything this host opened across the failover is closed, not left to the GC.
+        ports = [node.port for node in group.nodes] + [s.port for s in group.sentinels]
+        left = {port: sockets_to(port) for port in ports}
+        assert not any(left.values()), f"connections left open (port: count): {left}"
 
     failed = [(o.task_id, o.error, o.output[:200]) for o in outcomes if not o.success]
     assert not failed, f"steps failed across the failover: {failed[:5]}"
