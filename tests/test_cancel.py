@@ -411,7 +411,8 @@ async def work(spec, ctx):
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:
-                pass
+                with open(directory / f"{spec.task_id}.swallowed", "a") as swallowed:
+                    swallowed.write("x")
     return spec.task_id
 
 
@@ -429,8 +430,13 @@ async def main(workflow):
 '''
 
 
-def _counts(counters: Path) -> dict[str, int]:
-    return {path.name: len(path.read_text()) for path in counters.iterdir()}
+def _counts(counters: Path, suffix: str = "") -> dict[str, int]:
+    """Step id -> how many times it ran (``suffix=".swallowed"``: cancels it swallowed)."""
+    return {
+        path.name.removesuffix(suffix): len(path.read_text())
+        for path in counters.iterdir()
+        if path.suffix == suffix
+    }
 
 
 @pytest.mark.parametrize("where", ["sqlite", "redis"])
@@ -529,7 +535,15 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path: Path, redis_url: str) -> None:
     try:
         wait_for(lambda: len(_counts(counters)) == 10, 60, process)
         process.send_signal(signal.SIGINT)
-        time.sleep(1.0)
+        # Each odd step got the cancel and swallowed it: the run is past the cancel, and
+        # waits for steps that never end.
+        stubborn = {f"s{i}" for i in range(1, 10, 2)}
+        wait_for(
+            lambda: set(_counts(counters, ".swallowed")) == stubborn,
+            30,
+            process,
+            "the cancel in every stubborn step",
+        )
         assert process.poll() is None  # still waiting for the stubborn steps
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)

@@ -22,7 +22,7 @@ from fleet.events import StepDelta, StepFinished
 from fleet.ledgers import RedisLedger
 from fleet.workflow import Workflow
 from tests import pipeline_stages
-from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers
+from tests.celery_support import REPO, CeleryWorkers, Worker, fleet_settings, running_workers, until
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.timeout(300)]
 
@@ -117,8 +117,24 @@ async def test_cancel_mid_stream_ends_the_steps_and_their_text_within_2_s(
     assert ended <= 2.0
     client = redis.Redis.from_url(redis_url)
     written = len(read_deltas(client, key, "0", count=100_000))
-    await asyncio.sleep(0.5)
+    # The worker's own end of each cancelled task (Celery logs it once the task returned):
+    # nothing it wrote after that could have been missed.
+    worker = workers.workers["worker1"]
+    await until(
+        lambda: all(_task_returned(worker, step.task_id) for step in specs),
+        10.0,
+        "the worker to end every cancelled step",
+    )
     assert len(read_deltas(client, key, "0", count=100_000)) == written
+    client.close()
+
+
+def _task_returned(worker: Worker, task_id: str) -> bool:
+    """Whether Celery logged the return of the worker's task for step ``task_id``."""
+    return any(
+        "succeeded in" in line and f"'task_id': '{task_id}'" in line
+        for line in worker.log_text().splitlines()
+    )
 
 
 async def test_a_worker_killed_mid_stream_restarts_the_text_and_says_so(

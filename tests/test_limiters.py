@@ -26,6 +26,7 @@ from fleet.limiters import (
 from fleet.limiters.dispatch import DispatchGate, sendable
 from fleet.redis_server import RedisServer
 from fleet.spec import AgentStepSpec
+from tests.celery_support import until
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -250,7 +251,7 @@ async def test_no_limit_admits_without_counting() -> None:
 
 
 async def test_redis_outage_during_admission_waits_and_never_runs_unadmitted(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis down while a call asks for admission: it waits, is admitted once Redis is back."""
     server = RedisServer(tmp_path / "redis").start()
@@ -262,7 +263,11 @@ async def test_redis_outage_during_admission_waits_and_never_runs_unadmitted(
         ask = asyncio.create_task(
             admit(limiter, limit, 10, deadline=time.monotonic() + 20, lease_s=30, label="x")
         )
-        await asyncio.sleep(1.0)
+        await until(
+            lambda: "unreachable" in caplog.text and "waiting to be admitted" in caplog.text,
+            10.0,
+            "the admission to meet the outage",
+        )
         assert not ask.done()  # no admission without the limiter: the call does not run
         server.start()
         admission = await asyncio.wait_for(ask, 15)

@@ -14,8 +14,14 @@ from bench.rate_limits import served, wait_for_requests, window_peaks
 from fleet import AgentStepSpec, LocalExecutor, execute_steps_parallel, load_agents
 from fleet.cli import app
 from fleet.events import RateLimited, StepStarted
-from fleet.limiters import RedisRateLimiter
-from tests.celery_support import fleet_settings, running_workers
+from fleet.limiters import ProviderLimit, RedisRateLimiter
+from tests.celery_support import (
+    BrokerLog,
+    fleet_settings,
+    running_workers,
+    until,
+    until_async,
+)
 from tests.fake_openai import FakeOpenAI, error, reply
 
 
@@ -57,6 +63,10 @@ def _specs(count: int, *, timeout_s: float = 90.0, tag: str = "s") -> list[Agent
         )
         for i in range(count)
     ]  # fmt: skip
+
+
+async def _paused(limiter: RedisRateLimiter, limit: ProviderLimit) -> bool:
+    return (await limiter.state(limit)).paused_s > 0
 
 
 def _provider(**settings: object) -> ProviderProcess:
@@ -102,14 +112,21 @@ async def test_a_429_pauses_the_limit_for_the_whole_fleet(redis_url: str, tmp_pa
         server.script(error(429, "slow down", headers={"Retry-After": "2"}))
         server.script(*(reply("ok") for _ in range(13)))
         agents = _agents_file(tmp_path, server.base_url, requests=1000, tokens=10**7, window_s=60)
+        limit = load_agents(agents)["writer"].limit
+        assert limit is not None
         settings = fleet_settings(redis_url, agents_file=agents, max_in_flight=64)
+        limiter = RedisRateLimiter(redis_url, key_prefix=settings.key_prefix)
         with running_workers(settings, tmp_path, "w1", "w2", concurrency=8) as fleet:
             async with fleet.executor() as host:
                 first = asyncio.create_task(host.execute_step(_specs(1, tag="first")[0]))
                 assert await asyncio.to_thread(server.wait_for, lambda s: len(s.requests) >= 1)
-                await asyncio.sleep(0.1)  # the 429 reaches the worker, which pauses the limit
+                # The 429 reaches the worker, which pauses the limit in Redis for everyone.
+                await until_async(
+                    lambda: _paused(limiter, limit), 10.0, "the 429 to pause limit 'provider'"
+                )
                 outcomes = await execute_steps_parallel(host, _specs(12, tag="then"))
                 outcomes.append(await first)
+        await limiter.close()
     assert all(o.success for o in outcomes), [o.output for o in outcomes if not o.success]
     refused, *later = server.requests
     assert len(later) == 13 and server.pending == 0
@@ -213,7 +230,10 @@ async def test_limit_reset_while_steps_wait(redis_url: str, tmp_path: Path) -> N
     """`fleet limits reset` while steps wait for a full window: they go on at once, all succeed."""
     with _provider(requests_per_window=100, tokens_per_window=10**7, window_s=60) as provider:
         agents = _agents_file(tmp_path, provider.base_url, requests=3, tokens=10**6, window_s=60)
+        limit = load_agents(agents)["writer"].limit
+        assert limit is not None
         settings = fleet_settings(redis_url, agents_file=agents, max_in_flight=64)
+        limiter = RedisRateLimiter(redis_url, key_prefix=settings.key_prefix)
         env = {
             "FLEET_REDIS_URL": redis_url,
             "FLEET_KEY_PREFIX": settings.key_prefix,
@@ -222,15 +242,19 @@ async def test_limit_reset_while_steps_wait(redis_url: str, tmp_path: Path) -> N
         with running_workers(settings, tmp_path, "w1", concurrency=8) as fleet:
             async with fleet.executor() as host:
                 started = time.monotonic()
-                run = asyncio.create_task(execute_steps_parallel(host, _specs(6, timeout_s=50)))
-                assert await asyncio.to_thread(wait_for_requests, provider, 3)
-                await asyncio.sleep(1.0)
-                assert provider.stats(log=False)["requests"] == 3, "three steps wait"
+                with BrokerLog(redis_url) as log:
+                    run = asyncio.create_task(execute_steps_parallel(host, _specs(6, timeout_s=50)))
+                    assert await asyncio.to_thread(wait_for_requests, provider, 3)
+                    # The other three reached a worker and asked the limiter for room.
+                    await until(lambda: len(log.admissions()) >= 6, 30.0, "all six to ask")
+                    assert (await limiter.state(limit)).requests == 3, "three were admitted"
+                    assert provider.stats(log=False)["requests"] == 3, "three steps wait"
                 result = await asyncio.to_thread(
                     CliRunner().invoke, app, ["limits", "reset", "provider"], env=env
                 )
                 assert result.exit_code == 0, result.output
                 outcomes = await run
+        await limiter.close()
         stats = provider.stats(log=False)
     assert all(o.success for o in outcomes), [o.output for o in outcomes if not o.success]
     assert stats["requests"] == 6 and time.monotonic() - started < 15
@@ -251,14 +275,21 @@ async def test_host_does_not_flood_workers_with_steps_of_a_saturated_limit(
                     started.append(time.monotonic())
 
             async with fleet.executor() as host:
-                run = asyncio.create_task(
-                    execute_steps_parallel(host, _specs(24, timeout_s=60), events=on_event)
-                )
-                assert await asyncio.to_thread(wait_for_requests, provider, 6)
-                await asyncio.sleep(1.0)  # the window is full until ~2.2 s
-                early = len(started)
-                outcomes = await run
+                with BrokerLog(redis_url) as log:
+                    run = asyncio.create_task(
+                        execute_steps_parallel(host, _specs(24, timeout_s=60), events=on_event)
+                    )
+                    assert await asyncio.to_thread(wait_for_requests, provider, 6)
+                    # Every step the host sent while the window is full (until ~2.2 s) has
+                    # reached a worker and asked for room: the host has stopped sending.
+                    await until(
+                        lambda: len(log.admissions()) >= max(len(log.sends(settings.queue)), 6 + 8),
+                        30.0,
+                        "every step sent to ask the limiter for room",
+                    )
+                    early = len(log.sends(settings.queue))
+                    outcomes = await run
         stats = provider.stats(log=False)
     assert all(o.success for o in outcomes), [o.output for o in outcomes if not o.success]
-    assert early <= 6 + 8, f"{early} steps reached workers while the window was full"
+    assert early <= 6 + 8, f"{early} steps were sent while the window was full"
     assert len(started) == 24 and stats["requests"] == 24

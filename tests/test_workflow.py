@@ -559,14 +559,17 @@ def counts(counters: Path) -> dict[str, int]:
 
 
 def wait_for(
-    condition: Callable[[], bool], timeout_s: float, process: subprocess.Popen[str]
+    condition: Callable[[], bool],
+    timeout_s: float,
+    process: subprocess.Popen[str],
+    what: str = "phase 3",
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if process.poll() is not None:
             raise AssertionError(f"child exited early: {process.communicate()}")
         if time.monotonic() > deadline:
-            raise AssertionError("child never reached phase 3")
+            raise AssertionError(f"child never reached {what} in {timeout_s} s")
         time.sleep(0.05)
 
 
