@@ -34,7 +34,14 @@ from fleet.events import StepStarted
 from fleet.ledgers import RedisLedger
 from fleet.localfleet import settings_env
 from tests import pipeline_stages
-from tests.celery_support import REPO, CeleryWorkers, fleet_settings, running_workers, until
+from tests.celery_support import (
+    REPO,
+    CeleryWorkers,
+    fleet_settings,
+    running_workers,
+    until,
+    until_async,
+)
 from tests.fake_openai import FakeOpenAI, Reply, reply
 
 pytestmark = pytest.mark.timeout(240)
@@ -325,7 +332,7 @@ async def test_cancelling_the_caller_of_a_celery_round_stops_its_steps_on_the_wo
             async def released() -> bool:
                 return (await ledger.state("caller-cancel")).reserved == 0
 
-            await _until_async(released, 10)
+            await until_async(released, 10, "the cancelled steps' tokens to be released")
             await _free(executor)  # the 4 sleeping steps were interrupted
     await ledger.close()
 
@@ -362,10 +369,3 @@ def _started_into(started: list[str]) -> Any:
             started.append(event.task_id)
 
     return sink
-
-
-async def _until_async(condition: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)

@@ -16,6 +16,7 @@ from fleet import (
     execute_pipeline,
     execute_steps_parallel,
 )
+from tests.celery_support import until
 
 
 def spec(task_id: str, agent: str = "echo", prompt: str | None = None) -> AgentStepSpec:
@@ -310,7 +311,7 @@ async def test_cancelling_the_caller_cancels_in_flight_steps() -> None:
     task = asyncio.create_task(
         execute_steps_parallel(executor, [spec(str(i), prompt="sleep=5") for i in range(8)])
     )
-    await asyncio.sleep(0.05)
+    await until(lambda: executor.active >= 4, 10.0, "the first steps to start")
     assert executor.active == 4
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -195,9 +195,10 @@ async def test_failing_event_sink_does_not_fail_the_step() -> None:
 
 async def test_cancelling_the_caller_cancels_the_agent() -> None:
     """Cancelling execute_step cancels the running agent coroutine."""
-    cancelled = asyncio.Event()
+    started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def waits(spec: AgentStepSpec, ctx: AgentContext) -> str:
+        started.set()
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
@@ -206,7 +207,7 @@ async def test_cancelling_the_caller_cancels_the_agent() -> None:
         return "never"
 
     task = asyncio.create_task(LocalExecutor(agents={"w": waits}).execute_step(spec("w", "w")))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(started.wait(), 10)  # the agent runs: cancel it, not its start
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
