@@ -20,7 +20,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
-from .sentinel import is_sentinel, parse_sentinel_url
+from .redis.sentinel import is_sentinel, parse_sentinel_url
 from .urls import mask_url
 
 __all__ = [

@@ -348,7 +348,7 @@ class RedisDeltaChannel(DeltaChannel):
         """Start reading the stream after its newest entry (marking restarts on the way)."""
         if self._task is not None:
             return
-        from .redisclient import async_client
+        from .redis.clients import async_client
 
         client = async_client(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
         newest = cast(list[Any], await client.xrevrange(self.key, count=1))

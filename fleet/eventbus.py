@@ -20,7 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
 from .keeper import stop_task
-from .keytags import tagged
+from .redis.keys import Keys
 from .spec import FleetModel
 
 if TYPE_CHECKING:
@@ -45,12 +45,12 @@ DEFAULT_SUBSCRIBER_CAPACITY = 256
 
 def event_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
     """The Redis stream a workflow's events are appended to (hash-tagged by its root id)."""
-    return f"{key_prefix}:events:{tagged(root_id)}"
+    return Keys(key_prefix).events(root_id)
 
 
 def delta_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
     """The Redis stream a workflow's output deltas go to on a fleet (capped, expiring)."""
-    return f"{key_prefix}:deltas:{tagged(root_id)}"
+    return Keys(key_prefix).deltas(root_id)
 
 
 class Lagged(FleetModel):
@@ -309,7 +309,7 @@ class EventStream(BufferedLog):
         super().__init__(f"Redis stream {key!r}", run_id=run_id)
 
     async def _open(self) -> None:
-        from .redisclient import async_client
+        from .redis.clients import async_client
 
         self._client = async_client(
             self._url, retry=False, socket_timeout=5.0, socket_connect_timeout=5.0

@@ -31,8 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .keytags import tagged, untagged
-from .retention import BUDGET_PARTS, ENDED
+from .redis.keys import BUDGET_PARTS, tagged, untagged
+from .retention import ENDED
 
 __all__ = ["GcReport", "RootState", "collect", "parse_duration"]
 

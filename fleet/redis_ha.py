@@ -4,7 +4,7 @@
 (``appendfsync everysec``); the sentinels agree on a failover with a quorum of 2. Every
 process is a child of the caller, bound to 127.0.0.1 on a free port and stopped by its PID,
 never by name. :attr:`SentinelGroup.url` is the one ``FLEET_REDIS_URL`` every fleet part
-takes (see :mod:`fleet.sentinel`).
+takes (see :mod:`fleet.redis.sentinel`).
 """
 
 from __future__ import annotations

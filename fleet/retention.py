@@ -3,7 +3,7 @@
 Every key fleet writes for one workflow is named in **one list**, :func:`workflow_keys`
 (add a new per-workflow key there and both the end-of-run expiry and ``fleet gc`` cover
 it). ``P`` is the key prefix, ``{R}`` the workflow's root id as its hash tag
-(:mod:`fleet.keytags`):
+(:mod:`fleet.redis.keys`):
 
 =============================================  =============================================
 ``P:events:{R}``                                the run's event stream
@@ -32,21 +32,15 @@ its predecessor left (:meth:`RedisRetention.keep`). A run that stopped without e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from redis.exceptions import RedisError
 
-from .asks.redis import asks_key
-from .cancel.board import cancel_marker_key, run_record_key
 from .config import mask_url
 from .errors import BrokerError
-from .eventbus import delta_stream_key, event_stream_key
-from .keytags import tagged
-from .perloop import PerLoop
-from .redisclient import async_client
+from .redis.clients import per_loop
+from .redis.keys import Keys
 
 __all__ = [
-    "BUDGET_PARTS",
     "DEFAULT_RETENTION_S",
     "ENDED",
     "RedisRetention",
@@ -59,9 +53,6 @@ run after a weekend, short enough that a fleet's Redis holds a week of history."
 
 ENDED = frozenset({"finished", "failed", "cancelled"})
 """The run states after which retention applies (``closed`` is not one: it may resume)."""
-
-BUDGET_PARTS = ("account", "held", "leases", "settled", "children")
-"""The keys of one ledger account, in :class:`~fleet.ledgers.RedisLedger`'s order."""
 
 RECORD, ACCOUNT, MARKER, LIVE = "r", "a", "m", "l"
 """How the retention script treats a key: expire it; the first of an account's five keys
@@ -126,24 +117,20 @@ def workflow_keys(
         ``(key, kind)`` pairs, kind one of ``"r"`` (a record), ``"a"`` (the first of an
         account's five keys), ``"m"`` (a cancel marker) or ``"l"`` (live data).
     """
+    named = Keys(key_prefix)
     keys = [
-        (event_stream_key(root_id, key_prefix=key_prefix), RECORD),
-        (run_record_key(root_id, key_prefix=key_prefix), RECORD),
-        (asks_key(root_id, key_prefix=key_prefix), RECORD),
-        (delta_stream_key(root_id, key_prefix=key_prefix), LIVE),
-        # As fleet.celery.protocol.Keys.steps names it (not imported: that package loads Celery).
-        (f"{key_prefix}:steps:{tagged(root_id)}", RECORD),
+        (named.events(root_id), RECORD),
+        (named.workflow(root_id), RECORD),
+        (named.asks(root_id), RECORD),
+        (named.deltas(root_id), LIVE),
+        (named.steps(root_id), RECORD),
     ]
+    kinds = [ACCOUNT, RECORD, RECORD, RECORD, RECORD]
     for account in dict.fromkeys([root_id, *accounts]):
-        base = f"{key_prefix}:budget:{tagged(account)}"
-        kinds = [ACCOUNT, RECORD, RECORD, RECORD, RECORD]
-        keys.extend(
-            (f"{base}:{part}", kind) for part, kind in zip(BUDGET_PARTS, kinds, strict=True)
-        )
-    # As RedisLedger and RedisCheckpointStore name them (methods of those objects).
-    keys.extend((f"{key_prefix}:journal:{tagged(journal)}", RECORD) for journal in journals)
+        keys.extend(zip(named.budget(account), kinds, strict=True))
+    keys.extend((named.journal(journal), RECORD) for journal in journals)
     if run_id is not None:
-        keys.append((cancel_marker_key(run_id, key_prefix=key_prefix), MARKER))
+        keys.append((named.cancel(run_id), MARKER))
     return keys
 
 
@@ -165,9 +152,7 @@ class RedisRetention:
         self.url = url
         self.key_prefix = key_prefix
         self.retention_s = int(retention_s)
-        self._clients: PerLoop[Any] = PerLoop(
-            lambda: async_client(url), close=lambda client: client.aclose()
-        )
+        self._clients = per_loop(url)
 
     def __repr__(self) -> str:
         return (

@@ -32,7 +32,7 @@ from typing import Any, Protocol, cast
 from .config import mask_url
 from .errors import ConfigError
 from .eventbus import BufferedLog, event_stream_key
-from .keytags import untagged
+from .redis.keys import Keys, untagged
 
 __all__ = [
     "LogEntry",
@@ -209,7 +209,7 @@ def _loads(text: str) -> dict[str, str]:
 
 class _RedisReader:
     def __init__(self, url: str, key_prefix: str) -> None:
-        from .redisclient import sync_client
+        from .redis.clients import sync_client
 
         self.where = mask_url(url)
         self._prefix = key_prefix
@@ -246,7 +246,7 @@ class _RedisReader:
         return [LogEntry(bytes(entry_id).decode(), _decode(raw)) for entry_id, raw in page]
 
     def root_ids(self, *, limit: int) -> list[str]:
-        head = f"{self._prefix}:events:"
+        head = Keys(self._prefix).head("events")
         pattern = head.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
         found: list[str] = []
         for key in self._client.scan_iter(match=pattern, count=500, _type="stream"):

@@ -149,7 +149,7 @@ def check_reachable(
         BrokerError: one line naming the place (password masked) and what to fix.
         ConfigError: a URL is malformed.
     """
-    from .sentinel import check_redis
+    from .redis.sentinel import check_redis
 
     if executor == "celery" and not config.redis_url.strip().startswith(_REDIS_SCHEMES):
         raise ConfigError(
@@ -508,7 +508,7 @@ def _has_log(
         return False
     try:
         if quick and places.events.startswith(_REDIS_SCHEMES):
-            from .redisclient import sync_client
+            from .redis.clients import sync_client
 
             with sync_client(
                 places.events, retry=False, socket_connect_timeout=1.0, socket_timeout=1.0

@@ -22,8 +22,8 @@ import redis
 
 from fleet import AgentStepSpec, StepOutcome, execute_pipeline, execute_steps_parallel
 from fleet.celery import CeleryExecutor
-from fleet.celery.protocol import Keys
 from fleet.events import StepFinished
+from fleet.redis.keys import Keys
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages

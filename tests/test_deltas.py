@@ -256,8 +256,9 @@ def test_a_worker_writes_deltas_only_under_its_fleets_prefix(
 ) -> None:
     """A step message naming a delta stream outside the fleet's key prefix gets no publisher."""
     from fleet.agents import AgentRegistry
-    from fleet.celery.protocol import PROTOCOL_VERSION, Keys, StepMessage
+    from fleet.celery.protocol import PROTOCOL_VERSION, StepMessage
     from fleet.config import FleetSettings
+    from fleet.redis.keys import Keys
     from workers.runtime import WorkerRuntime
 
     runtime = WorkerRuntime(

@@ -16,10 +16,10 @@ import redis
 
 from bench.provider import ProviderProcess
 from fleet import AgentStepSpec, WorkflowBudget
-from fleet.celery.protocol import Keys
 from fleet.deltas import LiveText, read_deltas
 from fleet.events import StepDelta, StepFinished
 from fleet.ledgers import RedisLedger
+from fleet.redis.keys import Keys
 from fleet.workflow import Workflow
 from tests import pipeline_stages
 from tests.celery_support import REPO, CeleryWorkers, Worker, fleet_settings, running_workers, until

@@ -37,7 +37,7 @@ from fleet.checkpoint import WorkflowStepRecord
 from fleet.cli.app import app
 from fleet.config import FleetSettings, load_settings
 from fleet.errors import CheckpointError, ConfigError, FleetError, SpecError
-from fleet.keytags import tagged
+from fleet.redis.keys import tagged
 from fleet.redis_server import free_port
 from fleet.resumable import execute_steps_parallel_resumable
 from fleet.stores import (

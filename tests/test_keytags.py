@@ -11,8 +11,8 @@ import redis as redis_sync
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
 from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
-from fleet.keytags import tagged, untagged
 from fleet.ledgers import RedisLedger
+from fleet.redis.keys import tagged, untagged
 from fleet.stores.redis import RedisCheckpointStore
 from tests.celery_support import fleet_settings, running_workers
 

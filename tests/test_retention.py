@@ -32,8 +32,8 @@ from fleet.cancel.redis import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.gc import collect
-from fleet.keytags import tagged
 from fleet.ledgers import RedisLedger
+from fleet.redis.keys import tagged
 from fleet.runner import open_run, plan_run
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages

@@ -27,10 +27,10 @@ from fleet.celery import configure_app
 from fleet.config import FleetSettings, load_settings, mask_url
 from fleet.errors import BrokerError, ConfigError
 from fleet.ledgers import RedisLedger
+from fleet.redis.clients import async_client, sync_client
+from fleet.redis.sentinel import check_redis, parse_sentinel_url
 from fleet.redis_ha import SentinelGroup
 from fleet.redis_server import free_port
-from fleet.redisclient import async_client, sync_client
-from fleet.sentinel import check_redis, parse_sentinel_url
 from fleet.stores import RedisCheckpointStore
 from tests.test_cli_ops import alive, clean_env, read_lines
 from tests.test_compose import ENV, interpolate

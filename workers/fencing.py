@@ -37,7 +37,7 @@ from collections.abc import Callable
 from fleet.budget import WorkflowBudget
 from fleet.errors import AgentError, BrokerError
 from fleet.keeper import Held
-from fleet.redisclient import OUTAGE_TOLERANCE_S
+from fleet.redis.clients import OUTAGE_TOLERANCE_S
 
 __all__ = ["FENCE_MARGIN", "Fence", "Fences", "charge_stopped"]
 

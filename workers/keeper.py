@@ -36,7 +36,7 @@ from fleet.budget import Reservation
 from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch
 from fleet.celery.protocol import lua
 from fleet.keeper import Held, Keeper, LapseHook, Renewable, lapse, renewal_timeout
-from fleet.redisclient import sync_client
+from fleet.redis.clients import sync_client
 
 __all__ = ["LeaseKeeper", "StepLease"]
 

@@ -34,7 +34,6 @@ from fleet.cancel.signal import Cancellation, cancelled_outcome
 from fleet.celery.protocol import (
     REPLY_TTL_S,
     BudgetHold,
-    Keys,
     Limited,
     StageMessage,
     StepMessage,
@@ -49,7 +48,8 @@ from fleet.errors import PoisonMessageError, UnknownAgentError
 from fleet.events import EventSink, RateLimited
 from fleet.ledgers.redis import RedisLedger
 from fleet.limiters import RedisRateLimiter
-from fleet.redisclient import sync_client
+from fleet.redis.clients import sync_client
+from fleet.redis.keys import Keys
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_interruptible
 from fleet.stores.base import encode_meta
@@ -199,7 +199,7 @@ class WorkerRuntime:
 
         ``("cancelled", reason)`` when one of the step's cancel ``markers`` is present:
         nothing is taken then; ``("over", "")`` when the step record of ``steps`` (its
-        owner, see :meth:`~fleet.celery.protocol.Keys.steps`) says the host already has this
+        owner, see :meth:`~fleet.redis.keys.Keys.steps`) says the host already has this
         dispatch's outcome.
         """
         self.redis()

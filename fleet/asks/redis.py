@@ -1,6 +1,6 @@
 """The fleet's ask book, in Redis: a hash per workflow, shared by the host and every answerer.
 
-Key ``{p}:asks:{ROOT}`` (the root id is the hash tag, :mod:`fleet.keytags`): field ``NAME``
+Key ``{p}:asks:{ROOT}`` (the root id is the hash tag, :mod:`fleet.redis.keys`): field ``NAME``
 holds the ask's record as JSON. A swap is one small Lua script, atomic on the server.
 """
 
@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..config import mask_url
 from ..errors import BrokerError
-from ..keytags import tagged
-from ..perloop import PerLoop
-from ..redisclient import async_client
-from ..sentinel import is_sentinel
+from ..redis.clients import per_loop
+from ..redis.keys import Keys
+from ..redis.sentinel import is_sentinel
 from .book import AskBook
 
 __all__ = ["RedisAskBook", "asks_key"]
@@ -35,7 +33,7 @@ return 1
 
 def asks_key(root_id: str, *, key_prefix: str = "fleet") -> str:
     """The hash holding ``root_id``'s asks."""
-    return f"{key_prefix}:asks:{tagged(root_id)}"
+    return Keys(key_prefix).asks(root_id)
 
 
 class RedisAskBook(AskBook):
@@ -51,9 +49,7 @@ class RedisAskBook(AskBook):
     def __init__(self, url: str, *, key_prefix: str = "fleet") -> None:
         self.url = url
         self.key_prefix = key_prefix
-        self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: async_client(url, retry=is_sentinel(url)), close=lambda c: c.aclose()
-        )
+        self._clients = per_loop(url, retry=is_sentinel(url))
 
     def __repr__(self) -> str:
         return f"RedisAskBook({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
@@ -93,7 +89,7 @@ class RedisAskBook(AskBook):
         if root_id is not None:
             keys = [self._key(root_id)]
         else:
-            pattern = _glob_escape(f"{self.key_prefix}:asks:") + "*"
+            pattern = _glob_escape(Keys(self.key_prefix).head("asks")) + "*"
             keys = await self._call(
                 "list asks", _collect(self._client.scan_iter(match=pattern, count=1000))
             )

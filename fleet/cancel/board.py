@@ -27,7 +27,7 @@ import uuid
 from abc import ABC, abstractmethod
 from typing import Literal
 
-from ..keytags import tagged
+from ..redis.keys import Keys
 from ..spec import FleetModel
 
 __all__ = [
@@ -72,12 +72,12 @@ def new_run_id() -> str:
 
 def run_record_key(root_id: str, *, key_prefix: str = "fleet") -> str:
     """The Redis hash that records the latest run of ``root_id``."""
-    return f"{key_prefix}:workflow:{tagged(root_id)}"
+    return Keys(key_prefix).workflow(root_id)
 
 
 def cancel_marker_key(marker: str, *, key_prefix: str = "fleet") -> str:
     """The Redis key whose presence cancels every step message carrying ``marker``."""
-    return f"{key_prefix}:cancel:{marker}"
+    return Keys(key_prefix).cancel(marker)
 
 
 class CancelNotice(FleetModel):

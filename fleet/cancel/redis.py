@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from ..config import mask_url
 from ..errors import BrokerError
-from ..redisclient import async_client
+from ..redis.clients import per_loop
 from .board import (
     CANCEL_TTL_S,
     CancelBoard,
@@ -114,20 +114,13 @@ class RedisCancelBoard(CancelBoard):
         self.url = url
         self.key_prefix = key_prefix
         self.marker_ttl_s = int(marker_ttl_s)
-        self._clients: dict[Any, Any] = {}
+        self._clients = per_loop(url)
 
     def __repr__(self) -> str:
         return f"RedisCancelBoard({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
     def _client(self) -> Any:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
-            client = self._clients[loop] = async_client(self.url)
-        return client
+        return self._clients.get()
 
     async def _call(self, action: str, command: Any) -> Any:
         try:
@@ -206,8 +199,4 @@ class RedisCancelBoard(CancelBoard):
 
     async def close(self) -> None:
         """Close this loop's connections."""
-        import asyncio
-
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        await self._clients.aclose()

@@ -17,8 +17,8 @@ from celery import Celery
 from ..agents.registry import read_agents_file, resolve_target
 from ..config import FleetSettings
 from ..errors import ConfigError
-from ..redisclient import OUTAGE_TOLERANCE_S
-from ..sentinel import celery_options
+from ..redis.clients import OUTAGE_TOLERANCE_S
+from ..redis.sentinel import celery_options
 
 __all__ = ["configure_app", "load_stages"]
 

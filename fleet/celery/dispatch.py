@@ -47,8 +47,8 @@ from ..deltas import current_deltas
 from ..keeper import stop_task
 from ..limiters import ProviderLimit, RedisRateLimiter
 from ..limiters.dispatch import DispatchGate
-from ..redisclient import async_client
-from ..sentinel import check_redis
+from ..redis.clients import async_client
+from ..redis.sentinel import check_redis
 from .protocol import Finished, Limited, Started, Stopped, read_notice, recorded
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Flight:
     journaled: bool = False
     """A done-marker in its step record may answer for it (a journaled step)."""
     record: str = ""
-    """Its step record (:meth:`~fleet.celery.protocol.Keys.steps`), for a journaled step."""
+    """Its step record (:meth:`~fleet.redis.keys.Keys.steps`), for a journaled step."""
     routes: tuple[str, ...] = ()
     """Other task ids whose notices belong to it (the later links of a chain): a link's
     notice may arrive before its track has heard that the previous link finished."""

@@ -48,11 +48,11 @@ from ..errors import ConfigError
 from ..events import EventSink
 from ..executor import AgentExecutor, OutcomeCallback, PipelineStage
 from ..perloop import PerLoop
+from ..redis.keys import Keys
 from ..spec import AgentStepSpec, StepOutcome
 from .app import configure_app, load_stages
 from .dispatch import Dispatcher
 from .pipeline import Pipeline
-from .protocol import Keys
 from .round import Round
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class CeleryExecutor(AgentExecutor):
     def _client(self) -> aioredis.Redis:
         """This event loop's Redis client (built without I/O; closed by :meth:`aclose`).
 
-        It retries through a Redis restart (see :mod:`fleet.redisclient`) instead of
+        It retries through a Redis restart (see :mod:`fleet.redis.clients`) instead of
         failing the steps in flight, and waits for one of its
         :data:`~fleet.celery.dispatch.HOST_CONNECTIONS` connections instead of failing.
         """

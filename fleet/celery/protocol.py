@@ -1,7 +1,7 @@
 """The wire protocol between the Celery host and its workers, in one place.
 
 Both sides import this module and nothing private of each other. A step travels as
-follows (every name below is defined here)::
+follows (the key names are :class:`fleet.redis.keys.Keys`'s, the rest is defined here)::
 
     host                                   Redis                         worker
     StepMessage ──── fleet.run_step ─────▶ queue ──────────────────────▶ decode()
@@ -27,12 +27,9 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from ..cancel.board import cancel_marker_key
 from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
-from ..eventbus import delta_stream_key
 from ..events import RateLimited
-from ..keytags import tagged
 from ..spec import AgentStepSpec, FleetModel, StepOutcome
 
 __all__ = [
@@ -44,7 +41,6 @@ __all__ = [
     "BudgetHold",
     "Finished",
     "Limited",
-    "Keys",
     "Notice",
     "PipelineContext",
     "StageMessage",
@@ -70,7 +66,8 @@ REPLY_TTL_S = 3600
 """A reply list expires this long after its last notice (its host may be gone)."""
 RESULT_GRACE_S = 10
 """A step's result lives this long after its host has read it: nothing needs it then (a
-duplicate of the dispatch is refused by the step record, :meth:`Keys.steps`, and a resumed
+duplicate of the dispatch is refused by the step record,
+:meth:`~fleet.redis.keys.Keys.steps`, and a resumed
 host reads the done-markers there), so the grace only covers stragglers, short so that
 results do not pile up at a high step rate."""
 
@@ -107,7 +104,8 @@ class StepMessage(FleetModel):
     workflow_id: str | None = None
     """The journal the step belongs to, when its round is journaled."""
     record: str | None = None
-    """Whose step record (:meth:`Keys.steps`) answers for the step: the workflow's root id,
+    """Whose step record (:meth:`~fleet.redis.keys.Keys.steps`) answers for the step: the
+    workflow's root id,
     or the round's nonce outside a workflow (``None``: the nonce)."""
     budget: BudgetHold | None = None
     """The step's token hold, when a Redis budget ledger guards the workflow."""
@@ -124,11 +122,12 @@ class StepMessage(FleetModel):
     """Push a :class:`Started` notice when the step is claimed (someone listens for events)."""
     cancel: list[str] = Field(default_factory=list)
     """Cancel markers (the workflow run's id, the round's id): a worker that finds any of
-    them in Redis (:meth:`Keys.cancel`) drops the message, or interrupts the running step."""
+    them in Redis (:meth:`~fleet.redis.keys.Keys.cancel`) drops the message, or interrupts
+    the running step."""
     deltas: str | None = Field(default=None, max_length=1024)
-    """The stream the step's output deltas go to (:meth:`Keys.deltas` of its workflow),
-    when it runs under a workflow. Optional and ignorable, like ``traceparent``: an older
-    worker runs the step the same, without live text."""
+    """The stream the step's output deltas go to (:meth:`~fleet.redis.keys.Keys.deltas` of
+    its workflow), when it runs under a workflow. Optional and ignorable, like
+    ``traceparent``: an older worker runs the step the same, without live text."""
 
 
 class StageMessage(FleetModel):
@@ -268,58 +267,7 @@ def recorded(tid: str, raw: str | bytes) -> Finished | Stopped:
     return Finished(id=tid, outcome=StepOutcome.from_dict(head))
 
 
-# --------------------------------------------------------------------------- keys and ids
-
-
-class Keys:
-    """The Redis key layout host and workers share, under one prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def lease(self, tid: str) -> str:
-        """A worker's claim on a running step (``SET NX PX``, renewed while it runs)."""
-        return f"{self.prefix}:lease:{tid}"
-
-    def result(self, tid: str, nonce: str) -> str:
-        """The outcome of one dispatch: every duplicate of that dispatch is served it."""
-        return f"{self.prefix}:result:{tid}:{nonce}"
-
-    def steps(self, owner: str) -> str:
-        """The step record of a workflow (``owner``: its root id) or of a bare round (its nonce).
-
-        One hash for every step the owner dispatches, so what exactly-once needs after a
-        step's result has been read costs a field, not a key: ``done:{tid}`` a journaled
-        success (for a resumed host, until its round ends), ``ran:{tid}`` the nonce of a
-        dispatch whose result the host read (until its round ends), ``over:{nonce}`` a
-        round that ended. A workflow's record expires with its retention
-        (:mod:`fleet.retention`); a bare round's ``result_expires_s`` after its end.
-        """
-        return f"{self.prefix}:steps:{tagged(owner)}"
-
-    def reply(self, name: str) -> str:
-        """A host's reply list (``reply("")`` is the prefix every reply list starts with)."""
-        return f"{self.prefix}:reply:{name}"
-
-    def pipe(self, pipe: str) -> str:
-        """A pipeline run's hash: its :class:`PipelineContext` and items."""
-        return f"{self.prefix}:pipe:{pipe}"
-
-    def deltas(self, root_id: str) -> str:
-        """A workflow's output deltas: a capped, expiring stream (see :mod:`fleet.deltas`).
-
-        ``deltas("")`` is the prefix every delta stream starts with.
-        """
-        if not root_id:
-            return f"{self.prefix}:deltas:"
-        return delta_stream_key(root_id, key_prefix=self.prefix)
-
-    def cancel(self, marker: str) -> str:
-        """A cancel marker: its presence cancels every step that names it.
-
-        It holds JSON with a ``reason`` and lives a day (see :mod:`fleet.cancel.markers`).
-        """
-        return cancel_marker_key(marker, key_prefix=self.prefix)
+# --------------------------------------------------------------------------- ids
 
 
 def step_task_id(workflow_id: str, spec: AgentStepSpec) -> str:

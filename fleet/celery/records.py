@@ -3,7 +3,7 @@
 A worker records each outcome under ``result(tid, nonce)`` (one key per step) for the host
 to read. Once the host has read it, the key is only kept :data:`RESULT_GRACE_S` more; a
 late duplicate of the dispatch is refused by a field of the owner's step record
-(:meth:`~fleet.celery.protocol.Keys.steps`, one hash per workflow) instead:
+(:meth:`~fleet.redis.keys.Keys.steps`, one hash per workflow) instead:
 
 * ``ran:{tid}`` = nonce, as soon as the host has the step's outcome;
 * at the round's end, ``over:{nonce}`` replaces the round's ``ran:`` and ``done:`` fields,
@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .protocol import RESULT_GRACE_S, Keys
+from ..redis.keys import Keys
+from .protocol import RESULT_GRACE_S
 
 if TYPE_CHECKING:
     from ..cancel.signal import Cancellation

@@ -19,8 +19,8 @@ import typer
 from ..asks import AskBook, AskRecord, give_answer, open_ask_book, open_asks, records
 from ..config import FleetSettings, mask_url
 from ..errors import AnswerRefused, BrokerError, FleetError
+from ..redis.sentinel import check_redis
 from ..runner import Located, RunPlaces, indexed_stores, locate_run
-from ..sentinel import check_redis
 from .app import app, settings
 from .cancel import board_at
 from .progress import say

@@ -23,7 +23,7 @@ import typer
 from ..config import FleetSettings
 from ..errors import ConfigError
 from ..localfleet import LocalFleet, celery_command, settings_env
-from ..sentinel import check_redis, is_sentinel
+from ..redis.sentinel import check_redis, is_sentinel
 from .app import app, console, debugging, err_console, settings
 
 __all__ = ["PoolChoice", "flower", "up", "worker"]

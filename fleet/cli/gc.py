@@ -11,8 +11,8 @@ from redis.exceptions import RedisError
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
 from ..gc import GcReport, collect, parse_duration
-from ..redisclient import sync_client
-from ..sentinel import check_redis
+from ..redis.clients import sync_client
+from ..redis.sentinel import check_redis
 from .app import app, console, settings
 
 __all__ = ["gc"]

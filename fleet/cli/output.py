@@ -81,7 +81,7 @@ class OutputFollower:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        from ..redisclient import sync_client
+        from ..redis.clients import sync_client
 
         client: Any = sync_client(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
         try:

@@ -86,7 +86,7 @@ class LiveOutput:
     async def _stream(
         self, request: Request, url: str, key: str, root_id: str, task_id: str, cursor: str
     ) -> AsyncIterator[str]:
-        from ..redisclient import async_client
+        from ..redis.clients import async_client
 
         self.streams += 1
         client = async_client(url, socket_timeout=5.0, socket_connect_timeout=5.0)

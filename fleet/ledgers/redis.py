@@ -2,7 +2,7 @@
 
 Keys of one account (``P`` is the key prefix, ``A`` the workflow id or account name, in
 braces: the Redis Cluster hash tag that keeps an account's keys in one slot, see
-:mod:`fleet.keytags`)::
+:mod:`fleet.redis.keys`)::
 
     P:budget:{A}:account   hash   limit, ulimit (-1 = uncapped; absent = not set), consumed,
                                 reserved, uconsumed, ureserved (u = micro-dollars), parents
@@ -42,10 +42,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
-from ..keytags import tagged
 from ..perloop import PerLoop
-from ..redisclient import async_client
-from ..sentinel import is_sentinel
+from ..redis.clients import async_client
+from ..redis.keys import Keys
+from ..redis.sentinel import is_sentinel
 from .base import (
     KEEP,
     BudgetLedger,
@@ -71,11 +71,9 @@ UNREPLICATED_BACKOFF_S = 1.0
 _WRITES = frozenset({"reserve", "settle", "renew", "state"})
 """Scripts that may write (``state`` writes when it configures an account)."""
 
-_PARTS = ("account", "held", "leases", "settled", "children")
-
-# KEYS: five per account (see _PARTS). Defines `now` (ms), `n` (accounts), `key(i, part)`,
-# `expire(i)`, `account(i)` and `add(i, field, amount)`; releases the expired leases of
-# every account (settle: of the workflow's only, see _SETTLE).
+# KEYS: five per account (see fleet.redis.keys.BUDGET_PARTS). Defines `now` (ms), `n`
+# (accounts), `key(i, part)`, `expire(i)`, `account(i)` and `add(i, field, amount)`;
+# releases the expired leases of every account (settle: of the workflow's only, see _SETTLE).
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -382,8 +380,8 @@ class RedisLedger(BudgetLedger):
         if keys is None:
             if len(self._key_cache) >= _KEY_CACHE_SIZE:
                 self._key_cache.clear()
-            base = f"{self.key_prefix}:budget:{tagged(account_id)}"
-            keys = self._key_cache[account_id] = tuple(f"{base}:{p}".encode() for p in _PARTS)
+            named = Keys(self.key_prefix).budget(account_id)
+            keys = self._key_cache[account_id] = tuple(key.encode() for key in named)
         return keys
 
     def _unreachable(self, error: Exception) -> BrokerError:

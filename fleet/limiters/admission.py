@@ -154,7 +154,7 @@ async def admit(
             reason = f"the rate limiter is unreachable ({error})"
             if outages == 1:
                 logger.warning("%s: %s; waiting to be admitted", label, reason)
-            from ..redisclient import OUTAGE_TOLERANCE_S  # here: `import fleet` loads no redis
+            from ..redis.clients import OUTAGE_TOLERANCE_S  # here: `import fleet` loads no redis
 
             if deadline is None and time.monotonic() - started > OUTAGE_TOLERANCE_S:
                 raise AgentError(

@@ -35,8 +35,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
-from ..perloop import PerLoop
-from ..redisclient import async_client
+from ..redis.clients import per_loop
+from ..redis.keys import Keys
 from .base import WIDTH_TTL_S, AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["RedisRateLimiter"]
@@ -186,14 +186,11 @@ class RedisRateLimiter(RateLimiter):
         self.socket_timeout_s = socket_timeout_s
         # One pool per event loop, closed when that loop ends. No retry inside the
         # client: the admission loop retries within the step's deadline.
-        self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: async_client(
-                url,
-                retry=False,
-                socket_timeout=socket_timeout_s,
-                socket_connect_timeout=socket_timeout_s,
-            ),
-            close=lambda client: client.aclose(),
+        self._clients = per_loop(
+            url,
+            retry=False,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
         )
         self._keys: dict[str, tuple[str, ...]] = {}
 
@@ -213,10 +210,7 @@ class RedisRateLimiter(RateLimiter):
         """The Redis keys of limit ``name`` (calls, cost, meta, flight)."""
         keys = self._keys.get(name)
         if keys is None:
-            base = f"{self.key_prefix}:limit:{name}"
-            keys = self._keys[name] = tuple(
-                f"{base}:{part}" for part in ("calls", "cost", "meta", "flight")
-            )
+            keys = self._keys[name] = Keys(self.key_prefix).limit(name)
         return keys
 
     async def _run(self, script: str, limit: ProviderLimit, *args: str | int) -> Any:
@@ -269,8 +263,7 @@ class RedisRateLimiter(RateLimiter):
 
     def width_key(self, endpoint: str) -> str:
         """The key of an endpoint's learned width (a digest: no URL in a key name)."""
-        digest = hashlib.sha256(endpoint.encode()).hexdigest()[:24]
-        return f"{self.key_prefix}:endpoint:{digest}:width"
+        return Keys(self.key_prefix).endpoint_width(endpoint)
 
     async def recall_width(self, endpoint: str) -> int | None:
         """The endpoint's remembered width (one GET); see :meth:`RateLimiter.recall_width`."""

@@ -1,7 +1,7 @@
 """The fleet journal: one Redis hash per workflow, shared by the host and every worker.
 
 Layout: key ``{key_prefix}:journal:{workflow_id}`` with the workflow's root id (the part
-before the first ``/``) in braces, its Redis Cluster hash tag (:mod:`fleet.keytags`:
+before the first ``/``) in braces, its Redis Cluster hash tag (:mod:`fleet.redis.keys`:
 ``fleet:journal:{nightly}/review``); field ``meta`` holds
 ``{"schema_version":1,"workflow_id":...}``; field ``step:{task_id}`` holds one step's record
 JSON. Recording a step is one round trip (a small Lua script that creates ``meta`` if it is
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..config import mask_url
 from ..errors import CheckpointError, ConfigError
-from ..keytags import tagged, untagged
-from ..perloop import PerLoop
-from ..redisclient import async_client
-from ..sentinel import is_sentinel, parse_sentinel_url
+from ..redis.clients import per_loop
+from ..redis.keys import Keys, untagged
+from ..redis.sentinel import is_sentinel, parse_sentinel_url
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 __all__ = ["RedisCheckpointStore"]
@@ -66,10 +64,7 @@ class RedisCheckpointStore(CheckpointStore):
             raise ConfigError(
                 f"invalid Redis journal URL {mask_url(url)}: {error}", key="store"
             ) from None
-        self._clients: PerLoop[aioredis.Redis] = PerLoop(
-            lambda: async_client(url, retry=is_sentinel(url), **client_options),
-            close=lambda c: c.aclose(),
-        )
+        self._clients = per_loop(url, retry=is_sentinel(url), **client_options)
         self._group = GroupCommit(self._write_batch)
 
     @property
@@ -82,7 +77,7 @@ class RedisCheckpointStore(CheckpointStore):
 
     def key(self, workflow_id: str) -> str:
         """The hash key holding ``workflow_id``'s journal."""
-        return f"{self.key_prefix}:journal:{tagged(workflow_id)}"
+        return Keys(self.key_prefix).journal(workflow_id)
 
     def _error(self, action: str, workflow_id: str | None, error: RedisError) -> CheckpointError:
         return CheckpointError(
@@ -171,7 +166,7 @@ class RedisCheckpointStore(CheckpointStore):
 
     async def list_workflows(self) -> list[str]:
         """Workflow ids with a journal under this store's prefix, sorted (uses ``SCAN``)."""
-        head = f"{self.key_prefix}:journal:"
+        head = Keys(self.key_prefix).head("journal")
         pattern = _glob_escape(head) + "*"
         found: list[str] = []
         try:

@@ -40,10 +40,10 @@ from fleet import AgentStepSpec, StepOutcome, WorkflowBudget
 from fleet.celery import CeleryExecutor
 from fleet.celery.protocol import step_task_id
 from fleet.config import FleetSettings
-from fleet.keytags import tagged
 from fleet.ledgers.redis import RedisLedger
+from fleet.redis.clients import OUTAGE_TOLERANCE_S
+from fleet.redis.keys import tagged
 from fleet.redis_server import RedisServer
-from fleet.redisclient import OUTAGE_TOLERANCE_S
 from fleet.stores.redis import RedisCheckpointStore
 from tests.celery_support import CeleryWorkers
 from tests.faults.link import Link, resume

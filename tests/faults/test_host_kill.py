@@ -29,8 +29,8 @@ import pytest
 import redis
 
 from fleet import StepOutcome
-from fleet.celery.protocol import Keys
 from fleet.config import FleetSettings
+from fleet.redis.keys import Keys
 from fleet.stores import RedisCheckpointStore
 from tests.celery_support import REPO, BrokerLog, step_ids, until
 from tests.faults.support import (

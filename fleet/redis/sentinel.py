@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .errors import BrokerError, ConfigError
-from .urls import mask_url
+from ..errors import BrokerError, ConfigError
+from ..urls import mask_url
 
 __all__ = [
     "DEFAULT_SENTINEL_PORT",

@@ -6,7 +6,11 @@ exponential backoff, for about :data:`OUTAGE_TOLERANCE_S` seconds. A restart of 
 AOF) therefore pauses a workflow rather than failing it; an outage longer than that fails
 the affected steps with ``unavailable``.
 
-A sentinel URL (see :mod:`fleet.sentinel`) gets a client whose connections ask the
+A process-wide client comes from :func:`async_client` or :func:`sync_client`; an object
+users keep across ``asyncio.run()`` calls (a store, a ledger, a board) takes its clients
+from :func:`per_loop` instead, one per event loop (see :mod:`fleet.perloop`).
+
+A sentinel URL (see :mod:`fleet.redis.sentinel`) gets a client whose connections ask the
 sentinels for the master on every (re)connect: a failover looks to it like a restart,
 a connection to the old master fails (refused, or ``READONLY`` once it came back as a
 replica), the retry re-resolves the master and sends the command there. Only the
@@ -26,11 +30,13 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..perloop import PerLoop
 from .sentinel import is_sentinel, parse_sentinel_url
 
 __all__ = [
     "OUTAGE_TOLERANCE_S",
     "async_client",
+    "per_loop",
     "retry_options",
     "sync_client",
 ]
@@ -215,3 +221,17 @@ def sync_client(
         url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
     )
     return redis.Redis(connection_pool=pool)
+
+
+def per_loop(url: str, **options: Any) -> PerLoop[aioredis.Redis]:
+    """One :func:`async_client` per event loop, closed when its loop ends (or on ``aclose``).
+
+    Args:
+        url: the Redis URL.
+        options: :func:`async_client` keyword arguments.
+    """
+    return PerLoop(lambda: async_client(url, **options), close=_aclose)
+
+
+async def _aclose(client: aioredis.Redis) -> None:
+    await client.aclose()
