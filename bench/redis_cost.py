@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import re
 import subprocess
@@ -41,10 +40,10 @@ from bench._common import median, table, write
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
 from fleet.cancel.redis import RedisCancelBoard
 from fleet.celery import CeleryExecutor
-from fleet.celery.protocol import lua
 from fleet.config import FleetSettings
 from fleet.ledgers import RedisLedger
 from fleet.localfleet import celery_command, settings_env
+from fleet.redis.scripts import script
 from fleet.redis_server import RedisServer, free_port
 from fleet.stores.redis import RedisCheckpointStore
 
@@ -66,7 +65,7 @@ def _script_components() -> dict[bytes, str]:
     """The SHA1 of each of the Celery host's Lua scripts, and the component it serves."""
     owners = {"claim_step": "lease/claim", "renew_lease": "lease/claim",
               "begin_link": "lease/claim", "finish": "results"}  # fmt: skip
-    return {hashlib.sha1(lua(name).encode()).hexdigest().encode(): part
+    return {script(name).sha.encode(): part
             for name, part in owners.items()}  # fmt: skip
 
 

@@ -32,28 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .redis.keys import BUDGET_PARTS, tagged, untagged
+from .redis.scripts import script
 from .retention import ENDED
 
 __all__ = ["GcReport", "RootState", "collect", "parse_duration"]
 
 NAMESPACES = ("events", "deltas", "workflow", "asks", "steps", "budget", "journal")
 """Key namespaces a workflow owns (see :func:`fleet.retention.workflow_keys`)."""
-
-_PRUNE = """
--- KEYS[1] {p}:workflow:{R} (the run record); KEYS[2..] the keys to delete
--- ARGV[1] the run id gc judged ('' = there was no record), ARGV[2] its status,
--- ARGV[3] 'orphan' when KEYS[2..] are budget parts whose account hash (KEYS[1]) is gone
-if ARGV[3] == 'orphan' then
-  if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-else
-  local run = redis.call('HGET', KEYS[1], 'run') or ''
-  local status = redis.call('HGET', KEYS[1], 'status') or ''
-  if run ~= ARGV[1] or status ~= ARGV[2] then return -1 end
-end
-local n = 0
-for i = 2, #KEYS do n = n + redis.call('UNLINK', KEYS[i]) end
-return n
-"""
 
 
 @dataclass
@@ -243,7 +228,7 @@ def collect(
         keys.append(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw))
     report = GcReport(dry_run=dry_run, scanned=len(keys))
     now = time.time() if now is None else now
-    prune = client.register_script(_PRUNE)
+    prune = script("gc_prune")
     for state in _group(keys, head).values():
         if _is_account_only(state, head):
             account = f"{head}budget:{tagged(state.root_id)}:account"
@@ -307,7 +292,7 @@ def _remove(
         removed = len(keys)
     else:
         args = [*state.record, "orphan" if orphan else ""]
-        removed = int(prune(keys=[guard, *keys], args=args))
+        removed = int(prune(client, [guard, *keys], args))
         if removed < 0:  # the run began again meanwhile: not ours to remove
             return
     report.workflows.append(state.root_id)

@@ -34,8 +34,8 @@ from kombu.utils.collections import eqhash
 
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
-from fleet.limiters.redis import _SHAS as _LIMITER_SHAS
 from fleet.localfleet import settings_env
+from fleet.redis.scripts import script
 
 REPO = Path(__file__).resolve().parent.parent
 AGENTS_FILE = REPO / "tests" / "agents.toml"
@@ -373,7 +373,7 @@ class BrokerLog:
 
         Safe to read while the log is open (a copy of what MONITOR has shown until now).
         """
-        admit = _LIMITER_SHAS["admit"].encode()
+        admit = script("limit_admit").sha.encode()
         commands = list(self.commands)
         return {c.args[8] for c in commands if c.name == "EVALSHA" and c.args[1] == admit}
 

@@ -1,25 +1,32 @@
-"""fleet's one Redis layer (fleet/redis/): every key it writes is named by ``Keys``."""
+"""fleet's one Redis layer (fleet/redis/): ``Keys`` names every key, one loader runs every script."""
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_sync
+import redis.asyncio as aioredis
 
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
 from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.ledgers import RedisLedger
 from fleet.limiters import ProviderLimit, RedisRateLimiter
+from fleet.redis import scripts
 from fleet.redis.keys import Keys
+from fleet.redis_server import RedisServer
 from fleet.retention import RedisRetention
 from fleet.stores.redis import RedisCheckpointStore
 from tests import pipeline_stages
 from tests.celery_support import fleet_settings, running_workers
 
 pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_keys_names_the_layout_data_already_in_redis_uses() -> None:
@@ -123,3 +130,86 @@ def _keys(redis_url: str, prefix: str) -> set[str]:
         return set(client.scan_iter(match=f"{prefix}:*", count=1000))
     finally:
         client.close()
+
+
+def test_no_lua_is_written_inside_python() -> None:
+    """Every script is a ``.lua`` file: no Python module of fleet or the workers holds Lua."""
+    inline = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in ("fleet", "workers")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1)
+        if "redis.call(" in line
+    ]
+    assert inline == []
+
+
+@pytest.mark.redis
+def test_every_lua_file_has_a_header_and_loads(redis_url: str) -> None:
+    """Each file opens with its KEYS and ARGV; each script compiles and loads under its SHA1."""
+    names = scripts.names()
+    assert {"claim_step", "finish", "ledger_reserve", "limit_admit", "run_request"} <= set(names)
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        for name in names:
+            head = scripts.header(name)
+            assert head.startswith(f"-- {name}.lua: "), name
+            assert re.search(r"^-- KEYS", head, re.MULTILINE), name
+            assert re.search(r"^-- ARGV", head, re.MULTILINE), name
+            if name.startswith("_"):  # a prelude: included by scripts, never run alone
+                continue
+            script = scripts.script(name)
+            assert "--!include" not in script.text, name
+            assert client.script_load(script.text) == script.sha, name
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of this test alone (its scripts are flushed)."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server.url
+
+
+@pytest.mark.redis
+def test_a_script_redis_forgot_is_loaded_and_runs_once(own_redis: str) -> None:
+    """After ``SCRIPT FLUSH`` a script still runs exactly once: on a client and in a pipeline.
+
+    ``ask_swap`` answers 1 only the first time it stores a record, so a script that ran
+    twice (or not at all) shows in its answer.
+    """
+    swap = scripts.script("ask_swap")
+    client = redis_sync.Redis.from_url(own_redis)
+    try:
+        client.script_flush()
+        assert swap(client, ["k1"], ["a", "", "v"]) == 1
+        client.script_flush()
+        pipe = client.pipeline(transaction=False)
+        pipe.set("before", "1")
+        swap.queue(pipe, ["k2"], ["a", "", "v"])
+        swap.queue(pipe, ["k2"], ["b", "", "v"])
+        pipe.get("before")
+        assert scripts.execute(pipe) == [True, 1, 1, b"1"]
+        assert client.hgetall("k2") == {b"a": b"v", b"b": b"v"}
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+async def test_an_async_script_redis_forgot_is_loaded_and_runs_once(own_redis: str) -> None:
+    """The asyncio twin: a client's call and a pipeline's after ``SCRIPT FLUSH``."""
+    swap = scripts.script("ask_swap")
+    client = aioredis.Redis.from_url(own_redis)
+    try:
+        await client.script_flush()
+        assert await swap.run(client, ["k1"], ["a", "", "v"]) == 1
+        assert await swap.run(client, ["k1"], ["a", "", "w"]) == 0
+        await client.script_flush()
+        async with client.pipeline(transaction=False) as pipe:
+            swap.queue(pipe, ["k2"], ["a", "", "v"])
+            pipe.execute_command("WAIT", 0, 10)
+            assert await scripts.execute_async(pipe) == [1, 0]
+        assert await client.hgetall("k2") == {b"a": b"v"}
+    finally:
+        await client.aclose()

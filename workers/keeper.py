@@ -27,16 +27,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from fleet.budget import Reservation
 from fleet.cancel.markers import WATCH_INTERVAL_S, MarkerWatch
-from fleet.celery.protocol import lua
 from fleet.keeper import Held, Keeper, LapseHook, Renewable, lapse, renewal_timeout
 from fleet.redis.clients import sync_client
+from fleet.redis.scripts import Script, execute, script
 
 __all__ = ["LeaseKeeper", "StepLease"]
 
@@ -169,15 +168,6 @@ class LeaseKeeper(Keeper):
 
     def _serve(self) -> None:
         client = self._client()
-        scripts: dict[str, Any] = {}
-
-        def script(text: str) -> Any:
-            found = scripts.get(text)
-            if found is None:
-                found = scripts[text] = client.register_script(text)
-            return found
-
-        lease_script = script(lua("renew_lease"))
         next_watch = time.monotonic()
         while not self._stopping:
             self._wake.wait(self._pause(next_watch))
@@ -185,20 +175,14 @@ class LeaseKeeper(Keeper):
             if self._stopping:
                 break
             try:
-                next_watch = self._turn(client, next_watch, lease_script, script)
+                next_watch = self._turn(client, next_watch)
             except Exception:
                 # Every lease of the process depends on this thread: it must outlive any bug
                 # in one holder's hook rather than let all of them lapse.
                 logger.exception("the lease thread's turn failed; it goes on")
         client.close()
 
-    def _turn(
-        self,
-        client: redis.Redis,
-        next_watch: float,
-        lease_script: Any,
-        script: Callable[[str], Any],
-    ) -> float:
+    def _turn(self, client: redis.Redis, next_watch: float) -> float:
         """Read the markers if their time came, renew what is due; returns the next watch."""
         if time.monotonic() >= next_watch:
             # The markers on their own pace (renewals of short leases come more often).
@@ -210,7 +194,7 @@ class LeaseKeeper(Keeper):
                 logger.warning("could not read cancel markers: %s", error)
         due = self._due()
         if due:
-            self._renew(client, due, lease_script, script)
+            self._renew(client, due)
         return next_watch
 
     def _pause(self, next_watch: float) -> float:
@@ -230,13 +214,7 @@ class LeaseKeeper(Keeper):
                     due.append(held)
         return due
 
-    def _renew(
-        self,
-        client: redis.Redis,
-        due: list[Held],
-        lease_script: Any,
-        script: Callable[[str], Any],
-    ) -> None:
+    def _renew(self, client: redis.Redis, due: list[Held]) -> None:
         sent = time.monotonic()
         for held in due:
             held.due = sent + held.every_s
@@ -246,11 +224,11 @@ class LeaseKeeper(Keeper):
                 subject = held.subject
                 if isinstance(subject, StepLease):
                     args: list[str | int] = [subject.owner, self._lease_ms]
-                    lease_script(keys=[subject.key], args=args, client=pipe)
+                    script("renew_lease").queue(pipe, [subject.key], args)
                 else:
-                    text, keys, args = self._renewal(subject)
-                    script(text)(keys=keys, args=args, client=pipe)
-            replies = pipe.execute(raise_on_error=False)
+                    renew, keys, args = self._renewal(subject)
+                    renew.queue(pipe, keys, args)
+            replies = execute(pipe, raise_on_error=False)
         except (redis.RedisError, OSError) as error:
             replies = [error] * len(due)
         for held, reply in zip(due, replies, strict=True):
@@ -262,10 +240,10 @@ class LeaseKeeper(Keeper):
                 self._lapsed(held, "Redis no longer holds it for this worker")
 
     @staticmethod
-    def _renewal(reservation: Reservation) -> tuple[str, list[bytes], list[str | int]]:
+    def _renewal(reservation: Reservation) -> tuple[Script, list[bytes], list[str | int]]:
         budget = reservation.budget
         renewal: Any = budget.ledger.renewal  # type: ignore[attr-defined]
-        result: tuple[str, list[bytes], list[str | int]] = renewal(
+        result: tuple[Script, list[bytes], list[str | int]] = renewal(
             budget.workflow_id,
             reservation.id,
             lease_s=budget.lease_s,

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import redis
@@ -37,7 +38,6 @@ from fleet.celery.protocol import (
     Limited,
     StageMessage,
     StepMessage,
-    lua,
     stage_link_id,
 )
 from fleet.celery.records import result_grace_s
@@ -50,6 +50,7 @@ from fleet.ledgers.redis import RedisLedger
 from fleet.limiters import RedisRateLimiter
 from fleet.redis.clients import sync_client
 from fleet.redis.keys import Keys
+from fleet.redis.scripts import script
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import run_interruptible
 from fleet.stores.base import encode_meta
@@ -177,9 +178,9 @@ class WorkerRuntime:
 
     def _connect(self) -> Redis:
         client = sync_client(self.settings.redis_url)
-        self._claim = client.register_script(lua("claim_step"))
-        self._finish = client.register_script(lua("finish"))
-        self._begin_link = client.register_script(lua("begin_link"))
+        self._claim = partial(script("claim_step"), client)
+        self._finish = partial(script("finish"), client)
+        self._begin_link = partial(script("begin_link"), client)
         return client
 
     def run_async(self, coro: Coroutine[Any, Any, Any], *, blocking: bool = False) -> Any:

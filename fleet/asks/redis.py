@@ -14,21 +14,11 @@ from ..config import mask_url
 from ..errors import BrokerError
 from ..redis.clients import per_loop
 from ..redis.keys import Keys
+from ..redis.scripts import script
 from ..redis.sentinel import is_sentinel
 from .book import AskBook
 
 __all__ = ["RedisAskBook", "asks_key"]
-
-_SWAP = """
--- KEYS[1] {p}:asks:{ROOT}   hash: ask name -> record JSON
--- ARGV: name, the record expected ('' when there should be none), the new record
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current == false then current = '' end
-if current ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-"""
-"""Store the new record only if the stored one is still the expected one."""
 
 
 def asks_key(root_id: str, *, key_prefix: str = "fleet") -> str:
@@ -77,11 +67,10 @@ class RedisAskBook(AskBook):
 
     async def swap(self, root_id: str, name: str, expected: str | None, new: str) -> bool:
         """Compare and swap (one script)."""
-        script = self._client.register_script(_SWAP)
-        done = await self._call(
-            "write an ask",
-            script(keys=[self._key(root_id)], args=[name, expected or "", new]),
+        swap = script("ask_swap").run(
+            self._client, [self._key(root_id)], [name, expected or "", new]
         )
+        done = await self._call("write an ask", swap)
         return bool(done)
 
     async def all(self, root_id: str | None = None) -> list[str]:

@@ -10,6 +10,9 @@ Keys (``{p}`` is the key prefix):
 * ``{p}:cancel:{run_id}`` — string, a :class:`~fleet.cancel.CancelNotice` as JSON, kept
   :data:`~fleet.cancel.CANCEL_TTL_S`; its presence cancels every step message of the run
   (workers check it with ``EXISTS`` when they claim a step and while it runs).
+
+Key names come from :class:`fleet.redis.keys.Keys`; the scripts are
+``fleet/redis/lua/run_*.lua``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from redis.exceptions import RedisError
 from ..config import mask_url
 from ..errors import BrokerError
 from ..redis.clients import per_loop
+from ..redis.scripts import script
 from .board import (
     CANCEL_TTL_S,
     CancelBoard,
@@ -37,64 +41,6 @@ __all__ = ["RUN_RECORD_TTL_S", "RedisCancelBoard"]
 
 RUN_RECORD_TTL_S = 7 * 86_400
 """How long ``fleet status`` can tell about a run after it last changed."""
-
-_REQUEST = """
--- KEYS[1] {p}:workflow:{root_id}   the run record (hash)
--- KEYS[2] {p}:cancel:              the marker prefix (the run id is appended)
--- ARGV: reason, now, marker ttl, record ttl, only this run id ('' for any), notice json head
-local run = redis.call('HGET', KEYS[1], 'run')
-if not run or redis.call('HGET', KEYS[1], 'status') ~= 'running' then return false end
-if ARGV[5] ~= '' and ARGV[5] ~= run then return false end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'ended', ARGV[2], 'reason', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local notice = ARGV[6] .. cjson.encode(run) .. '}'
-redis.call('SET', KEYS[2] .. run, notice, 'EX', ARGV[3])
-return notice
-"""
-"""Atomically: if the root id has a live run, mark it cancelled and leave its marker."""
-
-_END = """
--- KEYS[1] {p}:workflow:{root_id}; ARGV: run id, status, now, record ttl
-if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'ended', ARGV[3])
--- A closed run may resume: its record stays, like its journals, until `fleet gc`.
-if ARGV[2] == 'closed' then redis.call('PERSIST', KEYS[1])
-else redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-return 1
-"""
-"""Record how a run ended, unless a newer run replaced it or it was cancelled."""
-
-
-_NOW = "local t = redis.call('TIME') local now = string.format('%d.%06d', t[1], t[2])\n"
-"""Lua: ``now``, the server's clock in seconds (one clock for every host and reader)."""
-
-_BEGIN = (
-    """
--- KEYS[1] {p}:workflow:{root_id}; ARGV: run id, started (host clock)
-"""
-    + _NOW
-    + """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'run', ARGV[1], 'status', 'running', 'started', ARGV[2], 'beat', now)
-return 1
-"""
-)
-"""Register a run, its first heartbeat taken now."""
-
-_BEAT = (
-    """
--- KEYS[1] {p}:workflow:{root_id}; ARGV: run id
-if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-"""
-    + _NOW
-    + """
-redis.call('HSET', KEYS[1], 'beat', now)
-return 1
-"""
-)
-"""Refresh the live run's heartbeat (not a superseded or ended run's)."""
 
 
 class RedisCancelBoard(CancelBoard):
@@ -140,15 +86,15 @@ class RedisCancelBoard(CancelBoard):
         A live run's record has no expiry: ``fleet gc --older-than`` tells an abandoned
         one from a running one by it.
         """
-        script = self._client().register_script(_BEGIN)
         keys = [self._record_key(root_id)]
-        await self._call("register workflow run", script(keys=keys, args=[run_id, time.time()]))
+        begin = script("run_begin").run(self._client(), keys, [run_id, time.time()])
+        await self._call("register workflow run", begin)
 
     async def beat(self, root_id: str, run_id: str) -> None:
         """Refresh the live run's heartbeat (on the server's clock)."""
-        script = self._client().register_script(_BEAT)
         keys = [self._record_key(root_id)]
-        await self._call("refresh workflow heartbeat", script(keys=keys, args=[run_id]))
+        beat = script("run_beat").run(self._client(), keys, [run_id])
+        await self._call("refresh workflow heartbeat", beat)
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None
@@ -157,11 +103,10 @@ class RedisCancelBoard(CancelBoard):
         now = time.time()
         # The notice without its run id, which the script reads and appends atomically.
         head = json.dumps({"root_id": root_id, "reason": reason, "at": now})[:-1] + ',"run_id":'
-        client = self._client()
-        script = client.register_script(_REQUEST)
         keys = [self._record_key(root_id), cancel_marker_key("", key_prefix=self.key_prefix)]
         args = [reason, now, self.marker_ttl_s, RUN_RECORD_TTL_S, run_id or "", head]
-        raw = await self._call("cancel workflow", script(keys=keys, args=args))
+        request = script("run_request").run(self._client(), keys, args)
+        raw = await self._call("cancel workflow", request)
         return None if raw is None else CancelNotice.from_json(raw)
 
     async def check(self, run_id: str) -> CancelNotice | None:
@@ -172,10 +117,10 @@ class RedisCancelBoard(CancelBoard):
 
     async def end(self, root_id: str, run_id: str, status: RunState) -> None:
         """Record how the run ended (a cancelled or superseded record is left alone)."""
-        script = self._client().register_script(_END)
         keys = [self._record_key(root_id)]
         args = [run_id, status, time.time(), RUN_RECORD_TTL_S]
-        await self._call("record workflow end", script(keys=keys, args=args))
+        end = script("run_end").run(self._client(), keys, args)
+        await self._call("record workflow end", end)
 
     async def record(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``."""

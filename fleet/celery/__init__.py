@@ -2,8 +2,8 @@
 
 Read in the order a step travels:
 
-* :mod:`.protocol` — what host and workers exchange: messages, notices, key layout,
-  ids, TTLs, task names, the protocol version, and the Lua scripts in ``lua/``;
+* :mod:`.protocol` — what host and workers exchange: messages, notices,
+  ids, TTLs, task names and the protocol version (keys and Lua scripts: :mod:`fleet.redis`);
 * :mod:`.app` — the Celery app factory (no tasks; ``workers`` registers them);
 * :mod:`.executor` — :class:`CeleryExecutor`, the :class:`~fleet.AgentExecutor`;
 * :mod:`.round` and :mod:`.pipeline` — a barrier round of steps, and per-item chains

@@ -14,15 +14,14 @@ A pipeline chain link (``fleet.run_stage``) carries a :class:`StageMessage` poin
 item and the pipeline's :class:`PipelineContext` live in the ``pipe(pipe)`` hash, and
 each link's record is keyed by :func:`stage_link_id`. The host hears about every step
 through :data:`Notice` values pushed on its reply list. The Lua scripts are
-``fleet/celery/lua/*.lua``; each opens with the keys and arguments it takes.
+``fleet/redis/lua/{claim_step,finish,begin_link,renew_lease}.lua``; each opens with the
+keys and arguments it takes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from functools import cache
-from importlib import resources
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -48,7 +47,6 @@ __all__ = [
     "StepMessage",
     "Stopped",
     "decode",
-    "lua",
     "read_notice",
     "recorded",
     "stage_link_id",
@@ -289,9 +287,3 @@ def stage_link_id(pipe: str, item: int, stage: int) -> str:
 def step_summary(workflow_id: str | None, spec: AgentStepSpec) -> str:
     """The argument summary monitoring shows for a step (never the prompt)."""
     return f"{workflow_id or '-'} {spec.task_id} {spec.agent}"
-
-
-@cache
-def lua(name: str) -> str:
-    """The text of ``fleet/celery/lua/{name}.lua`` (its header lists KEYS and ARGV)."""
-    return resources.files("fleet.celery").joinpath("lua", f"{name}.lua").read_text("utf-8")

@@ -18,7 +18,8 @@ ancestor the reservation is held under ``W/ID`` (workflow id, reservation id) wi
 same lease, so each account releases a dead holder's amounts on its own. ``parents``
 is the newline-joined list of the accounts directly above.
 
-Each call is one ``EVALSHA`` round trip. Amounts are written from their decimal text,
+Each call is one ``EVALSHA`` round trip (the scripts are ``fleet/redis/lua/ledger_*.lua``,
+run by :mod:`fleet.redis.scripts`). Amounts are written from their decimal text,
 never through a Lua number's ``%.14g`` form, and compared as Lua numbers (doubles),
 which are exact up to 2**53 (tokens, or micro-dollars: nine billion dollars). Lease
 times come from the Redis server's clock (``TIME``), so hosts with skewed clocks agree
@@ -30,14 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
@@ -45,6 +44,7 @@ from ..errors import BrokerError, ConfigError
 from ..perloop import PerLoop
 from ..redis.clients import async_client
 from ..redis.keys import Keys
+from ..redis.scripts import Script, execute_async, script
 from ..redis.sentinel import is_sentinel
 from .base import (
     KEEP,
@@ -71,198 +71,6 @@ UNREPLICATED_BACKOFF_S = 1.0
 _WRITES = frozenset({"reserve", "settle", "renew", "state"})
 """Scripts that may write (``state`` writes when it configures an account)."""
 
-# KEYS: five per account (see fleet.redis.keys.BUDGET_PARTS). Defines `now` (ms), `n`
-# (accounts), `key(i, part)`, `expire(i)`, `account(i)` and `add(i, field, amount)`;
-# releases the expired leases of every account (settle: of the workflow's only, see _SETTLE).
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS / 5
-local function key(i, part) return KEYS[(i - 1) * 5 + part] end
-local function release(i, id)
-  local v = redis.call('HGET', key(i, 2), id)
-  if v then
-    local tok, usd = string.match(v, '^(%d+)|(%d+)|')
-    -- Redis refuses "-0" as an increment.
-    if tok ~= '0' then redis.call('HINCRBY', key(i, 1), 'reserved', '-' .. tok) end
-    if usd ~= '0' then redis.call('HINCRBY', key(i, 1), 'ureserved', '-' .. usd) end
-    redis.call('HDEL', key(i, 2), id)
-  end
-  redis.call('ZREM', key(i, 3), id)
-end
-local function expire(i)
-  local dead = redis.call('ZRANGEBYSCORE', key(i, 3), '-inf', now)
-  for _, id in ipairs(dead) do release(i, id) end
-end
-local function add(i, field, amount)
-  if amount ~= '0' then redis.call('HINCRBY', key(i, 1), field, amount) end
-end
-local function account(i)
-  local a = redis.call('HMGET', key(i, 1), 'limit', 'consumed', 'reserved', 'ulimit',
-    'uconsumed', 'ureserved', 'parents')
-  return {tonumber(a[1]) or -2, tonumber(a[2]) or 0, tonumber(a[3]) or 0,
-    tonumber(a[4]) or -2, tonumber(a[5]) or 0, tonumber(a[6]) or 0, a[7] or ''}
-end
-"""
-_EXPIRE_ALL = "for i = 1, n do expire(i) end\n"
-
-# ARGV: workflow id, id, tokens, micros, holder, lease_ms, initial limit, initial ulimit
-# (-1 = uncapped). Returns {status, tokens, micros, account 1..., blocking index, unit,
-# retry_ms, room, blocking account...}; status 0 granted, 1 wait, 2 refused; unit 0
-# tokens, 1 usd; room -1 = uncapped.
-_RESERVE = (
-    _PRELUDE
-    + _EXPIRE_ALL
-    + """
-local wid, id = ARGV[1], ARGV[2]
-local tokens, micros = tonumber(ARGV[3]), tonumber(ARGV[4])
-local lease = tonumber(ARGV[6])
-local function rid(i) if i == 1 then return id end return wid .. '/' .. id end
-local accounts, room = {}, -1
-for i = 1, n do
-  accounts[i] = account(i)
-  local a = accounts[i]
-  if i == 1 and a[1] == -2 then
-    redis.call('HSET', key(1, 1), 'limit', ARGV[7])
-    a[1] = tonumber(ARGV[7])
-  end
-  if i == 1 and a[4] == -2 then
-    redis.call('HSET', key(1, 1), 'ulimit', ARGV[8])
-    a[4] = tonumber(ARGV[8])
-  end
-  if a[4] >= 0 and (room < 0 or a[4] - a[5] < room) then room = math.max(a[4] - a[5], 0) end
-end
-local existing = redis.call('HGET', key(1, 2), id)
-if existing then
-  for i = 1, n do
-    if redis.call('HEXISTS', key(i, 2), rid(i)) == 1 then
-      redis.call('ZADD', key(i, 3), now + lease, rid(i))
-    end
-  end
-  local tok, usd = string.match(existing, '^(%d+)|(%d+)|')
-  local a = accounts[1]
-  return {0, tonumber(tok), tonumber(usd), a[2], a[3], a[1], a[5], a[6], a[4], a[7],
-    0, 0, 0, room}
-end
-local function verdict(limit, consumed, reserved, request)
-  if limit < 0 then return 0 end
-  if consumed >= limit or consumed + request > limit then return 2 end
-  if consumed + reserved + request > limit then return 1 end
-  return 0
-end
-local status, who, unit = 0, 0, 0
-for i = 1, n do
-  local a = accounts[i]
-  local st, u = verdict(a[1], a[2], a[3], tokens), 0
-  local su = verdict(a[4], a[5], a[6], micros)
-  if su > st then st, u = su, 1 end
-  if st > status then status, who, unit = st, i, u end
-  if status == 2 then break end
-end
-local a = accounts[1]
-if status > 0 then
-  local retry = 0
-  if status == 1 then
-    local soonest = redis.call('ZRANGE', key(who, 3), 0, 0, 'WITHSCORES')
-    if soonest[2] then retry = tonumber(soonest[2]) - now end
-  end
-  local b = accounts[who]
-  return {status, 0, 0, a[2], a[3], a[1], a[5], a[6], a[4], a[7], who, unit, retry, room,
-    b[2], b[3], b[1], b[5], b[6], b[4], b[7]}
-end
--- A settled id reserved again is a new attempt of the same step: settle anew.
-redis.call('HDEL', key(1, 4), id)
-local value = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5]
-for i = 1, n do
-  redis.call('HSET', key(i, 2), rid(i), value)
-  redis.call('ZADD', key(i, 3), now + lease, rid(i))
-  add(i, 'reserved', ARGV[3])
-  add(i, 'ureserved', ARGV[4])
-end
-return {0, tokens, micros, a[2], a[3] + tokens, a[1], a[5], a[6] + micros, a[4], a[7],
-  0, 0, 0, room}
-"""
-)
-
-# ARGV: workflow id, id, used tokens, used micros. Returns the workflow's account. It
-# expires only the workflow's leases (whose state it returns): settling needs no other
-# account's expiry, and every script that decides on an ancestor's room expires it first.
-_SETTLE = (
-    _PRELUDE
-    + """
-expire(1)
-local wid, id = ARGV[1], ARGV[2]
-if redis.call('HSETNX', key(1, 4), id, ARGV[3] .. '|' .. ARGV[4]) == 1 then
-  for i = 1, n do
-    if i == 1 then release(i, id) else release(i, wid .. '/' .. id) end
-    add(i, 'consumed', ARGV[3])
-    add(i, 'uconsumed', ARGV[4])
-    if i > 1 then
-      redis.call('HINCRBY', key(i, 5), 't:' .. wid, ARGV[3])  -- lists the child, even at 0
-      if ARGV[4] ~= '0' then redis.call('HINCRBY', key(i, 5), 'u:' .. wid, ARGV[4]) end
-    end
-  end
-end
-local a = account(1)
-return {a[2], a[3], a[1], a[5], a[6], a[4], a[7]}
-"""
-)
-
-# ARGV: workflow id, id, lease_ms. Returns 1 if the reservation is live (and renewed).
-_RENEW = (
-    _PRELUDE
-    + _EXPIRE_ALL
-    + """
-if redis.call('HEXISTS', key(1, 2), ARGV[2]) == 0 then return 0 end
-for i = 1, n do
-  local id = ARGV[2]
-  if i > 1 then id = ARGV[1] .. '/' .. id end
-  if redis.call('HEXISTS', key(i, 2), id) == 1 then
-    redis.call('ZADD', key(i, 3), now + tonumber(ARGV[3]), id)
-  end
-end
-return 1
-"""
-)
-
-# ARGV: pairs of field, value to store (limit, ulimit, parents). Returns the account.
-_STATE = (
-    _PRELUDE
-    + _EXPIRE_ALL
-    + """
-for i = 1, #ARGV, 2 do redis.call('HSET', key(1, 1), ARGV[i], ARGV[i + 1]) end
-local a = account(1)
-return {a[2], a[3], a[1], a[5], a[6], a[4], a[7]}
-"""
-)
-
-# Returns a flat list: id, "<tokens>|<micros>|<holder>", expires_in_ms, ...
-_HELD = (
-    _PRELUDE
-    + _EXPIRE_ALL
-    + """
-local out = {}
-local leases = redis.call('ZRANGE', key(1, 3), 0, -1, 'WITHSCORES')
-for i = 1, #leases, 2 do
-  local v = redis.call('HGET', key(1, 2), leases[i])
-  if v then
-    table.insert(out, leases[i])
-    table.insert(out, v)
-    table.insert(out, tonumber(leases[i + 1]) - now)
-  end
-end
-return out
-"""
-)
-
-_SCRIPTS = {
-    "reserve": _RESERVE,
-    "settle": _SETTLE,
-    "renew": _RENEW,
-    "state": _STATE,
-    "held": _HELD,
-}
-_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 _STATUS: tuple[ReserveStatus, ...] = ("granted", "wait", "refused")
 _KEY_CACHE_SIZE = 1024
 
@@ -391,7 +199,7 @@ class RedisLedger(BudgetLedger):
             url=mask_url(self.url),
         )
 
-    async def _run(self, script: str, chain: Sequence[str], *args: str | int) -> Any:
+    async def _run(self, name: str, chain: Sequence[str], *args: str | int) -> Any:
         """Run one script over a chain of accounts: one EVALSHA round trip.
 
         On Sentinel a writing script is pipelined with ``WAIT 1 REPLICA_WAIT_MS`` on the
@@ -400,33 +208,27 @@ class RedisLedger(BudgetLedger):
         """
         client, slots = self._client()
         keys = [key for account_id in chain for key in self._keys(account_id)]
-        wait = (
-            self.replicated and script in _WRITES and time.monotonic() >= self._unreplicated_until
-        )
+        wait = self.replicated and name in _WRITES and time.monotonic() >= self._unreplicated_until
         try:
             async with slots:
-                try:
-                    return await self._eval(client, script, keys, args, wait)
-                except NoScriptError:
-                    await client.script_load(_SCRIPTS[script])
-                    return await self._eval(client, script, keys, args, wait)
+                return await self._eval(client, script(f"ledger_{name}"), keys, args, wait)
         except (RedisConnectionError, RedisTimeoutError) as error:
             raise self._unreachable(error) from None
 
     async def _eval(
         self,
         client: aioredis.Redis,
-        script: str,
+        lua: Script,
         keys: list[bytes],
         args: Sequence[str | int],
         wait: bool,
     ) -> Any:
         if not wait:
-            return await client.evalsha(_SHAS[script], len(keys), *keys, *args)
+            return await lua.run(client, keys, args)
         async with client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(_SHAS[script], len(keys), *keys, *args)
+            lua.queue(pipe, keys, args)
             pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
-            row, replicas = await pipe.execute()
+            row, replicas = await execute_async(pipe)
         if int(replicas) < 1:
             # No replica acknowledged within the wait: none is connected (right after a
             # failover, until the old master rejoins) or it lags. Stop paying the wait
@@ -504,7 +306,7 @@ class RedisLedger(BudgetLedger):
         *,
         lease_s: float,
         ancestors: Sequence[str] = (),
-    ) -> tuple[str, list[bytes], list[str | int]]:
+    ) -> tuple[Script, list[bytes], list[str | int]]:
         """The renew script, its keys and arguments, for a caller's own (blocking) client.
 
         A worker's lease thread renews every reservation of its process in one pipeline
@@ -513,7 +315,7 @@ class RedisLedger(BudgetLedger):
         """
         chain = (workflow_id, *ancestors)
         keys = [key for account_id in chain for key in self._keys(account_id)]
-        return _RENEW, keys, [workflow_id, reservation_id, _ms(lease_s)]
+        return script("ledger_renew"), keys, [workflow_id, reservation_id, _ms(lease_s)]
 
     async def settle(
         self,

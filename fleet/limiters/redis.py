@@ -20,142 +20,26 @@ and admits, in one round trip.
 
 Times come from the Redis server's clock (``TIME``), so workers with skewed clocks
 share one window. Every script first drops what has left the window and lapsed
-leases, so nothing needs a sweeper; every key expires once the limit goes unused.
+leases, so nothing needs a sweeper; every key expires once the limit goes unused. The
+scripts are ``fleet/redis/lua/limit_*.lua``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import mask_url
 from ..errors import BrokerError, ConfigError
 from ..redis.clients import per_loop
 from ..redis.keys import Keys
+from ..redis.scripts import script
 from .base import WIDTH_TTL_S, AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["RedisRateLimiter"]
-
-# KEYS: calls, cost, meta, flight. ARGV[1]: counted window (ms).
-# Defines `now` (ms), drops admissions older than the window and lapsed leases, and
-# `state()` -> requests, tokens, in flight, pause left (ms).
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[1])
-local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if #old > 0 then
-  local freed = 0
-  for _, id in ipairs(old) do
-    freed = freed + (tonumber(redis.call('HGET', KEYS[2], id)) or 0)
-    redis.call('HDEL', KEYS[2], id)
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-  -- 0 - freed, not -freed: Lua's -0 is sent as "-0", which HINCRBY refuses.
-  if freed ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', 0 - freed) end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-local function paused()
-  local p = tonumber(redis.call('HGET', KEYS[3], 'paused_until')) or 0
-  return math.max(p - now, 0)
-end
-local function state()
-  return redis.call('ZCARD', KEYS[1]), tonumber(redis.call('HGET', KEYS[3], 'tokens')) or 0,
-    redis.call('ZCARD', KEYS[4]), paused()
-end
-local function keep(ms)
-  for i = 1, 4 do
-    if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
-  end
-end
-"""
-
-# ARGV: window ms, id, tokens, max requests, max tokens, max in flight, lease ms (each max
-# 0: no such cap).
-# Returns {status, wait ms, requests, tokens, in flight, pause ms}; status 0 admitted,
-# 1 wait, 2 too large for the limit.
-_ADMIT = (
-    _PRELUDE
-    + """
-local id, tokens = ARGV[2], tonumber(ARGV[3])
-local max_req, max_tok, max_flight = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local n, used, flying, pause = state()
-if max_tok > 0 and tokens > max_tok then return {2, 0, n, used, flying, pause} end
-local wait = pause
-if max_req > 0 and n >= max_req then
-  local at = redis.call('ZRANGE', KEYS[1], n - max_req, n - max_req, 'WITHSCORES')
-  wait = math.max(wait, tonumber(at[2]) + window - now)
-end
-local excess = used + tokens - max_tok
-if max_tok > 0 and excess > 0 then
-  local rows = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  local fits_at = now + window
-  for i = 1, #rows, 2 do
-    excess = excess - (tonumber(redis.call('HGET', KEYS[2], rows[i])) or 0)
-    if excess <= 0 then
-      fits_at = tonumber(rows[i + 1]) + window
-      break
-    end
-  end
-  wait = math.max(wait, fits_at - now)
-end
-if max_flight > 0 and flying >= max_flight then
-  local soonest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  wait = math.max(wait, math.min(tonumber(soonest[2]) - now, 50))
-end
-if wait > 0 then return {1, wait, n, used, flying, pause} end
-redis.call('ZADD', KEYS[1], now, id)
-redis.call('HSET', KEYS[2], id, ARGV[3])
-used = redis.call('HINCRBY', KEYS[3], 'tokens', ARGV[3])
-if max_flight > 0 then
-  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[7]), id)
-  flying = flying + 1
-end
-keep(window + tonumber(ARGV[7]) + pause)
-return {0, 0, n + 1, used, flying, pause}
-"""
-)
-
-# ARGV: window ms, id, tokens, sent after (ms). Returns {requests, tokens, in flight, pause ms}.
-_RECONCILE = (
-    _PRELUDE
-    + """
-redis.call('ZREM', KEYS[4], ARGV[2])
-local before = tonumber(redis.call('HGET', KEYS[2], ARGV[2]))
-if before then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  local delta = tonumber(ARGV[3]) - before
-  if delta ~= 0 then redis.call('HINCRBY', KEYS[3], 'tokens', delta) end
-  if tonumber(ARGV[4]) > 0 then redis.call('ZINCRBY', KEYS[1], ARGV[4], ARGV[2]) end
-end
-return {state()}
-"""
-)
-
-# ARGV: window ms, pause ms. Returns {requests, tokens, in flight, pause ms}.
-_PAUSE = (
-    _PRELUDE
-    + """
-local ends = now + tonumber(ARGV[2])
-local p = tonumber(redis.call('HGET', KEYS[3], 'paused_until')) or 0
-if ends > p then
-  redis.call('HSET', KEYS[3], 'paused_until', ends)
-  keep(window + tonumber(ARGV[2]))
-end
-return {state()}
-"""
-)
-
-# ARGV: window ms. Returns {requests, tokens, in flight, pause ms}.
-_STATE = _PRELUDE + "\nreturn {state()}\n"
-
-_SCRIPTS = {"admit": _ADMIT, "reconcile": _RECONCILE, "pause": _PAUSE, "state": _STATE}
-_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 
 
 def _ms(seconds: float) -> int:
@@ -213,16 +97,12 @@ class RedisRateLimiter(RateLimiter):
             keys = self._keys[name] = Keys(self.key_prefix).limit(name)
         return keys
 
-    async def _run(self, script: str, limit: ProviderLimit, *args: str | int) -> Any:
+    async def _run(self, name: str, limit: ProviderLimit, *args: str | int) -> Any:
         client = self._client()
         keys = self.keys(limit.name)
         argv = (_ms(limit.counted_window_s), *args)
         try:
-            try:
-                return await client.evalsha(_SHAS[script], 4, *keys, *argv)
-            except NoScriptError:
-                await client.script_load(_SCRIPTS[script])
-                return await client.evalsha(_SHAS[script], 4, *keys, *argv)
+            return await script(f"limit_{name}").run(client, keys, argv)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             raise BrokerError(
                 f"cannot reach the rate limiter at {mask_url(self.url)} ({error}); "

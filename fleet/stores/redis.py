@@ -21,6 +21,7 @@ from ..config import mask_url
 from ..errors import CheckpointError, ConfigError
 from ..redis.clients import per_loop
 from ..redis.keys import Keys, untagged
+from ..redis.scripts import execute_async, script
 from ..redis.sentinel import is_sentinel, parse_sentinel_url
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
@@ -28,12 +29,6 @@ __all__ = ["RedisCheckpointStore"]
 
 _STEP = "step:"
 _CHUNK = 1000  # records per script call (Lua's unpack() has a stack limit)
-
-_RECORD = """
-redis.call('HSETNX', KEYS[1], 'meta', ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return 1
-"""
 
 
 class RedisCheckpointStore(CheckpointStore):
@@ -129,16 +124,16 @@ class RedisCheckpointStore(CheckpointStore):
             for start in range(0, len(fields), 2 * _CHUNK):
                 calls.append((self.key(workflow_id), [meta, *fields[start : start + 2 * _CHUNK]]))
         client = self._client
-        script = client.register_script(_RECORD)
+        journal = script("journal_record")
         try:
             if len(calls) == 1:
                 key, args = calls[0]
-                await script(keys=[key], args=args)
+                await journal.run(client, [key], args)
                 return
             async with client.pipeline(transaction=False) as pipe:
                 for key, args in calls:
-                    await script(keys=[key], args=args, client=pipe)
-                await pipe.execute()
+                    journal.queue(pipe, [key], args)
+                await execute_async(pipe)
         except RedisError as error:
             raise self._error("record a step", batch[0][0], error) from error
 
