@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .redis.keys import BUDGET_PARTS, tagged, untagged
+from .redis.keys import BUDGET_PARTS, Keys, untagged
 from .redis.scripts import script
 from .retention import ENDED
 
@@ -221,6 +221,7 @@ def collect(
         batch: ``SCAN COUNT`` hint and keys per round trip.
         now: the current time (seconds since the epoch), for tests.
     """
+    named = Keys(key_prefix)
     head = f"{key_prefix}:"
     pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in head) + "*"
     keys = []
@@ -231,7 +232,7 @@ def collect(
     prune = script("gc_prune")
     for state in _group(keys, head).values():
         if _is_account_only(state, head):
-            account = f"{head}budget:{tagged(state.root_id)}:account"
+            account = named.budget(state.root_id)[0]
             if account not in state.keys:  # parts a late settle left after the account went
                 _remove(client, prune, state, state.keys, report, guard=account, orphan=True)
             continue
@@ -254,7 +255,7 @@ def collect(
             if idle < older_than_s:
                 continue
             abandoned = True
-        record = f"{head}workflow:{tagged(state.root_id)}"
+        record = named.workflow(state.root_id)
         _remove(client, prune, state, owned, report, abandoned=abandoned, guard=record)
     return report
 
