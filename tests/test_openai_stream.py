@@ -113,6 +113,50 @@ async def test_a_server_refusing_stream_is_asked_again_without_it(provider: Prov
     assert statuses.count(400) == 1 and statuses.count(200) == 2
 
 
+async def test_a_stream_is_bounded_per_read_not_in_all(provider: Provider) -> None:
+    """timeout_s bounds each wait for the server's bytes: a slow stream ends, a stalled one fails.
+
+    1.5 s of tokens 50 ms apart under a 0.5 s timeout succeeds; with tokens 1.5 s apart
+    the call is given up 0.5 s after the first (not when the 4.5 s answer would end).
+    """
+    llm = agent(provider, timeout_s=0.5, max_retries=0)
+    provider.configure(token_interval_s=0.05, completion_tokens=30)
+    [slow], live, _ = await run_live(llm, [spec("slow")])
+    assert slow.success and live.text["slow"] == slow.output
+    provider.configure(token_interval_s=1.5, completion_tokens=3)
+    llm = agent(provider, timeout_s=0.5, max_retries=0)
+    started = time.monotonic()
+    [stalled], live, _ = await run_live(llm, [spec("stalled")])
+    waited = time.monotonic() - started
+    assert stalled.error == "unavailable" and "no answer within 0.5 s" in stalled.output
+    assert live.text["stalled"].startswith("answ")  # its first token had arrived
+    assert 0.5 <= waited < 1.5 + 0.5  # before the second token would have reset the wait
+
+
+async def test_a_streamed_answer_is_read_without_a_timer_per_chunk(provider: Provider) -> None:
+    """Reading 200 chunks arriving 5 ms apart schedules a few timers on the loop, not one a read."""
+    from fleet import AgentContext
+
+    provider.configure(token_interval_s=0.005, completion_tokens=200)
+    llm, one = agent(provider, max_tokens=400), spec("timers")
+    await llm(one, AgentContext(spec=one))  # the connection is open: only the call is counted
+    loop = asyncio.get_running_loop()
+    call_at, scheduled = loop.call_at, []
+
+    def counting(when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+        scheduled.append(callback)
+        return call_at(when, callback, *args, context=context)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        result = await llm(one, AgentContext(spec=one))
+    finally:
+        del loop.call_at
+        await llm.aclose()
+    assert result.usage.completion_tokens == 200
+    assert len(scheduled) < 20
+
+
 async def test_cancel_mid_stream_closes_the_request_within_2_s(provider: Provider) -> None:
     """Cancelling the workflow while an answer streams closes the HTTP stream within 2 s."""
     provider.configure(token_interval_s=0.05, completion_tokens=1000)

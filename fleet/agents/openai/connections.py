@@ -14,10 +14,12 @@ server may still be working on from one that never arrived or was cut off.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -94,15 +96,18 @@ def _decode(body: bytes, charset: str | None) -> str:
         return body.decode("utf-8", errors="replace")
 
 
-async def _read_events(answer: aiohttp.ClientResponse, stream: StreamedCompletion) -> Answer:
+async def _read_events(
+    answer: aiohttp.ClientResponse, stream: StreamedCompletion, alive: Callable[[], None]
+) -> Answer:
     """Feed a server-sent-events answer to ``stream``, up to ``[DONE]``, reading to its end.
 
     Reads whatever arrived at once and splits it into lines here: under load many events
     wait in the socket together, and one read for all of them costs far less than one
-    ``readline`` each.
+    ``readline`` each. Each read tells ``alive`` (see :func:`_idle_bound`).
     """
     pending, done = b"", False
     async for block in answer.content.iter_any():
+        alive()
         if done:
             continue  # the rest of the body, so the connection can be reused
         pending += block
@@ -114,6 +119,36 @@ async def _read_events(answer: aiohttp.ClientResponse, stream: StreamedCompletio
     if stream.error is not None:
         return Answer(502, answer.headers, json.dumps({"error": stream.error}))
     return Answer(answer.status, answer.headers, json.dumps(stream.body()))
+
+
+@contextlib.asynccontextmanager
+async def _idle_bound(idle_s: float) -> AsyncIterator[Callable[[], None]]:
+    """``TimeoutError`` once nothing arrived for ``idle_s``; yields what marks an arrival.
+
+    What aiohttp's ``sock_read`` timeout does, for a streamed answer: aiohttp moves its
+    timer on every read (a new timer handle per chunk, a chunk per token), this checks
+    the time of the last arrival once per ``idle_s``.
+    """
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+
+    def alive() -> None:
+        nonlocal last
+        last = loop.time()
+
+    async with asyncio.timeout(None) as window:
+        handles = [loop.call_at(last + idle_s, lambda: check())]
+
+        def check() -> None:
+            if loop.time() >= last + idle_s:
+                window.reschedule(loop.time())
+            else:
+                handles[0] = loop.call_at(last + idle_s, check)
+
+        try:
+            yield alive
+        finally:
+            handles[0].cancel()
 
 
 def _feed(line: bytes, stream: StreamedCompletion) -> bool:
@@ -130,6 +165,10 @@ def _feed(line: bytes, stream: StreamedCompletion) -> bool:
     except ValueError:
         pass  # one unreadable chunk loses only itself
     return False
+
+
+def _nothing() -> None:
+    pass
 
 
 class Connections:
@@ -183,8 +222,28 @@ class Connections:
         Raises:
             ConnectionFailed: no answer (see the class).
         """
-        read = timeout_s if bound_reads else None
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=read)
+        if stream is None or not bound_reads:
+            read = timeout_s if bound_reads else None
+            return await self._post(url, body, headers, timeout_s, read, on_sent, stream, _nothing)
+        try:  # a streamed answer's reads are bounded by _idle_bound, not by aiohttp
+            async with _idle_bound(timeout_s) as alive:
+                return await self._post(url, body, headers, timeout_s, None, on_sent, stream, alive)
+        except TimeoutError as error:
+            message = f"no bytes from the server for {timeout_s:g} s"
+            raise ConnectionFailed("ReadTimeout", message, timed_out=True) from error
+
+    async def _post(
+        self,
+        url: str,
+        body: Any,
+        headers: Mapping[str, str],
+        connect_s: float,
+        read_s: float | None,
+        on_sent: Callable[[float], None] | None,
+        stream: StreamedCompletion | None,
+        alive: Callable[[], None],
+    ) -> Answer:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
         try:
             async with self._client().post(
                 url,
@@ -194,9 +253,10 @@ class Connections:
                 allow_redirects=False,
                 trace_request_ctx=on_sent,
             ) as answer:
+                alive()
                 if stream is not None and answer.content_type == "text/event-stream":
                     if 200 <= answer.status < 300:
-                        return await _read_events(answer, stream)
+                        return await _read_events(answer, stream, alive)
                 content = await answer.read()
                 return Answer(answer.status, answer.headers, _decode(content, answer.charset))
         except (aiohttp.ClientError, TimeoutError) as error:
