@@ -9,6 +9,9 @@ mapping, the same in both places:
 - ``{"control": "start", "run": RUN_ID, "at": EPOCH_S}`` opens a run of that root id;
 - ``{"event": JSON}`` is one :data:`~fleet.events.WorkflowEvent`;
 - ``{"control": "budget", "snapshot": JSON}`` is the budget after a phase and at the end;
+  with ``"live": "1"`` it is a reading taken while a phase runs (for the dashboard's
+  gauge; :func:`summarize` counts from the last settled one, since a live reading may
+  already hold a step whose ``step_finished`` is logged after it);
 - ``{"control": "end", "run": RUN_ID, "status": S, "at": EPOCH_S}`` closes it, where ``S``
   is ``finished``, ``closed`` (journals kept for a resume), ``failed`` or ``cancelled``.
 
@@ -399,7 +402,7 @@ def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
     elif control == "end":
         summary.status = fields.get("status", "ended")
         summary.ended_at = _float(fields.get("at"))
-    elif control == "budget":
+    elif control == "budget" and not fields.get("live"):
         with contextlib.suppress(ValueError):
             summary.budget = json.loads(fields.get("snapshot", ""))
             summary.tokens_after_budget = 0

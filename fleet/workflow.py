@@ -128,6 +128,10 @@ class _Run:
     phase_journals: list[str] = field(default_factory=list)
     name_counts: dict[str, int] = field(default_factory=dict)
     exhausted_reported: bool = False
+    running_verbs: int = 0
+    """Verbs (phases, pipelines, ...) running now: the budget moves only while one does."""
+    live_budget: str | None = None
+    """The last budget reading logged while a verb ran (JSON), to log only changes."""
     closed: bool = False
     span: Any = None
     """The workflow's trace span, when tracing is on (:mod:`fleet.telemetry`)."""
@@ -196,6 +200,20 @@ class _Run:
             if flush:
                 await self.stream.flush()
         return snapshot
+
+    async def record_live_budget(self) -> None:
+        """While a verb runs, log the budget when it moved since the last reading.
+
+        The dashboard's gauge then follows a long phase rather than jumping at its end.
+        """
+        if self.budget is None or self.stream is None or not self.running_verbs:
+            return
+        snapshot = (await self.budget.snapshot()).to_json()
+        if self.closed or not self.running_verbs:
+            return  # the verb's own reading, taken after every step settled, is the last word
+        if snapshot != self.live_budget:
+            self.live_budget = snapshot
+            self.stream.push({"control": "budget", "snapshot": snapshot, "live": "1"})
 
     def on_step_event(self, event: Any) -> None:
         if isinstance(event, _BUS_EVENTS):
@@ -440,12 +458,15 @@ class Workflow:
             # No delta is sent before the reader is in place; a failed one is logged at the end.
             with contextlib.suppress(Exception):
                 await asyncio.shield(reader)
+        run.running_verbs += 1
         try:
             with use_cancellation(run.cancellation), use_deltas(run.deltas):
                 result = await body()
         except asyncio.CancelledError:
             await self._cancel(f"the task awaiting Workflow.{verb} was cancelled")
             raise
+        finally:
+            run.running_verbs -= 1
         if run.board is not None and not run.cancellation.cancelled:
             # The workers read the board too, and may stop their steps before the
             # watcher's next look: without this, a cancelled run could end 'finished'.
@@ -717,6 +738,7 @@ class Workflow:
                 if time.monotonic() >= beat_due:
                     beat_due = time.monotonic() + HEARTBEAT_S
                     await board.beat(run.root_id, run.run_id)
+                    await run.record_live_budget()
                 await self._heed(board)
             except Exception as error:
                 if not warned:

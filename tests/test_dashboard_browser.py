@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -140,7 +140,10 @@ class Run:
 def wait(
     browser: WebDriver, what: str, check: Callable[[WebDriver], Any], timeout: float = 60
 ) -> Any:
-    return WebDriverWait(browser, timeout, poll_frequency=0.1).until(check, message=what)
+    # A live page redraws under the check: an element it held may go stale; look again.
+    return WebDriverWait(
+        browser, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(check, message=what)
 
 
 def step_states(browser: WebDriver, prefix: str) -> list[str]:
@@ -309,12 +312,20 @@ def test_the_workflow_page_tells_the_whole_truth(
     except TimeoutException:
         states = step_states(browser, "quick-"), step_states(browser, "slow-")
         raise AssertionError(f"steps {states}; page {browser.page_source[:3000]}") from None
-    heading = browser.find_element(By.CSS_SELECTOR, "section.phase h2 small").text
+    # The page redraws as the run's log grows (events, live budget readings): read each
+    # piece in one script call rather than through element handles a redraw makes stale.
+    heading = browser.execute_script(
+        "return document.querySelector('section.phase h2 small').textContent"
+    )
     assert heading == "4 / 6 steps finished, 2 running", heading
-    for row in browser.find_elements(By.CSS_SELECTOR, "tr.step[data-task-id^='slow-']"):
-        worker = row.find_elements(By.TAG_NAME, "td")[3].text
+    workers = browser.execute_script(
+        "return [...document.querySelectorAll(\"tr.step[data-task-id^='slow-']\")]"
+        ".map(row => row.querySelectorAll('td')[3].textContent)"
+    )
+    assert len(workers) == 2, workers
+    for worker in workers:
         assert worker.startswith(("worker1@", "worker2@")), worker
-    gauge = browser.find_element(By.ID, "gauge-text").text
+    gauge = browser.execute_script("return document.getElementById('gauge-text').textContent")
     assert gauge.startswith("0 of 1000 tokens"), gauge
     width = browser.execute_script("return document.getElementById('gauge').offsetWidth")
     assert width >= 900  # the bar spans the page, not a sliver beside it
