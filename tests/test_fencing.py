@@ -119,11 +119,35 @@ def test_a_fence_trips_before_the_lease_would_lapse_and_refuses_calls() -> None:
         time.sleep(0.01)
     tripped = time.monotonic() - began
     assert reasons and "attempt t" in reasons[0]
-    assert 0.46 <= tripped < 0.5 + 0.2  # the watch thread looks every 50 ms
+    assert 0.46 <= tripped < 0.5 + 0.2
     with pytest.raises(AgentError) as refused:
         fence.check()
     assert refused.value.kind == "cancelled"
     assert fences.close("k", "other") is None and fences.close("k", "t") is fence
+
+
+def test_the_fence_watch_sleeps_until_the_earliest_deadline() -> None:
+    """Many long leases cost the watch thread no look until one nears its deadline.
+
+    A fence opened later with a sooner deadline wakes it, and trips on time.
+    """
+    fences = Fences()
+    for i in range(100):
+        fences.open(f"long-{i}", "t", Held.start(None, f"lease {i}", 60.0))
+    time.sleep(0.2)
+    looked = fences.wakeups
+    time.sleep(1.0)
+    assert fences.wakeups == looked  # no deadline within the second: no look
+
+    began = time.monotonic()
+    fence = fences.open("short", "t", Held.start(None, "a short lease", 0.3))
+    reasons: list[str] = []
+    fence.on_trip(reasons.append)
+    while not reasons and time.monotonic() - began < 5:
+        time.sleep(0.01)
+    assert reasons and 0.27 <= time.monotonic() - began < 0.27 + 0.2
+    assert fences.wakeups - looked <= 3  # woken by the open, then at the deadline
+    assert all(fences.get(f"long-{i}").tripped_at is None for i in range(100))
 
 
 def test_a_fence_opened_after_its_lease_lapsed_trips_at_once() -> None:

@@ -19,10 +19,11 @@ from fleet.agents import AgentRegistry, load_agents
 from fleet.celery import configure_app, load_stages
 from fleet.config import FleetSettings, load_settings
 
+from .events import BatchTaskEvents
 from .loop import prestart_threads
 from .tasks import WorkerRuntime, register_tasks
 
-__all__ = ["WithholdMessageBodies", "create_app"]
+__all__ = ["PER_STEP_LOGGERS", "WithholdMessageBodies", "create_app", "quiet_per_step_lines"]
 
 
 class WithholdMessageBodies(logging.Filter):
@@ -59,9 +60,10 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     """A Celery app that runs fleet steps.
 
     JSON only, late acks with ``reject_on_worker_lost``, prefetch multiplier 1, task
-    events on. Agents come from ``[agents.NAME]`` and named pipeline stages from
-    ``[stages.NAME] target = "pkg.mod:func"`` tables of ``settings.agents_file``: a
-    worker runs only what is registered there.
+    events on (published in batches, :mod:`workers.events`). Agents come from
+    ``[agents.NAME]`` and named pipeline stages from ``[stages.NAME] target =
+    "pkg.mod:func"`` tables of ``settings.agents_file``: a worker runs only what is
+    registered there.
 
     Raises:
         ConfigError: the agents file is missing or invalid.
@@ -73,16 +75,36 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     app = configure_app(settings)
     runtime = WorkerRuntime(settings, registry, stages)
     register_tasks(app, runtime)
+    app.steps["consumer"].add(BatchTaskEvents)
     if settings.metrics_port is not None:
         _serve_metrics(settings, runtime)
     _survive_a_lost_connection()
     signals.worker_ready.connect(_prestart_threads, weak=False)
+    signals.after_setup_logger.connect(quiet_per_step_lines, weak=False)
     # httpx logs every request at INFO: one line per model call is noise in a worker log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     consumer_logger = logging.getLogger(celery_consumer.logger.name)
     if _BODY_FILTER not in consumer_logger.filters:
         consumer_logger.addFilter(_BODY_FILTER)
     return app
+
+
+PER_STEP_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+"""Celery's loggers of a line per task: ``Task ... received`` and ``Task ... succeeded``."""
+
+
+def quiet_per_step_lines(loglevel: int | str = logging.INFO, **_: Any) -> None:
+    """Keep Celery's two lines per step out of a worker log below ``--loglevel debug``.
+
+    Like httpx's line per request, they are noise at hundreds of steps a second, and
+    writing them is CPU the worker spends on every step. Their warnings and errors (a
+    failed or rejected task) still show; at ``debug`` everything does. Connected to
+    Celery's ``after_setup_logger`` signal.
+    """
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    quiet = not isinstance(level, int) or level > logging.DEBUG
+    for name in PER_STEP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def _prepare_agents(registry: AgentRegistry) -> None:

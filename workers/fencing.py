@@ -9,7 +9,8 @@ process's lease thread keeps (:class:`~fleet.keeper.Held`, renewed by
 its last claim or renewal that Redis accepted (Redis set the expiry no earlier). A little
 before that much time has passed without a newer renewal accepted, or as soon as the
 keeper finds the lease gone, the fence trips (this module's own thread watches the
-clock, so a renewal stuck on a dead link does not delay it):
+clock, so a renewal stuck on a dead link does not delay it; it sleeps until the earliest
+deadline of the running attempts, rather than looking at every fence on a tick):
 
 * the step is interrupted through its cancellation, on its own event loop, which closes
   its open model calls (the cancel path, :mod:`fleet.cancel.signal`);
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -46,8 +48,6 @@ logger = logging.getLogger("fleet.worker")
 FENCE_MARGIN = 0.1
 """The fence trips this fraction of the lease before the lease would lapse in Redis: time
 for the interrupt to reach the agent and its model calls to close."""
-_TICK_S = 0.05
-"""How often the watch thread looks at the fences of the running attempts."""
 
 
 class Fence:
@@ -113,12 +113,22 @@ class Fence:
 
 
 class Fences:
-    """The fences of this process's running attempts, and the thread that trips them."""
+    """The fences of this process's running attempts, and the thread that trips them.
+
+    The thread sleeps until the earliest deadline among the fences (a renewal only moves
+    a deadline later, so waking at the old one and finding it moved costs one look); a
+    fence opened with an earlier deadline than the one it sleeps towards wakes it.
+    """
 
     def __init__(self) -> None:
         self._fences: dict[str, Fence] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._next = math.inf
+        """The deadline the watch thread sleeps towards (``inf`` while it looks)."""
         self._pid = 0
+        self.wakeups = 0
+        """How many times the watch thread has looked at the fences."""
 
     def open(self, key: str, token: str, held: Held) -> Fence:
         """Fence the attempt that took lease ``key`` with ``token``, kept as ``held``."""
@@ -128,7 +138,12 @@ class Fences:
             self._fences[key] = fence
             if self._pid != os.getpid():  # first use in this (possibly forked) process
                 self._pid = os.getpid()
+                self._next = math.inf
+                self._wake = threading.Event()
                 threading.Thread(target=self._watch, name="fleet-fences", daemon=True).start()
+            sooner = fence.deadline < self._next
+        if sooner:
+            self._wake.set()
         if earlier is not None:
             earlier.trip()  # the step was claimed again: that attempt's lease is gone
         return fence
@@ -160,15 +175,29 @@ class Fences:
 
     def _watch(self) -> None:
         while True:
-            time.sleep(_TICK_S)
-            with self._lock:
-                fences = list(self._fences.values())
-            for fence in fences:
-                if fence.tripped_at is None and fence.lapsed():
+            self._wake.wait(self._look())
+
+    def _look(self) -> float | None:
+        """Trip the lapsed fences; how long until the earliest deadline of the others."""
+        self.wakeups += 1
+        with self._lock:
+            # A fence opened while we look wakes us again (its deadline < inf).
+            self._next = math.inf
+            self._wake.clear()
+            fences = list(self._fences.values())
+        soonest = math.inf
+        for fence in fences:
+            if fence.tripped_at is None:
+                if fence.lapsed():
                     try:
                         fence.trip()
                     except Exception:  # one step's stop failing must not unfence the others
                         logger.exception("could not stop a step whose lease lapsed")
+                else:
+                    soonest = min(soonest, fence.deadline)
+        with self._lock:
+            self._next = soonest
+        return None if soonest == math.inf else max(soonest - time.monotonic(), 0.0)
 
 
 async def charge_stopped(

@@ -74,8 +74,9 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> dict[str,
         logger.error("rejected %s message %s: %s; it will not run", STEP_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
     spec = message.spec
-    started = Started(id=tid, task_id=spec.task_id, agent=spec.agent, worker=worker).to_json()
-    notice = started if message.announce else ""
+    notice = ""
+    if message.announce:
+        notice = Started(id=tid, task_id=spec.task_id, agent=spec.agent, worker=worker).to_json()
     steps = message.record or message.nonce
     status, value = runtime.claim(tid, message.nonce, message.reply, notice, message.cancel, steps)
     if status == "cancelled":

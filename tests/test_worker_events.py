@@ -1,0 +1,67 @@
+"""What a worker sends per step besides the step: task events in batches, no log line at INFO."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from fleet import AgentStepSpec, execute_steps_parallel
+from tests.celery_support import BrokerLog, fleet_settings, running_workers
+from tests.test_security import EventTap, wait_until
+from workers.app import PER_STEP_LOGGERS, quiet_per_step_lines
+from workers.events import FLUSH_INTERVAL_S
+
+pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
+
+
+async def test_task_events_go_out_in_batches_and_all_arrive(redis_url: str, tmp_path: Path) -> None:
+    """60 quick steps on -c 8: task-event publishes come a flush interval apart, none lost.
+
+    The worker runs at ``--loglevel INFO``: its log has no line per step.
+    """
+    settings = fleet_settings(redis_url)
+    specs = [
+        AgentStepSpec(task_id=f"e{i}", agent="noop", description="d", prompt="p") for i in range(60)
+    ]
+    with running_workers(settings, tmp_path, "worker1", concurrency=8) as fleet:
+        executor = fleet.executor()
+        try:
+            with EventTap(settings) as tap, BrokerLog(settings.redis_url) as log:
+                outcomes = await execute_steps_parallel(executor, specs)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: sum(e.get("type") == "task-succeeded" for e in tap.events) >= 60,
+                    10,
+                )
+        finally:
+            await executor.aclose()
+        worker_log = fleet.workers["worker1"].log_text()
+    assert "fleet.run_step[" not in worker_log, worker_log[-2000:]  # "received", "succeeded"
+    assert "ready." in worker_log  # the worker's other INFO lines still show
+    assert all(outcome.success for outcome in outcomes)
+    for kind in ("task-received", "task-started", "task-succeeded"):
+        assert sum(e.get("type") == kind for e in tap.events) == 60, kind
+    batches = sorted(
+        c.at
+        for c in log.commands
+        if c.name == "PUBLISH" and b"celeryev" in c.args[1] and c.args[1].endswith(b"task.multi")
+    )
+    assert len(batches) >= 2
+    gaps = [later - earlier for earlier, later in zip(batches, batches[1:], strict=False)]
+    assert min(gaps) >= FLUSH_INTERVAL_S / 2, gaps  # Redis's clock: the timer's pace
+
+
+def test_celerys_per_step_lines_show_at_debug_only() -> None:
+    """The worker's ``after_setup_logger`` hook: quiet at INFO and WARNING, on at DEBUG."""
+    try:
+        for level, shown in [(logging.INFO, False), ("WARNING", False), (logging.DEBUG, True)]:
+            quiet_per_step_lines(loglevel=level)
+            for name in PER_STEP_LOGGERS:
+                logger = logging.getLogger(name)
+                assert (logger.level in (logging.NOTSET, logging.DEBUG)) is shown, (level, name)
+    finally:
+        for name in PER_STEP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
