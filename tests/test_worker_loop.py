@@ -240,23 +240,16 @@ def test_a_fresh_worker_claims_on_many_threads_at_once(
 ) -> None:
     """The first steps of a fresh worker arrive together: none finds a half-built client.
 
-    Registering the Lua scripts is made slow, so that a thread arriving while another
-    builds the client would see the client without its scripts (AttributeError).
+    Binding the Lua scripts to the client is made slow, so that a thread arriving while
+    another builds the client would see the client without its scripts (AttributeError).
     """
-    real = worker_runtime.sync_client
+    real = worker_runtime.script
 
-    def slow_client(url: str, **options: Any) -> Any:
-        client = real(url, **options)
-        register = client.register_script
+    def slow_script(name: str) -> Any:
+        time.sleep(0.02)
+        return real(name)
 
-        def slow_register(script: str) -> Any:
-            time.sleep(0.02)
-            return register(script)
-
-        client.register_script = slow_register
-        return client
-
-    monkeypatch.setattr(worker_runtime, "sync_client", slow_client)
+    monkeypatch.setattr(worker_runtime, "script", slow_script)
     runtime = WorkerRuntime(fleet_settings(redis_url), AgentRegistry(), {})
     start = threading.Barrier(16)
 
