@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import subprocess
 import threading
@@ -33,6 +34,7 @@ from fleet.events import WorkflowCancelled
 from fleet.pricing import ModelPrice
 from fleet.stores import SQLiteCheckpointStore
 from fleet.workflow import Workflow
+from tests.celery_support import sockets_to
 from tests.test_workflow import REPO, wait_for
 
 
@@ -125,6 +127,19 @@ async def test_board_cancels_only_the_live_run(board: CancelBoard) -> None:
     assert (await board.record("nightly")).status == "finished"  # type: ignore[union-attr]
     assert await board.request("nightly", "too late") is None
     assert await board.check(second) is None
+
+
+def test_a_redis_board_left_open_closes_its_connections_with_its_event_loop(
+    redis_url: str, key_prefix: str
+) -> None:
+    """A board used in one asyncio.run() and never closed holds no connection after it."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    board = RedisCancelBoard(redis_url, key_prefix=key_prefix)
+    before = sockets_to(port)
+    for run in range(2):
+        asyncio.run(board.begin("left-open", f"run{run}"))
+        gc.collect()
+        assert sockets_to(port) == before, f"connections left open after run {run}"
 
 
 # --------------------------------------------------------------------------- the signal

@@ -32,6 +32,7 @@ from fleet.redis.sentinel import check_redis, parse_sentinel_url
 from fleet.redis_ha import SentinelGroup
 from fleet.redis_server import free_port
 from fleet.stores import RedisCheckpointStore
+from tests.celery_support import sockets_to
 from tests.test_cli_ops import alive, clean_env, read_lines
 from tests.test_compose import ENV, interpolate
 
@@ -113,6 +114,27 @@ def test_no_sentinel_reachable_fails_at_start_with_one_line() -> None:
     line = one_line_failure(url)
     assert "no sentinel reachable" in line and all(str(p) in line for p in ports)
     assert PASSWORD not in line
+
+
+async def test_a_client_keeps_no_connection_to_the_sentinels_between_lookups(
+    group: SentinelGroup,
+) -> None:
+    """The sentinels are asked on each connect, then let go: only the master stays connected.
+
+    A lookup made after its client was closed (a retry overtaken by the close, during a
+    failover) otherwise left a connection to a sentinel that nothing closed.
+    """
+    client = async_client(group.url, max_connections=4)
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(4)))
+        master = group.master().port
+        assert sockets_to(master) > 0
+        assert {s.port: sockets_to(s.port) for s in group.sentinels} == {
+            s.port: 0 for s in group.sentinels
+        }
+    finally:
+        await client.aclose()
+    assert sockets_to(master) == 0
 
 
 def test_a_wrong_password_fails_at_start_with_one_line(group: SentinelGroup) -> None:

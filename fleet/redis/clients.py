@@ -74,11 +74,20 @@ class _AsyncSentinelConnection(aioredis.sentinel.SentinelManagedConnection):
     redis-py (8.1) reconnects a connection that dropped inside a command's retry through
     the plain connect path, to the address it last had: after a failover that is the
     dead master, for the whole retry budget. Resolving here sends the retry to the new one.
+
+    The connections to the sentinels are closed once the answer is in (those another
+    lookup is using, once it is done): a lookup made after the client was closed (a
+    retry the close overtook, during a failover) left connections to a sentinel that
+    nothing closed.
     """
 
     async def _connect(self) -> None:
         if self.connection_pool.is_master:
-            self.host, self.port = await self.connection_pool.get_master_address()
+            try:
+                self.host, self.port = await self.connection_pool.get_master_address()
+            finally:
+                for sentinel in self.connection_pool.sentinel_manager.sentinels:
+                    await sentinel.connection_pool.disconnect(inuse_connections=False)
         connect: Any = super()._connect  # typed in some redis-py releases, not in others
         await connect()
 
