@@ -318,10 +318,9 @@ class RedisDeltaChannel(DeltaChannel):
         redis_url: the fleet's Redis.
         key: the stream (:func:`~fleet.eventbus.delta_stream_key` of the root id).
         block_s: how long one read waits for new entries (bounds how long :meth:`stop` takes).
-        gap_s: after a read that found entries, the next waits this long: while steps
-            stream, entries come every few milliseconds (a step's first and last pieces
-            go out at once), and one read for all of them is one Redis command, not one
-            each. A read after a quiet spell (a step's first text) is not delayed.
+        gap_s: after a read that found entries, the next waits this long (while steps
+            stream, entries come every few ms: one read for many is one command); a read
+            after a quiet spell (a step's first text) is not delayed.
     """
 
     def __init__(
