@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
+from celery import signals
 
 from fleet import AgentStepSpec, execute_steps_parallel
 from tests.celery_support import BrokerLog, fleet_settings, running_workers
 from tests.test_security import EventTap, wait_until
-from workers.app import PER_STEP_LOGGERS, quiet_per_step_lines
+from workers.app import PER_STEP_LOGGERS, create_app, freeze_startup_objects, quiet_per_step_lines
 from workers.events import FLUSH_INTERVAL_S
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
@@ -65,3 +68,21 @@ def test_celerys_per_step_lines_show_at_debug_only() -> None:
     finally:
         for name in PER_STEP_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_a_ready_worker_moves_its_startup_objects_out_of_full_collections(
+    redis_url: str,
+) -> None:
+    """The worker's ``worker_ready`` hook freezes what start built (``gc.freeze``)."""
+    create_app(fleet_settings(redis_url))
+    hooks = [
+        receiver() if isinstance(receiver, weakref.ReferenceType) else receiver
+        for _, receiver in signals.worker_ready.receivers
+    ]
+    assert freeze_startup_objects in hooks
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_objects(sender=None)
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
