@@ -1,4 +1,4 @@
-"""What a worker sends per step besides the step: task events in batches, no log line at INFO."""
+"""What a worker spends per step besides the step: task events in batches, no INFO line, a short result."""
 
 from __future__ import annotations
 
@@ -7,15 +7,20 @@ import gc
 import logging
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from celery import signals
 
-from fleet import AgentStepSpec, execute_steps_parallel
+from fleet import AgentContext, AgentStepSpec, execute_steps_parallel
+from fleet.agents import AgentRegistry
+from fleet.celery import PROTOCOL_VERSION, StepMessage
 from tests.celery_support import BrokerLog, fleet_settings, running_workers
 from tests.test_security import EventTap, wait_until
 from workers.app import PER_STEP_LOGGERS, create_app, freeze_startup_objects, quiet_per_step_lines
 from workers.events import FLUSH_INTERVAL_S
+from workers.runtime import WorkerRuntime
+from workers.tasks import run_step
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
@@ -86,3 +91,25 @@ def test_a_ready_worker_moves_its_startup_objects_out_of_full_collections(
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+async def _answer(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    return f"the answer to {spec.prompt}"
+
+
+def test_a_step_task_returns_one_line_without_output_or_prompt(redis_url: str) -> None:
+    """What Flower shows as the result: ``step ID (AGENT): succeeded``, a string.
+
+    Celery renders every return value for its ``task-succeeded`` event; a string is the
+    cheap one to render.
+    """
+    settings = fleet_settings(redis_url)
+    runtime = WorkerRuntime(settings, AgentRegistry({"answer": _answer}), {})
+    spec = AgentStepSpec(task_id="r1", agent="answer", description="d", prompt="secret-q")
+    message = StepMessage(
+        v=PROTOCOL_VERSION, spec=spec, reply=runtime.keys.reply("r"), nonce="n-r1"
+    )
+    request = SimpleNamespace(id="tid-r1", hostname="w@h")
+    assert run_step(runtime, request, message.to_json()) == "step r1 (answer): succeeded"
+    again = run_step(runtime, request, message.to_json())
+    assert again == "step r1 (answer): duplicate (already ran)"
