@@ -1,4 +1,9 @@
-"""The embedded default host: runs every step in this process, on asyncio."""
+"""The embedded default host: admits every step and runs it in this process, on asyncio.
+
+A step's lifecycle here is both halves in one process: admission (:mod:`fleet.admission`:
+its agent, its reservation, a cancel) and execution (:mod:`fleet.step`: its context, its
+agent run under the hold, the settlement, its events).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,16 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .admission import (
+    cancelled_before_start,
+    refusal,
+    reservation_tokens,
+    reserve_or_refuse,
+    resolve_agent,
+)
 from .agents.base import AgentContext, AgentDefinition
 from .agents.registry import AgentLike, AgentRegistry
 from .cancel.signal import (
@@ -18,13 +30,19 @@ from .cancel.signal import (
     current_cancellation,
 )
 from .deltas import current_deltas
-from .errors import BudgetError, BudgetExhaustedError, UnknownAgentError
+from .errors import BudgetError, BudgetExhaustedError
 from .events import EventSink, StepFinished, StepStarted, emit
 from .executor import DEFAULT_CONCURRENCY_HINT, AgentExecutor
 from .limiters import MemoryRateLimiter, RateLimiter
 from .perloop import PerLoop
 from .spec import AgentStepSpec, StepOutcome
-from .step import DEFAULT_RESERVE_TOKENS, run_interruptible
+from .step import (
+    DEFAULT_RESERVE_TOKENS,
+    close_deltas,
+    holding,
+    run_interruptible,
+    step_context,
+)
 
 if TYPE_CHECKING:
     from .budget import WorkflowBudget
@@ -88,55 +106,27 @@ class LocalExecutor(AgentExecutor):
     async def execute_step(
         self, spec: AgentStepSpec, events: EventSink | None = None
     ) -> StepOutcome:
-        """Run ``spec`` here; never raises (cancelling the caller cancels the step).
+        """Admit ``spec`` and run it here; never raises (cancelling the caller cancels the step).
 
         Under a cancelled workflow (:func:`fleet.cancel.current_cancellation`) nothing
         starts and a running step is interrupted: both come back ``error="cancelled"``.
         """
         cancellation = current_cancellation()
-        if cancellation is not None and cancellation.cancelled:
-            return cancelled_outcome(spec, cancellation.reason, worker="local")
-        try:
-            definition = self.registry.resolve(spec.agent)
-        except UnknownAgentError as error:
-            refused = StepOutcome.failed(
-                spec.task_id, spec.agent, str(error), error="unknown_agent", worker="local"
-            )
-            emit(events, StepFinished.of(refused))  # as a Celery worker's answer is announced
-            return refused
+        stopped = cancelled_before_start(spec, cancellation, worker="local")
+        if stopped is not None:
+            return stopped
+        definition = resolve_agent(self.registry, spec, worker="local")
+        if isinstance(definition, StepOutcome):
+            emit(events, StepFinished.of(definition))  # as a Celery worker's answer is announced
+            return definition
         async with self._slot():
             if cancellation is None:
                 return await self._run(definition, spec, events, None)
-            if cancellation.cancelled:  # cancelled while waiting for a slot
-                return cancelled_outcome(spec, cancellation.reason, worker="local")
+            # Cancelled while waiting for a slot?
+            stopped = cancelled_before_start(spec, cancellation, worker="local")
+            if stopped is not None:
+                return stopped
             return await self._run(definition, spec, events, cancellation)
-
-    @contextlib.asynccontextmanager
-    async def _hold(
-        self,
-        budget: WorkflowBudget,
-        definition: AgentDefinition,
-        spec: AgentStepSpec,
-        ctx: AgentContext,
-        cancellation: Cancellation | None,
-    ) -> AsyncIterator[None]:
-        """Reserve the step's tokens for the block, then settle what ``ctx`` used.
-
-        Only the reservation wait is interruptible, never the settlement.
-        """
-        request = definition.reservation_for(spec, self.default_reserve_tokens)
-        with _interruptible(cancellation):
-            reservation = await budget.reserve(
-                request, holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}"
-            )
-        ctx.held_tokens = reservation.tokens
-        ctx.budget = budget
-        async with reservation.kept_alive():
-            try:
-                yield
-            finally:
-                # Tokens spent are spent, even when the step is being cancelled.
-                await asyncio.shield(reservation.settle(ctx.used.total_tokens))
 
     async def _run(
         self,
@@ -147,13 +137,13 @@ class LocalExecutor(AgentExecutor):
     ) -> StepOutcome:
         started = time.monotonic()
         channel = current_deltas()
-        ctx = AgentContext(
-            spec=spec,
-            deadline=None if spec.timeout_s is None else started + spec.timeout_s,
-            events=events,
+        ctx = step_context(
+            definition,
+            spec,
+            started=started,
             worker="local",
-            limit=definition.limit,
             limiter=self.limiter,
+            events=events,
             deltas=None if channel is None else channel.publisher(spec.task_id),
         )
         try:
@@ -162,8 +152,7 @@ class LocalExecutor(AgentExecutor):
                     definition, spec, events, ctx, started, cancellation
                 )
             finally:
-                if ctx.deltas is not None:  # its last text before its step_finished
-                    ctx.deltas.close()
+                close_deltas(ctx)  # its last text before its step_finished
         except StepInterrupted as stop:  # cancelled while waiting for its tokens
             duration = time.monotonic() - started
             outcome = cancelled_outcome(
@@ -175,11 +164,7 @@ class LocalExecutor(AgentExecutor):
             emit(events, StepFinished.of(cancelled_outcome(spec, reason, usage=ctx.used)))
             raise
         except (BudgetExhaustedError, BudgetError) as error:
-            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
-            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
-            outcome = StepOutcome.failed(
-                spec.task_id, spec.agent, str(error), error=kind, worker="local"
-            )
+            outcome = refusal(spec, error, worker="local")
         if events is not None:  # building the event costs as much as a no-op step
             emit(events, StepFinished.of(outcome))
         return outcome
@@ -200,7 +185,18 @@ class LocalExecutor(AgentExecutor):
         budget = self.budget
         if budget is None:  # the common case, without a context manager's cost
             return await self._start(definition, spec, events, ctx, started, cancellation)
-        async with self._hold(budget, definition, spec, ctx, cancellation):
+        tokens = reservation_tokens(definition, spec, self.default_reserve_tokens)
+        with _interruptible(cancellation):
+            reservation = await reserve_or_refuse(
+                budget,
+                spec,
+                tokens,
+                holder=f"{spec.task_id}:{uuid.uuid4().hex[:8]}",
+                worker="local",
+            )
+        if isinstance(reservation, StepOutcome):  # refused: it never starts
+            return reservation
+        async with holding(reservation, ctx, settle=True):
             return await self._start(definition, spec, events, ctx, started, cancellation)
 
     async def _start(

@@ -1,18 +1,26 @@
-"""The step body every host shares: run one agent, validate its output, build the outcome.
+"""The execution half of a step's lifecycle: the step body every host shares.
 
-:func:`run_agent` is what runs inside a step wherever it is placed: in this process
-(:class:`~fleet.LocalExecutor`) or inside a Celery worker (``workers.tasks``). It turns
-whatever the agent does (returns, raises, times out, answers off-schema) into a
-:class:`~fleet.StepOutcome`. :func:`validate_output` is the ``output_schema`` check, also
-used by agents that repair an answer before returning it.
+Wherever a step runs, in this process (:class:`~fleet.LocalExecutor`) or inside a Celery
+worker (``workers.runtime``), the same functions run it, in this order:
+:func:`step_context` builds the agent's :class:`~fleet.agents.AgentContext`;
+:func:`holding` puts it under the reservation admission took (:mod:`fleet.admission`, the
+host's half), kept alive while it runs and, where the host settles, settled at the end;
+:func:`run_interruptible` runs the agent (:func:`run_agent`) so that a cancel stops it;
+:func:`close_deltas` flushes its streamed text before its outcome is announced.
+
+:func:`run_agent` turns whatever the agent does (returns, raises, times out, answers
+off-schema) into a :class:`~fleet.StepOutcome`. :func:`validate_output` is the
+``output_schema`` check, also used by agents that repair an answer before returning it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 
@@ -22,16 +30,96 @@ from .cancel.signal import Cancellation, StepInterrupted, cancelled_outcome
 from .errors import AgentError
 from .spec import NO_USAGE, AgentStepSpec, StepOutcome
 
+if TYPE_CHECKING:
+    from .budget import Reservation
+    from .deltas import DeltaPublisher
+    from .events import EventSink
+    from .limiters import RateLimiter
+
 __all__ = [
     "DEFAULT_RESERVE_TOKENS",
     "as_result",
+    "close_deltas",
+    "holding",
     "run_agent",
     "run_interruptible",
+    "step_context",
     "validate_output",
 ]
 
 DEFAULT_RESERVE_TOKENS = 1000
 """Reservation for a step with no ``max_tokens`` whose agent names no default."""
+
+
+def step_context(
+    definition: AgentDefinition,
+    spec: AgentStepSpec,
+    *,
+    started: float,
+    worker: str,
+    limiter: RateLimiter,
+    events: EventSink | None = None,
+    workflow_id: str | None = None,
+    traceparent: str | None = None,
+    deltas: DeltaPublisher | None = None,
+) -> AgentContext:
+    """What the step's agent receives beside its spec (no budget yet: see :func:`holding`).
+
+    Args:
+        definition: the step's agent (its provider ``limit`` is kept on the context).
+        spec: the step.
+        started: ``time.monotonic()`` when the step started (its deadline counts from it).
+        worker: where it runs, for humans (``"local"`` in this process).
+        limiter: where its provider limits are kept.
+        events: the sink its own events (``rate_limited``) go to.
+        workflow_id: the workflow it belongs to, when known.
+        traceparent: the span its ``invoke_agent`` span descends from (on another process).
+        deltas: where its streamed output goes.
+    """
+    return AgentContext(
+        spec=spec,
+        deadline=None if spec.timeout_s is None else started + spec.timeout_s,
+        events=events,
+        worker=worker,
+        workflow_id=workflow_id,
+        traceparent=traceparent,
+        limit=definition.limit,
+        limiter=limiter,
+        deltas=deltas,
+    )
+
+
+@contextlib.asynccontextmanager
+async def holding(
+    reservation: Reservation, ctx: AgentContext, *, settle: bool
+) -> AsyncIterator[None]:
+    """Run the block under ``reservation``: the agent draws on it, its lease kept alive.
+
+    Args:
+        reservation: the step's tokens, taken at admission.
+        ctx: the step's context; its model calls are capped to the hold and reserve
+            their dollars in the same budget.
+        settle: charge what ``ctx`` used when the block ends (also when it is cancelled:
+            tokens spent are spent). A worker passes ``False``: it settles once it knows
+            whether its outcome was recorded.
+    """
+    ctx.held_tokens = reservation.tokens
+    ctx.budget = reservation.budget
+    async with reservation.kept_alive():
+        if not settle:
+            yield
+            return
+        try:
+            yield
+        finally:
+            # Only the agent is interruptible, never the settlement.
+            await asyncio.shield(reservation.settle(ctx.used.total_tokens))
+
+
+def close_deltas(ctx: AgentContext) -> None:
+    """Flush and close the step's delta publisher: its last text goes before its outcome."""
+    if ctx.deltas is not None:
+        ctx.deltas.close()
 
 
 def as_result(raw: object, agent: str) -> AgentResult:

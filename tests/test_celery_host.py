@@ -17,13 +17,14 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
-from fleet import AgentStepSpec, execute_steps_parallel
+from fleet import AgentStepSpec, LocalExecutor, execute_steps_parallel
+from fleet.admission import refusal
 from fleet.budget import WorkflowBudget
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app, step_task_id
 from fleet.celery.dispatch import HOST_CONNECTIONS
 from fleet.celery.round import broker_failure
 from fleet.config import FleetSettings
-from fleet.errors import ConfigError
+from fleet.errors import BudgetExhaustedError, ConfigError
 from fleet.ledgers import RedisLedger
 from fleet.stores import RedisCheckpointStore
 from tests.celery_support import (
@@ -295,6 +296,41 @@ async def test_budget_guard_refuses_before_sending(
     assert not outcomes[1].success and outcomes[1].error == "budget_exhausted"
     assert ran(counter_dir, "refused") == 0  # never sent
     assert snapshot.consumed_tokens == 80 and snapshot.reserved_tokens == 0
+
+
+async def test_both_hosts_refuse_a_step_with_the_same_outcome(
+    workers: CeleryWorkers, counter_dir: Path, key_prefix: str
+) -> None:
+    """A refused step fails the same on the Celery host and the local one (fleet.admission)."""
+    url = workers.settings.redis_url
+    outcomes = {}
+    for host in ("celery", "local"):
+        # The same workflow id on two ledgers, so each host hits the same refusal.
+        ledger = RedisLedger(url, key_prefix=f"{workers.settings.key_prefix}-{host}")
+        budget = WorkflowBudget(50, ledger=ledger, workflow_id=f"{key_prefix}-refusal")
+        executor = workers.executor(budget=budget) if host == "celery" else None
+        try:
+            step = spec(f"refused-{key_prefix}", "count_where", max_tokens=80)
+            if executor is not None:
+                (outcomes[host],) = await execute_steps_parallel(executor, [step])
+            else:
+                agents = {"count_where": "tests.agents:count_where"}
+                in_process = LocalExecutor(agents=agents, budget=budget)
+                outcomes[host] = await in_process.execute_step(step)
+            try:
+                await budget.reserve(80, holder="probe")
+            except BudgetExhaustedError as error:
+                expected = refusal(step, error)
+        finally:
+            if executor is not None:
+                await executor.aclose()
+            await ledger.close()
+        assert outcomes[host].error == "budget_exhausted"
+        assert outcomes[host].output == expected.output
+    assert ran(counter_dir, f"refused-{key_prefix}") == 0  # never sent
+    celery, local = (outcomes[h].model_dump(exclude={"worker"}) for h in ("celery", "local"))
+    assert celery == local
+    assert outcomes["local"].worker == "local" and outcomes["celery"].worker is None
 
 
 async def test_step_cannot_spend_more_than_it_holds(

@@ -202,10 +202,14 @@ async def test_a_budgeted_round_cancelled_after_its_10_s_steps_ended_stops_its_3
 
 @pytest.fixture
 def doomed_workers(redis_url: str, tmp_path: Path, counter_dir: Path) -> Iterator[CeleryWorkers]:
-    """Two workers of this test's own (it kills one), four threads each."""
+    """Two workers of this test's own (it kills one), four threads each.
+
+    Named apart from the module's workers, which are still up: a ping to ``worker1@host``
+    would be answered by those, and the steps sent before these two were ready.
+    """
     settings = fleet_settings(redis_url, claim_timeout_s=1.5, step_lease_s=1.0)
     env = {"FLEET_TEST_COUNTER_DIR": str(counter_dir)}
-    with running_workers(settings, tmp_path, "worker1", "worker2", concurrency=4, env=env) as fleet:
+    with running_workers(settings, tmp_path, "doomed1", "doomed2", concurrency=4, env=env) as fleet:
         yield fleet
 
 
@@ -234,7 +238,7 @@ async def test_a_worker_killed_after_renewing_its_budgeted_steps_leases(
     ledger = RedisLedger(settings.redis_url, key_prefix=settings.key_prefix)
     budget = WorkflowBudget(10**6, ledger=ledger, workflow_id=f"{key_prefix}-kill")
     specs = [spec(f"{key_prefix}-k{i}", 10.0, 13) for i in range(4)]
-    victim, survivor = workers.workers["worker2"].node, workers.workers["worker1"].node
+    victim, survivor = workers.workers["doomed2"].node, workers.workers["doomed1"].node
     executor = workers.executor(budget=budget)
     try:
         with BrokerLog(settings.redis_url) as log:
@@ -256,7 +260,7 @@ async def test_a_worker_killed_after_renewing_its_budgeted_steps_leases(
                 "a renewal of the victim's leases",
             )
             killed = on_victim()
-            await asyncio.to_thread(workers.kill, "worker2")
+            await asyncio.to_thread(workers.kill, "doomed2")
             dead_at = time.time()
             outcomes = await asyncio.wait_for(round_, 90.0)
         snapshot = await budget.snapshot()

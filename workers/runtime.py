@@ -28,6 +28,7 @@ from typing import Any, TypeVar, cast
 import redis
 from redis import Redis
 
+from fleet.admission import resolve_agent
 from fleet.agents import AgentContext, AgentRegistry
 from fleet.budget import WorkflowBudget
 from fleet.cancel.markers import marker_reason, read_markers
@@ -44,7 +45,7 @@ from fleet.celery.records import result_grace_s
 from fleet.checkpoint import WorkflowStepRecord
 from fleet.config import FleetSettings
 from fleet.deltawriter import DeltaWriter, ThreadPublisher
-from fleet.errors import PoisonMessageError, UnknownAgentError
+from fleet.errors import PoisonMessageError
 from fleet.events import EventSink, RateLimited
 from fleet.ledgers.redis import RedisLedger
 from fleet.limiters import RedisRateLimiter
@@ -52,7 +53,7 @@ from fleet.redis.clients import sync_client
 from fleet.redis.keys import Keys
 from fleet.redis.scripts import script
 from fleet.spec import AgentStepSpec, StepOutcome
-from fleet.step import run_interruptible
+from fleet.step import close_deltas, holding, run_interruptible, step_context
 from fleet.stores.base import encode_meta
 from fleet.stores.redis import RedisCheckpointStore
 
@@ -395,28 +396,22 @@ class WorkerRuntime:
         (:meth:`settle`), once it knows whether the outcome was recorded.
         """
         started = time.monotonic()
-        try:
-            definition = self.registry.resolve(spec.agent)
-        except UnknownAgentError as error:
-            return StepOutcome.failed(
-                spec.task_id, spec.agent, str(error), error="unknown_agent", worker=worker
-            )
-        ctx = AgentContext(
-            spec=spec,
-            deadline=None if spec.timeout_s is None else started + spec.timeout_s,
+        definition = resolve_agent(self.registry, spec, worker=worker)
+        if isinstance(definition, StepOutcome):
+            return definition
+        ctx = step_context(
+            definition,
+            spec,
+            started=started,
             worker=worker,
-            workflow_id=None if message is None else message.workflow_id,
-            traceparent=None if message is None else message.traceparent,
-            limit=definition.limit,
             limiter=self.limiter,
             events=None if message is None else self._forward(message.reply, tid),
+            workflow_id=None if message is None else message.workflow_id,
+            traceparent=None if message is None else message.traceparent,
             deltas=self.delta_publisher(
                 message.deltas if message is not None else deltas, spec.task_id
             ),
         )
-        hold = None if message is None else message.budget
-        if hold is not None:
-            ctx.held_tokens = hold.tokens
         fence = self.fences.get(lease) if lease else None
         if fence is not None:
             ctx.attempt, ctx.fence = fence.token, fence.check
@@ -434,8 +429,7 @@ class WorkerRuntime:
         finally:
             if cancellation is not None:
                 self._leases.markers.unwatch(lease)
-            if ctx.deltas is not None:  # its last text is in Redis before its outcome
-                cast(ThreadPublisher, ctx.deltas).close()
+            close_deltas(ctx)  # its last text is in Redis before its outcome
         return outcome
 
     def _forward(self, reply: str, tid: str) -> EventSink:
@@ -487,9 +481,8 @@ class WorkerRuntime:
         """
         budget = self._budget(hold)
         reservation = budget.reservation(hold.reservation_id, hold.tokens)
-        ctx.budget = budget  # model calls reserve their dollars in the same accounts
         try:
-            async with reservation.kept_alive():
+            async with holding(reservation, ctx, settle=False):
                 return await run_interruptible(
                     definition, spec, ctx, started=started, cancellation=cancellation
                 )

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from .. import telemetry
+from ..admission import reservation_tokens, reserve_or_refuse
 from ..cancel.markers import leave_markers
 from ..cancel.signal import CANCELLED, cancelled_outcome
 from ..combinators import crash_outcome
 from ..config import mask_url
-from ..errors import BrokerError, BudgetError, BudgetExhaustedError
+from ..errors import BrokerError
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
 from ..limiters import ProviderLimit
@@ -41,6 +42,7 @@ from .protocol import (
 from .records import StepRecord, record_owner, result_grace_s
 
 if TYPE_CHECKING:
+    from ..agents.base import AgentDefinition
     from ..budget import Reservation, WorkflowBudget
     from ..keeper import Held
     from .executor import CeleryExecutor
@@ -129,15 +131,20 @@ class Round(Track):
                 )
             )
         self.open = len(self.entries)
-        self._reserving: list[tuple[_Entry, asyncio.Future[Reservation]]] = []
+        self._reserving: list[tuple[_Entry, asyncio.Future[Reservation | StepOutcome]]] = []
         run_markers = self.cancellation.markers if self.cancellation is not None else ()
         self.markers = [*run_markers, self.nonce]
         """What a worker checks before and while running a step of this round."""
 
     def _limit_of(self, spec: AgentStepSpec) -> ProviderLimit | None:
+        definition = self._definition(spec)
+        return None if definition is None else definition.limit
+
+    def _definition(self, spec: AgentStepSpec) -> AgentDefinition | None:
+        """The step's agent, if this host knows it (if not, the worker answers unknown_agent)."""
         try:
-            return self.x.registry().resolve(spec.agent).limit
-        except LookupError:  # the worker answers unknown_agent
+            return self.x.registry().resolve(spec.agent)
+        except LookupError:
             return None
 
     async def run(self) -> list[StepOutcome]:
@@ -244,40 +251,30 @@ class Round(Track):
         )
 
     async def _reserve(self, entry: _Entry) -> bool:
-        """Reserve the step's tokens; resolves it (and returns False) when refused."""
+        """Admit the step to the budget; resolves it (and returns False) when refused."""
         budget = self.x.budget
         if budget is None:
             return True
         spec = entry.spec
+        tokens = reservation_tokens(
+            self._definition(spec), spec, self.x.settings.default_reserve_tokens
+        )
+        holding = asyncio.ensure_future(
+            reserve_or_refuse(budget, spec, tokens, holder=entry.tid, reservation_id=entry.tid)
+        )
         try:
-            definition = self.x.registry().resolve(spec.agent)
-            tokens = definition.reservation_for(spec, self.x.settings.default_reserve_tokens)
-        except LookupError:
-            tokens = (
-                spec.max_tokens
-                if spec.max_tokens is not None
-                else self.x.settings.default_reserve_tokens
-            )
-        try:
-            holding = asyncio.ensure_future(
-                budget.reserve(tokens, holder=entry.tid, reservation_id=entry.tid)
-            )
-            try:
-                entry.reservation = await asyncio.shield(holding)
-                # The budget's keeper renews it (queued, then running) until it resolves.
-                entry.kept = entry.reservation.budget.keeper().keep(entry.reservation)
-            except asyncio.CancelledError:
-                # Cancelled mid-reservation: the ledger may still grant it; the cancel
-                # waits for the answer and settles the hold (see _release_reserving).
-                self._reserving.append((entry, holding))
-                raise
-        except (BudgetExhaustedError, BudgetError) as error:
-            # BudgetError: the budget cannot be used at all (an unknown parent, a cycle).
-            kind = "budget_exhausted" if isinstance(error, BudgetExhaustedError) else "budget"
-            await self._resolve(
-                entry, StepOutcome.failed(spec.task_id, spec.agent, str(error), error=kind)
-            )
+            taken = await asyncio.shield(holding)
+        except asyncio.CancelledError:
+            # Cancelled mid-reservation: the ledger may still grant it; the cancel
+            # waits for the answer and settles the hold (see _release_reserving).
+            self._reserving.append((entry, holding))
+            raise
+        if isinstance(taken, StepOutcome):  # refused: it is never sent
+            await self._resolve(entry, taken)
             return False
+        entry.reservation = taken
+        # The budget's keeper renews it (queued, then running) until it resolves.
+        entry.kept = taken.budget.keeper().keep(taken)
         return True
 
     async def dispatch(self) -> None:
@@ -387,9 +384,7 @@ class Round(Track):
         """Settle at 0 the holds a cancelled dispatch was still asking the ledger for."""
         for entry, holding in self._reserving:
             try:
-                entry.reservation = await asyncio.wait_for(asyncio.shield(holding), 5.0)
-            except BudgetExhaustedError:
-                continue  # refused: nothing is held
+                taken = await asyncio.wait_for(asyncio.shield(holding), 5.0)
             except (TimeoutError, RedisError, OSError) as error:
                 logger.warning(
                     "step %r: its reservation stays held until its lease lapses (%s)",
@@ -397,7 +392,10 @@ class Round(Track):
                     error,
                 )
                 continue
-            await asyncio.shield(entry.reservation.settle(0))
+            if isinstance(taken, StepOutcome):
+                continue  # refused: nothing is held
+            entry.reservation = taken
+            await asyncio.shield(taken.settle(0))
         self._reserving.clear()
 
     async def _sweep_unclaimed(self, reason: str) -> None:
