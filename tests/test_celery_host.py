@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fleet.ledgers import RedisLedger
 from fleet.stores import RedisCheckpointStore
 from tests.celery_support import (
     REPO,
+    BrokerLog,
     CeleryWorkers,
     fleet_settings,
     running_workers,
@@ -350,6 +352,35 @@ async def test_step_cannot_spend_more_than_it_holds(
         await ledger.close()
     assert outcome.error == "budget_exhausted"
     assert snapshot.reserved_tokens == 0
+
+
+async def test_a_budgeted_step_is_settled_once_by_its_worker(
+    workers: CeleryWorkers, key_prefix: str
+) -> None:
+    """The worker settles each step it ran; the host does not settle it again (one settle)."""
+    ledger = RedisLedger(workers.settings.redis_url, key_prefix=workers.settings.key_prefix)
+    budget = WorkflowBudget(10_000, ledger=ledger, workflow_id=f"{key_prefix}-once")
+    executor = workers.executor(budget=budget)
+    steps = [spec(f"once-{i}", "echo", "x" * 40, max_tokens=500) for i in range(4)]
+    try:
+        with BrokerLog(workers.settings.redis_url) as log:
+            outcomes = await execute_steps_parallel(executor, steps)
+            snapshot = await budget.snapshot()
+    finally:
+        await executor.aclose()
+        await ledger.close()
+    assert all(o.success for o in outcomes), [o.output for o in outcomes]
+    settled = f"{{{budget.workflow_id}}}:settled".encode()
+    # The ledger's settle script charges a reservation once (HSETNX on its id) per call.
+    settles = Counter(
+        c.args[2].decode()
+        for c in log.commands
+        if c.client == "lua" and c.name == "HSETNX" and c.args[1].endswith(settled)
+    )
+    assert len(settles) == len(steps) and set(settles.values()) == {1}, settles
+    # Settled before the host had the outcome: nothing left reserved when the round returns.
+    assert snapshot.reserved_tokens == 0
+    assert snapshot.consumed_tokens == sum(o.usage.total_tokens for o in outcomes) > 0
 
 
 # --------------------------------------------------------------------------- backpressure

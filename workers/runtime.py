@@ -295,11 +295,15 @@ class WorkerRuntime:
         key = self.journal().key(workflow_id)
         return key, f"step:{spec.task_id}", record.to_json(), encode_meta(workflow_id)
 
-    def settle(self, hold: BudgetHold, used_tokens: int, *, attempt: str = "") -> None:
+    def settle(self, hold: BudgetHold, used_tokens: int, *, attempt: str = "") -> bool:
         """Charge what a step used to the reservation the host made for it.
 
         ``attempt`` (the token of an attempt that recorded nothing) charges the usage on
         its own id instead (:func:`~workers.fencing.charge_stopped`).
+
+        Returns:
+            Whether the step's reservation was settled here (the host then does not
+            settle it again); ``False`` for an ``attempt``'s charge or a failed settle.
         """
         budget = self._budget(hold)
         rid = hold.reservation_id
@@ -310,8 +314,17 @@ class WorkerRuntime:
         try:
             self.run_async(charge)
         except Exception:
-            # The host settles the step's reservation (idempotently) with the outcome.
+            # The notice then says unsettled: the host settles it with the outcome.
             logger.exception("could not settle reservation %s (attempt %r)", rid, attempt)
+            return False
+        return not attempt
+
+    def notify(self, reply: str, *notices: str) -> None:
+        """Push ``notices`` to the host's reply list (one round trip), as ``finish`` does."""
+        pipe = self.redis().pipeline(transaction=False)
+        pipe.rpush(reply, *notices)
+        pipe.expire(reply, REPLY_TTL_S)
+        pipe.execute()
 
     def _budget(self, hold: BudgetHold) -> WorkflowBudget:
         """The budget a step's hold belongs to (its reservation kept by the lease thread)."""

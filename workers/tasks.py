@@ -120,20 +120,26 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> str:
     journal = None
     if message.journal and message.workflow_id and outcome.success:
         journal = runtime.journal_write(message.workflow_id, spec, outcome)
+    hold = message.budget
+    # A step with a token hold is announced only once this worker settled it (below).
+    notices = [] if hold is not None else [Finished(id=tid, outcome=outcome).to_json()]
     counted = runtime.finish(
         tid,
         message.nonce,
         value,
         outcome.to_json(),
         message.reply,
-        Finished(id=tid, outcome=outcome).to_json(),
+        *notices,
         resumable=outcome.success and message.workflow_id is not None,
         steps=steps,
         journal=journal,
     )
-    if message.budget is not None:
+    if hold is not None:
         used = outcome.usage.total_tokens
-        runtime.settle(message.budget, used, attempt="" if counted else value)
+        settled = runtime.settle(hold, used, attempt="" if counted else value)
+        if counted:
+            finished = Finished(id=tid, outcome=outcome, settled=settled)
+            runtime.notify(message.reply, finished.to_json())
     if not counted:
         logger.warning(
             "step %s (task %s): its lease lapsed before it was recorded; its outcome "

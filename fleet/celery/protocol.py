@@ -218,6 +218,10 @@ class Finished(FleetModel):
     """The task id (a step's, or a chain link's :func:`stage_link_id`)."""
     outcome: StepOutcome
     """What came of it."""
+    settled: bool = False
+    """The worker settled the step's token hold before telling the host (so the host does
+    not settle it again); ``False`` when it did not (no hold, a failed settle, a duplicate
+    delivery answered from the record)."""
 
 
 class Stopped(FleetModel):

@@ -347,7 +347,8 @@ class Round(Track):
                 )
                 emit(self.events, started)
         elif isinstance(notice, Finished):
-            await self._resolve(entry, notice.outcome)
+            # A step that reached a worker is settled there; the host settles the rest.
+            await self._resolve(entry, notice.outcome, settle=not notice.settled)
         elif isinstance(notice, Limited):
             emit(self.events, notice.event)
 
@@ -442,7 +443,8 @@ class Round(Track):
         if self.open == 0:
             self.closed()
         if entry.reservation is not None and settle:
-            # Settling is idempotent: the worker may already have charged the same usage.
+            # No worker said it settled this step. Settling is idempotent: a worker that
+            # died after settling, or whose notice was lost, charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
         emit(self.events, StepFinished.of(outcome, host_task_id=entry.tid))
         if self.on_outcome is not None:
