@@ -38,7 +38,7 @@ import redis
 
 from bench._common import median, table, write
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
-from fleet.cancel.redis import RedisCancelBoard
+from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.ledgers import RedisLedger

@@ -8,7 +8,8 @@ What ``fleet run``, ``fleet status`` and ``fleet watch`` share, as library code:
 - :func:`open_run` builds the executor, budget, journal and event log of a run and
   closes them afterwards.
 - :func:`locate_run` finds the newest run of a root id (the planned places first, then
-  the local run index ``.fleet/runs.db`` that every ``fleet run`` writes), and
+  the local run index ``.fleet/runs.db`` that every ``fleet run`` writes,
+  :mod:`fleet.runs.index`), and
   :func:`read_status` reads its journal, its log and its budget.
 
 On the embedded default (local executor, SQLite journal) the event log and the budget
@@ -25,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import sqlite3
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from .budget import BudgetSnapshot, WorkflowBudget
-from .cancel import open_cancel_board
 from .config import FleetSettings, mask_url
 from .errors import CheckpointError, ConfigError
 from .executor import AgentExecutor
@@ -42,6 +40,8 @@ from .ledgers import BudgetLedger
 from .local import LocalExecutor
 from .pricing import usd_to_micros
 from .runlog import LogReader, RunSummary, open_log_reader, summarize
+from .runs import new_run_id, open_run_registry
+from .runs.index import index_run, indexed
 from .stores import CheckpointStore, open_store, sqlite_path
 from .workflow import Workflow, WorkflowBuilder
 
@@ -52,7 +52,6 @@ __all__ = [
     "RunStatus",
     "build_executor",
     "check_reachable",
-    "indexed_stores",
     "locate_run",
     "open_ledger",
     "open_run",
@@ -271,8 +270,9 @@ async def open_run(
         builder = builder.with_event_stream(
             places.events, key_prefix=config.key_prefix, maxlen=config.event_stream_maxlen
         )
-    board = open_cancel_board(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
-    builder = builder.with_cancel_board(board)
+    run_id = new_run_id()  # the run's one id: registry, run log, index
+    board = open_run_registry(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
+    builder = builder.with_run_id(run_id).with_cancel_board(board)
     retention = None
     if places.ledger is not None:  # the run keeps records in the fleet's Redis
         from .retention import RedisRetention
@@ -281,7 +281,14 @@ async def open_run(
             places.ledger, key_prefix=config.key_prefix, retention_s=config.retention_s
         )
         builder = builder.with_retention(retention)
-    _index_run(config.run_index, root_id, places)
+    index_run(
+        config.run_index,
+        root_id,
+        run_id,
+        store=mask_url(places.store),
+        events=None if places.events is None else mask_url(places.events),
+        ledger=None if places.ledger is None else mask_url(places.ledger),
+    )
     try:
         yield builder
     finally:
@@ -336,67 +343,6 @@ def _summary_at(url: str, key_prefix: str, root_id: str) -> RunSummary | None:
         return summarize(reader, root_id)
     finally:
         reader.close()
-
-
-# --- the local run index ---------------------------------------------------------------
-
-
-def _index(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None)
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS fleet_runs (root_id TEXT PRIMARY KEY, store TEXT NOT NULL, "
-        "events TEXT, ledger TEXT, started REAL NOT NULL)"
-    )
-    return conn
-
-
-def _index_run(path: Path, root_id: str, places: RunPlaces) -> None:
-    """Note the run's places (passwords masked) so a bare ``fleet status ROOT`` finds it."""
-    try:
-        conn = _index(path)
-        with contextlib.closing(conn):
-            conn.execute(
-                "INSERT OR REPLACE INTO fleet_runs VALUES (?, ?, ?, ?, ?)",
-                (
-                    root_id,
-                    mask_url(places.store),
-                    None if places.events is None else mask_url(places.events),
-                    None if places.ledger is None else mask_url(places.ledger),
-                    time.time(),
-                ),
-            )
-    except (OSError, sqlite3.Error):
-        pass  # the index is a convenience: a read-only directory must not fail the run
-
-
-def _indexed(path: Path, root_id: str) -> RunPlaces | None:
-    if not path.exists():
-        return None
-    try:
-        conn = _index(path)
-        with contextlib.closing(conn):
-            row = conn.execute(
-                "SELECT store, events, ledger FROM fleet_runs WHERE root_id = ?", (root_id,)
-            ).fetchone()
-    except (OSError, sqlite3.Error):
-        return None
-    return None if row is None else RunPlaces(store=row[0], events=row[1], ledger=row[2])
-
-
-def indexed_stores(path: Path) -> list[str]:
-    """Every journal the run index has seen runs use, newest first (passwords masked)."""
-    if not path.exists():
-        return []
-    try:
-        conn = _index(path)
-        with contextlib.closing(conn):
-            rows = conn.execute(
-                "SELECT store FROM fleet_runs GROUP BY store ORDER BY MAX(started) DESC"
-            ).fetchall()
-    except (OSError, sqlite3.Error):
-        return []
-    return [str(row[0]) for row in rows]
 
 
 # --- finding and reading a run -----------------------------------------------------------
@@ -465,7 +411,7 @@ def locate_run(
     found = _has_log(config, planned, root_id)
     if explicit:
         return Located(planned, looked, found)
-    indexed = _indexed(config.run_index, root_id)
+    indexed = _indexed_places(config.run_index, root_id)
     if found:
         if indexed is not None and _same_log_other_journal(planned, indexed):
             _usable(indexed, root_id)  # e.g. `fleet run --store redis://...` on Celery
@@ -482,6 +428,11 @@ def locate_run(
         if _has_log(config, shared, root_id, quick=True):
             return Located(shared, looked, True)
     return Located(planned, looked, False)
+
+
+def _indexed_places(path: Path, root_id: str) -> RunPlaces | None:
+    entry = indexed(path, root_id)
+    return None if entry is None else RunPlaces(entry.store, entry.events, entry.ledger)
 
 
 def _same_log_other_journal(planned: RunPlaces, indexed: RunPlaces) -> bool:

@@ -34,7 +34,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import telemetry
-from .cancel.board import HEARTBEAT_S, CancelBoard, RunState, new_run_id
 from .cancel.signal import Cancellation, use_cancellation
 from .combinators import LoopPredicate, execute_loop, execute_pipeline, execute_steps_parallel
 from .deltas import DeltaChannel, MemoryDeltaChannel, use_deltas
@@ -63,6 +62,7 @@ from .events import (
 from .executor import AgentExecutor, PipelineStage
 from .keeper import stop_task
 from .resumable import execute_steps_parallel_resumable
+from .runs import HEARTBEAT_S, RunRegistry, RunState, new_run_id
 from .spec import AgentStepSpec, StepOutcome
 
 if TYPE_CHECKING:
@@ -135,8 +135,9 @@ class _Run:
     closed: bool = False
     span: Any = None
     """The workflow's trace span, when tracing is on (:mod:`fleet.telemetry`)."""
-    board: CancelBoard | None = None
+    board: RunRegistry | None = None
     run_id: str = field(default_factory=new_run_id)
+    """The run's one id: its registry record, cancel marker and run log entries."""
     cancellation: Cancellation = field(init=False)
     begun: bool = False
     watcher: asyncio.Task[None] | None = None
@@ -250,8 +251,9 @@ class WorkflowBuilder:
     event_stream_url: str | None = None
     event_stream_prefix: str = "fleet"
     event_stream_maxlen: int = 10_000
-    cancel_board: CancelBoard | None = None
+    cancel_board: RunRegistry | None = None
     retention: RedisRetention | None = None
+    run_id: str | None = None
 
     def with_store(self, store: CheckpointStore) -> WorkflowBuilder:
         """Journal every phase in ``store``, making phases resume boundaries."""
@@ -275,14 +277,26 @@ class WorkflowBuilder:
         """Also hand every step event the executor emits to ``sink``."""
         return replace(self, step_events=sink)
 
-    def with_cancel_board(self, board: CancelBoard) -> WorkflowBuilder:
+    def with_cancel_board(self, board: RunRegistry) -> WorkflowBuilder:
         """Register the run on ``board`` so ``fleet cancel ROOT_ID`` reaches it.
 
         The run registers when its first verb starts, polls the board for a cancel every
         :data:`CANCEL_POLL_S` while it is open, and records how it ended (``fleet
-        status``). Use a ``RedisCancelBoard`` on the fleet's Redis for a Celery run.
+        status``). Use a ``RedisRunRegistry`` (:mod:`fleet.runs`) on the fleet's Redis for a
+        Celery run.
         """
         return replace(self, cancel_board=board)
+
+    def with_run_id(self, run_id: str) -> WorkflowBuilder:
+        """Give the run this id (default: a fresh :func:`fleet.runs.new_run_id` per build).
+
+        The id names the run everywhere: its run registry record and cancel marker, its
+        run log's start and end entries. ``fleet run`` mints it so its run index notes it
+        too. Build one workflow per id: a second build would be a second run under it.
+        """
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+        return replace(self, run_id=run_id)
 
     def with_retention(self, retention: RedisRetention) -> WorkflowBuilder:
         """Keep the run's Redis records only ``retention.retention_s`` once it has ended.
@@ -320,6 +334,7 @@ class WorkflowBuilder:
         run can never find this run's journals: resuming after a crash is impossible.
         """
         root_id = self.root_id or f"wf-{uuid.uuid4().hex}"
+        run_id = self.run_id or new_run_id()
         stream: BufferedLog | None = None
         url = self.event_stream_url
         if url is not None and url.startswith("sqlite:"):
@@ -329,14 +344,14 @@ class WorkflowBuilder:
                 url.removeprefix("sqlite:"),
                 root_id,
                 maxlen=self.event_stream_maxlen,
-                run_id=uuid.uuid4().hex,
+                run_id=run_id,
             )
         elif url is not None:
             stream = EventStream(
                 url,
                 event_stream_key(root_id, key_prefix=self.event_stream_prefix),
                 maxlen=self.event_stream_maxlen,
-                run_id=uuid.uuid4().hex,
+                run_id=run_id,
             )
         return Workflow(
             _Run(
@@ -348,6 +363,7 @@ class WorkflowBuilder:
                 step_events=self.step_events,
                 stream=stream,
                 board=self.cancel_board,
+                run_id=run_id,
                 retention=self.retention,
             )
         )
@@ -727,7 +743,7 @@ class Workflow:
             self._watch(run.board), name=f"fleet-cancel:{run.root_id}"
         )
 
-    async def _watch(self, board: CancelBoard) -> None:
+    async def _watch(self, board: RunRegistry) -> None:
         """Poll the board for a cancel, and heartbeat the run record every HEARTBEAT_S."""
         run = self._run
         warned = False
@@ -737,7 +753,7 @@ class Workflow:
             try:
                 if time.monotonic() >= beat_due:
                     beat_due = time.monotonic() + HEARTBEAT_S
-                    await board.beat(run.root_id, run.run_id)
+                    await board.heartbeat(run.root_id, run.run_id)
                     await run.record_live_budget()
                 await self._heed(board)
             except Exception as error:
@@ -747,7 +763,7 @@ class Workflow:
                         "workflow %r: cannot read its cancel board: %s", run.root_id, error
                     )
 
-    async def _heed(self, board: CancelBoard) -> None:
+    async def _heed(self, board: RunRegistry) -> None:
         """Look at the board once; cancel the run if a cancel is waiting there."""
         notice = await board.check(self._run.run_id)
         if notice is not None:

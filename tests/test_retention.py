@@ -28,7 +28,7 @@ from fleet import (
 )
 from fleet.accounts import set_account
 from fleet.agents import AgentRegistry
-from fleet.cancel.redis import RedisCancelBoard
+from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.gc import collect

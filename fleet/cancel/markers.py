@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .board import CANCEL_TTL_S, cancel_marker_key
+from ..runs.base import CANCEL_TTL_S, cancel_marker_key
 from .signal import CANCELLED
 
 __all__ = ["WATCH_INTERVAL_S", "MarkerWatch", "leave_markers", "marker_reason", "read_markers"]

@@ -20,7 +20,8 @@ from ..asks import AskBook, AskRecord, give_answer, open_ask_book, open_asks, re
 from ..config import FleetSettings, mask_url
 from ..errors import AnswerRefused, BrokerError, FleetError
 from ..redis.sentinel import check_redis
-from ..runner import Located, RunPlaces, indexed_stores, locate_run
+from ..runner import Located, RunPlaces, locate_run
+from ..runs.index import indexed_stores
 from .app import app, settings
 from .cancel import board_at
 from .progress import say
@@ -77,7 +78,7 @@ async def _workflow_exists(config: FleetSettings, located: Located, root_id: str
     """Whether ``root_id`` has run (a log or a run record); a finished run refuses answers."""
     board = board_at(config, located.places)
     try:
-        record = await board.record(root_id)
+        record = await board.latest(root_id)
     except FleetError:
         record = None
     finally:

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
-from ..cancel import CancelBoard, CancelNotice, RunRecord, open_cancel_board
 from ..config import FleetSettings
 from ..errors import FleetError
 from ..runner import Located, RunPlaces, check_reachable, locate_run, plan_run
+from ..runs import CancelNotice, RunRecord, RunRegistry, open_run_registry
 from .app import app, settings
 from .progress import say
 
@@ -24,9 +24,9 @@ __all__ = ["board_at", "cancel", "find_run", "latest_run"]
 DEFAULT_REASON = "cancelled with fleet cancel"
 
 
-def board_at(config: FleetSettings, places: RunPlaces) -> CancelBoard:
-    """The cancel board a run with these places registered on."""
-    return open_cancel_board(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
+def board_at(config: FleetSettings, places: RunPlaces) -> RunRegistry:
+    """The run registry (the cancel board) a run with these places registered on."""
+    return open_run_registry(places.store, redis_url=places.ledger, key_prefix=config.key_prefix)
 
 
 def find_run(
@@ -49,7 +49,7 @@ def find_run(
 
 
 async def _request(
-    board: CancelBoard, root_id: str, reason: str
+    board: RunRegistry, root_id: str, reason: str
 ) -> tuple[CancelNotice | None, RunRecord | None]:
     """Cancel the live run; the record is returned too when the run was not live.
 
@@ -57,21 +57,21 @@ async def _request(
     workers drop its queued steps, and its record comes back to say nothing else stops.
     """
     try:
-        before = await board.record(root_id)
+        before = await board.latest(root_id)
         if before is not None and before.abandoned:
             why = f"{reason} (its host was already gone)"
             notice = await board.request(root_id, why, run_id=before.run_id)
             return notice, before
         notice = await board.request(root_id, reason)
-        return notice, (None if notice is not None else await board.record(root_id))
+        return notice, (None if notice is not None else await board.latest(root_id))
     finally:
         await board.close()
 
 
-async def latest_run(board: CancelBoard, root_id: str) -> RunRecord | None:
+async def latest_run(board: RunRegistry, root_id: str) -> RunRecord | None:
     """The latest run of ``root_id`` on ``board`` (the board is closed after)."""
     try:
-        return await board.record(root_id)
+        return await board.latest(root_id)
     finally:
         await board.close()
 

@@ -30,7 +30,6 @@ import typer
 from rich.live import Live
 
 from ..accounts import check_account_name
-from ..cancel import CancelBoard, RunRecord
 from ..config import FleetSettings
 from ..errors import BudgetError, ConfigError, FleetError, WorkflowCancelledError
 from ..events import parse_event
@@ -46,6 +45,7 @@ from ..runner import (
     plan_run,
     read_status,
 )
+from ..runs import RunRecord, RunRegistry
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, debugging, err_console, settings
 from .asks import read_asks
@@ -385,7 +385,7 @@ def watch(
     raise typer.Exit(1)
 
 
-def _abandonment(board: CancelBoard, root_id: str) -> Callable[[], str | None]:
+def _abandonment(board: RunRegistry, root_id: str) -> Callable[[], str | None]:
     """What :func:`~fleet.runlog.follow` asks: why the run's host is gone, if it is."""
 
     def abandoned() -> str | None:

@@ -52,7 +52,7 @@ from ..errors import ConfigError
 from .asks import ask_routes
 from .data import Catalog
 from .live import LiveOutput
-from .liveness import Liveness
+from .liveness import Liveness, board_for
 from .metrics import render_metrics
 from .views import WorkflowView
 
@@ -343,12 +343,7 @@ async def _journaled_output(
 
 
 async def _request_cancel(settings: FleetSettings, url: str, root_id: str, reason: str) -> Any:
-    from ..cancel import open_cancel_board
-
-    if url.startswith("sqlite:"):
-        board = open_cancel_board(url, key_prefix=settings.key_prefix)
-    else:
-        board = open_cancel_board("memory", redis_url=url, key_prefix=settings.key_prefix)
+    board = board_for(url, settings.key_prefix)
     try:
         return await board.request(root_id, reason)
     finally:

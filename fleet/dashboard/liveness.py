@@ -1,8 +1,8 @@
 """Which running workflows on the dashboard lost their host: the run records' heartbeats.
 
 A run's log says ``running`` until its host writes the end; a host that died (SIGKILL,
-power loss) never does. Its run record on the cancel board stops heartbeating instead
-(:data:`fleet.cancel.HEARTBEAT_S`, lapsed after :data:`fleet.cancel.HEARTBEAT_LAPSE_S`),
+power loss) never does. Its record in the run registry stops heartbeating instead
+(:data:`fleet.runs.HEARTBEAT_S`, lapsed after :data:`fleet.runs.HEARTBEAT_LAPSE_S`),
 and :class:`Liveness` reads it for every view the log calls running.
 """
 
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import time
 
-from ..cancel import HEARTBEAT_S, CancelBoard, RunRecord, open_cancel_board
 from ..errors import FleetError
+from ..runs import HEARTBEAT_S, RunRecord, RunRegistry, open_run_registry
 from .views import WorkflowView
 
 __all__ = ["Liveness", "board_for"]
 
 
-def board_for(url: str, key_prefix: str) -> CancelBoard:
-    """The cancel board beside a log place (``sqlite:PATH`` or the fleet's Redis)."""
+def board_for(url: str, key_prefix: str) -> RunRegistry:
+    """The run registry beside a log place (``sqlite:PATH`` or the fleet's Redis)."""
     if url.startswith("sqlite:"):
-        return open_cancel_board(url, key_prefix=key_prefix)
-    return open_cancel_board("memory", redis_url=url, key_prefix=key_prefix)
+        return open_run_registry(url, key_prefix=key_prefix)
+    return open_run_registry("memory", redis_url=url, key_prefix=key_prefix)
 
 
 class Liveness:
@@ -47,9 +47,7 @@ class Liveness:
             return
         self._checked[view.root_id] = now
         record = await self._record(url, view.root_id)
-        started = view.started_at or 0.0
-        # A record older than the log's run belongs to an earlier run: it proves nothing.
-        same_run = record is not None and record.started_at >= started - 60.0
+        same_run = record is not None and _same_run(view, record)
         abandoned = record.describe() if same_run and record and record.abandoned else None
         if abandoned != view.abandoned:
             view.abandoned = abandoned
@@ -58,8 +56,16 @@ class Liveness:
     async def _record(self, url: str, root_id: str) -> RunRecord | None:
         board = board_for(url, self.key_prefix)
         try:
-            return await board.record(root_id)
+            return await board.latest(root_id)
         except FleetError:
             return None  # an unreadable board proves nothing
         finally:
             await board.close()
+
+
+def _same_run(view: WorkflowView, record: RunRecord) -> bool:
+    """Whether the record is of the run the view shows (another run's proves nothing)."""
+    if view.run_id is not None and view.run_id.startswith("r-"):
+        return record.run_id == view.run_id  # the log and the registry share the run's id
+    # A log written before runs had one id: a record older than the log's run is another's.
+    return record.started_at >= (view.started_at or 0.0) - 60.0

@@ -297,6 +297,7 @@ class WorkflowView:
         end = self.ended_at if self.ended_at is not None else now
         return {
             "root_id": self.root_id,
+            "run_id": self.run_id,
             "status": self.status,
             "ended_as": self.ended_as,
             "source": self.source,

@@ -1,4 +1,4 @@
-"""The fleet's cancel board, in Redis: what ``fleet cancel`` writes and workers read.
+"""The run registry in the fleet's Redis: what ``fleet cancel`` writes and workers read.
 
 Keys (``{p}`` is the key prefix):
 
@@ -12,13 +12,16 @@ Keys (``{p}`` is the key prefix):
   (workers check it with ``EXISTS`` when they claim a step and while it runs).
 
 Key names come from :class:`fleet.redis.keys.Keys`; the scripts are
-``fleet/redis/lua/run_*.lua``.
+``fleet/redis/lua/run_*.lua``. The hash's fields are the ones the cancel board wrote
+before it became this registry, so runs recorded by an earlier version still read.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -26,25 +29,27 @@ from redis.exceptions import RedisError
 from ..config import mask_url
 from ..errors import BrokerError
 from ..redis.clients import per_loop
+from ..redis.keys import Keys, untagged
 from ..redis.scripts import script
-from .board import (
+from .base import (
     CANCEL_TTL_S,
-    CancelBoard,
     CancelNotice,
     RunRecord,
+    RunRegistry,
     RunState,
     cancel_marker_key,
+    newest_first,
     run_record_key,
 )
 
-__all__ = ["RUN_RECORD_TTL_S", "RedisCancelBoard"]
+__all__ = ["RUN_RECORD_TTL_S", "RedisRunRegistry"]
 
 RUN_RECORD_TTL_S = 7 * 86_400
 """How long ``fleet status`` can tell about a run after it last changed."""
 
 
-class RedisCancelBoard(CancelBoard):
-    """The cancel board in the fleet's Redis.
+class RedisRunRegistry(RunRegistry):
+    """The run registry in the fleet's Redis.
 
     Args:
         url: the Redis URL (``FLEET_REDIS_URL``).
@@ -63,7 +68,7 @@ class RedisCancelBoard(CancelBoard):
         self._clients = per_loop(url)
 
     def __repr__(self) -> str:
-        return f"RedisCancelBoard({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+        return f"RedisRunRegistry({mask_url(self.url)!r}, key_prefix={self.key_prefix!r})"
 
     def _client(self) -> Any:
         return self._clients.get()
@@ -90,7 +95,7 @@ class RedisCancelBoard(CancelBoard):
         begin = script("run_begin").run(self._client(), keys, [run_id, time.time()])
         await self._call("register workflow run", begin)
 
-    async def beat(self, root_id: str, run_id: str) -> None:
+    async def heartbeat(self, root_id: str, run_id: str) -> None:
         """Refresh the live run's heartbeat (on the server's clock)."""
         keys = [self._record_key(root_id)]
         beat = script("run_beat").run(self._client(), keys, [run_id])
@@ -122,26 +127,52 @@ class RedisCancelBoard(CancelBoard):
         end = script("run_end").run(self._client(), keys, args)
         await self._call("record workflow end", end)
 
-    async def record(self, root_id: str) -> RunRecord | None:
+    async def latest(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``."""
         pipe = self._client().pipeline(transaction=False)
         pipe.hgetall(self._record_key(root_id))
         pipe.time()
         raw, (seconds, micros) = await self._call("read workflow run", pipe.execute())
-        if not raw:
-            return None
-        fields = {key.decode(): value.decode() for key, value in raw.items()}
-        return RunRecord(
-            root_id=root_id,
-            run_id=fields.get("run", "?"),
-            status=fields.get("status", "running"),
-            started_at=float(fields.get("started", 0)),
-            ended_at=float(fields["ended"]) if "ended" in fields else None,
-            reason=fields.get("reason"),
-            beat_at=float(fields["beat"]) if "beat" in fields else None,
-            read_at=seconds + micros / 1e6,
-        )
+        return _parsed(root_id, raw, seconds + micros / 1e6)
+
+    async def list(self, *, limit: int = 100) -> builtins.list[RunRecord]:
+        """The latest run of each root id with a record here, newest start first."""
+        head = Keys(self.key_prefix).head("workflow")
+        names = await self._call("list workflow runs", self._scan(head + "*"))
+        client = self._client()
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(name)
+        pipe.time()
+        *raws, (seconds, micros) = await self._call("read workflow runs", pipe.execute())
+        records = []
+        for name, raw in zip(names, raws, strict=True):
+            root_id = untagged(name.decode()[len(head) :])
+            record = _parsed(root_id, raw, seconds + micros / 1e6)
+            if record is not None:
+                records.append(record)
+        return newest_first(records, limit)
+
+    async def _scan(self, match: str) -> builtins.list[bytes]:
+        return [name async for name in self._client().scan_iter(match=match, count=500)]
 
     async def close(self) -> None:
         """Close this loop's connections."""
         await self._clients.aclose()
+
+
+def _parsed(root_id: str, raw: Mapping[bytes, bytes], read_at: float) -> RunRecord | None:
+    """The record in a run hash's fields, ``None`` for an empty (missing) hash."""
+    if not raw:
+        return None
+    fields = {key.decode(): value.decode() for key, value in raw.items()}
+    return RunRecord(
+        root_id=root_id,
+        run_id=fields.get("run", "?"),
+        status=fields.get("status", "running"),
+        started_at=float(fields.get("started", 0)),
+        ended_at=float(fields["ended"]) if "ended" in fields else None,
+        reason=fields.get("reason"),
+        beat_at=float(fields["beat"]) if "beat" in fields else None,
+        read_at=read_at,
+    )

@@ -1,30 +1,35 @@
-"""The cancel board: where a workflow run is registered and where a cancel is left for it.
+"""The run registry: the one record of a workflow run, and where a cancel is left for it.
 
-A run registers itself (:meth:`CancelBoard.begin`) under its root id with a fresh run
-id. ``fleet cancel ROOT_ID`` (:meth:`CancelBoard.request`) finds the live run of that
-root id, marks it cancelled (when and why, for ``fleet status``) and leaves a *cancel
-marker* named by the run id, with a TTL. The host polls it (:meth:`CancelBoard.check`);
-workers read the same marker in Redis when they claim or run a step of that run.
+A run registers itself (:meth:`RunRegistry.begin`) under its root id with its run id,
+the one id the run carries everywhere: its run log's start and end entries
+(:mod:`fleet.runlog`), the local run index (:mod:`fleet.runs.index`), its cancel marker
+and the dashboard. ``fleet cancel ROOT_ID`` (:meth:`RunRegistry.request`) finds the live
+run of that root id, marks it cancelled (when and why, for ``fleet status``) and leaves a
+*cancel marker* named by the run id, with a TTL. The host polls it
+(:meth:`RunRegistry.check`); workers read the same marker in Redis when they claim or
+run a step of that run. The cancel board of :mod:`fleet.cancel` is this registry.
 
 A cancel is not a tombstone: the marker names one run, and running the same root id
 again begins a new run with a new id, which no earlier marker touches.
 
-A running run's host *heartbeats* its record (:meth:`CancelBoard.beat`) every
+A running run's host *heartbeats* its record (:meth:`RunRegistry.heartbeat`) every
 :data:`HEARTBEAT_S`; a record still ``running`` whose last beat is older than
 :data:`HEARTBEAT_LAPSE_S` reads as ``abandoned`` (:attr:`RunRecord.shown_status`): its
 host died (SIGKILL, power loss) without recording an end. ``fleet status``, ``fleet
 watch``, ``fleet cancel`` and the dashboard all read it from here.
 
-Boards: :class:`MemoryCancelBoard` (this process), ``RedisCancelBoard`` (the fleet's
-Redis, what workers read) and ``SQLiteCancelBoard`` (the embedded default's journal file,
+Registries: :class:`MemoryRunRegistry` (this process), ``RedisRunRegistry`` (the fleet's
+Redis, what workers read) and ``SQLiteRunRegistry`` (the embedded default's journal file,
 for a local run another terminal cancels).
 """
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Literal
 
 from ..redis.keys import Keys
@@ -34,14 +39,15 @@ __all__ = [
     "CANCEL_TTL_S",
     "HEARTBEAT_LAPSE_S",
     "HEARTBEAT_S",
-    "CancelBoard",
     "CancelNotice",
-    "MemoryCancelBoard",
+    "MemoryRunRegistry",
     "RunRecord",
+    "RunRegistry",
     "RunState",
     "ShownState",
     "cancel_marker_key",
     "new_run_id",
+    "newest_first",
     "run_record_key",
 ]
 
@@ -147,15 +153,15 @@ class RunRecord(FleetModel):
         return text + f" (run {self.run_id})"
 
 
-class CancelBoard(ABC):
-    """Registers workflow runs and carries cancels to them."""
+class RunRegistry(ABC):
+    """Records workflow runs (one record per root id: its latest run) and carries cancels."""
 
     @abstractmethod
     async def begin(self, root_id: str, run_id: str) -> None:
         """Register ``run_id`` as the live run of ``root_id`` (superseding any earlier run)."""
 
     @abstractmethod
-    async def beat(self, root_id: str, run_id: str) -> None:
+    async def heartbeat(self, root_id: str, run_id: str) -> None:
         """Refresh the heartbeat of the live run ``run_id`` (nothing if it is not live)."""
 
     @abstractmethod
@@ -183,22 +189,39 @@ class CancelBoard(ABC):
         """Record how the run ended; a cancelled run stays ``cancelled`` (when and why kept)."""
 
     @abstractmethod
-    async def record(self, root_id: str) -> RunRecord | None:
+    async def latest(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``, if any is recorded."""
 
+    @abstractmethod
+    async def list(self, *, limit: int = 100) -> builtins.list[RunRecord]:
+        """The latest run of each recorded root id, newest start first, at most ``limit``."""
+
+    async def beat(self, root_id: str, run_id: str) -> None:
+        """:meth:`heartbeat` under the cancel board's name for it."""
+        await self.heartbeat(root_id, run_id)
+
+    async def record(self, root_id: str) -> RunRecord | None:
+        """:meth:`latest` under the cancel board's name for it."""
+        return await self.latest(root_id)
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        """Release connections (the board stays usable)."""
+        """Release connections (the registry stays usable)."""
 
 
-class MemoryCancelBoard(CancelBoard):
-    """A board in this process's memory: cancels reach only this process's runs."""
+def newest_first(records: Iterable[RunRecord], limit: int) -> list[RunRecord]:
+    """``records`` by start, newest first, at most ``limit`` of them."""
+    return sorted(records, key=lambda record: record.started_at, reverse=True)[: max(limit, 0)]
+
+
+class MemoryRunRegistry(RunRegistry):
+    """A registry in this process's memory: cancels reach only this process's runs."""
 
     def __init__(self) -> None:
         self._runs: dict[str, RunRecord] = {}
         self._markers: dict[str, CancelNotice] = {}
 
     def __repr__(self) -> str:
-        return f"MemoryCancelBoard(runs={len(self._runs)})"
+        return f"MemoryRunRegistry(runs={len(self._runs)})"
 
     async def begin(self, root_id: str, run_id: str) -> None:
         """Register the live run."""
@@ -207,7 +230,7 @@ class MemoryCancelBoard(CancelBoard):
             root_id=root_id, run_id=run_id, status="running", started_at=now, beat_at=now
         )
 
-    async def beat(self, root_id: str, run_id: str) -> None:
+    async def heartbeat(self, root_id: str, run_id: str) -> None:
         """Refresh the live run's heartbeat."""
         record = self._runs.get(root_id)
         if record is not None and record.run_id == run_id and record.status == "running":
@@ -240,6 +263,10 @@ class MemoryCancelBoard(CancelBoard):
             return
         self._runs[root_id] = record.model_copy(update={"status": status, "ended_at": time.time()})
 
-    async def record(self, root_id: str) -> RunRecord | None:
+    async def latest(self, root_id: str) -> RunRecord | None:
         """The latest run."""
         return self._runs.get(root_id)
+
+    async def list(self, *, limit: int = 100) -> builtins.list[RunRecord]:
+        """The latest run of each root id, newest first."""
+        return newest_first(self._runs.values(), limit)

@@ -1,4 +1,4 @@
-"""The cancel board of the embedded default: two tables in the run's SQLite journal file.
+"""The run registry of the embedded default: two tables in the run's SQLite journal file.
 
 A local run (``fleet run`` on the local executor with a ``sqlite:`` store) registers
 itself here and polls its marker, so ``fleet cancel ROOT_ID`` from another terminal on
@@ -6,11 +6,14 @@ the same machine reaches it without Redis.
 
 Tables: ``fleet_workflow_runs`` (the latest run per root id: run id, status, when, why,
 and the host's last heartbeat) and ``fleet_cancel_markers`` (a
-:class:`~fleet.cancel.CancelNotice` per cancelled run id, with an expiry time).
+:class:`~fleet.runs.CancelNotice` per cancelled run id, with an expiry time). The tables
+keep the names and columns the cancel board gave them, so journal files written by an
+earlier version still read (and earlier versions still read these).
 """
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import threading
 import time
@@ -19,9 +22,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import CheckpointError
-from .board import CANCEL_TTL_S, CancelBoard, CancelNotice, RunRecord, RunState
+from .base import CANCEL_TTL_S, CancelNotice, RunRecord, RunRegistry, RunState
 
-__all__ = ["SQLiteCancelBoard"]
+__all__ = ["SQLiteRunRegistry"]
 
 T = TypeVar("T")
 
@@ -43,8 +46,8 @@ CREATE TABLE IF NOT EXISTS fleet_cancel_markers (
 """
 
 
-class SQLiteCancelBoard(CancelBoard):
-    """A cancel board in a SQLite file (the journal's, by default).
+class SQLiteRunRegistry(RunRegistry):
+    """A run registry in a SQLite file (the journal's, by default).
 
     Args:
         path: the database file (created, with its directory, on first use).
@@ -64,7 +67,7 @@ class SQLiteCancelBoard(CancelBoard):
         self._conn: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
-        return f"SQLiteCancelBoard({str(self.path)!r})"
+        return f"SQLiteRunRegistry({str(self.path)!r})"
 
     def _run(
         self, action: str, body: Callable[[sqlite3.Connection], T], *, create: bool = False
@@ -106,7 +109,7 @@ class SQLiteCancelBoard(CancelBoard):
 
         self._run("register a workflow run", write, create=True)
 
-    async def beat(self, root_id: str, run_id: str) -> None:
+    async def heartbeat(self, root_id: str, run_id: str) -> None:
         """Refresh the live run's heartbeat."""
 
         def write(conn: sqlite3.Connection) -> None:
@@ -180,32 +183,27 @@ class SQLiteCancelBoard(CancelBoard):
 
         self._run("record a workflow end", write)
 
-    async def record(self, root_id: str) -> RunRecord | None:
+    async def latest(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``."""
+        rows = self._rows("WHERE root_id = ?", (root_id,))
+        return rows[0] if rows else None
 
-        def read(conn: sqlite3.Connection) -> tuple[object, ...] | None:
-            row = conn.execute(
-                "SELECT run_id, status, started_at, ended_at, reason, beat_at "
-                "FROM fleet_workflow_runs WHERE root_id = ?",
-                (root_id,),
-            ).fetchone()
-            return None if row is None else tuple(row)
+    async def list(self, *, limit: int = 100) -> builtins.list[RunRecord]:
+        """The latest run of each root id recorded here, newest start first."""
+        return self._rows("ORDER BY started_at DESC LIMIT ?", (max(limit, 0),))
 
-        row = self._run("read a workflow run", read)
-        if row is None:
-            return None
-        run_id, status, started, ended, reason, beat = row
-        return RunRecord.model_validate(
-            {
-                "root_id": root_id,
-                "run_id": run_id,
-                "status": status,
-                "started_at": started,
-                "ended_at": ended,
-                "reason": reason,
-                "beat_at": beat,
-            }
-        )
+    def _rows(self, where: str, args: tuple[object, ...]) -> builtins.list[RunRecord]:
+        def read(conn: sqlite3.Connection) -> builtins.list[tuple[object, ...]]:
+            cursor = conn.execute(
+                "SELECT root_id, run_id, status, started_at, ended_at, reason, beat_at "
+                f"FROM fleet_workflow_runs {where}",
+                args,
+            )
+            return [tuple(row) for row in cursor.fetchall()]
+
+        rows = self._run("read workflow runs", read) or []
+        names = ("root_id", "run_id", "status", "started_at", "ended_at", "reason", "beat_at")
+        return [RunRecord.model_validate(dict(zip(names, row, strict=True))) for row in rows]
 
     async def close(self) -> None:
         """Close the connection (a later call reopens it)."""
