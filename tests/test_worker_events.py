@@ -17,7 +17,13 @@ from fleet.agents import AgentRegistry
 from fleet.celery import PROTOCOL_VERSION, StepMessage
 from tests.celery_support import BrokerLog, fleet_settings, running_workers
 from tests.test_security import EventTap, wait_until
-from workers.app import PER_STEP_LOGGERS, create_app, freeze_startup_objects, quiet_per_step_lines
+from workers.app import (
+    GC_THRESHOLDS,
+    PER_STEP_LOGGERS,
+    create_app,
+    freeze_startup_objects,
+    quiet_per_step_lines,
+)
 from workers.events import FLUSH_INTERVAL_S
 from workers.runtime import WorkerRuntime
 from workers.tasks import run_step
@@ -78,19 +84,21 @@ def test_celerys_per_step_lines_show_at_debug_only() -> None:
 def test_a_ready_worker_moves_its_startup_objects_out_of_full_collections(
     redis_url: str,
 ) -> None:
-    """The worker's ``worker_ready`` hook freezes what start built (``gc.freeze``)."""
+    """The ``worker_ready`` hook freezes what start built and collects the young less often."""
     create_app(fleet_settings(redis_url))
     hooks = [
         receiver() if isinstance(receiver, weakref.ReferenceType) else receiver
         for _, receiver in signals.worker_ready.receivers
     ]
     assert freeze_startup_objects in hooks
-    before = gc.get_freeze_count()
+    before, thresholds = gc.get_freeze_count(), gc.get_threshold()
     try:
         freeze_startup_objects(sender=None)
         assert gc.get_freeze_count() > before
+        assert gc.get_threshold() == GC_THRESHOLDS
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 async def _answer(spec: AgentStepSpec, ctx: AgentContext) -> str:
