@@ -135,11 +135,13 @@ def test_a_redis_board_left_open_closes_its_connections_with_its_event_loop(
     """A board used in one asyncio.run() and never closed holds no connection after it."""
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     board = RedisCancelBoard(redis_url, key_prefix=key_prefix)
+    gc.collect()  # earlier tests' dropped clients close when collected: not counted here
     before = sockets_to(port)
     for run in range(2):
         asyncio.run(board.begin("left-open", f"run{run}"))
         gc.collect()
-        assert sockets_to(port) == before, f"connections left open after run {run}"
+        # Other clients of the session may close meanwhile; none of the board's may stay.
+        assert sockets_to(port) <= before, f"connections left open after run {run}"
 
 
 # --------------------------------------------------------------------------- the signal

@@ -20,6 +20,7 @@ see ``docs/RELIABILITY.md``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis
@@ -86,10 +87,18 @@ class _AsyncSentinelConnection(aioredis.sentinel.SentinelManagedConnection):
             try:
                 self.host, self.port = await self.connection_pool.get_master_address()
             finally:
-                for sentinel in self.connection_pool.sentinel_manager.sentinels:
-                    await sentinel.connection_pool.disconnect(inuse_connections=False)
+                # Shielded: the cancel of a client closing mid-failover lands here often, and
+                # would otherwise stop the loop after the first sentinel and leave the others'
+                # connections to the garbage collector.
+                await asyncio.shield(_let_go(self.connection_pool.sentinel_manager))
         connect: Any = super()._connect  # typed in some redis-py releases, not in others
         await connect()
+
+
+async def _let_go(manager: Any) -> None:
+    """Close the sentinel connections no lookup is using now (in use: closed by that lookup)."""
+    for sentinel in list(manager.sentinels):
+        await sentinel.connection_pool.disconnect(inuse_connections=False)
 
 
 class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
