@@ -110,6 +110,17 @@ def _quick(count: int) -> list[Reply]:
     return [reply("quick", prompt_tokens=10, completion_tokens=40)] * count
 
 
+def _warm(count: int) -> list[Reply]:
+    """Warmup answers that take a second, as a real server's do.
+
+    An agent's concurrency adapts to the latency it sees (fleet/agents/openai/concurrency.py):
+    instant answers make the best latency per token tiny, and one of them slowed by a busy
+    machine then reads as a congested server and halves the worker's width to 1 call, so
+    the 32 slow calls this test cancels would never all be in flight at once.
+    """
+    return [reply("warm", prompt_tokens=10, completion_tokens=40, delay_s=1.0)] * count
+
+
 def _env(settings: FleetSettings, tmp_path: Path, shape: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(settings_env(settings))
@@ -195,7 +206,7 @@ def test_a_cancel_stops_the_fleet_and_a_rerun_resumes(
     settings = _settings(redis_url, tmp_path, model_server)
     root = f"cancel-{shape}"
     # Only 32 slow replies: a 33rd request would get an error and fail its step visibly.
-    model_server.script(*_quick(WARMUP), *_slow(SLOTS))
+    model_server.script(*_warm(WARMUP), *_slow(SLOTS))
     with running_workers(settings, tmp_path, "w1", "w2", concurrency=16):
         process = _fleet_run(settings, tmp_path, root, shape)
         try:
@@ -260,7 +271,7 @@ def test_a_worker_dead_during_the_cancel_drops_the_queued_messages_when_it_retur
     """Cancel while every worker is dead: the restarted worker runs none of the queued steps."""
     settings = _settings(redis_url, tmp_path, model_server)
     root = "cancel-dead-worker"
-    model_server.script(*_quick(WARMUP), *_slow(16))
+    model_server.script(*_warm(WARMUP), *_slow(16))
     workers = CeleryWorkers(settings, tmp_path, concurrency=16)
     try:
         workers.start("w1")
