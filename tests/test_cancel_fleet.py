@@ -113,10 +113,7 @@ def _quick(count: int) -> list[Reply]:
 def _warm(count: int) -> list[Reply]:
     """Warmup answers that take a second, as a real server's do.
 
-    An agent's concurrency adapts to the latency it sees (fleet/agents/openai/concurrency.py):
-    instant answers make the best latency per token tiny, and one of them slowed by a busy
-    machine then reads as a congested server and halves the worker's width to 1 call, so
-    the 32 slow calls this test cancels would never all be in flight at once.
+    Instant answers would make the best latency per token seen unrealistically small.
     """
     return [reply("warm", prompt_tokens=10, completion_tokens=40, delay_s=1.0)] * count
 

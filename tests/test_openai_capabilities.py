@@ -178,11 +178,38 @@ def test_adaptive_limit_grows_then_halves_once_per_round() -> None:
     for _ in range(4):  # +1/3, +1/3.33, ...: one slot more after about a round
         policy.on_success(policy.epoch, latency_s=1.0, tokens=10)
     assert policy.slots == 4
-    policy.on_success(policy.epoch, latency_s=5.0, tokens=10)  # latency climbed 5x
+    policy.on_success(policy.epoch, latency_s=5.0, tokens=10)  # one slow call: jitter
+    policy.on_success(policy.epoch, latency_s=5.0, tokens=10)
+    assert policy.slots == 4
+    policy.on_success(policy.epoch, latency_s=5.0, tokens=10)  # the median climbed 5x
     assert policy.slots == 2
     for _ in range(300):
         policy.on_success(policy.epoch, latency_s=1.0, tokens=10)
     assert policy.slots == 16
+
+
+def test_one_slow_answer_among_quick_ones_does_not_narrow_the_width() -> None:
+    """Jitter is not congestion: one call 1000x slower than the rest leaves 16 calls in flight."""
+    policy = AdaptiveLimit(ceiling=16, limit=16.0, slow_start=False)
+    for i in range(200):
+        slow = i in (3, 60, 61)  # a stray one while warming up, then two in a row
+        policy.on_success(policy.epoch, latency_s=1.0 if slow else 0.001, tokens=40, in_flight=16)
+    assert policy.slots == 16 and policy.epoch == 0
+
+
+def test_calls_from_before_a_fall_do_not_narrow_it_again() -> None:
+    """After a fall, only calls sent at the new width judge it."""
+    policy = AdaptiveLimit(ceiling=16, limit=16.0, slow_start=False)
+    policy.on_success(0, latency_s=0.1, tokens=10, in_flight=16)
+    for _ in range(5):
+        policy.on_success(0, latency_s=2.0, tokens=10, in_flight=16)  # a queueing server
+    assert policy.slots == 8 and policy.epoch == 1
+    for _ in range(8):  # the rest of the old round answers, as slowly: growth, no fall
+        policy.on_success(0, latency_s=2.0, tokens=10, in_flight=8)
+    assert policy.slots == 9 and policy.epoch == 1
+    for _ in range(5):  # the new width queues too
+        policy.on_success(1, latency_s=2.0, tokens=10, in_flight=8)
+    assert policy.slots == 4 and policy.epoch == 2
 
 
 async def test_a_timed_out_call_waits_for_its_slot_before_the_retry() -> None:

@@ -9,10 +9,13 @@ window (additive increase, multiplicative decrease):
   bounds the first calls is how many steps the worker runs at once, its ``-c``), or at
   the width this endpoint was last seen to take (remembered fleet-wide, see
   :meth:`Gate.recall`);
-- a timeout, a 429/503, or a call that took more than half its timeout or whose latency
-  per token climbs well above the best seen halves it, from the calls actually in
+- a timeout, a 429/503, a call that took more than half its timeout, or latency per
+  token that climbs well above the best seen halves it, from the calls actually in
   flight (once per round: calls that were already in flight when it was halved do not
-  halve it again), and it then grows by one call per round;
+  halve it again), and it then grows by one call per round. Latency is judged by the
+  median of the last :data:`WINDOW` calls sent at the current width, never by one call:
+  a server that queues slows every call, while one slow answer among quick ones is
+  jitter (a busy machine, a long generation) and says nothing about the width;
 - the cap bounds it.
 
 Calls over the limit wait here, in fleet, not in the server's queue; a timed-out call's
@@ -28,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = ["AdaptiveLimit", "Gate", "Ticket", "WidthMemory"]
@@ -49,6 +52,8 @@ CLIMB = 2.0
 """A call is congested when it took this many times the best latency per token ..."""
 CLIMB_SLACK_S = 0.5
 """... and at least this many seconds more (small calls jitter)."""
+WINDOW = 5
+"""How many calls sent at the current width the latency climb is judged over (their median)."""
 QUEUEING = 0.25
 """Slow start ends when a call took more than this share of its timeout."""
 
@@ -72,6 +77,8 @@ class AdaptiveLimit:
     """The lowest latency per token seen."""
     typical_s: float | None = None
     """A moving average of successful calls' latency."""
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    """Latency per token of the last calls sent at the current width (since the last fall)."""
 
     def __post_init__(self) -> None:
         self.limit = min(self.limit, float(self.ceiling))
@@ -81,21 +88,30 @@ class AdaptiveLimit:
         """Calls allowed in flight now."""
         return max(int(self.limit), 1)
 
-    def congested(self, latency_s: float, tokens: int, timeout_s: float | None = None) -> bool:
+    def congested(
+        self, latency_s: float, tokens: int, timeout_s: float | None = None, *, current: bool = True
+    ) -> bool:
         """Whether a successful call's latency says the server is queueing.
 
         It is when the call took more than half its timeout (one more call queued ahead
-        of the next would make it time out), or twice the best latency per token seen.
+        of the next would make it time out), or when the median latency per token of the
+        last :data:`WINDOW` calls sent at the current width (``current``) is twice the
+        best seen, and at least :data:`CLIMB_SLACK_S` more for a call of this size.
         """
         if timeout_s is not None and latency_s > timeout_s / 2:
             return True
-        per_token = latency_s / max(tokens, 1)
+        size = max(tokens, 1)
+        per_token = latency_s / size
         best = self.best_s_per_token
         if best is None or per_token < best:
-            self.best_s_per_token = per_token
+            self.best_s_per_token = best = per_token
+        if not current:  # sent before the last fall: its latency judged the old width
             return False
-        expected = best * max(tokens, 1)
-        return latency_s > CLIMB * expected and latency_s - expected > CLIMB_SLACK_S
+        self.recent.append(per_token)
+        if len(self.recent) < WINDOW:
+            return False
+        median = sorted(self.recent)[WINDOW // 2]
+        return median > CLIMB * best and (median - best) * size > CLIMB_SLACK_S
 
     def on_success(
         self,
@@ -108,7 +124,7 @@ class AdaptiveLimit:
         """A call succeeded: grow, unless its latency shows congestion (then halve)."""
         typical = self.typical_s
         self.typical_s = latency_s if typical is None else 0.8 * typical + 0.2 * latency_s
-        if self.congested(latency_s, tokens, timeout_s):
+        if self.congested(latency_s, tokens, timeout_s, current=started_epoch == self.epoch):
             self.on_congestion(started_epoch, in_flight)
             return
         if timeout_s is not None and latency_s > QUEUEING * timeout_s:
@@ -130,6 +146,7 @@ class AdaptiveLimit:
         self.limit = max(base / 2, 1.0)
         self.slow_start = False
         self.epoch += 1
+        self.recent.clear()
 
 
 @dataclass(frozen=True)
