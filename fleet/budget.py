@@ -35,165 +35,28 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from decimal import Decimal
-from typing import Any
 
-from pydantic import Field, model_validator
-
-from . import metrics
 from .accounts import check_account_name, check_tokens_limit, resolve_ancestors, usd_limit_micros
-from .errors import BrokerError, BudgetError, BudgetExhaustedError
-from .keeper import Held, Keeper, LapseHook, LoopKeeper, Renewable
+from .budget_refusal import check_amount, exhausted_message, refusal
+from .budget_snapshot import BudgetSnapshot
+from .errors import BudgetError
+from .keeper import Keeper, LoopKeeper
 from .ledgers.base import KEEP, BudgetLedger, Keep, LedgerState, ReserveResult
 from .ledgers.memory import MemoryLedger
 from .perloop import PerLoop
 from .pricing import ModelPrice, micros_to_usd
-from .spec import FleetModel
+from .reservation import Reservation
 
 __all__ = ["BudgetSnapshot", "Reservation", "WorkflowBudget", "exhausted_message"]
-
-logger = logging.getLogger(__name__)
 
 _FIRST_POLL_S = 0.002
 """First pause before asking the ledger again while in-flight reservations block."""
 _MAX_POLL_S = 0.05
 """Longest pause between two asks while waiting (the ledger may wake us sooner)."""
-
-
-def exhausted_message(consumed: int, limit: int | None, requested: int | None = None) -> str:
-    """The refusal text: ``workflow token budget exhausted (<consumed> / <limit> tokens)``.
-
-    When the account is not spent yet but the request is larger than what is left,
-    the request size is added, so the user sees why a step was refused.
-    """
-    message = f"workflow token budget exhausted ({consumed} / {limit or 0} tokens)"
-    if requested is not None and limit is not None and consumed < limit:
-        message += (
-            f"; the step asks for {requested} tokens and only {limit - consumed} are left "
-            "(lower its max_tokens or raise the budget)"
-        )
-    return message
-
-
-class BudgetSnapshot(FleetModel):
-    """A workflow budget (or a shared account) at one moment, in tokens and in dollars.
-
-    Money fields are :class:`~decimal.Decimal` dollars with six decimals (exact: the
-    ledger counts integer micro-dollars); in JSON they are strings (``"1.250000"``).
-    ``remaining_*`` and ``is_exhausted`` are derived from the other fields when not given.
-    """
-
-    consumed_tokens: int = Field(ge=0)
-    """Tokens charged by settled steps."""
-    reserved_tokens: int = Field(default=0, ge=0)
-    """Tokens held by steps in flight (live reservations)."""
-    limit_tokens: int | None = Field(default=None, ge=0)
-    """The token limit; ``None`` means uncapped."""
-    remaining_tokens: int | None = None
-    """``limit - consumed - reserved`` (never below 0); ``None`` when uncapped."""
-    is_exhausted: bool = False
-    """A limit is set and consumed has reached it, in tokens or in dollars (a limit of 0
-    is exhausted from the start)."""
-    consumed_usd: Decimal = Field(default=Decimal(0), ge=0)
-    """Dollars charged by settled model calls."""
-    reserved_usd: Decimal = Field(default=Decimal(0), ge=0)
-    """Dollars held by model calls in flight (their worst case)."""
-    limit_usd: Decimal | None = Field(default=None, ge=0)
-    """The dollar limit; ``None`` means uncapped."""
-    remaining_usd: Decimal | None = None
-    """``limit - consumed - reserved`` in dollars (never below 0); ``None`` when uncapped."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _derive(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        limit = data.get("limit_tokens")
-        consumed = data.get("consumed_tokens", 0)
-        reserved = data.get("reserved_tokens", 0)
-        exhausted = False
-        if isinstance(consumed, int) and isinstance(reserved, int):
-            if data.get("remaining_tokens") is None and isinstance(limit, int):
-                data["remaining_tokens"] = max(limit - consumed - reserved, 0)
-            exhausted = isinstance(limit, int) and consumed >= limit
-        try:
-            limit_usd = None if data.get("limit_usd") is None else Decimal(data["limit_usd"])
-            consumed_usd = Decimal(data.get("consumed_usd", 0))
-            reserved_usd = Decimal(data.get("reserved_usd", 0))
-        except (ArithmeticError, TypeError, ValueError):
-            pass  # field validation reports it
-        else:
-            if limit_usd is not None:
-                if data.get("remaining_usd") is None:
-                    data["remaining_usd"] = max(limit_usd - consumed_usd - reserved_usd, 0)
-                exhausted = exhausted or consumed_usd >= limit_usd
-        if "is_exhausted" not in data:
-            data["is_exhausted"] = exhausted
-        return data
-
-    @classmethod
-    def from_state(cls, state: LedgerState, *, limit_tokens: int | None = None) -> BudgetSnapshot:
-        """The snapshot of a ledger account (``limit_tokens`` when it stores none yet)."""
-        return cls(
-            consumed_tokens=state.consumed,
-            reserved_tokens=state.reserved,
-            limit_tokens=state.limit if state.limit_set else limit_tokens,
-            consumed_usd=micros_to_usd(state.consumed_micros),
-            reserved_usd=micros_to_usd(state.reserved_micros),
-            limit_usd=None if state.limit_micros is None else micros_to_usd(state.limit_micros),
-        )
-
-    def __str__(self) -> str:
-        limit = "uncapped" if self.limit_tokens is None else f"{self.limit_tokens}"
-        text = (
-            f"{self.consumed_tokens} consumed + {self.reserved_tokens} reserved of {limit} tokens"
-            + ("" if self.remaining_tokens is None else f" ({self.remaining_tokens} left)")
-        )
-        if self.limit_usd is not None or self.consumed_usd or self.reserved_usd:
-            dollars = "uncapped" if self.limit_usd is None else f"${self.limit_usd}"
-            text += (
-                f"; ${self.consumed_usd} consumed + ${self.reserved_usd} reserved of {dollars}"
-                + ("" if self.remaining_usd is None else f" (${self.remaining_usd} left)")
-            )
-        return text + (" — exhausted" if self.is_exhausted else "")
-
-
-def refusal(
-    result: ReserveResult, workflow_id: str, tokens: int, micros: int
-) -> BudgetExhaustedError:
-    """The error for a refused reservation: which account, which unit, and why."""
-    metrics.budget_refused()
-    state = result.blocked_state or result.state
-    account = result.blocked_by or workflow_id
-    whose = "workflow" if account == workflow_id else "account"
-    if result.blocked_unit == "usd":
-        consumed, limit, requested = state.consumed_micros, state.limit_micros, micros
-        message = (
-            f"{whose} {account!r} dollar budget exhausted (${micros_to_usd(consumed)} / "
-            f"${micros_to_usd(limit or 0)})"
-        )
-        if limit is not None and consumed < limit:
-            message += (
-                f"; the call's worst case is ${micros_to_usd(requested)} and only "
-                f"${micros_to_usd(limit - consumed)} is left (lower max_tokens or raise the "
-                "budget)"
-            )
-        unit = "usd"
-    else:
-        consumed, limit, requested = state.consumed, state.limit, tokens
-        message = exhausted_message(consumed, limit, requested)
-        if account != workflow_id:
-            message = message.replace("workflow token budget", f"account {account!r} token budget")
-        unit = "tokens"
-    return BudgetExhaustedError(
-        message, consumed=consumed, limit=limit, requested=requested, unit=unit, account=account
-    )
 
 
 class WorkflowBudget:
@@ -467,125 +330,3 @@ class WorkflowBudget:
         state = await self.ledger.configure(self.workflow_id, limit=tokens, limit_micros=micros)
         self._observe(state)
         return BudgetSnapshot.from_state(state)
-
-
-def check_amount(value: int, what: str) -> None:
-    """``value`` must be a non-negative integer (tokens or micro-dollars)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BudgetError(f"{what} must be a non-negative integer, got {value!r}")
-
-
-class Reservation(Renewable):
-    """What one step (or one model call) holds from a :class:`WorkflowBudget` until it settles.
-
-    Attributes:
-        id: the reservation id (unique within the workflow).
-        tokens: tokens held; the step may spend up to this many.
-        micros: micro-dollars held (a model call's worst case).
-        holder: who holds it (for humans).
-        budget: the budget it was taken from.
-    """
-
-    __slots__ = ("_settled", "budget", "holder", "id", "micros", "tokens")
-
-    def __init__(
-        self, budget: WorkflowBudget, id: str, tokens: int, *, holder: str = "", micros: int = 0
-    ) -> None:
-        self.budget = budget
-        self.id = id
-        self.tokens = tokens
-        self.micros = micros
-        self.holder = holder
-        self._settled = False
-
-    def __repr__(self) -> str:
-        return (
-            f"Reservation(id={self.id!r}, tokens={self.tokens}, micros={self.micros}, "
-            f"holder={self.holder!r}, workflow_id={self.budget.workflow_id!r}, "
-            f"settled={self._settled})"
-        )
-
-    @property
-    def settled(self) -> bool:
-        """Whether :meth:`settle` completed through this object."""
-        return self._settled
-
-    async def settle(self, used_tokens: int, *, used_micros: int = 0) -> None:
-        """Charge the actual usage and release the rest of the hold, in every account.
-
-        Idempotent: the ledger charges each reservation id once, however many times
-        (and from however many processes) it is settled. Usage above the hold is still
-        charged in full: what was spent is spent.
-
-        Raises:
-            BudgetError: a negative amount.
-        """
-        check_amount(used_tokens, "used_tokens")
-        check_amount(used_micros, "used_micros")
-        if self._settled:
-            return
-        budget = self.budget
-        state = await budget.ledger.settle(
-            budget.workflow_id,
-            self.id,
-            used_tokens,
-            used_micros=used_micros,
-            ancestors=await budget.ancestors(),
-        )
-        budget._observe(state)
-        self._settled = True
-
-    async def renew(self) -> bool:
-        """Extend the lease by the budget's ``lease_s`` from now (in every account).
-
-        Returns:
-            ``False`` when the reservation is no longer held (settled, or its lease
-            already lapsed and the amounts went back to the budget).
-        """
-        if self._settled:
-            return False
-        budget = self.budget
-        return await budget.ledger.renew(
-            budget.workflow_id, self.id, lease_s=budget.lease_s, ancestors=await budget.ancestors()
-        )
-
-    def finished(self) -> bool:
-        """Whether it was settled through this object (no lease left to renew)."""
-        return self._settled
-
-    @property
-    def lease_s(self) -> float:
-        """The lease a renewal gives (the budget's ``lease_s``)."""
-        return self.budget.lease_s
-
-    @property
-    def lease_name(self) -> str:
-        """Names the reservation in log lines."""
-        return f"reservation {self.id} of workflow {self.budget.workflow_id}"
-
-    @contextlib.asynccontextmanager
-    async def kept_alive(
-        self, *, every_s: float | None = None, on_lapse: LapseHook | None = None
-    ) -> AsyncIterator[Held]:
-        """Keep the lease alive while the block runs: the budget's keeper renews it.
-
-        Leaving the block hands the lease back to the keeper and waits on nothing, so
-        it is immediate whatever Redis is doing. If the keeper could not renew the lease
-        before it lapsed (or the ledger no longer holds it), the yielded
-        :class:`~fleet.keeper.Held` says so (``lapsed``) and ``on_lapse(held)`` is called.
-
-        Args:
-            every_s: renewal interval; a third of the lease by default.
-            on_lapse: called once, from the keeper, if the lease lapses while kept.
-        """
-        if self.budget.known_ancestors is None:
-            try:  # resolved once per budget; a keeper without an event loop needs them
-                await self.budget.ancestors()
-            except BrokerError as error:
-                logger.warning("cannot read the accounts above %s yet: %s", self.lease_name, error)
-        keeper = self.budget.keeper()
-        held = keeper.keep(self, every_s=every_s, on_lapse=on_lapse)
-        try:
-            yield held
-        finally:
-            keeper.drop(held)
