@@ -25,8 +25,9 @@ from ...step import validate_output
 from ..base import AgentContext, AgentResult, estimate_tokens
 from ..calls import ModelCall, model_call
 from .capabilities import Learned
+from .failures import Refused
+from .sender import Sender
 from .tools import run_tool_call
-from .transport import Refused, Sender
 from .wire import ChatCompletion, Message, ToolCall, parse_json
 
 if TYPE_CHECKING:
