@@ -42,7 +42,7 @@ from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.ledgers import RedisLedger
-from fleet.localfleet import celery_command, settings_env
+from fleet.processes import celery_command, settings_env
 from fleet.redis.scripts import script
 from fleet.redis_server import RedisServer, free_port
 from fleet.stores.redis import RedisCheckpointStore

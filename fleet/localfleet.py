@@ -18,9 +18,7 @@ the worker's process group after a grace period. Nothing is ever killed by name.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -30,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
@@ -40,18 +37,11 @@ import httpx
 
 from .config import FleetSettings, load_settings, mask_url
 from .errors import BrokerError, ConfigError
+from .processes import FleetProcess, answering_workers, celery_command, settings_env
 from .redis_ha import SentinelGroup
 from .redis_server import RedisServer, free_port
 
-__all__ = [
-    "POOLS",
-    "FleetProcess",
-    "LocalFleet",
-    "Pool",
-    "celery_command",
-    "last_error",
-    "settings_env",
-]
+__all__ = ["POOLS", "LocalFleet", "Pool"]
 
 Pool = Literal["threads", "prefork", "solo"]
 """A Celery worker pool: ``threads`` (the default: agents wait on I/O), ``prefork``
@@ -59,73 +49,6 @@ Pool = Literal["threads", "prefork", "solo"]
 
 POOLS: tuple[Pool, ...] = ("threads", "prefork", "solo")
 """The pools a fleet worker may use."""
-
-CELERY_APP = "workers.app"
-"""The Celery app every fleet process loads (``celery -A workers.app``)."""
-
-
-def celery_command(*args: str) -> list[str]:
-    """``python -m celery -A workers.app ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, *args]
-
-
-def settings_env(settings: FleetSettings) -> dict[str, str]:
-    """``FLEET_*`` variables that make a child process read exactly ``settings``.
-
-    The Flower and dashboard passwords are left out: only Flower and the dashboard need
-    them, and they get them in their own environment, never on a command line.
-    """
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None or name in ("flower_password", "dashboard_password"):
-            continue
-        env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
-    return env
-
-
-@dataclass(frozen=True)
-class FleetProcess:
-    """One process a :class:`LocalFleet` started."""
-
-    role: Literal["redis", "worker", "flower", "dashboard"]
-    """What the process is."""
-    name: str
-    """``redis``, the worker's node name (``worker1@HOST``), ``flower`` or ``dashboard``."""
-    pid: int
-    """Its process id (also its process group id for workers and Flower)."""
-    log: Path
-    """Where its output goes."""
-
-    def tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines of its log."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-    def last_error(self) -> str:
-        """The line of its log that says why it stopped (a traceback's last line)."""
-        return last_error(self.tail(200))
-
-
-_EXCEPTION_LINE = re.compile(
-    r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit)\w*)(:.*)?$"
-)
-
-
-def last_error(log: str) -> str:
-    """The one line of ``log`` that names why a process stopped.
-
-    The last exception line of a Python traceback, without its module path
-    (``ConfigError: agents file ...``), else the log's last non-empty line.
-    """
-    lines = [line.rstrip() for line in log.splitlines() if line.strip()]
-    for line in reversed(lines):
-        found = _EXCEPTION_LINE.match(line)
-        if found:
-            return found.group(1) + (found.group(2) or "")
-    return lines[-1].strip() if lines else "(empty log)"
 
 
 class LocalFleet:
@@ -379,7 +302,7 @@ class LocalFleet:
         waiting = set(self.worker_names)
         while waiting:
             self._raise_if_exited()
-            waiting -= self._answering_workers(env)
+            waiting -= answering_workers(env)
             if waiting and time.monotonic() > deadline:
                 raise BrokerError(
                     f"workers {', '.join(sorted(waiting))} did not answer within "
@@ -406,26 +329,6 @@ class LocalFleet:
                         detail=self._logs_of({name}),
                     )
                 time.sleep(0.2)
-
-    def _answering_workers(self, env: Mapping[str, str]) -> set[str]:
-        """Node names that answer a broadcast ping (``celery inspect ping``)."""
-        result = subprocess.run(
-            celery_command("inspect", "ping", "--json", "--timeout=1"),
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if result.returncode != 0:
-            return set()
-        for line in reversed(result.stdout.splitlines()):
-            with contextlib.suppress(ValueError):
-                replies = json.loads(line)
-                if isinstance(replies, dict):
-                    return set(replies)
-        return set()
 
     def _logs_of(self, names: set[str]) -> str:
         return "\n".join(

@@ -23,7 +23,7 @@ import pytest
 from fleet.asks import AskRecord, open_ask_book, read
 from fleet.cancel import open_cancel_board
 from fleet.config import FleetSettings
-from fleet.localfleet import settings_env
+from fleet.processes import settings_env
 from tests.celery_support import AGENTS_FILE, REPO, fleet_settings, running_workers
 
 FLOW = """

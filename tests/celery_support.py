@@ -34,7 +34,7 @@ from kombu.utils.collections import eqhash
 
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app
 from fleet.config import FleetSettings
-from fleet.localfleet import settings_env
+from fleet.processes import settings_env
 from fleet.redis.scripts import script
 
 REPO = Path(__file__).resolve().parent.parent

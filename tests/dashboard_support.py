@@ -23,7 +23,7 @@ import httpx
 
 from fleet import AgentStepSpec
 from fleet.config import FleetSettings
-from fleet.localfleet import settings_env
+from fleet.processes import settings_env
 from fleet.redis_server import free_port
 from fleet.runner import open_run, plan_run
 

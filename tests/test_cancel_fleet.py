@@ -32,7 +32,7 @@ from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.events import StepStarted
 from fleet.ledgers import RedisLedger
-from fleet.localfleet import settings_env
+from fleet.processes import settings_env
 from tests import pipeline_stages
 from tests.celery_support import (
     REPO,

@@ -15,7 +15,8 @@ import pytest
 
 from fleet.config import PACKAGED_AGENTS_FILE, load_settings
 from fleet.errors import BrokerError
-from fleet.localfleet import LocalFleet, last_error
+from fleet.localfleet import LocalFleet
+from fleet.processes import last_error
 from fleet.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import pytest
 from fleet import AgentStepSpec, StepOutcome, execute_steps_parallel
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
-from fleet.localfleet import celery_command
+from fleet.processes import celery_command
 from fleet.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fleet.config import FleetSettings
-from fleet.localfleet import settings_env
+from fleet.processes import settings_env
 from fleet.runlog import open_log_reader
 from fleet.runs import RunRecord, RunRegistry, open_run_registry
 from fleet.runs.index import indexed

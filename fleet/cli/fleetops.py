@@ -22,7 +22,8 @@ import typer
 
 from ..config import FleetSettings
 from ..errors import ConfigError
-from ..localfleet import LocalFleet, celery_command, settings_env
+from ..localfleet import LocalFleet
+from ..processes import celery_command, settings_env
 from ..redis.sentinel import check_redis, is_sentinel
 from .app import app, console, debugging, err_console, settings
 
