@@ -33,11 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from redis.exceptions import RedisError
-
 from .config import mask_url
-from .errors import BrokerError
-from .redis.clients import per_loop
+from .redis.clients import broker_call, per_loop
 from .redis.keys import Keys
 from .redis.scripts import script
 
@@ -162,16 +159,10 @@ class RedisRetention:
 
     async def _retain(self, keys: list[tuple[str, str]], ttl_s: int) -> int:
         client = self._clients.get()
-        try:
-            touched = await script("retain").run(
-                client, [key for key, _kind in keys], [ttl_s, *(kind for _key, kind in keys)]
-            )
-        except (RedisError, OSError) as error:
-            raise BrokerError(
-                f"cannot set the retention of workflow records at {mask_url(self.url)}: "
-                f"{type(error).__name__}: {error}",
-                url=mask_url(self.url),
-            ) from error
+        retain = script("retain").run(
+            client, [key for key, _kind in keys], [ttl_s, *(kind for _key, kind in keys)]
+        )
+        touched = await broker_call(self.url, "set the retention of workflow records", retain)
         return int(touched)
 
     async def aclose(self) -> None:

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from ..config import mask_url
-from ..errors import BrokerError
-from ..redis.clients import per_loop
+from ..redis.clients import broker_call, per_loop
 from ..redis.keys import Keys
 from ..redis.scripts import script
 from ..redis.sentinel import is_sentinel
@@ -48,21 +45,14 @@ class RedisAskBook(AskBook):
     def _client(self) -> Any:  # redis-py's command annotations reject plain str mappings
         return self._clients.get()
 
-    async def _call(self, action: str, command: Any) -> Any:
-        try:
-            return await command
-        except (RedisError, OSError) as error:
-            raise BrokerError(
-                f"cannot {action} at {mask_url(self.url)}: {type(error).__name__}: {error}",
-                url=mask_url(self.url),
-            ) from error
-
     def _key(self, root_id: str) -> str:
         return asks_key(root_id, key_prefix=self.key_prefix)
 
     async def get(self, root_id: str, name: str) -> str | None:
         """The stored record."""
-        raw = await self._call("read an ask", self._client.hget(self._key(root_id), name))
+        raw = await broker_call(
+            self.url, "read an ask", self._client.hget(self._key(root_id), name)
+        )
         return None if raw is None else bytes(raw).decode()
 
     async def swap(self, root_id: str, name: str, expected: str | None, new: str) -> bool:
@@ -70,7 +60,7 @@ class RedisAskBook(AskBook):
         swap = script("ask_swap").run(
             self._client, [self._key(root_id)], [name, expected or "", new]
         )
-        done = await self._call("write an ask", swap)
+        done = await broker_call(self.url, "write an ask", swap)
         return bool(done)
 
     async def all(self, root_id: str | None = None) -> list[str]:
@@ -79,18 +69,18 @@ class RedisAskBook(AskBook):
             keys = [self._key(root_id)]
         else:
             pattern = _glob_escape(Keys(self.key_prefix).head("asks")) + "*"
-            keys = await self._call(
-                "list asks", _collect(self._client.scan_iter(match=pattern, count=1000))
+            keys = await broker_call(
+                self.url, "list asks", _collect(self._client.scan_iter(match=pattern, count=1000))
             )
         found: list[str] = []
         for key in keys:
-            values = await self._call("list asks", self._client.hvals(key))
+            values = await broker_call(self.url, "list asks", self._client.hvals(key))
             found.extend(bytes(value).decode() for value in values)
         return found
 
     async def clear(self, root_id: str) -> None:
         """Remove ``root_id``'s asks."""
-        await self._call("clear asks", self._client.delete(self._key(root_id)))
+        await broker_call(self.url, "clear asks", self._client.delete(self._key(root_id)))
 
     async def close(self) -> None:
         """Close this event loop's connections."""

@@ -21,7 +21,8 @@ see ``docs/RELIABILITY.md``.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -29,14 +30,18 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..errors import BrokerError
 from ..perloop import PerLoop
+from ..urls import mask_url
 from .sentinel import is_sentinel, parse_sentinel_url
 
 __all__ = [
     "OUTAGE_TOLERANCE_S",
     "async_client",
+    "broker_call",
     "per_loop",
     "retry_options",
     "sync_client",
@@ -44,6 +49,8 @@ __all__ = [
 
 OUTAGE_TOLERANCE_S = 30.0
 """Roughly how long a command keeps retrying while Redis is unreachable."""
+
+_T = TypeVar("_T")
 
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_CAP_S = 1.0
@@ -253,3 +260,23 @@ def per_loop(url: str, **options: Any) -> PerLoop[aioredis.Redis]:
 
 async def _aclose(client: aioredis.Redis) -> None:
     await client.aclose()
+
+
+async def broker_call(url: str, action: str, command: Awaitable[_T]) -> _T:
+    """Await one Redis command; a Redis or socket error becomes a one-line ``BrokerError``.
+
+    Args:
+        url: the Redis URL the command went to (masked in the message).
+        action: what the command does, as in "cannot {action} at {url}".
+        command: the awaitable command (a client call or a script run).
+
+    Raises:
+        BrokerError: the command failed; its message names the action, the place and the error.
+    """
+    try:
+        return await command
+    except (RedisError, OSError) as error:
+        raise BrokerError(
+            f"cannot {action} at {mask_url(url)}: {type(error).__name__}: {error}",
+            url=mask_url(url),
+        ) from error

@@ -24,11 +24,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from ..config import mask_url
-from ..errors import BrokerError
-from ..redis.clients import per_loop
+from ..redis.clients import broker_call, per_loop
 from ..redis.keys import Keys, untagged
 from ..redis.scripts import script
 from .base import (
@@ -73,15 +70,6 @@ class RedisRunRegistry(RunRegistry):
     def _client(self) -> Any:
         return self._clients.get()
 
-    async def _call(self, action: str, command: Any) -> Any:
-        try:
-            return await command
-        except (RedisError, OSError) as error:
-            raise BrokerError(
-                f"cannot {action} at {mask_url(self.url)}: {type(error).__name__}: {error}",
-                url=mask_url(self.url),
-            ) from error
-
     def _record_key(self, root_id: str) -> str:
         return run_record_key(root_id, key_prefix=self.key_prefix)
 
@@ -93,13 +81,13 @@ class RedisRunRegistry(RunRegistry):
         """
         keys = [self._record_key(root_id)]
         begin = script("run_begin").run(self._client(), keys, [run_id, time.time()])
-        await self._call("register workflow run", begin)
+        await broker_call(self.url, "register workflow run", begin)
 
     async def heartbeat(self, root_id: str, run_id: str) -> None:
         """Refresh the live run's heartbeat (on the server's clock)."""
         keys = [self._record_key(root_id)]
         beat = script("run_beat").run(self._client(), keys, [run_id])
-        await self._call("refresh workflow heartbeat", beat)
+        await broker_call(self.url, "refresh workflow heartbeat", beat)
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None
@@ -111,13 +99,13 @@ class RedisRunRegistry(RunRegistry):
         keys = [self._record_key(root_id), cancel_marker_key("", key_prefix=self.key_prefix)]
         args = [reason, now, self.marker_ttl_s, RUN_RECORD_TTL_S, run_id or "", head]
         request = script("run_request").run(self._client(), keys, args)
-        raw = await self._call("cancel workflow", request)
+        raw = await broker_call(self.url, "cancel workflow", request)
         return None if raw is None else CancelNotice.from_json(raw)
 
     async def check(self, run_id: str) -> CancelNotice | None:
         """The marker of ``run_id``, if one was left."""
         key = cancel_marker_key(run_id, key_prefix=self.key_prefix)
-        raw = await self._call("read cancel marker", self._client().get(key))
+        raw = await broker_call(self.url, "read cancel marker", self._client().get(key))
         return None if raw is None else CancelNotice.from_json(raw)
 
     async def end(self, root_id: str, run_id: str, status: RunState) -> None:
@@ -125,26 +113,26 @@ class RedisRunRegistry(RunRegistry):
         keys = [self._record_key(root_id)]
         args = [run_id, status, time.time(), RUN_RECORD_TTL_S]
         end = script("run_end").run(self._client(), keys, args)
-        await self._call("record workflow end", end)
+        await broker_call(self.url, "record workflow end", end)
 
     async def latest(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``."""
         pipe = self._client().pipeline(transaction=False)
         pipe.hgetall(self._record_key(root_id))
         pipe.time()
-        raw, (seconds, micros) = await self._call("read workflow run", pipe.execute())
+        raw, (seconds, micros) = await broker_call(self.url, "read workflow run", pipe.execute())
         return _parsed(root_id, raw, seconds + micros / 1e6)
 
     async def list(self, *, limit: int = 100) -> builtins.list[RunRecord]:
         """The latest run of each root id with a record here, newest start first."""
         head = Keys(self.key_prefix).head("workflow")
-        names = await self._call("list workflow runs", self._scan(head + "*"))
+        names = await broker_call(self.url, "list workflow runs", self._scan(head + "*"))
         client = self._client()
         pipe = client.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(name)
         pipe.time()
-        *raws, (seconds, micros) = await self._call("read workflow runs", pipe.execute())
+        *raws, (seconds, micros) = await broker_call(self.url, "read workflow runs", pipe.execute())
         records = []
         for name, raw in zip(names, raws, strict=True):
             root_id = untagged(name.decode()[len(head) :])
