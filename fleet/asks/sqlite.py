@@ -8,12 +8,11 @@ both win.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import CheckpointError
+from ..sqlite_file import SQLiteFile, write_transaction
 from .book import AskBook
 
 __all__ = ["SQLiteAskBook"]
@@ -41,8 +40,7 @@ class SQLiteAskBook(AskBook):
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._file = SQLiteFile(self.path, schema=_SCHEMA, busy_timeout_s=busy_timeout_s)
 
     def __repr__(self) -> str:
         return f"SQLiteAskBook({str(self.path)!r})"
@@ -51,26 +49,9 @@ class SQLiteAskBook(AskBook):
         self, action: str, body: Callable[[sqlite3.Connection], T], missing: T, *, create: bool
     ) -> T:
         """Run ``body``; without ``create``, a missing file reads as ``missing`` (stays missing)."""
-        with self._lock:
-            try:
-                if self._conn is None:
-                    if not create and not self.path.exists():
-                        return missing
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    conn = sqlite3.connect(
-                        self.path,
-                        timeout=self.busy_timeout_s,
-                        isolation_level=None,
-                        check_same_thread=False,
-                    )
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.executescript(_SCHEMA)
-                    self._conn = conn
-                return body(self._conn)
-            except (sqlite3.Error, OSError) as error:
-                raise CheckpointError(
-                    f"cannot {action} in {str(self.path)!r}: {type(error).__name__}: {error}"
-                ) from error
+        if create:
+            return self._file.run(action, body)
+        return self._file.run_if_exists(action, body, missing)
 
     async def get(self, root_id: str, name: str) -> str | None:
         """The stored record."""
@@ -87,23 +68,17 @@ class SQLiteAskBook(AskBook):
         """Compare and swap in one transaction."""
 
         def write(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):  # a mismatch commits having written nothing
                 row = conn.execute(
                     "SELECT record FROM fleet_asks WHERE root_id = ? AND name = ?",
                     (root_id, name),
                 ).fetchone()
                 if (None if row is None else str(row[0])) != expected:
-                    conn.execute("ROLLBACK")
                     return False
                 conn.execute(
                     "INSERT OR REPLACE INTO fleet_asks (root_id, name, record) VALUES (?, ?, ?)",
                     (root_id, name, new),
                 )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
             return True
 
         return self._run("write an ask", write, False, create=True)
@@ -132,7 +107,4 @@ class SQLiteAskBook(AskBook):
 
     async def close(self) -> None:
         """Close the connection (a later call reopens it)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._file.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BudgetError
+from ..sqlite_file import connect, write_transaction
 from .memory import MemoryLedger, _Account, _Held
 
 __all__ = ["SQLiteLedger", "ledger_path_for"]
@@ -87,13 +88,9 @@ class SQLiteLedger(MemoryLedger):
         super().__init__()
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            self._db = connect(
+                self.path, schema=_SCHEMA, busy_timeout_s=busy_timeout_s, synchronous="NORMAL"
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
         except (OSError, sqlite3.Error) as error:
             raise BudgetError(
                 f"cannot open the budget ledger {str(self.path)!r} ({error}); check the path "
@@ -111,14 +108,9 @@ class SQLiteLedger(MemoryLedger):
     def _transaction(self) -> Iterator[None]:
         with super()._transaction():
             self._accounts, self._loaded = {}, set()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self._db):
                 yield
                 self._save()
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     def _account(self, account_id: str) -> _Account:
         if account_id not in self._accounts and account_id not in self._loaded:

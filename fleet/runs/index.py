@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..sqlite_file import add_column, connect
+
 __all__ = ["IndexEntry", "index_run", "indexed", "indexed_stores"]
 
 
@@ -33,21 +35,19 @@ class IndexEntry:
     started: float
 
 
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS fleet_runs (root_id TEXT PRIMARY KEY, store TEXT NOT NULL, "
+    "events TEXT, ledger TEXT, started REAL NOT NULL, run_id TEXT)"
+)
+
+
 def _index(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None)
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS fleet_runs (root_id TEXT PRIMARY KEY, store TEXT NOT NULL, "
-        "events TEXT, ledger TEXT, started REAL NOT NULL, run_id TEXT)"
-    )
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(fleet_runs)")}
-    if "run_id" not in columns:
-        try:
-            conn.execute("ALTER TABLE fleet_runs ADD COLUMN run_id TEXT")
-        except sqlite3.OperationalError as error:
-            if "duplicate column" not in str(error):  # another process added it first
-                raise
-    return conn
+    return connect(path, schema=_SCHEMA, busy_timeout_s=5.0, wal=False, migrate=_add_run_id)
+
+
+def _add_run_id(conn: sqlite3.Connection) -> None:
+    """Give an index written before run ids its ``run_id`` column."""
+    add_column(conn, "fleet_runs", "run_id", "TEXT")
 
 
 def index_run(

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import CheckpointError
+from ..sqlite_file import SQLiteFile, add_column, write_transaction
 from .base import CANCEL_TTL_S, CancelNotice, RunRecord, RunRegistry, RunState
 
 __all__ = ["SQLiteRunRegistry"]
@@ -63,8 +62,9 @@ class SQLiteRunRegistry(RunRegistry):
         self.path = Path(path)
         self.marker_ttl_s = marker_ttl_s
         self.busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._file = SQLiteFile(
+            self.path, schema=_SCHEMA, busy_timeout_s=busy_timeout_s, migrate=_add_heartbeat_column
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteRunRegistry({str(self.path)!r})"
@@ -73,27 +73,9 @@ class SQLiteRunRegistry(RunRegistry):
         self, action: str, body: Callable[[sqlite3.Connection], T], *, create: bool = False
     ) -> T | None:
         """Run ``body``; without ``create``, a missing file reads as empty (and stays missing)."""
-        with self._lock:
-            try:
-                if self._conn is None and not create and not self.path.exists():
-                    return None
-                if self._conn is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    conn = sqlite3.connect(
-                        self.path,
-                        timeout=self.busy_timeout_s,
-                        isolation_level=None,
-                        check_same_thread=False,
-                    )
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.executescript(_SCHEMA)
-                    _add_heartbeat_column(conn)
-                    self._conn = conn
-                return body(self._conn)
-            except (sqlite3.Error, OSError) as error:
-                raise CheckpointError(
-                    f"cannot {action} in {str(self.path)!r}: {type(error).__name__}: {error}"
-                ) from error
+        if create:
+            return self._file.run(action, body)
+        return self._file.run_if_exists(action, body, None)
 
     async def begin(self, root_id: str, run_id: str) -> None:
         """Register the live run (replacing the record of any earlier run)."""
@@ -127,14 +109,8 @@ class SQLiteRunRegistry(RunRegistry):
         """Cancel the live run of ``root_id`` in one transaction; ``None`` when none is live."""
 
         def write(conn: sqlite3.Connection) -> CancelNotice | None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                notice = _cancel_live(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return notice
+            with write_transaction(conn):
+                return _cancel_live(conn)
 
         def _cancel_live(conn: sqlite3.Connection) -> CancelNotice | None:
             row = conn.execute(
@@ -207,18 +183,9 @@ class SQLiteRunRegistry(RunRegistry):
 
     async def close(self) -> None:
         """Close the connection (a later call reopens it)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._file.close()
 
 
 def _add_heartbeat_column(conn: sqlite3.Connection) -> None:
     """Give a journal file written before heartbeats its ``beat_at`` column."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(fleet_workflow_runs)")}
-    if "beat_at" not in columns:
-        try:
-            conn.execute("ALTER TABLE fleet_workflow_runs ADD COLUMN beat_at REAL")
-        except sqlite3.OperationalError as error:
-            if "duplicate column" not in str(error):  # another process added it first
-                raise
+    add_column(conn, "fleet_workflow_runs", "beat_at", "REAL")

@@ -9,32 +9,20 @@ Several processes may share one file (writers wait up to ``busy_timeout_s`` for 
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
 from ..checkpoint import WorkflowCheckpoint, WorkflowStepRecord
 from ..errors import CheckpointError
+from ..sqlite_file import SQLiteFile
+from ..sqlite_file import write_transaction as _write_transaction
 from .base import Batch, CheckpointStore, GroupCommit, decode_checkpoint, encode_meta
 
 _UPSERT_STEP = (
     "INSERT OR REPLACE INTO fleet_journal_steps (workflow_id, task_id, record) VALUES (?, ?, ?)"
 )
-
-
-@contextlib.contextmanager
-def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if the body raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 __all__ = ["SQLiteCheckpointStore"]
@@ -80,44 +68,23 @@ class SQLiteCheckpointStore(CheckpointStore):
         self.path = Path(path)
         self.synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._file = SQLiteFile(
+            self.path,
+            schema=_SCHEMA,
+            busy_timeout_s=busy_timeout_s,
+            synchronous=synchronous,
+            place=f"the SQLite journal {str(self.path)!r}",
+            errors=(sqlite3.Error, OSError, ValueError),  # OSError/ValueError: the path
+        )
         self._group = GroupCommit(self._write_batch)
 
     def __repr__(self) -> str:
         return f"SQLiteCheckpointStore({str(self.path)!r})"
 
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self.busy_timeout_s,
-            isolation_level=None,  # autocommit: each statement below is its own transaction
-            check_same_thread=False,
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     def _run(
         self, action: str, workflow_id: str | None, body: Callable[[sqlite3.Connection], T]
     ) -> T:
-        with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                return body(self._conn)
-            except (sqlite3.Error, OSError, ValueError) as error:  # OSError/ValueError: the path
-                raise CheckpointError(
-                    f"cannot {action} in the SQLite journal {str(self.path)!r}: "
-                    f"{type(error).__name__}: {error}",
-                    workflow_id=workflow_id,
-                ) from error
+        return self._file.run(action, body, workflow_id=workflow_id)
 
     async def load(self, workflow_id: str) -> WorkflowCheckpoint | None:
         """The journal for ``workflow_id``, or ``None``; raises ``CheckpointError`` if bad."""
@@ -209,10 +176,7 @@ class SQLiteCheckpointStore(CheckpointStore):
 
     async def close(self) -> None:
         """Close the database connection (a later call reopens it)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._file.close()
 
 
 def _delete(conn: sqlite3.Connection, workflow_id: str) -> bool:
