@@ -23,12 +23,9 @@ Bad input is a 4xx JSON ``{"error": ...}``; nothing ever answers with a tracebac
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -44,19 +40,18 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import metrics as process_metrics
 from ..config import FleetSettings
-from ..errors import ConfigError
 from .asks import ask_routes
+from .auth import BasicAuth, dashboard_auth
 from .data import Catalog
 from .live import LiveOutput
 from .liveness import Liveness, board_for
 from .metrics import render_metrics
 from .views import WorkflowView
 
-__all__ = ["STATUSES", "create_app", "dashboard_auth"]
+__all__ = ["STATUSES", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,78 +67,11 @@ _POLL_S = 0.4
 _KEEPALIVE_S = 15.0
 
 
-def dashboard_auth(settings: FleetSettings) -> tuple[str, str]:
-    """``(user, password)`` of the dashboard's basic auth, from settings.
-
-    Raises:
-        ConfigError: no password is configured, or the user contains ``:``.
-    """
-    if not settings.dashboard_password:
-        raise ConfigError(
-            "the dashboard needs a password and none is configured: set "
-            "FLEET_DASHBOARD_PASSWORD (or dashboard_password in the config file); the user "
-            f"is {settings.dashboard_user!r} (dashboard_user)",
-            key="dashboard_password",
-        )
-    if ":" in settings.dashboard_user or not settings.dashboard_user:
-        raise ConfigError(
-            f"dashboard_user must be non-empty without ':', got {settings.dashboard_user!r}",
-            key="dashboard_user",
-        )
-    return settings.dashboard_user, settings.dashboard_password
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=_NO_STORE)
 
 
 _NO_STORE = {"Cache-Control": "no-store"}
-_SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-class _BasicAuth:
-    """Pure ASGI middleware (it must not buffer the server-sent event streams)."""
-
-    def __init__(self, app: ASGIApp, *, user: str, password: str) -> None:
-        self.app = app
-        self._expected = f"{user}:{password}".encode()
-
-    def _allowed(self, scope: Scope) -> bool:
-        header = Headers(scope=scope).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            given = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return secrets.compare_digest(given, self._expected)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in _SECURITY_HEADERS.items():
-                    headers[name] = value
-            await send(message)
-
-        if scope["path"] == "/healthz" or self._allowed(scope):
-            await self.app(scope, receive, send_with_headers)
-            return
-        refusal = JSONResponse(
-            {"error": "authentication required (basic auth: dashboard_user / password)"},
-            status_code=401,
-            headers={"WWW-Authenticate": 'Basic realm="fleet dashboard", charset="UTF-8"'},
-        )
-        await refusal(scope, receive, send_with_headers)
 
 
 class Dashboard:
@@ -433,7 +361,7 @@ def create_app(settings: FleetSettings, *, catalog: Catalog | None = None) -> St
 
     return Starlette(
         routes=routes,
-        middleware=[Middleware(_BasicAuth, user=user, password=password)],
+        middleware=[Middleware(BasicAuth, user=user, password=password)],
         exception_handlers={HTTPException: _http_error, Exception: _crash},
         lifespan=lifespan,
     )
