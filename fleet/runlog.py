@@ -10,14 +10,13 @@ mapping, the same in both places:
 - ``{"event": JSON}`` is one :data:`~fleet.events.WorkflowEvent`;
 - ``{"control": "budget", "snapshot": JSON}`` is the budget after a phase and at the end;
   with ``"live": "1"`` it is a reading taken while a phase runs (for the dashboard's
-  gauge; :func:`summarize` counts from the last settled one, since a live reading may
-  already hold a step whose ``step_finished`` is logged after it);
+  gauge; :func:`~fleet.runsummary.summarize` counts from the last settled one, since a
+  live reading may already hold a step whose ``step_finished`` is logged after it);
 - ``{"control": "end", "run": RUN_ID, "status": S, "at": EPOCH_S}`` closes it, where ``S``
   is ``finished``, ``closed`` (journals kept for a resume), ``failed`` or ``cancelled``.
 
 :func:`open_log_reader` reads either place; :func:`follow` yields a run's entries as they
-arrive (``fleet watch``) and :func:`summarize` folds them into a :class:`RunSummary`
-(``fleet status``).
+arrive (``fleet watch``); :mod:`fleet.runsummary` folds them into a summary (``fleet status``).
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -40,11 +38,9 @@ from .redis.keys import Keys, untagged
 __all__ = [
     "LogEntry",
     "LogReader",
-    "RunSummary",
     "SQLiteEventLog",
     "follow",
     "open_log_reader",
-    "summarize",
 ]
 
 _SCHEMA = """
@@ -324,113 +320,3 @@ def follow(
             if why is not None:
                 yield LogEntry(cursor, {"control": "abandoned", "why": why})
                 return
-
-
-@dataclass
-class RunSummary:
-    """The newest run of a root id, folded from its log."""
-
-    root_id: str
-    where: str
-    """The place the log was read from (masked)."""
-    status: str = "running"
-    """``running`` until its ``end`` entry; then ``finished``, ``closed``, ``failed``..."""
-    started_at: float | None = None
-    ended_at: float | None = None
-    phases: list[str] = field(default_factory=list)
-    steps_done: int = 0
-    steps_failed: int = 0
-    steps_started: int = 0
-    tokens: int = 0
-    budget: dict[str, Any] | None = None
-    """The last budget snapshot (``BudgetSnapshot`` fields), if the run had a budget."""
-    tokens_after_budget: int = 0
-    """Tokens of the steps that finished after the last budget snapshot."""
-    cost_after_budget: Decimal = Decimal(0)
-    """Dollars of the steps that finished after the last budget snapshot."""
-
-    @property
-    def consumed_tokens(self) -> int | None:
-        """Tokens the run's budget had consumed at its last entry (``None``: no budget).
-
-        The last snapshot plus the steps that finished after it, so a run killed in the
-        middle of a phase still counts what its finished steps spent.
-        """
-        if self.budget is None:
-            return None
-        return int(self.budget.get("consumed_tokens") or 0) + self.tokens_after_budget
-
-    @property
-    def consumed_usd(self) -> Decimal | None:
-        """Dollars the run's budget had consumed at its last entry (``None``: no budget)."""
-        if self.budget is None:
-            return None
-        try:
-            last = Decimal(str(self.budget.get("consumed_usd") or 0))
-        except ArithmeticError:
-            last = Decimal(0)
-        return last + self.cost_after_budget
-
-    @property
-    def steps_in_flight(self) -> int:
-        """Steps started and not yet finished (0 once the run ended)."""
-        if self.status != "running":
-            return 0
-        return max(self.steps_started - self.steps_done - self.steps_failed, 0)
-
-
-def summarize(reader: LogReader, root_id: str) -> RunSummary | None:
-    """Fold the newest run of ``root_id`` into a summary; ``None`` if no run is logged."""
-    start = reader.last_start(root_id)
-    if start is None:
-        return None
-    summary = RunSummary(root_id=root_id, where=reader.where)
-    cursor = start
-    while True:
-        page = reader.after(root_id, cursor, wait_s=0.0)
-        if not page:
-            return summary
-        for entry in page:
-            cursor = entry.cursor
-            _fold(summary, entry.fields)
-
-
-def _fold(summary: RunSummary, fields: Mapping[str, str]) -> None:
-    control = fields.get("control")
-    if control == "start":
-        summary.started_at = _float(fields.get("at"))
-    elif control == "end":
-        summary.status = fields.get("status", "ended")
-        summary.ended_at = _float(fields.get("at"))
-    elif control == "budget" and not fields.get("live"):
-        with contextlib.suppress(ValueError):
-            summary.budget = json.loads(fields.get("snapshot", ""))
-            summary.tokens_after_budget = 0
-            summary.cost_after_budget = Decimal(0)
-    elif "event" in fields:
-        try:
-            event = json.loads(fields["event"])
-        except ValueError:
-            return
-        kind = event.get("type") if isinstance(event, dict) else None
-        if kind == "phase_start":
-            summary.phases.append(str(event.get("name", "")))
-        elif kind == "step_started":
-            summary.steps_started += 1
-        elif kind == "step_finished":
-            if event.get("success"):
-                summary.steps_done += 1
-            else:
-                summary.steps_failed += 1
-            tokens = int(event.get("total_tokens") or 0)
-            summary.tokens += tokens
-            summary.tokens_after_budget += tokens
-            with contextlib.suppress(ArithmeticError, TypeError, ValueError):
-                summary.cost_after_budget += Decimal(str(event.get("cost_usd") or 0))
-
-
-def _float(text: str | None) -> float | None:
-    try:
-        return None if text is None else float(text)
-    except ValueError:
-        return None

@@ -16,7 +16,7 @@ from fleet.cli import app
 from fleet.config import FleetSettings
 from fleet.errors import ConfigError
 from fleet.limiters import ProviderLimit, RedisRateLimiter
-from fleet.runner import _limit_lines
+from fleet.runstatus import _limit_lines
 
 GOOD = """
 [limits.gpt-main]

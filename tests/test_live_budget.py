@@ -14,7 +14,8 @@ from pathlib import Path
 from fleet import AgentStepSpec
 from fleet.agents import AgentContext
 from fleet.config import FleetSettings
-from fleet.runlog import open_log_reader, summarize
+from fleet.runlog import open_log_reader
+from fleet.runsummary import summarize
 from tests.celery_support import until
 from tests.dashboard_support import run_phases, steps
 

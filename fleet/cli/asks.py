@@ -2,7 +2,7 @@
 
 A run's asks live in its journal (:mod:`fleet.asks`): the journal's SQLite file on the
 embedded default, the fleet's Redis with a Redis journal. ``fleet answer`` finds the run
-the way ``fleet status`` does (:func:`fleet.runner.locate_run`).
+the way ``fleet status`` does (:func:`fleet.runstatus.locate_run`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from ..asks import AskBook, AskRecord, give_answer, open_ask_book, open_asks, re
 from ..config import FleetSettings, mask_url
 from ..errors import AnswerRefused, BrokerError, FleetError
 from ..redis.sentinel import check_redis
-from ..runner import Located, RunPlaces, locate_run
+from ..runner import RunPlaces
 from ..runs.index import indexed_stores
+from ..runstatus import Located, locate_run
 from .app import app, settings
 from .cancel import board_at
 from .progress import say

@@ -1,6 +1,6 @@
 """``fleet cancel ROOT_ID``: stop a running workflow from any terminal.
 
-The run is found the way ``fleet status`` finds it (:func:`fleet.runner.locate_run`), and
+The run is found the way ``fleet status`` finds it (:func:`fleet.runstatus.locate_run`), and
 cancelled on the board it registered on: the journal's SQLite file for a local run on the
 embedded default, the fleet's Redis for a run on Celery or with a Redis journal.
 """
@@ -14,8 +14,9 @@ import typer
 
 from ..config import FleetSettings
 from ..errors import FleetError
-from ..runner import Located, RunPlaces, check_reachable, locate_run, plan_run
+from ..runner import RunPlaces, check_reachable, plan_run
 from ..runs import CancelNotice, RunRecord, RunRegistry, open_run_registry
+from ..runstatus import Located, locate_run
 from .app import app, settings
 from .progress import say
 
@@ -32,7 +33,7 @@ def board_at(config: FleetSettings, places: RunPlaces) -> RunRegistry:
 def find_run(
     config: FleetSettings, root_id: str, *, executor: str, explicit: bool, redis_given: bool
 ) -> Located:
-    """:func:`~fleet.runner.locate_run`, after proving the Redis it reads answers.
+    """:func:`~fleet.runstatus.locate_run`, after proving the Redis it reads answers.
 
     One quick try per server (2 s), so a wrong ``--redis-url`` or ``--store`` is one line
     at once rather than a long wait. ``redis_given``: ``--redis-url`` was passed, so it is

@@ -35,17 +35,9 @@ from ..errors import BudgetError, ConfigError, FleetError, WorkflowCancelledErro
 from ..events import parse_event
 from ..pricing import micros_to_usd, usd_to_micros
 from ..runlog import LogEntry, follow
-from ..runner import (
-    Located,
-    RunStatus,
-    check_reachable,
-    locate_run,
-    open_reader,
-    open_run,
-    plan_run,
-    read_status,
-)
+from ..runner import check_reachable, open_run, plan_run
 from ..runs import RunRecord, RunRegistry
+from ..runstatus import Located, RunStatus, locate_run, open_reader, read_status
 from ..workflow import Workflow, WorkflowBuilder
 from .app import app, console, debugging, err_console, settings
 from .asks import read_asks
