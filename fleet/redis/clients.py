@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
@@ -172,6 +173,39 @@ def _blocking(
     }
 
 
+@dataclass(frozen=True)
+class _Flavour:
+    """The redis-py classes of one flavour of client: asyncio or blocking."""
+
+    asynchronous: bool
+    redis: Any
+    pool: Any
+    sentinel: Any
+    sentinel_connection: Any
+    sentinel_redis: Any
+    sentinel_pool: Any
+
+
+_ASYNC = _Flavour(
+    True,
+    aioredis.Redis,
+    aioredis.BlockingConnectionPool,
+    aioredis.sentinel.Sentinel,
+    _AsyncSentinelConnection,
+    _AsyncSentinelRedis,
+    _AsyncBlockingSentinelPool,
+)
+_SYNC = _Flavour(
+    False,
+    redis.Redis,
+    redis.BlockingConnectionPool,
+    redis.sentinel.Sentinel,
+    _SentinelConnection,
+    _SentinelRedis,
+    _BlockingSentinelPool,
+)
+
+
 def async_client(
     url: str,
     *,
@@ -191,28 +225,8 @@ def async_client(
         pool_timeout_s: how long a caller waits for a free connection (``None``: forever).
         options: more ``Redis(...)`` connection keyword arguments.
     """
-    kwargs = {**(retry_options(asynchronous=True) if retry else {}), **options}
-    if is_sentinel(url):
-        target = parse_sentinel_url(url)
-        timeout = float(options.get("socket_connect_timeout") or 1.0)
-        sentinel_class: Any = aioredis.sentinel.Sentinel  # untyped in some redis-py releases
-        sentinel = sentinel_class(
-            target.sentinels,
-            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout, asynchronous=True),
-            connection_class=_AsyncSentinelConnection,
-            **target.connection_kwargs(),
-        )
-        blocking = _blocking(_AsyncBlockingSentinelPool, max_connections, pool_timeout_s)
-        client: aioredis.Redis = sentinel.master_for(
-            target.master_name, _AsyncSentinelRedis, **blocking, **kwargs
-        )
-        return client
-    if max_connections is None:
-        return aioredis.Redis.from_url(url, **kwargs)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
-    )
-    return aioredis.Redis(connection_pool=pool)
+    client: aioredis.Redis = _client(_ASYNC, url, retry, max_connections, pool_timeout_s, options)
+    return client
 
 
 def sync_client(
@@ -224,28 +238,37 @@ def sync_client(
     **options: Any,
 ) -> redis.Redis:
     """A blocking client for ``url``; arguments as for :func:`async_client`."""
-    kwargs = {**(retry_options(asynchronous=False) if retry else {}), **options}
+    client: redis.Redis = _client(_SYNC, url, retry, max_connections, pool_timeout_s, options)
+    return client
+
+
+def _client(
+    flavour: _Flavour,
+    url: str,
+    retry: bool,
+    max_connections: int | None,
+    pool_timeout_s: float | None,
+    options: dict[str, Any],
+) -> Any:
+    asynchronous = flavour.asynchronous
+    kwargs = {**(retry_options(asynchronous=asynchronous) if retry else {}), **options}
     if is_sentinel(url):
         target = parse_sentinel_url(url)
         timeout = float(options.get("socket_connect_timeout") or 1.0)
-        sentinel_class: Any = redis.sentinel.Sentinel
-        sentinel = sentinel_class(
+        sentinel = flavour.sentinel(
             target.sentinels,
-            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout),
-            connection_class=_SentinelConnection,
+            sentinel_kwargs=target.sentinel_kwargs(timeout_s=timeout, asynchronous=asynchronous),
+            connection_class=flavour.sentinel_connection,
             **target.connection_kwargs(),
         )
-        blocking = _blocking(_BlockingSentinelPool, max_connections, pool_timeout_s)
-        sync: redis.Redis = sentinel.master_for(
-            target.master_name, _SentinelRedis, **blocking, **kwargs
-        )
-        return sync
+        blocking = _blocking(flavour.sentinel_pool, max_connections, pool_timeout_s)
+        return sentinel.master_for(target.master_name, flavour.sentinel_redis, **blocking, **kwargs)
     if max_connections is None:
-        return redis.Redis.from_url(url, **kwargs)
-    pool = redis.BlockingConnectionPool.from_url(
+        return flavour.redis.from_url(url, **kwargs)
+    pool = flavour.pool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
     )
-    return redis.Redis(connection_pool=pool)
+    return flavour.redis(connection_pool=pool)
 
 
 def per_loop(url: str, **options: Any) -> PerLoop[aioredis.Redis]:
