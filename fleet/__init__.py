@@ -55,19 +55,15 @@ from .workflow import WorkflowBuilder as WorkflowBuilder
 if _typing.TYPE_CHECKING:
     from .stores.redis import RedisCheckpointStore as RedisCheckpointStore
 
+from .lazy import lazy_exports as _lazy_exports
 from .version import __version__ as __version__
 
-_LAZY = frozenset({"RedisCheckpointStore"})
+_LAZY_EXPORTS = {"RedisCheckpointStore": ".stores:RedisCheckpointStore"}
+_LAZY = frozenset(_LAZY_EXPORTS)
 """Exported names imported on first use: ``import fleet`` loads neither Redis nor Celery."""
 
 
-def __getattr__(name: str) -> _typing.Any:
-    """Import a lazily exported name (see ``_LAZY``) when it is first asked for."""
-    if name in _LAZY:
-        from . import stores
-
-        return getattr(stores, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy_exports(__name__, _LAZY_EXPORTS)
 
 
 __all__ = [

@@ -4,8 +4,9 @@
 Redis client.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .base import KEEP as KEEP
 from .base import BudgetLedger as BudgetLedger
 from .base import ChildUsage as ChildUsage
@@ -33,10 +34,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the Redis ledger only when it is named."""
-    if name == "RedisLedger":
-        from .redis import RedisLedger
-
-        return RedisLedger
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"RedisLedger": ".redis:RedisLedger"})

@@ -4,8 +4,9 @@
 no Redis client.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .admission import Admission as Admission
 from .admission import admit as admit
 from .base import AdmitResult as AdmitResult
@@ -33,10 +34,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the Redis limiter only when it is named."""
-    if name == "RedisRateLimiter":
-        from .redis import RedisRateLimiter
-
-        return RedisRateLimiter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"RedisRateLimiter": ".redis:RedisRateLimiter"})

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..lazy import lazy_exports
 from .base import CANCEL_TTL_S as CANCEL_TTL_S
 from .base import HEARTBEAT_LAPSE_S as HEARTBEAT_LAPSE_S
 from .base import HEARTBEAT_S as HEARTBEAT_S
@@ -54,17 +55,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """Import the Redis and SQLite registries when first named (``import fleet`` stays light)."""
-    if name == "RedisRunRegistry":
-        from .redis import RedisRunRegistry
-
-        return RedisRunRegistry
-    if name == "SQLiteRunRegistry":
-        from .sqlite import SQLiteRunRegistry
-
-        return SQLiteRunRegistry
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(  # ``import fleet`` stays light
+    __name__,
+    {
+        "RedisRunRegistry": ".redis:RedisRunRegistry",
+        "SQLiteRunRegistry": ".sqlite:SQLiteRunRegistry",
+    },
+)
 
 
 def open_run_registry(

@@ -8,9 +8,10 @@ machine) all implement :class:`CheckpointStore`. :func:`open_store` builds one f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..lazy import lazy_exports
 from .base import CheckpointStore as CheckpointStore
 from .memory import MemoryCheckpointStore as MemoryCheckpointStore
 from .sqlite import SQLiteCheckpointStore as SQLiteCheckpointStore
@@ -37,13 +38,7 @@ def sqlite_path(target: str) -> str | None:
     return path[2:] if path.startswith("///") else path
 
 
-def __getattr__(name: str) -> Any:
-    """Import the Redis store only when it is named (``import fleet`` loads no Redis client)."""
-    if name == "RedisCheckpointStore":
-        from .redis import RedisCheckpointStore
-
-        return RedisCheckpointStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"RedisCheckpointStore": ".redis:RedisCheckpointStore"})
 
 
 def open_store(target: str, *, key_prefix: str = "fleet") -> CheckpointStore:
