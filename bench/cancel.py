@@ -36,11 +36,11 @@ from typing import Any
 from bench._common import table, write
 from bench.provider import ProviderProcess
 from fleet import AgentStepSpec, WorkflowBudget
-from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.ledgers import RedisLedger
 from fleet.redis_server import RedisServer
+from fleet.runs import RedisRunRegistry
 from fleet.workflow import Workflow
 from tests.celery_support import CeleryWorkers, fleet_settings
 
@@ -67,7 +67,7 @@ async def trial(
     await asyncio.to_thread(provider.reset)
     ledger = RedisLedger(settings.redis_url, key_prefix=settings.key_prefix)
     budget = WorkflowBudget(10_000_000, ledger=ledger, workflow_id=root)
-    board = RedisCancelBoard(settings.redis_url, key_prefix=settings.key_prefix)
+    board = RedisRunRegistry(settings.redis_url, key_prefix=settings.key_prefix)
     executor = CeleryExecutor(settings=settings, budget=budget)
     builder = Workflow.builder(executor).with_budget(budget).with_cancel_board(board)
     workflow = builder.with_root_id(root).build()
@@ -86,7 +86,7 @@ async def trial(
         log = (await asyncio.to_thread(provider.stats))["log"]
         first = min(entry["at"] for entry in log)
         await asyncio.sleep(max(first + args.cancel_after - time.time(), 0))
-        notice = await RedisCancelBoard(settings.redis_url, key_prefix=settings.key_prefix).request(
+        notice = await RedisRunRegistry(settings.redis_url, key_prefix=settings.key_prefix).request(
             root, "bench cancel"
         )
         assert notice is not None, "the run was not registered"

@@ -38,13 +38,13 @@ import redis
 
 from bench._common import median, table, write
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
-from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.ledgers import RedisLedger
 from fleet.processes import celery_command, settings_env
 from fleet.redis.scripts import script
 from fleet.redis_server import RedisServer, free_port
+from fleet.runs import RedisRunRegistry
 from fleet.stores.redis import RedisCheckpointStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,7 +250,7 @@ async def _round(
         for i in range(steps)
     ]  # fmt: skip
     store = RedisCheckpointStore(url, key_prefix=prefix)
-    board = RedisCancelBoard(url, key_prefix=prefix)
+    board = RedisRunRegistry(url, key_prefix=prefix)
     workflow = (
         Workflow.builder(executor)
         .with_root_id(root)

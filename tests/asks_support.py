@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from fleet.asks import AskRecord, open_ask_book, read
-from fleet.cancel import open_cancel_board
 from fleet.config import FleetSettings
 from fleet.processes import settings_env
+from fleet.runs import open_run_registry
 from tests.celery_support import AGENTS_FILE, REPO, fleet_settings, running_workers
 
 FLOW = """
@@ -128,7 +128,7 @@ class Backend:
 
     def started(self, root: str) -> bool:
         redis = self.settings.redis_url if self.name == "fleet" else None
-        board = open_cancel_board(self.settings.store, redis_url=redis, key_prefix=prefix(self))
+        board = open_run_registry(self.settings.store, redis_url=redis, key_prefix=prefix(self))
 
         async def look() -> bool:
             try:

@@ -18,20 +18,18 @@ import pytest
 from fleet import AgentStepSpec, LocalExecutor, StepOutcome, execute_pipeline
 from fleet.agents import AgentContext
 from fleet.budget import WorkflowBudget
-from fleet.cancel import (
-    CancelBoard,
-    Cancellation,
-    MemoryCancelBoard,
-    RedisCancelBoard,
-    SQLiteCancelBoard,
-    StepInterrupted,
-    new_run_id,
-    use_cancellation,
-)
+from fleet.cancel import Cancellation, StepInterrupted, use_cancellation
 from fleet.cancel.signal import cancelled_outcome
 from fleet.errors import WorkflowCancelledError
 from fleet.events import WorkflowCancelled
 from fleet.pricing import ModelPrice
+from fleet.runs import (
+    MemoryRunRegistry,
+    RedisRunRegistry,
+    RunRegistry,
+    SQLiteRunRegistry,
+    new_run_id,
+)
 from fleet.stores import SQLiteCheckpointStore
 from fleet.workflow import Workflow
 from tests.celery_support import sockets_to
@@ -89,19 +87,19 @@ async def until(condition: Any, timeout_s: float = 10.0) -> None:
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 async def board(
     request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, key_prefix: str
-) -> AsyncIterator[CancelBoard]:
-    made: CancelBoard
+) -> AsyncIterator[RunRegistry]:
+    made: RunRegistry
     if request.param == "memory":
-        made = MemoryCancelBoard()
+        made = MemoryRunRegistry()
     elif request.param == "sqlite":
-        made = SQLiteCancelBoard(tmp_path / "journal.db")
+        made = SQLiteRunRegistry(tmp_path / "journal.db")
     else:
-        made = RedisCancelBoard(redis_url, key_prefix=key_prefix)
+        made = RedisRunRegistry(redis_url, key_prefix=key_prefix)
     yield made
     await made.close()
 
 
-async def test_board_cancels_only_the_live_run(board: CancelBoard) -> None:
+async def test_board_cancels_only_the_live_run(board: RunRegistry) -> None:
     """A cancel marks the live run cancelled with its reason; a new run is not touched."""
     assert await board.request("nightly", "nobody runs it") is None
     first = new_run_id()
@@ -134,7 +132,7 @@ def test_a_redis_board_left_open_closes_its_connections_with_its_event_loop(
 ) -> None:
     """A board used in one asyncio.run() and never closed holds no connection after it."""
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    board = RedisCancelBoard(redis_url, key_prefix=key_prefix)
+    board = RedisRunRegistry(redis_url, key_prefix=key_prefix)
     gc.collect()  # earlier tests' dropped clients close when collected: not counted here
     before = sockets_to(port)
     for run in range(2):
@@ -337,7 +335,7 @@ async def test_steps_a_worker_stopped_before_the_watcher_looked_end_the_run_canc
     A worker reads the board too; the phase's end looks at it, so the run ends 'cancelled'
     (not 'finished') and no verb follows.
     """
-    board = MemoryCancelBoard()
+    board = MemoryRunRegistry()
 
     class WorkerSawItFirst(LocalExecutor):
         """What a Celery worker does when it finds the run's cancel marker first."""
@@ -365,7 +363,7 @@ async def test_a_cancelled_run_keeps_its_journal_and_the_next_run_resumes(tmp_pa
     """Completed steps stay journaled; running the root id again runs only the rest."""
     agents = Slow()
     store = SQLiteCheckpointStore(tmp_path / "journal.db")
-    board = SQLiteCancelBoard(tmp_path / "journal.db")
+    board = SQLiteRunRegistry(tmp_path / "journal.db")
     specs = [spec(f"s{i}", prompt="fast" if i % 2 == 0 else "slow") for i in range(8)]
 
     def build(executor: LocalExecutor) -> Workflow:
@@ -377,7 +375,7 @@ async def test_a_cancelled_run_keeps_its_journal_and_the_next_run_resumes(tmp_pa
     async def cancel_from_elsewhere() -> None:
         await until(lambda: len(agents.finished) == 4 and len(agents.started) == 8)
         # What `fleet cancel` does from another terminal: only the board is touched.
-        other = SQLiteCancelBoard(tmp_path / "journal.db")
+        other = SQLiteRunRegistry(tmp_path / "journal.db")
         assert await other.request("resume-me", "from another terminal") is not None
         await other.close()
 
@@ -474,17 +472,17 @@ def test_fleet_cancel_of_an_unknown_or_finished_root_id_says_so_and_changes_noth
     assert not (tmp_path / "journal.db").exists()  # nothing created either
 
     async def on_board(action: Any) -> Any:
-        board: CancelBoard = (
-            SQLiteCancelBoard(tmp_path / "journal.db")
+        board: RunRegistry = (
+            SQLiteRunRegistry(tmp_path / "journal.db")
             if where == "sqlite"
-            else RedisCancelBoard(redis_url, key_prefix=key_prefix)
+            else RedisRunRegistry(redis_url, key_prefix=key_prefix)
         )
         try:
             return await action(board)
         finally:
             await board.close()
 
-    async def finished_run(board: CancelBoard) -> Any:
+    async def finished_run(board: RunRegistry) -> Any:
         run = new_run_id()
         await board.begin("done-wf", run)
         await board.end("done-wf", run, "finished")

@@ -27,12 +27,13 @@ from typing import Any
 import pytest
 
 from fleet import AgentStepSpec, WorkflowBudget, execute_pipeline, execute_steps_parallel
-from fleet.cancel import Cancellation, RedisCancelBoard, use_cancellation
+from fleet.cancel import Cancellation, use_cancellation
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.events import StepStarted
 from fleet.ledgers import RedisLedger
 from fleet.processes import settings_env
+from fleet.runs import RedisRunRegistry
 from tests import pipeline_stages
 from tests.celery_support import (
     REPO,
@@ -180,7 +181,7 @@ def _cancelled_at(settings: FleetSettings, root: str) -> float:
     """The cancel's epoch time, from the run record ``fleet cancel`` / Ctrl-C wrote."""
 
     async def read() -> float:
-        board = RedisCancelBoard(settings.redis_url, key_prefix=settings.key_prefix)
+        board = RedisRunRegistry(settings.redis_url, key_prefix=settings.key_prefix)
         try:
             record = await board.record(root)
         finally:

@@ -9,10 +9,10 @@ import pytest
 import redis as redis_sync
 
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
-from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.ledgers import RedisLedger
 from fleet.redis.keys import tagged, untagged
+from fleet.runs import RedisRunRegistry
 from fleet.stores.redis import RedisCheckpointStore
 from tests.celery_support import fleet_settings, running_workers
 
@@ -57,7 +57,7 @@ async def test_every_key_of_a_celery_round_carries_the_workflow_tag(
     ledger = RedisLedger(redis_url, key_prefix=prefix)
     budget = WorkflowBudget(100_000, ledger=ledger, workflow_id=root)
     store = RedisCheckpointStore(redis_url, key_prefix=prefix)
-    board = RedisCancelBoard(redis_url, key_prefix=prefix)
+    board = RedisRunRegistry(redis_url, key_prefix=prefix)
     specs = [
         AgentStepSpec(task_id=f"s{i}", agent="slow_echo", description="d", prompt=f"p{i}")
         for i in range(6)

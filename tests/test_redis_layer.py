@@ -12,7 +12,6 @@ import redis as redis_sync
 import redis.asyncio as aioredis
 
 from fleet import AgentStepSpec, Workflow, WorkflowBudget
-from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.ledgers import RedisLedger
 from fleet.limiters import ProviderLimit, RedisRateLimiter
@@ -20,6 +19,7 @@ from fleet.redis import scripts
 from fleet.redis.keys import Keys
 from fleet.redis_server import RedisServer
 from fleet.retention import RedisRetention
+from fleet.runs import RedisRunRegistry
 from fleet.stores.redis import RedisCheckpointStore
 from tests import pipeline_stages
 from tests.celery_support import fleet_settings, running_workers
@@ -77,7 +77,7 @@ async def test_every_key_a_fleet_run_writes_is_named_by_keys(
     ledger = RedisLedger(redis_url, key_prefix=prefix)
     budget = WorkflowBudget(100_000, ledger=ledger, workflow_id=root)
     store = RedisCheckpointStore(redis_url, key_prefix=prefix)
-    board = RedisCancelBoard(redis_url, key_prefix=prefix)
+    board = RedisRunRegistry(redis_url, key_prefix=prefix)
     retention = RedisRetention(redis_url, key_prefix=prefix, retention_s=600)
     limiter = RedisRateLimiter(redis_url, key_prefix=prefix)
     specs = [

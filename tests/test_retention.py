@@ -28,13 +28,13 @@ from fleet import (
 )
 from fleet.accounts import set_account
 from fleet.agents import AgentRegistry
-from fleet.cancel import RedisCancelBoard
 from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.gc import collect
 from fleet.ledgers import RedisLedger
 from fleet.redis.keys import tagged
 from fleet.runner import open_run, plan_run
+from fleet.runs import RedisRunRegistry
 from fleet.stores import RedisCheckpointStore
 from tests import pipeline_stages
 from tests.celery_support import REPO, BrokerLog, CeleryWorkers, fleet_settings, running_workers
@@ -328,7 +328,7 @@ async def _library_run(
     budget = WorkflowBudget(10_000, ledger=ledger, workflow_id=root, parents=parents or [])
     executor = CeleryExecutor(settings=settings, budget=budget)
     store = RedisCheckpointStore(url, key_prefix=prefix)
-    board = RedisCancelBoard(url, key_prefix=prefix)
+    board = RedisRunRegistry(url, key_prefix=prefix)
     try:
         yield (
             Workflow.builder(executor)

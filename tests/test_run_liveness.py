@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from fleet.cancel import (
+from fleet.config import load_settings
+from fleet.runs import (
     HEARTBEAT_LAPSE_S,
     HEARTBEAT_S,
-    MemoryCancelBoard,
+    MemoryRunRegistry,
     RunRecord,
-    SQLiteCancelBoard,
+    SQLiteRunRegistry,
 )
-from fleet.config import load_settings
 from tests.dashboard_support import running_dashboard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_a_live_host_heartbeats_its_record(tmp_path: Path) -> None:
     """While a run lives its record's heartbeat moves; a record left alone lapses."""
 
     async def scenario() -> None:
-        for board in (MemoryCancelBoard(), SQLiteCancelBoard(tmp_path / "j.db")):
+        for board in (MemoryRunRegistry(), SQLiteRunRegistry(tmp_path / "j.db")):
             await board.begin("r", "run-1")
             first = await board.record("r")
             assert first is not None and first.beat_at is not None and not first.abandoned
@@ -189,7 +189,7 @@ def test_a_journal_file_from_before_heartbeats_still_opens(tmp_path: Path) -> No
     conn.close()
 
     async def scenario() -> None:
-        board = SQLiteCancelBoard(path)
+        board = SQLiteRunRegistry(path)
         try:
             old = await board.record("old")
             assert old is not None and old.status == "finished" and old.beat_at is None

@@ -186,10 +186,10 @@ async def test_every_part_works_through_a_sentinel_url_with_the_first_sentinel_d
 
 async def _two_ended_runs(url: str, key_prefix: str) -> int:
     """Runs ``kept`` and ``pruned`` registered, budgeted and ended; ``kept`` given its expiry."""
-    from fleet.cancel import RedisCancelBoard
     from fleet.retention import RedisRetention
+    from fleet.runs import RedisRunRegistry
 
-    board = RedisCancelBoard(url, key_prefix=key_prefix)
+    board = RedisRunRegistry(url, key_prefix=key_prefix)
     ledger = RedisLedger(url, key_prefix=key_prefix)
     retention = RedisRetention(url, key_prefix=key_prefix, retention_s=3600)
     try:

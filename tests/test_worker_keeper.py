@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from fleet import WorkflowBudget
-from fleet.cancel import cancel_marker_key
 from fleet.keeper import Held
 from fleet.ledgers import RedisLedger
+from fleet.runs import cancel_marker_key
 from tests.celery_support import until
 from workers.keeper import LeaseKeeper
 

@@ -27,7 +27,7 @@ def board_for(url: str, key_prefix: str) -> RunRegistry:
 class Liveness:
     """Marks running views ``abandoned`` when their run record's heartbeat lapsed.
 
-    Each root id's record is read at most once per :data:`~fleet.cancel.HEARTBEAT_S`.
+    Each root id's record is read at most once per :data:`~fleet.runs.HEARTBEAT_S`.
 
     Args:
         key_prefix: the fleet's key prefix.

@@ -7,8 +7,8 @@ Keys (``{p}`` is the key prefix):
   server's clock, so hosts and readers need not agree on the time); no expiry while the
   run is live, then kept :data:`RUN_RECORD_TTL_S` after it ended (the run's retention,
   :mod:`fleet.retention`, sets its own);
-* ``{p}:cancel:{run_id}`` — string, a :class:`~fleet.cancel.CancelNotice` as JSON, kept
-  :data:`~fleet.cancel.CANCEL_TTL_S`; its presence cancels every step message of the run
+* ``{p}:cancel:{run_id}`` — string, a :class:`~fleet.runs.CancelNotice` as JSON, kept
+  :data:`~fleet.runs.CANCEL_TTL_S`; its presence cancels every step message of the run
   (workers check it with ``EXISTS`` when they claim a step and while it runs).
 
 Key names come from :class:`fleet.redis.keys.Keys`; the scripts are
