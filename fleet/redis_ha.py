@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import BrokerError
-from .redis_server import RedisServer, find_redis_server, free_port
+from .redis_server import RedisServer, find_redis_server, free_port, kill_process, stop_process
 
 __all__ = ["DEFAULT_MASTER_NAME", "SentinelGroup", "SentinelProcess"]
 
@@ -62,21 +62,12 @@ class SentinelProcess:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL, by PID."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
+        stop_process(process, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL (fault tests)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
+        process, self.process = self.process, None
+        kill_process(process)
 
 
 class SentinelGroup:

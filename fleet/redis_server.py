@@ -17,7 +17,35 @@ from types import TracebackType
 
 from .errors import BrokerError, ConfigError
 
-__all__ = ["RedisServer", "find_redis_server", "free_port"]
+__all__ = ["RedisServer", "find_redis_server", "free_port", "kill_process", "stop_process"]
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout_s: float = 10.0) -> None:
+    """Stop a server process we started: SIGTERM, then SIGKILL after ``timeout_s``, by PID.
+
+    Its stderr pipe, if it has one, is closed once it exited. An exited process is left alone.
+    """
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout_s)
+    if process.stderr:
+        process.stderr.close()
+
+
+def kill_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a server process we started (fault tests) and close its stderr pipe."""
+    if process is None:
+        return
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=10)
+    if process.stderr:
+        process.stderr.close()
 
 
 def free_port() -> int:
@@ -139,25 +167,12 @@ class RedisServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server this object started (SIGTERM, then SIGKILL), by its PID."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
-        if process.stderr:
-            process.stderr.close()
+        stop_process(process, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the server (fault tests); ``start()`` may be called again afterwards."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        if self.process is not None and self.process.stderr:
-            self.process.stderr.close()
-        self.process = None
+        process, self.process = self.process, None
+        kill_process(process)
 
     def __enter__(self) -> RedisServer:
         return self.start()
