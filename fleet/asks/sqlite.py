@@ -8,16 +8,12 @@ both win.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from ..sqlite_file import SQLiteFile, write_transaction
 from .book import AskBook
 
 __all__ = ["SQLiteAskBook"]
-
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fleet_asks (
@@ -45,14 +41,6 @@ class SQLiteAskBook(AskBook):
     def __repr__(self) -> str:
         return f"SQLiteAskBook({str(self.path)!r})"
 
-    def _run(
-        self, action: str, body: Callable[[sqlite3.Connection], T], missing: T, *, create: bool
-    ) -> T:
-        """Run ``body``; without ``create``, a missing file reads as ``missing`` (stays missing)."""
-        if create:
-            return self._file.run(action, body)
-        return self._file.run_if_exists(action, body, missing)
-
     async def get(self, root_id: str, name: str) -> str | None:
         """The stored record."""
 
@@ -62,7 +50,7 @@ class SQLiteAskBook(AskBook):
             ).fetchone()
             return None if row is None else str(row[0])
 
-        return self._run("read an ask", read, None, create=False)
+        return self._file.run_if_exists("read an ask", read, None)
 
     async def swap(self, root_id: str, name: str, expected: str | None, new: str) -> bool:
         """Compare and swap in one transaction."""
@@ -81,7 +69,7 @@ class SQLiteAskBook(AskBook):
                 )
             return True
 
-        return self._run("write an ask", write, False, create=True)
+        return self._file.run("write an ask", write)
 
     async def all(self, root_id: str | None = None) -> list[str]:
         """Every record (of ``root_id``)."""
@@ -95,7 +83,7 @@ class SQLiteAskBook(AskBook):
                 ).fetchall()
             return [str(row[0]) for row in rows]
 
-        return self._run("list asks", read, [], create=False)
+        return self._file.run_if_exists("list asks", read, [])
 
     async def clear(self, root_id: str) -> None:
         """Remove ``root_id``'s records."""
@@ -103,7 +91,7 @@ class SQLiteAskBook(AskBook):
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM fleet_asks WHERE root_id = ?", (root_id,))
 
-        self._run("clear asks", write, None, create=False)
+        self._file.run_if_exists("clear asks", write, None)
 
     async def close(self) -> None:
         """Close the connection (a later call reopens it)."""

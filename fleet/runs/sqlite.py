@@ -16,16 +16,12 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from ..sqlite_file import SQLiteFile, add_column, write_transaction
 from .base import CANCEL_TTL_S, CancelNotice, RunRecord, RunRegistry, RunState
 
 __all__ = ["SQLiteRunRegistry"]
-
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fleet_workflow_runs (
@@ -69,14 +65,6 @@ class SQLiteRunRegistry(RunRegistry):
     def __repr__(self) -> str:
         return f"SQLiteRunRegistry({str(self.path)!r})"
 
-    def _run(
-        self, action: str, body: Callable[[sqlite3.Connection], T], *, create: bool = False
-    ) -> T | None:
-        """Run ``body``; without ``create``, a missing file reads as empty (and stays missing)."""
-        if create:
-            return self._file.run(action, body)
-        return self._file.run_if_exists(action, body, None)
-
     async def begin(self, root_id: str, run_id: str) -> None:
         """Register the live run (replacing the record of any earlier run)."""
 
@@ -89,7 +77,7 @@ class SQLiteRunRegistry(RunRegistry):
             )
             conn.execute("DELETE FROM fleet_cancel_markers WHERE expires_at < ?", (time.time(),))
 
-        self._run("register a workflow run", write, create=True)
+        self._file.run("register a workflow run", write)
 
     async def heartbeat(self, root_id: str, run_id: str) -> None:
         """Refresh the live run's heartbeat."""
@@ -101,7 +89,7 @@ class SQLiteRunRegistry(RunRegistry):
                 (time.time(), root_id, run_id),
             )
 
-        self._run("refresh a workflow heartbeat", write)
+        self._file.run_if_exists("refresh a workflow heartbeat", write, None)
 
     async def request(
         self, root_id: str, reason: str, *, run_id: str | None = None
@@ -132,7 +120,7 @@ class SQLiteRunRegistry(RunRegistry):
             )
             return notice
 
-        return self._run("cancel a workflow", write)
+        return self._file.run_if_exists("cancel a workflow", write, None)
 
     async def check(self, run_id: str) -> CancelNotice | None:
         """The marker of ``run_id``, if one was left (and has not expired)."""
@@ -144,7 +132,7 @@ class SQLiteRunRegistry(RunRegistry):
             ).fetchone()
             return None if row is None else str(row[0])
 
-        raw = self._run("read a cancel marker", read)
+        raw = self._file.run_if_exists("read a cancel marker", read, None)
         return None if raw is None else CancelNotice.from_json(raw)
 
     async def end(self, root_id: str, run_id: str, status: RunState) -> None:
@@ -157,7 +145,7 @@ class SQLiteRunRegistry(RunRegistry):
                 (status, time.time(), root_id, run_id),
             )
 
-        self._run("record a workflow end", write)
+        self._file.run_if_exists("record a workflow end", write, None)
 
     async def latest(self, root_id: str) -> RunRecord | None:
         """The latest run of ``root_id``."""
@@ -177,7 +165,7 @@ class SQLiteRunRegistry(RunRegistry):
             )
             return [tuple(row) for row in cursor.fetchall()]
 
-        rows = self._run("read workflow runs", read) or []
+        rows = self._file.run_if_exists("read workflow runs", read, None) or []
         names = ("root_id", "run_id", "status", "started_at", "ended_at", "reason", "beat_at")
         return [RunRecord.model_validate(dict(zip(names, row, strict=True))) for row in rows]
 
