@@ -24,7 +24,7 @@ from ..runner import RunPlaces
 from ..runs.index import indexed_stores
 from ..runstatus import Located, locate_run
 from .app import app, settings
-from .cancel import board_at
+from .cancel import ExecutorOption, RedisUrlOption, board_at
 from .progress import say
 
 __all__ = ["answer", "ask_lines", "asks", "read_asks"]
@@ -105,12 +105,8 @@ def answer(
         str | None, typer.Option("--by", help="Who answers (default: your user name).")
     ] = None,
     store: Annotated[str | None, typer.Option("--store", help=_STORE_HELP)] = None,
-    redis_url: Annotated[
-        str | None, typer.Option("--redis-url", help="The fleet's Redis (FLEET_REDIS_URL).")
-    ] = None,
-    executor: Annotated[
-        str, typer.Option("--executor", help="The executor the run used, as for `fleet run`.")
-    ] = "local",
+    redis_url: RedisUrlOption = None,
+    executor: ExecutorOption = "local",
 ) -> None:
     """Answer a workflow's question (`Workflow.ask`); the first valid answer wins.
 

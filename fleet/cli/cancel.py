@@ -20,9 +20,18 @@ from ..runstatus import Located, locate_run
 from .app import app, settings
 from .progress import say
 
-__all__ = ["board_at", "cancel", "find_run", "latest_run"]
+__all__ = ["ExecutorOption", "RedisUrlOption", "board_at", "cancel", "find_run", "latest_run"]
 
 DEFAULT_REASON = "cancelled with fleet cancel"
+
+RedisUrlOption = Annotated[
+    str | None, typer.Option("--redis-url", help="The fleet's Redis (FLEET_REDIS_URL).")
+]
+"""``--redis-url`` of the commands that find a run (``fleet cancel``, ``fleet answer``)."""
+ExecutorOption = Annotated[
+    str, typer.Option("--executor", help="The executor the run used, as for `fleet run`.")
+]
+"""``--executor`` of the commands that find a run (``fleet cancel``, ``fleet answer``)."""
 
 
 def board_at(config: FleetSettings, places: RunPlaces) -> RunRegistry:
@@ -87,12 +96,8 @@ def cancel(
         str | None,
         typer.Option("--store", help="The run's journal, as given to `fleet run` (FLEET_STORE)."),
     ] = None,
-    redis_url: Annotated[
-        str | None, typer.Option("--redis-url", help="The fleet's Redis (FLEET_REDIS_URL).")
-    ] = None,
-    executor: Annotated[
-        str, typer.Option("--executor", help="The executor the run used, as for `fleet run`.")
-    ] = "local",
+    redis_url: RedisUrlOption = None,
+    executor: ExecutorOption = "local",
 ) -> None:
     """Cancel a running workflow: nothing new runs, running steps stop, spent tokens settle.
 
