@@ -26,7 +26,8 @@ scripts are ``fleet/redis/lua/limit_*.lua``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,6 +41,8 @@ from ..redis.scripts import script
 from .base import WIDTH_TTL_S, AdmitResult, AdmitStatus, LimitState, ProviderLimit, RateLimiter
 
 __all__ = ["RedisRateLimiter"]
+
+T = TypeVar("T")
 
 
 def _ms(seconds: float) -> int:
@@ -101,12 +104,16 @@ class RedisRateLimiter(RateLimiter):
         client = self._client()
         keys = self.keys(limit.name)
         argv = (_ms(limit.counted_window_s), *args)
+        run = script(f"limit_{name}").run(client, keys, argv)
+        return await self._reach(run, hint="; is Redis running and is FLEET_REDIS_URL right?")
+
+    async def _reach(self, command: Awaitable[T], *, hint: str = "") -> T:
+        """Await ``command``; an unreachable Redis becomes a one-line ``BrokerError``."""
         try:
-            return await script(f"limit_{name}").run(client, keys, argv)
+            return await command
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             raise BrokerError(
-                f"cannot reach the rate limiter at {mask_url(self.url)} ({error}); "
-                "is Redis running and is FLEET_REDIS_URL right?",
+                f"cannot reach the rate limiter at {mask_url(self.url)} ({error}){hint}",
                 url=mask_url(self.url),
             ) from None
 
@@ -147,34 +154,17 @@ class RedisRateLimiter(RateLimiter):
 
     async def recall_width(self, endpoint: str) -> int | None:
         """The endpoint's remembered width (one GET); see :meth:`RateLimiter.recall_width`."""
-        try:
-            value = await self._client().get(self.width_key(endpoint))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise BrokerError(
-                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
-                url=mask_url(self.url),
-            ) from None
+        value = await self._reach(self._client().get(self.width_key(endpoint)))
         return int(value) if value is not None else None
 
     async def remember_width(self, endpoint: str, width: int) -> None:
         """Keep the endpoint's width (one SET, expiring); see :meth:`RateLimiter.remember_width`."""
-        try:
-            await self._client().set(self.width_key(endpoint), int(width), px=_ms(WIDTH_TTL_S))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise BrokerError(
-                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
-                url=mask_url(self.url),
-            ) from None
+        key = self.width_key(endpoint)
+        await self._reach(self._client().set(key, int(width), px=_ms(WIDTH_TTL_S)))
 
     async def reset(self, limit: ProviderLimit) -> None:
         """Delete the limit's keys; see :meth:`RateLimiter.reset`."""
-        try:
-            await self._client().delete(*self.keys(limit.name))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise BrokerError(
-                f"cannot reach the rate limiter at {mask_url(self.url)} ({error})",
-                url=mask_url(self.url),
-            ) from None
+        await self._reach(self._client().delete(*self.keys(limit.name)))
 
     async def close(self) -> None:
         """Close this event loop's connections (another loop's close when that loop ends)."""
