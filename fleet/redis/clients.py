@@ -7,8 +7,9 @@ AOF) therefore pauses a workflow rather than failing it; an outage longer than t
 the affected steps with ``unavailable``.
 
 A process-wide client comes from :func:`async_client` or :func:`sync_client`; an object
-users keep across ``asyncio.run()`` calls (a store, a ledger, a board) takes its clients
+users keep across ``asyncio.run()`` calls (a store, a ledger, a registry) takes its clients
 from :func:`per_loop` instead, one per event loop (see :mod:`fleet.perloop`).
+A command whose failure the caller reports as one line awaits through :func:`broker_call`.
 
 A sentinel URL (see :mod:`fleet.redis.sentinel`) gets a client whose connections ask the
 sentinels for the master on every (re)connect: a failover looks to it like a restart,
