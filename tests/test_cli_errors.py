@@ -280,3 +280,26 @@ def test_status_with_executor_celery_names_the_journal_the_run_used(
     assert status.returncode == 0, status.stdout + status.stderr
     assert status.stdout.splitlines()[0] == f"workflow kept-1 (journal {redis_url})"
     assert "phase kept: 1 step journaled" in status.stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "flower"])
+def test_worker_and_flower_with_an_unreachable_broker_stop_at_once(
+    tmp_path: Path, command: str
+) -> None:
+    """The installed `fleet worker`/`fleet flower` on a closed port: one line, exit != 0."""
+    port = free_port()
+    url = f"redis://:s3cret@127.0.0.1:{port}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_REDIS_URL=url, FLEET_FLOWER_PASSWORD="pw", COLUMNS="120")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "fleet"), command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode not in (0, None)
+    line = one_line_error(done)
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in line, line
+    assert "FLEET_REDIS_URL" in line and "s3cret" not in done.stdout + done.stderr

@@ -24,7 +24,8 @@ from ..config import FleetSettings
 from ..errors import ConfigError
 from ..localfleet import LocalFleet
 from ..processes import celery_command, settings_env
-from ..redis.sentinel import check_redis, is_sentinel
+from ..redis.sentinel import check_redis
+from ..runner import REDIS_SCHEMES
 from .app import app, console, debugging, err_console, settings
 
 __all__ = ["PoolChoice", "flower", "up", "worker"]
@@ -94,9 +95,7 @@ def worker(
     """
     config = settings()
     check_agents_file(config)
-    if is_sentinel(config.redis_url):
-        # kombu would retry a sentinel URL that reaches no master for ever; say why now.
-        check_redis(config.redis_url)
+    check_broker(config)
     if concurrency is None:
         concurrency = LLM_CONCURRENCY if pool is PoolChoice.threads else os.cpu_count() or 1
     if metrics_port is not None:
@@ -141,6 +140,20 @@ def check_agents_file(config: FleetSettings) -> None:
     load_stages(config.agents_file)
 
 
+def check_broker(config: FleetSettings) -> None:
+    """Prove the broker answers before Celery starts, or fail with one line naming it.
+
+    Celery would print its banner and then retry an unreachable broker for minutes (a
+    sentinel URL that reaches no master, for ever).
+
+    Raises:
+        BrokerError: nothing answers at the URL (password masked), with the fix.
+        ConfigError: the URL is malformed.
+    """
+    if config.redis_url.strip().startswith(REDIS_SCHEMES):
+        check_redis(config.redis_url)
+
+
 def flower_auth(config: FleetSettings) -> str:
     """``user:password`` for Flower's basic auth, from settings.
 
@@ -178,6 +191,7 @@ def flower(
     """Run Flower for the configured broker, with basic auth from settings."""
     config = settings()
     auth = flower_auth(config)
+    check_broker(config)
     chosen = port or config.flower_port
     args = celery_command("flower", f"--address={address}", f"--port={chosen}")
     err_console.print(
