@@ -39,3 +39,14 @@ def test_plain_function_needs_blocking_true(tmp_path: Path, table: str, message:
     """Without blocking = true a plain function is refused; blocking must be a boolean."""
     with pytest.raises(ConfigError, match=message):
         load_agents(write(tmp_path, table))
+
+
+def test_a_mistyped_key_of_a_python_agent_is_named_at_its_line(tmp_path: Path) -> None:
+    """A typo in a python agent's table names the key, its line and the likely fix."""
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.plain]\ntraget = "tests.worker_agents:thread_name"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_agents(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}:2: [agents.plain] has unknown key 'traget'")
+    assert "did you mean 'target'?" in message

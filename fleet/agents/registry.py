@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
@@ -104,9 +105,22 @@ class AgentRegistry(Mapping[str, AgentDefinition]):
             raise UnknownAgentError(name, list(self._agents)) from None
 
 
+_PYTHON_KEYS = ("kind", "target", "reserve_tokens", "blocking")
+"""The keys a ``kind = "python"`` table may have (``limit`` is read before it)."""
+
+
 def _python_agent(
     name: str, table: Mapping[str, Any], source: str, money: _FileMoney
 ) -> AgentDefinition:
+    for key in table:
+        if key not in _PYTHON_KEYS:
+            close = difflib.get_close_matches(key, _PYTHON_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{source}: [agents.{name}] has unknown key {key!r}; {hint}a 'python' agent "
+                "takes " + ", ".join(_PYTHON_KEYS[1:]) + " and limit",
+                key=f"agents.{name}.{key}" if key else f"agents.{name}",
+            )
     target = table.get("target")
     if not isinstance(target, str):
         raise ConfigError(
