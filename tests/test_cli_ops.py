@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -217,7 +218,7 @@ def test_fleet_up_starts_a_fleet_and_ctrl_c_stops_every_child(
         url = re.search(r"flower  (http://127\.0\.0\.1:\d+)", text)
         password = re.search(r"password '([^']+)'", text)
         assert url and password, text
-        assert f"export FLEET_REDIS_URL={record['redis_url']}" in text
+        assert f"export FLEET_REDIS_URL={shlex.quote(record['redis_url'])}" in text
         auth = ("fleet", password.group(1))
         assert httpx.get(f"{url.group(1)}/api/tasks", auth=auth, timeout=5).status_code == 200
         board = re.search(r"dashboard  (http://127\.0\.0\.1:\d+)  .*password '([^']+)'", text)

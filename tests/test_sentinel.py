@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 import queue
-import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -269,16 +269,19 @@ def test_fleet_up_ha_starts_a_sentinel_group_and_ctrl_c_stops_every_child(
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             assert line, "fleet up --ha exited before it was ready:\n" + "".join(output)
             output.append(line)
-        text = "".join(output)
         record = json.loads(pidfile.read_text())
         pids = {entry["name"]: entry["pid"] for entry in record["processes"]}
         names = {"redis-node1", "redis-node2", "sentinel1", "sentinel2", "sentinel3"}
         assert names <= set(pids), pids
-        url = re.search(r"export FLEET_REDIS_URL=(\S+)", text)
-        assert url and url.group(1).startswith("sentinel://"), text
-        target = parse_sentinel_url(url.group(1))
+        (export,) = [line for line in output if "export FLEET_REDIS_URL=" in line]
+        # The line pasted into a shell sets the whole URL (a bare ';' would end it).
+        pasted = export.strip() + '\nprintf %s "$FLEET_REDIS_URL"\n'
+        url = subprocess.run(["bash", "-c", pasted], capture_output=True, text=True).stdout
+        assert url == record["redis_url"] and url.startswith("sentinel://"), "".join(output)
+        assert shlex.split(export) == ["export", f"FLEET_REDIS_URL={url}"]
+        target = parse_sentinel_url(url)
         assert len(target.sentinels) == 3 and target.master_name == "fleet"
-        check_redis(url.group(1))
+        check_redis(url)
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -293,7 +294,8 @@ def _announce(local: LocalFleet) -> None:
         _say(f"redis   {local.masked_redis_url}  ({redis_pids})")
     else:
         _say(f"redis   {local.masked_redis_url}  (pid {by_name['redis']})")
-    _say(f"        export FLEET_REDIS_URL={local.masked_redis_url}")
+    # Quoted: a sentinel URL's ';' would end the command pasted into a shell.
+    _say(f"        export FLEET_REDIS_URL={shlex.quote(local.masked_redis_url)}")
     for name in local.worker_names:
         _say(f"worker  {name}  (pid {by_name[name]}, {local.pool} x{local.concurrency})")
     if local.flower_url is not None:
