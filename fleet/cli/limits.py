@@ -84,12 +84,14 @@ def show(
     config = settings(redis_url=redis_url, key_prefix=key_prefix)
     limits = _selected(name, load_limits(config.agents_file), str(config.agents_file))
     if not limits:
+        # Nothing declared is an answer, not an error: no provider limits apply.
         console.print(
-            f"no [limits.NAME] tables in {str(config.agents_file)!r}",
+            f"no provider limits: no [limits.NAME] tables in {str(config.agents_file)!r} "
+            "(declare one there, or point FLEET_AGENTS_FILE at the file that has them)",
             highlight=False,
             markup=False,  # "[limits.NAME]" is text, not a Rich style
         )
-        raise typer.Exit(1)
+        return
     limiter = RedisRateLimiter(config.redis_url, key_prefix=config.key_prefix)
 
     async def read() -> list[LimitState]:
