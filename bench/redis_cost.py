@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.ledgers import RedisLedger
 from fleet.processes import celery_command, settings_env
-from fleet.redis.scripts import script
+from fleet.redis.scripts import names, script
 from fleet.redis_server import RedisServer, free_port
 from fleet.runs import RedisRunRegistry
 from fleet.stores.redis import RedisCheckpointStore
@@ -72,11 +73,22 @@ def _script_components() -> dict[bytes, str]:
 _IDS = re.compile(r"[0-9a-f]{8,}(-[0-9a-f]{4,})*|\\d+")
 
 
+@cache
+def _script_names() -> dict[bytes, str]:
+    """The SHA1 of every fleet Lua script, and its file name."""
+    return {script(name).sha.encode(): name for name in names() if not name.startswith("_")}
+
+
 def key_shape(command: list[bytes]) -> str:
-    """The command and its first key, ids and numbers as ``*`` (``get fleet:done:fs-*``)."""
+    """The command and its first key, ids and numbers as ``*`` (``get fleet:done:fs-*``).
+
+    A fleet script is named after the command (``evalsha finish cost-*:result:fs-*:*``).
+    """
     name = command[0].decode("utf-8", "replace").lower()
     args = command[1:]
     if name.upper().encode() in _SCRIPTS and len(args) >= 3:
+        if args[0] in _script_names():
+            name = f"{name} {_script_names()[args[0]]}"
         args = args[2:]
     key = (
         args[0].decode("utf-8", "replace") if args and name.upper().encode() not in _KEYLESS else ""
