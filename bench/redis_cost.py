@@ -65,7 +65,8 @@ _SCRIPTS = {b"EVALSHA", b"EVAL", b"EVALSHA_RO", b"EVAL_RO", b"FCALL"}
 def _script_components() -> dict[bytes, str]:
     """The SHA1 of each of the Celery host's Lua scripts, and the component it serves."""
     owners = {"claim_step": "lease/claim", "renew_lease": "lease/claim",
-              "begin_link": "lease/claim", "finish": "results"}  # fmt: skip
+              "begin_link": "lease/claim", "finish": "results",
+              "finish_settle": "results"}  # fmt: skip
     return {script(name).sha.encode(): part
             for name, part in owners.items()}  # fmt: skip
 

@@ -127,6 +127,14 @@ class WorkflowBudget:
         """The accounts above the workflow once resolved (:meth:`ancestors`), else ``None``."""
         return self._ancestors
 
+    def adopt_ancestors(self, ancestors: Sequence[str]) -> None:
+        """Take the accounts above the workflow as another process resolved them.
+
+        A worker settling the host's reservation uses the chain the host reserved in,
+        instead of reading it from the ledger again.
+        """
+        self._ancestors = tuple(ancestors)
+
     def __repr__(self) -> str:
         return (
             f"WorkflowBudget({self._limit!r}, limit_usd={self.limit_usd!r}, "

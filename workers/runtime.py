@@ -47,11 +47,11 @@ from fleet.config import FleetSettings
 from fleet.deltawriter import DeltaWriter, ThreadPublisher
 from fleet.errors import PoisonMessageError
 from fleet.events import EventSink, RateLimited
-from fleet.ledgers.redis import RedisLedger
+from fleet.ledgers.redis import REPLICA_WAIT_MS, RedisLedger
 from fleet.limiters import RedisRateLimiter
 from fleet.redis.clients import sync_client
 from fleet.redis.keys import Keys
-from fleet.redis.scripts import script
+from fleet.redis.scripts import execute, script
 from fleet.spec import AgentStepSpec, StepOutcome
 from fleet.step import close_deltas, holding, run_interruptible, step_context
 from fleet.stores.base import encode_meta
@@ -279,6 +279,78 @@ class WorkerRuntime:
         )
         return bool(done)
 
+    def finish_held(
+        self,
+        hold: BudgetHold,
+        used_tokens: int,
+        tid: str,
+        nonce: str,
+        owner: str,
+        record: str,
+        reply: str,
+        *notices: str,
+        resumable: bool = False,
+        steps: str | None = None,
+        journal: tuple[str, str, str, str] | None = None,
+    ) -> bool:
+        """:meth:`finish` and :meth:`settle` of a step under a token hold, in one script.
+
+        Records the outcome and settles the reservation at ``used_tokens`` together
+        (``finish_settle.lua``; on Sentinel pipelined with the ledger's ``WAIT``: one
+        round trip), so the ``notices`` may say it is settled. When the attempt's
+        lease lapsed, nothing is recorded and its usage is charged on its own id
+        (:func:`~workers.fencing.charge_stopped`), in the script or, when its fence
+        tripped here, through the ledger.
+
+        Returns:
+            Whether the outcome was recorded (and the reservation settled).
+        """
+        fence = self.fences.get(self.keys.lease(tid), owner)
+        self.abandon(tid, owner)
+        if fence is None or fence.lapsed():
+            self.settle(hold, used_tokens, attempt=owner)
+            return False
+        budget = self._budget(hold)
+        chain = (hold.workflow_id, *self.run_async(budget.ancestors()))
+        ledger = self.ledger()
+        key, field, value, meta = journal or ("", "", "", "")
+        steps_key = self.keys.steps(steps or nonce)
+        keys = [
+            self.keys.result(tid, nonce),
+            self.keys.lease(tid),
+            reply,
+            steps_key,
+            key or steps_key,
+            *(part for account in chain for part in self.keys.budget(account)),
+        ]
+        args = [
+            record,
+            self.settings.result_expires_s,
+            owner,
+            REPLY_TTL_S,
+            "1" if resumable else "0",
+            tid,
+            nonce,
+            result_grace_s(self.settings.retention_s),
+            field,
+            value,
+            meta,
+            hold.workflow_id,
+            hold.reservation_id,
+            used_tokens,
+            0,
+            *notices,
+        ]
+        wait = ledger.write_waits()
+        pipe = self.redis().pipeline(transaction=False)
+        script("finish_settle").queue(pipe, keys, args)
+        if wait:
+            pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
+        replies = execute(pipe)
+        if wait:
+            ledger.acknowledged(replies[1])
+        return bool(replies[0])
+
     def journal_write(
         self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome
     ) -> tuple[str, str, str, str] | None:
@@ -319,22 +391,18 @@ class WorkerRuntime:
             return False
         return not attempt
 
-    def notify(self, reply: str, *notices: str) -> None:
-        """Push ``notices`` to the host's reply list (one round trip), as ``finish`` does."""
-        pipe = self.redis().pipeline(transaction=False)
-        pipe.rpush(reply, *notices)
-        pipe.expire(reply, REPLY_TTL_S)
-        pipe.execute()
-
     def _budget(self, hold: BudgetHold) -> WorkflowBudget:
         """The budget a step's hold belongs to (its reservation kept by the lease thread)."""
-        return WorkflowBudget(
+        budget = WorkflowBudget(
             hold.limit_tokens,
             ledger=self.ledger(),
             workflow_id=hold.workflow_id,
             lease_s=hold.lease_s,
             keeper=self._leases,
         )
+        if hold.ancestors is not None:
+            budget.adopt_ancestors(hold.ancestors)
+        return budget
 
     def begin_link(self, message: StageMessage) -> tuple[str, Any, Any, Any, str]:
         """Read a chain link's context, item and previous outcome, and claim it: one trip.

@@ -121,25 +121,21 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> str:
     if message.journal and message.workflow_id and outcome.success:
         journal = runtime.journal_write(message.workflow_id, spec, outcome)
     hold = message.budget
-    # A step with a token hold is announced only once this worker settled it (below).
-    notices = [] if hold is not None else [Finished(id=tid, outcome=outcome).to_json()]
-    counted = runtime.finish(
-        tid,
-        message.nonce,
-        value,
-        outcome.to_json(),
-        message.reply,
-        *notices,
-        resumable=outcome.success and message.workflow_id is not None,
-        steps=steps,
-        journal=journal,
-    )
-    if hold is not None:
-        used = outcome.usage.total_tokens
-        settled = runtime.settle(hold, used, attempt="" if counted else value)
-        if counted:
-            finished = Finished(id=tid, outcome=outcome, settled=settled)
-            runtime.notify(message.reply, finished.to_json())
+    resumable = outcome.success and message.workflow_id is not None
+    if hold is None:
+        notice = Finished(id=tid, outcome=outcome).to_json()
+        counted = runtime.finish(
+            tid, message.nonce, value, outcome.to_json(), message.reply, notice,
+            resumable=resumable, steps=steps, journal=journal,
+        )  # fmt: skip
+    else:
+        # Recorded and settled in one script: the notice says the host need not settle.
+        notice = Finished(id=tid, outcome=outcome, settled=True).to_json()
+        counted = runtime.finish_held(
+            hold, outcome.usage.total_tokens,
+            tid, message.nonce, value, outcome.to_json(), message.reply, notice,
+            resumable=resumable, steps=steps, journal=journal,
+        )  # fmt: skip
     if not counted:
         logger.warning(
             "step %s (task %s): its lease lapsed before it was recorded; its outcome "

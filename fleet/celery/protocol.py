@@ -86,6 +86,9 @@ class BudgetHold(FleetModel):
     """The budget's limit when the step was sent."""
     lease_s: float = 30.0
     """The reservation's lease."""
+    ancestors: list[str] | None = None
+    """The accounts above the workflow the host reserved in, nearest first (``None``: the
+    worker reads them from the ledger): the worker settles in the same chain."""
 
 
 class StepMessage(FleetModel):

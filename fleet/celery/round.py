@@ -216,12 +216,14 @@ class Round(Track):
         hold = None
         budget, reservation = self.x.budget, entry.reservation
         if budget is not None and reservation is not None and _redis_ledger(budget):
+            ancestors = budget.known_ancestors  # resolved by the reservation
             hold = BudgetHold(
                 workflow_id=budget.workflow_id,
                 reservation_id=reservation.id,
                 tokens=reservation.tokens,
                 limit_tokens=budget.limit_tokens,
                 lease_s=budget.lease_s,
+                ancestors=None if ancestors is None else list(ancestors),
             )
         message = StepMessage(
             v=PROTOCOL_VERSION,

@@ -208,7 +208,7 @@ class RedisLedger(BudgetLedger):
         """
         client, slots = self._client()
         keys = [key for account_id in chain for key in self._keys(account_id)]
-        wait = self.replicated and name in _WRITES and time.monotonic() >= self._unreplicated_until
+        wait = name in _WRITES and self.write_waits()
         try:
             async with slots:
                 return await self._eval(client, script(f"ledger_{name}"), keys, args, wait)
@@ -229,13 +229,26 @@ class RedisLedger(BudgetLedger):
             lua.queue(pipe, keys, args)
             pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
             row, replicas = await execute_async(pipe)
+        self.acknowledged(replicas)
+        return row
+
+    def write_waits(self) -> bool:
+        """Whether a ledger write sent now is followed by ``WAIT 1 REPLICA_WAIT_MS``.
+
+        On Sentinel, unless no replica acknowledged a write lately. A caller that
+        writes the ledger in a script of its own (a worker's ``finish_settle``) asks
+        this, and reports the ``WAIT`` reply to :meth:`acknowledged`.
+        """
+        return self.replicated and time.monotonic() >= self._unreplicated_until
+
+    def acknowledged(self, replicas: int) -> None:
+        """What ``WAIT`` answered after a ledger write: how many replicas have it."""
         if int(replicas) < 1:
             # No replica acknowledged within the wait: none is connected (right after a
             # failover, until the old master rejoins) or it lags. Stop paying the wait
             # on every write for a while; the next write after that asks again.
             self.unreplicated_writes += 1
             self._unreplicated_until = time.monotonic() + UNREPLICATED_BACKOFF_S
-        return row
 
     async def reserve(
         self,

@@ -4,13 +4,15 @@
 --          {prefix}:budget:{A}:account, :held, :leases, :settled, :children
 -- ARGV     the including script's
 --
--- Defines `now` (Redis server time, ms), `n` (accounts), `key(i, part)`, `release(i, id)`,
+-- Defines `now` (Redis server time, ms), `n` (accounts), `first` (KEYS before the accounts':
+-- 0; a script whose own keys come first sets it, and `n`), `key(i, part)`, `release(i, id)`,
 -- `expire(i)` (releases account i's expired leases), `account(i)` and
 -- `add(i, field, amount)`.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS / 5
-local function key(i, part) return KEYS[(i - 1) * 5 + part] end
+local first = 0
+local function key(i, part) return KEYS[first + (i - 1) * 5 + part] end
 local function release(i, id)
   local v = redis.call('HGET', key(i, 2), id)
   if v then

@@ -22,20 +22,7 @@
 -- Returns 1 when recorded, 0 when refused: the lease lapsed (or another attempt holds it),
 -- so this attempt's outcome must not count and nothing was written.
 if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
-local late = redis.call('HGET', KEYS[4], 'ran:' .. ARGV[6]) == ARGV[7]
-    or redis.call('HEXISTS', KEYS[4], 'over:' .. ARGV[7]) == 1
-if late then
-  -- The host resolved the step without this record: keep it briefly, mark nothing done
-  -- (a later run of the workflow must run the step again).
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[8])
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  if ARGV[5] == '1' then redis.call('HSET', KEYS[4], 'done:' .. ARGV[6], ARGV[1]) end
-end
-if ARGV[9] ~= '' then
-  redis.call('HSETNX', KEYS[5], 'meta', ARGV[11])
-  redis.call('HSET', KEYS[5], ARGV[9], ARGV[10])
-end
+--!include _finish_record.lua
 for i = 12, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 if #ARGV >= 12 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 redis.call('DEL', KEYS[2])
