@@ -3,7 +3,8 @@
 The bench's own fleet (a real ``redis-server``, two real Celery workers, the ``parrot``
 agent) runs behind its counting proxy; these tests pin the round trips a step makes
 where a count does not depend on the machine's load: the ledger is asked once per step
-(the reservation) and the worker records and settles in one script.
+(the reservation), the worker records and settles in one script, and the host notes
+what it read, and appends its events, in batches rather than a round trip per step.
 """
 
 from __future__ import annotations
@@ -55,3 +56,23 @@ def test_the_worker_records_settles_and_notifies_in_one_round_trip(cost: dict[st
     assert _per_step(cost, "rpush cost-*:reply:host-*") < 0.1
     # The script, and the host's pops of the started and finished notices (at most two).
     assert _trips(cost, "results") <= 3.1
+
+
+def test_the_host_checks_a_journaled_round_once_and_notes_reads_in_batches(
+    cost: dict[str, Any],
+) -> None:
+    """Done-markers and leases are read for the whole round at once, not before each send."""
+    # One done-marker read and one lease check per step, all in one pipeline...
+    assert _per_step(cost, "hget cost-*:steps:{measured}") == 1.0
+    assert _per_step(cost, "exists cost-*:lease:fs-*") >= 1.0
+    # ...so the host's own step-record traffic adds no round trip per step to kombu's
+    # five (push, pop, unacked add and remove, the task-sent event).
+    assert _trips(cost, "broker") < 6.0
+    # The steps read are noted at most once a check interval, not after each outcome.
+    assert _per_step(cost, "hset cost-*:steps:{measured}") < 0.5
+
+
+def test_the_events_of_steps_that_end_together_share_a_round_trip(cost: dict[str, Any]) -> None:
+    """The event stream's writer lingers a moment: XADDs go out in pipelines, not one each."""
+    assert _per_step(cost, "xadd cost-*:events:{measured}") >= 2.0  # started and finished
+    assert _trips(cost, "events") < 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,8 @@ class Round(Track):
                 )
             )
         self.open = len(self.entries)
+        self._flush_at = 0.0
+        """When :meth:`tick` next notes the results read (:meth:`StepRecord.flush`)."""
         self._reserving: list[tuple[_Entry, asyncio.Future[Reservation | StepOutcome]]] = []
         run_markers = self.cancellation.markers if self.cancellation is not None else ()
         self.markers = [*run_markers, self.nonce]
@@ -284,31 +287,40 @@ class Round(Track):
         # With a budget, a reservation may wait for in-flight steps to settle: send each
         # step as soon as it holds its tokens so nothing waits on an unsent sibling.
         limit = 1 if self.x.budget is not None else SEND_BATCH
-        async for batch in self.dispatcher.batches(self.entries, limit):
+        running: set[str] = set()
+        if self.workflow_id is not None:
+            running = await self._reattach()
+        pending = [entry for entry in self.entries if entry.outcome is None]
+        async for batch in self.dispatcher.batches(pending, limit):
             if self.cancel.reason is not None:
                 return  # cancelled: the task's cancel may have been swallowed by a Redis call
             batch = [entry for entry in batch if await self._reserve(entry)]
-            if self.workflow_id is not None and batch:
-                batch = await self._reattach(batch)
-            await self._send(batch)
-
-    async def _reattach(self, batch: list[_Entry]) -> list[_Entry]:
-        """A journaled step already running or done (e.g. before a host restart) is not resent."""
-        async with self.client.pipeline(transaction=False) as pipe:
             for entry in batch:
+                if entry.tid in running:  # its worker's notices (or record) answer for it
+                    self.dispatcher.watch(entry, started=True)
+            await self._send([entry for entry in batch if entry.tid not in running])
+
+    async def _reattach(self) -> set[str]:
+        """A journaled step already done or running (e.g. before a host restart) is not resent.
+
+        One pipeline for the whole round, before anything is reserved: a done step is
+        resolved from its done-marker now; the task ids of the running ones are returned
+        (each is followed, not sent, once it holds its slot; if it ends meanwhile, the
+        dispatcher's check finds its record).
+        """
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in self.entries:
                 pipe.hget(self.record.key, f"done:{entry.tid}")
                 pipe.exists(self.keys.lease(entry.tid))
             replies = await pipe.execute()
-        to_send = []
-        for i, entry in enumerate(batch):
+        running = set()
+        for i, entry in enumerate(self.entries):
             done, leased = replies[2 * i], replies[2 * i + 1]
             if done is not None:
                 await self._resolve(entry, StepOutcome.from_json(done))
             elif leased:
-                self.dispatcher.watch(entry, started=True)
-            else:
-                to_send.append(entry)
-        return to_send
+                running.add(entry.tid)
+        return running
 
     async def _send(self, batch: list[_Entry]) -> None:
         if not batch:
@@ -359,10 +371,15 @@ class Round(Track):
 
         Also lets the results read since the last tick go (:meth:`StepRecord.flush`).
         """
-        try:
-            await self.record.flush(self.client)
-        except (RedisError, OSError) as error:  # the results then live result_expires_s
-            logger.warning("could not note the round's read results: %s", error)
+        now = time.monotonic()
+        if now >= self._flush_at:
+            # At most once a check interval: a result read meanwhile stays a little
+            # longer, and a duplicate still finds it (claim_step reads the result first).
+            self._flush_at = now + self.dispatcher.check_interval_s
+            try:
+                await self.record.flush(self.client)
+            except (RedisError, OSError) as error:  # the results then live result_expires_s
+                logger.warning("could not note the round's read results: %s", error)
         if self.cancel.due():
             await self._cancel_now()
         elif self.cancel.expired():
