@@ -444,3 +444,47 @@ def test_a_resumed_local_run_continues_its_budget(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     assert "5 served from the journal" in resumed.stdout
     assert _consumed(run_fleet(tmp_path, "status", "broken")) == expected
+
+
+HANG_IN_PHASE_1 = """
+import asyncio, os
+from pathlib import Path
+from fleet import AgentStepSpec
+
+
+async def hang(spec, ctx):
+    Path(os.environ["HANG_MARK"]).touch()
+    await asyncio.sleep(3600)
+
+
+AGENTS = {"hang": hang}
+
+
+async def main(workflow):
+    step = AgentStepSpec(task_id="a", agent="hang", description="", prompt="x")
+    await workflow.phase("first", [step])
+"""
+
+
+def test_status_of_a_run_in_its_first_phase_says_no_phase_completed_yet(tmp_path: Path) -> None:
+    """A running run with nothing journaled is not called finished."""
+    (tmp_path / "hang.py").write_text(HANG_IN_PHASE_1)
+    mark = tmp_path / "in-phase-1"
+    child = subprocess.Popen(
+        fleet("run", f"{tmp_path / 'hang.py'}:main", "--root-id", "early-1"),
+        cwd=REPO,
+        env=env(tmp_path, HANG_MARK=str(mark)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(mark.exists, 60, child, "phase 1")
+        status = run_fleet(tmp_path, "status", "early-1")
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "  running: started " in status.stdout, status.stdout
+    assert "  journal: no phase completed yet\n" in status.stdout, status.stdout
+    assert "finished run" not in status.stdout

@@ -420,6 +420,15 @@ def _when(epoch: float | None) -> str:
     return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
+def _no_phases(status: str, dead: bool) -> str:
+    """Why a run's journal holds no phase: only a finished run clears its journal."""
+    if status == "finished":
+        return "no phases kept (a finished run clears them)"
+    if dead:
+        return "no phase completed before its host stopped"
+    return "no phase completed yet" if status == "running" else "no phase completed"
+
+
 def _print_status(report: RunStatus, run: RunRecord | None) -> None:
     summary = report.summary
     say(f"workflow {report.root_id} ({report.places.describe()})")
@@ -447,7 +456,7 @@ def _print_status(report: RunStatus, run: RunRecord | None) -> None:
         )
         say(f"    phase {row.name}: {text}")
     if not report.phases and summary is not None:
-        say("  journal: no phases kept (a finished run clears them)")
+        say(f"  journal: {_no_phases(summary.status, dead)}")
     if report.budget is not None:
         say(f"  budget: {report.budget}")
     else:
