@@ -29,6 +29,7 @@ __all__ = [
     "StepFinished",
     "StepDelta",
     "StepStarted",
+    "WORDED_FAILURES",
     "WorkflowCancelled",
     "WorkflowEvent",
     "emit",
@@ -102,6 +103,10 @@ class StepStarted(FleetModel):
     ``None`` when the worker did not say."""
 
 
+WORDED_FAILURES = frozenset({"unknown_agent", "duplicate_task_id", "no_price"})
+"""Failure kinds whose message fleet writes itself (no prompt, output or provider text)."""
+
+
 class StepFinished(FleetModel):
     """A step finished (successfully or not)."""
 
@@ -117,11 +122,17 @@ class StepFinished(FleetModel):
     """The host's own id of the step, as in :class:`StepStarted`."""
     cost_usd: Decimal | None = None
     """What the step's model calls cost in dollars; ``None`` when none was priced."""
+    message: str | None = None
+    """Why the step failed, for the failures fleet words itself (:data:`WORDED_FAILURES`:
+    the message names the fix); ``None`` otherwise, so no agent's output is ever shown."""
 
     @classmethod
     def of(cls, outcome: StepOutcome, *, host_task_id: str | None = None) -> StepFinished:
         """The event that reports ``outcome`` (of the host's task ``host_task_id``)."""
+        worded = not outcome.success and outcome.error in WORDED_FAILURES
+        message = outcome.output.strip().partition("\n")[0] if worded else ""
         return cls(
+            message=message or None,
             host_task_id=host_task_id,
             task_id=outcome.task_id,
             agent=outcome.agent,

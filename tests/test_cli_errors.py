@@ -303,3 +303,22 @@ def test_worker_and_flower_with_an_unreachable_broker_stop_at_once(
     line = one_line_error(done)
     assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in line, line
     assert "FLEET_REDIS_URL" in line and "s3cret" not in done.stdout + done.stderr
+
+
+def test_a_failed_step_shows_the_message_that_names_the_fix(tmp_path: Path) -> None:
+    """`fleet run` and `fleet watch` print why an unknown agent failed; never the prompt."""
+    (tmp_path / "flow.py").write_text(
+        "from fleet import AgentStepSpec\n"
+        "async def main(workflow):\n"
+        "    await workflow.phase('p', [AgentStepSpec(task_id='a', agent='revew',"
+        " description='', prompt='the private prompt')])\n"
+    )
+    index = {"FLEET_RUN_INDEX": str(tmp_path / "runs.db")}
+    done = fleet(tmp_path, "run", "flow.py:main", "--root-id", "typo-1", **index)
+    assert done.returncode == 1, done.stdout + done.stderr
+    watched = fleet(tmp_path, "watch", "typo-1", **index)
+    for output in (done.stdout, watched.stdout):
+        (line,) = [line for line in output.splitlines() if "step a [revew]" in line]
+        assert "FAILED (unknown_agent): unknown agent 'revew'; registered agents: " in line
+        assert "Register it in the agents file" in line
+        assert "the private prompt" not in output

@@ -51,6 +51,8 @@ def describe_event(event: Any) -> str | None:
         return f"workflow cancelled: {event.reason}"
     if isinstance(event, StepFinished):
         state = "ok" if event.success else f"FAILED ({event.error})"
+        if not event.success and event.message:
+            state += f": {event.message}"
         where = f" on {event.worker}" if event.worker else ""
         cost = "" if event.cost_usd is None else f", ${event.cost_usd}"
         return (
