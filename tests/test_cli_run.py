@@ -345,7 +345,7 @@ def test_readme_run_status_watch_sequence_works_verbatim(tmp_path: Path) -> None
 def test_status_and_watch_find_a_run_on_a_redis_journal_without_options(
     tmp_path: Path, redis_url: str, key_prefix: str
 ) -> None:
-    """After `fleet run --store redis://…`, a bare `fleet status ROOT` finds it (run index)."""
+    """After `fleet run --store redis://…`, bare `fleet status`/`budget show ROOT` find it."""
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
     counters = tmp_path / "counters"
@@ -370,6 +370,10 @@ def test_status_and_watch_find_a_run_on_a_redis_journal_without_options(
     assert f"journal {redis_url}" in status.stdout
     assert "  finished: started " in status.stdout
     assert "of 9000 tokens" in status.stdout
+    budget = run_fleet(tmp_path, "budget", "show", "on-redis", **other)  # its Redis ledger
+    assert budget.returncode == 0, budget.stdout + budget.stderr
+    (limit,) = [line.split() for line in budget.stdout.splitlines() if " limit " in line]
+    assert limit[:4] == ["│", "limit", "│", "9000"], budget.stdout
     watch = run_fleet(tmp_path, "watch", "on-redis", "--timeout", "10", **other)
     assert watch.returncode == 0, watch.stderr
     assert watch.stdout.splitlines()[-1] == "workflow on-redis finished"

@@ -6,7 +6,8 @@ account, ``--parent org:acme`` nests it, and ``fleet budget show team:research``
 what each workflow under it consumed. The ledger is the one ``fleet run`` with the same
 ``--store`` and ``--executor`` uses: on the embedded default a SQLite file beside the
 journal (``.fleet/ledger.db``), on a fleet (``--executor celery`` or a Redis store) Redis;
-``--redis-url`` names a Redis ledger outright.
+``--redis-url`` names a Redis ledger outright. ``fleet budget show`` of a workflow, with
+no ``--store``, finds its ledger the way ``fleet status`` does (the run index first).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..ledgers import (
 )
 from ..pricing import micros_to_usd
 from ..runner import open_ledger, plan_run
+from ..runstatus import locate_run
 from .app import app, console, settings
 
 __all__ = ["budget_app"]
@@ -46,13 +48,26 @@ _UNCAPPED = {"none", "uncapped", "unlimited"}
 
 
 def _ledger(
-    redis_url: str | None, key_prefix: str | None, store: str | None, executor: str
+    redis_url: str | None,
+    key_prefix: str | None,
+    store: str | None,
+    executor: str,
+    *,
+    run: str | None = None,
 ) -> BudgetLedger:
-    """The ledger ``fleet run`` with these options uses (``--redis-url``: that Redis)."""
+    """The ledger ``fleet run`` with these options uses (``--redis-url``: that Redis).
+
+    ``run``: a workflow id to find the way ``fleet status`` does when no place is given
+    (the run index knows where a ``--executor celery`` run kept its budget).
+    """
     config = settings(redis_url=redis_url, key_prefix=key_prefix, store=store)
     if redis_url is not None:
         return RedisLedger(config.redis_url, key_prefix=config.key_prefix)
-    ledger = open_ledger(config, plan_run(config, executor=executor))
+    places = plan_run(config, executor=executor)
+    if run is not None and store is None:
+        located = locate_run(config, run, executor=executor)
+        places = located.places if located.found else places
+    ledger = open_ledger(config, places)
     if ledger is None:
         raise BudgetError(
             f"journal {config.store!r} keeps no ledger; give --store sqlite:PATH (the "
@@ -140,7 +155,7 @@ def show(
     executor: str = _EXECUTOR,
 ) -> None:
     """Show limits, consumption, reservations and (for an account) its child workflows."""
-    ledger = _ledger(redis_url, key_prefix, store, executor)
+    ledger = _ledger(redis_url, key_prefix, store, executor, run=name)
 
     async def read() -> tuple[LedgerState, list[HeldReservation], list[ChildUsage]]:
         try:
