@@ -128,8 +128,21 @@ def test_a_sigkilled_host_reads_as_abandoned_everywhere(
         detail = client.get("/api/workflows/doomed").json()
         assert detail["status"] == "abandoned"
         assert "stopped heartbeating" in detail["abandoned"]
+        shown = [step["status"] for phase in detail["phases"] for step in phase["steps"]]
+        assert shown == ["interrupted", "interrupted"]  # in flight when killed, never running
+        assert detail["steps_interrupted"] == 2 and detail["steps_in_flight"] == 0
+        step = client.get("/api/workflows/doomed/steps/s0").json()
+        assert step["status"] == "interrupted"
+        metrics = client.get("/metrics").text
+        assert 'fleet_steps{agent="slow",status="interrupted"} 2' in metrics, metrics
+        assert (
+            'status="running"} '
+            not in metrics.split("# HELP fleet_steps_failed")[0].split("# HELP fleet_steps ")[1]
+        )
+        assert 'fleet_workflows{status="abandoned"} 1' in metrics
         page = client.get("/workflows/doomed").text
         assert 'class="badge abandoned">abandoned<' in page
+        assert "2 interrupted" in page and '<td class="st">running<' not in page
         assert [r["root_id"] for r in client.get("/api/workflows?status=abandoned").json()] == [
             "doomed"
         ]

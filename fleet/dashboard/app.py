@@ -150,6 +150,8 @@ class Dashboard:
 
     async def metrics(self, request: Request) -> Response:
         await asyncio.to_thread(self.catalog.refresh_all)
+        for view in self.catalog.views():
+            await self._mark(view)  # an abandoned run's steps count as interrupted
         # The workflows' figures, then this process's own registry (fleet.metrics), if on.
         text = render_metrics(self.catalog.views()) + process_metrics.exposition().decode()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -173,7 +175,7 @@ class Dashboard:
         step = view.find(task_id) if view is not None else None
         if view is None or step is None:
             return _error(404, f"workflow {root_id!r} has no step {task_id!r} logged")
-        body = step.to_dict(self.flower_url)
+        body = step.to_dict(self.flower_url, view.step_status(step))
         body["phase"] = view.phases[step.phase].name
         body["output"] = None
         if not self.show_text:

@@ -1,7 +1,7 @@
 """Prometheus metrics of the workflows the dashboard tracks, with bounded labels.
 
 Flower's metrics are per task and worker; these are per workflow status, agent, error
-kind and provider limit. Every label's values are bounded: statuses are four, and agents,
+kind and provider limit. Every label's values are bounded: workflow statuses are five, and agents,
 error kinds and limits beyond the :data:`MAX_LABEL_VALUES` most frequent fold into
 ``other``, so a program that names agents or errors freely cannot blow up a time-series
 database. Values are gauges over the workflows the dashboard tracks (the newest run of
@@ -21,7 +21,7 @@ __all__ = ["MAX_LABEL_VALUES", "render_metrics"]
 MAX_LABEL_VALUES = 20
 """Distinct values a free-form label (agent, error, limit) keeps; the rest are ``other``."""
 
-_STATUSES = ("running", "finished", "cancelled", "failed")
+_STATUSES = ("running", "finished", "cancelled", "failed", "abandoned")
 
 
 def _bounded(counts: Counter[str]) -> dict[str, str]:
@@ -57,7 +57,8 @@ class _Family:
 
 def render_metrics(views: list[WorkflowView]) -> str:
     """The text exposition of ``views``' workflow, step, token, dollar and wait figures."""
-    steps = [step for view in views for step in view.steps()]
+    shown = [(step, view.step_status(step)) for view in views for step in view.steps()]
+    steps = [step for step, _status in shown]
     agents = _bounded(Counter(step.agent for step in steps))
     errors = _bounded(Counter(step.error or "" for step in steps if step.status == "failed"))
     limits = _bounded(Counter(wait["limit"] for view in views for wait in view.rate_waits))
@@ -74,9 +75,9 @@ def render_metrics(views: list[WorkflowView]) -> str:
     seconds = _Family("fleet_step_seconds", "gauge", "Seconds steps ran, by agent.")
     dollars = _Family("fleet_step_cost_usd", "gauge", "Dollars steps cost, by agent.")
     cost_by_agent: dict[str, Decimal] = {}
-    for step in steps:
+    for step, status in shown:
         agent = agents[step.agent]
-        by_status.add(1, agent=agent, status=step.status)
+        by_status.add(1, agent=agent, status=status)
         if step.status == "failed":
             failed.add(1, agent=agent, error=errors[step.error or ""] or "unknown")
         tokens.add(step.tokens, agent=agent)

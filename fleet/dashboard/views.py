@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 __all__ = [
+    "INTERRUPTED",
     "NO_PHASE",
     "PhaseView",
     "StepView",
@@ -26,6 +27,9 @@ __all__ = [
 
 NO_PHASE = "(outside phases)"
 """The name under which steps run by ``agent``/``parallel``/``pipeline``/``loop`` are shown."""
+
+INTERRUPTED = "interrupted"
+"""A step that was in flight when its run stopped running (abandoned, cancelled, ended)."""
 
 _MAX_RATE_WAITS = 200
 """Rate-limit waits a view keeps (the newest), beside their count and total."""
@@ -61,7 +65,7 @@ class StepView:
     phase: int
     """Index into :attr:`WorkflowView.phases`."""
     status: str = "running"
-    """``running``, ``done`` or ``failed``."""
+    """``running``, ``done`` or ``failed`` as logged; see :meth:`WorkflowView.step_status`."""
     worker: str | None = None
     duration_s: float | None = None
     tokens: int = 0
@@ -72,15 +76,20 @@ class StepView:
     rate_wait_s: float = 0.0
     """Seconds its model calls waited for a provider limit."""
 
-    def to_dict(self, flower_url: str | None) -> dict[str, Any]:
-        """The step's JSON form; ``flower`` links its task when Flower is configured."""
+    def to_dict(self, flower_url: str | None, status: str | None = None) -> dict[str, Any]:
+        """The step's JSON form; ``flower`` links its task when Flower is configured.
+
+        Args:
+            flower_url: Flower's address, or ``None``.
+            status: the status to show (:meth:`WorkflowView.step_status`); default the logged one.
+        """
         link = None
         if flower_url and self.host_task_id:
             link = f"{flower_url.rstrip('/')}/task/{self.host_task_id}"
         return {
             "task_id": self.task_id,
             "agent": self.agent,
-            "status": self.status,
+            "status": status or self.status,
             "worker": self.worker,
             "duration_s": self.duration_s,
             "tokens": self.tokens,
@@ -279,6 +288,16 @@ class WorkflowView:
         """Every step, phase by phase."""
         return [step for phase in self.phases for step in phase.steps]
 
+    def step_status(self, step: StepView) -> str:
+        """The step's shown status: :data:`INTERRUPTED` for one still open in a run not running.
+
+        A run that is abandoned (its host died) or cancelled never logs an outcome for the
+        steps it had in flight; they no longer run, so they must not read ``running``.
+        """
+        if step.status == "running" and self.status != "running":
+            return INTERRUPTED
+        return step.status
+
     @property
     def status(self) -> str:
         """The public status (see :func:`public_status`)."""
@@ -292,7 +311,8 @@ class WorkflowView:
         steps = self.steps()
         done = sum(1 for step in steps if step.status == "done")
         failed = sum(1 for step in steps if step.status == "failed")
-        running = sum(1 for step in steps if step.status == "running")
+        shown = [self.step_status(step) for step in steps]
+        running = shown.count("running")
         costs = [Decimal(step.cost_usd) for step in steps if step.cost_usd is not None]
         end = self.ended_at if self.ended_at is not None else now
         return {
@@ -307,7 +327,8 @@ class WorkflowView:
             "phases": len([p for p in self.phases if p.index is not None]),
             "steps_done": done,
             "steps_failed": failed,
-            "steps_in_flight": running if self.ended_as is None and not self.abandoned else 0,
+            "steps_in_flight": running,
+            "steps_interrupted": shown.count(INTERRUPTED),
             "tokens": sum(step.tokens for step in steps),
             "cost_usd": str(sum(costs, Decimal(0))) if costs else None,
             "budget": self.budget,
@@ -327,7 +348,7 @@ class WorkflowView:
                 "index": phase.index,
                 "step_count": max(phase.step_count, len(phase.steps)),
                 "ended": phase.ended or self.ended_as is not None,
-                "steps": [step.to_dict(flower_url) for step in phase.steps],
+                "steps": [step.to_dict(flower_url, self.step_status(step)) for step in phase.steps],
             }
             for phase in self.phases
         ]

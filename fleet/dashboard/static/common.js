@@ -43,11 +43,14 @@ function fmtDuration(seconds) {
   return (hours ? hours + " h " : "") + minutes + " min " + rest + " s";
 }
 
-// A phase's progress: finished of all, and how many still run ("12 / 12" never hides them).
+// A phase's progress: finished of all, and how many still run or were interrupted (an
+// abandoned or cancelled run's steps that never got an outcome); "12 / 12" never hides them.
 function fmtPhase(phase) {
-  const finished = phase.steps.filter((s) => s.status !== "running").length;
-  const running = phase.steps.length - finished;
-  return finished + " / " + phase.step_count + " steps finished" + (running ? ", " + running + " running" : "");
+  const count = (status) => phase.steps.filter((s) => s.status === status).length;
+  const running = count("running"), interrupted = count("interrupted");
+  const finished = phase.steps.length - running - interrupted;
+  return finished + " / " + phase.step_count + " steps finished" + (running ? ", " + running + " running" : "")
+    + (interrupted ? ", " + interrupted + " interrupted" : "");
 }
 
 // The budget as a bar: [consumed share, reserved share, label, exhausted] in the limited
