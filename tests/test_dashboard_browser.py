@@ -291,7 +291,12 @@ def test_the_workflow_page_tells_the_whole_truth(
     )
     assert gauge.text.startswith("budget exhausted"), gauge.text
     assert "exhausted" in browser.find_element(By.ID, "gauge").get_attribute("class")
-    assert "budget exhausted" in browser.find_element(By.ID, "notes").text
+    # The notes are drawn by the page's script, after the first paint the gauge came from.
+    wait(
+        browser,
+        "the exhausted note",
+        lambda b: "budget exhausted" in b.find_element(By.ID, "notes").text,
+    )
 
     # Two steps still run while the others are done: the phase and the rows say so.
     mixed_id = f"mixed-{uuid.uuid4().hex[:6]}"
