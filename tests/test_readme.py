@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,14 @@ def test_readme_python_snippet_runs_as_written(tmp_path: Path, number: int) -> N
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_readme_says_how_to_install_fleet_with_extras_that_exist() -> None:
+    """Outside the clone's .venv: `pip install .`, and only extras pyproject.toml declares."""
+    text = (REPO / "README.md").read_text()
+    assert "`pip install .`" in text
+    extras = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    named = re.findall(r"'\.\[([\w-]+)\]'", text)
+    assert named and set(named) <= extras, (named, extras)
