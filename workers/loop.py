@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["StepEscaped", "StepLoop", "ThreadLoops", "prestart_threads"]
+__all__ = ["OnStepLoop", "StepEscaped", "StepLoop", "ThreadLoops", "prestart_threads"]
 
 logger = logging.getLogger("fleet.worker")
 
@@ -196,3 +196,35 @@ def prestart_threads(
 
     for _ in range(count):
         executor.submit(meet)
+
+
+class OnStepLoop:
+    """Calls ``fn(reason)`` on the event loop a step runs on, from the lease thread.
+
+    The step's loop is known only once its coroutine starts there (the shared loop, or a
+    blocking step's own): a call that comes earlier waits for that moment.
+    """
+
+    def __init__(self, fn: Callable[[str], object]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        """Call ``fn(reason)`` on the step's loop (once the step runs there)."""
+        with self._lock:
+            if self._loop is None:
+                self._pending = reason
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._fn, reason)
+
+    async def run(self, body: Coroutine[Any, Any, T]) -> T:
+        """Await ``body`` on this loop, which calls made from now on are sent to."""
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._fn(pending)
+        return await body

@@ -59,41 +59,11 @@ from fleet.stores.redis import RedisCheckpointStore
 
 from .fencing import Fence, Fences, charge_stopped
 from .keeper import LeaseKeeper
-from .loop import StepLoop, ThreadLoops
+from .loop import OnStepLoop, StepLoop, ThreadLoops
 
 __all__ = ["WorkerRuntime"]
 
 T = TypeVar("T")
-
-
-class _OnStepLoop:
-    """Calls ``fn(reason)`` on the event loop a step runs on, from the lease thread.
-
-    The step's loop is known only once its coroutine starts there (the shared loop, or a
-    blocking step's own): a call that comes earlier waits for that moment.
-    """
-
-    def __init__(self, fn: Callable[[str], object]) -> None:
-        self._fn = fn
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: str | None = None
-
-    def __call__(self, reason: str) -> None:
-        with self._lock:
-            if self._loop is None:
-                self._pending = reason
-                return
-            loop = self._loop
-        loop.call_soon_threadsafe(self._fn, reason)
-
-    async def run(self, body: Coroutine[Any, Any, T]) -> T:
-        with self._lock:
-            self._loop = asyncio.get_running_loop()
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            self._fn(pending)
-        return await body
 
 
 logger = logging.getLogger("fleet.worker")
@@ -253,30 +223,8 @@ class WorkerRuntime:
         self.abandon(tid, owner)
         if fence is None or fence.lapsed():
             return False
-        key, field, value, meta = journal or ("", "", "", "")
-        done = self._finish(
-            keys=[
-                self.keys.result(tid, nonce),
-                self.keys.lease(tid),
-                reply,
-                self.keys.steps(steps or nonce),
-                key or self.keys.steps(steps or nonce),
-            ],
-            args=[
-                record,
-                self.settings.result_expires_s,
-                owner,
-                REPLY_TTL_S,
-                "1" if resumable else "0",
-                tid,
-                nonce,
-                result_grace_s(self.settings.retention_s),
-                field,
-                value,
-                meta,
-                *notices,
-            ],
-        )
+        keys, args = self._finish_call(tid, nonce, owner, record, reply, resumable, steps, journal)
+        done = self._finish(keys=keys, args=[*args, *notices])
         return bool(done)
 
     def finish_held(
@@ -313,17 +261,36 @@ class WorkerRuntime:
         budget = self._budget(hold)
         chain = (hold.workflow_id, *self.run_async(budget.ancestors()))
         ledger = self.ledger()
+        keys, args = self._finish_call(tid, nonce, owner, record, reply, resumable, steps, journal)
+        keys += [part for account in chain for part in self.keys.budget(account)]
+        args += [hold.workflow_id, hold.reservation_id, used_tokens, 0, *notices]
+        wait = ledger.write_waits()
+        pipe = self.redis().pipeline(transaction=False)
+        script("finish_settle").queue(pipe, keys, args)
+        if wait:
+            pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
+        replies = execute(pipe)
+        if wait:
+            ledger.acknowledged(replies[1])
+        return bool(replies[0])
+
+    def _finish_call(
+        self,
+        tid: str,
+        nonce: str,
+        owner: str,
+        record: str,
+        reply: str,
+        resumable: bool,
+        steps: str | None,
+        journal: tuple[str, str, str, str] | None,
+    ) -> tuple[list[str], list[str | int]]:
+        """The keys and first arguments of ``finish.lua`` (and ``finish_settle.lua``)."""
         key, field, value, meta = journal or ("", "", "", "")
         steps_key = self.keys.steps(steps or nonce)
-        keys = [
-            self.keys.result(tid, nonce),
-            self.keys.lease(tid),
-            reply,
-            steps_key,
-            key or steps_key,
-            *(part for account in chain for part in self.keys.budget(account)),
-        ]
-        args = [
+        keys = [self.keys.result(tid, nonce), self.keys.lease(tid), reply, steps_key]
+        keys.append(key or steps_key)
+        args: list[str | int] = [
             record,
             self.settings.result_expires_s,
             owner,
@@ -335,21 +302,8 @@ class WorkerRuntime:
             field,
             value,
             meta,
-            hold.workflow_id,
-            hold.reservation_id,
-            used_tokens,
-            0,
-            *notices,
         ]
-        wait = ledger.write_waits()
-        pipe = self.redis().pipeline(transaction=False)
-        script("finish_settle").queue(pipe, keys, args)
-        if wait:
-            pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
-        replies = execute(pipe)
-        if wait:
-            ledger.acknowledged(replies[1])
-        return bool(replies[0])
+        return keys, args
 
     def journal_write(
         self, workflow_id: str, spec: AgentStepSpec, outcome: StepOutcome
@@ -500,7 +454,7 @@ class WorkerRuntime:
         cancellation = Cancellation(markers) if markers or fence is not None else None
         body = self._run(definition, spec, ctx, started, message, cancellation, fence)
         if cancellation is not None:
-            stop = _OnStepLoop(cancellation.cancel)
+            stop = OnStepLoop(cancellation.cancel)
             self._leases.markers.watch(lease, markers, stop)
             if fence is not None:
                 fence.on_trip(stop)

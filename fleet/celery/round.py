@@ -4,6 +4,9 @@ The round sends its steps as Celery groups through the executor's shared
 :class:`~fleet.celery.dispatch.Dispatcher`, each once it holds a concurrency slot (and
 its token reservation), and resolves each step exactly once from the notices the
 dispatcher routes to it: the barrier is this host holding one outcome per step.
+
+Longer than our usual ~400 lines: sending, receiving, cancelling and resolving all act
+on the round's entries and its step record, and a cancel reaches into each of them.
 """
 
 from __future__ import annotations
