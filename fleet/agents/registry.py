@@ -182,7 +182,8 @@ def _pydantic_ai_agent(
     except ImportError as missing:  # the optional extra is not installed
         raise ConfigError(
             f"{source}: [agents.{name}] has kind 'pydantic_ai', which needs the pydantic-ai "
-            f"extra ({missing}); install it with: pip install 'fleet[pydantic-ai]'",
+            f"extra ({missing}); install it with: pip install 'fleet[pydantic-ai]' "
+            "(in a clone of fleet: pip install '.[pydantic-ai]')",
             key=f"agents.{name}.kind",
         ) from None
     return definition_from_config(
