@@ -18,6 +18,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
+from bench.redis_cost import CountingProxy
 from fleet import AgentStepSpec, LocalExecutor, execute_steps_parallel
 from fleet.admission import refusal
 from fleet.budget import WorkflowBudget
@@ -90,6 +91,32 @@ async def test_a_closed_executor_leaves_no_connection_open(workers: CeleryWorker
     # At most as many as before: other clients of the session may close meanwhile, none of
     # the executor's may stay.
     assert sockets_to(port) <= before
+
+
+async def test_a_one_step_round_writes_its_step_record_once(workers: CeleryWorkers) -> None:
+    """The round's end notes its read step: no separate flush of read results before it.
+
+    Counted at a proxy in front of Redis that only the host goes through.
+    """
+    settings = workers.settings
+    port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = CountingProxy(port, settings.key_prefix)
+    proxy.start()
+    proxied = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}/0"})
+    executor = CeleryExecutor(settings=proxied)
+    try:
+        outcome = await executor.execute_step(spec("once1"))
+    finally:
+        await executor.aclose()
+    assert outcome.success, outcome.output
+    writes = Counter(
+        shape.split()[0]
+        for (_part, shape), n in proxy.shapes.items()
+        for _ in range(n)
+        if ":steps:" in shape
+    )
+    # One HSET (the ended dispatch's ``over:`` field) and one HDEL, in one pipeline.
+    assert writes["hset"] == 1, proxy.shapes
 
 
 def test_app_is_json_only_with_late_acks_and_events(redis_url: str) -> None:

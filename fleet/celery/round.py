@@ -372,10 +372,11 @@ class Round(Track):
     async def tick(self) -> None:
         """Act on a cancel (the budget's keeper renews the reservations).
 
-        Also lets the results read since the last tick go (:meth:`StepRecord.flush`).
+        Also lets the results read since the last tick go (:meth:`StepRecord.flush`),
+        unless every step is resolved: the round's end notes them all then.
         """
         now = time.monotonic()
-        if now >= self._flush_at:
+        if self.open and now >= self._flush_at:
             # At most once a check interval: a result read meanwhile stays a little
             # longer, and a duplicate still finds it (claim_step reads the result first).
             self._flush_at = now + self.dispatcher.check_interval_s
