@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fleet.config import load_settings
+from fleet.ledgers import RedisLedger
 from fleet.runs import (
     HEARTBEAT_LAPSE_S,
     HEARTBEAT_S,
@@ -76,7 +77,8 @@ def host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, 
         store = f"sqlite:{tmp_path / 'journal.db'}"
     (tmp_path / "flow.py").write_text(FLOW)
     process = subprocess.Popen(
-        [sys.executable, "-m", "fleet", "run", "flow.py:main", "--root-id", "doomed"],
+        [sys.executable, "-m", "fleet", "run", "flow.py:main", "--root-id", "doomed"]
+        + ["--budget", "100000"],
         cwd=tmp_path,
         env=_env(tmp_path, store),
         stdout=subprocess.DEVNULL,
@@ -122,6 +124,7 @@ def test_a_sigkilled_host_reads_as_abandoned_everywhere(
     assert "gave up" not in watch.stdout
 
     settings = load_settings(store=store, run_index=tmp_path / "runs.db")
+    released = asyncio.run(_release_reservations(store, "doomed"))
     with running_dashboard(settings, tmp_path) as dashboard, dashboard.client() as client:
         row = next(r for r in client.get("/api/workflows").json() if r["root_id"] == "doomed")
         assert row["status"] == "abandoned" and row["steps_in_flight"] == 0
@@ -140,6 +143,18 @@ def test_a_sigkilled_host_reads_as_abandoned_everywhere(
             not in metrics.split("# HELP fleet_steps_failed")[0].split("# HELP fleet_steps ")[1]
         )
         assert 'fleet_workflows{status="abandoned"} 1' in metrics
+        # The budget agrees with the ledger (as `fleet status` reads it), or, logged, is the
+        # last reading: its reservations are not presented as held.
+        assert detail["budget"]["limit_tokens"] == 100_000
+        if store.startswith("redis"):
+            assert released == 2  # each in-flight step held tokens until they were settled
+            assert detail["budget"]["consumed_tokens"] == 1000, detail["budget"]
+            assert detail["budget"]["reserved_tokens"] == 0, detail["budget"]
+            status_text = _fleet(tmp_path, store, "status", "doomed").stdout
+            budget_line = next(line for line in status_text.splitlines() if "budget:" in line)
+            assert "1000" in budget_line, budget_line  # `fleet status` reads the same ledger
+        else:
+            assert detail["budget_live"] is False, detail
         page = client.get("/workflows/doomed").text
         assert 'class="badge abandoned">abandoned<' in page
         assert "2 interrupted" in page and '<td class="st">running<' not in page
@@ -153,6 +168,23 @@ def test_a_sigkilled_host_reads_as_abandoned_everywhere(
     assert "stop within" not in cancel.stdout
     after = _fleet(tmp_path, store, "status", "doomed")
     assert "its host was already gone" in after.stdout
+
+
+async def _release_reservations(store: str, root_id: str) -> int:
+    """Settle the killed host's reservations, 500 tokens used each; how many there were.
+
+    As a worker that finished a step after its host died does, on a Redis ledger.
+    """
+    if not store.startswith("redis"):
+        return 0
+    ledger = RedisLedger(store)
+    try:
+        held = await ledger.reservations(root_id)
+        for reservation in held:
+            await ledger.settle(root_id, reservation.id, 500)
+        return len(held)
+    finally:
+        await ledger.close()
 
 
 def test_a_live_host_heartbeats_its_record(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from ..config import FleetSettings
 from .asks import ask_routes
 from .auth import BasicAuth, dashboard_auth
 from .data import Catalog
+from .ledger import LedgerBudgets
 from .live import LiveOutput
 from .liveness import Liveness, board_for
 from .metrics import render_metrics
@@ -81,6 +82,7 @@ class Dashboard:
         self.settings = settings
         self.catalog = catalog
         self.liveness = Liveness(settings.key_prefix)
+        self.ledgers = LedgerBudgets(settings)
         self.flower_url = settings.dashboard_flower_url
         self.show_text = settings.dashboard_show_text
         self.streams = 0
@@ -103,6 +105,7 @@ class Dashboard:
         view = await asyncio.to_thread(self.catalog.refresh, root_id)
         if view is not None:
             await self._mark(view)
+            await self.ledgers.mark(view)  # the budget as `fleet status` reads it
         return view
 
     async def _mark(self, view: WorkflowView) -> None:

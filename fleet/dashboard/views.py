@@ -128,6 +128,9 @@ class WorkflowView:
     """When the dashboard last read a new entry of this run (epoch seconds)."""
     phases: list[PhaseView] = field(default_factory=list)
     budget: dict[str, Any] | None = None
+    """The last budget reading the run logged."""
+    ledger_budget: dict[str, Any] | None = None
+    """The run's ledger now, when the dashboard could read it (:mod:`.ledger`)."""
     budget_exhausted: str | None = None
     cancelled: str | None = None
     """The cancel reason once a ``workflow_cancelled`` event arrived."""
@@ -331,12 +334,26 @@ class WorkflowView:
             "steps_interrupted": shown.count(INTERRUPTED),
             "tokens": sum(step.tokens for step in steps),
             "cost_usd": str(sum(costs, Decimal(0))) if costs else None,
-            "budget": self.budget,
+            **self._budget(),
             "budget_exhausted": self.budget_exhausted,
             "cancel_reason": self.cancelled,
             "abandoned": self.abandoned,
             "rate_limited": {"count": self.rate_wait_count, "wait_s": round(self.rate_wait_s, 3)},
             "version": self.version,
+        }
+
+    def _budget(self) -> dict[str, Any]:
+        """The budget: the ledger's figures, else the logged reading and whether it is live.
+
+        A reading logged by a run that no longer runs is its last: its reservations are
+        not held any more (``budget_live`` false), whatever it says.
+        """
+        if self.ledger_budget is not None:
+            return {"budget": self.ledger_budget, "budget_source": "ledger", "budget_live": True}
+        return {
+            "budget": self.budget,
+            "budget_source": None if self.budget is None else "log",
+            "budget_live": self.budget is not None and self.status == "running",
         }
 
     def detail(self, *, now: float, flower_url: str | None, show_text: bool) -> dict[str, Any]:

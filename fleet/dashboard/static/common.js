@@ -59,7 +59,9 @@ function budgetBar(wf) {
   const budget = wf.budget;
   const exhausted = Boolean(wf.budget_exhausted || (budget && budget.is_exhausted));
   if (!budget || (budget.limit_tokens == null && budget.limit_usd == null)) return null;
-  const live = wf.status === "running";  // an ended run holds nothing any more
+  // The ledger's figures, or a reading logged while the run ran: a stopped run's last
+  // reading shows no reservation as held, and says it is the last reading.
+  const live = wf.budget_live;
   let used, held, label;
   if (budget.limit_usd != null) {
     const limit = Number(budget.limit_usd);
@@ -74,6 +76,8 @@ function budgetBar(wf) {
     label = budget.consumed_tokens + " of " + limit + " tokens";
     if (live && budget.reserved_tokens) label += " (" + budget.reserved_tokens + " reserved)";
   }
+  const heldThen = Number(budget.reserved_tokens || 0) + Number(budget.reserved_usd || 0);
+  if (!live && heldThen > 0) label += " (last reading)";
   used = Math.max(0, Math.min(1, used));
   held = Math.max(0, Math.min(1 - used, held));
   if (exhausted) label = "budget exhausted: " + label;
