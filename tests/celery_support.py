@@ -136,10 +136,17 @@ class Worker:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    host: str
+    """The node's host part: the machine's name and the fleet's key prefix (see ``node``)."""
 
     @property
     def node(self) -> str:
-        return f"{self.name}@{socket.gethostname()}"
+        """``name@host``, unique to this fleet.
+
+        Another fleet's ``worker1`` on the same Redis (a module's workers still up) then
+        never answers this one's readiness ping.
+        """
+        return f"{self.name}@{self.host}"
 
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
@@ -156,6 +163,11 @@ class CeleryWorkers:
     workers: dict[str, Worker] = field(default_factory=dict)
     app: str = "workers.app"
     """What ``celery -A`` runs: the production worker, or the benchmarks' app."""
+
+    @property
+    def host(self) -> str:
+        """Its workers' host part: the machine, then this fleet's own key prefix."""
+        return f"{socket.gethostname()}.{self.settings.key_prefix}"
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -179,7 +191,7 @@ class CeleryWorkers:
                         "-A",
                         self.app,
                         "worker",
-                        f"--hostname={name}@%h",
+                        f"--hostname={name}@{self.host}",
                         "--pool=threads",
                         f"--concurrency={concurrency or self.concurrency}",
                         "--loglevel=INFO",
@@ -193,7 +205,7 @@ class CeleryWorkers:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            worker = self.workers[name] = Worker(name, process, log)
+            worker = self.workers[name] = Worker(name, process, log, self.host)
             started.append(worker)
         self.wait_ready([w.node for w in started])
         return started

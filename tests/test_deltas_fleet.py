@@ -222,7 +222,13 @@ async def test_256_openai_streams_on_one_worker_join_and_charge_the_providers_us
             f'[agents.llm]\nkind = "openai"\nbase_url = "{server.base_url}"\nmodel = "m"\n'
             f'max_tokens = 30\nmax_concurrent = {MANY}\nstream = true\nunknown_price = "allow"\n'
         )
-        settings = fleet_settings(redis_url, agents_file=agents, max_in_flight=MANY)
+        # A lease as long as a deployment's (10 s by default), not the suite's 1 s: 256 steps
+        # claimed at once by a worker that has just started can starve its lease thread past
+        # 1 s on a busy 2-core machine, and a lapsed lease re-runs a step, which this test,
+        # about streams and usage, would count as extra requests. Lapses have their own tests.
+        settings = fleet_settings(
+            redis_url, agents_file=agents, max_in_flight=MANY, step_lease_s=5.0
+        )
         ledger = RedisLedger(redis_url, key_prefix=settings.key_prefix)
         budget = WorkflowBudget(10_000_000, ledger=ledger, workflow_id="fleet-sse")
         specs = [
