@@ -45,6 +45,7 @@ from fleet.ledgers import RedisLedger
 from fleet.processes import celery_command, settings_env
 from fleet.redis.scripts import names, script
 from fleet.redis_server import RedisServer, free_port
+from fleet.runner import build_executor
 from fleet.runs import RedisRunRegistry
 from fleet.stores.redis import RedisCheckpointStore
 
@@ -322,7 +323,9 @@ async def measure(server: RedisServer, steps: int, directory: Path) -> dict[str,
     try:
         for root in ("warm", "measured"):
             budget = WorkflowBudget(10**12, ledger=ledger, workflow_id=root)
-            executor = CeleryExecutor(settings=settings, budget=budget)
+            # As `fleet run` builds it: the journal is the fleet's Redis, so workers journal.
+            executor = build_executor("celery", {}, budget, 8, settings, store=url)
+            assert isinstance(executor, CeleryExecutor)
             if root == "measured":
                 before = _stats(direct), proxy.snapshot()
             try:

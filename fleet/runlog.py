@@ -34,6 +34,7 @@ from .config import mask_url
 from .errors import ConfigError
 from .eventbus import BufferedLog, event_stream_key
 from .redis.keys import Keys, untagged
+from .urls import REDIS_SCHEMES
 
 __all__ = [
     "LogEntry",
@@ -270,7 +271,7 @@ def open_log_reader(url: str, *, key_prefix: str = "fleet") -> LogReader:
     """
     if url.startswith("sqlite:"):
         return _SQLiteReader(Path(url.removeprefix("sqlite:")))
-    if url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+    if url.startswith(REDIS_SCHEMES):
         return _RedisReader(url, key_prefix)
     raise ConfigError(
         f"run logs live in a sqlite:PATH file or a redis:// URL, not {mask_url(url)!r}",

@@ -36,6 +36,7 @@ from .runs import new_run_id, open_run_registry
 from .runs.index import index_run
 from .runsummary import summary_at
 from .stores import CheckpointStore, open_store, sqlite_path
+from .urls import REDIS_SCHEMES
 from .workflow import Workflow, WorkflowBuilder
 
 __all__ = [
@@ -47,9 +48,6 @@ __all__ = [
     "open_run",
     "plan_run",
 ]
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
-"""The URL schemes that name a Redis (a run's journal, event log or ledger there)."""
 
 
 @dataclass(frozen=True)
@@ -166,8 +164,14 @@ def build_executor(
     budget: WorkflowBudget | None,
     concurrency: int,
     config: FleetSettings,
+    *,
+    store: str | None = None,
 ) -> AgentExecutor:
-    """The host a run uses: ``local`` (in-process) or ``celery`` (the fleet)."""
+    """The host a run uses: ``local`` (in-process) or ``celery`` (the fleet).
+
+    ``store`` is the run's journal: when it is the fleet's own Redis, the workers journal
+    each step with its outcome, in the same script, and the host does not write it again.
+    """
     if kind == "local":
         return LocalExecutor(
             agents=dict(agents),
@@ -180,7 +184,8 @@ def build_executor(
             from .celery import CeleryExecutor
         except ImportError as error:
             raise ConfigError(f"the Celery host cannot be loaded: {error}") from None
-        return CeleryExecutor(settings=config, budget=budget)
+        shared = store is not None and store.strip() == config.redis_url.strip()
+        return CeleryExecutor(settings=config, budget=budget, worker_journal=shared)
     raise ConfigError(f"unknown executor {kind!r}; use 'local' or 'celery'", key="--executor")
 
 
@@ -251,7 +256,7 @@ async def open_run(
             raise
         if lasting is None:
             await _carry_local_consumption(config, places, root_id, plan)
-    host = build_executor(executor, agents or {}, plan, concurrency, config)
+    host = build_executor(executor, agents or {}, plan, concurrency, config, store=places.store)
     journal: CheckpointStore = open_store(places.store, key_prefix=config.key_prefix)
     builder = Workflow.builder(host).with_store(journal).with_root_id(root_id)
     if plan is not None:

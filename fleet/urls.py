@@ -1,4 +1,4 @@
-"""URLs safe to show: :func:`mask_url` hides the passwords in a Redis or Sentinel URL.
+"""URLs: :data:`REDIS_SCHEMES` names a Redis URL; :func:`mask_url` hides its passwords.
 
 Its own module so that the settings (which check a Sentinel URL) and the Sentinel
 module (which names a URL in its errors) both use it without importing each other.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["mask_url"]
+__all__ = ["REDIS_SCHEMES", "mask_url"]
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+"""How a URL of a Redis (a journal, a run log, a broker) begins."""
 
 _SECRET_QUERY = re.compile(r"((?:^|[?&])sentinel_password=)[^&]*")
 

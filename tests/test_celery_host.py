@@ -19,7 +19,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from bench.redis_cost import CountingProxy
-from fleet import AgentStepSpec, LocalExecutor, execute_steps_parallel
+from fleet import (
+    AgentStepSpec,
+    LocalExecutor,
+    execute_steps_parallel,
+    execute_steps_parallel_resumable,
+)
 from fleet.admission import refusal
 from fleet.budget import WorkflowBudget
 from fleet.celery import STEP_TASK, CeleryExecutor, configure_app, step_task_id
@@ -523,6 +528,52 @@ async def test_workers_journal_each_step_at_the_step_boundary(
     assert checkpoint.completed()["a"].worker == workers.workers["worker1"].node
 
 
+class _CountingStore(RedisCheckpointStore):
+    """The real Redis journal, counting the records the host writes itself."""
+
+    written: list[str]
+
+    async def record_step(self, workflow_id: str, record: Any) -> None:
+        self.written.append(record.task_id)
+        await super().record_step(workflow_id, record)
+
+
+@pytest.mark.parametrize("worker_journal", [True, False])
+async def test_a_step_the_worker_journaled_is_not_journaled_again_by_the_host(
+    workers: CeleryWorkers, key_prefix: str, worker_journal: bool
+) -> None:
+    """The worker's finish script journals the step; the host then writes nothing for it.
+
+    Without ``worker_journal`` the host journals each success itself; either way the
+    journal holds every success (and no failure), and a resume runs nothing again.
+    """
+    url, prefix = workers.settings.redis_url, workers.settings.key_prefix
+    store = _CountingStore(url, key_prefix=prefix)
+    store.written = []
+    executor = workers.executor(worker_journal=worker_journal)
+    workflow_id = f"{key_prefix}-once-{worker_journal}"
+    specs = [spec(f"j{i}", "echo") for i in range(6)] + [spec("jf", "fail")]
+    try:
+        first = await execute_steps_parallel_resumable(
+            executor, specs, workflow_id, store, keep_journal=True
+        )
+        checkpoint = await store.load(workflow_id)
+        resumed: list[object] = []
+        again = await execute_steps_parallel_resumable(
+            executor, specs[:-1], workflow_id, store, events=resumed.append, keep_journal=True
+        )
+    finally:
+        await store.delete(workflow_id)
+        await store.close()
+        await executor.aclose()
+    assert [o.success for o in first] == [True] * 6 + [False]
+    assert checkpoint is not None
+    assert sorted(checkpoint.completed()) == [f"j{i}" for i in range(6)]
+    assert sorted(store.written) == ([] if worker_journal else [f"j{i}" for i in range(6)])
+    assert [o.output for o in again] == [o.output for o in first[:-1]]
+    assert resumed == []  # served from the journal: nothing sent, nothing ran
+
+
 async def test_a_worker_shares_its_ledger_and_journal_connections_across_steps(
     workers: CeleryWorkers, key_prefix: str
 ) -> None:
@@ -574,3 +625,20 @@ def test_a_busy_connection_pool_is_not_blamed_on_redis() -> None:
     assert f"{HOST_CONNECTIONS} Redis connections" in busy and "secret" not in busy
     down = broker_failure(url, RedisConnectionError("Connection refused"))
     assert down.endswith("is Redis running?") and "secret" not in down
+
+
+def test_fleet_run_lets_workers_journal_when_the_journal_is_the_fleets_redis(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``fleet run --executor celery`` with its journal on the broker's Redis: workers journal."""
+    from fleet.runner import build_executor
+
+    settings = fleet_settings(redis_url)
+    shared = build_executor("celery", {}, None, 8, settings, store=settings.redis_url)
+    apart = build_executor("celery", {}, None, 8, settings, store=f"sqlite:{tmp_path}/j.db")
+    try:
+        assert isinstance(shared, CeleryExecutor) and shared.worker_journal
+        assert isinstance(apart, CeleryExecutor) and not apart.worker_journal
+    finally:
+        shared.close()
+        apart.close()

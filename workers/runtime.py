@@ -206,6 +206,8 @@ class WorkerRuntime:
         resumable: bool = False,
         steps: str | None = None,
         journal: tuple[str, str, str, str] | None = None,
+        hold: BudgetHold | None = None,
+        used_tokens: int = 0,
     ) -> bool:
         """Record the result of this dispatch, notify the host, drop our lease.
 
@@ -213,6 +215,13 @@ class WorkerRuntime:
         ``steps`` (the record's owner, default ``nonce``), which a host that resumes the
         workflow finds instead of sending the step again; ``journal`` (see
         :meth:`journal_write`) writes the step's journal record with it.
+
+        With a token ``hold``, the reservation is settled at ``used_tokens`` in the same
+        script (``finish_settle.lua``; on Sentinel pipelined with the ledger's ``WAIT``:
+        one round trip), so the ``notices`` may say it is settled. An attempt that
+        records nothing has its usage charged on its own id
+        (:func:`~workers.fencing.charge_stopped`), in the script or, when its fence
+        tripped here, through the ledger.
 
         Returns:
             ``False`` when nothing was recorded because the attempt's lease lapsed: its
@@ -222,48 +231,16 @@ class WorkerRuntime:
         fence = self.fences.get(self.keys.lease(tid), owner)
         self.abandon(tid, owner)
         if fence is None or fence.lapsed():
+            if hold is not None:
+                self.settle(hold, used_tokens, attempt=owner)
             return False
         keys, args = self._finish_call(tid, nonce, owner, record, reply, resumable, steps, journal)
-        done = self._finish(keys=keys, args=[*args, *notices])
-        return bool(done)
-
-    def finish_held(
-        self,
-        hold: BudgetHold,
-        used_tokens: int,
-        tid: str,
-        nonce: str,
-        owner: str,
-        record: str,
-        reply: str,
-        *notices: str,
-        resumable: bool = False,
-        steps: str | None = None,
-        journal: tuple[str, str, str, str] | None = None,
-    ) -> bool:
-        """:meth:`finish` and :meth:`settle` of a step under a token hold, in one script.
-
-        Records the outcome and settles the reservation at ``used_tokens`` together
-        (``finish_settle.lua``; on Sentinel pipelined with the ledger's ``WAIT``: one
-        round trip), so the ``notices`` may say it is settled. When the attempt's
-        lease lapsed, nothing is recorded and its usage is charged on its own id
-        (:func:`~workers.fencing.charge_stopped`), in the script or, when its fence
-        tripped here, through the ledger.
-
-        Returns:
-            Whether the outcome was recorded (and the reservation settled).
-        """
-        fence = self.fences.get(self.keys.lease(tid), owner)
-        self.abandon(tid, owner)
-        if fence is None or fence.lapsed():
-            self.settle(hold, used_tokens, attempt=owner)
-            return False
-        budget = self._budget(hold)
-        chain = (hold.workflow_id, *self.run_async(budget.ancestors()))
-        ledger = self.ledger()
-        keys, args = self._finish_call(tid, nonce, owner, record, reply, resumable, steps, journal)
+        if hold is None:
+            return bool(self._finish(keys=keys, args=[*args, *notices]))
+        chain = (hold.workflow_id, *self.run_async(self._budget(hold).ancestors()))
         keys += [part for account in chain for part in self.keys.budget(account)]
         args += [hold.workflow_id, hold.reservation_id, used_tokens, 0, *notices]
+        ledger = self.ledger()
         wait = ledger.write_waits()
         pipe = self.redis().pipeline(transaction=False)
         script("finish_settle").queue(pipe, keys, args)

@@ -122,20 +122,15 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> str:
         journal = runtime.journal_write(message.workflow_id, spec, outcome)
     hold = message.budget
     resumable = outcome.success and message.workflow_id is not None
-    if hold is None:
-        notice = Finished(id=tid, outcome=outcome).to_json()
-        counted = runtime.finish(
-            tid, message.nonce, value, outcome.to_json(), message.reply, notice,
-            resumable=resumable, steps=steps, journal=journal,
-        )  # fmt: skip
-    else:
-        # Recorded and settled in one script: the notice says the host need not settle.
-        notice = Finished(id=tid, outcome=outcome, settled=True).to_json()
-        counted = runtime.finish_held(
-            hold, outcome.usage.total_tokens,
-            tid, message.nonce, value, outcome.to_json(), message.reply, notice,
-            resumable=resumable, steps=steps, journal=journal,
-        )  # fmt: skip
+    # With a hold, recorded and settled in one script: the notice says the host need not settle.
+    notice = Finished(
+        id=tid, outcome=outcome, settled=hold is not None, journaled=journal is not None
+    ).to_json()
+    counted = runtime.finish(
+        tid, message.nonce, value, outcome.to_json(), message.reply, notice,
+        resumable=resumable, steps=steps, journal=journal,
+        hold=hold, used_tokens=outcome.usage.total_tokens,
+    )  # fmt: skip
     if not counted:
         logger.warning(
             "step %s (task %s): its lease lapsed before it was recorded; its outcome "

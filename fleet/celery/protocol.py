@@ -225,6 +225,9 @@ class Finished(FleetModel):
     """The worker settled the step's token hold before telling the host (so the host does
     not settle it again); ``False`` when it did not (no hold, a failed settle, a duplicate
     delivery answered from the record)."""
+    journaled: bool = False
+    """The worker wrote the step's journal record with its outcome, in the same script
+    (``worker_journal``), so the host does not journal it again."""
 
 
 class Stopped(FleetModel):

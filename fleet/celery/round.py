@@ -365,7 +365,9 @@ class Round(Track):
                 emit(self.events, started)
         elif isinstance(notice, Finished):
             # A step that reached a worker is settled there; the host settles the rest.
-            await self._resolve(entry, notice.outcome, settle=not notice.settled)
+            await self._resolve(
+                entry, notice.outcome, settle=not notice.settled, journaled=notice.journaled
+            )
         elif isinstance(notice, Limited):
             emit(self.events, notice.event)
 
@@ -454,7 +456,10 @@ class Round(Track):
         except (RedisError, OSError) as error:
             logger.warning("could not cancel the round's steps on the fleet: %s", error)
 
-    async def _resolve(self, entry: _Entry, outcome: StepOutcome, *, settle: bool = True) -> None:
+    async def _resolve(
+        self, entry: _Entry, outcome: StepOutcome, *, settle: bool = True, journaled: bool = False
+    ) -> None:
+        """``journaled``: the worker wrote the journal record (``on_outcome`` is not told)."""
         if entry.outcome is not None:
             return
         entry.outcome = outcome
@@ -470,7 +475,7 @@ class Round(Track):
             # died after settling, or whose notice was lost, charged the same usage.
             await asyncio.shield(entry.reservation.settle(outcome.usage.total_tokens))
         emit(self.events, StepFinished.of(outcome, host_task_id=entry.tid))
-        if self.on_outcome is not None:
+        if self.on_outcome is not None and not journaled:
             try:
                 await self.on_outcome(entry.index, outcome)
             except Exception as error:

@@ -23,6 +23,7 @@ from ..redis.sentinel import check_redis
 from ..runner import RunPlaces
 from ..runs.index import indexed_stores
 from ..runstatus import Located, locate_run
+from ..urls import REDIS_SCHEMES
 from .app import app, settings
 from .cancel import ExecutorOption, RedisUrlOption, board_at
 from .progress import say
@@ -30,7 +31,6 @@ from .progress import say
 __all__ = ["answer", "ask_lines", "asks", "read_asks"]
 
 _STORE_HELP = "The run's journal, as given to `fleet run` (default FLEET_STORE)."
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 
 
 def _check_store(store: str) -> None:
@@ -40,7 +40,7 @@ def _check_store(store: str) -> None:
         BrokerError: the journal's Redis does not answer (``fleet`` exits 2 with the
             line, like ``fleet run``).
     """
-    if store.strip().startswith(_REDIS_SCHEMES):
+    if store.strip().startswith(REDIS_SCHEMES):
         check_redis(store.strip(), setting="--store (FLEET_STORE)")
 
 

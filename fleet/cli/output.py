@@ -20,13 +20,13 @@ from ..config import mask_url
 from ..deltas import LiveText, read_deltas
 from ..eventbus import delta_stream_key
 from ..events import StepDelta
+from ..urls import REDIS_SCHEMES
 from .progress import say
 
 __all__ = ["LINE_EVERY_S", "LiveOutput", "OutputFollower"]
 
 LINE_EVERY_S = 0.5
 """A step's line is printed at most this often (its text keeps growing in between)."""
-_REDIS = ("redis://", "rediss://", "unix://", "sentinel://")
 TAIL = 80
 """Characters of a step's text its line shows (the newest ones)."""
 
@@ -162,7 +162,7 @@ class LiveOutput:
     def begin(self, events: str | None, at: str | None) -> None:
         """The run started (at epoch ``at``), logging its events to ``events``."""
         self.end()
-        if events is None or not events.startswith(_REDIS):
+        if events is None or not events.startswith(REDIS_SCHEMES):
             say(
                 f"no live output for workflow {self.root_id}: only a fleet run (--executor "
                 "celery) publishes it, to Redis; this run logs to "
