@@ -14,7 +14,7 @@ from celery import signals
 
 from fleet import AgentContext, AgentStepSpec, execute_steps_parallel
 from fleet.agents import AgentRegistry
-from fleet.celery import PROTOCOL_VERSION, StepMessage
+from fleet.celery import PROTOCOL_VERSION, STEP_TASK, StepMessage
 from tests.celery_support import BrokerLog, fleet_settings, running_workers
 from tests.test_security import EventTap, wait_until
 from workers.app import (
@@ -33,6 +33,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow]
 
 async def test_task_events_go_out_in_batches_and_all_arrive(redis_url: str, tmp_path: Path) -> None:
     """60 quick steps on -c 8: task-event publishes come a flush interval apart, none lost.
+
+    The host's ``task-sent`` events arrive too, one message per batch of sends.
 
     The worker runs at ``--loglevel INFO``: its log has no line per step.
     """
@@ -56,8 +58,14 @@ async def test_task_events_go_out_in_batches_and_all_arrive(redis_url: str, tmp_
     assert "fleet.run_step[" not in worker_log, worker_log[-2000:]  # "received", "succeeded"
     assert "ready." in worker_log  # the worker's other INFO lines still show
     assert all(outcome.success for outcome in outcomes)
-    for kind in ("task-received", "task-started", "task-succeeded"):
+    for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
         assert sum(e.get("type") == kind for e in tap.events) == 60, kind
+    sent = [e for e in tap.events if e.get("type") == "task-sent"]
+    assert {e["name"] for e in sent} == {STEP_TASK} and len({e["uuid"] for e in sent}) == 60
+    assert all(e["queue"] == settings.queue and e["hostname"] for e in sent)
+    # The host's task-sent events go out in one message per batch of sends, not one each.
+    published = [c for c in log.commands if c.name == "PUBLISH" and b"celeryev" in c.args[1]]
+    assert len(published) < 30, [c.args[1] for c in published]
     batches = sorted(
         c.at
         for c in log.commands

@@ -54,6 +54,7 @@ from .app import configure_app, load_stages
 from .dispatch import Dispatcher
 from .pipeline import Pipeline
 from .round import Round
+from .sent_events import SentEvents, sent_dispatcher
 
 if TYPE_CHECKING:
     from ..budget import WorkflowBudget
@@ -137,6 +138,7 @@ class CeleryExecutor(AgentExecutor):
         self._producers: Any = None
         """This executor's own broker connections and producers (kombu pools, untyped)."""
         self._sender: ThreadPoolExecutor | None = None
+        self._sent_dispatcher: Any = None
         # One dispatcher per event loop (an executor may outlive an asyncio.run()); its
         # collector and Redis connections are closed when that loop ends, if not before.
         self._dispatchers: PerLoop[Dispatcher] = PerLoop(
@@ -243,12 +245,17 @@ class CeleryExecutor(AgentExecutor):
                 producer_pool: Any = ProducerPool
                 self._producers = producer_pool(connections, limit=limit)
             with self._producers.acquire(block=True) as producer:
+                # The batch's task-sent events go out as one message after it.
+                if self._sent_dispatcher is None:
+                    self._sent_dispatcher = sent_dispatcher(self.app)
+                sent = SentEvents(self._sent_dispatcher)
                 # A group of one costs a group id and result bookkeeping for nothing.
                 if as_group and len(signatures) > 1:
-                    group(signatures).apply_async(producer=producer)
+                    group(signatures).apply_async(producer=producer, event_dispatcher=sent)
                 else:
                     for signature in signatures:
-                        signature.apply_async(producer=producer)
+                        signature.apply_async(producer=producer, event_dispatcher=sent)
+                sent.flush(producer, self.app.conf.task_publish_retry_policy)
 
         await asyncio.get_running_loop().run_in_executor(self._sender, send)
 
