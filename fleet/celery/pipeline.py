@@ -23,7 +23,6 @@ from ..cancel.markers import leave_markers
 from ..cancel.signal import CANCELLED
 from ..events import EventSink, StepFinished, StepStarted, emit
 from ..spec import StepOutcome
-from .dispatch import Flight, Notice, Track
 from .protocol import (
     PROTOCOL_VERSION,
     STAGE_TASK,
@@ -37,6 +36,7 @@ from .protocol import (
 )
 from .records import result_grace_s
 from .round import SEND_BATCH
+from .track import Flight, Notice, Track
 
 if TYPE_CHECKING:
     from .executor import CeleryExecutor

@@ -31,7 +31,7 @@ from ..events import EventSink, StepFinished, StepStarted, emit
 from ..executor import OutcomeCallback
 from ..limiters import ProviderLimit
 from ..spec import AgentStepSpec, StepOutcome
-from .dispatch import HOST_CONNECTIONS, Flight, Notice, Track
+from .dispatch import HOST_CONNECTIONS
 from .protocol import (
     PROTOCOL_VERSION,
     STEP_TASK,
@@ -44,6 +44,7 @@ from .protocol import (
     step_task_id,
 )
 from .records import StepRecord, record_owner, result_grace_s
+from .track import Flight, Notice, Track
 
 if TYPE_CHECKING:
     from ..agents.base import AgentDefinition
