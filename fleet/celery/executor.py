@@ -29,6 +29,7 @@ that a step ran on another machine. How it places work:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -54,7 +55,7 @@ from .app import configure_app, load_stages
 from .dispatch import Dispatcher
 from .pipeline import Pipeline
 from .round import Round
-from .sent_events import SentEvents, sent_dispatcher
+from .sent_events import SENT_LINGER_S, SentEvents, sent_dispatcher
 
 if TYPE_CHECKING:
     from ..budget import WorkflowBudget
@@ -138,7 +139,9 @@ class CeleryExecutor(AgentExecutor):
         self._producers: Any = None
         """This executor's own broker connections and producers (kombu pools, untyped)."""
         self._sender: ThreadPoolExecutor | None = None
-        self._sent_dispatcher: Any = None
+        self._sent: SentEvents | None = None
+        """The ``task-sent`` events kept for one publish (used on the sender thread)."""
+        self._flush_due = False
         # One dispatcher per event loop (an executor may outlive an asyncio.run()); its
         # collector and Redis connections are closed when that loop ends, if not before.
         self._dispatchers: PerLoop[Dispatcher] = PerLoop(
@@ -182,8 +185,10 @@ class CeleryExecutor(AgentExecutor):
     def close(self) -> None:
         """Release the broker connections and the sender thread (the executor stays usable)."""
         if self._sender is not None:
+            self._sender.submit(self._flush_sent)
             self._sender.shutdown(wait=True)
             self._sender = None
+        self._sent = None
         if self._producers is not None:
             self._producers.force_close_all()
             self._producers.connections.force_close_all()
@@ -234,7 +239,7 @@ class CeleryExecutor(AgentExecutor):
         if self._sender is None:
             self._sender = ThreadPoolExecutor(1, thread_name_prefix="fleet-celery-send")
 
-        def send() -> None:
+        def send() -> bool:
             if self._producers is None:
                 # Pools of this executor's own, closed with it: Celery's default producers
                 # come from kombu's process-wide pools for the broker URL, which nothing
@@ -245,19 +250,48 @@ class CeleryExecutor(AgentExecutor):
                 producer_pool: Any = ProducerPool
                 self._producers = producer_pool(connections, limit=limit)
             with self._producers.acquire(block=True) as producer:
-                # The batch's task-sent events go out as one message after it.
-                if self._sent_dispatcher is None:
-                    self._sent_dispatcher = sent_dispatcher(self.app)
-                sent = SentEvents(self._sent_dispatcher)
+                # Celery's task-sent events are kept, to go out together (sent_events.py).
+                sent = self._sent_events()
                 # A group of one costs a group id and result bookkeeping for nothing.
                 if as_group and len(signatures) > 1:
                     group(signatures).apply_async(producer=producer, event_dispatcher=sent)
                 else:
                     for signature in signatures:
                         signature.apply_async(producer=producer, event_dispatcher=sent)
-                sent.flush(producer, self.app.conf.task_publish_retry_policy)
+                if sent.due():
+                    self._publish_sent(producer)
+                return bool(sent.events)
 
-        await asyncio.get_running_loop().run_in_executor(self._sender, send)
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(self._sender, send) and not self._flush_due:
+            # The task-sent events kept go out with the next send, or at the latest now.
+            self._flush_due = True
+            loop.call_later(SENT_LINGER_S, self._flush_sent_later)
+
+    def _sent_events(self) -> SentEvents:
+        if self._sent is None:
+            self._sent = SentEvents(sent_dispatcher(self.app))
+        return self._sent
+
+    def _flush_sent_later(self) -> None:
+        self._flush_due = False
+        if self._sender is not None:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: close() flushed
+                self._sender.submit(self._flush_sent)
+
+    def _flush_sent(self) -> None:
+        """Publish the ``task-sent`` events kept (on the sender thread, as every send)."""
+        if self._sent is None or not self._sent.events or self._producers is None:
+            return
+        with self._producers.acquire(block=True) as producer:
+            self._publish_sent(producer)
+
+    def _publish_sent(self, producer: Any) -> None:
+        assert self._sent is not None
+        try:
+            self._sent.flush(producer, self.app.conf.task_publish_retry_policy)
+        except Exception as error:  # monitoring only: the steps themselves went out
+            logger.warning("could not publish the task-sent events of sent steps: %s", error)
 
     # ------------------------------------------------------------------ the seam
 
