@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from ..config import FleetSettings, mask_url
 from ..runlog import LogReader, open_log_reader
 from ..runner import plan_run
-from .views import WorkflowView, float_or_none
+from .values import float_or_none
+from .views import WorkflowView
 
 __all__ = ["Catalog", "Source"]
 

@@ -13,8 +13,10 @@ import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
+
+from .values import float_or_none, int_or_zero, money_or_none, str_or_none
 
 __all__ = [
     "INTERRUPTED",
@@ -180,8 +182,8 @@ class WorkflowView:
             self.phases.append(
                 PhaseView(
                     name=str(event.get("name", "")),
-                    index=_int(event.get("index")),
-                    step_count=_int(event.get("step_count")),
+                    index=int_or_zero(event.get("index")),
+                    step_count=int_or_zero(event.get("step_count")),
                 )
             )
             self._current.append(len(self.phases) - 1)
@@ -224,8 +226,8 @@ class WorkflowView:
             task_id=str(event.get("task_id", "")),
             agent=str(event.get("agent", "")),
             phase=phase,
-            host_task_id=_str_or_none(event.get("host_task_id")),
-            worker=_str_or_none(event.get("worker")),
+            host_task_id=str_or_none(event.get("host_task_id")),
+            worker=str_or_none(event.get("worker")),
         )
         self.phases[phase].steps.append(step)
         if self.phases[phase].index is None:
@@ -245,16 +247,16 @@ class WorkflowView:
         else:  # served from the journal, or its start fell out of the capped log
             step = self._started(event, running=False)
         step.status = "done" if event.get("success") else "failed"
-        step.worker = _str_or_none(event.get("worker")) or step.worker
+        step.worker = str_or_none(event.get("worker")) or step.worker
         step.duration_s = float_or_none(event.get("duration_s"))
-        step.tokens = _int(event.get("total_tokens"))
-        step.cost_usd = _money(event.get("cost_usd"))
-        step.error = _str_or_none(event.get("error"))
-        step.host_task_id = _str_or_none(event.get("host_task_id")) or step.host_task_id
+        step.tokens = int_or_zero(event.get("total_tokens"))
+        step.cost_usd = money_or_none(event.get("cost_usd"))
+        step.error = str_or_none(event.get("error"))
+        step.host_task_id = str_or_none(event.get("host_task_id")) or step.host_task_id
 
     def _rate_limited(self, event: dict[str, Any]) -> None:
         wait = float_or_none(event.get("wait_s")) or 0.0
-        task_id = _str_or_none(event.get("task_id"))
+        task_id = str_or_none(event.get("task_id"))
         self.rate_wait_count += 1
         self.rate_wait_s += wait
         self.rate_waits.append(
@@ -262,7 +264,7 @@ class WorkflowView:
                 "limit": str(event.get("limit", "")),
                 "wait_s": round(wait, 3),
                 "task_id": task_id,
-                "agent": _str_or_none(event.get("agent")),
+                "agent": str_or_none(event.get("agent")),
             }
         )
         del self.rate_waits[:-_MAX_RATE_WAITS]
@@ -372,30 +374,3 @@ class WorkflowView:
         body["rate_waits"] = list(self.rate_waits)
         body["logs"] = list(self.logs) if show_text else None
         return body
-
-
-def float_or_none(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _money(value: Any) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(Decimal(str(value)))
-    except InvalidOperation:
-        return None
