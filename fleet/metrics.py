@@ -18,11 +18,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "MAX_LABEL_VALUES",
     "REGISTRY",
+    "CallOutcome",
     "budget_refused",
     "enable",
     "enabled",
@@ -98,8 +99,8 @@ class _Metrics:
         )
         self.calls = Counter(
             "fleet_model_calls",
-            "Model calls made, by agent and model.",
-            ["agent", "model"],
+            "Model calls made, by agent, model and outcome (ok, failed or cancelled).",
+            ["agent", "model", "outcome"],
             registry=r,
         )
         self.refusals = Counter(
@@ -174,12 +175,16 @@ def step_finished(outcome: Any, duration_s: float, model: str = "") -> None:
         m.cost.labels(agent).inc(float(Decimal(str(cost))))
 
 
-def model_call(agent: str, model: str) -> None:
-    """One model call finished (its tokens count with its step's)."""
+CallOutcome = Literal["ok", "failed", "cancelled"]
+"""How a model call ended (the ``outcome`` label of ``fleet_model_calls``)."""
+
+
+def model_call(agent: str, model: str, outcome: CallOutcome = "ok") -> None:
+    """One model call ended, sent and answered or not (its tokens count with its step's)."""
     m = _m
     if m is None:
         return
-    m.calls.labels(m.agent(agent), m.model(model)).inc()
+    m.calls.labels(m.agent(agent), m.model(model), outcome).inc()
 
 
 def budget_refused() -> None:

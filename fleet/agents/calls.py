@@ -12,7 +12,9 @@ speaks to the server (the OpenAI-compatible agent's own transport, a pydantic-ai
 3. the caller sends the request and :meth:`ModelCall.charge` s the usage it reports;
 4. *after the call*, also when it failed or was cancelled, the real cost is settled and
    the rest of the dollar hold released; the call is a ``chat {model}`` span (GenAI
-   conventions, no text) and counted in the metrics.
+   conventions, no text) and counted in the metrics with its outcome (``ok``,
+   ``failed`` or ``cancelled``). A call refused before it was sent (the token hold, the
+   dollars) is no call: the budget's refusal is counted instead.
 
 Admission under a provider limit stays with the caller, around each HTTP attempt
 (:meth:`fleet.agents.AgentContext.admit_call`), since retries happen inside a call.
@@ -20,12 +22,14 @@ Admission under a provider limit stays with the caller, around each HTTP attempt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from .. import metrics, telemetry
+from ..cancel import StepInterrupted
 from ..pricing import ModelPrice, UnknownPrice
 from ..spec import TokenUsage
 from .base import AgentContext, CallHold
@@ -119,9 +123,14 @@ async def model_call(
             prompt_estimate=prompt_estimate,
             span=span,
         )
+        outcome: metrics.CallOutcome = "failed"
         try:
             async with _kept(hold):
                 yield call
+            outcome = "ok"
+        except (asyncio.CancelledError, StepInterrupted):
+            outcome = "cancelled"
+            raise
         finally:
             await hold.settle(call.charged)
             if span is not None:
@@ -132,8 +141,8 @@ async def model_call(
                 span.set_attribute(
                     "gen_ai.usage.output_tokens", used.completion_tokens - before.completion_tokens
                 )
-    ctx.model = model
-    metrics.model_call(ctx.spec.agent, model)
+            ctx.model = model
+            metrics.model_call(ctx.spec.agent, model, outcome)
 
 
 @contextlib.asynccontextmanager

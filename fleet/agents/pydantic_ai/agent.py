@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai import StructuredDict
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler
-from pydantic_ai.exceptions import AgentRunError
+from pydantic_ai.exceptions import AgentRunError, FallbackExceptionGroup
 from pydantic_ai.messages import (
     AgentStreamEvent,
     PartDeltaEvent,
@@ -27,8 +27,8 @@ from ...spec import AgentStepSpec, TokenUsage
 from ..base import AgentContext, AgentDefinition, AgentResult
 from ..tables import validate_agent_table
 from ..targets import import_target
-from .errors import as_agent_error
-from .model import StepCalls, StepModel
+from .errors import as_agent_error, fallback_error
+from .model import StepCalls, StepRequests, leaf_models, step_model
 
 __all__ = ["PydanticAIAgent", "PydanticAIAgentConfig", "definition_from_config"]
 
@@ -59,7 +59,8 @@ class PydanticAIAgent:
     """A pydantic-ai agent run as fleet steps, every model request under fleet's control.
 
     ``await agent(spec, ctx)`` runs ``spec.prompt`` through the agent with its model
-    wrapped in a :class:`~.model.StepModel`; the agent keeps its tools, instructions,
+    wrapped in a :class:`~.model.StepModel` (a ``FallbackModel``'s models each in
+    one: :func:`~.model.step_model`); the agent keeps its tools, instructions,
     model settings and output type. A step with an ``output_schema`` (an object schema)
     asks for it as the run's output type instead.
 
@@ -133,7 +134,8 @@ class PydanticAIAgent:
         A worker calls it at start: genai-prices' bundled data takes a moment of CPU to
         load, and on the first step it would hold the event loop every step shares.
         """
-        self.price(self.model)
+        for model in leaf_models(self.model):
+            self.price(model)
 
     def definition(self, name: str | None = None) -> AgentDefinition:
         """This agent as a registry entry."""
@@ -144,8 +146,8 @@ class PydanticAIAgent:
     async def __call__(self, spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:
         """Run one step: the agent's run on the step's prompt, every request held by fleet."""
         calls = StepCalls(ctx, self.name, self.price, self.unknown_price)
-        model = StepModel(self.model, calls)
-        options: dict[str, Any] = {}
+        model = step_model(self.model, calls)
+        options: dict[str, Any] = {"capabilities": [StepRequests(calls, model)]}
         if spec.max_steps is not None:  # tool rounds, as for the openai agent
             options["usage_limits"] = UsageLimits(request_limit=spec.max_steps + 1)
         schema = spec.output_schema
@@ -159,6 +161,11 @@ class PydanticAIAgent:
             raise as_agent_error(
                 error, model=model.model_name, capped=calls.capped, secrets=_keys(self.model)
             ) from None
+        except FallbackExceptionGroup as group:
+            failure = fallback_error(
+                group, model=model.model_name, capped=calls.capped, secrets=_keys(self.model)
+            )
+            raise failure from None
         run = result.usage
         usage = TokenUsage(prompt_tokens=run.input_tokens, completion_tokens=run.output_tokens)
         if usage.total_tokens < ctx.used.total_tokens:
@@ -188,9 +195,13 @@ def _deltas(ctx: AgentContext) -> EventStreamHandler[Any]:
 
 
 def _keys(model: Model) -> list[str]:
-    """The API key the model's client sends, when it has one (to mask it in messages)."""
-    key = getattr(getattr(model, "client", None), "api_key", None)
-    return [key] if isinstance(key, str) and len(key) >= 8 else []
+    """The API keys the model's clients send, where they have one (to mask them in messages)."""
+    keys = []
+    for leaf in leaf_models(model):
+        key = getattr(getattr(leaf, "client", None), "api_key", None)
+        if isinstance(key, str) and len(key) >= 8:
+            keys.append(key)
+    return keys
 
 
 def _result(output: Any, usage: TokenUsage) -> AgentResult:
