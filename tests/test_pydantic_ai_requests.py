@@ -179,10 +179,10 @@ def __getattr__(name: str) -> Any:
 async def test_a_token_count_is_admitted_by_the_agents_provider_limit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """2 requests a second: request, count, request — the third waits for the window."""
+    """2 requests in 3 s: request, count, request — the third waits for the window."""
     path = tmp_path / "agents.toml"
     path.write_text(
-        'unknown_price = "allow"\n[limits.provider]\nrequests = 2\nwindow_s = 1.0\n\n'
+        'unknown_price = "allow"\n[limits.provider]\nrequests = 2\nwindow_s = 3.0\n\n'
         '[agents.pa]\nkind = "pydantic_ai"\n'
         'target = "tests.test_pydantic_ai_requests:counting_agent"\nlimit = "provider"\n'
     )
