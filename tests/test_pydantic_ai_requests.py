@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,38 @@ async def test_a_fallback_chain_is_held_and_priced_per_model_under_a_dollar_budg
     assert outcome.cost_usd == Decimal("0.012")
     assert snapshot.consumed_usd == Decimal("0.012") and snapshot.reserved_usd == 0
     assert outcome.usage.total_tokens == 120
+
+
+async def test_a_streamed_fallback_chain_is_held_per_model() -> None:
+    """stream = true: a's stream fails before its first event, b's streams; each held as itself."""
+    seen: list[Any] = []
+
+    async def fail(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        seen.append(("fb-a", _cap(info.model_settings)))
+        raise _unavailable("fb-a")
+        yield ""  # a stream function is a generator
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        seen.append(("fb-b", _cap(info.model_settings)))
+        yield "from "
+        yield "b"
+
+    chain = FallbackModel(
+        FunctionModel(stream_function=fail, model_name="fb-a"),
+        FunctionModel(stream_function=stream, model_name="fb-b"),
+    )
+    prices = {"fb-a": _price("fb-a", "1000"), "fb-b": _price("fb-b", "100")}
+    agent = PydanticAIAgent(Agent(chain), name="pa", prices=prices, stream=True)
+    budget = WorkflowBudget(limit_usd="0.10")
+    host = LocalExecutor(agents={"pa": agent}, budget=budget)
+    outcome = await host.execute_step(_spec("s", max_tokens=100_000))
+    snapshot = await budget.snapshot()
+
+    assert outcome.success and outcome.output == "from b", outcome.output
+    (_, cap_a), (_, cap_b) = seen
+    assert 0 < cap_a < 100 < cap_b < 1_000, seen
+    assert outcome.cost_usd is not None and outcome.cost_usd > 0
+    assert snapshot.consumed_usd == outcome.cost_usd and snapshot.reserved_usd == 0
 
 
 @pytest.mark.parametrize(
