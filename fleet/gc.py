@@ -20,8 +20,16 @@ How it works, safe while the fleet runs:
   ``older_than_s`` is given and it shows no sign of life for that long: not in its run
   record's times (start, end, a heartbeat), not in its last event, not in any other of
   its keys (``OBJECT IDLETIME``, which gc's own reads leave alone);
-* the delete of one root is one script that first checks the run record is still the one
-  gc judged (a run that began again meanwhile is left alone), then deletes (``UNLINK``).
+* the delete of one root, and the restore of the expiry of an ended one within its
+  retention, is one script that first checks the run record is still the one gc judged (a
+  run that began again meanwhile is left alone), then deletes (``UNLINK``) or expires;
+* a host's reply list or a pipeline's hash with no expiry (a push after its host had
+  gone, by a worker older than the one-round-trip push) gets :data:`REPLY_TTL_S`: a live
+  one always has an expiry, and its host deletes it as it reads it;
+* an account's per-child breakdown (its ``children`` hash, ``t:W``/``u:W``) loses the
+  fields of child workflows whose own account is gone (expired or pruned): the account's
+  totals are in its ``account`` hash, so they stay right, and a team account above many
+  runs stops growing with every run (``gc_children.lua``).
 """
 
 from __future__ import annotations
@@ -31,14 +39,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .redis.keys import BUDGET_PARTS, Keys, untagged
+from .redis.keys import BUDGET_PARTS, REPLY_TTL_S, Keys, untagged
 from .redis.scripts import script
-from .retention import ENDED
+from .retention import ENDED, OWNED_NAMESPACES
 
-__all__ = ["GcReport", "RootState", "collect", "parse_duration"]
+__all__ = ["LOOSE_NAMESPACES", "GcReport", "RootState", "collect", "parse_duration"]
 
-NAMESPACES = ("events", "deltas", "workflow", "asks", "steps", "budget", "journal")
-"""Key namespaces a workflow owns (see :func:`fleet.retention.workflow_keys`)."""
+NAMESPACES = OWNED_NAMESPACES
+"""Key namespaces a workflow owns: those of :func:`fleet.retention.workflow_keys`."""
+
+LOOSE_NAMESPACES = ("reply", "pipe")
+"""A host's keys, not a workflow's: always written with an expiry; gc gives one to any
+that has none (:data:`REPLY_TTL_S`)."""
 
 
 @dataclass
@@ -73,6 +85,10 @@ class GcReport:
     """``MEMORY USAGE`` of the removed keys, summed."""
     expiry_set: int = 0
     """Keys of ended workflows (within retention) that had lost their expiry and got it."""
+    loose_expired: int = 0
+    """Reply lists and pipeline hashes that had no expiry and got :data:`REPLY_TTL_S`."""
+    children_pruned: int = 0
+    """Fields of gone child workflows dropped from accounts' per-child breakdowns."""
     scanned: int = 0
     """Keys under the prefix looked at."""
 
@@ -245,7 +261,8 @@ def collect(
             ended = state.ended_at if state.ended_at is not None else state.touched_at
             left = ended + retention_s - now
             if left > 0:
-                report.expiry_set += 0 if dry_run else _restore_expiry(client, owned, left)
+                if not dry_run:
+                    report.expiry_set += _restore_expiry(client, state, owned, left, named)
                 continue
             abandoned = False
         else:
@@ -257,19 +274,59 @@ def collect(
             abandoned = True
         record = named.workflow(state.root_id)
         _remove(client, prune, state, owned, report, abandoned=abandoned, guard=record)
+    if not dry_run:  # after the removals: the fields of a workflow removed above go too
+        report.loose_expired = _expire_loose(client, keys, head, batch)
+        report.children_pruned = _prune_children(client, named, keys, head, batch)
     return report
 
 
-def _restore_expiry(client: Any, keys: list[str], left_s: float) -> int:
-    """Give the keys among ``keys`` that have no expiry the ``left_s`` their workflow has left."""
-    pipe = client.pipeline(transaction=False)
+def _restore_expiry(
+    client: Any, state: RootState, keys: list[str], left_s: float, named: Keys
+) -> int:
+    """Give the keys among ``keys`` that have no expiry the ``left_s`` their workflow has left.
+
+    Only while the run record is still the ended one gc judged (``gc_restore.lua``): a run
+    that began again meanwhile keeps its records without an expiry.
+    """
+    guard = named.workflow(state.root_id)
+    args = [*state.record, max(int(left_s), 1)]
+    touched = int(script("gc_restore")(client, [guard, *keys], args))
+    return max(touched, 0)
+
+
+def _expire_loose(client: Any, keys: list[str], head: str, batch: int) -> int:
+    """Give every reply list and pipeline hash without an expiry :data:`REPLY_TTL_S`."""
+    loose = [key for key in keys if key.startswith(tuple(f"{head}{n}:" for n in LOOSE_NAMESPACES))]
+    expired = 0
+    for start in range(0, len(loose), batch):
+        chunk = loose[start : start + batch]
+        pipe = client.pipeline(transaction=False)
+        for key in chunk:
+            pipe.ttl(key)
+        missing = [key for key, ttl in zip(chunk, pipe.execute(), strict=True) if ttl == -1]
+        for key in missing:
+            pipe.expire(key, REPLY_TTL_S)
+        expired += sum(bool(done) for done in pipe.execute())
+    return expired
+
+
+def _prune_children(client: Any, named: Keys, keys: list[str], head: str, batch: int) -> int:
+    """Drop the fields of child workflows whose account is gone from every ``children`` hash."""
+    pruned = 0
+    prune = script("gc_children")
     for key in keys:
-        pipe.ttl(key)
-    missing = [key for key, ttl in zip(keys, pipe.execute(), strict=True) if ttl == -1]
-    for key in missing:
-        pipe.expire(key, max(int(left_s), 1))
-    pipe.execute()
-    return len(missing)
+        if not (key.startswith(f"{head}budget:") and key.endswith(":children")):
+            continue
+        children: dict[str, None] = {}
+        for raw, _value in client.hscan_iter(key, count=batch):
+            name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            children[name.partition(":")[2]] = None
+        ids = list(children)
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            accounts = [named.budget(child)[0] for child in chunk]
+            pruned += int(prune(client, [key, *accounts], chunk))
+    return pruned
 
 
 def _remove(

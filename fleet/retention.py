@@ -2,8 +2,10 @@
 
 Every key fleet writes for one workflow is named in **one list**, :func:`workflow_keys`
 (add a new per-workflow key there and both the end-of-run expiry and ``fleet gc`` cover
-it). ``P`` is the key prefix, ``{R}`` the workflow's root id as its hash tag
-(:mod:`fleet.redis.keys`):
+it: gc scans the namespaces of that list, :data:`OWNED_NAMESPACES`;
+``tests/test_gc.py`` fails when :class:`~fleet.redis.keys.Keys` names a key tagged
+with a workflow's root that the list misses). ``P`` is the key prefix, ``{R}`` the
+workflow's root id as its hash tag (:mod:`fleet.redis.keys`):
 
 =============================================  =============================================
 ``P:events:{R}``                                the run's event stream
@@ -41,6 +43,7 @@ from .redis.scripts import script
 __all__ = [
     "DEFAULT_RETENTION_S",
     "ENDED",
+    "OWNED_NAMESPACES",
     "RedisRetention",
     "workflow_keys",
 ]
@@ -95,6 +98,12 @@ def workflow_keys(
     if run_id is not None:
         keys.append((named.cancel(run_id), MARKER))
     return keys
+
+
+OWNED_NAMESPACES = tuple(
+    dict.fromkeys(key.split(":")[1] for key, _kind in workflow_keys("root", journals=["root"]))
+)
+"""The key namespaces of :func:`workflow_keys`: the ones ``fleet gc`` groups by root id."""
 
 
 class RedisRetention:

@@ -32,7 +32,7 @@ from fleet.celery import CeleryExecutor
 from fleet.config import FleetSettings
 from fleet.gc import collect
 from fleet.ledgers import RedisLedger
-from fleet.redis.keys import tagged
+from fleet.redis.keys import REPLY_TTL_S, tagged
 from fleet.runner import open_run, plan_run
 from fleet.runs import RedisRunRegistry
 from fleet.stores import RedisCheckpointStore
@@ -111,8 +111,9 @@ async def test_finished_workflows_leave_no_key_once_their_retention_passes(
         left = keys_under(client, prefix)
         kinds = {key.split(":")[1] for key in left}
         assert {"events", "budget", "workflow"} <= kinds, left
-        ttls = {key: client.ttl(key) for key in left}
-        assert all(ttl <= RETENTION_S for ttl in ttls.values()), ttls  # -2: already gone
+        ttls = {key: client.pttl(key) for key in left}  # ms: -1 no expiry, -2 already gone
+        kept = {key: ttl for key, ttl in ttls.items() if ttl != -2}
+        assert kept and all(0 <= ttl <= RETENTION_S * 1000 for ttl in kept.values()), ttls
         await until(lambda: not keys_under(client, prefix), 60, "every key to expire")
         report = collect(client, key_prefix=prefix, retention_s=RETENTION_S)
         assert (report.workflows, report.keys) == ([], 0)
@@ -134,9 +135,10 @@ async def test_a_read_result_goes_and_a_late_duplicate_is_still_refused(
     try:
         with BrokerLog(settings.redis_url) as log:
             outcomes = await execute_steps_parallel(executor, specs)
+            results = {k for k in keys_under(client, settings.key_prefix) if ":result:" in k}
+            ttls = [ttl for ttl in map(client.pttl, results) if ttl != -2]  # -2: already gone
         assert all(o.success for o in outcomes)
-        results = {k for k in keys_under(client, settings.key_prefix) if ":result:" in k}
-        assert all(client.ttl(key) <= RETENTION_S for key in results)
+        assert ttls and all(0 <= ttl <= RETENTION_S * 1000 for ttl in ttls), ttls
         await until(
             lambda: not any(":result:" in k for k in keys_under(client, settings.key_prefix)),
             30,
@@ -174,11 +176,22 @@ async def test_a_pipelines_link_results_go_when_it_ends(workers: CeleryWorkers) 
     try:
         items = ["one", "two", "three"]
         stages = [pipeline_stages.draft, pipeline_stages.review]
-        outcomes = await execute_pipeline(executor, items, stages)
+        with BrokerLog(settings.redis_url) as log:
+            outcomes = await execute_pipeline(executor, items, stages)
+            results = {k for k in keys_under(client, settings.key_prefix) if ":result:fp-" in k}
+            ttls = [ttl for ttl in map(client.pttl, results) if ttl != -2]  # -2: already gone
         assert [o.output for o in outcomes if o is not None] == [f"review of: {i}" for i in items]
-        results = {k for k in keys_under(client, settings.key_prefix) if ":result:fp-" in k}
-        assert all(client.ttl(key) <= RETENTION_S for key in results), results
+        assert ttls and all(0 <= ttl <= RETENTION_S * 1000 for ttl in ttls), ttls
         assert not any(":pipe:" in k for k in keys_under(client, settings.key_prefix))
+        # The pipeline's hash was written with its expiry in one transaction: a host that
+        # died between two round trips would have left it forever.
+        (pipe,) = {c.args[1] for c in log.commands if c.name == "HSET" and b":pipe:" in c.args[1]}
+        writes = [c for c in log.commands if c.args[1:2] == (pipe,) and c.client != "lua"]
+        writes = [c for c in writes if c.name != "DEL"]  # the host drops it at the end
+        assert [c.name for c in writes] == ["HSET", "EXPIRE"], writes
+        host = [c for c in log.commands if c.client == writes[0].client]
+        at = host.index(writes[0])
+        assert [c.name for c in host[at - 1 : at + 3]] == ["MULTI", "HSET", "EXPIRE", "EXEC"]
     finally:
         await executor.aclose()
         client.close()
@@ -337,6 +350,7 @@ async def _library_run(
             .with_root_id(root)
             .with_event_stream(url, key_prefix=prefix)
             .with_cancel_board(board)
+            .with_retention(None)
             .build()
         )
     finally:
@@ -440,3 +454,45 @@ def test_gc_refuses_a_bad_duration_in_one_line(redis_url: str) -> None:
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "15m" in lines[0] and "Traceback" not in done.stderr
+
+
+async def test_a_notice_after_its_host_left_leaves_no_reply_list_without_expiry(
+    workers: CeleryWorkers,
+) -> None:
+    """After a cancel, a worker drops the run's queued steps and says so on the host's list.
+
+    The host is gone by then (its list deleted as it read it): the worker's push creates
+    the list again, and it must expire like every reply list, or it stays forever.
+    """
+    settings = workers.settings
+    prefix, root = settings.key_prefix, "cancelled-host-gone"
+    client = redis.Redis.from_url(settings.redis_url)
+    worker = workers.workers["worker1"]
+    try:
+        with BrokerLog(settings.redis_url) as log:
+            async with _library_run(settings, root) as workflow:
+                await workflow.phase("one", spend(2, "a"))
+                await workflow.cancel("the test cancels")
+        queue = settings.queue.encode()
+        sent = [
+            r for c in log.commands if c.name == "LPUSH" and c.args[1] == queue for r in c.args[2:]
+        ]
+        (reply,) = {
+            c.args[1].decode() for c in log.commands if c.args[1:2] and b":reply:host-" in c.args[1]
+        }
+        before = worker.log_text().count("dropped unrun")
+        for raw in sent:  # the broker delivers the run's messages once more, after the cancel
+            client.lpush(settings.queue, raw)
+        await until(
+            lambda: worker.log_text().count("dropped unrun") == before + len(sent),
+            30,
+            "the worker to drop the cancelled run's steps",
+        )
+        assert len(sent) == 2 and 0 < client.ttl(reply) <= REPLY_TTL_S
+    finally:
+        stale = keys_of(client, prefix, root) | {
+            k for k in keys_under(client, prefix) if ":reply:" in k
+        }
+        if stale:
+            client.delete(*stale)
+        client.close()

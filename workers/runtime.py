@@ -376,6 +376,18 @@ class WorkerRuntime:
         if self.fences.close(key, owner) is not None or not owner:
             self._leases.release(key)
 
+    def notify(self, reply: str, *notices: str) -> None:
+        """Push ``notices`` on a host's reply list and renew its expiry, in one round trip.
+
+        Every push outside the Lua scripts (which do the same) goes through here: the host
+        deletes its list as it reads it, so a push after its host has gone creates the list
+        again, and it must not come back without an expiry.
+        """
+        pipe = self.redis().pipeline(transaction=True)
+        pipe.rpush(reply, *notices)
+        pipe.expire(reply, REPLY_TTL_S)
+        pipe.execute()
+
     def check_reply(self, reply: str) -> None:
         """A message may only name a reply list under this fleet's key prefix."""
         if not reply.startswith(self.keys.reply("")):
@@ -450,7 +462,7 @@ class WorkerRuntime:
         def sink(event: object) -> None:
             if isinstance(event, RateLimited):
                 try:
-                    self.redis().rpush(reply, Limited(id=tid, event=event).to_json())
+                    self.notify(reply, Limited(id=tid, event=event).to_json())
                 except redis.RedisError as error:
                     logger.warning("could not tell the host of a rate_limited wait: %s", error)
 

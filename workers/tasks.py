@@ -89,13 +89,13 @@ def run_step(runtime: WorkerRuntime, request: Any, payload: object) -> str:
     if status == "cancelled":
         # The workflow (or this round) was cancelled while the message waited: drop it.
         dropped = Finished(id=tid, outcome=cancelled_outcome(spec, value, worker=worker))
-        runtime.redis().rpush(message.reply, dropped.to_json())
+        runtime.notify(message.reply, dropped.to_json())
         logger.info("step %s (task %s) was cancelled; dropped unrun", spec.task_id, tid)
         return _said(spec.task_id, spec.agent, "cancelled before it ran")
     if status == "done":
         # A duplicate of a step that already finished: hand back the recorded outcome.
         recorded = Finished(id=tid, outcome=StepOutcome.from_json(value))
-        runtime.redis().rpush(message.reply, recorded.to_json())
+        runtime.notify(message.reply, recorded.to_json())
         logger.info("step %s (task %s) already ran; not running it again", spec.task_id, tid)
         return _said(spec.task_id, spec.agent, "duplicate (already ran)")
     if status == "held":
@@ -160,7 +160,6 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
     except PoisonMessageError as error:
         logger.error("rejected %s message %s: %s; it will not run", STAGE_TASK, tid, error)
         raise Reject(f"poison message: {error}", requeue=False) from None
-    client = runtime.redis()
     i, k = message.item, message.stage
     link = stage_link_id(message.pipe, i, k)
     status, context_raw, item_raw, prev_raw, owner = runtime.begin_link(message)
@@ -197,7 +196,7 @@ def run_stage(runtime: WorkerRuntime, request: Any, pointer: object) -> str | di
         spec, crashed = None, True
     if spec is not None and context.announce:
         started = Started(id=link, task_id=spec.task_id, agent=spec.agent, worker=worker)
-        client.rpush(reply, started.to_json())
+        runtime.notify(reply, started.to_json())
     if spec is None:
         stop = Stopped(id=link, outcome=None if crashed else prev).to_json()
         runtime.finish(link, context.nonce, owner, stop, reply, stop)

@@ -95,8 +95,12 @@ class Pipeline(Track):
                 fields: dict[str | bytes, str | bytes] = {"ctx": context}
                 for i in range(start, min(start + 500, len(self.items))):
                     fields[f"item:{i}"] = json.dumps(self.items[i])
-                await client.hset(key, mapping=fields)  # type: ignore[arg-type]
-            await client.expire(key, self.x.settings.result_expires_s)
+                # One MULTI/EXEC: the hash never exists without its expiry (a crash between
+                # two round trips would leave it forever).
+                async with client.pipeline(transaction=True) as write:
+                    write.hset(key, mapping=fields)  # type: ignore[arg-type]
+                    write.expire(key, self.x.settings.result_expires_s)
+                    await write.execute()
             try:
                 await self.drive(self.chains)
             except asyncio.CancelledError:

@@ -29,6 +29,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from ..checkpoint import step_identity
 from ..errors import PoisonMessageError, SpecError
 from ..events import RateLimited
+from ..redis.keys import REPLY_TTL_S
 from ..spec import AgentStepSpec, FleetModel, StepOutcome
 
 __all__ = [
@@ -60,8 +61,6 @@ STEP_TASK = "fleet.run_step"
 """The generic step task."""
 STAGE_TASK = "fleet.run_stage"
 """The pipeline-stage task (one link of a chain)."""
-REPLY_TTL_S = 3600
-"""A reply list expires this long after its last notice (its host may be gone)."""
 RESULT_GRACE_S = 10
 """A step's result lives this long after its host has read it: nothing needs it then (a
 duplicate of the dispatch is refused by the step record,

@@ -35,6 +35,10 @@ def _summary(report: GcReport, prefix: str) -> str:
     )
     if report.expiry_set:
         text += f"; set the retention of {report.expiry_set} keys that had lost it"
+    if report.loose_expired:
+        text += f"; gave {report.loose_expired} reply lists or pipeline hashes an expiry"
+    if report.children_pruned:
+        text += f"; dropped {report.children_pruned} fields of gone workflows from accounts"
     return text
 
 

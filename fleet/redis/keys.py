@@ -35,13 +35,17 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["BUDGET_PARTS", "LIMIT_PARTS", "Keys", "tagged", "untagged"]
+__all__ = ["BUDGET_PARTS", "LIMIT_PARTS", "REPLY_TTL_S", "Keys", "tagged", "untagged"]
 
 BUDGET_PARTS = ("account", "held", "leases", "settled", "children")
 """The five keys of one ledger account, in the order its Lua scripts take them."""
 
 LIMIT_PARTS = ("calls", "cost", "meta", "flight")
 """The four keys of one provider limit, in the order its Lua scripts take them."""
+
+REPLY_TTL_S = 3600
+"""A reply list (and a pipeline's hash left behind) expires this long after its last write:
+every write to one sets it in the same round trip, since its host may be gone."""
 
 
 def tagged(workflow_id: str) -> str:

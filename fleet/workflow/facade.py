@@ -63,6 +63,8 @@ class WorkflowBuilder:
     event_stream_maxlen: int = 10_000
     cancel_board: RunRegistry | None = None
     retention: RedisRetention | None = None
+    retention_default: bool = True
+    """Without :meth:`with_retention`, set one up on the Redis the run writes to."""
     run_id: str | None = None
 
     def with_store(self, store: CheckpointStore) -> WorkflowBuilder:
@@ -108,15 +110,19 @@ class WorkflowBuilder:
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
         return replace(self, run_id=run_id)
 
-    def with_retention(self, retention: RedisRetention) -> WorkflowBuilder:
+    def with_retention(self, retention: RedisRetention | None) -> WorkflowBuilder:
         """Keep the run's Redis records only ``retention.retention_s`` once it has ended.
 
         When the run ends (finished, failed or cancelled) its events, budget account,
         run record, phase journals and step record get that expiry in one script; while
-        it runs (and when it begins again) they have none. ``fleet run`` sets this for
-        every run that uses Redis; see :mod:`fleet.retention`.
+        it runs (and when it begins again) they have none; see :mod:`fleet.retention`.
+
+        Without this call, a run given a Redis journal, cancel board, ledger or event
+        stream gets one on that Redis (its key prefix), keeping ended runs the executor's
+        ``retention_s`` (a ``CeleryExecutor``'s settings), else seven days.
+        ``with_retention(None)`` keeps everything until ``fleet gc`` removes it.
         """
-        return replace(self, retention=retention)
+        return replace(self, retention=retention, retention_default=False)
 
     def with_event_stream(
         self, url: str, *, key_prefix: str = "fleet", maxlen: int = 10_000
@@ -174,9 +180,34 @@ class WorkflowBuilder:
                 stream=stream,
                 board=self.cancel_board,
                 run_id=run_id,
-                retention=self.retention,
+                **self._retention(),
             )
         )
+
+    def _retention(self) -> dict[str, Any]:
+        """The run's retention: the one given, else one on the Redis it writes to (owned)."""
+        if self.retention is not None or not self.retention_default:
+            return {"retention": self.retention}
+        from ..ledgers.redis import RedisLedger
+        from ..retention import DEFAULT_RETENTION_S, RedisRetention
+        from ..runs.redis import RedisRunRegistry
+        from ..stores.redis import RedisCheckpointStore
+
+        places: list[tuple[str, str]] = [
+            (place.url, place.key_prefix)
+            for place in (self.store, self.cancel_board, getattr(self.budget, "ledger", None))
+            if isinstance(place, RedisCheckpointStore | RedisRunRegistry | RedisLedger)
+        ]
+        stream = self.event_stream_url
+        if stream is not None and not stream.startswith("sqlite:"):
+            places.append((stream, self.event_stream_prefix))
+        if not places:
+            return {"retention": None}
+        url, prefix = places[0]
+        settings = getattr(self.executor, "settings", None)
+        keep_s = getattr(settings, "retention_s", DEFAULT_RETENTION_S)
+        retention = RedisRetention(url, key_prefix=prefix, retention_s=keep_s)
+        return {"retention": retention, "owns_retention": True}
 
 
 class Workflow(WorkflowVerbs):

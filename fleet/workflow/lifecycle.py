@@ -97,23 +97,30 @@ class WorkflowLifecycle:
         """Register the run on its cancel board and start watching it for a cancel."""
         run = self._run
         run.begun = True
+        registered = run.board is not None and await self._register(run.board)
+        # Only once the record says running: a `fleet gc` that read the ended record
+        # would otherwise restore (or prune) what an earlier end left on records just kept.
         await self._retain("keep")
-        if run.board is None:
-            return
+        if registered and run.board is not None:
+            run.watcher = asyncio.create_task(
+                self._watch(run.board), name=f"fleet-cancel:{run.root_id}"
+            )
+
+    async def _register(self, board: RunRegistry) -> bool:
+        """Record the run as running on ``board``; ``False`` (and a warning) when it cannot."""
+        run = self._run
         try:
-            await run.board.begin(run.root_id, run.run_id)
+            await board.begin(run.root_id, run.run_id)
         except Exception as error:
             logger.warning(
                 "workflow %r: cannot register on %r, so `fleet cancel` cannot reach it (%s: %s)",
                 run.root_id,
-                run.board,
+                board,
                 type(error).__name__,
                 error,
             )
-            return
-        run.watcher = asyncio.create_task(
-            self._watch(run.board), name=f"fleet-cancel:{run.root_id}"
-        )
+            return False
+        return True
 
     async def _watch(self, board: RunRegistry) -> None:
         """Poll the board for a cancel, and heartbeat the run record every HEARTBEAT_S."""
@@ -206,6 +213,9 @@ class WorkflowLifecycle:
             await run.stream.close(status)
         if status in ("finished", "failed", "cancelled"):
             await self._retain("expire", journals=run.phase_journals, run_id=run.run_id)
+        if run.owns_retention and run.retention is not None:
+            with contextlib.suppress(Exception):  # closing only releases a connection
+                await run.retention.aclose()
 
     async def _retain(self, action: str, **keys: Any) -> None:
         """Keep (``"keep"``) or expire (``"expire"``) the run's Redis records; never fails."""

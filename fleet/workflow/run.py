@@ -88,6 +88,8 @@ class WorkflowRun:
     ask_book: AskBook | None = None
     retention: RedisRetention | None = None
     """Sets the expiry of the run's Redis records when it ends (:mod:`fleet.retention`)."""
+    owns_retention: bool = False
+    """The builder made :attr:`retention` (the run closes it when it ends)."""
 
     def __post_init__(self) -> None:
         self.cancellation = Cancellation((self.run_id,), root_id=self.root_id)
