@@ -31,6 +31,8 @@ from .combinators import execute_pipeline as execute_pipeline
 from .combinators import execute_steps_parallel as execute_steps_parallel
 
 # Errors
+from .errors import AnswerRefused as AnswerRefused
+from .errors import AskError as AskError
 from .errors import AskTimeout as AskTimeout
 from .errors import FleetError as FleetError
 
@@ -103,5 +105,7 @@ __all__ = [
     "WorkflowEvent",
     # Errors
     "FleetError",
+    "AskError",
     "AskTimeout",
+    "AnswerRefused",
 ]

@@ -30,7 +30,7 @@ FLOW = """
 import asyncio, json, os, time
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from fleet import AgentStepSpec
 
@@ -38,6 +38,13 @@ from fleet import AgentStepSpec
 class Approval(BaseModel):
     approved: bool
     note: str = ""
+
+    @field_validator("note")
+    @classmethod
+    def _written(cls, note):  # the JSON Schema cannot say this: only the program checks it
+        if note.strip() == "TODO":
+            raise ValueError("write the note itself, not TODO")
+        return note
 
 
 def spec(workflow, name):

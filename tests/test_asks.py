@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import BaseModel, field_validator
 
 from fleet import AskTimeout, FleetError, LocalExecutor, WorkflowBudget
 from fleet.asks import AskBook, AskRecord, ask_book_for, give_answer, open_asks, read, records
+from fleet.asks.sqlite import SQLiteAskBook
 from fleet.errors import AnswerRefused, AskError, WorkflowCancelledError
 from fleet.events import Answered, Asked
 from fleet.stores import CheckpointStore, open_store
@@ -227,6 +229,7 @@ async def test_an_answer_the_model_refuses_reopens_the_ask(
     await give_answer(book, "wf", "n", {"count": -1}, by="x")
     record = await open_ask(book, "wf", "n")
     assert record.note is not None and "count must be positive" in record.note
+    assert record.model == "Strict"  # `fleet answer` and the page say the model checks later
     await give_answer(book, "wf", "n", {"count": 3}, by="y")
     assert await waiting == Strict(count=3)
     await workflow.close()
@@ -320,3 +323,23 @@ async def test_a_cancel_ends_the_wait(store: CheckpointStore, book: AskBook) -> 
         await asyncio.wait_for(waiting, 5)
     assert [r.name for r in await open_asks(book, "wf")] == ["go"]
     await workflow.close()
+
+
+async def test_a_locked_sqlite_journal_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """A write waiting for another connection's lock waits in a thread: the loop runs on."""
+    path = tmp_path / "journal.db"
+    book = SQLiteAskBook(path, busy_timeout_s=10.0)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert await book.swap("wf", "first", None, "{}")  # creates the file and its table
+        holder.execute("BEGIN IMMEDIATE")  # as another process writing the journal would
+        writing = asyncio.create_task(book.swap("wf", "n", None, '{"n": 1}'))
+        for _ in range(5):
+            await asyncio.sleep(0.05)  # on the loop, while the write waits for the lock
+        assert not writing.done()
+        holder.execute("COMMIT")
+        assert await writing
+        assert await book.get("wf", "n") == '{"n": 1}'
+    finally:
+        holder.close()
+        await book.close()

@@ -14,10 +14,11 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests import asks_support
-from tests.asks_support import Backend, wait, waiting_for_answer
+from tests.asks_support import Backend, local_backend, wait, waiting_for_answer
 from tests.dashboard_support import PASSWORD, Dashboard, running_dashboard
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
@@ -122,6 +123,52 @@ def test_the_api_keeps_an_early_answer(backend: Backend, dashboard: Dashboard) -
     assert backend.out()["approved"] is True
 
 
+GATED_ASK = """
+import asyncio, json, os
+from pathlib import Path
+
+
+async def main(workflow):
+    gate = Path(os.environ["FLOW_GATE"])
+    while gate.exists():
+        await asyncio.sleep(0.05)
+    answer = await workflow.ask(
+        "publish", question="Publish?", schema={"type": "boolean"}, timeout_s=600
+    )
+    Path(os.environ["FLOW_OUT"]).write_text(json.dumps({"answer": answer}))
+"""
+
+
+def test_an_early_answer_reaches_a_celery_run_with_a_sqlite_journal(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The run logs to Redis but journals (and asks) in SQLite: the early answer goes there."""
+    local = local_backend(tmp_path, redis_url)  # the default journal: a SQLite file
+    options = ["--executor", "celery"]
+    backend = Backend("celery-sqlite", local.settings, options, local.counters, tmp_path)
+    (tmp_path / "gated.py").write_text(GATED_ASK)
+    gate = tmp_path / "gate"
+    gate.touch()
+    root = "api-early-celery-sqlite"
+    run = backend.start(root, f"{tmp_path / 'gated.py'}:main", FLOW_GATE=str(gate))
+    try:
+        with running_dashboard(backend.settings, tmp_path) as dashboard, dashboard.client() as c:
+            deadline = time.monotonic() + 30
+            while (early := post(c, root, "true")).status_code == 404:
+                assert run.poll() is None, run.communicate()
+                assert time.monotonic() < deadline, "the dashboard never saw the run"
+                time.sleep(0.2)  # the dashboard reads the run's log once a second
+            assert early.status_code == 200 and early.json()["state"] == "early", early.text
+        kept = backend.ask(root)  # read from the run's SQLite journal, where its host looks
+        assert kept is not None and kept.state == "early" and kept.answer is True
+        gate.unlink()
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert backend.out() == {"answer": True}
+
+
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
@@ -142,29 +189,63 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         browser.quit()
 
 
+def ask_form(browser: WebDriver, root: str, what: str, note: str = "") -> WebElement:
+    """The question's form on the page once it shows (with ``note`` in its note line)."""
+    selector = f"form.ask[data-root-id='{root}']:not(.answered)"
+
+    def shown(b: WebDriver) -> WebElement | bool:
+        forms = b.find_elements(By.CSS_SELECTOR, selector)
+        return forms[0] if forms and note in forms[0].text else False
+
+    found: WebElement = WebDriverWait(browser, 30, poll_frequency=0.1).until(shown, message=what)
+    return found
+
+
+def approve(browser: WebDriver, form: WebElement, note: str) -> None:
+    """Type the note and press Approve; wait until the page says the answer was taken."""
+    field = form.find_element(By.NAME, "note")
+    field.clear()
+    field.send_keys(note)
+    form.find_element(By.CSS_SELECTOR, "button[data-choice='true']").click()
+    WebDriverWait(browser, 30, poll_frequency=0.1).until(
+        lambda b: "answered by fleet" in form.find_element(By.CLASS_NAME, "ask-note").text,
+        message="the answer taken",
+    )
+
+
 @pytest.mark.slow
 def test_the_approve_button_answers(
     backend: Backend, dashboard: Dashboard, browser: WebDriver
 ) -> None:
-    """The list page shows the question with a form from its schema; Approve answers it."""
+    """Both pages show the question's form; Approve answers; a model's refusal shows why.
+
+    The list page and the workflow's own page show it with a form from its schema; an
+    answer the program's model refuses brings the question back with the reason.
+    """
     root = f"page-{backend.name}"
     run = backend.start(root)
+    base = dashboard.url.replace("http://", f"http://fleet:{PASSWORD}@")
     try:
         wait(waiting_for_answer(backend, root), run, "the ask")
-        browser.get(dashboard.url.replace("http://", f"http://fleet:{PASSWORD}@") + "/")
-        selector = f"form.ask[data-root-id='{root}']"
-        form = WebDriverWait(browser, 30, poll_frequency=0.1).until(
-            lambda b: b.find_element(By.CSS_SELECTOR, selector), message="the question listed"
-        )
+        browser.get(base + "/")
+        form = ask_form(browser, root, "the question listed")
         assert "Publish the 3 drafts?" in form.find_element(By.CLASS_NAME, "question").text
         labels = [b.text for b in form.find_elements(By.TAG_NAME, "button")]
         assert labels == ["Approve", "Reject"]
-        form.find_element(By.NAME, "note").send_keys("looks good")
-        form.find_element(By.CSS_SELECTOR, "button[data-choice='true']").click()
-        WebDriverWait(browser, 30, poll_frequency=0.1).until(
-            lambda b: "answered by fleet" in form.find_element(By.CLASS_NAME, "ask-note").text,
-            message="the answer taken",
-        )
+
+        browser.get(base + f"/workflows/{root}")  # the workflow's own page has the form too
+        form = ask_form(browser, root, "the question on the workflow page")
+        assert "Publish the 3 drafts?" in form.find_element(By.CLASS_NAME, "question").text
+        assert [b.text for b in form.find_elements(By.TAG_NAME, "button")] == labels
+        approve(browser, form, "TODO")  # fits the JSON Schema; the program's model refuses it
+        taken = form.find_element(By.CLASS_NAME, "ask-note").text
+        assert "checks it with its model Approval" in taken
+        again = ask_form(browser, root, "the question back", note="not TODO")
+        assert "the answer by fleet was not taken" in again.text
+
+        browser.get(base + "/")
+        form = ask_form(browser, root, "the question listed again", note="not TODO")
+        approve(browser, form, "looks good")
         stdout, stderr = run.communicate(timeout=120)
     finally:
         run.kill()

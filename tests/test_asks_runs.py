@@ -9,8 +9,11 @@ exactly once across the kill and the re-run.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ import pytest
 from fleet.asks import AskRecord, give_answer, open_ask_book
 from tests import asks_support
 from tests.asks_support import Backend, local_backend, prefix, wait, waiting_for_answer
+from tests.celery_support import REPO
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -225,3 +229,85 @@ def test_after_a_cancel_status_says_nothing_waits_on_the_open_ask(
     assert "ask publish: OPEN (no host waits on it now) since" in status.stdout
     assert "WAITING" not in status.stdout
     assert "the next run with --root-id cancelled-1 takes it" in status.stdout
+
+
+def reopened(backend: Backend, root: str) -> Callable[[], bool]:
+    """Whether the host refused the answer given and reopened its ask (with a note)."""
+
+    def check() -> bool:
+        record = backend.ask(root)
+        return record is not None and record.is_open and record.note is not None
+
+    return check
+
+
+def test_an_answer_the_model_refuses_reopens_the_ask_and_says_why(backend: Backend) -> None:
+    """Fits the JSON Schema, refused by the model's validator: exit 0 warns; status says why."""
+    root = f"model-{backend.name}"
+    run = backend.start(root)
+    try:
+        wait(waiting_for_answer(backend, root), run, "the ask")
+        todo = '{"approved": true, "note": "TODO"}'
+        given = backend.fleet("answer", root, "publish", "--json", todo, "--by", "carol")
+        assert given.returncode == 0, given.stdout + given.stderr
+        assert "the program checks it with its model Approval when it reads it" in given.stdout
+        assert f"the ask reopens and `fleet status {root}` says why" in given.stdout
+        wait(reopened(backend, root), run, "the model's refusal to reopen the ask")
+        status = backend.fleet("status", root)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "ask publish: WAITING since" in status.stdout
+        assert "note: the answer by carol was not taken" in status.stdout
+        assert "write the note itself, not TODO" in status.stdout
+        listing = backend.fleet("asks")
+        assert listing.returncode == 0, listing.stdout + listing.stderr
+        assert f"{root}  publish  asked " in listing.stdout
+        assert "note: the answer by carol was not taken" in listing.stdout
+        later = backend.fleet("answer", root, "publish", "--json", '{"approved": false}')
+        assert later.returncode == 0, later.stdout + later.stderr
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert backend.out()["approved"] is False
+    assert backend.runs(root, "publish0") == 0
+
+
+def test_answer_reads_a_file_and_finds_the_journal_given_with_store(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """From a directory with no journal: --store names it, --file holds the answer."""
+    local = local_backend(tmp_path, redis_url)
+    run = local.start("file-1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(PYTHONPATH=str(REPO), FLEET_REDIS_URL=redis_url)
+
+    def answer(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "fleet", "answer", "file-1", "publish", *args]
+        return subprocess.run(
+            command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    store = ["--store", local.settings.store]
+    good = elsewhere / "answer.json"
+    good.write_text('{"approved": true, "note": "from a file"}\n')
+    bad = elsewhere / "bad.json"
+    bad.write_text('{"approved": true,')
+    try:
+        wait(waiting_for_answer(local, "file-1"), run, "the ask")
+        missing = one_line(answer("--file", str(elsewhere / "nope.json"), *store))
+        assert "cannot read the answer from" in missing and "nope.json" in missing
+        assert "cannot read the answer from" in one_line(answer("--file", str(elsewhere), *store))
+        assert "the answer is not JSON" in one_line(answer("--file", str(bad), *store))
+        unplaced = one_line(answer("--file", str(good)))  # this directory's journal: empty
+        assert "no workflow 'file-1' found" in unplaced
+        assert run.poll() is None  # nothing above reached the ask
+        given = answer("--file", str(good), *store, "--by", "filer")
+        assert given.returncode == 0, given.stdout + given.stderr
+        assert "answered 'publish' of workflow 'file-1' (by filer)" in given.stdout
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert local.out()["approved"] is True and local.out()["note"] == "from a file"

@@ -43,7 +43,10 @@ def test_core_contract_names_import_from_the_root() -> None:
 
 
 def test_durable_wait_names_import_from_the_root() -> None:
-    """Workflow.ask's timeout error imports from `fleet` and is a FleetError (issue 29)."""
+    """Workflow.ask's errors import from `fleet` and are FleetErrors (issue 29)."""
     assert issubclass(fleet.AskTimeout, fleet.FleetError)
     assert issubclass(fleet.AskTimeout, TimeoutError)
+    assert issubclass(fleet.AskError, fleet.FleetError)
+    assert issubclass(fleet.AskError, ValueError)
+    assert issubclass(fleet.AnswerRefused, fleet.FleetError)
     assert callable(fleet.Workflow.ask)

@@ -53,6 +53,10 @@ class AskRecord(FleetModel):
     """The question text (``None`` while only an early answer is known)."""
     json_schema: dict[str, Any] | None = None
     """The JSON Schema an answer must fit; ``None``: any JSON value."""
+    model: str | None = None
+    """The pydantic model the program reads the answer with (``None``: none). Whoever
+    answers checks the JSON Schema only; the model's own validators run when the program
+    reads the answer, and a refusal reopens the ask with a :attr:`note`."""
     asked_at: float | None = None
     """When the program first asked, in seconds since the epoch."""
     deadline: float | None = None
@@ -90,6 +94,7 @@ class AskRecord(FleetModel):
             "asked_at": self.asked_at,
             "deadline": self.deadline,
             "note": self.note,
+            "model": self.model,
         }
 
 
@@ -177,11 +182,13 @@ def asked(
     schema: dict[str, Any] | None,
     timeout_s: float | None,
     now: float,
+    model: str | None = None,
 ) -> AskRecord:
     """The record once the program reaches the ask.
 
     A record already asked is kept as it is (its deadline is absolute). An early answer
-    is taken if it fits the schema, else dropped with a note saying why.
+    is taken if it fits the schema, else dropped with a note saying why. ``model`` names
+    the pydantic model the program reads the answer with, if any.
     """
     if current is not None and current.state != "early":
         return current
@@ -191,6 +198,7 @@ def asked(
         state="open",
         question=question,
         json_schema=schema,
+        model=model,
         asked_at=now,
         deadline=None if timeout_s is None else now + timeout_s,
     )

@@ -2,11 +2,13 @@
 
 Table ``fleet_asks`` (root id, name, the record's JSON). A swap is one ``BEGIN
 IMMEDIATE`` transaction, so the host and a ``fleet answer`` in another terminal never
-both win.
+both win. Every call runs in a thread: a write waits up to ``busy_timeout_s`` for another
+process's lock, and a host polling its ask must not stall its event loop meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -50,7 +52,7 @@ class SQLiteAskBook(AskBook):
             ).fetchone()
             return None if row is None else str(row[0])
 
-        return self._file.run_if_exists("read an ask", read, None)
+        return await asyncio.to_thread(self._file.run_if_exists, "read an ask", read, None)
 
     async def swap(self, root_id: str, name: str, expected: str | None, new: str) -> bool:
         """Compare and swap in one transaction."""
@@ -69,7 +71,7 @@ class SQLiteAskBook(AskBook):
                 )
             return True
 
-        return self._file.run("write an ask", write)
+        return await asyncio.to_thread(self._file.run, "write an ask", write)
 
     async def all(self, root_id: str | None = None) -> list[str]:
         """Every record (of ``root_id``)."""
@@ -83,7 +85,7 @@ class SQLiteAskBook(AskBook):
                 ).fetchall()
             return [str(row[0]) for row in rows]
 
-        return self._file.run_if_exists("list asks", read, [])
+        return await asyncio.to_thread(self._file.run_if_exists, "list asks", read, [])
 
     async def clear(self, root_id: str) -> None:
         """Remove ``root_id``'s records."""
@@ -91,8 +93,8 @@ class SQLiteAskBook(AskBook):
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM fleet_asks WHERE root_id = ?", (root_id,))
 
-        self._file.run_if_exists("clear asks", write, None)
+        await asyncio.to_thread(self._file.run_if_exists, "clear asks", write, None)
 
     async def close(self) -> None:
         """Close the connection (a later call reopens it)."""
-        self._file.close()
+        await asyncio.to_thread(self._file.close)  # waits for a call still in its thread

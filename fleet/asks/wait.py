@@ -126,6 +126,7 @@ async def wait_for_answer(
             schema=form.json_schema,
             timeout_s=seconds,
             now=time.time(),
+            model=None if form.model is None else form.model.__name__,
         )
 
     record = await update(book, root_id, name, ask_now)

@@ -112,7 +112,9 @@ def answer(
 
     Exits 0 when the answer is taken (or kept until the program asks), 1 with one line
     when the workflow is unknown, the ask is already answered or past its deadline, or
-    the answer does not fit the ask's schema; 2 when the journal's Redis does not answer.
+    the answer does not fit the ask's JSON Schema; 2 when the journal's Redis does not
+    answer. A pydantic model's own validators run when the program reads the answer: one
+    that refuses it reopens the ask, and `fleet status` / `fleet asks` show why.
     """
     value = _parse(json_text, file)
     who = by or _user()
@@ -159,7 +161,18 @@ def answer(
             + (f" (it is waiting on: {', '.join(map(repr, waiting))})" if waiting else "")
         )
     else:
-        say(f"answered {name!r} of workflow {root_id!r} (by {who})")
+        say(f"answered {name!r} of workflow {root_id!r} (by {who})" + _checked_later(record))
+
+
+def _checked_later(record: AskRecord) -> str:
+    """What an answer taken here still has to pass: the program's own model, if any."""
+    if record.model is None:
+        return ""
+    return (
+        f"; it fits the ask's JSON Schema, and the program checks it with its model "
+        f"{record.model} when it reads it: if the model refuses it, the ask reopens and "
+        f"`fleet status {record.root_id}` says why"
+    )
 
 
 def _user() -> str:

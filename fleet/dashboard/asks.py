@@ -1,14 +1,21 @@
 """The dashboard's questions: what workflows are waiting on (``Workflow.ask``), and answers.
 
 - ``GET /api/asks`` → ``{"items": [{"root_id", "name", "question", "schema", "asked_at",
-  "deadline", "note"}]}``: the open questions of every workflow in the dashboard's places;
+  "deadline", "note", "model"}]}``: the open questions of every workflow in the dashboard's
+  places (``note``: why an earlier answer was not taken; ``model``: the pydantic model the
+  program reads the answer with, whose own validators run only then);
 - ``POST /api/workflows/{root_id}/asks/{name}`` with the answer as the JSON body: 200 when
   it is taken (or kept until the program asks), 409 when the ask is already answered or
-  past its deadline, 422 when it does not fit the schema (``field`` says where), 404 when
-  neither the ask nor the workflow is known. The basic-auth user is recorded as ``by``.
+  past its deadline, 422 when it does not fit the JSON Schema (``field`` says where), 404
+  when neither the ask nor the workflow is known. The basic-auth user is recorded as ``by``.
+  A 200 answer may still be refused by the program's ``model``: the ask is then listed
+  again, its ``note`` saying why.
 
-Asks are read where the runs write them (:mod:`fleet.asks`): the journal's SQLite file and
-the fleet's Redis, the places the dashboard already reads the run logs from.
+Open asks are listed from the places the dashboard reads run logs from (the journal's
+SQLite file and the fleet's Redis: a run's asks are in its journal, one of them). An answer
+goes to the book already holding the ask; an early one (nothing asked yet) goes to the run's
+journal, found as ``fleet answer`` finds it, which is not always where its log is (a Celery
+run with the default SQLite journal logs to Redis).
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..asks import AskBook, give_answer, open_ask_book, open_asks, read
-from ..config import FleetSettings
-from ..errors import AnswerRefused, AskError, FleetError
-from .data import Catalog, Source
+from ..config import FleetSettings, mask_url
+from ..errors import AnswerRefused, AskError, ConfigError, FleetError
+from ..runs.index import indexed
+from ..runstatus import locate_run
+from .data import Catalog
 
 __all__ = ["AskDesk", "ask_routes"]
 
@@ -62,12 +71,12 @@ class AskDesk:
         self.catalog = catalog
         self._books: dict[str, AskBook] = {}
 
-    def book(self, source: Source) -> AskBook:
-        """The ask book of one place (the journal's SQLite file or the fleet's Redis)."""
-        book = self._books.get(source.url)
+    def book(self, place: str) -> AskBook:
+        """The ask book of one place (a journal's SQLite file or a Redis), kept open."""
+        book = self._books.get(place)
         if book is None:
-            book = open_ask_book(source.url, key_prefix=self.settings.key_prefix)
-            self._books[source.url] = book
+            book = open_ask_book(place, key_prefix=self.settings.key_prefix)
+            self._books[place] = book
         return book
 
     async def close(self) -> None:
@@ -80,7 +89,7 @@ class AskDesk:
         items: list[dict[str, Any]] = []
         for source in self.catalog.sources:
             try:
-                found = await open_asks(self.book(source))
+                found = await open_asks(self.book(source.url))
             except FleetError:
                 continue  # an unreachable place: /api/sources says so
             items.extend(record.public() for record in found)
@@ -120,30 +129,50 @@ class AskDesk:
             "by": by,
             "state": record.state,
             "answered_at": record.answered_at,
+            "model": record.model,
         }
         return JSONResponse(body, headers=_NO_STORE)
 
     async def _book_of(self, root_id: str, name: str) -> AskBook:
-        """The book holding the ask, else that of the workflow's place (an early answer).
+        """The book holding the ask, else that of the run's journal (an early answer).
+
+        The journal is found as ``fleet answer`` finds it (:func:`fleet.runstatus.locate_run`):
+        a Celery run with a SQLite journal logs to Redis but keeps its asks in the file.
 
         Raises:
             AnswerRefused: neither the ask nor a running workflow of ``root_id`` is known.
+            ConfigError: the run's journal cannot be opened from here (its password is
+                not known, or it is ``memory``).
         """
         for source in self.catalog.sources:
             try:
-                if await read(self.book(source), root_id, name) is not None:
-                    return self.book(source)
+                if await read(self.book(source.url), root_id, name) is not None:
+                    return self.book(source.url)
             except FleetError:
                 continue
         view = await asyncio.to_thread(self.catalog.refresh, root_id)
-        place = self.catalog.source_of(root_id)
-        if view is None or place is None:
+        if view is None or self.catalog.source_of(root_id) is None:
             raise AnswerRefused(f"no workflow {root_id!r} is known here", kind="unknown")
         if view.ended_as == "finished":
             raise AnswerRefused(
                 f"workflow {root_id!r} has finished; it waits for no answer", kind="unknown"
             )
-        return self.book(place)
+        return self.book(await asyncio.to_thread(self._journal_of, root_id))
+
+    def _journal_of(self, root_id: str) -> str:
+        """The journal of ``root_id``'s newest run (blocking: run it in a thread).
+
+        The run index masks passwords; a place it names that the dashboard's own settings
+        hold is used with their password.
+        """
+        try:
+            return locate_run(self.settings, root_id).places.store
+        except ConfigError:
+            entry = indexed(self.settings.run_index, root_id)
+            for url in (self.settings.store, self.settings.redis_url):
+                if entry is not None and entry.store == mask_url(url):
+                    return url
+            raise
 
 
 def ask_routes(settings: FleetSettings, catalog: Catalog) -> tuple[list[Route], AskDesk]:

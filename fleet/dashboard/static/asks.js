@@ -111,7 +111,10 @@ async function sendAnswer(item, parts, choice, form, note) {
     });
     form.classList.add("answered");
     form.dataset.answeredBy = body.by;
-    note.textContent = "answered by " + body.by;
+    form.dataset.answeredAt = String(Date.now());
+    note.textContent = "answered by " + body.by + (body.model
+      ? "; the program checks it with its model " + body.model + " when it reads it: if that refuses it, the question comes back here with the reason"
+      : "");
   } catch (error) {
     note.textContent = error.message;
     for (const button of form.querySelectorAll("button")) button.disabled = false;
@@ -122,6 +125,7 @@ async function refreshAsks() {
   const section = askSection();
   if (!section) return;
   const only = section.dataset.rootId || null;
+  const readAt = Date.now();
   let items;
   try {
     items = (await api("/api/asks")).items.filter((item) => !only || item.root_id === only);
@@ -134,10 +138,15 @@ async function refreshAsks() {
   for (const item of items) {
     const key = item.root_id + "\u0000" + item.name;
     keys.add(key);
-    if (!askForms.has(key)) {
+    const shown = askForms.get(key);
+    // Listed again after it was answered (and read after the answer was sent): the
+    // program's model refused the answer; a fresh form shows the question and the reason.
+    const reopened = shown && shown.classList.contains("answered") && Number(shown.dataset.answeredAt) < readAt;
+    if (!shown || reopened) {
       const form = askForm(item);
       askForms.set(key, form);
-      list.append(form);
+      if (shown) shown.replaceWith(form);
+      else list.append(form);
     }
   }
   for (const [key, form] of askForms) {
