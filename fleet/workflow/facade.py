@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -188,26 +189,45 @@ class WorkflowBuilder:
         """The run's retention: the one given, else one on the Redis it writes to (owned)."""
         if self.retention is not None or not self.retention_default:
             return {"retention": self.retention}
-        from ..ledgers.redis import RedisLedger
-        from ..retention import DEFAULT_RETENTION_S, RedisRetention
-        from ..runs.redis import RedisRunRegistry
-        from ..stores.redis import RedisCheckpointStore
-
-        places: list[tuple[str, str]] = [
-            (place.url, place.key_prefix)
-            for place in (self.store, self.cancel_board, getattr(self.budget, "ledger", None))
-            if isinstance(place, RedisCheckpointStore | RedisRunRegistry | RedisLedger)
+        ledger = getattr(self.budget, "ledger", None)
+        places = [
+            found
+            for found in map(_redis_place, (self.store, self.cancel_board, ledger))
+            if found is not None
         ]
         stream = self.event_stream_url
         if stream is not None and not stream.startswith("sqlite:"):
             places.append((stream, self.event_stream_prefix))
         if not places:
             return {"retention": None}
+        from ..retention import DEFAULT_RETENTION_S, RedisRetention
+
         url, prefix = places[0]
         settings = getattr(self.executor, "settings", None)
         keep_s = getattr(settings, "retention_s", DEFAULT_RETENTION_S)
         retention = RedisRetention(url, key_prefix=prefix, retention_s=keep_s)
         return {"retention": retention, "owns_retention": True}
+
+
+_REDIS_PLACES = (
+    ("fleet.stores.redis", "RedisCheckpointStore"),
+    ("fleet.runs.redis", "RedisRunRegistry"),
+    ("fleet.ledgers.redis", "RedisLedger"),
+)
+
+
+def _redis_place(place: object) -> tuple[str, str] | None:
+    """``(url, key_prefix)`` of a Redis journal, run registry or ledger, else ``None``.
+
+    Without importing them (nor redis-py, which imports OpenTelemetry when it finds it): a
+    class whose module is not loaded has no instance.
+    """
+    for module, name in _REDIS_PLACES:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(place, getattr(loaded, name)):
+            found: Any = place
+            return str(found.url), str(found.key_prefix)
+    return None
 
 
 class Workflow(WorkflowVerbs):
