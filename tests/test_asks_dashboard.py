@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -139,17 +140,33 @@ async def main(workflow):
 """
 
 
+def with_password(redis_url: str) -> str:
+    """``redis_url`` as a user with a password (an ACL user on the session's server)."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.acl_setuser(
+            "asker", enabled=True, passwords=["+s3cret"], keys=["*"], channels=["*"],
+            commands=["+@all"],
+        )  # fmt: skip
+    return redis_url.replace("redis://", "redis://asker:s3cret@", 1)
+
+
+@pytest.mark.parametrize("password", [False, True])
 def test_an_early_answer_reaches_a_celery_run_with_a_sqlite_journal(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, password: bool
 ) -> None:
-    """The run logs to Redis but journals (and asks) in SQLite: the early answer goes there."""
-    local = local_backend(tmp_path, redis_url)  # the default journal: a SQLite file
+    """The run logs to Redis but journals (and asks) in SQLite: the early answer goes there.
+
+    With a password on the Redis URL the run index masks it; the dashboard still finds the
+    journal (its own settings name it).
+    """
+    url = with_password(redis_url) if password else redis_url
+    local = local_backend(tmp_path, url)  # the default journal: a SQLite file
     options = ["--executor", "celery"]
     backend = Backend("celery-sqlite", local.settings, options, local.counters, tmp_path)
     (tmp_path / "gated.py").write_text(GATED_ASK)
     gate = tmp_path / "gate"
     gate.touch()
-    root = "api-early-celery-sqlite"
+    root = f"api-early-celery-sqlite-{password}"
     run = backend.start(root, f"{tmp_path / 'gated.py'}:main", FLOW_GATE=str(gate))
     try:
         with running_dashboard(backend.settings, tmp_path) as dashboard, dashboard.client() as c:
