@@ -25,6 +25,9 @@ which are exact up to 2**53 (tokens, or micro-dollars: nine billion dollars). Le
 times come from the Redis server's clock (``TIME``), so hosts with skewed clocks agree
 on when a lease ends. Every script first releases the reservations whose lease has
 expired, so a dead holder's amounts return to the budget without any sweeper process.
+
+A little over our usual ~400 lines, on purpose: this docstring is the key layout and the
+rules every ledger script keeps, written once beside the calls that rely on them.
 """
 
 from __future__ import annotations
