@@ -21,7 +21,7 @@ under a ``Workflow`` with a ``subscribe(deltas=True)`` reader, as a program woul
   about once a minute per stream); the difference between ``stream`` and ``plain`` in
   ``redis_cmds/step`` adds the host's reads of it.
 
-    python -m bench.streaming [--steps 256] [--tokens 48] [--interval 0.04]
+    python -m bench.streaming [--steps 256] [--tokens 96] [--interval 0.02]
 
 Writes bench/results/streaming.json.
 """

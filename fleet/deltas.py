@@ -14,7 +14,8 @@ Where they go is the workflow's :class:`DeltaChannel`, made by its executor
 - :class:`RedisDeltaChannel` (a fleet): workers append to the capped, expiring Redis stream
   :func:`~fleet.eventbus.delta_stream_key` (see :mod:`fleet.deltawriter`), which the
   workflow, ``fleet watch ROOT --output`` and the dashboard read; an entry id is a cursor
-  to resume from.
+  to resume from; reading it and folding deltas into text is :mod:`fleet.deltastream`
+  (its names are re-exported here).
 
 The workflow verbs make their channel current (:func:`use_deltas`), as they do the
 cancellation, so an executor finds it with :func:`current_deltas`.
@@ -25,15 +26,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import math
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from .deltastream import START_MARGIN_S as START_MARGIN_S
+from .deltastream import LiveText as LiveText
+from .deltastream import decode_entries as decode_entries
+from .deltastream import encode_entry as encode_entry
+from .deltastream import read_deltas as read_deltas
+from .deltastream import start_cursor as start_cursor
 from .events import StepDelta
 
 if TYPE_CHECKING:
@@ -50,10 +57,12 @@ __all__ = [
     "MemoryDeltaChannel",
     "Pending",
     "RedisDeltaChannel",
+    "START_MARGIN_S",
     "current_deltas",
     "decode_entries",
     "encode_entry",
     "read_deltas",
+    "start_cursor",
     "use_deltas",
 ]
 
@@ -149,73 +158,6 @@ class Pending:
         return StepDelta(task_id=self.task_id, text=text, attempt=self.attempt, offset=offset)
 
 
-def encode_entry(deltas: list[tuple[str, str, int, str]]) -> dict[str, str]:
-    """Deltas as one Redis stream entry: ``(task_id, attempt, offset, text)`` each.
-
-    One entry carries what a process had for one stream at one flush, at most one delta
-    per step run, so a tick of many streaming steps is one ``XADD``, not one per step.
-    """
-    return {"d": json.dumps(deltas, ensure_ascii=False, separators=(",", ":"))}
-
-
-def decode_entries(entry_id: str, fields: Mapping[str, str]) -> list[StepDelta]:
-    """A Redis stream entry's deltas, each with the entry's id (none if it holds none)."""
-    try:
-        if "d" in fields:
-            rows: Any = json.loads(fields["d"])
-        else:  # one delta as single fields (what a worker of an older version writes)
-            rows = [[fields["t"], fields.get("a", ""), fields.get("o", 0), fields.get("x", "")]]
-        return [
-            StepDelta(task_id=task, attempt=attempt, offset=int(offset), text=text, id=entry_id)
-            for task, attempt, offset, text in rows
-        ]
-    except (KeyError, ValueError, TypeError):
-        return []
-
-
-def read_deltas(
-    client: Any, key: str, cursor: str, *, block_s: float = 0.0, count: int = 500
-) -> list[StepDelta]:
-    """The deltas after entry ``cursor`` of stream ``key`` (a sync Redis ``client``).
-
-    Waits up to ``block_s`` for the first one when none is there yet. Pass the last
-    delta's ``id`` back as ``cursor`` to read on: nothing is missed, nothing repeated
-    (as long as the stream still holds it: it keeps about :data:`DELTA_MAXLEN` entries).
-    """
-    block = max(int(block_s * 1000), 1) if block_s > 0 else None
-    reply = cast(list[Any], client.xread({key: cursor}, block=block, count=count))
-    deltas = []
-    for _stream, items in reply or []:
-        for raw_id, raw in items:
-            fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
-            deltas.extend(decode_entries(bytes(raw_id).decode(), fields))
-    return deltas
-
-
-class LiveText:
-    """Folds deltas into each step's current text (what ``fleet watch --output`` shows)."""
-
-    def __init__(self) -> None:
-        self.text: dict[str, str] = {}
-        """Each step's text so far."""
-        self.attempts: dict[str, str] = {}
-        """Each step's newest attempt."""
-        self.restarts: dict[str, int] = {}
-        """How many times each step started over on another attempt."""
-
-    def fold(self, delta: StepDelta) -> bool:
-        """Apply one delta; returns whether it began a new attempt of a step seen before."""
-        task = delta.task_id
-        seen = self.attempts.get(task)
-        restarted = seen is not None and seen != delta.attempt
-        if restarted:
-            self.restarts[task] = self.restarts.get(task, 0) + 1
-            self.text[task] = ""
-        self.attempts[task] = delta.attempt
-        self.text[task] = self.text.get(task, "")[: delta.offset] + delta.text
-        return restarted
-
-
 class DeltaChannel(ABC):
     """Where the deltas of one workflow run travel."""
 
@@ -236,21 +178,42 @@ class DeltaChannel(ABC):
 
 
 class _LoopPublisher:
-    """Coalesces one in-process step's text on the event loop it runs on."""
+    """Coalesces one in-process step's text on the event loop it runs on.
+
+    A blocking agent emits from a thread of its own: its pieces are handed to the loop
+    (``call_soon_threadsafe``), in order, and coalesced there. Once the step ended
+    (:meth:`close`), pieces are dropped, so a thread that outlives a cancelled step sends
+    nothing after its ``step_finished``.
+    """
 
     def __init__(self, channel: MemoryDeltaChannel, task_id: str) -> None:
         self._channel = channel
         self._pending = Pending(task_id)
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
 
     def emit(self, text: str, *, replace: bool = False) -> None:
+        if self._pending.closed:
+            return
+        if threading.get_ident() == self._thread:
+            self._add(text, replace)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._add, text, replace)
+        except RuntimeError:  # the loop is closed: the step and its workflow are over
+            pass
+
+    def _add(self, text: str, replace: bool) -> None:
+        if self._pending.closed:
+            return
         if not self._pending.add(text, replace=replace) or self._timer is not None:
             return
         wait = self._pending.last_sent + self._channel.interval_s - time.monotonic()
         if wait <= 0:
             self.flush()
         else:
-            self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+            self._timer = self._loop.call_later(wait, self.flush)
 
     def flush(self) -> None:
         """Deliver what is waiting now."""
@@ -264,6 +227,7 @@ class _LoopPublisher:
 
     def close(self) -> None:
         self.flush()
+        self._pending.closed = True
         self._channel.forget(self)
 
 

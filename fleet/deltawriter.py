@@ -27,14 +27,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .deltas import (
-    DELTA_BATCH,
-    DELTA_INTERVAL_S,
-    DELTA_MAXLEN,
-    DELTA_TTL_S,
-    Pending,
-    encode_entry,
-)
+from .deltas import DELTA_BATCH, DELTA_INTERVAL_S, DELTA_MAXLEN, DELTA_TTL_S, Pending
+from .deltastream import encode_entry
 
 if TYPE_CHECKING:
     import redis

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "DEFAULT_DELTA_SUBSCRIBER_CAPACITY",
     "DEFAULT_SUBSCRIBER_CAPACITY",
     "BufferedLog",
     "EventBus",
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SUBSCRIBER_CAPACITY = 256
 """Events a subscriber may have waiting before its oldest ones are dropped."""
+DEFAULT_DELTA_SUBSCRIBER_CAPACITY = 16_384
+"""The same for a subscriber that also takes output deltas (``deltas=True``): steps that
+stream send a few deltas a second each, so hundreds of them fill 256 in well under a second."""
 
 
 def event_stream_key(root_id: str, *, key_prefix: str = "fleet") -> str:
@@ -59,6 +63,9 @@ class Lagged(FleetModel):
     type: Literal["lagged"] = "lagged"
     missed: int
     """How many of the oldest waiting events were dropped just before the next one."""
+    steps: tuple[str, ...] = ()
+    """The steps some of whose ``step_delta`` events were among them (their live text
+    misses a piece: :class:`fleet.deltas.LiveText` marks it incomplete)."""
 
 
 class Subscription:
@@ -78,6 +85,7 @@ class Subscription:
         """Whether this subscription also receives ``step_delta`` events."""
         self._queue: deque[Any] = deque()
         self._pending_missed = 0
+        self._pending_steps: dict[str, None] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self.lost = 0
@@ -87,7 +95,9 @@ class Subscription:
         if self._ended:
             return
         if len(self._queue) >= self.capacity:
-            self._queue.popleft()
+            dropped = self._queue.popleft()
+            if getattr(dropped, "type", None) == "step_delta":
+                self._pending_steps[dropped.task_id] = None
             self._pending_missed += 1
             self.lost += 1
         self._queue.append(event)
@@ -106,6 +116,7 @@ class Subscription:
         self._bus.unsubscribe(self)
         self._queue.clear()
         self._pending_missed = 0
+        self._pending_steps = {}
         self._end()
 
     def __enter__(self) -> Subscription:
@@ -121,7 +132,8 @@ class Subscription:
         while True:
             if self._pending_missed:
                 missed, self._pending_missed = self._pending_missed, 0
-                return Lagged(missed=missed)
+                steps, self._pending_steps = tuple(self._pending_steps), {}
+                return Lagged(missed=missed, steps=steps)
             if self._queue:
                 return self._queue.popleft()
             if self._ended:

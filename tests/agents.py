@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -121,12 +122,10 @@ async def gauge(spec: AgentStepSpec, ctx: AgentContext) -> str:
 async def stream_words(spec: AgentStepSpec, ctx: AgentContext) -> str:
     """Stream the prompt's words as deltas, 10 ms apart.
 
-    A prompt ``"N/SECONDS"`` streams the words ``w0 … wN-1``, SECONDS apart, instead.
+    A prompt ``"N/SECONDS"`` streams the words ``w0 … wN-1``, SECONDS apart, instead
+    (``"N/SECONDS/STEM"``: ``STEM0 … STEMN-1``).
     """
-    delay, words = 0.01, spec.prompt.split()
-    count, slash, seconds = spec.prompt.partition("/")
-    if slash and count.isdigit():
-        delay, words = float(seconds), [f"w{i}" for i in range(int(count))]
+    delay, words = _words(spec.prompt)
     text = ""
     for index, word in enumerate(words):
         piece = word if index == 0 else " " + word
@@ -134,6 +133,35 @@ async def stream_words(spec: AgentStepSpec, ctx: AgentContext) -> str:
         text += piece
         await asyncio.sleep(delay)
     return text
+
+
+def _words(prompt: str) -> tuple[float, list[str]]:
+    """``stream_words``' prompt: its words 10 ms apart, or ``"N/SECONDS[/STEM]"``."""
+    count, slash, rest = prompt.partition("/")
+    if slash and count.isdigit():
+        seconds, _, stem = rest.partition("/")
+        return float(seconds), [f"{stem or 'w'}{i}" for i in range(int(count))]
+    return 0.01, prompt.split()
+
+
+BLOCKING_ENDED: dict[str, threading.Event] = {}
+"""Set for a task id once :func:`stream_words_blocking` returned (its thread is done)."""
+
+
+def stream_words_blocking(spec: AgentStepSpec, ctx: AgentContext) -> str:
+    """:func:`stream_words` as a plain function (``blocking = true``: run in a thread)."""
+    ended = BLOCKING_ENDED.setdefault(spec.task_id, threading.Event())
+    delay, words = _words(spec.prompt)
+    text = ""
+    try:
+        for index, word in enumerate(words):
+            piece = word if index == 0 else " " + word
+            ctx.emit_delta(piece)
+            text += piece
+            time.sleep(delay)
+        return text
+    finally:
+        ended.set()
 
 
 async def long_step(spec: AgentStepSpec, ctx: AgentContext) -> AgentResult:

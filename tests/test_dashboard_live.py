@@ -22,6 +22,7 @@ from fleet.config import FleetSettings
 from tests.celery_support import CeleryWorkers, fleet_settings, running_workers
 from tests.dashboard_support import PASSWORD, Dashboard, run_phases, running_dashboard
 from tests.test_dashboard_browser import browser, open_from_list, step_states, wait
+from tests.test_deltastream import log_skewed_runs
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -108,6 +109,18 @@ def test_live_output_resumes_from_last_event_id_without_gaps_or_repeats(
     resumed = [event for event in first + rest if event[1] == "delta"]
     assert [event[0] for event in resumed] == [event[0] for event in deltas]
     assert "quiet" not in json.dumps(whole)  # another step's text is not in this one's
+
+
+def test_live_output_starts_on_redis_clock_not_the_hosts(
+    dashboard: Dashboard, settings: FleetSettings
+) -> None:
+    """A run whose host clock is 2 minutes ahead shows all its text; an earlier run's none."""
+    root_id = f"skewed-{uuid.uuid4().hex[:6]}"
+    log_skewed_runs(settings.redis_url, settings.key_prefix, root_id)
+    events = sse(dashboard, f"/api/workflows/{root_id}/steps/s/live")
+    assert events[-1][1] == "end"
+    text = "".join(data["text"] for _, kind, data in events if kind == "delta")
+    assert text == "the new run's whole text"
 
 
 def test_live_output_is_refused_unless_the_operator_turns_it_on(

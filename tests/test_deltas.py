@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
-from fleet import AgentContext, AgentStepSpec, LocalExecutor
+from fleet import AgentContext, AgentStepSpec, LocalExecutor, load_agents
 from fleet.deltas import (
     LiveText,
     MemoryDeltaChannel,
@@ -22,7 +25,7 @@ from fleet.deltawriter import DeltaWriter
 from fleet.eventbus import delta_stream_key
 from fleet.events import StepDelta, StepFinished
 from fleet.workflow import Workflow
-from tests.agents import stream_words
+from tests.agents import BLOCKING_ENDED, stream_words
 
 
 def spec(task_id: str, prompt: str, agent: str = "stream") -> AgentStepSpec:
@@ -274,3 +277,52 @@ def test_a_worker_writes_deltas_only_under_its_fleets_prefix(
     assert runtime.delta_publisher(message(ours).deltas, "t") is not None
     assert runtime.delta_publisher(message("elsewhere:deltas:{root}").deltas, "t") is None
     assert runtime.delta_publisher(message(None).deltas, "t") is None
+
+
+def blocking_agents(tmp_path: Path) -> Any:
+    agents = tmp_path / "agents.toml"
+    agents.write_text(
+        '[agents.plain]\ntarget = "tests.agents:stream_words_blocking"\nblocking = true\n'
+    )
+    return load_agents(agents)
+
+
+async def test_a_blocking_agent_streams_from_its_thread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blocking = true agent's emit_delta, from its thread, joins to its output, no error."""
+    flow = Workflow.builder(LocalExecutor(agents=blocking_agents(tmp_path))).build()
+    events = flow.subscribe(deltas=True)
+    specs = [spec(f"t{uuid.uuid4().hex[:6]}", "15/0.02", agent="plain") for _ in range(3)]
+    with caplog.at_level(logging.ERROR, logger="fleet.deltas"):
+        outcomes = await flow.parallel(specs)
+        await flow.close()
+    seen = await collected(events)
+    live = LiveText()
+    for event in seen:
+        if isinstance(event, StepDelta):
+            live.fold(event)
+    assert all(outcome.success for outcome in outcomes)
+    assert live.text == {outcome.task_id: outcome.output for outcome in outcomes}
+    assert not caplog.records
+
+
+async def test_a_blocking_agents_thread_outliving_its_cancelled_step_sends_nothing_after(
+    tmp_path: Path,
+) -> None:
+    """After a cancel ended the step, its still-running thread's pieces are not delivered."""
+    task = f"c{uuid.uuid4().hex[:6]}"
+    flow = Workflow.builder(LocalExecutor(agents=blocking_agents(tmp_path))).build()
+    events = flow.subscribe(deltas=True)
+    running = asyncio.create_task(flow.parallel([spec(task, "16/0.08", agent="plain")]))
+    async for event in events:
+        if isinstance(event, StepDelta):
+            break
+    await flow.cancel("enough")
+    [outcome] = await running
+    assert outcome.error == "cancelled"
+    assert await asyncio.to_thread(BLOCKING_ENDED[task].wait, 10.0)  # it emitted on, then ended
+    await flow.close()
+    seen = await collected(events)
+    finished = next(i for i, e in enumerate(seen) if isinstance(e, StepFinished))
+    assert not [e for e in seen[finished:] if isinstance(e, StepDelta)]

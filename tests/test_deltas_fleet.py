@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,46 +172,95 @@ async def test_a_worker_killed_mid_stream_restarts_the_text_and_says_so(
     assert live.text["k"] == outcome.output
 
 
-def test_fleet_watch_output_shows_each_steps_live_text_and_one_step_whole(
+class Watcher:
+    """A `fleet watch` process whose stdout lines are kept with the time each was read."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for _, line in self.lines):
+            assert self.process.poll() is None, self.lines
+            assert time.monotonic() < deadline, f"no {text!r} in {self.lines}"
+            time.sleep(0.05)
+
+    def finish(self) -> str:
+        self.process.wait(60)
+        self._reader.join(10)
+        assert self.process.stderr is not None
+        assert self.process.returncode == 0, self.process.stderr.read()
+        return "\n".join(line for _, line in self.lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        self._reader.join(10)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_fleet_watch_output_follows_each_steps_text_live_and_one_step_whole(
     workers: CeleryWorkers, redis_url: str, tmp_path: Path
 ) -> None:
-    """`fleet watch ROOT --output` prints a line per step with its text; `--step` the text whole."""
+    """`fleet watch ROOT --output`, started first, prints steps' text while they stream.
+
+    ``--step`` writes that one step's text, each piece once.
+    """
     prefix = workers.settings.key_prefix
-
-    async def run() -> list[Any]:
-        async with workers.executor() as executor:
-            flow = (
-                Workflow.builder(executor)
-                .with_root_id("watched-live")
-                .with_event_stream(redis_url, key_prefix=prefix)
-                .build()
-            )
-            specs = [spec(f"w{i}", f"step {i} says hello to the watcher") for i in range(3)]
-            outcomes = await flow.phase("talk", specs)
-            await flow.finish()
-            return outcomes
-
-    outcomes = asyncio.run(run())
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(
         PYTHONPATH=str(REPO),
+        PYTHONUNBUFFERED="1",
         FLEET_REDIS_URL=redis_url,
         FLEET_KEY_PREFIX=prefix,
         FLEET_RUN_INDEX=str(tmp_path / "runs.db"),
     )
     command = [sys.executable, "-m", "fleet", "watch", "watched-live", "--executor", "celery"]
-    every = subprocess.run(
-        [*command, "--output", "--timeout", "30"], env=env, capture_output=True, text=True
-    )
-    assert every.returncode == 0, every.stderr
+    every = Watcher([*command, "--output", "--timeout", "90"], env)
+    one = Watcher([*command, "--step", "t1", "--timeout", "90"], env)
+    try:
+        for watcher in (every, one):
+            watcher.wait_for("waiting for workflow watched-live", 60.0)
+
+        async def run() -> tuple[list[Any], float]:
+            async with workers.executor() as executor:
+                flow = (
+                    Workflow.builder(executor)
+                    .with_root_id("watched-live")
+                    .with_event_stream(redis_url, key_prefix=prefix)
+                    .build()
+                )
+                specs = [spec(f"t{i}", f"12/0.3/s{i}w") for i in range(3)]
+                outcomes = await flow.phase("talk", specs)
+                ran_until = time.monotonic()  # before the log's end: the watch still follows
+                await flow.finish()
+                return outcomes, ran_until
+
+        outcomes, ran_until = asyncio.run(run())
+        shown = every.finish()
+        whole = one.finish()
+    finally:
+        every.stop()
+        one.stop()
+    live = [line for at, line in every.lines if at < ran_until and line.startswith("  > t")]
+    assert live, shown  # text shown while the steps still streamed
     for outcome in outcomes:
-        assert f"  > {outcome.task_id}: {outcome.output}" in every.stdout.splitlines()
-    one = subprocess.run(
-        [*command, "--step", "w1", "--timeout", "30"], env=env, capture_output=True, text=True
-    )
-    assert one.returncode == 0, one.stderr
-    assert one.stdout.count(outcomes[1].output) == 1
-    assert "step 0 says" not in one.stdout and "step 2 says" not in one.stdout
+        assert f"  > {outcome.task_id}: {outcome.output}" in shown.splitlines()
+    # Its pieces, each once and in order (event lines may come in between, live).
+    assert re.findall(r"s\d+w\d+", whole) == outcomes[1].output.split()
 
 
 async def test_256_openai_streams_on_one_worker_join_and_charge_the_providers_usage(

@@ -125,7 +125,17 @@ def test_a_sigkilled_host_reads_as_abandoned_everywhere(
 
     settings = load_settings(store=store, run_index=tmp_path / "runs.db")
     released = asyncio.run(_release_reservations(store, "doomed"))
-    with running_dashboard(settings, tmp_path) as dashboard, dashboard.client() as client:
+    with (
+        running_dashboard(settings, tmp_path, FLEET_DASHBOARD_SHOW_OUTPUT="1") as dashboard,
+        dashboard.client() as client,
+    ):
+        if store.startswith("redis"):  # a run logged to Redis has a live-output route
+            # It ends, as the run will write no more: no stream slot is kept forever (the
+            # client's 10 s read timeout is shorter than the 15 s keep-alive).
+            path = "/api/workflows/doomed/steps/s0/live"
+            with client.stream("GET", path) as live:
+                assert live.status_code == 200, live.read()
+                assert "event: end" in live.read().decode()
         row = next(r for r in client.get("/api/workflows").json() if r["root_id"] == "doomed")
         assert row["status"] == "abandoned" and row["steps_in_flight"] == 0
         detail = client.get("/api/workflows/doomed").json()

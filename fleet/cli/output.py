@@ -10,6 +10,7 @@ is never silently doubled.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -17,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from ..config import mask_url
-from ..deltas import LiveText, read_deltas
-from ..eventbus import delta_stream_key
+from ..deltas import LiveText, read_deltas, start_cursor
+from ..eventbus import delta_stream_key, event_stream_key
 from ..events import StepDelta
 from ..urls import REDIS_SCHEMES
 from .progress import say
@@ -29,6 +30,7 @@ LINE_EVERY_S = 0.5
 """A step's line is printed at most this often (its text keeps growing in between)."""
 TAIL = 80
 """Characters of a step's text its line shows (the newest ones)."""
+_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 def _tail(text: str) -> str:
@@ -43,7 +45,8 @@ class OutputFollower:
         redis_url: the fleet's Redis.
         root_id: the run's root id.
         key_prefix: the fleet's key prefix.
-        since_s: the run's start (epoch seconds): deltas of earlier runs are skipped.
+        start_id: the stream id of the run's ``start`` entry in its event log: deltas
+            are read from :func:`~fleet.deltas.start_cursor` on (``None``: all of them).
         step: print only this step's text, whole, as it arrives.
         out: where to write (default ``sys.stdout``).
     """
@@ -54,13 +57,15 @@ class OutputFollower:
         root_id: str,
         *,
         key_prefix: str = "fleet",
-        since_s: float | None = None,
+        start_id: str | None = None,
         step: str | None = None,
         out: TextIO | None = None,
     ) -> None:
         self.key = delta_stream_key(root_id, key_prefix=key_prefix)
+        self.events_key = event_stream_key(root_id, key_prefix=key_prefix)
         self.step = step
-        self.cursor = "0" if since_s is None else f"{max(int(since_s * 1000), 0)}-0"
+        self.start_id = start_id if start_id and _ENTRY_ID.fullmatch(start_id) else None
+        self.cursor = "0"
         self.live = LiveText()
         self._url = redis_url
         self._out = out or sys.stdout
@@ -85,6 +90,8 @@ class OutputFollower:
 
         client: Any = sync_client(self._url, socket_timeout=5.0, socket_connect_timeout=5.0)
         try:
+            if self.start_id is not None:
+                self.cursor = self._start(client, self.start_id)
             while True:
                 stopping = self._stopping.is_set()
                 deltas = read_deltas(client, self.key, self.cursor, block_s=0 if stopping else 0.2)
@@ -99,6 +106,12 @@ class OutputFollower:
             self.error = error
         finally:
             client.close()
+
+    def _start(self, client: Any, start_id: str) -> str:
+        """Where the run's deltas begin: on Redis's clock, after any earlier run's entries."""
+        before = client.xrevrange(self.events_key, max=f"({start_id}", min="-", count=1)
+        previous = bytes(before[0][0]).decode() if before else None
+        return start_cursor(start_id, previous)
 
     def _show(self, delta: StepDelta) -> None:
         task = delta.task_id
@@ -149,18 +162,18 @@ class LiveOutput:
         self.enabled = enabled
         self.follower: OutputFollower | None = None
 
-    def on_entry(self, fields: Mapping[str, str], events: str | None) -> None:
-        """Follow the run's output from its ``start`` entry until its ``end`` entry."""
+    def on_entry(self, fields: Mapping[str, str], events: str | None, entry_id: str) -> None:
+        """Follow the run's output from its ``start`` entry (``entry_id``) until its ``end``."""
         if not self.enabled:
             return
         control = fields.get("control")
         if control == "start":
-            self.begin(events, fields.get("at"))
+            self.begin(events, entry_id)
         elif control == "end":
             self.end()
 
-    def begin(self, events: str | None, at: str | None) -> None:
-        """The run started (at epoch ``at``), logging its events to ``events``."""
+    def begin(self, events: str | None, start_id: str | None) -> None:
+        """The run started (its ``start`` entry is ``start_id``), logging to ``events``."""
         self.end()
         if events is None or not events.startswith(REDIS_SCHEMES):
             say(
@@ -169,12 +182,8 @@ class LiveOutput:
                 + (mask_url(events) if events else "nowhere")
             )
             return
-        try:
-            since = float(at) if at is not None else None
-        except ValueError:
-            since = None
         self.follower = OutputFollower(
-            events, self.root_id, key_prefix=self.key_prefix, since_s=since, step=self.step
+            events, self.root_id, key_prefix=self.key_prefix, start_id=start_id, step=self.step
         ).start()
 
     def end(self) -> None:

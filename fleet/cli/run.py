@@ -402,7 +402,7 @@ def _show(
     for entry in entries:
         fields = entry.fields
         control = fields.get("control")
-        live.on_entry(fields, events)
+        live.on_entry(fields, events, entry.cursor)
         if control == "start" and not started:
             say(f"workflow {root_id} started")
         elif control == "end":

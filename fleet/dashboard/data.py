@@ -184,6 +184,7 @@ class Catalog:
                         source=item.source.where,
                         run_id=entry.fields.get("run"),
                         started_at=float_or_none(entry.fields.get("at")),
+                        start_entry=entry.cursor,
                         version=item.view.version + 1,
                     )
                     item.view.last_seen = now

@@ -3,8 +3,10 @@
 ``GET /api/workflows/{root_id}/steps/{task_id}/live`` streams the step's ``step_delta``
 events (:mod:`fleet.deltas`) from the run's Redis delta stream, each with its stream
 entry id as the SSE ``id``, so a browser that reconnects (``Last-Event-ID``) resumes
-after the last delta it got: nothing missed, nothing twice. The stream ends (``event:
-end``) once the run ended and every delta is sent.
+after the last delta it got: nothing missed, nothing twice. A first request starts where
+the run's first delta can be (:func:`~fleet.deltas.start_cursor`, on Redis's clock). The
+stream ends (``event: end``) once the run ended, or was abandoned (its host stopped
+heartbeating), and every delta is sent.
 
 Only with ``dashboard_show_output`` on (``FLEET_DASHBOARD_SHOW_OUTPUT=1``): outputs can
 be sensitive. Prompts are never sent. Only a fleet run has live output; a run logged to a
@@ -23,8 +25,8 @@ from typing import TYPE_CHECKING, Any, cast
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..deltas import decode_entries
-from ..eventbus import delta_stream_key
+from ..deltas import decode_entries, start_cursor
+from ..eventbus import delta_stream_key, event_stream_key
 
 if TYPE_CHECKING:
     from .app import Dashboard
@@ -74,8 +76,8 @@ class LiveOutput:
             return _error(503, f"{_MAX_STREAMS} live outputs are open; close one and retry")
         cursor = request.headers.get("last-event-id") or ""
         if not _ENTRY_ID.fullmatch(cursor):
-            started = view.started_at
-            cursor = "0" if started is None else f"{max(int(started * 1000), 0)}-0"
+            cursor = view.start_entry or ""
+            cursor = "(" + cursor if _ENTRY_ID.fullmatch(cursor) else "0"
         key = delta_stream_key(root_id, key_prefix=self.board.settings.key_prefix)
         return StreamingResponse(
             self._stream(request, source.url, key, root_id, task_id, cursor),
@@ -91,8 +93,11 @@ class LiveOutput:
         self.streams += 1
         client = async_client(url, socket_timeout=5.0, socket_connect_timeout=5.0)
         try:
+            if cursor.startswith("("):  # the run's start entry: begin where its deltas can
+                cursor = await self._start(client, root_id, cursor[1:])
             yield "retry: 1000\n\n"
-            quiet_since = checked = time.monotonic()
+            quiet_since = time.monotonic()
+            checked = -_CHECK_END_S
             ended = False
             while not await request.is_disconnected():
                 block = None if ended else _BLOCK_MS
@@ -113,7 +118,7 @@ class LiveOutput:
                 if time.monotonic() - checked > _CHECK_END_S:
                     checked = time.monotonic()
                     view = await self.board.view(root_id)
-                    ended = view is None or view.ended_as is not None
+                    ended = view is None or view.ended_as is not None or bool(view.abandoned)
                 if time.monotonic() - quiet_since > _KEEPALIVE_S:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
@@ -121,3 +126,11 @@ class LiveOutput:
         finally:
             self.streams -= 1
             await client.aclose()
+
+    async def _start(self, client: Any, root_id: str, start_id: str) -> str:
+        """The cursor before a run's first delta (its log's ``start`` entry is ``start_id``)."""
+        events = event_stream_key(root_id, key_prefix=self.board.settings.key_prefix)
+        before = cast(
+            list[Any], await client.xrevrange(events, max=f"({start_id}", min="-", count=1)
+        )
+        return start_cursor(start_id, bytes(before[0][0]).decode() if before else None)

@@ -123,6 +123,8 @@ class WorkflowView:
     """Where its log was read (masked)."""
     run_id: str | None = None
     started_at: float | None = None
+    start_entry: str | None = None
+    """Where its log's ``start`` entry is (a Redis stream id, or a SQLite row number)."""
     ended_at: float | None = None
     ended_as: str | None = None
     """How the log ended: ``finished``, ``closed``, ``failed``, ``cancelled``; ``None``: running."""

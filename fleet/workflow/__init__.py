@@ -32,10 +32,17 @@ The package, by responsibility:
 """
 
 from ..errors import WorkflowClosedError
-from ..eventbus import DEFAULT_SUBSCRIBER_CAPACITY, Lagged, Subscription, event_stream_key
+from ..eventbus import (
+    DEFAULT_DELTA_SUBSCRIBER_CAPACITY,
+    DEFAULT_SUBSCRIBER_CAPACITY,
+    Lagged,
+    Subscription,
+    event_stream_key,
+)
 from .facade import Workflow, WorkflowBuilder
 
 __all__ = [
+    "DEFAULT_DELTA_SUBSCRIBER_CAPACITY",
     "DEFAULT_SUBSCRIBER_CAPACITY",
     "Lagged",
     "Subscription",

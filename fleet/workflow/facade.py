@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..eventbus import (
+    DEFAULT_DELTA_SUBSCRIBER_CAPACITY,
     DEFAULT_SUBSCRIBER_CAPACITY,
     BufferedLog,
     EventStream,
@@ -278,17 +279,24 @@ class Workflow(WorkflowVerbs):
         """Whether :meth:`finish` or :meth:`close` ran."""
         return self._run.closed
 
-    def subscribe(
-        self, *, capacity: int = DEFAULT_SUBSCRIBER_CAPACITY, deltas: bool = False
-    ) -> Subscription:
+    def subscribe(self, *, capacity: int | None = None, deltas: bool = False) -> Subscription:
         """Receive every event sent from now on (see :class:`Subscription`).
 
         With ``deltas``, also the ``step_delta`` events of running steps: the text their
         agents produce as they produce it (:meth:`fleet.AgentContext.emit_delta`, an
         OpenAI-compatible agent with ``stream = true``). Every delta of a step is
-        delivered before the subscription ends; fold them with
-        :class:`fleet.deltas.LiveText`.
+        delivered before the subscription ends, unless the subscriber fell behind (a
+        ``lagged`` marker names the steps that lost some); fold them, markers included,
+        with :class:`fleet.deltas.LiveText`, which marks such a step's text incomplete.
+
+        Args:
+            capacity: events that may wait before the oldest are dropped (default
+                :data:`~fleet.eventbus.DEFAULT_SUBSCRIBER_CAPACITY`, with ``deltas``
+                :data:`~fleet.eventbus.DEFAULT_DELTA_SUBSCRIBER_CAPACITY`).
+            deltas: also receive ``step_delta`` events.
         """
+        if capacity is None:
+            capacity = DEFAULT_DELTA_SUBSCRIBER_CAPACITY if deltas else DEFAULT_SUBSCRIBER_CAPACITY
         subscription = self._run.bus.subscribe(capacity, deltas=deltas)
         if deltas:
             self._run.read_deltas()
